@@ -1,0 +1,30 @@
+# The README's two commands. `make test` builds .venv from the lock once, then
+# only re-installs when pyproject.toml or requirements.lock change.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: test lock bench
+
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) -m experiments.bench.ops
+
+# Re-resolve the newest allowed versions and rewrite the lock.
+lock:
+	rm -rf .lockenv && $(PYTHON) -m venv .lockenv
+	.lockenv/bin/pip install --quiet -e ".[dev,data]"
+	{ echo "# Exact versions for a reproducible environment (core + dev + data extras)."; \
+	  echo "# Regenerate: make lock   (after changing pyproject.toml dependencies)"; \
+	  .lockenv/bin/pip freeze --exclude-editable | grep -v '^xformjax'; } > requirements.lock
+	rm -rf .lockenv

@@ -1,0 +1,11 @@
+"""Pure-function sequence mixers.
+
+Every op takes ``[B, T, H, D]`` sequences, returns ``(o, final_state)`` and
+offers ``mode="parallel" | "chunk" | "recurrent"``; see ``shared/DESIGN.md`` §3
+and each op's docstring for the recurrence it computes.
+"""
+
+from xformjax.ops.linear_attention import linear_attention
+from xformjax.ops.softmax_attention import sigmoid_attention, softmax_attention
+
+__all__ = ["linear_attention", "softmax_attention", "sigmoid_attention"]

@@ -1,0 +1,150 @@
+"""Helpers shared by every op: argument checks, dtypes, backends and packing.
+
+Nothing here knows about a particular recurrence. The ops call these to turn
+user input into validated, promoted arrays and, for packed batches
+(``cu_seqlens``), into per-token segment ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MODES: tuple[str, ...] = ("parallel", "chunk", "recurrent")
+BACKENDS: tuple[str | None, ...] = (None, "xla", "pallas")
+
+
+def shape_str(x) -> str:
+    return str(tuple(int(d) for d in jnp.shape(x)))
+
+
+def fail(op: str, message: str) -> None:
+    raise ValueError(f"{op}: {message}")
+
+
+def check_rank(op: str, name: str, x, layout: Sequence[str]) -> None:
+    """Raise unless ``x`` has ``len(layout)`` dimensions; ``layout`` names them."""
+    if jnp.ndim(x) != len(layout):
+        fail(op, f"`{name}` must have rank {len(layout)} [{', '.join(layout)}]; "
+                 f"got shape {shape_str(x)}")
+
+
+def check_dim(op: str, name: str, x, axis: int, expected: int, what: str) -> None:
+    """Raise unless ``x.shape[axis] == expected``; ``what`` says where ``expected`` came from."""
+    got = int(jnp.shape(x)[axis])
+    if got != expected:
+        fail(op, f"`{name}` has shape {shape_str(x)}: dimension {axis} is {got} but "
+                 f"{what} is {expected}")
+
+
+def check_floating(op: str, name: str, x) -> None:
+    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+        fail(op, f"`{name}` must be a floating-point array; got dtype {jnp.result_type(x)}")
+
+
+def check_mode(op: str, mode: str) -> str:
+    if mode not in MODES:
+        fail(op, f"unknown `mode`={mode!r}; expected one of {MODES}")
+    return mode
+
+
+def check_chunk_size(op: str, chunk_size) -> int:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) \
+            or chunk_size < 1:
+        fail(op, f"`chunk_size` must be a positive int; got {chunk_size!r}")
+    return int(chunk_size)
+
+
+def resolve_backend(op: str, backend: str | None) -> str:
+    """Return the backend that will run: ``"xla"`` until the Pallas kernels land."""
+    if backend not in BACKENDS:
+        fail(op, f"unknown `backend`={backend!r}; expected one of {BACKENDS}")
+    if backend == "pallas":
+        fail(op, "`backend`='pallas' was requested but no Pallas kernel is available for "
+                 "this op in this version; use backend=None or 'xla'")
+    return "xla"
+
+
+def compute_dtype(*arrays) -> jnp.dtype:
+    """``promote(input dtype, float32)``: bf16/f16 accumulate in f32, f64 stays f64."""
+    present = [a for a in arrays if a is not None]
+    return jnp.promote_types(jnp.result_type(*present), jnp.float32)
+
+
+def is_concrete(x) -> bool:
+    """True when ``x`` holds values now (not a tracer under jit/grad)."""
+    return not isinstance(x, jax.core.Tracer)
+
+
+def check_log_gate(op: str, name: str, gate) -> None:
+    """Gates are natural-log decays: reject positive values when they can be seen."""
+    if gate is None or not is_concrete(gate):
+        return
+    top = float(np.max(np.asarray(gate, dtype=np.float64))) if np.size(gate) else 0.0
+    if not np.isfinite(top) or top > 0:
+        fail(op, f"`{name}` holds log decays and must be finite and <= 0; got max {top} "
+                 f"(shape {shape_str(gate)})")
+
+
+@dataclasses.dataclass(frozen=True)
+class Segments:
+    """Packed sequences described by ``cu_seqlens`` (int32 ``[N+1]``) over ``T`` tokens.
+
+    Attributes:
+      cu_seqlens: ``[N+1]`` boundaries; sequence ``n`` is ``[cu[n], cu[n+1])``.
+      ids: ``[T]`` the sequence each token belongs to.
+      is_start: ``[T]`` whether the token opens its sequence.
+      lengths: ``[N]`` the length of each sequence (zero is allowed).
+    """
+
+    cu_seqlens: jax.Array
+    ids: jax.Array
+    is_start: jax.Array
+    lengths: jax.Array
+
+    @property
+    def num_sequences(self) -> int:
+        return int(self.cu_seqlens.shape[0]) - 1
+
+    @property
+    def starts(self) -> jax.Array:
+        return self.cu_seqlens[:-1]
+
+    @property
+    def ends(self) -> jax.Array:
+        """``[N]`` one past the last token of each sequence."""
+        return self.cu_seqlens[1:]
+
+
+def make_segments(op: str, cu_seqlens, batch: int, num_tokens: int) -> Segments | None:
+    """Validate ``cu_seqlens`` and derive per-token segment ids (``None`` if unpacked)."""
+    if cu_seqlens is None:
+        return None
+    check_rank(op, "cu_seqlens", cu_seqlens, ["N+1"])
+    if not jnp.issubdtype(jnp.result_type(cu_seqlens), jnp.integer):
+        fail(op, f"`cu_seqlens` must be an integer array; got dtype "
+                 f"{jnp.result_type(cu_seqlens)}")
+    if jnp.shape(cu_seqlens)[0] < 2:
+        fail(op, f"`cu_seqlens` must hold at least two boundaries [0, T]; got shape "
+                 f"{shape_str(cu_seqlens)}")
+    if batch != 1:
+        fail(op, f"packed sequences (`cu_seqlens`) need batch size B == 1; got B={batch}")
+    if is_concrete(cu_seqlens):
+        cu = np.asarray(cu_seqlens)
+        if cu[0] != 0 or cu[-1] != num_tokens or np.any(np.diff(cu) < 0):
+            fail(op, f"`cu_seqlens` must start at 0, never decrease and end at T={num_tokens}; "
+                     f"got {cu.tolist()}")
+    cu = jnp.asarray(cu_seqlens, jnp.int32)
+    positions = jnp.arange(num_tokens, dtype=jnp.int32)
+    ids = jnp.searchsorted(cu[1:], positions, side="right").astype(jnp.int32)
+    ids = jnp.minimum(ids, cu.shape[0] - 2)
+    return Segments(cu_seqlens=cu, ids=ids, is_start=positions == cu[ids],
+                    lengths=cu[1:] - cu[:-1])
+
+
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple

@@ -1,0 +1,147 @@
+"""``linear_attention``: the diagonal-transition family in one op.
+
+Plain linear attention, its normalised form, per-head constant decays
+(RetNet, lightning attention), per-token scalar gates (Mamba2-style) and
+per-key-channel gates (GLA), in parallel, chunked and recurrent forms.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from xformjax.ops import common
+from xformjax.ops.linear_attention.chunk import linear_attention_chunk
+from xformjax.ops.linear_attention.gates import LogGate, combine
+from xformjax.ops.linear_attention.parallel import linear_attention_parallel
+from xformjax.ops.linear_attention.recurrent import linear_attention_recurrent
+
+__all__ = ["linear_attention", "LogGate", "NORMALIZER_EPS"]
+
+OP = "linear_attention"
+NORMALIZER_EPS = 1e-6
+
+
+def _validate(q, k, v, g, gk, initial_state, cu_seqlens, normalize: bool):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        common.check_rank(OP, name, x, ["B", "T", "H", "K" if name != "v" else "V"])
+        common.check_floating(OP, name, x)
+    batch, num_tokens, heads, key_dim = q.shape
+    if num_tokens == 0:
+        common.fail(OP, f"`q` has T=0 tokens (shape {common.shape_str(q)}); "
+                        "at least one token is needed")
+    for axis, what in ((0, "B"), (1, "T"), (2, "H"), (3, "K")):
+        common.check_dim(OP, "k", k, axis, q.shape[axis], f"{what} of `q` {common.shape_str(q)}")
+    for axis, what in ((0, "B"), (1, "T"), (2, "H")):
+        common.check_dim(OP, "v", v, axis, q.shape[axis], f"{what} of `q` {common.shape_str(q)}")
+    if g is not None:
+        common.check_floating(OP, "g", g)
+        if jnp.ndim(g) == 1:
+            common.check_dim(OP, "g", g, 0, heads, "H of `q`")
+        elif jnp.ndim(g) == 3:
+            for axis, what in ((0, "B"), (1, "T"), (2, "H")):
+                common.check_dim(OP, "g", g, axis, q.shape[axis], f"{what} of `q`")
+        else:
+            common.fail(OP, f"`g` must be [H] or [B, T, H] = [{heads}] or "
+                            f"{(batch, num_tokens, heads)}; got shape {common.shape_str(g)}")
+        common.check_log_gate(OP, "g", g)
+    if gk is not None:
+        common.check_floating(OP, "gk", gk)
+        common.check_rank(OP, "gk", gk, ["B", "T", "H", "K"])
+        for axis in range(4):
+            common.check_dim(OP, "gk", gk, axis, q.shape[axis],
+                             f"dimension {axis} of `q` {common.shape_str(q)}")
+        common.check_log_gate(OP, "gk", gk)
+    segments = common.make_segments(OP, cu_seqlens, batch, num_tokens)
+    if initial_state is not None:
+        common.check_floating(OP, "initial_state", initial_state)
+        common.check_rank(OP, "initial_state", initial_state, ["N", "H", "K", "V"])
+        rows = batch if segments is None else segments.num_sequences
+        value_dim = v.shape[3] + (1 if normalize else 0)
+        expected = (rows, heads, key_dim, value_dim)
+        if tuple(initial_state.shape) != expected:
+            where = "B" if segments is None else "the number of sequences in `cu_seqlens`"
+            extra = " (V+1: the last column is the normaliser z)" if normalize else ""
+            common.fail(OP, f"`initial_state` must have shape [N, H, K, V]{extra} = {expected} "
+                            f"with N = {where}; got {common.shape_str(initial_state)}")
+    return segments
+
+
+def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                     g: jax.Array | None = None, gk: jax.Array | None = None,
+                     scale: float | None = None, normalize: bool = False,
+                     initial_state: jax.Array | None = None,
+                     output_final_state: bool = False,
+                     cu_seqlens: jax.Array | None = None, mode: str = "chunk",
+                     chunk_size: int = 64,
+                     backend: str | None = None) -> tuple[jax.Array, jax.Array | None]:
+    """Gated linear attention.
+
+    For every batch row (or packed sequence) and head::
+
+        S_t = exp(g_t) · diag(exp(gk_t)) · S_{t-1} + k_t v_tᵀ      S: [K, V]
+        o_t = scale · S_tᵀ q_t
+
+    With ``normalize=True`` a normaliser ``z_t`` follows the same recurrence with
+    ``v`` replaced by 1 and ``o_t = (scale·S_tᵀq_t) / (scale·z_tᵀq_t + 1e-6)``;
+    the state then carries ``z`` as an extra last value column (``[.., K, V+1]``).
+
+    Args:
+      q, k: ``[B, T, H, K]``.
+      v: ``[B, T, H, V]``.
+      g: natural-log decay (≤ 0), ``[B, T, H]`` per step, or ``[H]`` constant
+        per head (RetNet, lightning attention; never broadcast over B and T).
+      gk: per-key-channel natural-log decay (≤ 0), ``[B, T, H, K]`` (GLA).
+        ``g`` and ``gk`` together multiply.
+      scale: defaults to ``K ** -0.5``.
+      normalize: use the denominator form.
+      initial_state: ``[N, H, K, V]`` (``V+1`` when normalising); N = B, or
+        the number of packed sequences.
+      output_final_state: also return the final state(s) ``[N, H, K, V]``.
+      cu_seqlens: int ``[N+1]`` boundaries of packed sequences (``B == 1``); no
+        state crosses a boundary.
+      mode: ``"chunk"`` (linear in T), ``"parallel"`` (T×T) or ``"recurrent"``
+        (token by token; one decoding step when ``T == 1``).
+      chunk_size: tile length of the chunk form; changes nothing but rounding.
+      backend: ``None`` or ``"xla"``.
+
+    Returns:
+      ``(o, final_state)``: ``o`` is ``[B, T, H, V]`` in the inputs' dtype;
+      ``final_state`` is in the accumulation dtype (``promote(dtype, float32)``)
+      or ``None`` unless ``output_final_state``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from xformjax import ops
+      >>> q = k = v = jnp.ones((1, 100, 2, 16))
+      >>> g = jnp.log(jnp.full((2,), 0.9))  # RetNet-style per-head decay
+      >>> o, state = ops.linear_attention(q, k, v, g=g, output_final_state=True)
+      >>> o.shape, state.shape
+      ((1, 100, 2, 16), (1, 2, 16, 16))
+    """
+    common.check_mode(OP, mode)
+    chunk_size = common.check_chunk_size(OP, chunk_size)
+    common.resolve_backend(OP, backend)
+    segments = _validate(q, k, v, g, gk, initial_state, cu_seqlens, normalize)
+
+    out_dtype = jnp.result_type(q, k, v)
+    dtype = common.compute_dtype(q, k, v, g, gk, initial_state)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    q = q.astype(dtype) * jnp.asarray(scale, dtype)
+    k, v = k.astype(dtype), v.astype(dtype)
+    if normalize:
+        v = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), dtype)], axis=-1)
+    gate = combine(g, gk, q.shape[2], dtype)
+    init = None if initial_state is None else initial_state.astype(dtype)
+
+    if mode == "parallel":
+        o, final = linear_attention_parallel(q, k, v, gate, init, segments)
+    elif mode == "recurrent":
+        o, final = linear_attention_recurrent(q, k, v, gate, init, segments)
+    else:
+        o, final = linear_attention_chunk(q, k, v, gate, init, segments, chunk_size)
+
+    if normalize:
+        o = o[..., :-1] / (o[..., -1:] + NORMALIZER_EPS)
+    return o.astype(out_dtype), (final if output_final_state else None)

@@ -1,0 +1,85 @@
+"""Recurrent form of linear attention: one state update per token with ``lax.scan``.
+
+For every batch row and head, with ``a_t = exp(g_t) · exp(gk_t)`` (a K-vector)::
+
+    S_t = diag(a_t) · S_{t-1} + k_t v_tᵀ        S: [K, V]
+    o_t = S_tᵀ q_t                               (q is pre-scaled by the op)
+
+With ``T == 1`` and an initial state this is one decoding step. Packed
+sequences reset the state to their own initial state at their first token.
+O(T·K·V) time, O(K·V) state; the reference form for decoding.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from xformjax.ops.common import Segments
+from xformjax.ops.linear_attention.gates import LogGate
+
+
+def _log_decay_per_step(gate: LogGate) -> jax.Array | None:
+    """Time-major per-step log decays, or ``None`` for the constant per-head gate."""
+    if gate.kind == "head":
+        return None
+    return jnp.moveaxis(gate.values, 1, 0)  # [T, B, H] or [T, B, H, K]
+
+
+def _decay_state(state: jax.Array, gate: LogGate, log_decay_t: jax.Array | None) -> jax.Array:
+    if gate.kind == "head":
+        return state * jnp.exp(gate.values)[None, :, None, None]
+    if gate.kind == "token":
+        return state * jnp.exp(log_decay_t)[..., None, None]
+    return state * jnp.exp(log_decay_t)[..., None]
+
+
+def linear_attention_recurrent(q: jax.Array, k: jax.Array, v: jax.Array, gate: LogGate,
+                               initial_state: jax.Array | None,
+                               segments: Segments | None) -> tuple[jax.Array, jax.Array]:
+    """Token-by-token linear attention.
+
+    Args:
+      q, k: ``[B, T, H, K]``; ``q`` already multiplied by the scale.
+      v: ``[B, T, H, V]``.
+      gate: the log decay (see :mod:`gates`).
+      initial_state: ``[N, H, K, V]`` (N = B, or the number of packed sequences) or None.
+      segments: packing of the single batch row, or None.
+
+    Returns:
+      ``o`` ``[B, T, H, V]`` and the final states ``[N, H, K, V]``.
+    """
+    batch, _, heads, key_dim = q.shape
+    value_dim = v.shape[-1]
+    zeros = jnp.zeros((batch, heads, key_dim, value_dim), q.dtype)
+    time_major = [jnp.moveaxis(x, 1, 0) for x in (q, k, v)]
+    log_decay = _log_decay_per_step(gate)
+
+    if segments is None:
+        state0 = zeros if initial_state is None else initial_state
+
+        def step(state, xs):
+            q_t, k_t, v_t, g_t = xs
+            state = _decay_state(state, gate, g_t) + k_t[..., :, None] * v_t[..., None, :]
+            return state, jnp.einsum("bhk,bhkv->bhv", q_t, state)
+
+        final, o = jax.lax.scan(step, state0, (*time_major, log_decay))
+        return jnp.moveaxis(o, 0, 1), final
+
+    num_seq = segments.num_sequences
+    inits = (jnp.zeros((num_seq, heads, key_dim, value_dim), q.dtype)
+             if initial_state is None else initial_state)
+
+    def packed_step(carry, xs):
+        state, finals = carry
+        q_t, k_t, v_t, g_t, start_t, seg_t = xs
+        state = jnp.where(start_t, inits[seg_t][None], state)
+        state = _decay_state(state, gate, g_t) + k_t[..., :, None] * v_t[..., None, :]
+        # The last write for a sequence happens at its last token: its final state.
+        finals = finals.at[seg_t].set(state[0])
+        return (state, finals), jnp.einsum("bhk,bhkv->bhv", q_t, state)
+
+    (_, finals), o = jax.lax.scan(
+        packed_step, (zeros, inits),
+        (*time_major, log_decay, segments.is_start, segments.ids))
+    return jnp.moveaxis(o, 0, 1), finals

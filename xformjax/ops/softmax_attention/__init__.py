@@ -1,0 +1,131 @@
+"""``softmax_attention`` and ``sigmoid_attention``: causal or bidirectional,
+sliding-window, grouped-query, packed; parallel, blockwise and decoding forms."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from xformjax.ops import common
+from xformjax.ops.softmax_attention.chunk import attention_chunk
+from xformjax.ops.softmax_attention.masking import AttentionMask, sequence_ids, sigmoid_bias
+from xformjax.ops.softmax_attention.parallel import attention_parallel
+from xformjax.ops.softmax_attention.recurrent import attention_recurrent
+
+__all__ = ["softmax_attention", "sigmoid_attention", "AttentionMask"]
+
+_FORMS = {"parallel": attention_parallel, "recurrent": attention_recurrent}
+
+
+def _validate(op, q, k, v, causal, window, cu_seqlens):
+    common.check_rank(op, "q", q, ["B", "Tq", "Hq", "D"])
+    common.check_rank(op, "k", k, ["B", "Tk", "Hkv", "D"])
+    common.check_rank(op, "v", v, ["B", "Tk", "Hkv", "V"])
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        common.check_floating(op, name, x)
+    batch, num_queries, q_heads, dim = q.shape
+    num_keys, kv_heads = k.shape[1], k.shape[2]
+    if num_queries == 0 or num_keys == 0:
+        common.fail(op, f"T=0 is not allowed: `q` has shape {common.shape_str(q)} and `k` "
+                        f"{common.shape_str(k)}")
+    common.check_dim(op, "k", k, 0, batch, f"B of `q` {common.shape_str(q)}")
+    common.check_dim(op, "k", k, 3, dim, f"D of `q` {common.shape_str(q)}")
+    for axis, what in ((0, "B"), (1, "Tk"), (2, "Hkv")):
+        common.check_dim(op, "v", v, axis, k.shape[axis], f"{what} of `k` {common.shape_str(k)}")
+    if q_heads % kv_heads:
+        common.fail(op, f"query heads Hq={q_heads} (`q` {common.shape_str(q)}) must be a "
+                        f"multiple of key/value heads Hkv={kv_heads} (`k` {common.shape_str(k)})")
+    if num_queries > num_keys:
+        common.fail(op, f"`q` has more tokens (Tq={num_queries}) than `k` (Tk={num_keys}); "
+                        "queries occupy the last Tq key positions")
+    if not isinstance(causal, bool):
+        common.fail(op, f"`causal` must be a bool; got {causal!r}")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int)
+                               or window < 1):
+        common.fail(op, f"`window` must be None or a positive int; got {window!r}")
+    segments = common.make_segments(op, cu_seqlens, batch, num_keys)
+    if segments is not None and num_queries != num_keys:
+        common.fail(op, f"packed sequences need Tq == Tk; got `q` {common.shape_str(q)} and "
+                        f"`k` {common.shape_str(k)}")
+    return segments
+
+
+def _attention(op, kind, q, k, v, *, causal, scale, window, cu_seqlens, mode, chunk_size,
+               backend, bias=None):
+    common.check_mode(op, mode)
+    chunk_size = common.check_chunk_size(op, chunk_size)
+    common.resolve_backend(op, backend)
+    segments = _validate(op, q, k, v, causal, window, cu_seqlens)
+    out_dtype = jnp.result_type(q, k, v)
+    dtype = common.compute_dtype(q, k, v)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q = q.astype(dtype) * jnp.asarray(scale, dtype)
+    k, v = k.astype(dtype), v.astype(dtype)
+    num_queries, num_keys = q.shape[1], k.shape[1]
+    mask = AttentionMask(causal=causal, window=window, q_offset=num_keys - num_queries)
+    k_seq = sequence_ids(segments, num_keys)
+    q_seq = k_seq[mask.q_offset:]
+    q_bias = (sigmoid_bias(segments, num_keys, mask.q_offset, num_queries, bias, dtype)
+              if kind == "sigmoid" else None)
+    if mode == "chunk":
+        o = attention_chunk(q, k, v, kind, mask, q_seq, k_seq, q_bias, chunk_size)
+    else:
+        o = _FORMS[mode](q, k, v, kind, mask, q_seq, k_seq, q_bias)
+    return o.astype(out_dtype)
+
+
+def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
+                      scale: float | None = None, window: int | None = None,
+                      cu_seqlens: jax.Array | None = None, mode: str = "chunk",
+                      chunk_size: int = 128, backend: str | None = None
+                      ) -> tuple[jax.Array, None]:
+    """Softmax attention ``o_i = Σ_j softmax_j(scale·q_i·k_j) v_j`` over visible keys.
+
+    Args:
+      q: ``[B, Tq, Hq, D]``; the queries sit at the last ``Tq`` key positions.
+      k: ``[B, Tk, Hkv, D]``, ``v``: ``[B, Tk, Hkv, V]``; ``Hq`` a multiple of
+        ``Hkv`` (grouped-query attention).
+      causal: attend only to keys at or before the query's position.
+      scale: defaults to ``D ** -0.5``.
+      window: if set, only keys with ``i − j < window`` (``|i − j|`` when not causal).
+      cu_seqlens: int ``[N+1]`` packed sequences (``B == 1``, ``Tq == Tk``).
+      mode: ``"chunk"`` (blockwise online softmax, O(T·C) memory forward and
+        backward), ``"parallel"`` (full Tq×Tk matrix) or ``"recurrent"`` (one
+        query at a time against the KV cache: decoding when ``Tq == 1``).
+      chunk_size: block size of the chunk form.
+      backend: ``None`` or ``"xla"``.
+
+    Returns:
+      ``(o, None)``: ``o`` is ``[B, Tq, Hq, V]`` in the inputs' dtype, computed in
+      ``promote(dtype, float32)``. The second entry keeps the ops' ``(o, state)``
+      shape; the KV cache is the caller's to keep.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from xformjax import ops
+      >>> q = jnp.ones((1, 10, 4, 8)); kv = jnp.ones((1, 10, 2, 8))
+      >>> o, _ = ops.softmax_attention(q, kv, kv, window=4)
+      >>> o.shape
+      (1, 10, 4, 8)
+    """
+    o = _attention("softmax_attention", "softmax", q, k, v, causal=causal, scale=scale,
+                   window=window, cu_seqlens=cu_seqlens, mode=mode, chunk_size=chunk_size,
+                   backend=backend)
+    return o, None
+
+
+def sigmoid_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, bias: float | None = None,
+                      causal: bool = True, scale: float | None = None,
+                      window: int | None = None, cu_seqlens: jax.Array | None = None,
+                      mode: str = "chunk", chunk_size: int = 128,
+                      backend: str | None = None) -> tuple[jax.Array, None]:
+    """Sigmoid attention ``o_i = Σ_j σ(scale·q_i·k_j + b) v_j`` over visible keys.
+
+    ``b`` defaults to ``−log n``, n the sequence length (``Tk``, or the query's
+    own packed sequence length), as in "Theory, Analysis, and Best Practices for
+    Sigmoid Self-Attention". Every other argument as :func:`softmax_attention`.
+    """
+    o = _attention("sigmoid_attention", "sigmoid", q, k, v, causal=causal, scale=scale,
+                   window=window, cu_seqlens=cu_seqlens, mode=mode, chunk_size=chunk_size,
+                   backend=backend, bias=bias)
+    return o, None
