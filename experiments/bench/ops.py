@@ -1,0 +1,250 @@
+"""Op benchmark: forward and forward+backward time and memory of every form over T.
+
+    python -m experiments.bench.ops                 # full run (a few minutes on 2 cores)
+    python -m experiments.bench.ops --quick         # T ∈ {1K, 4K}: a smoke run
+    make bench                                      # the same as the full run
+
+For ``linear_attention`` (``g`` gate) and causal ``softmax_attention``, in each
+mode, at B=1, H=4, K=V=64, float32: best-of-N wall time of the jitted forward
+and of ``grad`` (forward+backward), and XLA's planned temporary memory
+(``compile().memory_analysis()``). Quadratic forms run only where they fit.
+Writes ``ops.md`` (tables + the issue's target figures), ``ops.json`` and
+``ops.png`` to ``experiments/results/``.
+
+The process re-executes itself with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``
+(transparent huge pages for malloc) unless ``--no-hugepages`` is given. Without
+it, buffers above glibc's 32 MiB mmap threshold are page-faulted 4 KiB at a time
+on every call, which on this VM costs ~5 GB/s and makes long sequences look
+slower per token for reasons that have nothing to do with the algorithm. The
+tunable in effect is recorded with the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import pathlib
+import platform
+import sys
+import time
+
+HUGEPAGES = "glibc.malloc.hugetlb=1"
+
+
+def _reexec_with_hugepages(argv: list[str]) -> None:
+    if HUGEPAGES in os.environ.get("GLIBC_TUNABLES", "") or "--no-hugepages" in argv:
+        return
+    env = dict(os.environ)
+    env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), HUGEPAGES]))
+    os.execve(sys.executable, [sys.executable, "-m", "experiments.bench.ops", *argv], env)
+
+
+if __name__ == "__main__":
+    _reexec_with_hugepages(sys.argv[1:])
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from xformjax import ops  # noqa: E402
+
+RESULTS = pathlib.Path(__file__).resolve().parents[1] / "results"
+BATCH, HEADS, DIM, CHUNK = 1, 4, 64, 64
+# Largest T each (op, mode) runs at; quadratic forms stop where they stop fitting
+# (or stop finishing in seconds) on a 2-core, 24 GiB machine.
+MAX_LENGTH = {
+    ("linear_attention", "chunk"): 65536,
+    ("linear_attention", "recurrent"): 65536,
+    ("linear_attention", "parallel"): 4096,
+    ("softmax_attention", "chunk"): 16384,
+    ("softmax_attention", "parallel"): 8192,
+    ("softmax_attention", "recurrent"): 4096,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    op: str
+    mode: str
+    length: int
+    forward_ms: float
+    backward_ms: float  # forward + backward
+    forward_temp_mib: float
+    backward_temp_mib: float
+
+    @property
+    def us_per_token(self) -> float:
+        return self.backward_ms * 1e3 / self.length
+
+
+def best_time(fn, *args, repeats: int) -> float:
+    """Best of ``repeats`` calls after a warm-up; calls slower than a second repeat twice."""
+    jax.block_until_ready(fn(*args))
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times = [time.perf_counter() - start]
+    for _ in range(repeats - 1 if times[0] < 1.0 else 1):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def matmul_gflops(repeats: int) -> float:
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((1024, 1024)), jnp.float32)
+    seconds = best_time(jax.jit(lambda x, y: x @ y), a, a, repeats=max(repeats, 10))
+    return 2 * 1024 ** 3 / seconds / 1e9
+
+
+def useful_flops(length: int) -> float:
+    """The issue's useful FLOPs of the chunk form, forward: 2·T·(C·K + C·V + 2·K·V) per head."""
+    return 2 * length * (CHUNK * DIM + CHUNK * DIM + 2 * DIM * DIM) * HEADS
+
+
+def make_fn(op: str, mode: str):
+    if op == "linear_attention":
+        return lambda q, k, v, g: ops.linear_attention(q, k, v, g=g, mode=mode,
+                                                       chunk_size=CHUNK)[0]
+    return lambda q, k, v, g: ops.softmax_attention(q, k, v, mode=mode, chunk_size=128)[0]
+
+
+def measure(op: str, mode: str, length: int, repeats: int) -> Row:
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((BATCH, length, HEADS, DIM)), jnp.float32)
+               for _ in range(3))
+    g = jnp.asarray(np.log(rng.uniform(0.9, 0.999, (BATCH, length, HEADS))), jnp.float32)
+    fn = make_fn(op, mode)
+    forward = jax.jit(fn)
+    backward = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a)), argnums=(0, 1, 2, 3)))
+    args = (q, k, v, g)
+    temp = [f.lower(*args).compile().memory_analysis().temp_size_in_bytes / 2 ** 20
+            for f in (forward, backward)]
+    return Row(op, mode, length, best_time(forward, *args, repeats=repeats) * 1e3,
+               best_time(backward, *args, repeats=repeats) * 1e3, *temp)
+
+
+def machine() -> dict:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "jax": jax.__version__,
+            "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+            "date": datetime.date.today().isoformat()}
+
+
+def targets(rows: list[Row], gflops: float) -> list[tuple[str, str, bool]]:
+    by = {(r.op, r.mode, r.length): r for r in rows}
+    out = []
+    chunk_4k = by.get(("linear_attention", "chunk", 4096))
+    if chunk_4k:
+        rate = 3 * useful_flops(4096) / (chunk_4k.backward_ms / 1e3) / 1e9
+        out.append(("chunk fwd+bwd at 4K vs 1024³ matmul (target ≥ 20 %)",
+                    f"{rate:.1f} GFLOP/s = {100 * rate / gflops:.1f} % of {gflops:.0f}",
+                    rate >= 0.2 * gflops))
+    chunk_32k = by.get(("linear_attention", "chunk", 32768))
+    if chunk_4k and chunk_32k:
+        ratio = chunk_32k.us_per_token / chunk_4k.us_per_token
+        out.append(("chunk fwd+bwd time per token, 32K / 4K (target ≤ 1.15)",
+                    f"{chunk_32k.us_per_token:.2f} / {chunk_4k.us_per_token:.2f} µs = {ratio:.2f}",
+                    ratio <= 1.15))
+        per_token_kib = max(r.backward_temp_mib * 1024 / r.length for r in rows
+                            if r.op == "linear_attention" and r.mode == "chunk")
+        out.append(("chunk fwd+bwd temporary memory per token (target ≤ 16 KiB)",
+                    f"{per_token_kib:.2f} KiB (worst T)", per_token_kib <= 16))
+    parallel_4k = by.get(("linear_attention", "parallel", 4096))
+    if chunk_4k and parallel_4k:
+        speedup = parallel_4k.backward_ms / chunk_4k.backward_ms
+        out.append(("chunk vs parallel fwd+bwd at 4K (target ≥ 15×)", f"{speedup:.1f}×",
+                    speedup >= 15))
+    return out
+
+
+def markdown(rows: list[Row], gflops: float, info: dict) -> str:
+    lines = ["# Op benchmark", "",
+             f"`python -m experiments.bench.ops` — {info['date']}, {info['cpu']}, "
+             f"{info['cores']} cores, jax {info['jax']} ({info['backend']}), "
+             f"GLIBC_TUNABLES=`{info['glibc_tunables'] or 'unset'}`.",
+             f"B={BATCH}, H={HEADS}, K=V={DIM}, float32; linear attention with a `g` "
+             f"[B,T,H] gate and chunk {CHUNK}; softmax attention causal, block 128. "
+             "Times are the best of several runs; memory is XLA's planned temporary "
+             "buffer size.", "",
+             f"1024³ float32 matmul in the same process: **{gflops:.0f} GFLOP/s**.", "",
+             "## Targets", "", "| figure | measured | met |", "|---|---|---|"]
+    lines += [f"| {name} | {value} | {'yes' if ok else '**no**'} |"
+              for name, value, ok in targets(rows, gflops)]
+    lines += ["", "## All measurements", "",
+              "| op | mode | T | fwd ms | fwd+bwd ms | fwd+bwd µs/token | fwd temp MiB "
+              "| fwd+bwd temp MiB |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r.op} | {r.mode} | {r.length} | {r.forward_ms:.2f} | {r.backward_ms:.2f} | "
+              f"{r.us_per_token:.2f} | {r.forward_temp_mib:.1f} | {r.backward_temp_mib:.1f} |"
+              for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[Row], path: pathlib.Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (time_ax, mem_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for op, mode in sorted({(r.op, r.mode) for r in rows}):
+        series = [r for r in rows if (r.op, r.mode) == (op, mode)]
+        lengths = [r.length for r in series]
+        label = f"{op.replace('_attention', '')} {mode}"
+        time_ax.plot(lengths, [r.us_per_token for r in series], "o-", label=label)
+        mem_ax.plot(lengths, [r.backward_temp_mib for r in series], "o-", label=label)
+    time_ax.set(xscale="log", yscale="log", xlabel="T (tokens)",
+                ylabel="fwd+bwd time per token (µs)", title="Time per token (flat = linear)")
+    mem_ax.set(xscale="log", yscale="log", xlabel="T (tokens)",
+               ylabel="fwd+bwd temporary memory (MiB)", title="Memory")
+    for ax in (time_ax, mem_ax):
+        ax.grid(True, which="both", alpha=0.3)
+    time_ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lengths", type=int, nargs="+",
+                        default=[1024, 4096, 16384, 32768, 65536])
+    parser.add_argument("--quick", action="store_true", help="T ∈ {1024, 4096} only")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
+    parser.add_argument("--no-hugepages", action="store_true",
+                        help="keep glibc's default malloc (see the module docstring)")
+    args = parser.parse_args(argv)
+    lengths = [1024, 4096] if args.quick else args.lengths
+
+    gflops = matmul_gflops(args.repeats)
+    print(f"1024³ matmul: {gflops:.1f} GFLOP/s")
+    jobs = [(op, mode, t) for (op, mode), limit in MAX_LENGTH.items() for t in lengths
+            if t <= limit]
+    rows = []
+    for op, mode, length in tqdm(jobs, desc="benchmark", unit="run"):
+        tqdm.write(f"{op:18s} {mode:9s} T={length}")
+        rows.append(measure(op, mode, length, args.repeats))
+    info = machine()
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = markdown(rows, gflops, info)
+    (args.out / "ops.md").write_text(report)
+    (args.out / "ops.json").write_text(json.dumps(
+        {"machine": info, "matmul_gflops": gflops,
+         "rows": [dataclasses.asdict(r) for r in rows]}, indent=1))
+    plot(rows, args.out / "ops.png")
+    print(report)
+    print(f"wrote {args.out / 'ops.md'}, ops.json, ops.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

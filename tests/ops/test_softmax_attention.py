@@ -1,0 +1,118 @@
+"""``ops.softmax_attention`` / ``ops.sigmoid_attention`` against the float64 reference."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.ops import reference
+from tests.ops.helpers import as_jax, assert_close, relative_error, vjp_of
+from xformjax import ops
+
+MODES = ("parallel", "chunk", "recurrent")
+KINDS = {"softmax": ops.softmax_attention, "sigmoid": ops.sigmoid_attention}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    batch: int
+    q_len: int
+    k_len: int
+    q_heads: int
+    kv_heads: int
+    key_dim: int
+    value_dim: int
+    chunk_size: int = 16
+    causal: bool = True
+    window: int | None = None
+    cu_seqlens: tuple[int, ...] | None = None
+
+
+CASES = {
+    "causal-T63-gqa": Case(2, 63, 63, 4, 2, 7, 10),
+    "bidirectional-T100": Case(1, 100, 100, 3, 3, 16, 8, chunk_size=32, causal=False),
+    "window-T257": Case(1, 257, 257, 2, 1, 12, 5, chunk_size=64, window=40),
+    "bidirectional-window": Case(2, 63, 63, 2, 2, 5, 6, causal=False, window=9),
+    "packed-uneven": Case(1, 100, 100, 2, 1, 6, 9, cu_seqlens=(0, 1, 38, 38, 64, 100)),
+    "packed-window-bidir": Case(1, 100, 100, 2, 2, 6, 4, causal=False, window=7,
+                                cu_seqlens=(0, 17, 60, 100)),
+    "queries-after-cache": Case(2, 5, 70, 4, 1, 8, 8),
+    "decode-T1": Case(2, 1, 63, 4, 2, 16, 16, window=20),
+}
+
+
+def make_inputs(case: Case, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return {
+        "q": rng.standard_normal((case.batch, case.q_len, case.q_heads, case.key_dim)),
+        "k": rng.standard_normal((case.batch, case.k_len, case.kv_heads, case.key_dim)),
+        "v": rng.standard_normal((case.batch, case.k_len, case.kv_heads, case.value_dim)),
+    }
+
+
+def check_against_reference(case: Case, kind: str, mode: str, dtype, tol: float):
+    inputs = make_inputs(case)
+    d_o = np.random.default_rng(1).standard_normal(
+        (case.batch, case.q_len, case.q_heads, case.value_dim))
+    o_ref, grads_ref = reference.attention(**inputs, kind=kind, causal=case.causal,
+                                           window=case.window, cu_seqlens=case.cu_seqlens,
+                                           d_o=d_o)
+    cu = None if case.cu_seqlens is None else jnp.asarray(case.cu_seqlens, jnp.int32)
+
+    def fn(floats):
+        return KINDS[kind](**floats, causal=case.causal, window=case.window, cu_seqlens=cu,
+                           mode=mode, chunk_size=case.chunk_size)[0]
+
+    o, (grads,) = vjp_of(fn, (as_jax(inputs, dtype),), jnp.asarray(d_o, dtype))
+    assert o.dtype == dtype
+    assert_close(o, o_ref, tol, "o")
+    for name in inputs:
+        assert_close(grads[name], grads_ref[name], tol, f"d{name}")
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("mode", MODES)
+def test_float64_matches_reference(x64, mode, kind, case):
+    check_against_reference(CASES[case], kind, mode, jnp.float64, 1e-9)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("mode", MODES)
+def test_float32_matches_reference(mode, kind):
+    check_against_reference(CASES["window-T257"], kind, mode, jnp.float32, 1e-4)
+    check_against_reference(CASES["packed-uneven"], kind, mode, jnp.float32, 1e-4)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_bfloat16_inputs_give_bfloat16_outputs(mode):
+    case = CASES["causal-T63-gqa"]
+    inputs = make_inputs(case)
+    o_ref, _ = reference.attention(**inputs)
+    o, _ = ops.softmax_attention(**as_jax(inputs, jnp.bfloat16), mode=mode, chunk_size=16)
+    assert o.dtype == jnp.bfloat16
+    assert relative_error(o, o_ref) <= 1e-2
+
+
+def test_sigmoid_bias_defaults_to_minus_log_length(x64):
+    case = CASES["causal-T63-gqa"]
+    inputs = as_jax(make_inputs(case))
+    default, _ = ops.sigmoid_attention(**inputs)
+    explicit, _ = ops.sigmoid_attention(**inputs, bias=-float(np.log(case.k_len)))
+    other, _ = ops.sigmoid_attention(**inputs, bias=0.0)
+    assert relative_error(default, explicit) <= 1e-12
+    assert relative_error(other, explicit) > 1e-2
+
+
+def test_decoding_against_a_growing_cache_matches_the_full_forward(x64):
+    case = CASES["causal-T63-gqa"]
+    inputs = as_jax(make_inputs(case))
+    full, _ = ops.softmax_attention(**inputs, window=16, mode="chunk", chunk_size=16)
+    for t in (0, 1, 30, 62):
+        step, _ = ops.softmax_attention(inputs["q"][:, t:t + 1], inputs["k"][:, :t + 1],
+                                        inputs["v"][:, :t + 1], window=16, mode="recurrent")
+        assert relative_error(step, full[:, t:t + 1]) <= 1e-12

@@ -1,0 +1,49 @@
+"""The installed package: layout, the kernels mapping and the test-session set-up."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import jax
+import jax.numpy as jnp
+
+import xformjax
+import xformjax.kernels
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_kernels_directory_is_installed_as_a_subpackage():
+    assert pathlib.Path(xformjax.kernels.__file__).resolve() == ROOT / "kernels" / "__init__.py"
+
+
+def test_nothing_imports_a_top_level_kernels_package():
+    offenders = []
+    for path in list((ROOT / "xformjax").rglob("*.py")) + list((ROOT / "kernels").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level
+                     else [])
+            offenders += [f"{path}: {n}" for n in names if n.split(".")[0] == "kernels"]
+    assert not offenders, offenders
+
+
+def test_ops_never_import_layers_or_above():
+    for path in (ROOT / "xformjax" / "ops").rglob("*.py"):
+        text = path.read_text()
+        for layer in ("xformjax.nn", "xformjax.models", "xformjax.train", "xformjax.data"):
+            assert layer not in text, f"{path} imports {layer}"
+
+
+def test_eight_host_devices_are_available_for_sharding_tests():
+    assert jax.device_count() == 8
+
+
+def test_x64_fixture_enables_float64(x64):
+    assert jnp.zeros(1).dtype == jnp.float64
+
+
+def test_float64_is_off_by_default():
+    assert jnp.zeros(1).dtype == jnp.float32
+    assert xformjax.__version__
