@@ -34,11 +34,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 
 import jax
 import jax.numpy as jnp
 
 from xformjax.ops.common import Segments, round_up
+from xformjax.ops.linear_attention.chunk_backward import make_backward_step
 from xformjax.ops.linear_attention.gates import LogGate
 
 SUB_CHUNK = 16
@@ -65,6 +67,7 @@ class ChunkLayout:
       chunk_seq: ``[num_blocks·G]`` sequence of each chunk (packed only).
       final_rows, final_chunks: ``[N]`` batch row and chunk holding each sequence's end.
       final_lengths: ``[N]`` valid tokens in that last chunk (``1..C``; 0 if empty).
+      chunk_rank: ``[num_blocks·G]`` chunks of the same sequence before each chunk.
     """
 
     chunk_size: int
@@ -76,6 +79,7 @@ class ChunkLayout:
     final_rows: jax.Array
     final_chunks: jax.Array
     final_lengths: jax.Array
+    chunk_rank: jax.Array
 
     @property
     def padded_length(self) -> int:
@@ -100,7 +104,8 @@ def make_layout(batch: int, num_tokens: int, chunk_size: int,
         return ChunkLayout(chunk_size, per_block, num_blocks, None, None, None,
                            final_rows=jnp.arange(batch),
                            final_chunks=jnp.full((batch,), num_chunks - 1),
-                           final_lengths=jnp.full((batch,), last_len))
+                           final_lengths=jnp.full((batch,), last_len),
+                           chunk_rank=jnp.arange(num_blocks * per_block))
     padded_lengths = -(-segments.lengths // chunk_size) * chunk_size
     padded_ends = jnp.cumsum(padded_lengths)
     padded_starts = padded_ends - padded_lengths
@@ -114,7 +119,8 @@ def make_layout(batch: int, num_tokens: int, chunk_size: int,
                        final_rows=jnp.zeros((num_seq,), jnp.int32),
                        final_chunks=jnp.maximum(padded_ends // chunk_size - 1, 0),
                        final_lengths=segments.lengths - padded_lengths
-                       + chunk_size * (segments.lengths > 0))
+                       + chunk_size * (segments.lengths > 0),
+                       chunk_rank=(chunk_starts - padded_starts[chunk_seq]) // chunk_size)
 
 
 def _pad(x: jax.Array, layout: ChunkLayout) -> jax.Array:
@@ -272,10 +278,72 @@ def _final_states(entering: jax.Array, k: jax.Array, v: jax.Array, log_a: jax.Ar
     return finals
 
 
+def _scalar_gate_core(kind: str, layout: ChunkLayout, num_sequences: int | None):
+    """Blocked chunk scan with the hand-written backward of ``chunk_backward.py``.
+
+    ``core(q, k, v, log_a, head_gate, state0, inits, first, seq, rank)`` takes the
+    padded ``[B, L, H, D]`` inputs and returns ``(out, entering)``.
+    """
+    def gate_of(head_gate):
+        return LogGate(kind, head_gate if kind == "head" else jnp.zeros((1,)))
+
+    def block_inputs(q, k, v, log_a, first, seq):
+        flags = [None if x is None else x.reshape(layout.num_blocks, layout.chunks_per_block)
+                 for x in (first, seq)]
+        return (_blocks(q, layout), _blocks(k, layout), _blocks(v, layout),
+                None if log_a is None else _blocks(log_a, layout), *flags)
+
+    def forward(q, k, v, log_a, head_gate, state0, inits, first, seq, rank):
+        step = _block_step(gate_of(head_gate), layout, inits)
+        _, (out, entering) = jax.lax.scan(step, state0, block_inputs(q, k, v, log_a, first, seq))
+        out = jnp.moveaxis(out, 0, 1).reshape(q.shape[:3] + (v.shape[-1],))
+        return out, entering
+
+    @jax.custom_vjp
+    def core(q, k, v, log_a, head_gate, state0, inits, first, seq, rank):
+        return forward(q, k, v, log_a, head_gate, state0, inits, first, seq, rank)
+
+    def core_fwd(q, k, v, log_a, head_gate, state0, inits, first, seq, rank):
+        out, entering = forward(q, k, v, log_a, head_gate, state0, inits, first, seq, rank)
+        return (out, entering), (q, k, v, log_a, head_gate, state0, inits, first, seq, rank,
+                                 entering)
+
+    def core_bwd(residuals, cotangents):
+        q, k, v, log_a, head_gate, state0, inits, first, seq, rank, entering = residuals
+        d_out, d_entering = cotangents
+        helpers = types.SimpleNamespace(
+            head_major=lambda x: _head_major(x, layout),
+            cumulative=lambda log_a: _cumulative_log_decay(gate_of(head_gate), log_a,
+                                                           layout.chunk_size),
+            expand=lambda b: _expand(b, kind))
+        step = make_backward_step(kind, layout, helpers, head_gate, num_sequences)
+        blocks = block_inputs(q, k, v, log_a, first, seq)
+        rank_blocks = (None if kind != "head"
+                       else rank.reshape(layout.num_blocks, layout.chunks_per_block))
+        xs = (*blocks[:4], _blocks(d_out, layout), d_entering, entering, *blocks[4:],
+              rank_blocks)
+        carry = (jnp.zeros_like(state0),
+                 None if kind == "head" else jnp.zeros(state0.shape[:2], state0.dtype),
+                 None if inits is None else jnp.zeros_like(inits),
+                 None if kind != "head" else jnp.zeros_like(head_gate))
+        (d_state0, _, d_inits, d_head), grads = jax.lax.scan(step, carry, xs, reverse=True)
+        unblock = lambda x: None if x is None else jnp.moveaxis(x, 0, 1).reshape(
+            (x.shape[1], layout.padded_length) + x.shape[3:])
+        dq, dk, dv, d_log_a = (unblock(x) for x in grads)
+        return dq, dk, dv, d_log_a, d_head, d_state0, d_inits, None, None, None
+
+    core.defvjp(core_fwd, core_bwd)
+    return core
+
+
 def linear_attention_chunk(q: jax.Array, k: jax.Array, v: jax.Array, gate: LogGate,
                            initial_state: jax.Array | None, segments: Segments | None,
                            chunk_size: int) -> tuple[jax.Array, jax.Array]:
-    """Chunked linear attention; arguments and results as the recurrent form."""
+    """Chunked linear attention; arguments and results as the recurrent form.
+
+    Scalar gates (none, ``[H]``, ``[B, T, H]``) use the hand-written backward;
+    the per-channel gate is differentiated by JAX with each block rematerialised.
+    """
     batch, num_tokens, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     layout = make_layout(batch, num_tokens, effective_chunk_size(chunk_size, num_tokens),
@@ -283,26 +351,30 @@ def linear_attention_chunk(q: jax.Array, k: jax.Array, v: jax.Array, gate: LogGa
     q, k, v = (_pad(x, layout) for x in (q, k, v))
     log_a = None if gate.kind == "head" else _pad(gate.values, layout)
     packed = layout.dest is not None
-    inits = None
+    zeros = jnp.zeros((batch, heads, key_dim, value_dim), q.dtype)
     if packed:
         inits = (initial_state if initial_state is not None else
                  jnp.zeros((segments.num_sequences, heads, key_dim, value_dim), q.dtype))
-        state0 = jnp.zeros((batch, heads, key_dim, value_dim), q.dtype)
-        flags = tuple(x.reshape(layout.num_blocks, layout.chunks_per_block)
-                      for x in (layout.chunk_first, layout.chunk_seq))
+        state0 = zeros
     else:
-        state0 = (initial_state if initial_state is not None
-                  else jnp.zeros((batch, heads, key_dim, value_dim), q.dtype))
-        flags = (None, None)
+        inits, state0 = None, initial_state if initial_state is not None else zeros
 
-    xs = (_blocks(q, layout), _blocks(k, layout), _blocks(v, layout),
-          None if log_a is None else _blocks(log_a, layout), *flags)
-    # Rematerialise each block in the backward: saving every block's residuals
-    # (scores, decays) costs more memory traffic than recomputing them in cache
-    # (measured: ~2x slower forward+backward on CPU without it).
-    step = jax.checkpoint(_block_step(gate, layout, inits))
-    _, (out, entering) = jax.lax.scan(step, state0, xs)
-    out = jnp.moveaxis(out, 0, 1).reshape(batch, layout.padded_length, heads, value_dim)
+    if gate.kind == "channel":
+        flags = [None if x is None else x.reshape(layout.num_blocks, layout.chunks_per_block)
+                 for x in (layout.chunk_first, layout.chunk_seq)]
+        xs = (_blocks(q, layout), _blocks(k, layout), _blocks(v, layout),
+              _blocks(log_a, layout), *flags)
+        # Rematerialise each block in the backward: saving every block's residuals
+        # (scores, decays) costs more memory traffic than recomputing them in cache.
+        step = jax.checkpoint(_block_step(gate, layout, inits))
+        _, (out, entering) = jax.lax.scan(step, state0, xs)
+        out = jnp.moveaxis(out, 0, 1).reshape(batch, layout.padded_length, heads, value_dim)
+    else:
+        core = _scalar_gate_core(gate.kind, layout,
+                                 segments.num_sequences if packed else None)
+        out, entering = core(q, k, v, log_a, gate.values if gate.kind == "head" else None,
+                             state0, inits, layout.chunk_first, layout.chunk_seq,
+                             layout.chunk_rank)
     out = out[:, :num_tokens] if not packed else out[:, layout.dest]
     finals = _final_states(entering, k, v, log_a, gate, layout, initial_state, segments)
     return out, finals
