@@ -94,9 +94,10 @@ def best_time(fn, *args, repeats: int) -> float:
     return min(times)
 
 
-def matmul_gflops(repeats: int) -> float:
+def matmul_gflops() -> float:
+    """Best-of-30 float32 1024³ matmul rate: the denominator of the throughput target."""
     a = jnp.asarray(np.random.default_rng(0).standard_normal((1024, 1024)), jnp.float32)
-    seconds = best_time(jax.jit(lambda x, y: x @ y), a, a, repeats=max(repeats, 10))
+    seconds = best_time(jax.jit(lambda x, y: x @ y), a, a, repeats=30)
     return 2 * 1024 ** 3 / seconds / 1e9
 
 
@@ -178,7 +179,8 @@ def markdown(rows: list[Row], gflops: float, info: dict) -> str:
              f"[B,T,H] gate and chunk {CHUNK}; softmax attention causal, block 128. "
              "Times are the best of several runs; memory is XLA's planned temporary "
              "buffer size.", "",
-             f"1024³ float32 matmul in the same process: **{gflops:.0f} GFLOP/s**.", "",
+             f"1024³ float32 matmul in the same process: **{gflops:.0f} GFLOP/s** (best of "
+             "30, measured before and after the runs; the higher is used).", "",
              "## Targets", "", "| figure | measured | met |", "|---|---|---|"]
     lines += [f"| {name} | {value} | {'yes' if ok else '**no**'} |"
               for name, value, ok in targets(rows, gflops)]
@@ -225,14 +227,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     lengths = [1024, 4096] if args.quick else args.lengths
 
-    gflops = matmul_gflops(args.repeats)
-    print(f"1024³ matmul: {gflops:.1f} GFLOP/s")
+    gflops_before = matmul_gflops()
+    print(f"1024³ matmul: {gflops_before:.1f} GFLOP/s")
     jobs = [(op, mode, t) for (op, mode), limit in MAX_LENGTH.items() for t in lengths
             if t <= limit]
     rows = []
     for op, mode, length in tqdm(jobs, desc="benchmark", unit="run"):
         tqdm.write(f"{op:18s} {mode:9s} T={length}")
         rows.append(measure(op, mode, length, args.repeats))
+    # Measured before and after the runs; the higher (stricter) rate is the denominator.
+    gflops = max(gflops_before, matmul_gflops())
+    print(f"1024³ matmul: {gflops_before:.1f} before, {gflops:.1f} best")
     info = machine()
     args.out.mkdir(parents=True, exist_ok=True)
     report = markdown(rows, gflops, info)

@@ -20,7 +20,11 @@ Execution: an outer ``lax.scan`` walks over *blocks* of ``G`` chunks (about
 intra-chunk matmuls for its ``G`` chunks, an inner scan over them for the
 states, and the inter-chunk outputs; every intermediate is the size of one
 block, so it stays in cache and the time per token does not depend on T.
-Memory is O(T·C + (T/C)·K·V) for the backward's residuals.
+
+Backward: for scalar gates (none, ``[H]``, ``[B, T, H]``) a hand-written VJP
+(``chunk_backward.py``) keeps only the inputs and the state entering each
+chunk, O(T·D + (T/C)·K·V), and runs the mirror-image reverse scan. The
+per-channel gate is differentiated by JAX with each block rematerialised.
 
 Packed sequences (``cu_seqlens``) are laid out so that every chunk belongs to
 one sequence: each sequence is padded to a multiple of ``C`` (zeros: no
