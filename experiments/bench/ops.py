@@ -102,7 +102,7 @@ def matmul_gflops() -> float:
 
 
 def useful_flops(length: int) -> float:
-    """The issue's useful FLOPs of the chunk form, forward: 2·T·(C·K + C·V + 2·K·V) per head."""
+    """Useful FLOPs of the chunk form's forward: 2·T·(C·K + C·V + 2·K·V) per head."""
     return 2 * length * (CHUNK * DIM + CHUNK * DIM + 2 * DIM * DIM) * HEADS
 
 

@@ -82,7 +82,8 @@ def test_cu_seqlens_are_checked(cu, message):
 
 def test_packed_initial_state_needs_one_row_per_sequence():
     inputs = {n: x[:1] for n, x in linear_inputs().items()}
-    with pytest.raises(ValueError, match=r"\(3, 3, 4, 5\) with N = the number of sequences.*got \(1, 3, 4, 5\)"):
+    message = r"\(3, 3, 4, 5\) with N = the number of sequences.*got \(1, 3, 4, 5\)"
+    with pytest.raises(ValueError, match=message):
         ops.linear_attention(**inputs, cu_seqlens=np.array([0, 3, 7, 10]),
                              initial_state=jnp.zeros((1, H, K, V)))
 

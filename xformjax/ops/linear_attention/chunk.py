@@ -164,14 +164,18 @@ def _expand(b: jax.Array, kind: str) -> jax.Array:
     return b[..., None] if kind == "token" else b
 
 
-def _scalar_gate_scores(q: jax.Array, k: jax.Array, b: jax.Array, kind: str) -> jax.Array:
-    size = q.shape[3]
+def _scalar_decay_mask(b: jax.Array, kind: str) -> jax.Array:
+    """``M_ij = exp(b_i − b_j)[j ≤ i]``, masked before ``exp``: ``[B|1, H, G|1, C, C]``."""
+    size = b.shape[-1]
     causal = jnp.tril(jnp.ones((size, size), bool))
     log_decay = b[..., :, None] - b[..., None, :]
     if kind == "head":
         log_decay = log_decay[None, :, None]
-    decay = jnp.exp(jnp.where(causal, log_decay, -jnp.inf))
-    return jnp.einsum("bhnik,bhnjk->bhnij", q, k) * decay
+    return jnp.exp(jnp.where(causal, log_decay, -jnp.inf))
+
+
+def _scalar_gate_scores(q: jax.Array, k: jax.Array, b: jax.Array, kind: str) -> jax.Array:
+    return jnp.einsum("bhnik,bhnjk->bhnij", q, k) * _scalar_decay_mask(b, kind)
 
 
 def _channel_gate_scores(q: jax.Array, k: jax.Array, b: jax.Array) -> jax.Array:
@@ -282,24 +286,29 @@ def _final_states(entering: jax.Array, k: jax.Array, v: jax.Array, log_a: jax.Ar
     return finals
 
 
+def _block_inputs(layout: ChunkLayout, q, k, v, log_a, first, seq) -> tuple:
+    """The outer scan's ``xs``: token arrays as ``[num_blocks, B, G·C, ...]``, per-chunk
+    flags as ``[num_blocks, G]`` (``None`` stays ``None``)."""
+    flags = [None if x is None else x.reshape(layout.num_blocks, layout.chunks_per_block)
+             for x in (first, seq)]
+    return (_blocks(q, layout), _blocks(k, layout), _blocks(v, layout),
+            None if log_a is None else _blocks(log_a, layout), *flags)
+
+
 def _scalar_gate_core(kind: str, layout: ChunkLayout, num_sequences: int | None):
     """Blocked chunk scan with the hand-written backward of ``chunk_backward.py``.
 
     ``core(q, k, v, log_a, head_gate, state0, inits, first, seq, rank)`` takes the
     padded ``[B, L, H, D]`` inputs and returns ``(out, entering)``.
     """
+
     def gate_of(head_gate):
         return LogGate(kind, head_gate if kind == "head" else jnp.zeros((1,)))
 
-    def block_inputs(q, k, v, log_a, first, seq):
-        flags = [None if x is None else x.reshape(layout.num_blocks, layout.chunks_per_block)
-                 for x in (first, seq)]
-        return (_blocks(q, layout), _blocks(k, layout), _blocks(v, layout),
-                None if log_a is None else _blocks(log_a, layout), *flags)
-
     def forward(q, k, v, log_a, head_gate, state0, inits, first, seq, rank):
         step = _block_step(gate_of(head_gate), layout, inits)
-        _, (out, entering) = jax.lax.scan(step, state0, block_inputs(q, k, v, log_a, first, seq))
+        xs = _block_inputs(layout, q, k, v, log_a, first, seq)
+        _, (out, entering) = jax.lax.scan(step, state0, xs)
         out = jnp.moveaxis(out, 0, 1).reshape(q.shape[:3] + (v.shape[-1],))
         return out, entering
 
@@ -319,9 +328,11 @@ def _scalar_gate_core(kind: str, layout: ChunkLayout, num_sequences: int | None)
             head_major=lambda x: _head_major(x, layout),
             cumulative=lambda log_a: _cumulative_log_decay(gate_of(head_gate), log_a,
                                                            layout.chunk_size),
-            expand=lambda b: _expand(b, kind))
+            expand=lambda b: _expand(b, kind),
+            decay_mask=lambda b: _scalar_decay_mask(b, kind),
+            decay_state=lambda state, decay: _decay_state(state, kind, decay))
         step = make_backward_step(kind, layout, helpers, head_gate, num_sequences)
-        blocks = block_inputs(q, k, v, log_a, first, seq)
+        blocks = _block_inputs(layout, q, k, v, log_a, first, seq)
         rank_blocks = (None if kind != "head"
                        else rank.reshape(layout.num_blocks, layout.chunks_per_block))
         xs = (*blocks[:4], _blocks(d_out, layout), d_entering, entering, *blocks[4:],
@@ -364,10 +375,7 @@ def linear_attention_chunk(q: jax.Array, k: jax.Array, v: jax.Array, gate: LogGa
         inits, state0 = None, initial_state if initial_state is not None else zeros
 
     if gate.kind == "channel":
-        flags = [None if x is None else x.reshape(layout.num_blocks, layout.chunks_per_block)
-                 for x in (layout.chunk_first, layout.chunk_seq)]
-        xs = (_blocks(q, layout), _blocks(k, layout), _blocks(v, layout),
-              _blocks(log_a, layout), *flags)
+        xs = _block_inputs(layout, q, k, v, log_a, layout.chunk_first, layout.chunk_seq)
         # Rematerialise each block in the backward: saving every block's residuals
         # (scores, decays) costs more memory traffic than recomputing them in cache.
         step = jax.checkpoint(_block_step(gate, layout, inits))

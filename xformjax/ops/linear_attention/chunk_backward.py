@@ -19,7 +19,8 @@ from the sequence start, every term depends on the gates only through
 ``q_t e^{B_t}``, ``k_t e^{−B_t}`` and ``e^{B_p}`` for each emitted state at the
 end ``p`` of a chunk, so
 
-    ∂L/∂B_t = q_t·dq_t − k_t·dk_t + [t = p] ⟨dS_p, S_p⟩,     dg_t = Σ_{u ≥ t, same sequence} ∂L/∂B_u
+    ∂L/∂B_t = q_t·dq_t − k_t·dk_t + [t = p] ⟨dS_p, S_p⟩
+    dg_t    = Σ_{u ≥ t, same sequence} ∂L/∂B_u
 
 and a per-head constant gate gets ``Σ_t (t − start + 1)·∂L/∂B_t``. Exponents
 stay ≤ 0 throughout, as in the forward.
@@ -38,10 +39,10 @@ def _reverse_cumsum(x: jax.Array, axis: int) -> jax.Array:
 def make_backward_step(kind: str, layout, helpers, head_gate: jax.Array | None,
                        num_sequences: int | None):
     """Outer reverse-scan body over blocks. ``helpers`` gives chunk.py's layout and
-    decay functions (``head_major``, ``cumulative``, ``expand``)."""
+    decay functions: ``head_major``, ``cumulative``, ``expand``, ``decay_mask`` and
+    ``decay_state``."""
     packed = num_sequences is not None
     size = layout.chunk_size
-    causal = jnp.tril(jnp.ones((size, size), bool))
 
     def step(carry, xs):
         grad_state, suffix, d_inits, d_head = carry
@@ -50,22 +51,19 @@ def make_backward_step(kind: str, layout, helpers, head_gate: jax.Array | None,
         b = helpers.cumulative(None if log_a is None else helpers.head_major(log_a))
         b_last = b[..., -1:]
         b_full, b_last_full = helpers.expand(b), helpers.expand(b_last)
-        log_mask = b[..., :, None] - b[..., None, :]
-        if kind == "head":
-            log_mask = log_mask[None, :, None]
-        mask = jnp.exp(jnp.where(causal, log_mask, -jnp.inf))  # [B|1, H, G|1, C, C]
+        mask = helpers.decay_mask(b)  # [B|1, H, G|1, C, C]
         q_decayed = qc * jnp.exp(b_full)
         k_to_end = kc * jnp.exp(b_last_full - b_full)
 
         # State cotangents, chunk by chunk from the last.
         from_outputs = jnp.einsum("bhnck,bhncv->bhnkv", q_decayed, doc) + d_entering
-        chunk_decay = jnp.exp(head_gate * size) if kind == "head" else None
+        head_decay = jnp.exp(head_gate * size) if kind == "head" else None
         per_chunk_decay = None if kind == "head" else jnp.moveaxis(jnp.exp(b_last[..., 0]), 2, 0)
 
         def inner(grad_out, xs_n):
             contribution, decay, first_n = xs_n
-            decay = chunk_decay[None, :, None, None] if kind == "head" else decay[..., None, None]
-            grad_in = decay * grad_out + contribution
+            grad_in = helpers.decay_state(grad_out, head_decay if kind == "head" else decay)
+            grad_in = grad_in + contribution
             grad_prev = grad_in if first_n is None else jnp.where(first_n, 0.0, grad_in)
             return grad_prev, (grad_out, grad_in)
 

@@ -6,7 +6,9 @@ the few its window can reach), one ``lax.scan`` step per visit, all query
 blocks at once. Softmax keeps the online-softmax running maximum ``m``,
 denominator ``l`` and accumulator::
 
-    m' = max(m, max_j s_j);  l' = e^{m−m'} l + Σ_j e^{s_j−m'};  acc' = e^{m−m'} acc + Σ_j e^{s_j−m'} v_j
+    m'   = max(m, max_j s_j)
+    l'   = e^{m−m'} l + Σ_j e^{s_j−m'}
+    acc' = e^{m−m'} acc + Σ_j e^{s_j−m'} v_j
 
 and finishes with ``o = acc / l`` and ``lse = m + log l``. Sigmoid attention
 just accumulates ``σ(s_j + b) v_j``. The backward (``jax.custom_vjp``)
