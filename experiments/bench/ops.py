@@ -22,6 +22,7 @@ tunable in effect is recorded with the results.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -130,13 +131,11 @@ def measure(op: str, mode: str, length: int, repeats: int) -> Row:
 
 def machine() -> dict:
     cpu = platform.processor() or "unknown"
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    with contextlib.suppress(OSError):  # no /proc/cpuinfo: keep platform's answer
+        models = [line.split(":", 1)[1].strip()
+                  for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")]
+        cpu = models[0] if models else cpu
     return {"cpu": cpu, "cores": os.cpu_count(), "jax": jax.__version__,
             "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
