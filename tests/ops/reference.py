@@ -163,3 +163,87 @@ def attention(q, k, v, *, kind="softmax", causal=True, scale=None, window=None,
                     grads["q"][b, i, h] += scale * dl * k[b, j, hk]
                     grads["k"][b, j, hk] += scale * dl * q[b, i, h]
     return o, grads
+
+
+def delta_product(q, k, v, beta, *, num_householder=1, g=None, gk=None, scale=None,
+                  initial_state=None, cu_seqlens=None, d_o=None, d_final=None):
+    """Gated delta rule with ``n`` Householder sub-steps per token (n = 1: DeltaNet).
+
+    Per token t: ``S ← diag(exp(g_t + gk_t)) S`` once, then for each sub-step j
+    (rows ``t·n + j`` of k, v, β): ``S ← S + β k (v − Sᵀk)ᵀ``; then
+    ``o_t = scale·Sᵀq_t``. ``cu_seqlens`` counts tokens (not rows). Returns
+    ``(o, final, grads)`` like :func:`linear_attention`.
+    """
+    n = num_householder
+    q, k, v, beta = (np.asarray(x, np.float64) for x in (q, k, v, beta))
+    batch, num_tokens, heads, key_dim = q.shape
+    value_dim = v.shape[-1]
+    scale = key_dim ** -0.5 if scale is None else scale
+    g = None if g is None else np.asarray(g, np.float64)
+    gk = None if gk is None else np.asarray(gk, np.float64)
+    num_seq = batch if cu_seqlens is None else len(cu_seqlens) - 1
+    init = (np.zeros((num_seq, heads, key_dim, value_dim)) if initial_state is None
+            else np.asarray(initial_state, np.float64))
+
+    def log_decay(b, t, h):
+        out = np.zeros(key_dim)
+        if g is not None:
+            out += g[h] if g.ndim == 1 else g[b, t, h]
+        if gk is not None:
+            out += gk[b, t, h]
+        return out
+
+    o = np.zeros((batch, num_tokens, heads, value_dim))
+    final = np.zeros((num_seq, heads, key_dim, value_dim))
+    grads = {"q": np.zeros_like(q), "k": np.zeros_like(k), "v": np.zeros_like(v),
+             "beta": np.zeros_like(beta), "g": None if g is None else np.zeros_like(g),
+             "gk": None if gk is None else np.zeros_like(gk),
+             "initial_state": np.zeros_like(init)}
+    for b, start, end, index in sequences(batch, num_tokens, cu_seqlens):
+        for h in range(heads):
+            state = init[index, h].copy()
+            tape = []  # per token: (state before decay, decay, [(S', row, u)], state after)
+            for t in range(start, end):
+                decay = np.exp(log_decay(b, t, h))
+                before = state
+                state = decay[:, None] * state
+                steps = []
+                for j in range(n):
+                    row = t * n + j
+                    kk = k[b, row, h]
+                    u = beta[b, row, h] * (v[b, row, h] - state.T @ kk)
+                    steps.append((state, row, u))
+                    state = state + np.outer(kk, u)
+                o[b, t, h] = state.T @ (scale * q[b, t, h])
+                tape.append((before, decay, steps, state))
+            final[index, h] = state
+            if d_o is None:
+                continue
+            d_state = np.asarray(d_final, np.float64)[index, h].copy()
+            for t in range(end - 1, start - 1, -1):
+                before, decay, steps, after = tape[t - start]
+                do_t = np.asarray(d_o, np.float64)[b, t, h]
+                d_state += np.outer(scale * q[b, t, h], do_t)
+                grads["q"][b, t, h] += scale * after @ do_t
+                for previous, row, u in reversed(steps):
+                    kk = k[b, row, h]
+                    # S = S' + k uᵀ,  u = β (v − S'ᵀ k)
+                    d_u = d_state.T @ kk
+                    grads["k"][b, row, h] += d_state @ u
+                    residual = v[b, row, h] - previous.T @ kk
+                    grads["beta"][b, row, h] += d_u @ residual
+                    grads["v"][b, row, h] += beta[b, row, h] * d_u
+                    d_residual = beta[b, row, h] * d_u
+                    grads["k"][b, row, h] -= previous @ d_residual
+                    d_state = d_state - np.outer(kk, d_residual)
+                d_log = np.sum(d_state * before, axis=1) * decay
+                if g is not None:
+                    if g.ndim == 1:
+                        grads["g"][h] += d_log.sum()
+                    else:
+                        grads["g"][b, t, h] += d_log.sum()
+                if gk is not None:
+                    grads["gk"][b, t, h] += d_log
+                d_state = decay[:, None] * d_state
+            grads["initial_state"][index, h] += d_state
+    return o, final, grads

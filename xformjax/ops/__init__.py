@@ -5,7 +5,9 @@ offers ``mode="parallel" | "chunk" | "recurrent"``; see ``shared/DESIGN.md`` §3
 and each op's docstring for the recurrence it computes.
 """
 
+from xformjax.ops.delta_rule import delta_product, delta_rule
 from xformjax.ops.linear_attention import linear_attention
 from xformjax.ops.softmax_attention import sigmoid_attention, softmax_attention
 
-__all__ = ["linear_attention", "softmax_attention", "sigmoid_attention"]
+__all__ = ["linear_attention", "delta_rule", "delta_product", "softmax_attention",
+           "sigmoid_attention"]

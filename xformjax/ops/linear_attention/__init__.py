@@ -16,53 +16,60 @@ from xformjax.ops.linear_attention.gates import LogGate, combine
 from xformjax.ops.linear_attention.parallel import linear_attention_parallel
 from xformjax.ops.linear_attention.recurrent import linear_attention_recurrent
 
-__all__ = ["linear_attention", "LogGate", "NORMALIZER_EPS"]
+__all__ = ["linear_attention", "validate", "LogGate", "NORMALIZER_EPS"]
 
 OP = "linear_attention"
 NORMALIZER_EPS = 1e-6
 
 
-def _validate(q, k, v, g, gk, initial_state, cu_seqlens, normalize: bool):
+def validate(q, k, v, g, gk, initial_state, cu_seqlens, normalize: bool, op: str = OP,
+             value_rows: int | None = None):
+    """Check the linear-attention family's common inputs; return the packing (or None).
+
+    ``value_rows`` is the T of ``k`` and ``v`` when it differs from ``q``'s (DeltaProduct).
+    """
     for name, x in (("q", q), ("k", k), ("v", v)):
-        common.check_rank(OP, name, x, ["B", "T", "H", "K" if name != "v" else "V"])
-        common.check_floating(OP, name, x)
+        common.check_rank(op, name, x, ["B", "T", "H", "K" if name != "v" else "V"])
+        common.check_floating(op, name, x)
     batch, num_tokens, heads, key_dim = q.shape
     if num_tokens == 0:
-        common.fail(OP, f"`q` has T=0 tokens (shape {common.shape_str(q)}); "
+        common.fail(op, f"`q` has T=0 tokens (shape {common.shape_str(q)}); "
                         "at least one token is needed")
-    for axis, what in ((0, "B"), (1, "T"), (2, "H"), (3, "K")):
-        common.check_dim(OP, "k", k, axis, q.shape[axis], f"{what} of `q` {common.shape_str(q)}")
-    for axis, what in ((0, "B"), (1, "T"), (2, "H")):
-        common.check_dim(OP, "v", v, axis, q.shape[axis], f"{what} of `q` {common.shape_str(q)}")
+    rows = num_tokens if value_rows is None else value_rows
+    expected_k = (batch, rows, heads, key_dim)
+    for axis, what in ((0, "B"), (1, "T" if value_rows is None else "T·n"), (2, "H"), (3, "K")):
+        common.check_dim(op, "k", k, axis, expected_k[axis], f"{what} of `q` {common.shape_str(q)}")
+    for axis, what in ((0, "B"), (1, "T" if value_rows is None else "T·n"), (2, "H")):
+        common.check_dim(op, "v", v, axis, expected_k[axis], f"{what} of `q` {common.shape_str(q)}")
     if g is not None:
-        common.check_floating(OP, "g", g)
+        common.check_floating(op, "g", g)
         if jnp.ndim(g) == 1:
-            common.check_dim(OP, "g", g, 0, heads, "H of `q`")
+            common.check_dim(op, "g", g, 0, heads, "H of `q`")
         elif jnp.ndim(g) == 3:
             for axis, what in ((0, "B"), (1, "T"), (2, "H")):
-                common.check_dim(OP, "g", g, axis, q.shape[axis], f"{what} of `q`")
+                common.check_dim(op, "g", g, axis, q.shape[axis], f"{what} of `q`")
         else:
-            common.fail(OP, f"`g` must be [H] or [B, T, H] = [{heads}] or "
+            common.fail(op, f"`g` must be [H] or [B, T, H] = [{heads}] or "
                             f"{(batch, num_tokens, heads)}; got shape {common.shape_str(g)}")
-        common.check_log_gate(OP, "g", g)
+        common.check_log_gate(op, "g", g)
     if gk is not None:
-        common.check_floating(OP, "gk", gk)
-        common.check_rank(OP, "gk", gk, ["B", "T", "H", "K"])
+        common.check_floating(op, "gk", gk)
+        common.check_rank(op, "gk", gk, ["B", "T", "H", "K"])
         for axis in range(4):
-            common.check_dim(OP, "gk", gk, axis, q.shape[axis],
+            common.check_dim(op, "gk", gk, axis, q.shape[axis],
                              f"dimension {axis} of `q` {common.shape_str(q)}")
-        common.check_log_gate(OP, "gk", gk)
-    segments = common.make_segments(OP, cu_seqlens, batch, num_tokens)
+        common.check_log_gate(op, "gk", gk)
+    segments = common.make_segments(op, cu_seqlens, batch, num_tokens)
     if initial_state is not None:
-        common.check_floating(OP, "initial_state", initial_state)
-        common.check_rank(OP, "initial_state", initial_state, ["N", "H", "K", "V"])
+        common.check_floating(op, "initial_state", initial_state)
+        common.check_rank(op, "initial_state", initial_state, ["N", "H", "K", "V"])
         rows = batch if segments is None else segments.num_sequences
         value_dim = v.shape[3] + (1 if normalize else 0)
         expected = (rows, heads, key_dim, value_dim)
         if tuple(initial_state.shape) != expected:
             where = "B" if segments is None else "the number of sequences in `cu_seqlens`"
             extra = " (V+1: the last column is the normaliser z)" if normalize else ""
-            common.fail(OP, f"`initial_state` must have shape [N, H, K, V]{extra} = {expected} "
+            common.fail(op, f"`initial_state` must have shape [N, H, K, V]{extra} = {expected} "
                             f"with N = {where}; got {common.shape_str(initial_state)}")
     return segments
 
@@ -122,7 +129,7 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     common.check_mode(OP, mode)
     chunk_size = common.check_chunk_size(OP, chunk_size)
     common.resolve_backend(OP, backend)
-    segments = _validate(q, k, v, g, gk, initial_state, cu_seqlens, normalize)
+    segments = validate(q, k, v, g, gk, initial_state, cu_seqlens, normalize)
 
     out_dtype = jnp.result_type(q, k, v)
     dtype = common.compute_dtype(q, k, v, g, gk, initial_state)

@@ -200,6 +200,21 @@ def _channel_gate_scores(q: jax.Array, k: jax.Array, b: jax.Array) -> jax.Array:
     return across + block_diag.reshape(*lead, size, size)
 
 
+def forward_substitution(a: jax.Array, rhs: jax.Array) -> jax.Array:
+    """Solve ``(I + A) X = R`` for strictly lower-triangular ``A`` (``[.., C, C]``), row by row.
+
+    ``x_i = r_i − Σ_{j<i} A_ij x_j``: C steps of a batched mat-vec, differentiable
+    with matmuls only. (Differentiating ``jax.scipy.linalg.solve_triangular``
+    deadlocks XLA:CPU on jaxlib 0.10.2, so it is not used.)
+    """
+    def row(x, i):
+        x_i = rhs[..., i, :] - jnp.einsum("...j,...jd->...d", a[..., i, :], x)
+        return x.at[..., i, :].set(x_i), None
+
+    solution, _ = jax.lax.scan(row, jnp.zeros_like(rhs), jnp.arange(a.shape[-1]))
+    return solution
+
+
 def _decay_state(state: jax.Array, kind: str, decay: jax.Array) -> jax.Array:
     """Multiply ``[B, H, K, V]`` by a per-head ``[H]``, ``[B, H]`` or ``[B, H, K]`` decay."""
     if kind == "head":
@@ -208,43 +223,70 @@ def _decay_state(state: jax.Array, kind: str, decay: jax.Array) -> jax.Array:
 
 
 def _block_step(gate: LogGate, layout: ChunkLayout, inits: jax.Array | None):
-    """The outer-scan body: ``G`` chunks given the state entering the first."""
+    """The outer-scan body: ``G`` chunks given the state entering the first.
+
+    Linear attention adds ``(K ⊙ e^{b_C − b})ᵀ V`` per chunk. With ``beta`` in the
+    scan inputs it runs the delta rule in the WY/UT form instead: per chunk
+    ``A = tril(diag(β) (K ⊙ e^b)(K ⊙ e^{−b})ᵀ, −1)`` (built like the scores,
+    exponents ≤ 0), ``[W | U₀] = (I + A)⁻¹ diag(β) [K ⊙ e^b | V]``, and with the
+    entering state S the pseudo-values ``U = U₀ − W S`` take the place of V.
+    The step then also returns U in token layout (for the final states).
+    """
     kind, packed = gate.kind, layout.dest is not None
     head_decay = jnp.exp(gate.values * layout.chunk_size) if kind == "head" else None
+    size = layout.chunk_size
+
+    def scores_of(x, y, b):
+        if kind == "channel":
+            return _channel_gate_scores(x, y, b)
+        return _scalar_gate_scores(x, y, b, kind)
 
     def step(state, xs):
-        q, k, v, log_a, first, seq = xs
+        q, k, v, log_a, first, seq, beta = xs
         qc, kc, vc = (_head_major(x, layout) for x in (q, k, v))  # [B, H, G, C, D]
         b = _cumulative_log_decay(gate, None if log_a is None else _head_major(log_a, layout),
-                                  layout.chunk_size)
-        if kind == "channel":
-            scores = _channel_gate_scores(qc, kc, b)
-            b_last = b[..., -1:, :]
-        else:
-            scores = _scalar_gate_scores(qc, kc, b, kind)
-            b_last = b[..., -1:]
-        out = jnp.einsum("bhnij,bhnjv->bhniv", scores, vc)
+                                  size)
+        b_last = b[..., -1:, :] if kind == "channel" else b[..., -1:]
         b_full, b_last_full = _expand(b, kind), _expand(b_last, kind)
-        updates = jnp.einsum("bhnck,bhncv->bhnkv", kc * jnp.exp(b_last_full - b_full), vc)
+        k_to_end = kc * jnp.exp(b_last_full - b_full)
         chunk_decay = (head_decay if kind == "head"
                        else jnp.moveaxis(jnp.exp(b_last[..., 0, :] if kind == "channel"
                                                  else b_last[..., 0]), 2, 0))
+        scores = scores_of(qc, kc, b)
+        delta = beta is not None
+        if delta:
+            betac = _head_major(beta, layout)[..., None]  # [B, H, G, C, 1]
+            strictly = jnp.tril(jnp.ones((size, size), bool), -1)
+            a = jnp.where(strictly, scores_of(kc, kc, b), 0.0) * betac
+            rhs = jnp.concatenate([kc * jnp.exp(b_full), vc], axis=-1) * betac
+            solved = forward_substitution(a, rhs)
+            per_chunk = (solved[..., :kc.shape[-1]], solved[..., kc.shape[-1]:], k_to_end)
+        else:
+            per_chunk = (jnp.einsum("bhnck,bhncv->bhnkv", k_to_end, vc),)
 
         def inner(carry, xs_n):
-            update, decay, first_n, seq_n = xs_n
+            chunk, decay, first_n, seq_n = xs_n
             if packed:
                 carry = jnp.where(first_n, inits[seq_n][None], carry)
             decay = head_decay if kind == "head" else decay
-            return _decay_state(carry, kind, decay) + update, carry
+            if delta:
+                w, u0, k_end = chunk
+                values = u0 - jnp.einsum("bhck,bhkv->bhcv", w, carry)
+                update = jnp.einsum("bhck,bhcv->bhkv", k_end, values)
+            else:
+                (update,), values = chunk, None
+            return _decay_state(carry, kind, decay) + update, (carry, values)
 
-        state, entering = jax.lax.scan(
-            inner, state, (jnp.moveaxis(updates, 2, 0),
+        state, (entering, values) = jax.lax.scan(
+            inner, state, (tuple(jnp.moveaxis(x, 2, 0) for x in per_chunk),
                            None if kind == "head" else chunk_decay, first, seq))
         entering = jnp.moveaxis(entering, 0, 2)  # [B, H, G, K, V]
-        out = out + jnp.einsum("bhnck,bhnkv->bhncv", qc * jnp.exp(b_full), entering)
-        out = jnp.moveaxis(out, 1, 3).reshape(out.shape[0], layout.block_length,
-                                              out.shape[1], out.shape[-1])
-        return state, (out, entering)
+        values = vc if values is None else jnp.moveaxis(values, 0, 2)
+        out = (jnp.einsum("bhnij,bhnjv->bhniv", scores, values)
+               + jnp.einsum("bhnck,bhnkv->bhncv", qc * jnp.exp(b_full), entering))
+        tokens = lambda x: jnp.moveaxis(x, 1, 3).reshape(x.shape[0], layout.block_length,
+                                                         x.shape[1], x.shape[-1])
+        return state, (tokens(out), entering, tokens(values) if delta else None)
 
     return step
 
@@ -286,13 +328,14 @@ def _final_states(entering: jax.Array, k: jax.Array, v: jax.Array, log_a: jax.Ar
     return finals
 
 
-def _block_inputs(layout: ChunkLayout, q, k, v, log_a, first, seq) -> tuple:
+def _block_inputs(layout: ChunkLayout, q, k, v, log_a, first, seq, beta=None) -> tuple:
     """The outer scan's ``xs``: token arrays as ``[num_blocks, B, G·C, ...]``, per-chunk
     flags as ``[num_blocks, G]`` (``None`` stays ``None``)."""
     flags = [None if x is None else x.reshape(layout.num_blocks, layout.chunks_per_block)
              for x in (first, seq)]
     return (_blocks(q, layout), _blocks(k, layout), _blocks(v, layout),
-            None if log_a is None else _blocks(log_a, layout), *flags)
+            None if log_a is None else _blocks(log_a, layout), *flags,
+            None if beta is None else _blocks(beta, layout))
 
 
 def _scalar_gate_core(kind: str, layout: ChunkLayout, num_sequences: int | None):
@@ -308,7 +351,7 @@ def _scalar_gate_core(kind: str, layout: ChunkLayout, num_sequences: int | None)
     def forward(q, k, v, log_a, head_gate, state0, inits, first, seq, rank):
         step = _block_step(gate_of(head_gate), layout, inits)
         xs = _block_inputs(layout, q, k, v, log_a, first, seq)
-        _, (out, entering) = jax.lax.scan(step, state0, xs)
+        _, (out, entering, _) = jax.lax.scan(step, state0, xs)
         out = jnp.moveaxis(out, 0, 1).reshape(q.shape[:3] + (v.shape[-1],))
         return out, entering
 
@@ -335,7 +378,7 @@ def _scalar_gate_core(kind: str, layout: ChunkLayout, num_sequences: int | None)
         blocks = _block_inputs(layout, q, k, v, log_a, first, seq)
         rank_blocks = (None if kind != "head"
                        else rank.reshape(layout.num_blocks, layout.chunks_per_block))
-        xs = (*blocks[:4], _blocks(d_out, layout), d_entering, entering, *blocks[4:],
+        xs = (*blocks[:4], _blocks(d_out, layout), d_entering, entering, *blocks[4:6],
               rank_blocks)
         carry = (jnp.zeros_like(state0),
                  None if kind == "head" else jnp.zeros(state0.shape[:2], state0.dtype),
@@ -353,11 +396,14 @@ def _scalar_gate_core(kind: str, layout: ChunkLayout, num_sequences: int | None)
 
 def linear_attention_chunk(q: jax.Array, k: jax.Array, v: jax.Array, gate: LogGate,
                            initial_state: jax.Array | None, segments: Segments | None,
-                           chunk_size: int) -> tuple[jax.Array, jax.Array]:
-    """Chunked linear attention; arguments and results as the recurrent form.
+                           chunk_size: int,
+                           beta: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Chunked linear attention (or, with ``beta``, the delta rule); arguments and
+    results as the recurrent form.
 
-    Scalar gates (none, ``[H]``, ``[B, T, H]``) use the hand-written backward;
-    the per-channel gate is differentiated by JAX with each block rematerialised.
+    Linear attention with scalar gates (none, ``[H]``, ``[B, T, H]``) uses the
+    hand-written backward; the per-channel gate and the delta rule are
+    differentiated by JAX with each block rematerialised.
     """
     batch, num_tokens, heads, key_dim = q.shape
     value_dim = v.shape[-1]
@@ -374,13 +420,18 @@ def linear_attention_chunk(q: jax.Array, k: jax.Array, v: jax.Array, gate: LogGa
     else:
         inits, state0 = None, initial_state if initial_state is not None else zeros
 
-    if gate.kind == "channel":
-        xs = _block_inputs(layout, q, k, v, log_a, layout.chunk_first, layout.chunk_seq)
+    values = v
+    if gate.kind == "channel" or beta is not None:
+        xs = _block_inputs(layout, q, k, v, log_a, layout.chunk_first, layout.chunk_seq,
+                           None if beta is None else _pad(beta, layout))
         # Rematerialise each block in the backward: saving every block's residuals
         # (scores, decays) costs more memory traffic than recomputing them in cache.
         step = jax.checkpoint(_block_step(gate, layout, inits))
-        _, (out, entering) = jax.lax.scan(step, state0, xs)
-        out = jnp.moveaxis(out, 0, 1).reshape(batch, layout.padded_length, heads, value_dim)
+        _, (out, entering, pseudo_values) = jax.lax.scan(step, state0, xs)
+        unblock = lambda x: jnp.moveaxis(x, 0, 1).reshape(batch, layout.padded_length, heads,
+                                                          value_dim)
+        out = unblock(out)
+        values = v if pseudo_values is None else unblock(pseudo_values)
     else:
         core = _scalar_gate_core(gate.kind, layout,
                                  segments.num_sequences if packed else None)
@@ -388,5 +439,5 @@ def linear_attention_chunk(q: jax.Array, k: jax.Array, v: jax.Array, gate: LogGa
                              state0, inits, layout.chunk_first, layout.chunk_seq,
                              layout.chunk_rank)
     out = out[:, :num_tokens] if not packed else out[:, layout.dest]
-    finals = _final_states(entering, k, v, log_a, gate, layout, initial_state, segments)
+    finals = _final_states(entering, k, values, log_a, gate, layout, initial_state, segments)
     return out, finals

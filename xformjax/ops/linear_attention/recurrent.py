@@ -5,6 +5,10 @@ For every batch row and head, with ``a_t = exp(g_t) · exp(gk_t)`` (a K-vector):
     S_t = diag(a_t) · S_{t-1} + k_t v_tᵀ        S: [K, V]
     o_t = S_tᵀ q_t                               (q is pre-scaled by the op)
 
+With ``beta`` (``[B, T, H]``) the rank-1 update is the delta rule instead::
+
+    S'  = diag(a_t) · S_{t-1};   S_t = S' + β_t k_t (v_t − S'ᵀ k_t)ᵀ
+
 With ``T == 1`` and an initial state this is one decoding step. Packed
 sequences reset the state to their own initial state at their first token.
 O(T·K·V) time, O(K·V) state; the reference form for decoding.
@@ -34,9 +38,18 @@ def _decay_state(state: jax.Array, gate: LogGate, log_decay_t: jax.Array | None)
     return state * jnp.exp(log_decay_t)[..., None]
 
 
+def _update(decayed: jax.Array, k_t: jax.Array, v_t: jax.Array,
+            beta_t: jax.Array | None) -> jax.Array:
+    """Add ``k vᵀ`` (linear attention) or ``β k (v − S'ᵀk)ᵀ`` (delta rule)."""
+    if beta_t is not None:
+        v_t = beta_t[..., None] * (v_t - jnp.einsum("bhkv,bhk->bhv", decayed, k_t))
+    return decayed + k_t[..., :, None] * v_t[..., None, :]
+
+
 def linear_attention_recurrent(q: jax.Array, k: jax.Array, v: jax.Array, gate: LogGate,
                                initial_state: jax.Array | None,
-                               segments: Segments | None) -> tuple[jax.Array, jax.Array]:
+                               segments: Segments | None,
+                               beta: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Token-by-token linear attention.
 
     Args:
@@ -45,6 +58,7 @@ def linear_attention_recurrent(q: jax.Array, k: jax.Array, v: jax.Array, gate: L
       gate: the log decay (see :mod:`gates`).
       initial_state: ``[N, H, K, V]`` (N = B, or the number of packed sequences) or None.
       segments: packing of the single batch row, or None.
+      beta: ``[B, T, H]`` delta-rule step sizes, or None for linear attention.
 
     Returns:
       ``o`` ``[B, T, H, V]`` and the final states ``[N, H, K, V]``.
@@ -54,16 +68,17 @@ def linear_attention_recurrent(q: jax.Array, k: jax.Array, v: jax.Array, gate: L
     zeros = jnp.zeros((batch, heads, key_dim, value_dim), q.dtype)
     time_major = [jnp.moveaxis(x, 1, 0) for x in (q, k, v)]
     log_decay = _log_decay_per_step(gate)
+    beta_t = None if beta is None else jnp.moveaxis(beta, 1, 0)
 
     if segments is None:
         state0 = zeros if initial_state is None else initial_state
 
         def step(state, xs):
-            q_t, k_t, v_t, g_t = xs
-            state = _decay_state(state, gate, g_t) + k_t[..., :, None] * v_t[..., None, :]
+            q_t, k_t, v_t, g_t, b_t = xs
+            state = _update(_decay_state(state, gate, g_t), k_t, v_t, b_t)
             return state, jnp.einsum("bhk,bhkv->bhv", q_t, state)
 
-        final, o = jax.lax.scan(step, state0, (*time_major, log_decay))
+        final, o = jax.lax.scan(step, state0, (*time_major, log_decay, beta_t))
         return jnp.moveaxis(o, 0, 1), final
 
     num_seq = segments.num_sequences
@@ -72,14 +87,14 @@ def linear_attention_recurrent(q: jax.Array, k: jax.Array, v: jax.Array, gate: L
 
     def packed_step(carry, xs):
         state, finals = carry
-        q_t, k_t, v_t, g_t, start_t, seg_t = xs
+        q_t, k_t, v_t, g_t, b_t, start_t, seg_t = xs
         state = jnp.where(start_t, inits[seg_t][None], state)
-        state = _decay_state(state, gate, g_t) + k_t[..., :, None] * v_t[..., None, :]
+        state = _update(_decay_state(state, gate, g_t), k_t, v_t, b_t)
         # The last write for a sequence happens at its last token: its final state.
         finals = finals.at[seg_t].set(state[0])
         return (state, finals), jnp.einsum("bhk,bhkv->bhv", q_t, state)
 
     (_, finals), o = jax.lax.scan(
         packed_step, (zeros, inits),
-        (*time_major, log_decay, segments.is_start, segments.ids))
+        (*time_major, log_decay, beta_t, segments.is_start, segments.ids))
     return jnp.moveaxis(o, 0, 1), finals

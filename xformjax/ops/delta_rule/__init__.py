@@ -1,0 +1,151 @@
+"""``delta_rule`` and ``delta_product``: the delta-rule family in one pair of ops.
+
+DeltaNet, gated DeltaNet (``g``), per-channel gated (``gk``, KDA), negative
+eigenvalues (β in (0, 2)) and DeltaProduct (``num_householder`` sub-steps),
+in parallel, chunked and recurrent forms. The forms share the linear-attention
+machinery (``xformjax.ops.linear_attention``): the same gates, packing and
+blocked chunk scan, with the rank-1 update replaced by the delta rule.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from xformjax.ops import common
+from xformjax.ops.linear_attention import validate
+from xformjax.ops.linear_attention.chunk import linear_attention_chunk
+from xformjax.ops.linear_attention.gates import combine
+from xformjax.ops.linear_attention.recurrent import linear_attention_recurrent
+
+__all__ = ["delta_rule", "delta_product"]
+
+
+def _check_beta(op: str, beta, q, rows: int) -> None:
+    common.check_floating(op, "beta", beta)
+    expected = (q.shape[0], rows, q.shape[2])
+    if tuple(jnp.shape(beta)) != expected:
+        common.fail(op, f"`beta` must have shape [B, T, H] = {expected} "
+                        f"(one step size per row of `k`); got {common.shape_str(beta)}")
+
+
+def _run(op: str, q, k, v, beta, g, gk, scale, initial_state, output_final_state, cu_seqlens,
+         mode, chunk_size, backend, rows_per_token: int):
+    common.check_mode(op, mode)
+    chunk_size = common.check_chunk_size(op, chunk_size)
+    common.resolve_backend(op, backend)
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        common.check_rank(op, name, x, ["B", "T", "H", "K" if name != "v" else "V"])
+    segments = validate(q, k, v, g, gk, initial_state, cu_seqlens, False, op=op,
+                        value_rows=q.shape[1] * rows_per_token)
+    _check_beta(op, beta, q, k.shape[1])
+
+    out_dtype = jnp.result_type(q, k, v)
+    dtype = common.compute_dtype(q, k, v, beta, g, gk, initial_state)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q = q.astype(dtype) * jnp.asarray(scale, dtype)
+    k, v, beta = k.astype(dtype), v.astype(dtype), beta.astype(dtype)
+    init = None if initial_state is None else initial_state.astype(dtype)
+    gate = combine(g, gk, q.shape[2], dtype)
+    if rows_per_token > 1:
+        q, gate, segments = _expand_tokens(q, gate, segments, rows_per_token, cu_seqlens)
+
+    if mode == "recurrent":
+        o, final = linear_attention_recurrent(q, k, v, gate, init, segments, beta=beta)
+    else:
+        # The parallel form is the UT transform over the whole sequence: one chunk.
+        size = chunk_size if mode == "chunk" else common.round_up(k.shape[1], 16)
+        o, final = linear_attention_chunk(q, k, v, gate, init, segments, size, beta=beta)
+    if rows_per_token > 1:
+        o = o[:, rows_per_token - 1::rows_per_token]
+    return o.astype(out_dtype), (final if output_final_state else None)
+
+
+def _expand_tokens(q, gate, segments, n: int, cu_seqlens):
+    """DeltaProduct as a delta rule over T·n rows: the decay on each token's first
+    sub-step, the query (read-out) on its last, packing boundaries scaled by n."""
+    batch, num_tokens, heads, key_dim = q.shape
+    rows = num_tokens * n
+    q_rows = jnp.zeros((batch, num_tokens, n, heads, key_dim), q.dtype).at[:, :, -1].set(q)
+    q_rows = q_rows.reshape(batch, rows, heads, key_dim)
+    values = gate.values
+    if gate.kind == "head":
+        values = jnp.broadcast_to(values, (batch, num_tokens, heads))
+    first_only = jnp.zeros((batch, num_tokens, n) + values.shape[2:], values.dtype)
+    values = first_only.at[:, :, 0].set(values).reshape((batch, rows) + values.shape[2:])
+    gate = type(gate)("channel" if gate.kind == "channel" else "token", values)
+    if segments is not None:
+        segments = common.make_segments("delta_product", segments.cu_seqlens * n, batch, rows)
+    return q_rows, gate, segments
+
+
+def delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *,
+               g: jax.Array | None = None, gk: jax.Array | None = None,
+               scale: float | None = None, initial_state: jax.Array | None = None,
+               output_final_state: bool = False, cu_seqlens: jax.Array | None = None,
+               mode: str = "chunk", chunk_size: int = 64,
+               backend: str | None = None) -> tuple[jax.Array, jax.Array | None]:
+    """The (gated) delta rule.
+
+    For every batch row (or packed sequence) and head::
+
+        S'  = exp(g_t) · diag(exp(gk_t)) · S_{t-1}
+        S_t = S' + β_t k_t (v_t − S'ᵀ k_t)ᵀ                S: [K, V]
+        o_t = scale · S_tᵀ q_t
+
+    Without gates it is DeltaNet; with ``g`` gated DeltaNet; with ``gk`` the
+    per-channel gated form (KDA). β in (0, 2) gives the transition
+    ``I − β k kᵀ`` a negative eigenvalue (state tracking). ``q`` and ``k`` are
+    used as given: L2-normalising them is the layer's job.
+
+    Args:
+      q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; beta: ``[B, T, H]``.
+      g, gk, scale, initial_state, output_final_state, cu_seqlens, chunk_size,
+        backend: as :func:`xformjax.ops.linear_attention`.
+      mode: ``"chunk"`` (WY/UT representation per chunk, linear in T),
+        ``"parallel"`` (the UT transform over the whole sequence, quadratic) or
+        ``"recurrent"`` (token by token; a decoding step when ``T == 1``).
+
+    Returns:
+      ``(o [B, T, H, V], final_state [N, H, K, V] or None)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from xformjax import ops
+      >>> k = jax.nn.standardize(jnp.ones((1, 50, 2, 8)) + jnp.arange(8), axis=-1) / 8 ** 0.5
+      >>> o, s = ops.delta_rule(k, k, k, jnp.full((1, 50, 2), 1.5), output_final_state=True)
+      >>> o.shape, s.shape
+      ((1, 50, 2, 8), (1, 2, 8, 8))
+    """
+    return _run("delta_rule", q, k, v, beta, g, gk, scale, initial_state, output_final_state,
+                cu_seqlens, mode, chunk_size, backend, rows_per_token=1)
+
+
+def delta_product(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *,
+                  num_householder: int, g: jax.Array | None = None,
+                  gk: jax.Array | None = None, scale: float | None = None,
+                  initial_state: jax.Array | None = None, output_final_state: bool = False,
+                  cu_seqlens: jax.Array | None = None, mode: str = "chunk",
+                  chunk_size: int = 64,
+                  backend: str | None = None) -> tuple[jax.Array, jax.Array | None]:
+    """DeltaProduct: ``n = num_householder`` delta steps per token.
+
+    ``k``, ``v`` and ``beta`` carry ``T·n`` rows, token-major (row ``t·n + j`` is
+    sub-step j of token t). Per token: decay once by ``exp(g_t)·diag(exp(gk_t))``,
+    apply the n delta steps in order, then read out with ``q_t``. Computed as
+    the delta rule over the ``T·n`` rows (exact, and linear in T for the chunk
+    form); a ``[H]`` gate is then expanded per row. ``cu_seqlens`` counts tokens.
+    Other arguments as :func:`delta_rule`; ``n = 1`` is :func:`delta_rule`.
+    """
+    op = "delta_product"
+    if isinstance(num_householder, bool) or not isinstance(num_householder, int) \
+            or num_householder < 1:
+        common.fail(op, f"`num_householder` must be a positive int; got {num_householder!r}")
+    for name, x in (("q", q), ("k", k)):
+        common.check_rank(op, name, x, ["B", "T", "H", "K"])
+    if k.shape[1] != q.shape[1] * num_householder:
+        common.fail(op, f"`k` must have T·n = {q.shape[1]}·{num_householder} = "
+                        f"{q.shape[1] * num_householder} rows (token-major sub-steps); got "
+                        f"`k` {common.shape_str(k)} for `q` {common.shape_str(q)}")
+    return _run(op, q, k, v, beta, g, gk, scale, initial_state, output_final_state, cu_seqlens,
+                mode, chunk_size, backend, rows_per_token=num_householder)
