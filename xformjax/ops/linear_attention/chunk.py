@@ -200,19 +200,64 @@ def _channel_gate_scores(q: jax.Array, k: jax.Array, b: jax.Array) -> jax.Array:
     return across + block_diag.reshape(*lead, size, size)
 
 
-def forward_substitution(a: jax.Array, rhs: jax.Array) -> jax.Array:
-    """Solve ``(I + A) X = R`` for strictly lower-triangular ``A`` (``[.., C, C]``), row by row.
+def _substitution_inverse(a: jax.Array) -> jax.Array:
+    """``(I + A)⁻¹`` for small strictly lower-triangular ``A``, row by row:
+    ``t_i = e_i − Σ_{j<i} A_ij t_j``."""
+    size = a.shape[-1]
 
-    ``x_i = r_i − Σ_{j<i} A_ij x_j``: C steps of a batched mat-vec, differentiable
-    with matmuls only. (Differentiating ``jax.scipy.linalg.solve_triangular``
-    deadlocks XLA:CPU on jaxlib 0.10.2, so it is not used.)
+    def row(t, i):
+        t_i = jnp.eye(size, dtype=a.dtype)[i] - jnp.einsum("...j,...jd->...d", a[..., i, :], t)
+        return t.at[..., i, :].set(t_i), None
+
+    inverse, _ = jax.lax.scan(row, jnp.zeros_like(a), jnp.arange(size))
+    return inverse
+
+
+def _diagonal_blocks(x: jax.Array, size: int) -> jax.Array:
+    """``[.., n·s, n·s]`` → its ``n`` diagonal blocks ``[.., n, s, s]``."""
+    count = x.shape[-1] // size
+    x = x.reshape(x.shape[:-2] + (count, size, count, size))
+    return jnp.moveaxis(jnp.diagonal(x, axis1=-4, axis2=-2), -1, -3)
+
+
+@jax.custom_vjp
+def unit_lower_inverse(a: jax.Array) -> jax.Array:
+    """``T = (I + A)⁻¹`` for strictly lower-triangular ``A`` ``[.., C, C]``.
+
+    Forward: substitution inside 16×16 diagonal blocks, then pairs of blocks
+    merged by ``T₂₁ = −T₂₂ A₂₁ T₁₁`` (matmuls, log₂ depth). Backward:
+    ``dA = −tril(Tᵀ dT Tᵀ, −1)``, matmuls only. (Differentiating
+    ``jax.scipy.linalg.solve_triangular`` deadlocks XLA:CPU on jaxlib 0.10.2.)
     """
-    def row(x, i):
-        x_i = rhs[..., i, :] - jnp.einsum("...j,...jd->...d", a[..., i, :], x)
-        return x.at[..., i, :].set(x_i), None
+    size = a.shape[-1]
+    block = math.gcd(size, SUB_CHUNK)
+    padded = block * 2 ** math.ceil(math.log2(size // block))
+    a = jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, padded - size)] * 2)
+    inverse = _substitution_inverse(_diagonal_blocks(a, block))  # [.., n, s, s]
+    while inverse.shape[-3] > 1:
+        pairs = inverse.reshape(inverse.shape[:-3] + (-1, 2) + inverse.shape[-2:])
+        first, second = pairs[..., 0, :, :], pairs[..., 1, :, :]
+        width = 2 * inverse.shape[-1]
+        below = _diagonal_blocks(a, width)[..., width // 2:, :width // 2]
+        lower = -jnp.einsum("...ij,...jk,...kl->...il", second, below, first)
+        top = jnp.concatenate([first, jnp.zeros_like(first)], axis=-1)
+        bottom = jnp.concatenate([lower, second], axis=-1)
+        inverse = jnp.concatenate([top, bottom], axis=-2)
+    return inverse[..., 0, :size, :size]
 
-    solution, _ = jax.lax.scan(row, jnp.zeros_like(rhs), jnp.arange(a.shape[-1]))
-    return solution
+
+def _unit_lower_inverse_fwd(a):
+    inverse = unit_lower_inverse(a)
+    return inverse, inverse
+
+
+def _unit_lower_inverse_bwd(inverse, d_inverse):
+    size = inverse.shape[-1]
+    d_a = -jnp.einsum("...ji,...jk,...lk->...il", inverse, d_inverse, inverse)
+    return (jnp.where(jnp.tril(jnp.ones((size, size), bool), -1), d_a, 0.0),)
+
+
+unit_lower_inverse.defvjp(_unit_lower_inverse_fwd, _unit_lower_inverse_bwd)
 
 
 def _decay_state(state: jax.Array, kind: str, decay: jax.Array) -> jax.Array:
@@ -258,9 +303,10 @@ def _block_step(gate: LogGate, layout: ChunkLayout, inits: jax.Array | None):
             betac = _head_major(beta, layout)[..., None]  # [B, H, G, C, 1]
             strictly = jnp.tril(jnp.ones((size, size), bool), -1)
             a = jnp.where(strictly, scores_of(kc, kc, b), 0.0) * betac
-            rhs = jnp.concatenate([kc * jnp.exp(b_full), vc], axis=-1) * betac
-            solved = forward_substitution(a, rhs)
-            per_chunk = (solved[..., :kc.shape[-1]], solved[..., kc.shape[-1]:], k_to_end)
+            transform = unit_lower_inverse(a)  # [B, H, G, C, C]
+            w = jnp.einsum("bhnij,bhnjk->bhnik", transform, betac * kc * jnp.exp(b_full))
+            u0 = jnp.einsum("bhnij,bhnjv->bhniv", transform, betac * vc)
+            per_chunk = (w, u0, k_to_end)
         else:
             per_chunk = (jnp.einsum("bhnck,bhncv->bhnkv", k_to_end, vc),)
 
