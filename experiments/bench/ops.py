@@ -4,7 +4,8 @@
     python -m experiments.bench.ops --quick         # T ∈ {1K, 4K}: a smoke run
     make bench                                      # the same as the full run
 
-For ``linear_attention`` (``g`` gate) and causal ``softmax_attention``, in each
+For ``linear_attention`` and the gated ``delta_rule`` (``g`` gate, β in (0, 1))
+and causal ``softmax_attention``, in each
 mode, at B=1, H=4, K=V=64, float32: best-of-N wall time of the jitted forward
 and of ``grad`` (forward+backward), and XLA's planned temporary memory
 (``compile().memory_analysis()``). Quadratic forms run only where they fit.
@@ -58,6 +59,9 @@ BATCH, HEADS, DIM, CHUNK = 1, 4, 64, 64
 # Largest T each (op, mode) runs at; quadratic forms stop where they stop fitting
 # (or stop finishing in seconds) on a 2-core, 24 GiB machine.
 MAX_LENGTH = {
+    ("delta_rule", "chunk"): 65536,
+    ("delta_rule", "recurrent"): 16384,
+    ("delta_rule", "parallel"): 4096,
     ("linear_attention", "chunk"): 65536,
     ("linear_attention", "recurrent"): 65536,
     ("linear_attention", "parallel"): 4096,
@@ -82,16 +86,22 @@ class Row:
         return self.backward_ms * 1e3 / self.length
 
 
-def best_time(fn, *args, repeats: int) -> float:
-    """Best of ``repeats`` calls after a warm-up; calls slower than a second repeat twice."""
+def best_time(fn, *args, repeats: int, budget_s: float = 1.5) -> float:
+    """Best of at least ``repeats`` calls after a warm-up, sampling for ``budget_s``
+    seconds (at most 100 calls) so short calls are not judged on a few samples; a
+    call slower than a second runs twice."""
     jax.block_until_ready(fn(*args))
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times = [time.perf_counter() - start]
-    for _ in range(repeats - 1 if times[0] < 1.0 else 1):
+    times: list[float] = []
+    started = time.perf_counter()
+    while True:
         start = time.perf_counter()
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - start)
+        if times[0] >= 1.0 and len(times) >= 2:
+            break
+        if len(times) >= repeats and (time.perf_counter() - started >= budget_s
+                                      or len(times) >= 100):
+            break
     return min(times)
 
 
@@ -102,27 +112,38 @@ def matmul_gflops() -> float:
     return 2 * 1024 ** 3 / seconds / 1e9
 
 
-def useful_flops(length: int) -> float:
-    """Useful FLOPs of the chunk form's forward: 2·T·(C·K + C·V + 2·K·V) per head."""
+def useful_flops(op: str, length: int) -> float:
+    """Useful FLOPs of the chunk form's forward, per the issues: linear attention
+    2·T·(C·K + C·V + 2·K·V) per head; the delta rule 2·T·(3·C·K + 2·C·V + 3·K·V) + T·C²."""
+    if op == "delta_rule":
+        per_head = 2 * length * (3 * CHUNK * DIM + 2 * CHUNK * DIM + 3 * DIM * DIM)
+        return (per_head + length * CHUNK ** 2) * HEADS
     return 2 * length * (CHUNK * DIM + CHUNK * DIM + 2 * DIM * DIM) * HEADS
 
 
 def make_fn(op: str, mode: str):
     if op == "linear_attention":
-        return lambda q, k, v, g: ops.linear_attention(q, k, v, g=g, mode=mode,
+        return lambda q, k, v, g, beta: ops.linear_attention(q, k, v, g=g, mode=mode,
+                                                             chunk_size=CHUNK)[0]
+    if op == "delta_rule":
+        return lambda q, k, v, g, beta: ops.delta_rule(q, k, v, beta, g=g, mode=mode,
                                                        chunk_size=CHUNK)[0]
-    return lambda q, k, v, g: ops.softmax_attention(q, k, v, mode=mode, chunk_size=128)[0]
+    return lambda q, k, v, g, beta: ops.softmax_attention(q, k, v, mode=mode,
+                                                          chunk_size=128)[0]
 
 
 def measure(op: str, mode: str, length: int, repeats: int) -> Row:
     rng = np.random.default_rng(0)
     q, k, v = (jnp.asarray(rng.standard_normal((BATCH, length, HEADS, DIM)), jnp.float32)
                for _ in range(3))
+    k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)  # the delta rule's keys are unit
     g = jnp.asarray(np.log(rng.uniform(0.9, 0.999, (BATCH, length, HEADS))), jnp.float32)
+    beta = jnp.asarray(rng.uniform(0.0, 1.0, (BATCH, length, HEADS)), jnp.float32)
     fn = make_fn(op, mode)
+    args = (q, k, v, g, beta)
     forward = jax.jit(fn)
-    backward = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a)), argnums=(0, 1, 2, 3)))
-    args = (q, k, v, g)
+    differentiable = (0, 1, 2, 3, 4) if op == "delta_rule" else (0, 1, 2, 3)
+    backward = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a)), argnums=differentiable))
     temp = [f.lower(*args).compile().memory_analysis().temp_size_in_bytes / 2 ** 20
             for f in (forward, backward)]
     return Row(op, mode, length, best_time(forward, *args, repeats=repeats) * 1e3,
@@ -145,27 +166,30 @@ def machine() -> dict:
 def targets(rows: list[Row], gflops: float) -> list[tuple[str, str, bool]]:
     by = {(r.op, r.mode, r.length): r for r in rows}
     out = []
-    chunk_4k = by.get(("linear_attention", "chunk", 4096))
-    if chunk_4k:
-        rate = 3 * useful_flops(4096) / (chunk_4k.backward_ms / 1e3) / 1e9
-        out.append(("chunk fwd+bwd at 4K vs 1024³ matmul (target ≥ 20 %)",
-                    f"{rate:.1f} GFLOP/s = {100 * rate / gflops:.1f} % of {gflops:.0f}",
-                    rate >= 0.2 * gflops))
-    chunk_32k = by.get(("linear_attention", "chunk", 32768))
-    if chunk_4k and chunk_32k:
-        ratio = chunk_32k.us_per_token / chunk_4k.us_per_token
-        out.append(("chunk fwd+bwd time per token, 32K / 4K (target ≤ 1.15)",
-                    f"{chunk_32k.us_per_token:.2f} / {chunk_4k.us_per_token:.2f} µs = {ratio:.2f}",
-                    ratio <= 1.15))
-        per_token_kib = max(r.backward_temp_mib * 1024 / r.length for r in rows
-                            if r.op == "linear_attention" and r.mode == "chunk")
-        out.append(("chunk fwd+bwd temporary memory per token (target ≤ 16 KiB)",
-                    f"{per_token_kib:.2f} KiB (worst T)", per_token_kib <= 16))
-    parallel_4k = by.get(("linear_attention", "parallel", 4096))
-    if chunk_4k and parallel_4k:
-        speedup = parallel_4k.backward_ms / chunk_4k.backward_ms
-        out.append(("chunk vs parallel fwd+bwd at 4K (target ≥ 15×)", f"{speedup:.1f}×",
-                    speedup >= 15))
+    for op, memory_kib in (("linear_attention", 16), ("delta_rule", 32)):
+        chunk_4k = by.get((op, "chunk", 4096))
+        if chunk_4k:
+            rate = 3 * useful_flops(op, 4096) / (chunk_4k.backward_ms / 1e3) / 1e9
+            out.append((f"{op}: chunk fwd+bwd at 4K vs 1024³ matmul (target ≥ 20 %)",
+                        f"{rate:.1f} GFLOP/s = {100 * rate / gflops:.1f} % of {gflops:.0f}",
+                        rate >= 0.2 * gflops))
+        chunk_32k = by.get((op, "chunk", 32768))
+        if chunk_4k and chunk_32k:
+            ratio = chunk_32k.us_per_token / chunk_4k.us_per_token
+            out.append((f"{op}: chunk fwd+bwd time per token, 32K / 4K (target ≤ 1.15)",
+                        f"{chunk_32k.us_per_token:.2f} / {chunk_4k.us_per_token:.2f} µs = "
+                        f"{ratio:.2f}", ratio <= 1.15))
+        chunk_rows = [r for r in rows if r.op == op and r.mode == "chunk"]
+        if chunk_rows:
+            per_token = max(r.backward_temp_mib * 1024 / r.length for r in chunk_rows)
+            out.append((f"{op}: chunk fwd+bwd temporary memory per token "
+                        f"(target ≤ {memory_kib} KiB)", f"{per_token:.2f} KiB (worst T)",
+                        per_token <= memory_kib))
+        parallel_4k = by.get((op, "parallel", 4096))
+        if chunk_4k and parallel_4k:
+            speedup = parallel_4k.backward_ms / chunk_4k.backward_ms
+            out.append((f"{op}: chunk vs parallel fwd+bwd at 4K (target ≥ 15×)",
+                        f"{speedup:.1f}×", speedup >= 15))
     return out
 
 
@@ -174,8 +198,9 @@ def markdown(rows: list[Row], gflops: float, info: dict) -> str:
              f"`python -m experiments.bench.ops` — {info['date']}, {info['cpu']}, "
              f"{info['cores']} cores, jax {info['jax']} ({info['backend']}), "
              f"GLIBC_TUNABLES=`{info['glibc_tunables'] or 'unset'}`.",
-             f"B={BATCH}, H={HEADS}, K=V={DIM}, float32; linear attention with a `g` "
-             f"[B,T,H] gate and chunk {CHUNK}; softmax attention causal, block 128. "
+             f"B={BATCH}, H={HEADS}, K=V={DIM}, float32; linear attention and the delta "
+             f"rule (unit keys, β in (0, 1)) with a `g` [B,T,H] gate and chunk {CHUNK}; "
+             "softmax attention causal, block 128. "
              "Times are the best of several runs; memory is XLA's planned temporary "
              "buffer size.", "",
              f"1024³ float32 matmul in the same process: **{gflops:.0f} GFLOP/s** (best of "

@@ -27,18 +27,22 @@ def temp_bytes(fn, length: int) -> int:
 FORMS = {
     "linear-chunk": lambda q, k, v, g: ops.linear_attention(q, k, v, g=g, mode="chunk")[0],
     "linear-parallel": lambda q, k, v, g: ops.linear_attention(q, k, v, g=g, mode="parallel")[0],
+    "delta-chunk": lambda q, k, v, g: ops.delta_rule(q, k, v, jax.nn.sigmoid(g), g=g,
+                                                     mode="chunk")[0],
+    "delta-parallel": lambda q, k, v, g: ops.delta_rule(q, k, v, jax.nn.sigmoid(g), g=g,
+                                                        mode="parallel")[0],
     "softmax-chunk": lambda q, k, v, g: ops.softmax_attention(q, k, v, mode="chunk")[0],
     "softmax-parallel": lambda q, k, v, g: ops.softmax_attention(q, k, v, mode="parallel")[0],
 }
 
 
-@pytest.mark.parametrize("form", ["linear-chunk", "softmax-chunk"])
+@pytest.mark.parametrize("form", ["linear-chunk", "delta-chunk", "softmax-chunk"])
 def test_chunk_form_memory_grows_linearly(form):
     small, large = temp_bytes(FORMS[form], 4096), temp_bytes(FORMS[form], 16384)
     assert large <= 4.5 * small, f"{form}: {small} -> {large} bytes ({large / small:.2f}x)"
 
 
-@pytest.mark.parametrize("form", ["linear-parallel", "softmax-parallel"])
+@pytest.mark.parametrize("form", ["linear-parallel", "delta-parallel", "softmax-parallel"])
 def test_parallel_form_memory_grows_quadratically(form):
     small, large = temp_bytes(FORMS[form], 2048), temp_bytes(FORMS[form], 8192)
     assert large >= 12 * small, f"{form}: {small} -> {large} bytes ({large / small:.2f}x)"
