@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,6 +30,42 @@ def log_gates(rng: np.random.Generator, shape, strength: str) -> np.ndarray:
     return np.log(rng.uniform(low, high, shape))
 
 
+@dataclasses.dataclass(frozen=True)
+class StateCase:
+    """Shapes and options of one recurrent-state op test case."""
+
+    batch: int
+    length: int
+    heads: int
+    key_dim: int
+    value_dim: int
+    chunk_size: int
+    strength: str = "weak"
+    with_initial_state: bool = True
+    cu_seqlens: tuple[int, ...] | None = None
+
+    @property
+    def num_states(self) -> int:
+        return self.batch if self.cu_seqlens is None else len(self.cu_seqlens) - 1
+
+
+MODES = ("parallel", "chunk", "recurrent")
+GATES = ("none", "head", "token", "channel", "token+channel")
+
+
+def gate_inputs(rng: np.random.Generator, gate: str, shape: tuple[int, int, int],
+                key_dim: int, strength: str) -> dict:
+    """``g`` / ``gk`` for a gate kind of :data:`GATES`; ``shape`` is ``(B, T, H)``."""
+    inputs = {}
+    if gate == "head":
+        inputs["g"] = log_gates(rng, (shape[2],), strength)
+    if gate in ("token", "token+channel"):
+        inputs["g"] = log_gates(rng, shape, strength)
+    if gate in ("channel", "token+channel"):
+        inputs["gk"] = log_gates(rng, shape + (key_dim,), strength)
+    return inputs
+
+
 def vjp_of(fn, primals, cotangents):
     """Outputs of ``fn(*primals)`` and the gradients for the given output cotangents,
     computed under one ``jax.jit`` (eager dispatch of every primitive is ~10× slower)."""
@@ -43,3 +81,23 @@ def vjp_of(fn, primals, cotangents):
 def as_jax(tree, dtype=None):
     return jax.tree.map(lambda x: jnp.asarray(x, dtype) if dtype is not None else jnp.asarray(x),
                         tree)
+
+
+def check_state_op(run, reference_fn, inputs: dict, case: StateCase, dtype, tol: float,
+                   width: int, seed: int = 0) -> None:
+    """Compare ``run(floats) -> (o, final)`` with a float64 reference: outputs, final
+    states and the gradient of every input, for random output cotangents.
+
+    ``reference_fn(d_o=, d_final=)`` returns ``(o, final, grads)``; ``width`` is the
+    state's value width.
+    """
+    rng = np.random.default_rng(seed + 1)
+    d_o = rng.standard_normal((case.batch, case.length, case.heads, case.value_dim))
+    d_final = rng.standard_normal((case.num_states, case.heads, case.key_dim, width))
+    o_ref, final_ref, grads_ref = reference_fn(d_o=d_o, d_final=d_final)
+    (o, final), (grads,) = vjp_of(run, (as_jax(inputs, dtype),), as_jax((d_o, d_final), dtype))
+    assert o.dtype == dtype and o.shape == o_ref.shape
+    assert_close(o, o_ref, tol, "o")
+    assert_close(final, final_ref, tol, "final_state")
+    for name in inputs:
+        assert_close(grads[name], grads_ref[name], tol, f"d{name}")

@@ -24,18 +24,9 @@ def sequences(batch: int, num_tokens: int, cu_seqlens):
             yield 0, int(cu[n]), int(cu[n + 1]), n
 
 
-def linear_attention(q, k, v, *, g=None, gk=None, scale=None, normalize=False,
-                     initial_state=None, cu_seqlens=None, d_o=None, d_final=None):
-    """``S_t = exp(g_t)·diag(exp(gk_t))·S_{t-1} + k_t v_tᵀ``, ``o_t = scale·S_tᵀq_t``.
-
-    Returns ``(o, final, grads)``; ``grads`` (a dict keyed like the inputs) is
-    filled when ``d_o`` and ``d_final`` are given.
-    """
-    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-    batch, num_tokens, heads, key_dim = q.shape
-    value_dim = v.shape[-1]
-    width = value_dim + (1 if normalize else 0)
-    scale = key_dim ** -0.5 if scale is None else scale
+def _gates_and_state(g, gk, initial_state, batch, heads, key_dim, width, cu_seqlens):
+    """Shared set-up: float64 gates, ``log_decay(b, t, h)`` (a K-vector) and the
+    initial states ``[N, H, K, width]`` (zeros when not given)."""
     g = None if g is None else np.asarray(g, np.float64)
     gk = None if gk is None else np.asarray(gk, np.float64)
     num_seq = batch if cu_seqlens is None else len(cu_seqlens) - 1
@@ -50,8 +41,36 @@ def linear_attention(q, k, v, *, g=None, gk=None, scale=None, normalize=False,
             out += gk[b, t, h]
         return out
 
+    return g, gk, init, log_decay
+
+
+def _accumulate_gate_grads(grads, g, gk, b, t, h, d_log):
+    """Add ``∂L/∂(log decay)`` of step (b, t, h) to the ``g`` / ``gk`` gradients."""
+    if g is not None:
+        if g.ndim == 1:
+            grads["g"][h] += d_log.sum()
+        else:
+            grads["g"][b, t, h] += d_log.sum()
+    if gk is not None:
+        grads["gk"][b, t, h] += d_log
+
+
+def linear_attention(q, k, v, *, g=None, gk=None, scale=None, normalize=False,
+                     initial_state=None, cu_seqlens=None, d_o=None, d_final=None):
+    """``S_t = exp(g_t)·diag(exp(gk_t))·S_{t-1} + k_t v_tᵀ``, ``o_t = scale·S_tᵀq_t``.
+
+    Returns ``(o, final, grads)``; ``grads`` (a dict keyed like the inputs) is
+    filled when ``d_o`` and ``d_final`` are given.
+    """
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    batch, num_tokens, heads, key_dim = q.shape
+    value_dim = v.shape[-1]
+    width = value_dim + (1 if normalize else 0)
+    scale = key_dim ** -0.5 if scale is None else scale
+    g, gk, init, log_decay = _gates_and_state(g, gk, initial_state, batch, heads, key_dim,
+                                              width, cu_seqlens)
     o = np.zeros((batch, num_tokens, heads, value_dim))
-    final = np.zeros((num_seq, heads, key_dim, width))
+    final = np.zeros_like(init)
     grads = {"q": np.zeros_like(q), "k": np.zeros_like(k), "v": np.zeros_like(v),
              "g": None if g is None else np.zeros_like(g),
              "gk": None if gk is None else np.zeros_like(gk),
@@ -87,13 +106,7 @@ def linear_attention(q, k, v, *, g=None, gk=None, scale=None, normalize=False,
                 grads["k"][b, t, h] += d_state @ vt
                 grads["v"][b, t, h] += (d_state.T @ k[b, t, h])[:value_dim]
                 d_log = np.sum(d_state * previous, axis=1) * decay
-                if g is not None:
-                    if g.ndim == 1:
-                        grads["g"][h] += d_log.sum()
-                    else:
-                        grads["g"][b, t, h] += d_log.sum()
-                if gk is not None:
-                    grads["gk"][b, t, h] += d_log
+                _accumulate_gate_grads(grads, g, gk, b, t, h, d_log)
                 d_state = decay[:, None] * d_state
             grads["initial_state"][n, h] += d_state
     return o, final, grads
@@ -179,22 +192,10 @@ def delta_product(q, k, v, beta, *, num_householder=1, g=None, gk=None, scale=No
     batch, num_tokens, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     scale = key_dim ** -0.5 if scale is None else scale
-    g = None if g is None else np.asarray(g, np.float64)
-    gk = None if gk is None else np.asarray(gk, np.float64)
-    num_seq = batch if cu_seqlens is None else len(cu_seqlens) - 1
-    init = (np.zeros((num_seq, heads, key_dim, value_dim)) if initial_state is None
-            else np.asarray(initial_state, np.float64))
-
-    def log_decay(b, t, h):
-        out = np.zeros(key_dim)
-        if g is not None:
-            out += g[h] if g.ndim == 1 else g[b, t, h]
-        if gk is not None:
-            out += gk[b, t, h]
-        return out
-
+    g, gk, init, log_decay = _gates_and_state(g, gk, initial_state, batch, heads, key_dim,
+                                              value_dim, cu_seqlens)
     o = np.zeros((batch, num_tokens, heads, value_dim))
-    final = np.zeros((num_seq, heads, key_dim, value_dim))
+    final = np.zeros_like(init)
     grads = {"q": np.zeros_like(q), "k": np.zeros_like(k), "v": np.zeros_like(v),
              "beta": np.zeros_like(beta), "g": None if g is None else np.zeros_like(g),
              "gk": None if gk is None else np.zeros_like(gk),
@@ -237,13 +238,7 @@ def delta_product(q, k, v, beta, *, num_householder=1, g=None, gk=None, scale=No
                     grads["k"][b, row, h] -= previous @ d_residual
                     d_state = d_state - np.outer(kk, d_residual)
                 d_log = np.sum(d_state * before, axis=1) * decay
-                if g is not None:
-                    if g.ndim == 1:
-                        grads["g"][h] += d_log.sum()
-                    else:
-                        grads["g"][b, t, h] += d_log.sum()
-                if gk is not None:
-                    grads["gk"][b, t, h] += d_log
+                _accumulate_gate_grads(grads, g, gk, b, t, h, d_log)
                 d_state = decay[:, None] * d_state
             grads["initial_state"][index, h] += d_state
     return o, final, grads

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import subprocess
 import sys
@@ -14,30 +15,16 @@ import numpy as np
 import pytest
 
 from tests.ops import reference
-from tests.ops.helpers import as_jax, assert_close, log_gates, relative_error, vjp_of
+from tests.ops.helpers import (GATES, MODES, StateCase, as_jax, check_state_op,
+                               gate_inputs, relative_error)
 from xformjax import ops
 
-MODES = ("parallel", "chunk", "recurrent")
-GATES = ("none", "head", "token", "channel", "token+channel")
 
 
 @dataclasses.dataclass(frozen=True)
-class Case:
-    batch: int
-    length: int
-    heads: int
-    key_dim: int
-    value_dim: int
-    chunk_size: int
+class Case(StateCase):
     beta_max: float = 2.0
-    strength: str = "weak"
     householder: int = 1
-    with_initial_state: bool = True
-    cu_seqlens: tuple[int, ...] | None = None
-
-    @property
-    def num_states(self) -> int:
-        return self.batch if self.cu_seqlens is None else len(self.cu_seqlens) - 1
 
 
 CASES = {
@@ -67,12 +54,7 @@ def make_inputs(case: Case, gate: str, seed: int = 0):
         "v": rng.standard_normal(rows + (case.value_dim,)),
         "beta": rng.uniform(0.0, case.beta_max, rows),
     }
-    if gate == "head":
-        inputs["g"] = log_gates(rng, (case.heads,), case.strength)
-    if gate in ("token", "token+channel"):
-        inputs["g"] = log_gates(rng, shape, case.strength)
-    if gate in ("channel", "token+channel"):
-        inputs["gk"] = log_gates(rng, shape + (case.key_dim,), case.strength)
+    inputs.update(gate_inputs(rng, gate, shape, case.key_dim, case.strength))
     if case.with_initial_state:
         inputs["initial_state"] = rng.standard_normal(
             (case.num_states, case.heads, case.key_dim, case.value_dim))
@@ -89,19 +71,11 @@ def op_for(case: Case, mode: str):
 
 def check_against_reference(case: Case, gate: str, mode: str, dtype, tol: float, seed: int = 0):
     inputs = make_inputs(case, gate, seed)
-    rng = np.random.default_rng(seed + 1)
-    d_o = rng.standard_normal((case.batch, case.length, case.heads, case.value_dim))
-    d_final = rng.standard_normal((case.num_states, case.heads, case.key_dim, case.value_dim))
-    o_ref, final_ref, grads_ref = reference.delta_product(
-        **inputs, num_householder=case.householder, cu_seqlens=case.cu_seqlens, d_o=d_o,
-        d_final=d_final)
-    (o, final), (grads,) = vjp_of(op_for(case, mode), (as_jax(inputs, dtype),),
-                                  as_jax((d_o, d_final), dtype))
-    assert o.dtype == dtype
-    assert_close(o, o_ref, tol, "o")
-    assert_close(final, final_ref, tol, "final_state")
-    for name in inputs:
-        assert_close(grads[name], grads_ref[name], tol, f"d{name}")
+    reference_fn = functools.partial(reference.delta_product, **inputs,
+                                     num_householder=case.householder,
+                                     cu_seqlens=case.cu_seqlens)
+    check_state_op(op_for(case, mode), reference_fn, inputs, case, dtype, tol,
+                   width=case.value_dim, seed=seed)
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)

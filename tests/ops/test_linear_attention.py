@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -10,29 +11,12 @@ import numpy as np
 import pytest
 
 from tests.ops import reference
-from tests.ops.helpers import as_jax, assert_close, log_gates, relative_error, vjp_of
+from tests.ops.helpers import (GATES, MODES, StateCase, as_jax, assert_close,
+                               check_state_op, gate_inputs, relative_error)
 from xformjax import ops
 
-MODES = ("parallel", "chunk", "recurrent")
-GATES = ("none", "head", "token", "channel", "token+channel")
 
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    batch: int
-    length: int
-    heads: int
-    key_dim: int
-    value_dim: int
-    chunk_size: int
-    strength: str = "weak"
-    with_initial_state: bool = True
-    cu_seqlens: tuple[int, ...] | None = None
-
-    @property
-    def num_states(self) -> int:
-        return self.batch if self.cu_seqlens is None else len(self.cu_seqlens) - 1
-
+Case = StateCase
 
 CASES = {
     "decode-T1": Case(2, 1, 2, 16, 16, 64),
@@ -54,12 +38,7 @@ def make_inputs(case: Case, gate: str, seed: int = 0, normalize: bool = False):
     }
     if normalize:  # positive features, as a normalised linear attention would use
         inputs["q"], inputs["k"] = np.abs(inputs["q"]) + 0.1, np.abs(inputs["k"]) + 0.1
-    if gate == "head":
-        inputs["g"] = log_gates(rng, (case.heads,), case.strength)
-    if gate in ("token", "token+channel"):
-        inputs["g"] = log_gates(rng, shape, case.strength)
-    if gate in ("channel", "token+channel"):
-        inputs["gk"] = log_gates(rng, shape + (case.key_dim,), case.strength)
+    inputs.update(gate_inputs(rng, gate, shape, case.key_dim, case.strength))
     if case.with_initial_state:
         width = case.value_dim + (1 if normalize else 0)
         init = rng.standard_normal((case.num_states, case.heads, case.key_dim, width))
@@ -83,20 +62,10 @@ def run_op(inputs, case: Case, mode: str, normalize: bool = False):
 def check_against_reference(case: Case, gate: str, mode: str, dtype, tol: float,
                             normalize: bool = False, seed: int = 0):
     inputs = make_inputs(case, gate, seed, normalize)
-    rng = np.random.default_rng(seed + 1)
-    d_o = rng.standard_normal((case.batch, case.length, case.heads, case.value_dim))
-    width = case.value_dim + (1 if normalize else 0)
-    d_final = rng.standard_normal((case.num_states, case.heads, case.key_dim, width))
-    o_ref, final_ref, grads_ref = reference.linear_attention(
-        **inputs, normalize=normalize, cu_seqlens=case.cu_seqlens, d_o=d_o, d_final=d_final)
-
-    (o, final), (grads,) = vjp_of(run_op(inputs, case, mode, normalize),
-                                  (as_jax(inputs, dtype),), as_jax((d_o, d_final), dtype))
-    assert o.dtype == dtype and o.shape == o_ref.shape
-    assert_close(o, o_ref, tol, "o")
-    assert_close(final, final_ref, tol, "final_state")
-    for name in inputs:
-        assert_close(grads[name], grads_ref[name], tol, f"d{name}")
+    reference_fn = functools.partial(reference.linear_attention, **inputs, normalize=normalize,
+                                     cu_seqlens=case.cu_seqlens)
+    check_state_op(run_op(inputs, case, mode, normalize), reference_fn, inputs, case, dtype,
+                   tol, width=case.value_dim + (1 if normalize else 0), seed=seed)
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
