@@ -64,11 +64,12 @@ def _make_blockwise(kind: str, mask: AttentionMask, blocks: np.ndarray, real: np
                 k_pos, k_seq_blocks[step_blocks], k_pos < num_keys)
 
     def weights_for(q_blocks, q_pos, q_seq, bias, stats, k_blk, k_pos, k_seq, k_valid, real_s):
+        """Recompute one visit's attention weights (softmax from ``lse = stats``)."""
         logits = jnp.einsum("bhgncd,bhnjd->bhgncj", q_blocks, k_blk)
         allowed = _block_mask(mask, q_pos, q_seq, k_pos, k_seq, k_valid, real_s)
         if kind == "softmax":
-            return jnp.where(allowed, jnp.exp(logits - stats[..., None]), 0.0), logits, allowed
-        return jnp.where(allowed, jax.nn.sigmoid(logits + bias[:, :, None]), 0.0), logits, allowed
+            return jnp.where(allowed, jnp.exp(logits - stats[..., None]), 0.0)
+        return jnp.where(allowed, jax.nn.sigmoid(logits + bias[:, :, None]), 0.0)
 
     def forward(q_blocks, k_blocks, v_blocks, q_pos, q_seq, k_seq_blocks, bias):
         shape = q_blocks.shape[:-1]
@@ -79,7 +80,7 @@ def _make_blockwise(kind: str, mask: AttentionMask, blocks: np.ndarray, real: np
                 step_blocks, real_s = xs
                 k_blk, v_blk, k_pos, k_seq, k_valid = visit(k_blocks, v_blocks, k_seq_blocks,
                                                             step_blocks)
-                weights, _, _ = weights_for(q_blocks, q_pos, q_seq, bias, None, k_blk, k_pos,
+                weights = weights_for(q_blocks, q_pos, q_seq, bias, None, k_blk, k_pos,
                                             k_seq, k_valid, real_s)
                 return acc + jnp.einsum("bhgncj,bhnjv->bhgncv", weights, v_blk), None
 
@@ -126,7 +127,7 @@ def _make_blockwise(kind: str, mask: AttentionMask, blocks: np.ndarray, real: np
             step_blocks, real_s = xs
             k_blk, v_blk, k_pos, k_seq, k_valid = visit(k_blocks, v_blocks, k_seq_blocks,
                                                         step_blocks)
-            weights, _, _ = weights_for(q_blocks, q_pos, q_seq, bias, lse, k_blk, k_pos, k_seq,
+            weights = weights_for(q_blocks, q_pos, q_seq, bias, lse, k_blk, k_pos, k_seq,
                                         k_valid, real_s)
             d_weights = jnp.einsum("bhgncv,bhnjv->bhgncj", d_out, v_blk)
             if kind == "softmax":
