@@ -47,3 +47,13 @@ def test_x64_fixture_enables_float64(x64):
 def test_float64_is_off_by_default():
     assert jnp.zeros(1).dtype == jnp.float32
     assert xformjax.__version__
+
+
+def test_every_subpackage_is_listed_in_pyproject():
+    """A non-editable install only ships the packages pyproject lists."""
+    import tomllib
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+                 ["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts)
+             for p in (ROOT / "xformjax").rglob("__init__.py")}
+    assert found <= listed, f"missing from pyproject's packages: {sorted(found - listed)}"

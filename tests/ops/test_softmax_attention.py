@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -115,3 +116,39 @@ def test_decoding_against_a_growing_cache_matches_the_full_forward(x64):
         step, _ = ops.softmax_attention(inputs["q"][:, t:t + 1], inputs["k"][:, :t + 1],
                                         inputs["v"][:, :t + 1], window=16, mode="recurrent")
         assert relative_error(step, full[:, t:t + 1]) <= 1e-12
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("mode", ("parallel", "recurrent"))
+def test_partly_filled_cache_equals_the_trimmed_cache(x64, kind, mode):
+    """A fixed-capacity cache filled up to ``kv_length`` (garbage beyond it, and a
+    traced length) gives the same output and gradients as the cache cut to that length."""
+    case = CASES["queries-after-cache"]
+    inputs = as_jax(make_inputs(case))
+    q, k, v = inputs["q"], inputs["k"], inputs["v"]
+    used = 40
+    fn = KINDS[kind]
+    trimmed, _ = fn(q, k[:, :used], v[:, :used], window=25, mode=mode)
+    garbage = 1e3 * jnp.ones_like(k[:, used:])
+
+    def padded(q, k_used, v_used, length):
+        k_full = jnp.concatenate([k_used, garbage], 1)
+        v_full = jnp.concatenate([v_used, garbage], 1)
+        return fn(q, k_full, v_full, window=25, mode=mode, kv_length=length)[0]
+
+    out = jax.jit(padded)(q, k[:, :used], v[:, :used], used)
+    assert relative_error(out, trimmed) <= 1e-12
+    grads = jax.grad(lambda *a: jnp.sum(padded(*a, used) ** 2), (0, 1, 2))(
+        q, k[:, :used], v[:, :used])
+    fn_trim = lambda q, k, v: jnp.sum(fn(q, k, v, window=25, mode=mode)[0] ** 2)
+    expected = jax.grad(fn_trim, (0, 1, 2))(q, k[:, :used], v[:, :used])
+    for got, want in zip(grads, expected):
+        assert relative_error(got, want) <= 1e-12
+
+
+def test_kv_length_errors():
+    inputs = as_jax(make_inputs(CASES["queries-after-cache"]), jnp.float32)
+    with pytest.raises(ValueError, match="kv_length.*mode='parallel'"):
+        ops.softmax_attention(**inputs, kv_length=10, mode="chunk")
+    with pytest.raises(ValueError, match=r"kv_length`=3 must lie in \[Tq, Tk\] = \[5, 70\]"):
+        ops.softmax_attention(**inputs, kv_length=3, mode="parallel")

@@ -50,23 +50,43 @@ def _validate(op, q, k, v, causal, window, cu_seqlens):
     return segments
 
 
+def _check_kv_length(op, kv_length, mode, cu_seqlens, num_queries, num_keys):
+    if kv_length is None:
+        return num_keys - num_queries
+    if mode == "chunk":
+        common.fail(op, "`kv_length` (a partly filled cache) needs mode='parallel' or "
+                        "'recurrent'; got mode='chunk'")
+    if cu_seqlens is not None:
+        common.fail(op, "`kv_length` cannot be combined with `cu_seqlens`")
+    if not isinstance(kv_length, jax.core.Tracer):
+        length = int(kv_length)
+        if not num_queries <= length <= num_keys:
+            common.fail(op, f"`kv_length`={length} must lie in [Tq, Tk] = "
+                            f"[{num_queries}, {num_keys}]")
+    return jnp.asarray(kv_length, jnp.int32) - num_queries
+
+
 def _attention(op, kind, q, k, v, *, causal, scale, window, cu_seqlens, mode, chunk_size,
-               backend, bias=None):
+               backend, bias=None, kv_length=None):
     common.check_mode(op, mode)
     chunk_size = common.check_chunk_size(op, chunk_size)
     common.resolve_backend(op, backend)
     segments = _validate(op, q, k, v, causal, window, cu_seqlens)
+    q_offset = _check_kv_length(op, kv_length, mode, cu_seqlens, q.shape[1], k.shape[1])
     out_dtype = jnp.result_type(q, k, v)
     dtype = common.compute_dtype(q, k, v)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     q = q.astype(dtype) * jnp.asarray(scale, dtype)
     k, v = k.astype(dtype), v.astype(dtype)
     num_queries, num_keys = q.shape[1], k.shape[1]
-    mask = AttentionMask(causal=causal, window=window, q_offset=num_keys - num_queries)
+    mask = AttentionMask(causal=causal, window=window, q_offset=q_offset,
+                         kv_length=kv_length)
     k_seq = sequence_ids(segments, num_keys)
-    q_seq = k_seq[mask.q_offset:]
-    q_bias = (sigmoid_bias(segments, num_keys, mask.q_offset, num_queries, bias, dtype)
-              if kind == "sigmoid" else None)
+    q_seq = k_seq[num_keys - num_queries:]
+    if kind == "sigmoid" and bias is None and kv_length is not None:
+        bias = -jnp.log(jnp.asarray(kv_length, dtype))
+    q_bias = (sigmoid_bias(segments, num_keys, num_keys - num_queries, num_queries, bias,
+                           dtype) if kind == "sigmoid" else None)
     if mode == "chunk":
         o = attention_chunk(q, k, v, kind, mask, q_seq, k_seq, q_bias, chunk_size)
     else:
@@ -77,7 +97,8 @@ def _attention(op, kind, q, k, v, *, causal, scale, window, cu_seqlens, mode, ch
 def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
                       scale: float | None = None, window: int | None = None,
                       cu_seqlens: jax.Array | None = None, mode: str = "chunk",
-                      chunk_size: int = 128, backend: str | None = None
+                      chunk_size: int = 128, backend: str | None = None,
+                      kv_length: int | jax.Array | None = None
                       ) -> tuple[jax.Array, None]:
     """Softmax attention ``o_i = Σ_j softmax_j(scale·q_i·k_j) v_j`` over visible keys.
 
@@ -94,6 +115,10 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool 
         query at a time against the KV cache: decoding when ``Tq == 1``).
       chunk_size: block size of the chunk form.
       backend: ``None`` or ``"xla"``.
+      kv_length: for a fixed-capacity KV cache: only the first ``kv_length`` keys
+        are filled and the queries sit at positions ``kv_length − Tq … kv_length − 1``
+        (may be traced; modes ``"parallel"`` and ``"recurrent"``). Sigmoid
+        attention's default bias then uses ``n = kv_length``.
 
     Returns:
       ``(o, None)``: ``o`` is ``[B, Tq, Hq, V]`` in the inputs' dtype, computed in
@@ -110,7 +135,7 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool 
     """
     o = _attention("softmax_attention", "softmax", q, k, v, causal=causal, scale=scale,
                    window=window, cu_seqlens=cu_seqlens, mode=mode, chunk_size=chunk_size,
-                   backend=backend)
+                   backend=backend, kv_length=kv_length)
     return o, None
 
 
@@ -118,7 +143,8 @@ def sigmoid_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, bias: float |
                       causal: bool = True, scale: float | None = None,
                       window: int | None = None, cu_seqlens: jax.Array | None = None,
                       mode: str = "chunk", chunk_size: int = 128,
-                      backend: str | None = None) -> tuple[jax.Array, None]:
+                      backend: str | None = None,
+                      kv_length: int | jax.Array | None = None) -> tuple[jax.Array, None]:
     """Sigmoid attention ``o_i = Σ_j σ(scale·q_i·k_j + b) v_j`` over visible keys.
 
     ``b`` defaults to ``−log n``, n the sequence length (``Tk``, or the query's
@@ -127,5 +153,5 @@ def sigmoid_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, bias: float |
     """
     o = _attention("sigmoid_attention", "sigmoid", q, k, v, causal=causal, scale=scale,
                    window=window, cu_seqlens=cu_seqlens, mode=mode, chunk_size=chunk_size,
-                   backend=backend, bias=bias)
+                   backend=backend, bias=bias, kv_length=kv_length)
     return o, None

@@ -23,7 +23,8 @@ class AttentionMask:
 
     causal: bool
     window: int | None
-    q_offset: int
+    q_offset: int | jax.Array
+    kv_length: int | jax.Array | None = None
 
     def allowed(self, q_pos: jax.Array, k_pos: jax.Array, q_seq: jax.Array,
                 k_seq: jax.Array) -> jax.Array:
@@ -34,6 +35,8 @@ class AttentionMask:
         if self.window is not None:
             distance = q_pos - k_pos if self.causal else jnp.abs(q_pos - k_pos)
             ok &= distance < self.window
+        if self.kv_length is not None:
+            ok &= k_pos < self.kv_length
         return ok
 
 

@@ -1,0 +1,100 @@
+"""The hybrid decoder-only language model.
+
+    h_0 = E[tokens]
+    h_l = h_{l-1} + N'(mixer_l(N(h_{l-1})))         (N' = identity for Pre-LN, a norm
+    h_l = h_l + N'(MLP_l(N(h_l)))                     for Peri-LN)
+    logits = N(h_L) Eᵀ        (or W_out when embeddings are not tied)
+
+``model(tokens, cache=None) -> (logits, cache)``: ``cache`` is the list of the
+mixers' states. Without a cache the model runs a fresh sequence in chunk mode and
+returns the cache that continues it; :meth:`LanguageModel.init_cache` allocates an
+empty one with fixed shapes for decoding (see :func:`xformjax.models.generate`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from xformjax.nn import linear, norms
+from xformjax.nn.mixer import State, get_mixer
+from xformjax.nn.mlp import MLP
+from xformjax.models.config import LMConfig
+
+
+class Block(nnx.Module):
+    """One residual layer: a mixer and an MLP, each behind a norm."""
+
+    def __init__(self, config: LMConfig, mixer_name: str, layer_index: int, *,
+                 rngs: nnx.Rngs):
+        d, mixer_config = config.d_model, config.mixer
+
+        def norm():
+            return norms.make_norm(config.norm, d, eps=mixer_config.norm_eps,
+                                   param_dtype=mixer_config.params_dtype)
+
+        self.mixer_norm = norm()
+        self.mixer = get_mixer(mixer_name)(mixer_config, layer_index=layer_index,
+                                           num_layers=config.num_layers, rngs=rngs)
+        self.mlp_norm = norm()
+        self.mlp = MLP(mixer_config, config.hidden, kind=config.mlp, rngs=rngs)
+        peri = config.norm_placement == "peri"
+        self.mixer_out_norm = norm() if peri else None
+        self.mlp_out_norm = norm() if peri else None
+
+    def __call__(self, x: jax.Array, *, state: State | None = None,
+                 mode: str | None = None) -> tuple[jax.Array, State]:
+        h, state = self.mixer(self.mixer_norm(x), state=state, mode=mode)
+        if self.mixer_out_norm is not None:
+            h = self.mixer_out_norm(h)
+        x = x + h.astype(x.dtype)
+        h = self.mlp(self.mlp_norm(x))
+        if self.mlp_out_norm is not None:
+            h = self.mlp_out_norm(h)
+        return x + h.astype(x.dtype), state
+
+
+class LanguageModel(nnx.Module):
+    """A stack of :class:`Block` s over token embeddings (module docstring)."""
+
+    def __init__(self, config: LMConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        d, mixer_config = config.d_model, config.mixer
+        embedding = jax.random.normal(rngs.params(), (config.vocab_size, d),
+                                      mixer_config.params_dtype) * config.embed_std
+        self.embedding = nnx.Param(embedding, out_sharding=("vocab", "embed"),
+                                   eager_sharding=False)
+        self.blocks = nnx.List([Block(config, name, i, rngs=rngs)
+                                for i, name in enumerate(config.layer_names())])
+        self.final_norm = norms.make_norm(config.norm, d, eps=mixer_config.norm_eps,
+                                          param_dtype=mixer_config.params_dtype)
+        self.lm_head = (None if config.tie_embeddings else
+                        linear.dense(mixer_config, d, config.vocab_size, axes=("embed", "vocab"),
+                                     rngs=rngs))
+
+    def init_cache(self, batch: int, max_len: int) -> list[State]:
+        """Empty decoding states for ``batch`` sequences of up to ``max_len`` tokens."""
+        return [block.mixer.init_state(batch, max_len) for block in self.blocks]
+
+    def __call__(self, tokens: jax.Array, cache: list[State] | None = None, *,
+                 mode: str | None = None) -> tuple[jax.Array, list[State]]:
+        """``tokens`` int ``[B, T]`` → ``(logits [B, T, vocab] float32, cache)``."""
+        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(f"LanguageModel: `tokens` must be int [B, T]; got "
+                             f"{tokens.dtype}{list(tokens.shape)}")
+        if cache is not None and len(cache) != len(self.blocks):
+            raise ValueError(f"LanguageModel: `cache` has {len(cache)} entries for "
+                             f"{len(self.blocks)} layers")
+        dtype = self.config.mixer.compute_dtype
+        x = jnp.take(self.embedding[...], tokens, axis=0).astype(dtype)
+        new_cache = []
+        for i, block in enumerate(self.blocks):
+            x, state = block(x, state=None if cache is None else cache[i], mode=mode)
+            new_cache.append(state)
+        x = self.final_norm(x)
+        if self.lm_head is None:
+            logits = jnp.einsum("btd,vd->btv", x, self.embedding[...].astype(dtype))
+        else:
+            logits = self.lm_head(x)
+        return logits.astype(jnp.float32), new_cache

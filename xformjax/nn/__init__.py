@@ -1,0 +1,39 @@
+"""Flax NNX sequence mixers, norms and blocks.
+
+Every mixer is built from a :class:`MixerConfig` and called as
+``y, state = mixer(x, state=None, mode=None)``; the registry :data:`MIXERS` maps
+short names to classes::
+
+    >>> from flax import nnx
+    >>> import jax.numpy as jnp
+    >>> from xformjax import nn
+    >>> layer = nn.MIXERS["gated_deltanet"](nn.MixerConfig(d_model=32, num_heads=2),
+    ...                                     rngs=nnx.Rngs(0))
+    >>> y, state = layer(jnp.ones((1, 8, 32)))
+    >>> y.shape, state["memory"].shape
+    ((1, 8, 32), (1, 2, 16, 16))
+"""
+
+from xformjax.nn import attention, deltanet, gla, lightning, lightnet, linear_attention, \
+    retnet, transnormer  # noqa: F401  (importing registers the mixers)
+from xformjax.nn.attention import Attention, SigmoidAttention
+from xformjax.nn.config import MixerConfig
+from xformjax.nn.conv import ShortConv
+from xformjax.nn.deltanet import DeltaNet, DeltaProduct, GatedDeltaNet
+from xformjax.nn.feature_maps import FeatureMap, hedgehog_distillation_loss
+from xformjax.nn.gla import GatedLinearAttention
+from xformjax.nn.lightning import LightningAttention
+from xformjax.nn.lightnet import LightNet
+from xformjax.nn.linear import Dense
+from xformjax.nn.linear_attention import LinearAttention, hedgehog_loss
+from xformjax.nn.mixer import MIXERS, Mixer, get_mixer, register
+from xformjax.nn.norms import CRMSNorm, LayerNorm, RMSNorm, SRMSNorm, make_norm
+from xformjax.nn.retnet import RetNet
+from xformjax.nn.transnormer import TransNormer
+
+__all__ = ["MIXERS", "Mixer", "MixerConfig", "get_mixer", "register", "Attention",
+           "SigmoidAttention", "LinearAttention", "TransNormer", "LightningAttention",
+           "RetNet", "GatedLinearAttention", "LightNet", "DeltaNet", "GatedDeltaNet",
+           "DeltaProduct", "Dense", "ShortConv", "FeatureMap", "hedgehog_loss",
+           "hedgehog_distillation_loss", "RMSNorm", "LayerNorm", "SRMSNorm", "CRMSNorm",
+           "make_norm"]

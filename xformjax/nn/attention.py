@@ -1,0 +1,127 @@
+"""Softmax and sigmoid attention layers with RoPE, grouped-query heads, an optional
+sliding window and a fixed-capacity KV cache as their state.
+
+    q, k, v = RoPE(x W_q), RoPE(x W_k), x W_v         (Hq query heads, Hkv kv heads)
+    o_i     = Σ_{j ≤ i, i − j < window} w_ij v_j
+    w_ij    = softmax_j(q_i·k_j / √D)                  (``attn``: "Attention Is All You Need")
+            = σ(q_i·k_j / √D + b),  b = −log n         (``sigmoid_attn``: "Theory, Analysis,
+                                                        and Best Practices for Sigmoid
+                                                        Self-Attention", Ramapuram et al. 2024)
+    y       = W_o · merge(o)
+
+State: ``{"k": [B, L, Hkv, D], "v": [B, L, Hkv, D], "position": int32}`` with the first
+``position`` slots filled. ``init_state(batch, max_len)`` allocates ``L = max_len``
+(``config.max_seq_len`` if ``None``); a stateless call returns a cache of capacity
+``max(T, config.max_seq_len)`` holding its T tokens. Sigmoid attention's bias is the
+constant ``config.sigmoid_bias`` (``−log(config.max_seq_len)`` by default) so that
+decoding and training agree.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from xformjax import ops
+from xformjax.nn import linear
+from xformjax.nn.config import MixerConfig
+from xformjax.nn.mixer import (Mixer, State, merge_heads, position_of, register,
+                               split_heads)
+from xformjax.nn.positional import apply_rope, token_positions
+
+
+@register("attn")
+class Attention(Mixer):
+    """Causal softmax attention (RoPE, grouped-query heads, optional sliding window)."""
+
+    modes: ClassVar[tuple[str, ...]] = ("chunk", "parallel", "recurrent")
+    kind: ClassVar[str] = "softmax"
+
+    def __init__(self, config: MixerConfig, *, layer_index: int = 0, num_layers: int = 1,
+                 rngs: nnx.Rngs):
+        super().__init__(config, layer_index=layer_index, num_layers=num_layers, rngs=rngs)
+        if config.key_dim % 2:
+            raise ValueError(f"attention needs an even head_dim for RoPE; got {config.key_dim}")
+        d, dim = config.d_model, config.key_dim
+        self.q_proj = linear.dense(config, d, config.num_heads * dim, axes=("embed", "heads"),
+                                   rngs=rngs)
+        self.k_proj = linear.dense(config, d, config.kv_heads * dim, axes=("embed", "kv"),
+                                   rngs=rngs)
+        self.v_proj = linear.dense(config, d, config.kv_heads * dim, axes=("embed", "kv"),
+                                   rngs=rngs)
+        self.o_proj = linear.dense(config, config.num_heads * dim, d, axes=("heads", "embed"),
+                                   rngs=rngs)
+
+    def _bias(self) -> float | None:
+        return None
+
+    def sequence_flops(self, seq_len: int) -> float:
+        """``q·k`` and ``w·v`` against the visible keys (on average ``(T+1)/2``, or
+        the window)."""
+        visible = (seq_len + 1) / 2
+        if self.config.window is not None:
+            visible = min(visible, self.config.window)
+        return 4.0 * self.config.num_heads * self.config.key_dim * visible
+
+    def init_state(self, batch: int, max_len: int | None = None) -> State:
+        capacity = self.config.max_seq_len if max_len is None else max_len
+        shape = (batch, capacity, self.config.kv_heads, self.config.key_dim)
+        zeros = jnp.zeros(shape, self.config.compute_dtype)
+        return {"k": zeros, "v": zeros, "position": jnp.zeros((), jnp.int32)}
+
+    def _attend(self, q, k, v, **kwargs):
+        fn = ops.softmax_attention if self.kind == "softmax" else ops.sigmoid_attention
+        extra = {} if self.kind == "softmax" else {"bias": self._bias()}
+        o, _ = fn(q, k, v, window=self.config.window, chunk_size=self.config.chunk_size,
+                  **extra, **kwargs)
+        return o
+
+    def __call__(self, x: jax.Array, *, state: State | None = None,
+                 mode: str | None = None) -> tuple[jax.Array, State]:
+        """``x`` ``[B, T, d_model]`` → ``(y, state)``; see the module docstring."""
+        self.check_input(x)
+        batch, length, _ = x.shape
+        mode = self.resolve_mode(mode, length)
+        position = position_of(state)
+        positions = token_positions(position, length)
+        theta = self.config.rope_theta
+        q = apply_rope(split_heads(self.q_proj(x), self.config.num_heads), positions,
+                       base=theta)
+        k = apply_rope(split_heads(self.k_proj(x), self.config.kv_heads), positions, base=theta)
+        v = split_heads(self.v_proj(x), self.config.kv_heads)
+        if state is None:
+            o = self._attend(q, k, v, mode=mode)
+            capacity = max(length, self.config.max_seq_len)
+            pad = ((0, 0), (0, capacity - length), (0, 0), (0, 0))
+            new_state = {"k": jnp.pad(k, pad), "v": jnp.pad(v, pad),
+                         "position": position + length}
+        else:
+            capacity = state["k"].shape[1]
+            if not isinstance(position, jax.core.Tracer) and int(position) + length > capacity:
+                raise ValueError(f"{type(self).__name__}: the KV cache holds {capacity} tokens; "
+                                 f"{int(position)} are used and {length} more were given. "
+                                 "Allocate it with init_state(batch, max_len) large enough.")
+            cache_k = jax.lax.dynamic_update_slice_in_dim(
+                state["k"], k.astype(state["k"].dtype), position, axis=1)
+            cache_v = jax.lax.dynamic_update_slice_in_dim(
+                state["v"], v.astype(state["v"].dtype), position, axis=1)
+            cache_mode = "recurrent" if mode == "recurrent" else "parallel"
+            o = self._attend(q, cache_k, cache_v, mode=cache_mode, kv_length=position + length)
+            new_state = {"k": cache_k, "v": cache_v, "position": position + length}
+        return self.o_proj(merge_heads(o).astype(x.dtype)), new_state
+
+
+@register("sigmoid_attn")
+class SigmoidAttention(Attention):
+    """Causal sigmoid attention, ``σ(q·k/√D + b)`` with a constant bias ``b``."""
+
+    kind: ClassVar[str] = "sigmoid"
+
+    def _bias(self) -> float:
+        if self.config.sigmoid_bias is not None:
+            return self.config.sigmoid_bias
+        return -math.log(self.config.max_seq_len)

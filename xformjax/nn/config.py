@@ -1,0 +1,158 @@
+"""``MixerConfig``: the one frozen configuration every mixer is built from.
+
+Every mixer in :data:`xformjax.nn.MIXERS` is constructed as
+``Mixer(config, layer_index=0, num_layers=1, rngs=...)``. The fields shared by
+all families come first; the family-specific ones say which mixer reads them.
+``layer_index`` / ``num_layers`` matter only to depth-dependent families
+(lightning attention's decay, TransNormer's DiagAttention in early layers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+FEATURE_MAPS = ("identity", "elu+1", "relu", "hedgehog", "taylor")
+MODES = ("chunk", "parallel", "recurrent")
+
+
+@dataclasses.dataclass(frozen=True)
+class MixerConfig:
+    """Hyper-parameters of a sequence mixer.
+
+    Shared:
+      d_model: width of the residual stream (input and output of the mixer).
+      num_heads: number of (query) heads.
+      head_dim: query/key dimension per head; ``d_model // num_heads`` if ``None``.
+      expand_v: value dimension per head is ``round(head_dim · expand_v)``.
+      num_kv_heads: key/value heads of softmax attention (grouped-query);
+        ``num_heads`` if ``None``.
+      chunk_size: chunk length of the chunked forms.
+      mode: the default form when a call passes ``mode=None`` and more than one
+        token: ``"chunk"``, ``"parallel"`` or ``"recurrent"``. A single token
+        always defaults to ``"recurrent"``.
+      dtype: computation dtype of projections (``"float32"``, ``"bfloat16"``, …);
+        the ops accumulate in ``promote(dtype, float32)`` regardless.
+      param_dtype: dtype of the parameters.
+      sigma_reparam: reparameterise every projection as ``γ/σ(W)·W`` (σReparam).
+      output_gate: multiply the mixer's output by ``SiLU(x W_g)`` (gated families).
+      norm_eps: epsilon of the normalisations inside mixers.
+      max_seq_len: the longest sequence the model is meant for: default KV-cache
+        capacity and the sigmoid-attention bias ``−log(max_seq_len)``.
+
+    Softmax / sigmoid attention (``attn``, ``sigmoid_attn``):
+      rope_theta: RoPE base.  window: sliding-window size or ``None``.
+      sigmoid_bias: sigmoid attention's bias; ``−log(max_seq_len)`` if ``None``
+        (a constant, so decoding and training agree).
+
+    Linear attention (``linear_attn``):
+      feature_map: one of ``identity``, ``elu+1``, ``relu``, ``hedgehog``, ``taylor``.
+      feature_dim: q/k projection width per head before the feature map
+        (Based uses 16 for ``taylor``); ``head_dim`` if ``None``.
+      normalize: divide by ``φ(q)ᵀ Σ φ(k)``.
+      mala: the magnitude-aware variant (MALA).
+
+    TransNormer (``transnormer``):
+      transnormer_attention: ``"norm"``, ``"diag"`` or ``"auto"`` (DiagAttention in
+        the first half of the layers, NormAttention after).
+      diag_block_size: block length of DiagAttention.
+
+    GLA (``gla``): gate_low_rank, gate_temperature (τ in ``α = σ(·)^{1/τ}``).
+
+    Delta rule (``deltanet``, ``gated_deltanet``, ``deltaproduct``):
+      conv_size: short causal convolution length on q/k/v (0 disables it).
+      allow_neg_eigval: ``β = 2σ(·)`` instead of ``σ(·)``.
+      num_householder: DeltaProduct's steps per token.
+    """
+
+    d_model: int = 256
+    num_heads: int = 4
+    head_dim: int | None = None
+    expand_v: float = 1.0
+    num_kv_heads: int | None = None
+    chunk_size: int = 64
+    mode: str = "chunk"
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    sigma_reparam: bool = False
+    output_gate: bool = True
+    norm_eps: float = 1e-6
+    max_seq_len: int = 2048
+    # softmax / sigmoid attention
+    rope_theta: float = 10_000.0
+    window: int | None = None
+    sigmoid_bias: float | None = None
+    # linear attention
+    feature_map: str = "elu+1"
+    feature_dim: int | None = None
+    normalize: bool = False
+    mala: bool = False
+    # transnormer
+    transnormer_attention: str = "auto"
+    diag_block_size: int = 64
+    # gla
+    gate_low_rank: int = 16
+    gate_temperature: float = 16.0
+    # delta rule
+    conv_size: int = 4
+    allow_neg_eigval: bool = False
+    num_householder: int = 2
+
+    def __post_init__(self):
+        def bad(message: str):
+            raise ValueError(f"MixerConfig: {message}")
+
+        for name in ("d_model", "num_heads", "chunk_size", "max_seq_len", "diag_block_size",
+                     "gate_low_rank", "num_householder"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                bad(f"`{name}` must be a positive int; got {value!r}")
+        if self.head_dim is None and self.d_model % self.num_heads:
+            bad(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}; "
+                "set head_dim explicitly")
+        if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
+            bad(f"num_heads={self.num_heads} must be a multiple of "
+                f"num_kv_heads={self.num_kv_heads}")
+        if self.mode not in MODES:
+            bad(f"`mode` must be one of {MODES}; got {self.mode!r}")
+        if self.feature_map not in FEATURE_MAPS:
+            bad(f"`feature_map` must be one of {FEATURE_MAPS}; got {self.feature_map!r}")
+        if self.transnormer_attention not in ("auto", "norm", "diag"):
+            bad("`transnormer_attention` must be 'auto', 'norm' or 'diag'; "
+                f"got {self.transnormer_attention!r}")
+        if self.conv_size < 0:
+            bad(f"`conv_size` must be ≥ 0; got {self.conv_size}")
+        if self.expand_v <= 0:
+            bad(f"`expand_v` must be positive; got {self.expand_v}")
+        if self.window is not None and self.window < 1:
+            bad(f"`window` must be None or ≥ 1; got {self.window}")
+        for name in ("dtype", "param_dtype"):
+            try:
+                jnp.dtype(getattr(self, name))
+            except TypeError:
+                bad(f"`{name}` is not a dtype: {getattr(self, name)!r}")
+
+    @property
+    def key_dim(self) -> int:
+        """Query/key dimension per head."""
+        return self.head_dim if self.head_dim is not None else self.d_model // self.num_heads
+
+    @property
+    def value_dim(self) -> int:
+        """Value dimension per head."""
+        return max(1, round(self.key_dim * self.expand_v))
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads of softmax attention."""
+        return self.num_kv_heads if self.num_kv_heads is not None else self.num_heads
+
+    @property
+    def compute_dtype(self) -> Any:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def params_dtype(self) -> Any:
+        return jnp.dtype(self.param_dtype)

@@ -1,0 +1,38 @@
+"""Short causal depthwise convolution with a decoding cache.
+
+``y_t = Σ_{j<L} w_j ⊙ x_{t−L+1+j}`` per channel (``w`` ``[L, C]``), zero history
+before the first token. The cache is the last ``L − 1`` inputs ``[B, L−1, C]``,
+so feeding tokens one at a time with the cache equals the full convolution.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class ShortConv(nnx.Module):
+    """Depthwise causal conv of length ``kernel_size`` over ``channels``."""
+
+    def __init__(self, channels: int, kernel_size: int, *, rngs: nnx.Rngs,
+                 param_dtype=jnp.float32, axis_name: str | None = "heads"):
+        self.kernel_size = kernel_size
+        bound = kernel_size ** -0.5
+        weight = jax.random.uniform(rngs.params(), (kernel_size, channels), param_dtype,
+                                    -bound, bound)
+        self.weight = nnx.Param(weight, out_sharding=(None, axis_name), eager_sharding=False)
+
+    def init_cache(self, batch: int, dtype=jnp.float32) -> jax.Array:
+        return jnp.zeros((batch, self.kernel_size - 1, self.weight.shape[1]), dtype)
+
+    def __call__(self, x: jax.Array, cache: jax.Array | None = None
+                 ) -> tuple[jax.Array, jax.Array]:
+        """``x`` ``[B, T, C]`` → ``(y [B, T, C], cache [B, L−1, C])``."""
+        batch, length, _ = x.shape
+        if cache is None:
+            cache = self.init_cache(batch, x.dtype)
+        padded = jnp.concatenate([cache.astype(x.dtype), x], axis=1)
+        weight = self.weight[...].astype(x.dtype)
+        y = sum(weight[j] * padded[:, j:j + length] for j in range(self.kernel_size))
+        return y, padded[:, length:]

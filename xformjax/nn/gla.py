@@ -1,0 +1,54 @@
+"""Gated linear attention ("Gated Linear Attention Transformers with
+Hardware-Efficient Training", Yang et al. 2024).
+
+    q_t, k_t, v_t = x_t W_q, x_t W_k, x_t W_v
+    α_t = σ(x_t W_α¹ W_α² + b)^{1/τ}          (per key channel; low-rank W_α, τ = 16)
+    S_t = diag(α_t) S_{t-1} + k_t v_tᵀ;   o_t = S_tᵀ q_t / √K
+    y_t = W_o · (SiLU(x_t W_g) ⊙ RMSNorm(o_t))
+
+The gate enters the op in log space, ``log α_t = logσ(·)/τ ≤ 0``; the chunk form
+uses secondary chunking so no exponent is ever positive.
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from xformjax.nn import linear
+from xformjax.nn.config import MixerConfig
+from xformjax.nn.mixer import QKV, OutputHead, register, split_heads
+from xformjax.nn.recurrent import MatrixMemoryMixer, OpInputs
+
+
+@register("gla")
+class GatedLinearAttention(MatrixMemoryMixer):
+    """GLA with data-dependent per-channel gates (see the module docstring)."""
+
+    def __init__(self, config: MixerConfig, *, layer_index: int = 0, num_layers: int = 1,
+                 rngs: nnx.Rngs):
+        super().__init__(config, layer_index=layer_index, num_layers=num_layers, rngs=rngs)
+        heads, dim = config.num_heads, config.key_dim
+        self.qkv = QKV(config, key_dim=dim, value_dim=config.value_dim, rngs=rngs)
+        self.gate_down = linear.dense(config, config.d_model, config.gate_low_rank,
+                                      axes=("embed", None), rngs=rngs)
+        self.gate_up = linear.dense(config, config.gate_low_rank, heads * dim,
+                                    axes=(None, "heads"), use_bias=True, rngs=rngs)
+        self.head = OutputHead(config, heads, config.value_dim, norm="rms",
+                               gate="silu" if config.output_gate else None, rngs=rngs)
+
+    def memory_shape(self):
+        return (self.config.num_heads, self.config.key_dim, self.config.value_dim)
+
+    def log_gate(self, x: jax.Array) -> jax.Array:
+        """``log α_t`` ``[B, T, H, K]``, ≤ 0."""
+        logits = self.gate_up(self.gate_down(x))
+        return split_heads(jax.nn.log_sigmoid(logits) / self.config.gate_temperature,
+                           self.config.num_heads)
+
+    def prepare(self, x, state, position):
+        q, k, v = self.qkv(x)
+        return OpInputs(q, k, v, gk=self.log_gate(x))
+
+    def finish(self, o, x, inputs, state):
+        return self.head(o, x)

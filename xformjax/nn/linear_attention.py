@@ -1,0 +1,99 @@
+"""Linear attention with selectable feature maps, and its magnitude-aware variant.
+
+``linear_attn`` ("Transformers are RNNs", Katharopoulos et al. 2020):
+
+    q_t, k_t = φ(x_t W_q), φ(x_t W_k);  v_t = x_t W_v      (φ from ``config.feature_map``)
+    S_t = S_{t-1} + k_t v_tᵀ,  z_t = z_{t-1} + k_t
+    o_t = s·S_tᵀ q_t              or, with ``normalize``,   S_tᵀ q_t / (q_tᵀ z_t + ε)
+    y_t = W_o · gate ⊙ RMSNorm(o_t)     (the RMSNorm only without a normaliser)
+
+``mala`` ("Rectifying Magnitude Neglect in Linear Attention", Fan et al. 2025): the
+normalised form discards ‖q‖. MALA keeps it with weights that still sum to one,
+
+    w_tj = β_t q_tᵀk_j − γ_t,   β_t = 1 + 1/(q_tᵀz_t),   γ_t = q_tᵀz_t / n_t,
+
+(``n_t`` = number of keys seen; the paper's bidirectional ``N`` becomes the causal
+count), i.e. ``o_t = β_t S_tᵀq_t − γ_t Σ_{j≤t} v_j``: the larger ``q_tᵀz_t``, the
+sharper the weights. The state carries ``Σ v`` besides ``S`` and ``z``.
+
+Hedgehog's distillation loss for this layer is :func:`hedgehog_loss`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from xformjax.nn.config import MixerConfig
+from xformjax.nn.feature_maps import FeatureMap, hedgehog_distillation_loss
+from xformjax.nn.mixer import QKV, OutputHead, State, position_of, register
+from xformjax.nn.recurrent import MatrixMemoryMixer, OpInputs
+
+_EPS = 1e-6
+
+
+@register("linear_attn")
+class LinearAttention(MatrixMemoryMixer):
+    """Linear attention with feature map ``config.feature_map`` (see module docstring)."""
+
+    def __init__(self, config: MixerConfig, *, layer_index: int = 0, num_layers: int = 1,
+                 rngs: nnx.Rngs):
+        super().__init__(config, layer_index=layer_index, num_layers=num_layers, rngs=rngs)
+        heads = config.num_heads
+        self.feature_dim = config.feature_dim or config.key_dim
+        self.qkv = QKV(config, key_dim=self.feature_dim, value_dim=config.value_dim, rngs=rngs)
+        self.feature_map = FeatureMap(config.feature_map, self.feature_dim, heads, rngs=rngs,
+                                      param_dtype=config.params_dtype)
+        unnormalised = not (config.normalize or config.mala)
+        self.head = OutputHead(config, heads, config.value_dim,
+                               norm="rms" if unnormalised else None,
+                               gate="silu" if config.output_gate else None, rngs=rngs)
+
+    def memory_shape(self):
+        extra = 1 if (self.config.normalize or self.config.mala) else 0
+        return (self.config.num_heads, self.feature_map.output_dim, self.config.value_dim + extra)
+
+    def init_extra_state(self, batch):
+        if not self.config.mala:
+            return {}
+        shape = (batch, self.config.num_heads, self.config.value_dim)
+        return {"value_sum": jnp.zeros(shape, self.memory_dtype())}
+
+    def prepare(self, x, state, position):
+        q, k, v = self.qkv(x)
+        q, k = self.feature_map(q), self.feature_map(k)
+        scale = 1.0 if self.config.feature_map in ("hedgehog", "taylor") else None
+        if not self.config.mala:
+            return OpInputs(q, k, v, scale=scale, normalize=self.config.normalize)
+        ones = jnp.ones(v.shape[:-1] + (1,), v.dtype)
+        previous = (jnp.zeros(v.shape[:1] + v.shape[2:], self.memory_dtype())
+                    if state is None else state["value_sum"])
+        value_sum = previous + jnp.sum(v, axis=1).astype(previous.dtype)
+        return OpInputs(q, k, jnp.concatenate([v, ones], -1), scale=1.0,
+                        extra_state={"value_sum": value_sum})
+
+    def finish(self, o, x, inputs, state):
+        if self.config.mala:
+            o = self._mala(o, inputs.v[..., :-1], state)
+        return self.head(o, x)
+
+    def _mala(self, o: jax.Array, v: jax.Array, state: State | None) -> jax.Array:
+        numerator, score = o[..., :-1], o[..., -1:]
+        dtype = o.dtype
+        previous = 0.0 if state is None else state["value_sum"][:, None].astype(dtype)
+        value_sums = previous + jnp.cumsum(v.astype(dtype), axis=1)
+        counts = (position_of(state) + jnp.arange(1, v.shape[1] + 1)).astype(dtype)
+        beta = 1.0 + 1.0 / (score + _EPS)
+        gamma = score / counts[None, :, None, None]
+        return beta * numerator - gamma * value_sums
+
+
+def hedgehog_loss(layer: LinearAttention, x: jax.Array) -> jax.Array:
+    """Hedgehog's softmax-mimicry loss for a ``linear_attn`` layer on input ``x``.
+
+    The layer's own q/k projections give both the teacher (softmax attention) and the
+    student (its feature map); see :func:`hedgehog_distillation_loss`.
+    """
+    q, k, _ = layer.qkv(x)
+    return hedgehog_distillation_loss(q, k, layer.feature_map)

@@ -1,0 +1,110 @@
+"""Normalisations over the last axis, computed in ``promote(dtype, float32)``.
+
+- ``RMSNorm``:  ``y = γ ⊙ x / sqrt(mean(x²) + ε)``.
+- ``LayerNorm``: ``y = γ ⊙ (x − mean x) / sqrt(var x + ε) + b``.
+- ``SRMSNorm`` (TransNormerLLM's "simple" RMSNorm): ``y = x / sqrt(mean(x²) + ε)``,
+  no parameters.
+- ``CRMSNorm`` ("Pre-RMSNorm and Pre-CRMSNorm Transformers", Jiang et al. 2023):
+  for a zero-mean vector ``x ∈ R^d`` stored compressed as its first ``d − 1``
+  coordinates ``x̂`` (the last is ``−Σ x̂``),
+  ``y = γ ⊙ x̂ / sqrt((‖x̂‖² + (Σ x̂)²) / d + ε)`` — RMSNorm of the full vector,
+  computed on ``d − 1`` numbers.
+
+The paper's equivalence — a Pre-LN Transformer equals a Pre-RMSNorm one when the
+main branch is kept zero-mean, which equals a Pre-CRMSNorm one on the compressed
+``d − 1`` dimensions — is checked in ``tests/nn/test_norms.py``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+NORMS = ("rms", "layer", "srms")
+
+
+def _float(x: jax.Array) -> jax.Array:
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+class RMSNorm(nnx.Module):
+    """``γ ⊙ x / rms(x)`` over the last axis (``dim`` features)."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, rngs: nnx.Rngs | None = None,
+                 param_dtype=jnp.float32, axis_name: str | None = "embed"):
+        del rngs
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=(axis_name,),
+                               eager_sharding=False)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = _float(x)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...]).astype(x.dtype)
+
+
+class SRMSNorm(nnx.Module):
+    """``x / rms(x)`` over the last axis, without parameters."""
+
+    def __init__(self, dim: int | None = None, *, eps: float = 1e-6,
+                 rngs: nnx.Rngs | None = None, **_):
+        del dim, rngs
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = _float(x)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return y.astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """``γ ⊙ (x − μ)/σ + b`` over the last axis."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, rngs: nnx.Rngs | None = None,
+                 param_dtype=jnp.float32, axis_name: str | None = "embed"):
+        del rngs
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=(axis_name,),
+                               eager_sharding=False)
+        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), out_sharding=(axis_name,),
+                              eager_sharding=False)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = _float(x)
+        centred = xf - jnp.mean(xf, axis=-1, keepdims=True)
+        y = centred * jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True)
+                                    + self.eps)
+        return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
+
+
+class CRMSNorm(nnx.Module):
+    """RMSNorm of a zero-mean ``(dim + 1)``-vector given by its first ``dim`` entries."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, rngs: nnx.Rngs | None = None,
+                 param_dtype=jnp.float32, axis_name: str | None = "embed"):
+        del rngs
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=(axis_name,),
+                               eager_sharding=False)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = _float(x)
+        full_dim = x.shape[-1] + 1
+        square_sum = jnp.sum(xf * xf, axis=-1, keepdims=True) + \
+            jnp.square(jnp.sum(xf, axis=-1, keepdims=True))
+        y = xf * jax.lax.rsqrt(square_sum / full_dim + self.eps)
+        return (y * self.scale[...]).astype(x.dtype)
+
+
+def make_norm(kind: str, dim: int, *, eps: float = 1e-6, param_dtype=jnp.float32,
+              axis_name: str | None = "embed") -> nnx.Module:
+    """``"rms"`` → :class:`RMSNorm`, ``"layer"`` → :class:`LayerNorm`,
+    ``"srms"`` → :class:`SRMSNorm`."""
+    if kind == "rms":
+        return RMSNorm(dim, eps=eps, param_dtype=param_dtype, axis_name=axis_name)
+    if kind == "layer":
+        return LayerNorm(dim, eps=eps, param_dtype=param_dtype, axis_name=axis_name)
+    if kind == "srms":
+        return SRMSNorm(dim, eps=eps)
+    raise ValueError(f"unknown norm {kind!r}; expected one of {NORMS}")

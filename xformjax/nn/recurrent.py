@@ -1,0 +1,115 @@
+"""Base class of the mixers whose state is a matrix memory ``S`` ``[B, H, K, V]``.
+
+A subclass turns the input into the op's arguments (:meth:`prepare`) and the op's
+output back into the residual stream (:meth:`finish`); this class runs the op in
+the requested form, threads the memory and the subclass's extra state (conv
+caches, running sums) and counts positions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from xformjax import ops
+from xformjax.nn.mixer import Mixer, State, position_of
+
+
+@dataclasses.dataclass
+class OpInputs:
+    """Arguments of one op call (``[B, T, H, ·]`` layout, as the op contract).
+
+    ``op`` is ``"linear"`` (:func:`ops.linear_attention`), ``"delta"``
+    (:func:`ops.delta_rule`) or ``"delta_product"`` (:func:`ops.delta_product`).
+    """
+
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    op: str = "linear"
+    g: jax.Array | None = None
+    gk: jax.Array | None = None
+    beta: jax.Array | None = None
+    scale: float | None = None
+    normalize: bool = False
+    num_householder: int = 1
+    extra_state: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def run_op(inputs: OpInputs, initial_state: jax.Array | None, mode: str, chunk_size: int
+           ) -> tuple[jax.Array, jax.Array]:
+    """Call the op ``inputs`` names; returns ``(o, final_state)``."""
+    common = dict(scale=inputs.scale, initial_state=initial_state, output_final_state=True,
+                  mode=mode, chunk_size=chunk_size)
+    if inputs.op == "linear":
+        return ops.linear_attention(inputs.q, inputs.k, inputs.v, g=inputs.g, gk=inputs.gk,
+                                    normalize=inputs.normalize, **common)
+    if inputs.op == "delta":
+        return ops.delta_rule(inputs.q, inputs.k, inputs.v, inputs.beta, g=inputs.g,
+                              gk=inputs.gk, **common)
+    if inputs.op == "delta_product":
+        return ops.delta_product(inputs.q, inputs.k, inputs.v, inputs.beta, g=inputs.g,
+                                 num_householder=inputs.num_householder, **common)
+    raise ValueError(f"unknown op {inputs.op!r}")
+
+
+class MatrixMemoryMixer(Mixer):
+    """``prepare → op → finish`` with the memory in ``state["memory"]``."""
+
+    modes: ClassVar[tuple[str, ...]] = ("chunk", "parallel", "recurrent")
+
+    def memory_shape(self) -> tuple[int, int, int]:
+        """``(H, K, V)`` of the op's state (``V + 1`` columns when normalising)."""
+        raise NotImplementedError
+
+    def init_extra_state(self, batch: int) -> dict[str, jax.Array]:
+        """Zero extra state (conv caches, running sums); empty by default."""
+        return {}
+
+    def prepare(self, x: jax.Array, state: State | None, position: jax.Array) -> OpInputs:
+        raise NotImplementedError
+
+    def finish(self, o: jax.Array, x: jax.Array, inputs: OpInputs,
+               state: State | None) -> jax.Array:
+        raise NotImplementedError
+
+    def sequence_flops(self, seq_len: int) -> float:
+        """Chunk form: intra-chunk ``QKᵀ`` and ``(·)V`` over ``C`` tokens, plus the
+        state read-out and update (``2·K·V`` each); the delta rule adds the WY/UT
+        preparation (``KKᵀ``, ``W = AK``, ``U = AV``) and the state correction."""
+        heads, key_dim, value_dim = self.memory_shape()
+        chunk = min(self.config.chunk_size, seq_len)
+        per_head = 2 * chunk * (key_dim + value_dim) + 4 * key_dim * value_dim
+        if self.op_kind in ("delta", "delta_product"):
+            steps = getattr(self, "steps", 1)
+            per_head += steps * (2 * chunk * (2 * key_dim + value_dim)
+                                 + 2 * key_dim * value_dim)
+        return float(heads * per_head)
+
+    op_kind = "linear"
+
+    def memory_dtype(self):
+        return jnp.promote_types(self.config.compute_dtype, jnp.float32)
+
+    def init_state(self, batch: int, max_len: int | None = None) -> State:
+        del max_len  # the memory does not grow with the sequence
+        memory = jnp.zeros((batch, *self.memory_shape()), self.memory_dtype())
+        return {"memory": memory, "position": jnp.zeros((), jnp.int32),
+                **self.init_extra_state(batch)}
+
+    def __call__(self, x: jax.Array, *, state: State | None = None,
+                 mode: str | None = None) -> tuple[jax.Array, State]:
+        """``x`` ``[B, T, d_model]`` → ``(y [B, T, d_model], state)``."""
+        self.check_input(x)
+        mode = self.resolve_mode(mode, x.shape[1])
+        position = position_of(state)
+        inputs = self.prepare(x, state, position)
+        memory = None if state is None else state["memory"]
+        o, final = run_op(inputs, memory, mode, self.config.chunk_size)
+        y = self.finish(o, x, inputs, state)
+        new_state = {"memory": final.astype(self.memory_dtype()),
+                     "position": position + x.shape[1], **inputs.extra_state}
+        return y, new_state

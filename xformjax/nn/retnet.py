@@ -1,0 +1,58 @@
+"""Multi-scale retention ("Retentive Network", Sun et al. 2023).
+
+    q_t, k_t = RoPE(x_t W_q), RoPE(x_t W_k);  v_t = x_t W_v
+    S_t = γ_h S_{t-1} + k_t v_tᵀ,   γ_h = 1 − 2^{−5−h}  (h = 0 … H−1)
+    o_t = S_tᵀ q_t / √D
+    y_t = W_o · (SiLU(x_t W_g) ⊙ GroupNorm(o_t))
+
+Each head has its own fixed decay (the "multi-scale" part); GroupNorm normalises
+each head separately (here a LayerNorm over the head's value features, shared
+affine). The parallel form is ``(QKᵀ ⊙ D)V`` with ``D_ij = γ^{i−j}``, the chunk form
+RetNet's chunkwise recurrence. The paper uses values twice as wide as keys:
+set ``expand_v=2``.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from xformjax.nn.config import MixerConfig
+from xformjax.nn.mixer import QKV, OutputHead, register
+from xformjax.nn.positional import apply_rope, token_positions
+from xformjax.nn.recurrent import MatrixMemoryMixer, OpInputs
+
+
+def retnet_log_decay(num_heads: int) -> np.ndarray:
+    """``log γ_h = log(1 − 2^{−5−h})``, float64 ``[H]``."""
+    return np.log1p(-(2.0 ** (-5.0 - np.arange(num_heads))))
+
+
+@register("retnet")
+class RetNet(MatrixMemoryMixer):
+    """Multi-scale retention (see the module docstring)."""
+
+    def __init__(self, config: MixerConfig, *, layer_index: int = 0, num_layers: int = 1,
+                 rngs: nnx.Rngs):
+        super().__init__(config, layer_index=layer_index, num_layers=num_layers, rngs=rngs)
+        if config.key_dim % 2:
+            raise ValueError(f"retnet needs an even head_dim for RoPE; got {config.key_dim}")
+        self.qkv = QKV(config, key_dim=config.key_dim, value_dim=config.value_dim, rngs=rngs)
+        self.head = OutputHead(config, config.num_heads, config.value_dim, norm="layer",
+                               gate="silu" if config.output_gate else None, rngs=rngs)
+        self.log_decay = tuple(retnet_log_decay(config.num_heads))
+
+    def memory_shape(self):
+        return (self.config.num_heads, self.config.key_dim, self.config.value_dim)
+
+    def prepare(self, x, state, position):
+        q, k, v = self.qkv(x)
+        positions = token_positions(position, x.shape[1])
+        theta = self.config.rope_theta
+        q, k = apply_rope(q, positions, base=theta), apply_rope(k, positions, base=theta)
+        dtype = jnp.promote_types(x.dtype, jnp.float32)
+        return OpInputs(q, k, v, g=jnp.asarray(self.log_decay, dtype))
+
+    def finish(self, o, x, inputs, state):
+        return self.head(o, x)
