@@ -12,16 +12,37 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def test_readme_python_example_runs():
-    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
-    assert blocks, "the README has no python example"
+BLOCKS = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+
+
+def test_readme_has_the_op_layer_and_model_examples():
+    assert len(BLOCKS) == 3
+
+
+def test_readme_op_example_runs():
     namespace: dict = {}
-    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    exec(compile(BLOCKS[0], "README.md", "exec"), namespace)
     assert namespace["states"].shape == (3, 4, 64, 64)
 
 
+def test_readme_layer_example_runs():
+    namespace: dict = {}
+    exec(compile(BLOCKS[1], "README.md", "exec"), namespace)
+    assert namespace["y_next"].shape == (2, 1, 128)
+    assert namespace["y"].shape == (2, 300, 128)
+
+
+def test_readme_model_example_runs():
+    namespace: dict = {}
+    exec(compile(BLOCKS[2], "README.md", "exec"), namespace)
+    assert namespace["logits"].shape == (2, 64, 256)
+    assert namespace["tokens"].shape == (2, 16)
+
+
 @pytest.mark.parametrize("module", ["xformjax.ops.linear_attention",
-                                    "xformjax.ops.softmax_attention"])
+                                    "xformjax.ops.softmax_attention", "xformjax.nn",
+                                    "xformjax.nn.linen", "xformjax.models",
+                                    "xformjax.models.config"])
 def test_docstring_examples(module):
     result = doctest.testmod(importlib.import_module(module))
     assert result.attempted > 0 and result.failed == 0, result

@@ -1,0 +1,142 @@
+"""The hybrid language model: configs, generation with the recurrent-state cache
+against the full forward, training on a copy task, and costs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from tests.ops.helpers import assert_close
+from xformjax import models, nn
+
+
+def tiny(**overrides) -> models.LMConfig:
+    return models.LMConfig.preset("tiny", **{"mixer.d_model": 32, "mixer.chunk_size": 16,
+                                             **overrides})
+
+
+@pytest.mark.parametrize("overrides", [
+    {},  # the tiny preset: gated DeltaNet + attention
+    {"num_layers": 5, "layer_pattern": "deltaproduct,sigmoid_attn,gla,lightning,transnormer",
+     "norm_placement": "peri", "tie_embeddings": False, "mlp": "glu"},
+], ids=["gdn-attn", "five-families-peri-untied"])
+def test_generation_logits_equal_the_full_forward(overrides):
+    model = models.LanguageModel(tiny(**overrides), rngs=nnx.Rngs(0))
+    prompt = jax.random.randint(jax.random.key(1), (2, 7), 0, 256)
+    new_tokens, logits = models.generate(model, prompt, 12, temperature=0, return_logits=True)
+    assert new_tokens.shape == (2, 12) and logits.shape == (2, 12, 256)
+    full, _ = model(jnp.concatenate([prompt, new_tokens], 1))
+    assert_close(logits, full[:, 6:6 + 12], 1e-4, "step-by-step logits")
+    assert np.array_equal(new_tokens, jnp.argmax(full[:, 6:6 + 12], -1))
+
+
+def test_sampling_is_seeded_and_respects_top_k():
+    model = models.LanguageModel(tiny(), rngs=nnx.Rngs(0))
+    prompt = jnp.zeros((3, 4), jnp.int32)
+    first = models.generate(model, prompt, 10, temperature=1.0, top_k=5, seed=3)
+    again = models.generate(model, prompt, 10, temperature=1.0, top_k=5, seed=3)
+    other = models.generate(model, prompt, 10, temperature=1.0, top_k=5, seed=4)
+    assert np.array_equal(first, again) and not np.array_equal(first, other)
+    logits = jnp.asarray(np.random.default_rng(0).standard_normal((64, 50)))
+    draws = jax.vmap(lambda k: models.sample_token(logits, k, 1.0, 3))(
+        jax.random.split(jax.random.key(0), 20))
+    top3 = np.argsort(-np.asarray(logits), -1)[:, :3]
+    assert all(np.isin(draws[:, i], top3[i]).all() for i in range(64))
+
+
+def test_generation_input_errors():
+    model = models.LanguageModel(tiny(), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="prompt_tokens"):
+        models.generate(model, jnp.zeros((2, 0), jnp.int32), 3)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        models.generate(model, jnp.zeros((2, 3), jnp.int32), 0)
+    with pytest.raises(ValueError, match="top_k"):
+        models.generate(model, jnp.zeros((2, 3), jnp.int32), 2, top_k=1000)
+    with pytest.raises(ValueError, match="tokens` must be int"):
+        model(jnp.zeros((2, 3)))
+
+
+def test_a_few_hundred_steps_learn_a_copy_task():
+    """Copy 12 random symbols after a separator: chance is log 16 ≈ 2.77 nats."""
+    length, symbols = 12, 16
+    model = models.LanguageModel(tiny(vocab_size=symbols + 1), rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.adamw(3e-3), wrt=nnx.Param)
+
+    def batch(key):
+        x = jax.random.randint(key, (32, length), 0, symbols)
+        return jnp.concatenate([x, jnp.full((32, 1), symbols), x], 1)
+
+    @nnx.jit
+    def step(model, optimizer, sequence):
+        def loss_fn(model):
+            logits, _ = model(sequence[:, :-1])
+            log_probs = jax.nn.log_softmax(logits[:, length:], -1)
+            targets = sequence[:, length + 1:]
+            return -jnp.mean(jnp.take_along_axis(log_probs, targets[..., None], -1))
+
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        optimizer.update(model, grads)
+        return loss
+
+    key = jax.random.key(0)
+    losses = []
+    for _ in range(250):
+        key, sub = jax.random.split(key)
+        losses.append(float(step(model, optimizer, batch(sub))))
+    chance = np.log(symbols)
+    assert losses[0] > 0.8 * chance
+    assert np.mean(losses[-10:]) < 0.05 * chance, losses[-10:]
+
+
+def test_presets_overrides_and_layer_pattern():
+    config = models.LMConfig.preset("small", num_layers=7, **{"mixer.num_heads": 8})
+    assert config.mixer.num_heads == 8 and config.num_layers == 7
+    assert config.layer_names() == ("gated_deltanet", "gated_deltanet", "attn") * 2 + (
+        "gated_deltanet",)
+    assert models.LMConfig(layer_pattern="gdn, attn", num_layers=2).layer_names() == (
+        "gated_deltanet", "attn")
+    assert dataclasses.is_dataclass(config)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.num_layers = 3
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        models.LMConfig.preset("huge")
+    with pytest.raises(ValueError, match=r"no field\(s\) \['depth', 'mixer.width'\]"):
+        config.replace(depth=3, **{"mixer.width": 3})
+    with pytest.raises(ValueError, match="unknown mixer 'mamba'"):
+        models.LMConfig(layer_pattern="gdn,mamba")
+    with pytest.raises(ValueError, match="norm_placement"):
+        models.LMConfig(norm_placement="post")
+
+
+def test_parameter_and_flop_counts():
+    config = tiny(num_layers=2, layer_pattern="attn")
+    model = models.LanguageModel(config, rngs=nnx.Rngs(0))
+    d, hidden, vocab = 32, config.hidden, 256
+    block = 4 * d * d + 3 * d * hidden + 2 * d  # q k v o, the MLP, two norm scales
+    assert models.count_params(model) == vocab * d + 2 * block + d
+    cost = models.model_cost(config, seq_len=100)
+    assert cost.params == models.count_params(model)
+    matmuls = 2 * (2 * (4 * d * d + 3 * d * hidden) + vocab * d)
+    attention = 2 * 4 * d * (101 / 2)
+    assert cost.forward_flops_per_token == pytest.approx(matmuls + attention)
+    assert cost.train_flops_per_token == 3 * cost.forward_flops_per_token
+    assert "M parameters" in cost.summary()
+    base = models.model_cost(models.LMConfig.preset("base"), seq_len=2048)
+    assert 60e6 < base.params < 150e6
+
+
+def test_sigma_reparam_model_decodes_consistently_in_eval_mode():
+    config = tiny(**{"mixer.sigma_reparam": True})
+    model = models.LanguageModel(config, rngs=nnx.Rngs(0))
+    model.eval()
+    prompt = jnp.ones((1, 5), jnp.int32)
+    tokens, logits = models.generate(model, prompt, 4, temperature=0, return_logits=True)
+    full, _ = model(jnp.concatenate([prompt, tokens], 1))
+    assert_close(logits, full[:, 4:8], 1e-4, "σReparam logits")
+    assert isinstance(model.blocks[0].mlp.up, nn.Dense) and model.blocks[0].mlp.up.sigma_reparam
