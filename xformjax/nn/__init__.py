@@ -14,8 +14,7 @@ short names to classes::
     ((1, 8, 32), (1, 2, 16, 16))
 """
 
-from xformjax.nn import attention, deltanet, gla, lightning, lightnet, linear_attention, \
-    retnet, transnormer  # noqa: F401  (importing registers the mixers)
+# importing each family's module registers its mixers in MIXERS
 from xformjax.nn.attention import Attention, SigmoidAttention
 from xformjax.nn.config import MixerConfig
 from xformjax.nn.conv import ShortConv

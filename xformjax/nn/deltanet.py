@@ -71,9 +71,6 @@ class DeltaRuleMixer(MatrixMemoryMixer):
         self.head = OutputHead(config, heads, config.value_dim, norm="rms",
                                gate="silu" if config.output_gate else None, rngs=rngs)
 
-    def memory_shape(self):
-        return (self.config.num_heads, self.config.key_dim, self.config.value_dim)
-
     def init_extra_state(self, batch):
         return {f"conv_{name}": conv.init_cache(batch, self.config.compute_dtype)
                 for name, conv in self.convs.items()}
@@ -109,9 +106,6 @@ class DeltaRuleMixer(MatrixMemoryMixer):
         g = self.log_decay(x) if self.gated else None
         op = "delta" if n == 1 else "delta_product"
         return OpInputs(q, k, v, op=op, g=g, beta=beta, num_householder=n, extra_state=caches)
-
-    def finish(self, o, x, inputs, state):
-        return self.head(o, x)
 
 
 @register("deltanet")

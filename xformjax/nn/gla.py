@@ -17,7 +17,7 @@ from flax import nnx
 
 from xformjax.nn import linear
 from xformjax.nn.config import MixerConfig
-from xformjax.nn.mixer import QKV, OutputHead, register, split_heads
+from xformjax.nn.mixer import register, split_heads
 from xformjax.nn.recurrent import MatrixMemoryMixer, OpInputs
 
 
@@ -29,16 +29,11 @@ class GatedLinearAttention(MatrixMemoryMixer):
                  rngs: nnx.Rngs):
         super().__init__(config, layer_index=layer_index, num_layers=num_layers, rngs=rngs)
         heads, dim = config.num_heads, config.key_dim
-        self.qkv = QKV(config, key_dim=dim, value_dim=config.value_dim, rngs=rngs)
+        self.standard_layers(rngs, norm="rms")
         self.gate_down = linear.dense(config, config.d_model, config.gate_low_rank,
                                       axes=("embed", None), rngs=rngs)
         self.gate_up = linear.dense(config, config.gate_low_rank, heads * dim,
                                     axes=(None, "heads"), use_bias=True, rngs=rngs)
-        self.head = OutputHead(config, heads, config.value_dim, norm="rms",
-                               gate="silu" if config.output_gate else None, rngs=rngs)
-
-    def memory_shape(self):
-        return (self.config.num_heads, self.config.key_dim, self.config.value_dim)
 
     def log_gate(self, x: jax.Array) -> jax.Array:
         """``log α_t`` ``[B, T, H, K]``, ≤ 0."""
@@ -49,6 +44,3 @@ class GatedLinearAttention(MatrixMemoryMixer):
     def prepare(self, x, state, position):
         q, k, v = self.qkv(x)
         return OpInputs(q, k, v, gk=self.log_gate(x))
-
-    def finish(self, o, x, inputs, state):
-        return self.head(o, x)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from xformjax.nn.config import MixerConfig
-from xformjax.nn.mixer import QKV, OutputHead, register
+from xformjax.nn.mixer import register
 from xformjax.nn.recurrent import MatrixMemoryMixer, OpInputs
 
 #: ``log z`` of an empty prefix (z = 0), kept finite so no inf reaches a gradient.
@@ -44,12 +44,7 @@ class LightNet(MatrixMemoryMixer):
     def __init__(self, config: MixerConfig, *, layer_index: int = 0, num_layers: int = 1,
                  rngs: nnx.Rngs):
         super().__init__(config, layer_index=layer_index, num_layers=num_layers, rngs=rngs)
-        self.qkv = QKV(config, key_dim=config.key_dim, value_dim=config.value_dim, rngs=rngs)
-        self.head = OutputHead(config, config.num_heads, config.value_dim, norm="rms",
-                               gate="silu" if config.output_gate else None, rngs=rngs)
-
-    def memory_shape(self):
-        return (self.config.num_heads, self.config.key_dim, self.config.value_dim)
+        self.standard_layers(rngs, norm="rms")
 
     def init_extra_state(self, batch):
         shape = (batch, self.config.num_heads, self.config.key_dim)
@@ -63,6 +58,3 @@ class LightNet(MatrixMemoryMixer):
         keys, log_gate, final_log_z = additive_gates(k.astype(dtype), log_z)
         return OpInputs(jax.nn.silu(q), keys.astype(k.dtype), v, gk=log_gate,
                         extra_state={"log_z": final_log_z})
-
-    def finish(self, o, x, inputs, state):
-        return self.head(o, x)

@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from xformjax.nn.config import MixerConfig
-from xformjax.nn.mixer import QKV, OutputHead, register
+from xformjax.nn.mixer import register
 from xformjax.nn.positional import apply_lrpe, token_positions
 from xformjax.nn.recurrent import MatrixMemoryMixer, OpInputs
 
@@ -61,9 +61,7 @@ class LightningAttention(MatrixMemoryMixer):
     def __init__(self, config: MixerConfig, *, layer_index: int = 0, num_layers: int = 1,
                  rngs: nnx.Rngs):
         super().__init__(config, layer_index=layer_index, num_layers=num_layers, rngs=rngs)
-        self.qkv = QKV(config, key_dim=config.key_dim, value_dim=config.value_dim, rngs=rngs)
-        self.head = OutputHead(config, config.num_heads, config.value_dim, norm="srms",
-                               gate="silu" if config.output_gate else None, rngs=rngs)
+        self.standard_layers(rngs, norm="srms")
         self.log_decay = tuple(lightning_log_decay(config.num_heads, layer_index, num_layers))
 
     def memory_shape(self):
@@ -75,6 +73,3 @@ class LightningAttention(MatrixMemoryMixer):
         q, k = apply_lrpe(q, positions), apply_lrpe(k, positions)
         dtype = jnp.promote_types(x.dtype, jnp.float32)
         return OpInputs(q, k, v, g=jnp.asarray(self.log_decay, dtype))
-
-    def finish(self, o, x, inputs, state):
-        return self.head(o, x)

@@ -28,8 +28,8 @@ def _float(x: jax.Array) -> jax.Array:
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-class RMSNorm(nnx.Module):
-    """``γ ⊙ x / rms(x)`` over the last axis (``dim`` features)."""
+class _ScaledNorm(nnx.Module):
+    """A norm with a learnable per-feature scale ``γ`` (initialised to ones)."""
 
     def __init__(self, dim: int, *, eps: float = 1e-6, rngs: nnx.Rngs | None = None,
                  param_dtype=jnp.float32, axis_name: str | None = "embed"):
@@ -37,6 +37,10 @@ class RMSNorm(nnx.Module):
         self.eps = eps
         self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=(axis_name,),
                                eager_sharding=False)
+
+
+class RMSNorm(_ScaledNorm):
+    """``γ ⊙ x / rms(x)`` over the last axis (``dim`` features)."""
 
     def __call__(self, x: jax.Array) -> jax.Array:
         xf = _float(x)
@@ -58,15 +62,12 @@ class SRMSNorm(nnx.Module):
         return y.astype(x.dtype)
 
 
-class LayerNorm(nnx.Module):
+class LayerNorm(_ScaledNorm):
     """``γ ⊙ (x − μ)/σ + b`` over the last axis."""
 
     def __init__(self, dim: int, *, eps: float = 1e-6, rngs: nnx.Rngs | None = None,
                  param_dtype=jnp.float32, axis_name: str | None = "embed"):
-        del rngs
-        self.eps = eps
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=(axis_name,),
-                               eager_sharding=False)
+        super().__init__(dim, eps=eps, param_dtype=param_dtype, axis_name=axis_name)
         self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), out_sharding=(axis_name,),
                               eager_sharding=False)
 
@@ -78,15 +79,8 @@ class LayerNorm(nnx.Module):
         return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
 
 
-class CRMSNorm(nnx.Module):
+class CRMSNorm(_ScaledNorm):
     """RMSNorm of a zero-mean ``(dim + 1)``-vector given by its first ``dim`` entries."""
-
-    def __init__(self, dim: int, *, eps: float = 1e-6, rngs: nnx.Rngs | None = None,
-                 param_dtype=jnp.float32, axis_name: str | None = "embed"):
-        del rngs
-        self.eps = eps
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=(axis_name,),
-                               eager_sharding=False)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         xf = _float(x)

@@ -14,8 +14,10 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
+from flax import nnx
+
 from xformjax import ops
-from xformjax.nn.mixer import Mixer, State, position_of
+from xformjax.nn.mixer import QKV, Mixer, OutputHead, State, position_of
 
 
 @dataclasses.dataclass
@@ -61,9 +63,18 @@ class MatrixMemoryMixer(Mixer):
 
     modes: ClassVar[tuple[str, ...]] = ("chunk", "parallel", "recurrent")
 
+    def standard_layers(self, rngs: nnx.Rngs, *, norm: str | None) -> None:
+        """The usual parts: ``self.qkv`` (head-sized q, k, v projections) and
+        ``self.head`` (per-head ``norm``, SiLU output gate if ``config.output_gate``,
+        output projection)."""
+        config = self.config
+        self.qkv = QKV(config, key_dim=config.key_dim, value_dim=config.value_dim, rngs=rngs)
+        self.head = OutputHead(config, config.num_heads, config.value_dim, norm=norm,
+                               gate="silu" if config.output_gate else None, rngs=rngs)
+
     def memory_shape(self) -> tuple[int, int, int]:
         """``(H, K, V)`` of the op's state (``V + 1`` columns when normalising)."""
-        raise NotImplementedError
+        return (self.config.num_heads, self.config.key_dim, self.config.value_dim)
 
     def init_extra_state(self, batch: int) -> dict[str, jax.Array]:
         """Zero extra state (conv caches, running sums); empty by default."""
@@ -74,7 +85,8 @@ class MatrixMemoryMixer(Mixer):
 
     def finish(self, o: jax.Array, x: jax.Array, inputs: OpInputs,
                state: State | None) -> jax.Array:
-        raise NotImplementedError
+        """The op's output ``[B, T, H, V]`` → ``[B, T, d_model]`` (``self.head`` by default)."""
+        return self.head(o, x)
 
     def sequence_flops(self, seq_len: int) -> float:
         """Chunk form: intra-chunk ``QKᵀ`` and ``(·)V`` over ``C`` tokens, plus the

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from xformjax.nn.config import MixerConfig
-from xformjax.nn.mixer import QKV, OutputHead, register
+from xformjax.nn.mixer import register
 from xformjax.nn.positional import apply_rope, token_positions
 from xformjax.nn.recurrent import MatrixMemoryMixer, OpInputs
 
@@ -38,13 +38,8 @@ class RetNet(MatrixMemoryMixer):
         super().__init__(config, layer_index=layer_index, num_layers=num_layers, rngs=rngs)
         if config.key_dim % 2:
             raise ValueError(f"retnet needs an even head_dim for RoPE; got {config.key_dim}")
-        self.qkv = QKV(config, key_dim=config.key_dim, value_dim=config.value_dim, rngs=rngs)
-        self.head = OutputHead(config, config.num_heads, config.value_dim, norm="layer",
-                               gate="silu" if config.output_gate else None, rngs=rngs)
+        self.standard_layers(rngs, norm="layer")
         self.log_decay = tuple(retnet_log_decay(config.num_heads))
-
-    def memory_shape(self):
-        return (self.config.num_heads, self.config.key_dim, self.config.value_dim)
 
     def prepare(self, x, state, position):
         q, k, v = self.qkv(x)
@@ -53,6 +48,3 @@ class RetNet(MatrixMemoryMixer):
         q, k = apply_rope(q, positions, base=theta), apply_rope(k, positions, base=theta)
         dtype = jnp.promote_types(x.dtype, jnp.float32)
         return OpInputs(q, k, v, g=jnp.asarray(self.log_decay, dtype))
-
-    def finish(self, o, x, inputs, state):
-        return self.head(o, x)

@@ -62,9 +62,6 @@ class TransNormer(MatrixMemoryMixer):
         q, k, v = self.qkv(x)
         return OpInputs(self.feature_map(q), self.feature_map(k), v)
 
-    def finish(self, o, x, inputs, state):
-        return self.head(o, x)
-
     def sequence_flops(self, seq_len: int) -> float:
         if not self.diag:
             return super().sequence_flops(seq_len)
