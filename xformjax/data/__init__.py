@@ -1,0 +1,19 @@
+"""Data: synthetic tasks, text corpora as TFDS ``array_record`` datasets, grain
+pipelines with checkpointable iterators.
+
+    >>> from xformjax import data
+    >>> task = data.Parity(seed=0, max_length=16)
+    >>> batch = next(iter(data.task_dataset(task, batch_size=4)))
+    >>> batch["inputs"].shape, batch["targets"].shape, batch["mask"].shape
+    ((4, 16), (4, 16), (4, 16))
+"""
+
+from xformjax.data.corpus import CorpusSpec, prepare_corpus, split_files, stdlib_corpus
+from xformjax.data.pipeline import DOCUMENT_END, lm_dataset, task_dataset
+from xformjax.data.tasks import (MQAR, TASKS, ListOps, ModularArithmetic, Parity, Task,
+                                 WordProblem, evaluate_arithmetic, group_elements)
+
+__all__ = ["CorpusSpec", "prepare_corpus", "split_files", "stdlib_corpus", "DOCUMENT_END",
+           "lm_dataset", "task_dataset", "Task", "TASKS", "MQAR", "Parity",
+           "ModularArithmetic", "WordProblem", "ListOps", "evaluate_arithmetic",
+           "group_elements"]

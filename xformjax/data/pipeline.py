@@ -1,0 +1,59 @@
+"""grain pipelines: packed byte-level language-model batches and task batches.
+
+Both return a ``grain.IterDataset``; ``iter(dataset)`` gives an iterator whose
+``get_state()`` / ``set_state()`` checkpoint the exact position (shuffle order,
+packing remainder included), so a resumed run sees the same batches.
+
+Language modelling: documents (``{"text": uint8 bytes}``) are shuffled with a
+seed, each followed by :data:`DOCUMENT_END` (byte 0, absent from text files),
+concatenated and cut into rows of ``seq_len + 1`` bytes
+(``grain.experimental.ConcatThenSplitIterDataset``); ``inputs`` are the first
+``seq_len``, ``targets`` the last ``seq_len`` and ``mask`` is 1 on real bytes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grain
+import numpy as np
+
+DOCUMENT_END = 0
+
+
+def _document_tokens(example: dict[str, Any]) -> dict[str, np.ndarray]:
+    text = np.asarray(example["text"], np.int32)
+    return {"tokens": np.concatenate([text, np.array([DOCUMENT_END], np.int32)])}
+
+
+def _shift(example: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    tokens = example["tokens"]
+    real = (example["tokens_segment_ids"] > 0).astype(np.float32)
+    return {"inputs": tokens[:-1], "targets": tokens[1:], "mask": real[1:] * real[:-1]}
+
+
+def lm_dataset(source, *, seq_len: int, batch_size: int, seed: int = 0,
+               shuffle: bool = True, repeat: bool = True) -> grain.IterDataset:
+    """Packed ``[batch_size, seq_len]`` byte batches from a source of documents."""
+    if seq_len < 1 or batch_size < 1:
+        raise ValueError(f"seq_len and batch_size must be ≥ 1; got {seq_len}, {batch_size}")
+    dataset = grain.MapDataset.source(source).seed(seed)
+    if shuffle:
+        dataset = dataset.shuffle()
+    if repeat:
+        dataset = dataset.repeat(None)
+    dataset = dataset.map(_document_tokens).to_iter_dataset()
+    dataset = grain.experimental.ConcatThenSplitIterDataset(
+        dataset, length_struct={"tokens": seq_len + 1})
+    return dataset.map(_shift).batch(batch_size, drop_remainder=True)
+
+
+def task_dataset(task, *, batch_size: int, seed: int = 0, shuffle: bool = True,
+                 repeat: bool = True) -> grain.IterDataset:
+    """``[batch_size, L]`` batches of a synthetic task (see :mod:`xformjax.data.tasks`)."""
+    dataset = grain.MapDataset.source(task).seed(seed)
+    if shuffle:
+        dataset = dataset.shuffle()
+    if repeat:
+        dataset = dataset.repeat(None)
+    return dataset.to_iter_dataset().batch(batch_size, drop_remainder=True)
