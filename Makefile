@@ -1,4 +1,4 @@
-# The README's two commands. `make test` builds .venv from the lock once, then
+# The README's commands: `make train` (the default run) and `make test`. `make test` builds .venv from the lock once, then
 # only re-installs when pyproject.toml or requirements.lock change.
 PYTHON ?= python3
 VENV := .venv
@@ -6,13 +6,18 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?= -n auto
 
-.PHONY: test lock bench
+.PHONY: train test lock bench
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $(STAMP)
+
+# Train the default config (a small hybrid LM on the standard library's sources);
+# running it again resumes from runs/default's latest checkpoint.
+train: $(STAMP)
+	$(VENV)/bin/xformjax train --config default --workdir runs/default
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -1,0 +1,16 @@
+"""Training: configs, the trainer loop, checkpoints and the ``xformjax`` CLI.
+
+    >>> from xformjax.train import load_config
+    >>> config = load_config("tiny", ["train.steps=5", "model.layer_pattern=attn"])
+    >>> config.train.steps, config.model.layer_names()
+    (5, ('attn', 'attn'))
+"""
+
+from xformjax.train.checkpoint import Checkpointer
+from xformjax.train.config import (DataConfig, ExperimentConfig, MeshConfig, TrainConfig,
+                                   apply_overrides, load_config)
+from xformjax.train.trainer import NonFiniteLossError, Trainer, loss_and_metrics
+
+__all__ = ["Checkpointer", "DataConfig", "ExperimentConfig", "MeshConfig", "TrainConfig",
+           "apply_overrides", "load_config", "NonFiniteLossError", "Trainer",
+           "loss_and_metrics"]

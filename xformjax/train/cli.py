@@ -1,0 +1,129 @@
+"""The ``xformjax`` command: ``train``, ``eval`` and ``generate``.
+
+    xformjax train [--config NAME|PATH.yaml] [--workdir DIR] [--set key=value ...]
+    xformjax eval --workdir DIR
+    xformjax generate --workdir DIR --prompt TEXT [--max-new-tokens N]
+
+``train`` resumes from ``DIR``'s latest checkpoint when there is one. ``eval`` and
+``generate`` read the run's ``config.yaml`` and its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import pathlib
+import sys
+
+import yaml
+
+
+def _quiet_libraries() -> None:
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    try:
+        from absl import logging as absl_logging
+        absl_logging.set_verbosity(absl_logging.ERROR)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _parser() -> argparse.ArgumentParser:
+    from xformjax.train.config import available_presets
+    parser = argparse.ArgumentParser(prog="xformjax", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser(
+        "train", help="train a model (resumes from WORKDIR's checkpoint)",
+        description="Train a model. Starting again in the same WORKDIR resumes from its "
+                    "latest checkpoint.")
+    train.add_argument("--config", default="default",
+                       help=f"preset name ({', '.join(available_presets())}) or a .yaml path")
+    train.add_argument("--workdir", help="run directory (default: runs/<config name>)")
+    train.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                       help="override config keys, e.g. train.steps=100 model.layer_pattern=attn")
+    train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    evaluate = commands.add_parser("eval", help="evaluate a run's latest checkpoint",
+                                   description="Score the validation split with the latest "
+                                               "checkpoint of WORKDIR.")
+    evaluate.add_argument("--workdir", required=True)
+    evaluate.add_argument("--batches", type=int, help="validation batches (default: the run's)")
+    generate = commands.add_parser("generate", help="generate text from a run's checkpoint",
+                                   description="Continue PROMPT with the latest checkpoint of "
+                                               "WORKDIR (a model trained on text).")
+    generate.add_argument("--workdir", required=True)
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--max-new-tokens", type=int, default=200)
+    return parser
+
+
+def _run_config(workdir: pathlib.Path):
+    from xformjax.train.config import config_from_tree
+    path = workdir / "config.yaml"
+    if not path.is_file():
+        raise SystemExit(f"error: {path} not found: is {workdir} a training run directory?")
+    tree = yaml.safe_load(path.read_text())
+    return config_from_tree(tree)
+
+
+def _restored_trainer(workdir: pathlib.Path, overrides=None):
+    import dataclasses
+
+    from xformjax.train.trainer import Trainer
+    config = _run_config(workdir)
+    if overrides:
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train, **overrides))
+    trainer = Trainer(config, workdir, progress=False)
+    try:
+        step = trainer.checkpointer.restore_model(trainer.model)
+    except FileNotFoundError as error:
+        raise SystemExit(f"error: {error}") from None
+    return trainer, step
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _quiet_libraries()
+    from xformjax.train.config import load_config
+    from xformjax.train.trainer import NonFiniteLossError, Trainer
+
+    if args.command == "train":
+        try:
+            config = load_config(args.config, args.set)
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        name = pathlib.Path(args.config).stem
+        workdir = pathlib.Path(args.workdir or pathlib.Path("runs") / name)
+        trainer = Trainer(config, workdir, progress=not args.no_progress)
+        print(f"workdir: {workdir}")
+        try:
+            final = trainer.run()
+        except NonFiniteLossError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        _print_metrics(final)
+        if trainer.datasets.is_text:
+            print("sample:")
+            print(trainer.sample())
+        return 0
+    workdir = pathlib.Path(args.workdir)
+    if args.command == "eval":
+        overrides = {"eval_batches": args.batches} if args.batches else None
+        trainer, step = _restored_trainer(workdir, overrides)
+        print(f"checkpoint: step {step}")
+        _print_metrics(trainer.evaluate())
+        return 0
+    trainer, step = _restored_trainer(workdir)
+    if not trainer.datasets.is_text:
+        print("error: generate needs a model trained on text (data.name=text)", file=sys.stderr)
+        return 2
+    print(trainer.sample(args.prompt, args.max_new_tokens))
+    return 0
+
+
+def _print_metrics(metrics: dict[str, float]) -> None:
+    for key, value in metrics.items():
+        print(f"validation {key.replace('_', ' ')}: {value:.4f}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

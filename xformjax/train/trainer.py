@@ -1,0 +1,314 @@
+"""The training loop: data, model, optimiser, metrics, evaluation, checkpoints.
+
+``Trainer(config, workdir).run()`` trains ``config.train.steps`` optimiser steps:
+
+- batches come from a grain iterator (packed bytes of a text corpus, or a
+  synthetic task), ``grad_accum`` micro-batches per step, scanned inside one
+  jitted step;
+- the loss is the masked mean cross-entropy plus ``aux_loss_weight`` × any
+  ``"aux_loss"`` a layer's state reports;
+- every ``log_every`` steps a JSON line goes to ``WORKDIR/metrics.jsonl`` (step,
+  loss, grad norm, learning rate, tokens/s, and bits per byte for text or
+  accuracy for tasks) and the progress bar updates; every ``eval_every`` steps the
+  validation split is scored;
+- checkpoints (async, keep-N) hold the model, optimiser, RNG and the data
+  iterator's position. A run started in a WORKDIR with a checkpoint resumes from
+  it, and ends with the same losses as a run that was never interrupted;
+- a non-finite loss stops the run (:class:`NonFiniteLossError` names the step)
+  before anything is saved, so the last checkpoint is the last good one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+from tqdm.auto import tqdm
+
+from xformjax import data as data_lib
+from xformjax.models import LanguageModel, generate
+from xformjax.train.checkpoint import Checkpointer
+from xformjax.train.config import ExperimentConfig, config_to_yaml
+from xformjax.train.optimizer import learning_rate_schedule, make_optimizer
+
+LN2 = math.log(2.0)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; ``step`` is the step that produced it."""
+
+    def __init__(self, step: int, last_checkpoint: int | None):
+        self.step, self.last_checkpoint = step, last_checkpoint
+        kept = ("no checkpoint was saved yet" if last_checkpoint is None
+                else f"the last good checkpoint (step {last_checkpoint}) is kept")
+        super().__init__(f"non-finite loss at step {step}; stopping. {kept}")
+
+
+@dataclasses.dataclass
+class Datasets:
+    """The run's data: iterators' datasets and what the model must know."""
+
+    train: Any
+    validation: Any
+    vocab_size: int
+    is_text: bool
+
+
+def build_datasets(config: ExperimentConfig) -> Datasets:
+    """Train and validation grain datasets for ``config.data``."""
+    train, data_config = config.train, config.data
+    if data_config.name == "text":
+        spec = (data_lib.stdlib_corpus() if data_config.path is None else
+                data_lib.CorpusSpec(root=data_config.path, pattern=data_config.pattern,
+                                    validation_fraction=data_config.validation_fraction,
+                                    exclude=()))
+        if data_config.path is None:
+            spec = dataclasses.replace(spec, validation_fraction=data_config.validation_fraction)
+        sources = data_lib.prepare_corpus(spec, data_config.data_dir)
+        if len(sources["validation"]) == 0:
+            raise ValueError(f"the corpus under {spec.root!r} has no validation file; raise "
+                             "data.validation_fraction or add files")
+        make = lambda source, shuffle: data_lib.lm_dataset(
+            source, seq_len=train.seq_len, batch_size=train.batch_size, seed=train.seed,
+            shuffle=shuffle)
+        return Datasets(make(sources["train"], True), make(sources["validation"], False),
+                        256, True)
+    task_cls = data_lib.TASKS[data_config.name]
+    task = task_cls(seed=train.seed, **data_config.options)
+    validation_task = task_cls(**{**dataclasses.asdict(task), "seed": train.seed + 1})
+    make = lambda t, shuffle: data_lib.task_dataset(t, batch_size=train.batch_size,
+                                                    seed=train.seed, shuffle=shuffle)
+    return Datasets(make(task, True), make(validation_task, False), task.vocab_size, False)
+
+
+def build_model(config: ExperimentConfig, vocab_size: int) -> LanguageModel:
+    model_config = config.model
+    if model_config.vocab_size != vocab_size:
+        model_config = dataclasses.replace(model_config, vocab_size=vocab_size)
+    return LanguageModel(model_config, rngs=nnx.Rngs(config.train.seed))
+
+
+def loss_and_metrics(model: LanguageModel, batch: dict[str, jax.Array], aux_weight: float
+                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Masked mean cross-entropy (+ auxiliary losses) and accuracy of one batch."""
+    logits, states = model(batch["inputs"])
+    log_probs = jax.nn.log_softmax(logits, -1)
+    targets = batch["targets"].astype(jnp.int32)
+    mask = batch["mask"].astype(jnp.float32)
+    nll = -jnp.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
+    count = jnp.maximum(jnp.sum(mask), 1.0)
+    cross_entropy = jnp.sum(nll * mask) / count
+    correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+    accuracy = jnp.sum(correct * mask) / count
+    aux = sum((state["aux_loss"] for state in states if "aux_loss" in state), jnp.zeros(()))
+    loss = cross_entropy + aux_weight * aux
+    return loss, {"cross_entropy": cross_entropy, "accuracy": accuracy, "aux_loss": aux}
+
+
+class MetricsLog:
+    """Appends JSON lines to ``metrics.jsonl``; on resume drops lines after the step."""
+
+    def __init__(self, path: pathlib.Path):
+        self.path = path
+
+    def truncate_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        keep = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in keep))
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as file:
+            file.write(json.dumps(record) + "\n")
+
+
+class Trainer:
+    """One run in ``workdir`` (see the module docstring)."""
+
+    def __init__(self, config: ExperimentConfig, workdir: str | pathlib.Path, *,
+                 progress: bool = True):
+        self.config = config
+        self.workdir = pathlib.Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.progress = progress
+        self.datasets = build_datasets(config)
+        self.model = build_model(config, self.datasets.vocab_size)
+        self.optimizer = nnx.Optimizer(self.model, make_optimizer(config.train), wrt=nnx.Param)
+        self.schedule = learning_rate_schedule(config.train)
+        self.checkpointer = Checkpointer(self.workdir / "checkpoints",
+                                         keep=config.train.keep_checkpoints,
+                                         every=config.train.checkpoint_every)
+        self.metrics = MetricsLog(self.workdir / "metrics.jsonl")
+        self.mesh, self.batch_sharding = self._mesh()
+        self._train_step = nnx.jit(self._step_fn)
+        self._eval_step = nnx.jit(self._eval_fn)
+
+    # -- set-up ---------------------------------------------------------------------------
+    def _mesh(self):
+        shape = self.config.mesh.shape
+        if math.prod(shape.values()) == 1:
+            return None, None
+        if shape["tensor"] > 1 or shape["seq"] > 1:
+            raise ValueError("the trainer shards data only (mesh.data × mesh.fsdp); "
+                             "mesh.tensor and mesh.seq must be 1")
+        devices = jax.device_count()
+        if math.prod(shape.values()) > devices:
+            raise ValueError(f"mesh {shape} needs {math.prod(shape.values())} devices; "
+                             f"{devices} available")
+        if self.config.train.batch_size % (shape["data"] * shape["fsdp"]):
+            raise ValueError(f"train.batch_size={self.config.train.batch_size} must divide "
+                             f"over mesh.data × mesh.fsdp = {shape['data'] * shape['fsdp']}")
+        mesh = jax.make_mesh(tuple(shape.values()), tuple(shape))
+        replicated = NamedSharding(mesh, PartitionSpec())
+        nnx.update(self.model, jax.device_put(nnx.state(self.model), replicated))
+        nnx.update(self.optimizer, jax.device_put(nnx.state(self.optimizer), replicated))
+        return mesh, NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp")))
+
+    def _place(self, batches: list[dict[str, np.ndarray]]) -> dict[str, jax.Array]:
+        stacked = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+        if self.batch_sharding is None:
+            return {k: jnp.asarray(v) for k, v in stacked.items()}
+        return {k: jax.device_put(v, self.batch_sharding) for k, v in stacked.items()}
+
+    # -- jitted steps ----------------------------------------------------------------------
+    def _step_fn(self, model, optimizer, batches):
+        aux_weight = self.config.train.aux_loss_weight
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def loss_of(params, rest, batch):
+            module = nnx.merge(graphdef, params, rest)
+            loss, metrics = loss_and_metrics(module, batch, aux_weight)
+            # non-parameter state the forward updated (σReparam's power iteration)
+            return loss, (metrics, nnx.state(module, nnx.Not(nnx.Param)))
+
+        def micro(carry, batch):
+            grads, totals, rest = carry
+            (loss, (metrics, rest)), micro_grads = jax.value_and_grad(
+                loss_of, has_aux=True)(params, rest, batch)
+            grads = jax.tree.map(jnp.add, grads, micro_grads)
+            totals = jax.tree.map(jnp.add, totals, {"loss": loss, **metrics})
+            return (grads, totals, rest), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        totals = {k: jnp.zeros(()) for k in ("loss", "cross_entropy", "accuracy", "aux_loss")}
+        (grads, totals, rest), _ = jax.lax.scan(micro, (zeros, totals, rest), batches)
+        nnx.update(model, rest)
+        count = batches["inputs"].shape[0]
+        grads = jax.tree.map(lambda g: g / count, grads)
+        metrics = {k: v / count for k, v in totals.items()}
+        metrics["grad_norm"] = optax.global_norm(grads)
+        optimizer.update(model, grads)
+        return metrics
+
+    def _eval_fn(self, model, batch):
+        _, metrics = loss_and_metrics(model, batch, 0.0)
+        return metrics
+
+    # -- evaluation, sampling ------------------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        """Mean validation metrics over ``eval_batches`` fixed batches."""
+        iterator = iter(self.datasets.validation)
+        totals: dict[str, float] = {}
+        for _ in range(self.config.train.eval_batches):
+            batch = self._place([next(iterator)])
+            metrics = self._eval_step(self.model, {k: v[0] for k, v in batch.items()})
+            for key, value in metrics.items():
+                totals[key] = totals.get(key, 0.0) + float(value)
+        means = {k: v / self.config.train.eval_batches for k, v in totals.items()}
+        result = {"loss": means["cross_entropy"]}
+        if self.datasets.is_text:
+            result["bits_per_byte"] = means["cross_entropy"] / LN2
+        else:
+            result["accuracy"] = means["accuracy"]
+        return result
+
+    def sample(self, prompt: str | None = None, max_new_tokens: int | None = None) -> str:
+        """Text generated from ``prompt`` (bytes in, bytes out; text corpora only)."""
+        prompt = self.config.train.sample_prompt if prompt is None else prompt
+        count = self.config.train.sample_tokens if max_new_tokens is None else max_new_tokens
+        tokens = np.frombuffer(prompt.encode(), np.uint8).astype(np.int32)[None]
+        new = generate(self.model, jnp.asarray(tokens), count, temperature=0.8, top_k=40,
+                       seed=self.config.train.seed)
+        return prompt + bytes(np.asarray(new[0], np.uint8)).decode("utf-8", errors="replace")
+
+    # -- the loop -------------------------------------------------------------------------
+    def restore_or_start(self) -> tuple[int, Any]:
+        """Resume from the latest checkpoint if there is one; returns the step and
+        the positioned training iterator."""
+        iterator = iter(self.datasets.train)
+        latest = self.checkpointer.latest_step()
+        if latest is None:
+            (self.workdir / "config.yaml").write_text(config_to_yaml(self.config))
+            return 0, iterator
+        step, _, data_state = self.checkpointer.restore(self.model, self.optimizer)
+        iterator.set_state(data_state)
+        self.metrics.truncate_after(step)
+        return step, iterator
+
+    def run(self) -> dict[str, Any]:
+        """Train to ``config.train.steps``; returns the final validation metrics."""
+        train = self.config.train
+        step, iterator = self.restore_or_start()
+        rng = jax.random.key(train.seed)
+        bar = tqdm(total=train.steps, initial=step, disable=not self.progress, unit="step",
+                   desc="train", dynamic_ncols=True)
+        tokens_per_step = train.batch_size * train.grad_accum * self._length()
+        last_time, last_step = time.perf_counter(), step
+        try:
+            while step < train.steps:
+                batch = self._place([next(iterator) for _ in range(train.grad_accum)])
+                metrics = self._train_step(self.model, self.optimizer, batch)
+                loss = float(metrics["loss"])
+                step += 1
+                if not math.isfinite(loss):
+                    self.checkpointer.wait()
+                    raise NonFiniteLossError(step, self.checkpointer.latest_step())
+                bar.update(1)
+                if step % train.log_every == 0 or step == train.steps:
+                    now = time.perf_counter()
+                    record = self._train_record(step, metrics, tokens_per_step *
+                                                (step - last_step) / (now - last_time))
+                    self.metrics.write(record)
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['learning_rate']:.2e}")
+                    last_time, last_step = now, step
+                if step % train.eval_every == 0 and step != train.steps:
+                    self.metrics.write({"step": step, "split": "validation",
+                                        **self.evaluate()})
+                self.checkpointer.save(step, self.model, self.optimizer, rng,
+                                       iterator.get_state(), force=step == train.steps)
+        finally:
+            bar.close()
+            self.checkpointer.wait()
+        final = self.evaluate()
+        self.metrics.write({"step": step, "split": "validation", **final})
+        self.checkpointer.close()
+        return final
+
+    def _length(self) -> int:
+        if self.datasets.is_text:
+            return self.config.train.seq_len
+        return int(next(iter(self.datasets.validation))["inputs"].shape[-1])
+
+    def _train_record(self, step: int, metrics, tokens_per_second: float) -> dict[str, Any]:
+        record = {"step": step, "split": "train", "loss": float(metrics["loss"]),
+                  "grad_norm": float(metrics["grad_norm"]),
+                  "learning_rate": float(self.schedule(step - 1)),
+                  "tokens_per_second": tokens_per_second}
+        if self.datasets.is_text:
+            record["bits_per_byte"] = float(metrics["cross_entropy"]) / LN2
+        else:
+            record["accuracy"] = float(metrics["accuracy"])
+        if float(metrics["aux_loss"]):
+            record["aux_loss"] = float(metrics["aux_loss"])
+        return record
