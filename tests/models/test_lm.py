@@ -140,3 +140,16 @@ def test_sigma_reparam_model_decodes_consistently_in_eval_mode():
     full, _ = model(jnp.concatenate([prompt, tokens], 1))
     assert_close(logits, full[:, 4:8], 1e-4, "σReparam logits")
     assert isinstance(model.blocks[0].mlp.up, nn.Dense) and model.blocks[0].mlp.up.sigma_reparam
+
+
+def test_peri_ln_normalises_each_sublayer_output():
+    pre = models.LanguageModel(tiny(), rngs=nnx.Rngs(0))
+    peri = models.LanguageModel(tiny(norm_placement="peri"), rngs=nnx.Rngs(0))
+    assert pre.blocks[0].mixer_out_norm is None
+    block = peri.blocks[0]
+    x = jax.random.normal(jax.random.key(0), (2, 9, 32)) * 5
+    y, _ = block(x)
+    # the MLP increment is an RMS-normalised vector (unit scale at initialisation)
+    h = x + block.mixer_out_norm(block.mixer(block.mixer_norm(x))[0])
+    increment = y - h
+    assert_close(jnp.sqrt(jnp.mean(increment ** 2, -1)), jnp.ones((2, 9)), 1e-3, "RMS")

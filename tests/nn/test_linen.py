@@ -67,3 +67,15 @@ def test_every_mixer_can_be_bridged():
     for name in nn.MIXERS:
         (y, state), _ = xlinen.mixer(name, CONFIG).init_with_output(jax.random.key(0), x)
         assert y.shape == x.shape and int(state["position"]) == 4, name
+
+
+def test_sigma_reparam_estimates_advance_through_the_bridge():
+    config = nn.MixerConfig(d_model=32, num_heads=2, chunk_size=16, sigma_reparam=True)
+    layer = xlinen.mixer("gla", config)
+    x = jnp.ones((1, 4, 32))
+    variables = layer.init(jax.random.key(0), x)
+    assert "SpectralVector" in variables
+    _, updated = layer.apply(variables, x, mutable=["SpectralVector"])
+    before = jax.tree.leaves(_unbox(variables["SpectralVector"]))
+    after = jax.tree.leaves(_unbox(updated["SpectralVector"]))
+    assert any(not jnp.allclose(a, b) for a, b in zip(before, after))

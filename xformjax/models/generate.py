@@ -33,8 +33,8 @@ def generate(model: LanguageModel, prompt_tokens: jax.Array, max_new_tokens: int
     """Continue ``prompt_tokens`` int ``[B, P]`` by ``max_new_tokens`` tokens.
 
     Args:
-      model: a :class:`LanguageModel` (put it in ``model.eval()`` mode first if it
-        uses σReparam, so its spectral estimates stay fixed).
+      model: a :class:`LanguageModel`; decoding runs a copy in eval mode (σReparam
+        estimates fixed), the model itself is not changed.
       prompt_tokens: ``[B, P]`` with ``P ≥ 1``.
       max_new_tokens: tokens to generate (≥ 1).
       temperature: softmax temperature; ``0`` decodes greedily.
@@ -62,6 +62,7 @@ def generate(model: LanguageModel, prompt_tokens: jax.Array, max_new_tokens: int
     @jax.jit
     def run(params, prompt, key):
         module = nnx.merge(graphdef, params)
+        module.eval()  # a copy: σReparam estimates stay fixed while decoding
         cache = module.init_cache(batch, prompt_len + max_new_tokens)
         logits, cache = module(prompt.astype(jnp.int32), cache)
         key, step_key = jax.random.split(key)

@@ -45,11 +45,14 @@ class Block(nnx.Module):
 
     def __call__(self, x: jax.Array, *, state: State | None = None,
                  mode: str | None = None) -> tuple[jax.Array, State]:
-        h, state = self.mixer(self.mixer_norm(x), state=state, mode=mode)
+        """``x`` is the residual stream (float32 or wider); the sub-layers run in the
+        mixer config's compute dtype."""
+        dtype = self.mixer.config.compute_dtype
+        h, state = self.mixer(self.mixer_norm(x).astype(dtype), state=state, mode=mode)
         if self.mixer_out_norm is not None:
             h = self.mixer_out_norm(h)
         x = x + h.astype(x.dtype)
-        h = self.mlp(self.mlp_norm(x))
+        h = self.mlp(self.mlp_norm(x).astype(dtype))
         if self.mlp_out_norm is not None:
             h = self.mlp_out_norm(h)
         return x + h.astype(x.dtype), state
@@ -87,12 +90,13 @@ class LanguageModel(nnx.Module):
             raise ValueError(f"LanguageModel: `cache` has {len(cache)} entries for "
                              f"{len(self.blocks)} layers")
         dtype = self.config.mixer.compute_dtype
-        x = jnp.take(self.embedding[...], tokens, axis=0).astype(dtype)
+        residual_dtype = jnp.promote_types(dtype, jnp.float32)
+        x = jnp.take(self.embedding[...], tokens, axis=0).astype(residual_dtype)
         new_cache = []
         for i, block in enumerate(self.blocks):
             x, state = block(x, state=None if cache is None else cache[i], mode=mode)
             new_cache.append(state)
-        x = self.final_norm(x)
+        x = self.final_norm(x).astype(dtype)
         if self.lm_head is None:
             logits = jnp.einsum("btd,vd->btv", x, self.embedding[...].astype(dtype))
         else:

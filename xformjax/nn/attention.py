@@ -12,7 +12,10 @@ sliding window and a fixed-capacity KV cache as their state.
 State: ``{"k": [B, L, Hkv, D], "v": [B, L, Hkv, D], "position": int32}`` with the first
 ``position`` slots filled. ``init_state(batch, max_len)`` allocates ``L = max_len``
 (``config.max_seq_len`` if ``None``); a stateless call returns a cache of capacity
-``max(T, config.max_seq_len)`` holding its T tokens. Sigmoid attention's bias is the
+``max(T, config.max_seq_len)`` holding its T tokens. Writing past the capacity raises
+a ``ValueError`` when the position is concrete, and gives NaN outputs inside ``jit``
+(never silently wrong values). The cache keeps every position even with a
+``window`` (the window is applied by masking). Sigmoid attention's bias is the
 constant ``config.sigmoid_bias`` (``−log(config.max_seq_len)`` by default) so that
 decoding and training agree.
 """
@@ -111,6 +114,9 @@ class Attention(Mixer):
                 state["v"], v.astype(state["v"].dtype), position, axis=1)
             cache_mode = "recurrent" if mode == "recurrent" else "parallel"
             o = self._attend(q, cache_k, cache_v, mode=cache_mode, kv_length=position + length)
+            # Under jit the overflow is not visible above; never return silently wrong
+            # values from a full cache: poison them.
+            o = jnp.where(position + length > capacity, jnp.nan, o)
             new_state = {"k": cache_k, "v": cache_v, "position": position + length}
         return self.o_proj(merge_heads(o).astype(x.dtype)), new_state
 

@@ -63,12 +63,13 @@ def hedgehog_distillation_loss(q: jax.Array, k: jax.Array, feature_map: FeatureM
     The teacher is causal softmax attention ``A_ij = softmax_j(q_iᵀk_j/√d)``, the
     student the normalised linear attention ``Â_ij = φ(q_i)ᵀφ(k_j) / Σ_{l≤i}
     φ(q_i)ᵀφ(k_l)``; the loss is the mean cross-entropy ``−Σ_j A_ij log Â_ij``
-    over queries and heads. O(T²): use it on short distillation batches.
+    over queries and heads. The teacher is held fixed (no gradient flows into it).
+    O(T²): use it on short distillation batches.
     """
     length = q.shape[1]
     causal = jnp.tril(jnp.ones((length, length), bool))
     logits = jnp.einsum("bihd,bjhd->bhij", q, k) * q.shape[-1] ** -0.5
-    teacher = jax.nn.softmax(jnp.where(causal, logits, -jnp.inf), axis=-1)
+    teacher = jax.lax.stop_gradient(jax.nn.softmax(jnp.where(causal, logits, -jnp.inf), axis=-1))
     scores = jnp.einsum("bihd,bjhd->bhij", feature_map(q), feature_map(k))
     scores = jnp.where(causal, scores, 0.0)
     student = scores / (jnp.sum(scores, -1, keepdims=True) + eps)

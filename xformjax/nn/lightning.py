@@ -17,6 +17,12 @@ layer from becoming an undecayed (unbounded) cumulative sum. Early layers decay 
 
 LRPE is the cosine form of TransNormerLLM's linearised relative positional encoding
 (``xformjax.nn.positional.apply_lrpe``), which doubles the key dimension.
+
+Where we differ from the paper's text, on purpose: SiLU is applied to ``v`` and to
+the output gate ``u`` as well as to ``q, k`` (the paper writes ``V = XW_V`` and a
+plain ``U = XW_U``; the activated forms train more stably at small scale here), and
+the LRPE frequencies are RoPE's fixed geometric ones shared by all heads rather than
+per-head ones.
 """
 
 from __future__ import annotations

@@ -59,7 +59,8 @@ class Dense(nnx.Module):
             for _ in range(20):  # start from a converged estimate
                 u = _normalize(kernel.T @ _normalize(kernel @ u))
             self.u = SpectralVector(u)
-            self.gamma = nnx.Param(jnp.linalg.norm(kernel, 2).astype(param_dtype))
+            self.gamma = nnx.Param(jnp.linalg.norm(kernel, 2).astype(param_dtype),
+                                   out_sharding=(), eager_sharding=False)
 
     def effective_kernel(self) -> jax.Array:
         """``W``, or ``γ/σ(W)·W`` under σReparam (updating ``u`` when training)."""

@@ -66,10 +66,13 @@ class LinearAttention(MatrixMemoryMixer):
         scale = 1.0 if self.config.feature_map in ("hedgehog", "taylor") else None
         if not self.config.mala:
             return OpInputs(q, k, v, scale=scale, normalize=self.config.normalize)
-        ones = jnp.ones(v.shape[:-1] + (1,), v.dtype)
-        previous = (jnp.zeros(v.shape[:1] + v.shape[2:], self.memory_dtype())
-                    if state is None else state["value_sum"])
-        value_sum = previous + jnp.sum(v, axis=1).astype(previous.dtype)
+        # MALA subtracts two large, nearly equal terms: keep it in float32 or wider
+        dtype = self.memory_dtype()
+        q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
+        ones = jnp.ones(v.shape[:-1] + (1,), dtype)
+        previous = (jnp.zeros(v.shape[:1] + v.shape[2:], dtype) if state is None
+                    else state["value_sum"])
+        value_sum = previous + jnp.sum(v, axis=1)
         return OpInputs(q, k, jnp.concatenate([v, ones], -1), scale=1.0,
                         extra_state={"value_sum": value_sum})
 

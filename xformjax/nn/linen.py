@@ -11,7 +11,8 @@
 ``nnx.bridge.ToLinen`` module). Calls take the NNX module's arguments
 (``x, state=..., mode=...``) and return ``(y, state)``. Parameters live in the
 ``params`` collection; a σReparam'd mixer also keeps its power-iteration vectors
-in the ``spectral_vector`` collection (make it mutable when training).
+in the ``SpectralVector`` collection: pass ``mutable=["SpectralVector"]`` to
+``apply`` while training, or the estimates never advance.
 """
 
 from __future__ import annotations

@@ -1,0 +1,136 @@
+"""Layers against float64 numpy recurrences written from their docstrings, using the
+layers' own weights: catches a wrong gate formula, sign, temperature or scale that
+the form-agreement tests (all built on the same op) cannot see."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tests.ops.helpers import assert_close
+from xformjax import nn
+from xformjax.nn import lightning
+
+D, H, T = 24, 2, 13
+CONFIG = nn.MixerConfig(d_model=D, num_heads=H, chunk_size=16, conv_size=3, gate_low_rank=5,
+                      dtype="float64")
+
+
+def weights(dense) -> np.ndarray:
+    return np.asarray(dense.kernel[...], np.float64)
+
+
+def silu(x):
+    return x / (1 + np.exp(-x))
+
+
+def log_sigmoid(x):
+    return -np.logaddexp(0, -x)
+
+
+def rms_norm(x, scale, eps=1e-6):
+    return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps) * scale
+
+
+def read_out(layer, o, x):
+    """``W_o · (SiLU(x W_g) ⊙ RMSNorm(o))`` per head, as the layers' docstrings say."""
+    scale = np.asarray(layer.head.norm.scale[...], np.float64)
+    normed = rms_norm(o, scale).reshape(*o.shape[:-2], -1)
+    gated = normed * silu(x @ weights(layer.head.gate))
+    return gated @ weights(layer.head.out)
+
+
+def heads(a):
+    return a.reshape(*a.shape[:-1], H, -1)
+
+
+def causal_conv(a, conv):
+    w = np.asarray(conv.weight[...], np.float64)
+    size = w.shape[0]
+    padded = np.concatenate([np.zeros((a.shape[0], size - 1, a.shape[2])), a], 1)
+    return sum(w[j] * padded[:, j:j + a.shape[1]] for j in range(size))
+
+
+def l2(a):
+    return a / np.sqrt(np.sum(a * a, -1, keepdims=True) + 1e-6)
+
+
+def inputs():
+    return np.random.default_rng(0).standard_normal((2, T, D))
+
+
+def test_gated_deltanet_layer(x64):
+    config = dataclasses.replace(CONFIG, allow_neg_eigval=True)
+    layer = nn.GatedDeltaNet(config, rngs=nnx.Rngs(0))
+    x = inputs()
+    y, _ = layer(jnp.asarray(x))
+    streams = {name: silu(causal_conv(x @ weights(layer.projections[name]), layer.convs[name]))
+               for name in ("q", "k", "v")}
+    q, k, v = l2(heads(streams["q"])), l2(heads(streams["k"])), heads(streams["v"])
+    beta = 2 / (1 + np.exp(-(x @ weights(layer.beta_proj))))
+    a_log = np.asarray(layer.a_log[...], np.float64)
+    dt_bias = np.asarray(layer.dt_bias[...], np.float64)
+    log_a = -np.exp(a_log) * np.logaddexp(0, x @ weights(layer.gate_proj) + dt_bias)
+    state = np.zeros((2, H, q.shape[-1], v.shape[-1]))
+    o = np.zeros_like(v)
+    for t in range(T):
+        state = np.exp(log_a[:, t])[..., None, None] * state
+        k_t, v_t, b_t = k[:, t], v[:, t], beta[:, t][..., None]
+        error = v_t - np.einsum("bhkv,bhk->bhv", state, k_t)
+        state = state + np.einsum("bhk,bhv->bhkv", k_t, b_t * error)
+        o[:, t] = np.einsum("bhkv,bhk->bhv", state, q[:, t]) * q.shape[-1] ** -0.5
+    assert_close(y, read_out(layer, o, x), 1e-9, "gated DeltaNet")
+
+
+def test_gla_layer(x64):
+    layer = nn.GatedLinearAttention(CONFIG, rngs=nnx.Rngs(0))
+    x = inputs()
+    y, _ = layer(jnp.asarray(x))
+    q, k, v = (heads(x @ weights(p)) for p in (layer.qkv.q, layer.qkv.k, layer.qkv.v))
+    logits = x @ weights(layer.gate_down) @ weights(layer.gate_up) + \
+        np.asarray(layer.gate_up.bias[...], np.float64)
+    log_alpha = heads(log_sigmoid(logits) / CONFIG.gate_temperature)
+    state = np.zeros((2, H, q.shape[-1], v.shape[-1]))
+    o = np.zeros_like(v)
+    for t in range(T):
+        state = np.exp(log_alpha[:, t])[..., None] * state + \
+            np.einsum("bhk,bhv->bhkv", k[:, t], v[:, t])
+        o[:, t] = np.einsum("bhkv,bhk->bhv", state, q[:, t]) * q.shape[-1] ** -0.5
+    assert_close(y, read_out(layer, o, x), 1e-9, "GLA")
+
+
+def test_lightning_layer(x64):
+    layer = nn.LightningAttention(CONFIG, layer_index=1, num_layers=4, rngs=nnx.Rngs(0))
+    x = inputs()
+    y, _ = layer(jnp.asarray(x))
+    q, k, v = (silu(heads(x @ weights(p))) for p in (layer.qkv.q, layer.qkv.k, layer.qkv.v))
+    dim = q.shape[-1]
+    theta = 10_000.0 ** (-np.arange(dim) / dim)
+    angles = np.arange(T)[:, None, None] * theta  # [T, 1, D]
+
+    def lrpe(a):
+        return np.concatenate([a * np.cos(angles), a * np.sin(angles)], -1)
+
+    q, k = lrpe(q), lrpe(k)
+    decay = np.exp(lightning.lightning_log_decay(H, 1, 4))
+    assert np.allclose(np.log(decay), -lightning.alibi_slopes(H) * (1 - 1 / 3 + 1e-5))
+    state = np.zeros((2, H, 2 * dim, v.shape[-1]))
+    o = np.zeros_like(v)
+    for t in range(T):
+        state = decay[:, None, None] * state + np.einsum("bhk,bhv->bhkv", k[:, t], v[:, t])
+        o[:, t] = np.einsum("bhkv,bhk->bhv", state, q[:, t]) * (2 * dim) ** -0.5
+    normed = (o / np.sqrt(np.mean(o * o, -1, keepdims=True) + 1e-6)).reshape(2, T, -1)
+    expected = (normed * silu(x @ weights(layer.head.gate))) @ weights(layer.head.out)
+    assert_close(y, expected, 1e-9, "lightning")
+
+
+def test_retnet_decays_enter_the_layer(x64):
+    layer = nn.RetNet(CONFIG, rngs=nnx.Rngs(0))
+    inputs_ = layer.prepare(jnp.asarray(inputs()), None, jnp.zeros((), jnp.int32))
+    np.testing.assert_allclose(np.exp(np.asarray(inputs_.g)), 1 - 2.0 ** -np.array([5, 6]))
+    assert inputs_.gk is None and inputs_.scale is None
+    assert jax.tree.leaves(inputs_.extra_state) == []
