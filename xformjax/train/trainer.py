@@ -169,7 +169,8 @@ class Trainer:
         if self.config.train.batch_size % (shape["data"] * shape["fsdp"]):
             raise ValueError(f"train.batch_size={self.config.train.batch_size} must divide "
                              f"over mesh.data × mesh.fsdp = {shape['data'] * shape['fsdp']}")
-        mesh = jax.make_mesh(tuple(shape.values()), tuple(shape))
+        mesh = jax.make_mesh(tuple(shape.values()), tuple(shape),
+                             axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
         replicated = NamedSharding(mesh, PartitionSpec())
         nnx.update(self.model, jax.device_put(nnx.state(self.model), replicated))
         nnx.update(self.optimizer, jax.device_put(nnx.state(self.optimizer), replicated))
@@ -207,7 +208,7 @@ class Trainer:
         count = batches["inputs"].shape[0]
         grads = jax.tree.map(lambda g: g / count, grads)
         metrics = {k: v / count for k, v in totals.items()}
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         optimizer.update(model, grads)
         return metrics
 

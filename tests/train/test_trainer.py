@@ -1,0 +1,83 @@
+"""The trainer in-process: synthetic tasks, gradient accumulation, data-parallel mesh,
+the non-finite stop, the schedule and the configuration rules."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from xformjax import train
+from xformjax.train.optimizer import learning_rate_schedule
+
+TASK = ["data.name=parity", "data.options.max_length=12", "data.options.min_length=2",
+        "model.vocab_size=3", "train.log_every=1", "train.eval_every=1000",
+        "train.checkpoint_every=1000"]
+
+
+def _records(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_task_training_with_accumulation_and_a_data_parallel_mesh(tmp_path):
+    single = train.load_config("tiny", TASK + ["train.steps=6", "train.grad_accum=2"])
+    final = train.Trainer(single, tmp_path / "single", progress=False).run()
+    assert 0 <= final["accuracy"] <= 1 and "bits_per_byte" not in final
+    records = _records(tmp_path / "single")
+    assert [r["step"] for r in records if r["split"] == "train"] == list(range(1, 7))
+    assert all("accuracy" in r for r in records)
+
+    # the same run on a 2-device data-parallel mesh gives the same losses
+    sharded = train.load_config("tiny", TASK + ["train.steps=6", "train.grad_accum=2",
+                                                "mesh.data=2"])
+    assert jax.device_count() >= 2
+    train.Trainer(sharded, tmp_path / "sharded", progress=False).run()
+    losses = [r["loss"] for r in _records(tmp_path / "single") if r["split"] == "train"]
+    sharded_losses = [r["loss"] for r in _records(tmp_path / "sharded") if r["split"] == "train"]
+    np.testing.assert_allclose(sharded_losses, losses, rtol=1e-4)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    config = train.load_config("tiny", TASK + [
+        "train.steps=40", "train.checkpoint_every=2", "train.learning_rate=1e9",
+        "train.grad_clip=0", "train.warmup_steps=0", "train.weight_decay=0"])
+    trainer = train.Trainer(config, tmp_path / "run", progress=False)
+    with pytest.raises(train.NonFiniteLossError, match=r"non-finite loss at step (\d+)") as info:
+        trainer.run()
+    error = info.value
+    assert error.last_checkpoint is not None and error.last_checkpoint < error.step
+    assert trainer.checkpointer.latest_step() == error.last_checkpoint
+    restored = train.Trainer(config, tmp_path / "run", progress=False)
+    restored.checkpointer.restore_model(restored.model)
+    import flax.nnx as nnx
+    leaves = jax.tree.leaves(nnx.state(restored.model, nnx.Param))
+    assert all(bool(np.all(np.isfinite(leaf))) for leaf in leaves)
+    logged = [r["step"] for r in _records(tmp_path / "run") if r["split"] == "train"]
+    assert max(logged) < error.step, "the bad step must not be logged"
+
+
+def test_warmup_cosine_schedule():
+    config = train.TrainConfig(steps=100, learning_rate=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    schedule = learning_rate_schedule(config)
+    assert float(schedule(0)) == 0.0
+    assert float(schedule(10)) == pytest.approx(1.0)
+    assert float(schedule(55)) == pytest.approx(0.55, rel=1e-3)
+    assert float(schedule(100)) == pytest.approx(0.1)
+
+
+def test_config_rules():
+    config = train.load_config("tiny", {"model.mixer.num_heads": 4, "train.steps": 7})
+    assert config.model.mixer.num_heads == 4 and config.train.steps == 7
+    with pytest.raises(ValueError, match="'train' is a section"):
+        train.load_config("tiny", ["train=3"])
+    with pytest.raises(ValueError, match="not options of task 'parity'; valid:"):
+        train.load_config("tiny", ["data.name=parity", "data.options.num_pairs=3"])
+    with pytest.raises(ValueError, match="train.grad_accum must be ≥ 1"):
+        train.load_config("tiny", ["train.grad_accum=0"])
+    with pytest.raises(ValueError, match="expects key=value"):
+        train.load_config("tiny", ["train.steps"])
+    with pytest.raises(ValueError, match="mesh.tensor and mesh.seq must be 1"):
+        train.Trainer(train.load_config("tiny", TASK + ["mesh.seq=2"]), "/tmp/never",
+                      progress=False)
