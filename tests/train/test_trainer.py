@@ -81,3 +81,19 @@ def test_config_rules():
     with pytest.raises(ValueError, match="mesh.tensor and mesh.seq must be 1"):
         train.Trainer(train.load_config("tiny", TASK + ["mesh.seq=2"]), "/tmp/never",
                       progress=False)
+
+
+def test_loss_is_masked_cross_entropy_plus_weighted_auxiliary_losses():
+    import jax.numpy as jnp
+    logits = jnp.log(jnp.array([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [1 / 3, 1 / 3, 1 / 3]]]))
+
+    def model(tokens):
+        return logits, [{"aux_loss": jnp.array(2.0)}, {"position": 3}, {"aux_loss": 1.0}]
+
+    batch = {"inputs": jnp.zeros((1, 3), jnp.int32), "targets": jnp.array([[0, 2, 1]]),
+             "mask": jnp.array([[1.0, 1.0, 0.0]])}
+    loss, metrics = train.loss_and_metrics(model, batch, aux_weight=0.1)
+    cross_entropy = -(np.log(0.5) + np.log(0.1)) / 2
+    assert float(metrics["cross_entropy"]) == pytest.approx(cross_entropy, rel=1e-6)
+    assert float(metrics["accuracy"]) == pytest.approx(0.5)
+    assert float(loss) == pytest.approx(cross_entropy + 0.1 * 3.0, rel=1e-6)

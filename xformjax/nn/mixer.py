@@ -15,7 +15,10 @@ rngs=...)`` with
   ``config.mode``, or ``"recurrent"`` for a single token.
 
 States are dicts of arrays (pytrees); every one holds ``"position"``, the number
-of tokens consumed so far (int32 scalar), which positional encodings use.
+of tokens consumed so far (int32 scalar), which positional encodings use. A mixer
+with an auxiliary training loss (Mixture-of-Memories' load balance) puts it in its
+state as ``"aux_loss"`` (a scalar); the trainer adds it to the loss with
+``train.aux_loss_weight``.
 
 Every mixer class registers itself in :data:`MIXERS` under a short name with
 :func:`register`.

@@ -81,7 +81,9 @@ def build_datasets(config: ExperimentConfig) -> Datasets:
         make = lambda source, shuffle: data_lib.lm_dataset(
             source, seq_len=train.seq_len, batch_size=train.batch_size, seed=train.seed,
             shuffle=shuffle)
-        return Datasets(make(sources["train"], True), make(sources["validation"], False),
+        # validation is shuffled too (a fixed order, the same at every evaluation) so
+        # that a few batches sample many files rather than the first one or two
+        return Datasets(make(sources["train"], True), make(sources["validation"], True),
                         256, True)
     task_cls = data_lib.TASKS[data_config.name]
     task = task_cls(seed=train.seed, **data_config.options)
