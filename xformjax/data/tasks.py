@@ -34,6 +34,15 @@ def _example(inputs, targets, mask) -> dict[str, np.ndarray]:
             "mask": np.asarray(mask, np.float32)}
 
 
+def _labelled_at_end(ids: list[int], value: int, length: int, pad_id: int
+                     ) -> dict[str, np.ndarray]:
+    """``ids`` padded to ``length``; ``value`` is the target at the last real token,
+    the only scored position."""
+    targets, mask = np.zeros(length), np.zeros(length)
+    targets[len(ids) - 1], mask[len(ids) - 1] = value, 1
+    return _example(ids + [pad_id] * (length - len(ids)), targets, mask)
+
+
 @dataclasses.dataclass(frozen=True)
 class Task:
     """Base: deterministic random access by index."""
@@ -172,12 +181,7 @@ class ModularArithmetic(Task):
                                          for t in (str(pair[0]), str(pair[1]))]
         value = evaluate_arithmetic(tokens, self.modulus)
         ids = [int(t) if t.isdigit() else self.symbol(t) for t in tokens] + [self.symbol("=")]
-        pad = self.length - len(ids)
-        targets = np.zeros(self.length)
-        targets[len(ids) - 1] = value
-        mask = np.zeros(self.length)
-        mask[len(ids) - 1] = 1
-        return _example(ids + [self.symbol("PAD")] * pad, targets, mask)
+        return _labelled_at_end(ids, value, self.length, self.symbol("PAD"))
 
 
 def evaluate_arithmetic(tokens: list[str], modulus: int) -> int:
@@ -325,12 +329,7 @@ class ListOps(Task):
                 break
         value = _tree_value(_parse(tokens))
         ids = [self._id(t) for t in tokens]
-        pad = self.max_length - len(ids)
-        targets = np.zeros(self.max_length)
-        targets[len(ids) - 1] = value
-        mask = np.zeros(self.max_length)
-        mask[len(ids) - 1] = 1
-        return _example(ids + [self._id("PAD")] * pad, targets, mask)
+        return _labelled_at_end(ids, value, self.max_length, self._id("PAD"))
 
     def _id(self, token) -> int:
         if isinstance(token, int):
