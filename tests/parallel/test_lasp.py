@@ -1,0 +1,155 @@
+"""LASP-2 on 4 host devices equals the single-device op: outputs, final states and
+gradients; one all-gather forward and one reduce-scatter backward, independent of T."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from tests.ops.helpers import assert_close
+from xformjax import ops
+from xformjax.parallel import sequence_parallel
+
+B, T, H, K, V = 2, 64, 2, 8, 6
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    return Mesh(np.array(jax.devices()[:4]), ("seq",))
+
+
+def _inputs(seed=0, rows=1):
+    rng = np.random.default_rng(seed)
+    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    k = normal(B, T * rows, H, K)
+    return {
+        "q": normal(B, T, H, K), "k": k / jnp.linalg.norm(k, axis=-1, keepdims=True),
+        "v": normal(B, T * rows, H, V),
+        "g": jnp.asarray(np.log(rng.uniform(0.8, 1.0, (B, T, H))), jnp.float32),
+        "gk": jnp.asarray(np.log(rng.uniform(0.9, 1.0, (B, T, H, K))), jnp.float32),
+        "beta": jnp.asarray(rng.uniform(0.05, 1.95, (B, T * rows, H)), jnp.float32),
+        "init": normal(B, H, K, V),
+    }
+
+
+CASES = {
+    "linear": (ops.linear_attention, ("q", "k", "v"), {}),
+    "linear-g": (ops.linear_attention, ("q", "k", "v", "g"), {}),
+    "linear-g-head": (ops.linear_attention, ("q", "k", "v"), {"head_gate": True}),
+    "linear-gk-normalize": (ops.linear_attention, ("q", "k", "v", "g", "gk"),
+                            {"normalize": True}),
+    "delta": (ops.delta_rule, ("q", "k", "v", "beta"), {}),
+    "gated-delta": (ops.delta_rule, ("q", "k", "v", "beta", "g"), {}),
+    "kda": (ops.delta_rule, ("q", "k", "v", "beta", "gk"), {}),
+    "deltaproduct": (ops.delta_product, ("q", "k", "v", "beta", "g"), {"num_householder": 2}),
+}
+
+
+def _call(fn, case, inputs, with_init):
+    op, names, options = CASES[case]
+    options = dict(options)
+    kwargs = {n: inputs[n] for n in names if n not in ("q", "k", "v", "beta")}
+    if options.pop("head_gate", False):
+        kwargs["g"] = jnp.log(jnp.array([0.9, 0.99]))
+    if options.get("normalize") and with_init:
+        init = jnp.concatenate([inputs["init"], jnp.abs(inputs["init"][..., :1])], -1)
+    else:
+        init = inputs["init"]
+    positional = [inputs["q"], inputs["k"], inputs["v"]]
+    if "beta" in names:
+        positional.append(inputs["beta"])
+    return fn(*positional, **kwargs, **options, initial_state=init if with_init else None,
+              output_final_state=True, chunk_size=16)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_forward_and_gradients_match_the_single_device_op(mesh, case):
+    op = CASES[case][0]
+    rows = CASES[case][2].get("num_householder", 1)
+    inputs = _inputs(rows=rows)
+    parallel = sequence_parallel(op, mesh)
+    for with_init in (False, True):
+        o_ref, s_ref = _call(op, case, inputs, with_init)
+        o, s = jax.jit(lambda x: _call(parallel, case, x, with_init))(inputs)
+        assert_close(o, o_ref, 2e-5, f"{case} o")
+        assert_close(s, s_ref, 2e-5, f"{case} final state")
+
+    cotangent = jax.random.normal(jax.random.key(1), o_ref.shape)
+
+    def loss(fn):
+        def value(x):
+            o, s = _call(fn, case, x, True)
+            return jnp.sum(o * cotangent) + jnp.sum(jnp.sin(s))
+        return value
+
+    grads_ref = jax.grad(loss(op))(inputs)
+    grads = jax.jit(jax.grad(loss(parallel)))(inputs)
+    _, names, _ = CASES[case]
+    for name in list(names) + ["init"]:
+        if name == "g" and CASES[case][2].get("head_gate"):
+            continue
+        assert_close(grads[name], grads_ref[name], 5e-5, f"{case} d{name}")
+
+
+def _collectives(jaxpr_text: str) -> dict[str, int]:
+    names = ("all_gather", "reduce_scatter", "psum_scatter", "psum", "all_to_all", "ppermute")
+    counts = {}
+    for name in names:
+        counts[name] = len([line for line in jaxpr_text.splitlines()
+                            if f" {name}[" in line or f"= {name}" in line
+                            or line.strip().startswith(f"{name}[")])
+    return {k: v for k, v in counts.items() if v}
+
+
+@pytest.mark.parametrize("case", ["linear-g", "gated-delta"])
+def test_one_collective_each_way_and_volume_independent_of_length(mesh, case):
+    op = CASES[case][0]
+    parallel = sequence_parallel(op, mesh)
+    inputs = _inputs()
+    forward = str(jax.make_jaxpr(lambda x: _call(parallel, case, x, True))(inputs))
+    assert _collectives(forward) == {"all_gather": 1}, _collectives(forward)
+
+    def loss(x):
+        o, s = _call(parallel, case, x, True)
+        return jnp.sum(o) + jnp.sum(s)
+
+    backward = str(jax.make_jaxpr(jax.grad(loss))(inputs))
+    # the forward's all-gather, its transpose (one reduce-scatter of the pairs'
+    # cotangents) and the sum of the replicated initial state's gradient
+    assert _collectives(backward) == {"all_gather": 1, "reduce_scatter": 1, "psum": 1}
+
+    shapes = []
+    for length in (64, 256):
+        rng_inputs = {**inputs}
+        for name in ("q", "k", "v", "g", "beta"):
+            rng_inputs[name] = jnp.concatenate([inputs[name]] * (length // T), axis=1)
+        jaxpr = jax.make_jaxpr(lambda x: _call(parallel, case, x, True))(rng_inputs)
+        gathers = [eqn for eqn in _all_eqns(jaxpr.jaxpr) if eqn.primitive.name == "all_gather"]
+        shapes.append(gathers[0].outvars[0].aval.shape)
+    assert shapes[0] == shapes[1]
+
+
+def _all_eqns(jaxpr):
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            if hasattr(param, "eqns"):
+                yield from _all_eqns(param)
+            elif hasattr(getattr(param, "jaxpr", None), "eqns"):
+                yield from _all_eqns(param.jaxpr)
+
+
+def test_errors(mesh):
+    parallel = sequence_parallel(ops.linear_attention, mesh)
+    x = jnp.ones((1, 30, 1, 4))
+    with pytest.raises(ValueError, match="T=30 must be divisible by the 'seq' axis size 4"):
+        parallel(x, x, x)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        parallel(x[:, :28], x[:, :28], x[:, :28], cu_seqlens=jnp.array([0, 10, 28]))
+    with pytest.raises(ValueError, match="no axis 'tensor'"):
+        sequence_parallel(ops.delta_rule, mesh, axis="tensor")
+    with pytest.raises(ValueError, match="supports ops.linear_attention"):
+        sequence_parallel(ops.softmax_attention, mesh)
