@@ -153,3 +153,31 @@ def test_errors(mesh):
         sequence_parallel(ops.delta_rule, mesh, axis="tensor")
     with pytest.raises(ValueError, match="supports ops.linear_attention"):
         sequence_parallel(ops.softmax_attention, mesh)
+
+
+@pytest.mark.parametrize("name", ["gated_deltanet", "gla", "retnet"])
+def test_layers_switch_to_sequence_parallelism_under_a_seq_mesh(name):
+    from flax import nnx
+
+    from xformjax import nn
+    layer = nn.MIXERS[name](nn.MixerConfig(d_model=32, num_heads=2, chunk_size=16),
+                            rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (2, 64, 32))
+
+    def loss(module, x):
+        y, state = module(x)
+        return jnp.sum(y * jnp.cos(x)) + jnp.sum(state["memory"])
+
+    value_ref, grads_ref = nnx.jit(nnx.value_and_grad(loss))(layer, x)
+    assert "all_gather" not in str(jax.make_jaxpr(lambda x: layer(x))(x))
+    mesh = jax.make_mesh((4,), ("seq",), axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=jax.devices()[:4])
+    with jax.set_mesh(mesh):
+        assert "all_gather" in str(jax.make_jaxpr(lambda x: layer(x))(x))
+        value, grads = nnx.jit(nnx.value_and_grad(loss))(layer, x)
+        # T not divisible by the axis: the layer falls back to the local op
+        y_odd, _ = layer(x[:, :63])
+    assert float(value) == pytest.approx(float(value_ref), rel=1e-5)
+    for (path, got), (_, want) in zip(nnx.to_flat_state(grads), nnx.to_flat_state(grads_ref)):
+        assert_close(got, want, 1e-4, f"{name} d{'/'.join(map(str, path))}")
+    assert_close(y_odd, layer(x[:, :63])[0], 1e-6, "fallback")

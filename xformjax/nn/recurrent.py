@@ -41,21 +41,43 @@ class OpInputs:
     extra_state: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
+def sequence_mesh(length: int):
+    """The active mesh (``jax.set_mesh``) if its ``seq`` axis has size > 1 dividing
+    ``length``, else ``None``."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or "seq" not in mesh.axis_names:
+        return None
+    size = dict(zip(mesh.axis_names, mesh.axis_sizes))["seq"]
+    return mesh if size > 1 and length % size == 0 else None
+
+
 def run_op(inputs: OpInputs, initial_state: jax.Array | None, mode: str, chunk_size: int
            ) -> tuple[jax.Array, jax.Array]:
-    """Call the op ``inputs`` names; returns ``(o, final_state)``."""
+    """Call the op ``inputs`` names; returns ``(o, final_state)``.
+
+    In chunk mode under an active mesh whose ``seq`` axis has size > 1 (dividing T),
+    the op runs with LASP-2 sequence parallelism
+    (:func:`xformjax.parallel.sequence_parallel`); results are the same.
+    """
     common = dict(scale=inputs.scale, initial_state=initial_state, output_final_state=True,
                   mode=mode, chunk_size=chunk_size)
+    functions = {"linear": ops.linear_attention, "delta": ops.delta_rule,
+                 "delta_product": ops.delta_product}
+    if inputs.op not in functions:
+        raise ValueError(f"unknown op {inputs.op!r}")
+    function = functions[inputs.op]
+    mesh = sequence_mesh(inputs.q.shape[1]) if mode == "chunk" else None
+    if mesh is not None:
+        from xformjax.parallel import sequence_parallel  # parallel builds on ops only
+        function = sequence_parallel(function, mesh, "seq")
     if inputs.op == "linear":
-        return ops.linear_attention(inputs.q, inputs.k, inputs.v, g=inputs.g, gk=inputs.gk,
-                                    normalize=inputs.normalize, **common)
+        return function(inputs.q, inputs.k, inputs.v, g=inputs.g, gk=inputs.gk,
+                        normalize=inputs.normalize, **common)
     if inputs.op == "delta":
-        return ops.delta_rule(inputs.q, inputs.k, inputs.v, inputs.beta, g=inputs.g,
-                              gk=inputs.gk, **common)
-    if inputs.op == "delta_product":
-        return ops.delta_product(inputs.q, inputs.k, inputs.v, inputs.beta, g=inputs.g,
-                                 num_householder=inputs.num_householder, **common)
-    raise ValueError(f"unknown op {inputs.op!r}")
+        return function(inputs.q, inputs.k, inputs.v, inputs.beta, g=inputs.g, gk=inputs.gk,
+                        **common)
+    return function(inputs.q, inputs.k, inputs.v, inputs.beta, g=inputs.g,
+                    num_householder=inputs.num_householder, **common)
 
 
 class MatrixMemoryMixer(Mixer):

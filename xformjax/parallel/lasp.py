@@ -95,11 +95,12 @@ def sequence_parallel(op: Callable, mesh: Mesh, axis: str = "seq") -> Callable:
     if op not in _KINDS:
         raise ValueError(f"sequence_parallel supports ops.linear_attention, ops.delta_rule "
                          f"and ops.delta_product; got {getattr(op, '__name__', op)!r}")
-    if axis not in mesh.shape:
-        raise ValueError(f"mesh has axes {tuple(mesh.shape)}; no axis {axis!r}")
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))  # a Mesh or an AbstractMesh
+    if axis not in sizes:
+        raise ValueError(f"mesh has axes {tuple(sizes)}; no axis {axis!r}")
     kind = _KINDS[op]
     signature = inspect.signature(op)
-    shards = mesh.shape[axis]
+    shards = sizes[axis]
 
     @functools.wraps(op)
     def parallel_op(*args, **kwargs):
