@@ -53,6 +53,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 from xformjax import ops
+from xformjax.parallel import lasp2h
 
 _KINDS = {ops.linear_attention: "linear", ops.delta_rule: "delta",
           ops.delta_product: "delta"}
@@ -85,19 +86,24 @@ def _pack(transition, contribution):
 
 def sequence_parallel(op: Callable, mesh: Mesh, axis: str = "seq") -> Callable:
     """``op`` (``ops.linear_attention``, ``ops.delta_rule`` or ``ops.delta_product``)
-    made sequence-parallel over ``mesh``'s axis ``axis`` (see the module docstring).
+    made sequence-parallel over ``mesh``'s axis ``axis`` (see the module docstring);
+    ``ops.softmax_attention`` / ``ops.sigmoid_attention`` get LASP-2H
+    (:mod:`xformjax.parallel.lasp2h`).
 
     The returned function takes global arrays (T divisible by the axis size),
     supports every argument of ``op`` except ``cu_seqlens``, and returns what ``op``
     returns. Outputs are split along T like the inputs; the final state is
     replicated.
     """
-    if op not in _KINDS:
-        raise ValueError(f"sequence_parallel supports ops.linear_attention, ops.delta_rule "
-                         f"and ops.delta_product; got {getattr(op, '__name__', op)!r}")
+    if op not in _KINDS and op not in lasp2h.KINDS:
+        raise ValueError(f"sequence_parallel supports ops.linear_attention, ops.delta_rule, "
+                         f"ops.delta_product, ops.softmax_attention and ops.sigmoid_attention;"
+                         f" got {getattr(op, '__name__', op)!r}")
     sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))  # a Mesh or an AbstractMesh
     if axis not in sizes:
         raise ValueError(f"mesh has axes {tuple(sizes)}; no axis {axis!r}")
+    if op in lasp2h.KINDS:
+        return lasp2h.attention_sequence_parallel(op, mesh, axis, sizes[axis])
     kind = _KINDS[op]
     signature = inspect.signature(op)
     shards = sizes[axis]

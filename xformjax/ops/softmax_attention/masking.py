@@ -25,6 +25,7 @@ class AttentionMask:
     window: int | None
     q_offset: int | jax.Array
     kv_length: int | jax.Array | None = None
+    kv_start: int | jax.Array | None = None  # keys before it are hidden (halo padding)
 
     def allowed(self, q_pos: jax.Array, k_pos: jax.Array, q_seq: jax.Array,
                 k_seq: jax.Array) -> jax.Array:
@@ -37,6 +38,8 @@ class AttentionMask:
             ok &= distance < self.window
         if self.kv_length is not None:
             ok &= k_pos < self.kv_length
+        if self.kv_start is not None:
+            ok &= k_pos >= self.kv_start
         return ok
 
 

@@ -1,0 +1,93 @@
+"""LASP-2H: softmax / sigmoid attention under the same sequence split as LASP-2.
+
+Queries, keys and values arrive split along T over the mesh axis (``T_loc = T/n``
+tokens on each device; device ``s`` holds positions ``s·T_loc … (s+1)·T_loc − 1``).
+
+- **Full causal (or bidirectional) attention**: one all-gather of the packed keys
+  and values (grouped-query heads keep it to ``B·T·Hkv·(D+V)``); each device attends
+  from its local queries to the gathered keys with the causal offset ``s·T_loc``.
+- **Sliding window ``w`` (causal)**: only the ``w − 1`` keys before the shard are
+  needed. They live on the ``r = ⌈(w−1)/T_loc⌉`` previous devices, so each device
+  receives ``r`` neighbour shards by ``ppermute`` (``r`` collectives of
+  ``B·T_loc·Hkv·(D+V)``, independent of T); keys before position 0 (on the first
+  devices) are hidden by the mask. If ``r ≥ n − 1`` the all-gather is used.
+
+The local attention is the parallel form over ``[T_loc, keys]``; its backward is
+JAX's transpose (a reduce-scatter, or the reversed ``ppermute`` s).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from xformjax import ops
+from xformjax.ops import common
+from xformjax.ops.softmax_attention.masking import AttentionMask
+from xformjax.ops.softmax_attention.parallel import attention_parallel
+
+KINDS = {ops.softmax_attention: "softmax", ops.sigmoid_attention: "sigmoid"}
+
+
+def attention_sequence_parallel(op, mesh, axis: str, shards: int):
+    """LASP-2H version of ``op`` (``ops.softmax_attention`` / ``ops.sigmoid_attention``)."""
+    kind = KINDS[op]
+    name = op.__name__
+
+    @functools.wraps(op)
+    def parallel_op(q, k, v, *, causal=True, scale=None, window=None, cu_seqlens=None,
+                    mode="chunk", chunk_size=128, backend=None, kv_length=None, bias=None):
+        del mode, chunk_size  # the local attention is the parallel form
+        common.resolve_backend(name, backend)
+        if cu_seqlens is not None or kv_length is not None:
+            raise ValueError("sequence_parallel: cu_seqlens and kv_length are not supported")
+        length = q.shape[1]
+        if k.shape[1] != length or length % shards:
+            raise ValueError(f"sequence_parallel: q and k need the same T, divisible by the "
+                             f"{axis!r} axis size {shards}; got {q.shape[1]} and {k.shape[1]}")
+        if window is not None and not causal:
+            raise ValueError("sequence_parallel: a window needs causal=True")
+        local_length = length // shards
+        out_dtype = jnp.result_type(q, k, v)
+        dtype = common.compute_dtype(q, k, v)
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        if kind == "sigmoid" and bias is None:
+            bias = -math.log(length)
+        halo_shards = 0 if window is None else math.ceil((window - 1) / local_length)
+        use_halo = window is not None and halo_shards < shards - 1
+
+        def local(q, k, v):
+            q = q.astype(dtype) * jnp.asarray(scale, dtype)
+            index = jax.lax.axis_index(axis)
+            key_dim = k.shape[-1]
+            packed = jnp.concatenate([k, v], -1).astype(dtype)
+            if use_halo:
+                pieces = [jax.lax.ppermute(packed, axis, [(j, j + shift)
+                                                          for j in range(shards - shift)])
+                          for shift in range(halo_shards, 0, -1)]
+                keys = jnp.concatenate(pieces + [packed], axis=1)
+                offset = halo_shards * local_length
+                hidden = jnp.maximum(halo_shards - index, 0) * local_length
+                mask = AttentionMask(causal=True, window=window, q_offset=offset,
+                                     kv_start=hidden)
+            else:
+                keys = jax.lax.all_gather(packed, axis, axis=1, tiled=True)  # one collective
+                offset = index * local_length if causal else 0
+                mask = AttentionMask(causal=causal, window=window, q_offset=offset)
+            q_seq = jnp.zeros((local_length,), jnp.int32)
+            k_seq = jnp.zeros((keys.shape[1],), jnp.int32)
+            q_bias = None if bias is None else jnp.full((local_length,), bias, dtype)
+            o = attention_parallel(q, keys[..., :key_dim], keys[..., key_dim:], kind, mask,
+                                   q_seq, k_seq, q_bias)
+            return o.astype(out_dtype)
+
+        spec = PartitionSpec(None, axis)
+        o = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
+                          check_vma=False)(q, k, v)
+        return o, None
+
+    return parallel_op
