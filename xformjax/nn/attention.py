@@ -15,7 +15,9 @@ State: ``{"k": [B, L, Hkv, D], "v": [B, L, Hkv, D], "position": int32}`` with th
 ``max(T, config.max_seq_len)`` holding its T tokens. Writing past the capacity raises
 a ``ValueError`` when the position is concrete, and gives NaN outputs inside ``jit``
 (never silently wrong values). The cache keeps every position even with a
-``window`` (the window is applied by masking). Sigmoid attention's bias is the
+``window`` (the window is applied by masking). Under an active mesh whose ``seq``
+axis (> 1) divides T, a fresh sequence runs with LASP-2H
+(:mod:`xformjax.parallel.lasp2h`). Sigmoid attention's bias is the
 constant ``config.sigmoid_bias`` (``−log(config.max_seq_len)`` by default) so that
 decoding and training agree.
 """
@@ -35,6 +37,7 @@ from xformjax.nn.config import MixerConfig
 from xformjax.nn.mixer import (Mixer, State, merge_heads, position_of, register,
                                split_heads)
 from xformjax.nn.positional import apply_rope, token_positions
+from xformjax.nn.recurrent import sequence_mesh
 
 
 @register("attn")
@@ -78,6 +81,10 @@ class Attention(Mixer):
 
     def _attend(self, q, k, v, **kwargs):
         fn = ops.softmax_attention if self.kind == "softmax" else ops.sigmoid_attention
+        mesh = sequence_mesh(q.shape[1]) if "kv_length" not in kwargs else None
+        if mesh is not None:  # a fresh sequence split over the active mesh's seq axis
+            from xformjax.parallel import sequence_parallel
+            fn = sequence_parallel(fn, mesh, "seq")
         extra = {} if self.kind == "softmax" else {"bias": self._bias()}
         o, _ = fn(q, k, v, window=self.config.window, chunk_size=self.config.chunk_size,
                   **extra, **kwargs)
