@@ -106,8 +106,14 @@ def test_presets_overrides_and_layer_pattern():
         config.num_layers = 3
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         models.LMConfig.preset("huge")
-    with pytest.raises(ValueError, match=r"no field\(s\) \['depth', 'mixer.width'\]"):
-        config.replace(depth=3, **{"mixer.width": 3})
+    with pytest.raises(ValueError, match="unknown key 'depth'; valid keys under 'the top "
+                                         "level': vocab_size, num_layers"):
+        config.replace(depth=3)
+    with pytest.raises(ValueError, match="unknown key 'mixer.width'; valid keys under 'mixer'"):
+        config.replace(**{"mixer.width": 3})
+    with pytest.raises(ValueError, match="bad value for 'mixer.num_heads'"):
+        config.replace(**{"mixer.num_heads": 0})
+    assert config.replace(mixer=nn.MixerConfig(d_model=48)).d_model == 48
     with pytest.raises(ValueError, match="unknown mixer 'mamba'"):
         models.LMConfig(layer_pattern="gdn,mamba")
     with pytest.raises(ValueError, match="norm_placement"):

@@ -1,6 +1,8 @@
-"""Layers against float64 numpy recurrences written from their docstrings, using the
-layers' own weights: catches a wrong gate formula, sign, temperature or scale that
-the form-agreement tests (all built on the same op) cannot see."""
+"""Layers against float64 numpy written from their docstrings, using the layers' own
+weights: the projections, gates, feature maps and read-outs are recomputed here, the
+recurrences are the float64 token-by-token references of ``tests/ops/reference.py``.
+Catches a wrong gate formula, sign, temperature or scale that the form-agreement
+tests (all built on the same op) cannot see."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tests.ops import reference
 from tests.ops.helpers import assert_close
 from xformjax import nn
 from xformjax.nn import lightning
@@ -75,14 +78,7 @@ def test_gated_deltanet_layer(x64):
     a_log = np.asarray(layer.a_log[...], np.float64)
     dt_bias = np.asarray(layer.dt_bias[...], np.float64)
     log_a = -np.exp(a_log) * np.logaddexp(0, x @ weights(layer.gate_proj) + dt_bias)
-    state = np.zeros((2, H, q.shape[-1], v.shape[-1]))
-    o = np.zeros_like(v)
-    for t in range(T):
-        state = np.exp(log_a[:, t])[..., None, None] * state
-        k_t, v_t, b_t = k[:, t], v[:, t], beta[:, t][..., None]
-        error = v_t - np.einsum("bhkv,bhk->bhv", state, k_t)
-        state = state + np.einsum("bhk,bhv->bhkv", k_t, b_t * error)
-        o[:, t] = np.einsum("bhkv,bhk->bhv", state, q[:, t]) * q.shape[-1] ** -0.5
+    o, _, _ = reference.delta_product(q, k, v, beta, g=log_a)
     assert_close(y, read_out(layer, o, x), 1e-9, "gated DeltaNet")
 
 
@@ -94,12 +90,7 @@ def test_gla_layer(x64):
     logits = x @ weights(layer.gate_down) @ weights(layer.gate_up) + \
         np.asarray(layer.gate_up.bias[...], np.float64)
     log_alpha = heads(log_sigmoid(logits) / CONFIG.gate_temperature)
-    state = np.zeros((2, H, q.shape[-1], v.shape[-1]))
-    o = np.zeros_like(v)
-    for t in range(T):
-        state = np.exp(log_alpha[:, t])[..., None] * state + \
-            np.einsum("bhk,bhv->bhkv", k[:, t], v[:, t])
-        o[:, t] = np.einsum("bhkv,bhk->bhv", state, q[:, t]) * q.shape[-1] ** -0.5
+    o, _, _ = reference.linear_attention(q, k, v, gk=log_alpha)
     assert_close(y, read_out(layer, o, x), 1e-9, "GLA")
 
 
@@ -115,14 +106,8 @@ def test_lightning_layer(x64):
     def lrpe(a):
         return np.concatenate([a * np.cos(angles), a * np.sin(angles)], -1)
 
-    q, k = lrpe(q), lrpe(k)
-    decay = np.exp(lightning.lightning_log_decay(H, 1, 4))
-    assert np.allclose(np.log(decay), -lightning.alibi_slopes(H) * (1 - 1 / 3 + 1e-5))
-    state = np.zeros((2, H, 2 * dim, v.shape[-1]))
-    o = np.zeros_like(v)
-    for t in range(T):
-        state = decay[:, None, None] * state + np.einsum("bhk,bhv->bhkv", k[:, t], v[:, t])
-        o[:, t] = np.einsum("bhkv,bhk->bhv", state, q[:, t]) * (2 * dim) ** -0.5
+    log_decay = -lightning.alibi_slopes(H) * (1 - 1 / 3 + 1e-5)  # layer 1 of 4
+    o, _, _ = reference.linear_attention(lrpe(q), lrpe(k), v, g=log_decay)
     normed = (o / np.sqrt(np.mean(o * o, -1, keepdims=True) + 1e-6)).reshape(2, T, -1)
     expected = (normed * silu(x @ weights(layer.head.gate))) @ weights(layer.head.out)
     assert_close(y, expected, 1e-9, "lightning")

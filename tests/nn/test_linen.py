@@ -63,10 +63,16 @@ def test_bridged_mixers_match_the_nnx_modules_and_train():
 
 
 def test_every_mixer_can_be_bridged():
-    x = jnp.ones((1, 4, 32))
+    """Each bridged mixer computes what its NNX module does with the same weights."""
+    x = jax.random.normal(jax.random.key(3), (1, 5, 32))
     for name in nn.MIXERS:
-        (y, state), _ = xlinen.mixer(name, CONFIG).init_with_output(jax.random.key(0), x)
-        assert y.shape == x.shape and int(state["position"]) == 4, name
+        (y, state), variables = xlinen.mixer(name, CONFIG).init_with_output(
+            jax.random.key(0), x)
+        module = nn.MIXERS[name](CONFIG, rngs=nnx.Rngs(1))  # other initial weights
+        nnx.update(module, nnx.State(_unbox(variables["params"])))
+        expected, _ = module(x)
+        assert int(state["position"]) == 5, name
+        assert_close(y, expected, 1e-6, f"bridged {name}")
 
 
 def test_sigma_reparam_estimates_advance_through_the_bridge():

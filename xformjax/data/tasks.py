@@ -22,6 +22,7 @@ carry mask 0. Tasks:
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import itertools
 from typing import ClassVar
@@ -44,7 +45,7 @@ def _labelled_at_end(ids: list[int], value: int, length: int, pad_id: int
 
 
 @dataclasses.dataclass(frozen=True)
-class Task:
+class Task(abc.ABC):
     """Base: deterministic random access by index."""
 
     seed: int = 0
@@ -61,17 +62,19 @@ class Task:
                              f"got index {index}")
         return self.build(np.random.default_rng((self.seed, int(index))))
 
+    @abc.abstractmethod
     def build(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        raise NotImplementedError
+        """One example from ``rng``."""
 
     @property
+    @abc.abstractmethod
     def vocab_size(self) -> int:
-        raise NotImplementedError
+        """Number of token ids in inputs and targets."""
 
     @property
+    @abc.abstractmethod
     def length(self) -> int:
         """``L``, the fixed length of every example."""
-        raise NotImplementedError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,6 +21,7 @@ from xformjax.nn.config import MixerConfig
 from xformjax.nn.mixer import get_mixer
 from xformjax.nn.mlp import MLP_KINDS
 from xformjax.nn.norms import NORMS
+from xformjax.overrides import apply_overrides
 
 ALIASES = {"gdn": "gated_deltanet"}
 
@@ -99,19 +100,9 @@ class LMConfig:
         return tuple(pattern[i % len(pattern)] for i in range(self.num_layers))
 
     def replace(self, **overrides: Any) -> LMConfig:
-        """A copy with fields replaced; ``"mixer.<field>"`` keys reach the mixer config."""
-        mixer_fields = {k.split(".", 1)[1]: v for k, v in overrides.items()
-                        if k.startswith("mixer.")}
-        top = {k: v for k, v in overrides.items() if not k.startswith("mixer.")}
-        unknown = [k for k in top if k not in {f.name for f in dataclasses.fields(self)}]
-        unknown += [f"mixer.{k}" for k in mixer_fields
-                    if k not in {f.name for f in dataclasses.fields(MixerConfig)}]
-        if unknown:
-            raise ValueError(f"LMConfig has no field(s) {unknown}")
-        mixer = top.pop("mixer", self.mixer)
-        if mixer_fields:
-            mixer = dataclasses.replace(mixer, **mixer_fields)
-        return dataclasses.replace(self, mixer=mixer, **top)
+        """A copy with fields replaced; ``"mixer.<field>"`` keys reach the mixer config
+        (see :func:`xformjax.overrides.apply_overrides`)."""
+        return apply_overrides(self, overrides)
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> LMConfig:

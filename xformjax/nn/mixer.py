@@ -97,17 +97,18 @@ class Mixer(nnx.Module):
             raise ValueError(f"{type(self).__name__}: `x` has no tokens (T=0)")
 
     def init_state(self, batch: int, max_len: int | None = None) -> State:
-        raise NotImplementedError
+        """The empty state of ``batch`` sequences (see the module docstring)."""
+        raise NotImplementedError(f"{type(self).__name__} must define init_state")
 
     def sequence_flops(self, seq_len: int) -> float:
         """Forward FLOPs per token spent mixing along the sequence (beyond the
-        projections, which :func:`xformjax.models.flops_per_token` counts from
-        the weights), averaged over a ``seq_len``-token sequence."""
-        raise NotImplementedError
+        projections, which :func:`xformjax.models.model_cost` counts from the
+        weights), averaged over a ``seq_len``-token sequence."""
+        raise NotImplementedError(f"{type(self).__name__} must define sequence_flops")
 
     def __call__(self, x: jax.Array, *, state: State | None = None,
                  mode: str | None = None) -> tuple[jax.Array, State]:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define __call__")
 
 
 def position_of(state: State | None) -> jax.Array:

@@ -103,7 +103,9 @@ class MatrixMemoryMixer(Mixer):
         return {}
 
     def prepare(self, x: jax.Array, state: State | None, position: jax.Array) -> OpInputs:
-        raise NotImplementedError
+        """The op's arguments for input ``x`` at ``position`` (with ``extra_state``
+        holding the subclass's new extra state)."""
+        raise NotImplementedError(f"{type(self).__name__} must define prepare")
 
     def finish(self, o: jax.Array, x: jax.Array, inputs: OpInputs,
                state: State | None) -> jax.Array:

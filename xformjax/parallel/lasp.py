@@ -136,8 +136,8 @@ def sequence_parallel(op: Callable, mesh: Mesh, axis: str = "seq") -> Callable:
 
         def local(local_arrays, init):
             values = dict(zip(names, local_arrays))
-            o_zero, contribution = op(**values, **static, initial_state=None,
-                                      output_final_state=True)
+            _, contribution = op(**values, **static, initial_state=None,
+                                 output_final_state=True)
             dtype = contribution.dtype
             batch, heads, key_dim, _ = contribution.shape
             if kind == "linear":
@@ -163,7 +163,6 @@ def sequence_parallel(op: Callable, mesh: Mesh, axis: str = "seq") -> Callable:
             index = jax.lax.axis_index(axis)
             initial_state = jax.lax.dynamic_index_in_dim(entering, index, keepdims=False)
             o, _ = op(**values, **static, initial_state=initial_state, output_final_state=False)
-            del o_zero  # the zero-state outputs are not needed: the rerun gives the outputs
             return o, final
 
         sharded = jax.shard_map(local, mesh=mesh, in_specs=in_specs,

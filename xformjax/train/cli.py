@@ -19,12 +19,10 @@ import yaml
 
 
 def _quiet_libraries() -> None:
+    """orbax logs a warning per async save through absl; keep errors only."""
+    from absl import logging as absl_logging
     logging.getLogger("absl").setLevel(logging.ERROR)
-    try:
-        from absl import logging as absl_logging
-        absl_logging.set_verbosity(absl_logging.ERROR)
-    except ImportError:  # pragma: no cover
-        pass
+    absl_logging.set_verbosity(absl_logging.ERROR)
 
 
 def _parser() -> argparse.ArgumentParser:

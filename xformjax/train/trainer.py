@@ -62,6 +62,7 @@ class Datasets:
     validation: Any
     vocab_size: int
     is_text: bool
+    sequence_length: int
 
 
 def build_datasets(config: ExperimentConfig) -> Datasets:
@@ -84,13 +85,14 @@ def build_datasets(config: ExperimentConfig) -> Datasets:
         # validation is shuffled too (a fixed order, the same at every evaluation) so
         # that a few batches sample many files rather than the first one or two
         return Datasets(make(sources["train"], True), make(sources["validation"], True),
-                        256, True)
+                        256, True, train.seq_len)
     task_cls = data_lib.TASKS[data_config.name]
     task = task_cls(seed=train.seed, **data_config.options)
     validation_task = task_cls(**{**dataclasses.asdict(task), "seed": train.seed + 1})
     make = lambda t, shuffle: data_lib.task_dataset(t, batch_size=train.batch_size,
                                                     seed=train.seed, shuffle=shuffle)
-    return Datasets(make(task, True), make(validation_task, False), task.vocab_size, False)
+    return Datasets(make(task, True), make(validation_task, False), task.vocab_size, False,
+                    task.length)
 
 
 def build_model(config: ExperimentConfig, vocab_size: int) -> LanguageModel:
@@ -148,6 +150,9 @@ class Trainer:
         self.model = build_model(config, self.datasets.vocab_size)
         self.optimizer = nnx.Optimizer(self.model, make_optimizer(config.train), wrt=nnx.Param)
         self.schedule = learning_rate_schedule(config.train)
+        # nothing in training draws from it yet (no dropout); it is checkpointed so
+        # that a stochastic addition stays resumable
+        self.rng = jax.random.key(config.train.seed)
         self.checkpointer = Checkpointer(self.workdir / "checkpoints",
                                          keep=config.train.keep_checkpoints,
                                          every=config.train.checkpoint_every)
@@ -254,7 +259,7 @@ class Trainer:
         if latest is None:
             (self.workdir / "config.yaml").write_text(config_to_yaml(self.config))
             return 0, iterator
-        step, _, data_state = self.checkpointer.restore(self.model, self.optimizer)
+        step, self.rng, data_state = self.checkpointer.restore(self.model, self.optimizer)
         iterator.set_state(data_state)
         self.metrics.truncate_after(step)
         return step, iterator
@@ -263,10 +268,9 @@ class Trainer:
         """Train to ``config.train.steps``; returns the final validation metrics."""
         train = self.config.train
         step, iterator = self.restore_or_start()
-        rng = jax.random.key(train.seed)
         bar = tqdm(total=train.steps, initial=step, disable=not self.progress, unit="step",
                    desc="train", dynamic_ncols=True)
-        tokens_per_step = train.batch_size * train.grad_accum * self._length()
+        tokens_per_step = train.batch_size * train.grad_accum * self.datasets.sequence_length
         last_time, last_step = time.perf_counter(), step
         try:
             while step < train.steps:
@@ -288,7 +292,7 @@ class Trainer:
                 if step % train.eval_every == 0 and step != train.steps:
                     self.metrics.write({"step": step, "split": "validation",
                                         **self.evaluate()})
-                self.checkpointer.save(step, self.model, self.optimizer, rng,
+                self.checkpointer.save(step, self.model, self.optimizer, self.rng,
                                        iterator.get_state(), force=step == train.steps)
         finally:
             bar.close()
@@ -297,11 +301,6 @@ class Trainer:
         self.metrics.write({"step": step, "split": "validation", **final})
         self.checkpointer.close()
         return final
-
-    def _length(self) -> int:
-        if self.datasets.is_text:
-            return self.config.train.seq_len
-        return int(next(iter(self.datasets.validation))["inputs"].shape[-1])
 
     def _train_record(self, step: int, metrics, tokens_per_second: float) -> dict[str, Any]:
         record = {"step": step, "split": "train", "loss": float(metrics["loss"]),
