@@ -15,8 +15,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 BLOCKS = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
 
 
-def test_readme_has_the_op_layer_and_model_examples():
-    assert len(BLOCKS) == 3
+def test_readme_has_the_op_layer_model_and_sharding_examples():
+    assert len(BLOCKS) == 4
 
 
 def test_readme_op_example_runs():
@@ -37,6 +37,14 @@ def test_readme_model_example_runs():
     exec(compile(BLOCKS[2], "README.md", "exec"), namespace)
     assert namespace["logits"].shape == (2, 64, 256)
     assert namespace["tokens"].shape == (2, 16)
+
+
+def test_readme_sharding_example_runs():
+    from jax.sharding import PartitionSpec
+    namespace: dict = {}
+    exec(compile(BLOCKS[3], "README.md", "exec"), namespace)
+    assert namespace["logits"].shape == (2, 64, 256)
+    assert namespace["model"].embedding[...].sharding.spec == PartitionSpec(None, "fsdp")
 
 
 @pytest.mark.parametrize("module", ["xformjax.ops.linear_attention",

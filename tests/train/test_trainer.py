@@ -78,9 +78,20 @@ def test_config_rules():
         train.load_config("tiny", ["train.grad_accum=0"])
     with pytest.raises(ValueError, match="expects key=value"):
         train.load_config("tiny", ["train.steps"])
-    with pytest.raises(ValueError, match="mesh.tensor and mesh.seq must be 1"):
-        train.Trainer(train.load_config("tiny", TASK + ["mesh.seq=2"]), "/tmp/never",
+    with pytest.raises(ValueError, match="at most one mesh axis may be -1"):
+        train.load_config("tiny", ["mesh.data=-1", "mesh.seq=-1"])
+    with pytest.raises(ValueError, match="mesh.tensor must be ≥ 1 or -1"):
+        train.load_config("tiny", ["mesh.tensor=0"])
+    with pytest.raises(ValueError, match="batch_size=4 must divide over mesh.data × mesh.fsdp = 3"):
+        train.Trainer(train.load_config("tiny", TASK + ["mesh.data=3"]), "/tmp/never",
                       progress=False)
+    with pytest.raises(ValueError, match="sequence length 15 must divide over mesh.seq = 2"):
+        train.Trainer(train.load_config("tiny", TASK + ["mesh.seq=2",
+                                                        "data.options.max_length=15"]),
+                      "/tmp/never", progress=False)
+    with pytest.raises(ValueError, match="needs 16 devices; 8 available"):
+        train.Trainer(train.load_config("tiny", TASK + ["mesh.data=2", "mesh.seq=8"]),
+                      "/tmp/never", progress=False)
 
 
 def test_loss_is_masked_cross_entropy_plus_weighted_auxiliary_losses():

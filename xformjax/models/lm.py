@@ -9,6 +9,10 @@
 mixers' states. Without a cache the model runs a fresh sequence in chunk mode and
 returns the cache that continues it; :meth:`LanguageModel.init_cache` allocates an
 empty one with fixed shapes for decoding (see :func:`xformjax.models.generate`).
+
+Under a mesh (``jax.set_mesh``) the residual stream is constrained to the logical
+axes ``("batch", "length", None)`` between blocks (:mod:`xformjax.parallel.mesh`), and
+the mixers switch to LASP-2 / LASP-2H when the mesh's ``seq`` axis is > 1.
 """
 
 from __future__ import annotations
@@ -21,6 +25,11 @@ from xformjax.nn import linear, norms
 from xformjax.nn.mixer import State, get_mixer
 from xformjax.nn.mlp import MLP
 from xformjax.models.config import LMConfig
+from xformjax.parallel.mesh import constrain
+
+#: logical names of the residual stream ``[B, T, d_model]`` (the model dimension is
+#: not split: parameters' ``embed`` dimension is FSDP-sharded, activations' is not)
+ACTIVATION_AXES = ("batch", "length", None)
 
 
 class Block(nnx.Module):
@@ -92,13 +101,15 @@ class LanguageModel(nnx.Module):
         dtype = self.config.mixer.compute_dtype
         residual_dtype = jnp.promote_types(dtype, jnp.float32)
         x = jnp.take(self.embedding[...], tokens, axis=0).astype(residual_dtype)
+        x = constrain(x, ACTIVATION_AXES)
         new_cache = []
         for i, block in enumerate(self.blocks):
             x, state = block(x, state=None if cache is None else cache[i], mode=mode)
+            x = constrain(x, ACTIVATION_AXES)
             new_cache.append(state)
         x = self.final_norm(x).astype(dtype)
         if self.lm_head is None:
             logits = jnp.einsum("btd,vd->btv", x, self.embedding[...].astype(dtype))
         else:
             logits = self.lm_head(x)
-        return logits.astype(jnp.float32), new_cache
+        return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab")), new_cache

@@ -21,8 +21,8 @@ approximated. Per call, each device
 
 1. runs the local chunk form from a zero state to get ``ℳ_s`` ``[B, H, K, V]``, and
    its transition ``𝒜_s``: nothing for plain linear attention, a decay product
-   ``[B, H]`` for ``g``, a diagonal ``[B, H, K]`` for ``gk`` (together: one diagonal
-   ``[B, H, K]``), a ``K × K`` matrix for the delta rule (the same local op run from
+   ``[B, H, 1]`` for ``g``, a diagonal ``[B, H, K]`` for ``gk`` (with ``g``: one
+   diagonal ``[B, H, K]``), a ``K × K`` matrix for the delta rule (the same local op run from
    ``S = I`` with zero values);
 2. **one all-gather** of the packed pairs over ``axis``: ``n · B·H·(K·V + transition)``
    numbers, independent of T;
@@ -39,7 +39,14 @@ communication beyond the mirror image, and no custom VJP is needed.
 
 Cost per layer and device: two local chunk passes for the linear family, three for
 the delta rule (one with ``V = K`` for the transition) — ``O(T/n)`` each — plus the
-fold, ``O(n·B·H·K²·V)`` for the delta rule.
+fold, ``O(n·B·H·K²·V)`` for the delta rule. Each device receives
+``(n − 1)·B·H·(K·V + transition)`` numbers; ring attention would move
+``(n − 1)/n·B·T·H_kv·(K + V)``, linear in T (the 256-chip estimate is in
+``experiments/results/sequence_parallel_estimate.md``).
+
+Under a mesh with more axes, the ``shard_map`` also splits the batch over ``data`` /
+``fsdp`` and the heads over ``tensor`` where they divide, so LASP-2 composes with
+data, FSDP and tensor parallelism; its only collective stays the one over ``axis``.
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from xformjax import ops
 from xformjax.parallel import lasp2h
+from xformjax.parallel.mesh import sequence_layout, spec_axes
 
 _KINDS = {ops.linear_attention: "linear", ops.delta_rule: "delta",
           ops.delta_product: "delta"}
@@ -61,9 +69,13 @@ _KINDS = {ops.linear_attention: "linear", ops.delta_rule: "delta",
 _SEQUENCE_ARGS = ("q", "k", "v", "beta", "g", "gk")
 
 
-def _linear_transition(g, gk, batch, heads, key_dim, dtype, length):
-    """Diagonal ``𝒜`` ``[B, H, K]`` of a shard: ``exp(Σ g)·exp(Σ gk)``."""
-    log_a = jnp.zeros((batch, heads, key_dim), dtype)
+def _linear_transition(g, gk, batch, heads, dtype, length):
+    """``𝒜`` of a shard for linear attention: ``None`` (identity) without gates,
+    ``exp(Σ g)`` ``[B, H, 1]`` for a scalar gate, ``exp(Σ g + Σ gk)`` ``[B, H, K]``
+    with a per-channel gate."""
+    if g is None and gk is None:
+        return None
+    log_a = jnp.zeros((batch, heads, 1), dtype)
     if g is not None:
         total = g.astype(dtype) * length if g.ndim == 1 else jnp.sum(g.astype(dtype), axis=1)
         log_a = log_a + total[..., None]
@@ -73,6 +85,8 @@ def _linear_transition(g, gk, batch, heads, key_dim, dtype, length):
 
 
 def _apply(kind, transition, state):
+    if transition is None:
+        return state
     if kind == "linear":
         return transition[..., None] * state
     return jnp.einsum("bhij,bhjv->bhiv", transition, state)
@@ -80,6 +94,8 @@ def _apply(kind, transition, state):
 
 def _pack(transition, contribution):
     batch, heads = contribution.shape[:2]
+    if transition is None:
+        return contribution.reshape(batch, heads, -1)
     return jnp.concatenate([transition.reshape(batch, heads, -1),
                             contribution.reshape(batch, heads, -1)], axis=-1)
 
@@ -93,7 +109,10 @@ def sequence_parallel(op: Callable, mesh: Mesh, axis: str = "seq") -> Callable:
     The returned function takes global arrays (T divisible by the axis size),
     supports every argument of ``op`` except ``cu_seqlens``, and returns what ``op``
     returns. Outputs are split along T like the inputs; the final state is
-    replicated.
+    replicated over ``axis``. Inside, the batch is also split over the mesh's
+    ``data``/``fsdp`` axes and the heads over ``tensor`` where they divide
+    (:func:`~xformjax.parallel.mesh.sequence_layout`), so the op composes with data
+    and tensor parallelism without gathering either.
     """
     if op not in _KINDS and op not in lasp2h.KINDS:
         raise ValueError(f"sequence_parallel supports ops.linear_attention, ops.delta_rule, "
@@ -125,14 +144,18 @@ def sequence_parallel(op: Callable, mesh: Mesh, axis: str = "seq") -> Callable:
                   if arguments.get(name) is not None}
         static = arguments  # scale, mode, chunk_size, normalize, num_householder, ...
 
+        batch_part, heads_part = sequence_layout(sizes, axis, arrays["q"].shape[0],
+                                                 (arrays["q"].shape[2],))
+
         def spec(name, array):
             if name == "g" and array.ndim == 1:
-                return PartitionSpec()
-            return PartitionSpec(None, axis)
+                return PartitionSpec(heads_part)
+            return PartitionSpec(batch_part, axis, heads_part)
 
         names = tuple(arrays)
+        state_spec = PartitionSpec(batch_part, heads_part)
         in_specs = (tuple(spec(n, arrays[n]) for n in names),
-                    PartitionSpec() if initial is not None else None)
+                    state_spec if initial is not None else None)
 
         def local(local_arrays, init):
             values = dict(zip(names, local_arrays))
@@ -142,7 +165,7 @@ def sequence_parallel(op: Callable, mesh: Mesh, axis: str = "seq") -> Callable:
             batch, heads, key_dim, _ = contribution.shape
             if kind == "linear":
                 transition = _linear_transition(values.get("g"), values.get("gk"), batch,
-                                                heads, key_dim, dtype, values["q"].shape[1])
+                                                heads, dtype, values["q"].shape[1])
             else:
                 eye = jnp.broadcast_to(jnp.eye(key_dim, dtype=dtype),
                                        (batch, heads, key_dim, key_dim))
@@ -150,8 +173,9 @@ def sequence_parallel(op: Callable, mesh: Mesh, axis: str = "seq") -> Callable:
                 _, transition = op(**identity_run, **static, initial_state=eye,
                                    output_final_state=True)
             packed = jax.lax.all_gather(_pack(transition, contribution), axis)  # one collective
-            split = transition.size // (batch * heads)
-            transitions = packed[..., :split].reshape((shards,) + transition.shape)
+            split = 0 if transition is None else transition.size // (batch * heads)
+            transitions = (None if transition is None else
+                           packed[..., :split].reshape((shards,) + transition.shape))
             contributions = packed[..., split:].reshape((shards,) + contribution.shape)
 
             def fold(state, pair):
@@ -166,7 +190,9 @@ def sequence_parallel(op: Callable, mesh: Mesh, axis: str = "seq") -> Callable:
             return o, final
 
         sharded = jax.shard_map(local, mesh=mesh, in_specs=in_specs,
-                                out_specs=(PartitionSpec(None, axis), PartitionSpec()),
+                                out_specs=(PartitionSpec(batch_part, axis, heads_part),
+                                           state_spec),
+                                axis_names=spec_axes(axis, batch_part, heads_part),
                                 check_vma=False)
         o, final = sharded(tuple(arrays[n] for n in names), initial)
         return o, (final if want_final else None)

@@ -29,6 +29,7 @@ from xformjax import ops
 from xformjax.ops import common
 from xformjax.ops.softmax_attention.masking import AttentionMask
 from xformjax.ops.softmax_attention.parallel import attention_parallel
+from xformjax.parallel.mesh import sequence_layout, spec_axes
 
 KINDS = {ops.softmax_attention: "softmax", ops.sigmoid_attention: "sigmoid"}
 
@@ -85,8 +86,12 @@ def attention_sequence_parallel(op, mesh, axis: str, shards: int):
                                    q_seq, k_seq, q_bias)
             return o.astype(out_dtype)
 
-        spec = PartitionSpec(None, axis)
+        batch_part, heads_part = sequence_layout(
+            dict(zip(mesh.axis_names, mesh.axis_sizes)), axis, q.shape[0],
+            (q.shape[2], k.shape[2]))
+        spec = PartitionSpec(batch_part, axis, heads_part)
         o = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
+                          axis_names=spec_axes(axis, batch_part, heads_part),
                           check_vma=False)(q, k, v)
         return o, None
 

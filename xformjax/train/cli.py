@@ -1,11 +1,16 @@
 """The ``xformjax`` command: ``train``, ``eval`` and ``generate``.
 
     xformjax train [--config NAME|PATH.yaml] [--workdir DIR] [--set key=value ...]
+                   [--distributed auto|on|off]
     xformjax eval --workdir DIR
     xformjax generate --workdir DIR --prompt TEXT [--max-new-tokens N]
 
 ``train`` resumes from ``DIR``'s latest checkpoint when there is one. ``eval`` and
 ``generate`` read the run's ``config.yaml`` and its latest checkpoint.
+
+On a multi-host slice every host runs the same ``xformjax train`` command;
+``--distributed`` (default ``auto``: from the environment, see
+:mod:`xformjax.parallel.distributed`) calls ``jax.distributed.initialize()`` first.
 """
 
 from __future__ import annotations
@@ -39,6 +44,10 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                        help="override config keys, e.g. train.steps=100 model.layer_pattern=attn")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    train.add_argument("--distributed", choices=("auto", "on", "off"), default="auto",
+                       help="join a multi-host run with jax.distributed.initialize() "
+                            "(auto: when the environment names a cluster or "
+                            "XFORMJAX_DISTRIBUTED=1)")
     evaluate = commands.add_parser("eval", help="evaluate a run's latest checkpoint",
                                    description="Score the validation split with the latest "
                                                "checkpoint of WORKDIR.")
@@ -84,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     from xformjax.train.trainer import NonFiniteLossError, Trainer
 
     if args.command == "train":
+        from xformjax.parallel import initialize_distributed
+        initialize_distributed(args.distributed)  # before anything touches a device
         try:
             config = load_config(args.config, args.set)
         except ValueError as error:
@@ -91,7 +102,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         name = pathlib.Path(args.config).stem
         workdir = pathlib.Path(args.workdir or pathlib.Path("runs") / name)
-        trainer = Trainer(config, workdir, progress=not args.no_progress)
+        try:
+            trainer = Trainer(config, workdir, progress=not args.no_progress)
+        except ValueError as error:  # a mesh that does not fit the devices or the batch
+            print(f"error: {error}", file=sys.stderr)
+            return 2
         print(f"workdir: {workdir}")
         try:
             final = trainer.run()

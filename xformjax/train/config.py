@@ -116,9 +116,12 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh sizes per named axis (``data, fsdp, tensor, seq``). The trainer
-    shards batches over ``data × fsdp`` and replicates parameters; the product must
-    not exceed the number of devices."""
+    """Device mesh sizes per named axis (see :mod:`xformjax.parallel.mesh`): ``data``
+    splits the batch; ``fsdp`` splits the batch and shards parameters and optimiser
+    states along ``embed``; ``tensor`` splits heads, MLP units and the vocabulary;
+    ``seq`` splits the sequence (LASP-2 / LASP-2H). One axis may be ``-1``: it takes
+    the devices left over (``mesh.data=-1``: data parallel over every device). The
+    product must not exceed the number of devices (all hosts' devices)."""
 
     data: int = 1
     fsdp: int = 1
@@ -126,9 +129,12 @@ class MeshConfig:
     seq: int = 1
 
     def __post_init__(self):
-        for name in ("data", "fsdp", "tensor", "seq"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"mesh.{name} must be ≥ 1; got {getattr(self, name)}")
+        sizes = self.shape
+        for name, size in sizes.items():
+            if size < 1 and size != -1:
+                raise ValueError(f"mesh.{name} must be ≥ 1 or -1 (the rest); got {size}")
+        if list(sizes.values()).count(-1) > 1:
+            raise ValueError(f"at most one mesh axis may be -1; got {sizes}")
 
     @property
     def shape(self) -> dict[str, int]:

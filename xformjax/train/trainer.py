@@ -15,7 +15,13 @@
   iterator's position. A run started in a WORKDIR with a checkpoint resumes from
   it, and ends with the same losses as a run that was never interrupted;
 - a non-finite loss stops the run (:class:`NonFiniteLossError` names the step)
-  before anything is saved, so the last checkpoint is the last good one.
+  before anything is saved, so the last checkpoint is the last good one;
+- everything runs on the mesh ``config.mesh`` (:mod:`xformjax.parallel.mesh`): the
+  model and optimiser are created in the shardings their logical-axis names give,
+  the train step is ``jax.jit`` with explicit in/out shardings and the state
+  donated, batches are split over ``(data, fsdp)`` along B and ``seq`` along T
+  (the layers then run LASP-2 / LASP-2H). In a multi-process run every process
+  trains and only process 0 writes ``metrics.jsonl`` and ``config.yaml``.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from tqdm.auto import tqdm
 
 from xformjax import data as data_lib
 from xformjax.models import LanguageModel, generate
+from xformjax.parallel import BATCH_AXES, create_sharded, make_mesh, state_shardings
 from xformjax.train.checkpoint import Checkpointer
 from xformjax.train.config import ExperimentConfig, config_to_yaml
 from xformjax.train.optimizer import learning_rate_schedule, make_optimizer
@@ -120,19 +127,22 @@ def loss_and_metrics(model: LanguageModel, batch: dict[str, jax.Array], aux_weig
 
 
 class MetricsLog:
-    """Appends JSON lines to ``metrics.jsonl``; on resume drops lines after the step."""
+    """Appends JSON lines to ``metrics.jsonl``; on resume drops lines after the step.
+    Only the chief process (``enabled``) writes in a multi-process run."""
 
-    def __init__(self, path: pathlib.Path):
-        self.path = path
+    def __init__(self, path: pathlib.Path, *, enabled: bool = True):
+        self.path, self.enabled = path, enabled
 
     def truncate_after(self, step: int) -> None:
-        if not self.path.exists():
+        if not self.enabled or not self.path.exists():
             return
         keep = [line for line in self.path.read_text().splitlines()
                 if line.strip() and json.loads(line)["step"] <= step]
         self.path.write_text("".join(line + "\n" for line in keep))
 
     def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         with self.path.open("a") as file:
             file.write(json.dumps(record) + "\n")
 
@@ -144,11 +154,20 @@ class Trainer:
                  progress: bool = True):
         self.config = config
         self.workdir = pathlib.Path(workdir)
+        self.is_chief = jax.process_index() == 0  # writes logs; every process trains
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.progress = progress
+        self.progress = progress and self.is_chief
         self.datasets = build_datasets(config)
-        self.model = build_model(config, self.datasets.vocab_size)
-        self.optimizer = nnx.Optimizer(self.model, make_optimizer(config.train), wrt=nnx.Param)
+        self.mesh = make_mesh(config.mesh.shape)
+        self._check_divisibility()
+        vocab_size = self.datasets.vocab_size
+
+        def build():
+            model = build_model(config, vocab_size)
+            return model, nnx.Optimizer(model, make_optimizer(config.train), wrt=nnx.Param)
+
+        # parameters and optimiser states are created in their shardings
+        self.model, self.optimizer = create_sharded(build, self.mesh)
         self.schedule = learning_rate_schedule(config.train)
         # nothing in training draws from it yet (no dropout); it is checkpointed so
         # that a stochastic addition stays resumable
@@ -156,41 +175,57 @@ class Trainer:
         self.checkpointer = Checkpointer(self.workdir / "checkpoints",
                                          keep=config.train.keep_checkpoints,
                                          every=config.train.checkpoint_every)
-        self.metrics = MetricsLog(self.workdir / "metrics.jsonl")
-        self.mesh, self.batch_sharding = self._mesh()
-        self._train_step = nnx.jit(self._step_fn)
-        self._eval_step = nnx.jit(self._eval_fn)
+        self.metrics = MetricsLog(self.workdir / "metrics.jsonl", enabled=self.is_chief)
+        self._compile_steps()
 
     # -- set-up ---------------------------------------------------------------------------
-    def _mesh(self):
-        shape = self.config.mesh.shape
-        if math.prod(shape.values()) == 1:
-            return None, None
-        if shape["tensor"] > 1 or shape["seq"] > 1:
-            raise ValueError("the trainer shards data only (mesh.data × mesh.fsdp); "
-                             "mesh.tensor and mesh.seq must be 1")
-        devices = jax.device_count()
-        if math.prod(shape.values()) > devices:
-            raise ValueError(f"mesh {shape} needs {math.prod(shape.values())} devices; "
-                             f"{devices} available")
-        if self.config.train.batch_size % (shape["data"] * shape["fsdp"]):
-            raise ValueError(f"train.batch_size={self.config.train.batch_size} must divide "
-                             f"over mesh.data × mesh.fsdp = {shape['data'] * shape['fsdp']}")
-        mesh = jax.make_mesh(tuple(shape.values()), tuple(shape),
-                             axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
+    def _check_divisibility(self) -> None:
+        shape, train = self.config.mesh.shape, self.config.train
+        batch_shards = shape["data"] * shape["fsdp"]
+        if train.batch_size % batch_shards:
+            raise ValueError(f"train.batch_size={train.batch_size} must divide over "
+                             f"mesh.data × mesh.fsdp = {batch_shards}")
+        if self.datasets.sequence_length % shape["seq"]:
+            raise ValueError(f"the sequence length {self.datasets.sequence_length} must "
+                             f"divide over mesh.seq = {shape['seq']}")
+
+    def _compile_steps(self) -> None:
+        """The jitted steps, with explicit shardings: the state (model and optimiser)
+        as its logical-axis rules place it, donated to the train step; batches split
+        over ``(data, fsdp)`` along B and over ``seq`` along T; metrics replicated."""
+        mesh = self.mesh
+        self.graphdef, state = nnx.split((self.model, self.optimizer))
+        self.state_sharding = state_shardings(state, mesh)
+        model_sharding = state_shardings(nnx.state(self.model), mesh)
+        self.model_graphdef = nnx.graphdef(self.model)
         replicated = NamedSharding(mesh, PartitionSpec())
-        nnx.update(self.model, jax.device_put(nnx.state(self.model), replicated))
-        nnx.update(self.optimizer, jax.device_put(nnx.state(self.optimizer), replicated))
-        return mesh, NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp")))
+        self.batch_sharding = NamedSharding(mesh, PartitionSpec(None, BATCH_AXES, "seq"))
+        eval_batch = NamedSharding(mesh, PartitionSpec(BATCH_AXES, "seq"))
+        self._train_step = jax.jit(self._step_fn,
+                                   in_shardings=(self.state_sharding, self.batch_sharding),
+                                   out_shardings=(self.state_sharding, replicated),
+                                   donate_argnums=0)
+        self._eval_step = jax.jit(self._eval_fn, in_shardings=(model_sharding, eval_batch),
+                                  out_shardings=replicated)
 
     def _place(self, batches: list[dict[str, np.ndarray]]) -> dict[str, jax.Array]:
+        """Stack micro-batches into ``[accum, B, T]`` global arrays (each process
+        supplies the blocks its devices hold; every process reads the same batch)."""
         stacked = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
-        if self.batch_sharding is None:
-            return {k: jnp.asarray(v) for k, v in stacked.items()}
-        return {k: jax.device_put(v, self.batch_sharding) for k, v in stacked.items()}
+        sharding = self.batch_sharding
+        return {k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index])
+                for k, v in stacked.items()}
+
+    def train_step(self, batches: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """One optimiser step on ``[grad_accum, B, T]`` batches (placed by the mesh)."""
+        with jax.set_mesh(self.mesh):
+            state, metrics = self._train_step(nnx.state((self.model, self.optimizer)), batches)
+        nnx.update((self.model, self.optimizer), state)
+        return metrics
 
     # -- jitted steps ----------------------------------------------------------------------
-    def _step_fn(self, model, optimizer, batches):
+    def _step_fn(self, state, batches):
+        model, optimizer = nnx.merge(self.graphdef, state)
         aux_weight = self.config.train.aux_loss_weight
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
@@ -217,9 +252,10 @@ class Trainer:
         metrics = {k: v / count for k, v in totals.items()}
         metrics["grad_norm"] = optax.tree.norm(grads)
         optimizer.update(model, grads)
-        return metrics
+        return nnx.state((model, optimizer)), metrics
 
-    def _eval_fn(self, model, batch):
+    def _eval_fn(self, model_state, batch):
+        model = nnx.merge(self.model_graphdef, model_state)
         _, metrics = loss_and_metrics(model, batch, 0.0)
         return metrics
 
@@ -229,8 +265,9 @@ class Trainer:
         iterator = iter(self.datasets.validation)
         totals: dict[str, float] = {}
         for _ in range(self.config.train.eval_batches):
-            batch = self._place([next(iterator)])
-            metrics = self._eval_step(self.model, {k: v[0] for k, v in batch.items()})
+            batch = {k: v[0] for k, v in self._place([next(iterator)]).items()}
+            with jax.set_mesh(self.mesh):
+                metrics = self._eval_step(nnx.state(self.model), batch)
             for key, value in metrics.items():
                 totals[key] = totals.get(key, 0.0) + float(value)
         means = {k: v / self.config.train.eval_batches for k, v in totals.items()}
@@ -257,7 +294,8 @@ class Trainer:
         iterator = iter(self.datasets.train)
         latest = self.checkpointer.latest_step()
         if latest is None:
-            (self.workdir / "config.yaml").write_text(config_to_yaml(self.config))
+            if self.is_chief:
+                (self.workdir / "config.yaml").write_text(config_to_yaml(self.config))
             return 0, iterator
         step, self.rng, data_state = self.checkpointer.restore(self.model, self.optimizer)
         iterator.set_state(data_state)
@@ -275,7 +313,7 @@ class Trainer:
         try:
             while step < train.steps:
                 batch = self._place([next(iterator) for _ in range(train.grad_accum)])
-                metrics = self._train_step(self.model, self.optimizer, batch)
+                metrics = self.train_step(batch)
                 loss = float(metrics["loss"])
                 step += 1
                 if not math.isfinite(loss):
