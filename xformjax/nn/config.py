@@ -65,6 +65,25 @@ class MixerConfig:
       conv_size: short causal convolution length on q/k/v (0 disables it).
       allow_neg_eigval: ``β = 2σ(·)`` instead of ``σ(·)``.
       num_householder: DeltaProduct's steps per token.
+
+    Mixture-of-Memories (``mom``):
+      num_memories: memories M, each with its own k/v/β/gate projections.
+      top_k: memories each token is routed to.
+      shared_memory: an always-on memory besides the routed ones.
+
+    Titans / ATLAS neural memory (``titans``, ``atlas``):
+      memory_depth: layers of the MLP memory (1: a linear memory).
+      memory_expansion: hidden width of the MLP memory, × head_dim.
+      titans_variant: ``"mac"`` (memory as context), ``"mag"`` (memory as gate) or
+        ``"mal"`` (memory as layer).
+      persistent_tokens: learned persistent-memory tokens (MAC, MAG).
+      memory_window: sliding-window width of the attention branch (MAC, MAG).
+      omega_window: ATLAS's Omega rule: the memory fits the last ``omega_window``
+        tokens (1: only the current one, as Titans).
+      poly_degree: ATLAS's polynomial feature map degree of keys/queries (1: none).
+      memory_optimizer: ATLAS's update rule, ``"muon"`` (Newton–Schulz
+        orthogonalised momentum) or ``"momentum"`` (Titans' rule).
+      newton_schulz_steps: iterations of the Newton–Schulz orthogonalisation.
     """
 
     d_model: int = 256
@@ -99,13 +118,29 @@ class MixerConfig:
     conv_size: int = 4
     allow_neg_eigval: bool = False
     num_householder: int = 2
+    # mixture of memories
+    num_memories: int = 4
+    top_k: int = 2
+    shared_memory: bool = True
+    # titans / atlas
+    memory_depth: int = 2
+    memory_expansion: int = 2
+    titans_variant: str = "mal"
+    persistent_tokens: int = 4
+    memory_window: int = 64
+    omega_window: int = 4
+    poly_degree: int = 2
+    memory_optimizer: str = "muon"
+    newton_schulz_steps: int = 5
 
     def __post_init__(self):
         def bad(message: str):
             raise ValueError(f"MixerConfig: {message}")
 
         for name in ("d_model", "num_heads", "chunk_size", "max_seq_len", "diag_block_size",
-                     "gate_low_rank", "num_householder"):
+                     "gate_low_rank", "num_householder", "num_memories", "top_k",
+                     "memory_depth", "memory_expansion", "memory_window", "omega_window",
+                     "poly_degree", "newton_schulz_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 bad(f"`{name}` must be a positive int; got {value!r}")
@@ -122,6 +157,15 @@ class MixerConfig:
         if self.transnormer_attention not in ("auto", "norm", "diag"):
             bad("`transnormer_attention` must be 'auto', 'norm' or 'diag'; "
                 f"got {self.transnormer_attention!r}")
+        if self.top_k > self.num_memories:
+            bad(f"top_k={self.top_k} exceeds num_memories={self.num_memories}")
+        if self.titans_variant not in ("mac", "mag", "mal"):
+            bad(f"`titans_variant` must be 'mac', 'mag' or 'mal'; got {self.titans_variant!r}")
+        if self.memory_optimizer not in ("muon", "momentum"):
+            bad("`memory_optimizer` must be 'muon' or 'momentum'; "
+                f"got {self.memory_optimizer!r}")
+        if self.persistent_tokens < 0:
+            bad(f"`persistent_tokens` must be ≥ 0; got {self.persistent_tokens}")
         if self.conv_size < 0:
             bad(f"`conv_size` must be ≥ 0; got {self.conv_size}")
         if self.expand_v <= 0:
