@@ -50,7 +50,8 @@ def test_readme_sharding_example_runs():
 @pytest.mark.parametrize("module", ["xformjax.ops.linear_attention",
                                     "xformjax.ops.softmax_attention", "xformjax.nn",
                                     "xformjax.nn.linen", "xformjax.models",
-                                    "xformjax.models.config", "xformjax.data"])
+                                    "xformjax.models.config", "xformjax.data",
+                                    "xformjax.ops.mixture_of_memories", "xformjax.ops.aaren"])
 def test_docstring_examples(module):
     result = doctest.testmod(importlib.import_module(module))
     assert result.attempted > 0 and result.failed == 0, result

@@ -15,6 +15,8 @@ short names to classes::
 """
 
 # importing each family's module registers its mixers in MIXERS
+from xformjax.nn.aaren import Aaren
+from xformjax.nn.atlas import Atlas
 from xformjax.nn.attention import Attention, SigmoidAttention
 from xformjax.nn.config import MixerConfig
 from xformjax.nn.conv import ShortConv
@@ -26,8 +28,10 @@ from xformjax.nn.lightnet import LightNet
 from xformjax.nn.linear import Dense
 from xformjax.nn.linear_attention import LinearAttention, hedgehog_loss
 from xformjax.nn.mixer import MIXERS, Mixer, get_mixer, register
+from xformjax.nn.mom import MixtureOfMemories, load_balance_loss
 from xformjax.nn.norms import CRMSNorm, LayerNorm, RMSNorm, SRMSNorm, make_norm
 from xformjax.nn.retnet import RetNet
+from xformjax.nn.titans import NeuralMemoryMixer, Titans
 from xformjax.nn.transnormer import TransNormer
 
 __all__ = ["MIXERS", "Mixer", "MixerConfig", "get_mixer", "register", "Attention",
@@ -35,4 +39,5 @@ __all__ = ["MIXERS", "Mixer", "MixerConfig", "get_mixer", "register", "Attention
            "RetNet", "GatedLinearAttention", "LightNet", "DeltaNet", "GatedDeltaNet",
            "DeltaProduct", "Dense", "ShortConv", "FeatureMap", "hedgehog_loss",
            "hedgehog_distillation_loss", "RMSNorm", "LayerNorm", "SRMSNorm", "CRMSNorm",
-           "make_norm"]
+           "make_norm", "MixtureOfMemories", "load_balance_loss", "NeuralMemoryMixer", "Titans",
+           "Atlas", "Aaren"]

@@ -1,0 +1,275 @@
+"""``ops.neural_memory`` (Titans / ATLAS) against an independent float64 numpy
+reference: token by token, with the gradient of the MLP loss back-propagated by hand."""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.ops.helpers import assert_close
+from xformjax.ops.neural_memory import neural_memory
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+# ----------------------------------------------------------------------------- reference
+
+def silu(z):
+    return z / (1 + np.exp(-z))
+
+
+def silu_grad(z):
+    s = 1 / (1 + np.exp(-z))
+    return s * (1 + z * (1 - s))
+
+
+def mlp(weights, x):
+    h = x
+    for index, w in enumerate(weights):
+        z = h @ w
+        h = silu(z) if index < len(weights) - 1 else z
+    return h
+
+
+def loss_gradient(weights, k, v):
+    """∇_W ½‖M_W(k) − v‖² by back-propagation through the MLP (one token)."""
+    hs, zs, h = [], [], k
+    for index, w in enumerate(weights):
+        hs.append(h)
+        z = h @ w
+        zs.append(z)
+        h = silu(z) if index < len(weights) - 1 else z
+    delta = h - v
+    grads = [None] * len(weights)
+    for index in reversed(range(len(weights))):
+        grads[index] = np.outer(hs[index], delta)
+        if index > 0:
+            delta = (weights[index] @ delta) * silu_grad(zs[index - 1])
+    return grads
+
+
+def newton_schulz(x, steps):
+    a, b, c = NS_COEFFICIENTS
+    flip = x.shape[0] > x.shape[1]
+    if flip:
+        x = x.T
+    x = x / np.sqrt(np.sum(x * x) + 1e-14)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if flip else x
+
+
+def reference(inputs, memory, *, omega_window, optimizer, chunk_size=None, ns_steps=5,
+              state=None):
+    """Titans/ATLAS per sequence and head. ``chunk_size=None``: exact token-by-token
+    rule; otherwise gradients inside each chunk at the chunk-start weights.
+
+    ``state``: per (b, h) dict of weights, momentum and the window list (or None).
+    Returns ``(o [B, T, H, V], states)``."""
+    q, k, v, lr, mom, decay, gamma = (np.asarray(inputs[n], np.float64) for n in
+                                      ("q", "k", "v", "lr", "momentum", "decay", "gamma"))
+    batch, length, heads, _ = q.shape
+    o = np.zeros(v.shape)
+    states = {}
+    for b, h in itertools.product(range(batch), range(heads)):
+        if state is None:
+            weights = [np.asarray(w[h], np.float64).copy() for w in memory]
+            moments = [np.zeros_like(w) for w in weights]
+            window = []  # (k, v, gamma) of earlier tokens
+        else:
+            weights, moments, window = (list(x) for x in state[b, h])
+        chunk_weights = [w.copy() for w in weights]
+        for t in range(length):
+            if chunk_size is not None and t % chunk_size == 0:
+                chunk_weights = [w.copy() for w in weights]
+            at = weights if chunk_size is None else chunk_weights
+            tokens = (window + [(k[b, t, h], v[b, t, h], gamma[b, t, h])])[-omega_window:]
+            u = [np.zeros_like(w) for w in weights]
+            for k_i, v_i, g_i in tokens:
+                for l, g in enumerate(loss_gradient(at, k_i, v_i)):
+                    u[l] += g_i * g
+            for l in range(len(weights)):
+                if optimizer == "momentum":
+                    moments[l] = mom[b, t, h] * moments[l] - lr[b, t, h] * u[l]
+                    step = moments[l]
+                else:
+                    moments[l] = mom[b, t, h] * moments[l] - u[l]
+                    step = lr[b, t, h] * newton_schulz(moments[l], ns_steps)
+                weights[l] = (1 - decay[b, t, h]) * weights[l] + step
+            o[b, t, h] = mlp(weights, q[b, t, h])
+            window = (window + [(k[b, t, h], v[b, t, h], gamma[b, t, h])])[-(omega_window - 1):] \
+                if omega_window > 1 else []
+        states[b, h] = (weights, moments, window)
+    return o, states
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def make_inputs(batch=2, length=37, heads=2, key_dim=4, value_dim=4, depth=2, seed=0):
+    rng = np.random.default_rng(seed)
+
+    def unit(shape):
+        x = rng.standard_normal(shape)
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    inputs = {"q": unit((batch, length, heads, key_dim)), "k": unit((batch, length, heads, key_dim)),
+              "v": rng.standard_normal((batch, length, heads, value_dim)),
+              "lr": rng.uniform(0.0, 0.3, (batch, length, heads)),
+              "momentum": rng.uniform(0.0, 0.9, (batch, length, heads)),
+              "decay": rng.uniform(0.0, 0.1, (batch, length, heads)),
+              "gamma": rng.uniform(0.2, 1.0, (batch, length, heads))}
+    dims = [key_dim] + [2 * key_dim] * (depth - 1) + [value_dim]
+    memory = [rng.standard_normal((heads, dims[i], dims[i + 1])) / np.sqrt(dims[i])
+              for i in range(depth)]
+    return inputs, memory
+
+
+def run(inputs, memory, **kwargs):
+    """The op under one ``jax.jit`` (eager dispatch of its scans is slow)."""
+    x = {name: jnp.asarray(value) for name, value in inputs.items()}
+    memory = [jnp.asarray(w) for w in memory]
+    if "state_position" in kwargs:  # concrete, to check its validation
+        return _run(x, memory, **kwargs)
+    static = {key: value for key, value in kwargs.items() if key != "initial_state"}
+    jitted = jax.jit(lambda x, memory, state: _run(x, memory, initial_state=state, **static))
+    return jitted(x, memory, kwargs.get("initial_state"))
+
+
+def _run(x, memory, **kwargs):
+    return neural_memory(x["q"], x["k"], x["v"], x["lr"], x["momentum"], x["decay"],
+                         [jnp.asarray(w) for w in memory], omega_weights=x["gamma"], **kwargs)
+
+
+def slice_time(inputs, start, stop):
+    return {name: value[:, start:stop] for name, value in inputs.items()}
+
+
+def reference_state_as_op(states, batch, heads, depth, omega_window):
+    """Convert the reference's per-(b, h) states into the op's state dict (for checks)."""
+    out = {}
+    for l in range(depth):
+        out[f"weight_{l}"] = np.stack([np.stack([states[b, h][0][l] for h in range(heads)])
+                                       for b in range(batch)])
+        out[f"momentum_{l}"] = np.stack([np.stack([states[b, h][1][l] for h in range(heads)])
+                                         for b in range(batch)])
+    if omega_window > 1:
+        def window(b, h, part):
+            items = [item[part] for item in states[b, h][2]]
+            return np.stack(items)
+        for part, key in ((0, "window_k"), (1, "window_v"), (2, "window_gamma")):
+            out[key] = np.stack([np.stack([window(b, h, part) for h in range(heads)])
+                                 for b in range(batch)])
+    return out
+
+
+# ----------------------------------------------------------------------------- tests
+
+CASES = [(depth, omega, optimizer) for depth in (1, 2) for omega in (1, 3)
+         for optimizer in ("momentum", "muon")]
+
+
+@pytest.mark.parametrize("depth,omega,optimizer", CASES)
+@pytest.mark.parametrize("length", [1, 37])
+def test_recurrent_matches_reference_and_chunk_size_one_is_exact(x64, depth, omega, optimizer,
+                                                                 length):
+    inputs, memory = make_inputs(length=length, depth=depth, seed=depth + 10 * omega)
+    o_ref, states = reference(inputs, memory, omega_window=omega, optimizer=optimizer)
+    o, final = run(inputs, memory, omega_window=omega, optimizer=optimizer, mode="recurrent",
+                   output_final_state=True)
+    assert o.dtype == jnp.float64
+    assert_close(o, o_ref, 1e-9, "recurrent o")
+    expected = reference_state_as_op(states, 2, 2, depth, omega)
+    if length >= omega - 1:  # the reference window is full: compare it too
+        for key, value in expected.items():
+            assert_close(final[key], value, 1e-9, f"final {key}")
+    o_chunk, final_chunk = run(inputs, memory, omega_window=omega, optimizer=optimizer,
+                               mode="chunk", chunk_size=1, output_final_state=True)
+    assert_close(o_chunk, o, 1e-12, "chunk_size=1 vs recurrent")
+    for key in final:
+        assert_close(final_chunk[key], final[key], 1e-12, f"chunk_size=1 state {key}")
+
+
+@pytest.mark.parametrize("depth,omega,optimizer", [(2, 1, "momentum"), (2, 3, "muon"),
+                                                   (1, 3, "momentum")])
+def test_chunk_form_matches_the_chunked_reference(x64, depth, omega, optimizer):
+    inputs, memory = make_inputs(depth=depth, seed=3)
+    o_ref, _ = reference(inputs, memory, omega_window=omega, optimizer=optimizer, chunk_size=8)
+    o, _ = run(inputs, memory, omega_window=omega, optimizer=optimizer, mode="chunk",
+               chunk_size=8)
+    assert_close(o, o_ref, 1e-9, "chunk (C=8) vs chunked reference")
+    o_exact, _ = reference(inputs, memory, omega_window=omega, optimizer=optimizer)
+    assert np.linalg.norm(np.asarray(o) - o_exact) > 1e-6  # C > 1 is an approximation
+
+
+@pytest.mark.parametrize("mode,split", [("recurrent", 13), ("chunk", 16)])
+def test_two_halves_with_the_state_equal_the_whole(x64, mode, split):
+    inputs, memory = make_inputs(depth=2, seed=5)
+    kwargs = dict(omega_window=3, optimizer="muon", mode=mode, chunk_size=8,
+                  output_final_state=True)
+    whole, final = run(inputs, memory, **kwargs)
+    first, state = run(slice_time(inputs, 0, split), memory, **kwargs)
+    second, final_2 = run(slice_time(inputs, split, 37), memory, initial_state=state, **kwargs)
+    assert_close(jnp.concatenate([first, second], 1), whole, 1e-12, f"{mode} halves")
+    for key in final:
+        assert_close(final_2[key], final[key], 1e-12, f"{mode} state {key}")
+
+
+def test_state_position_returns_the_boundary_state(x64):
+    inputs, memory = make_inputs(depth=1, seed=6)
+    _, at_16 = run(slice_time(inputs, 0, 16), memory, mode="chunk", chunk_size=8,
+                   output_final_state=True)
+    _, chosen = jax.jit(lambda p: run(inputs, memory, mode="chunk", chunk_size=8,
+                                      output_final_state=True, state_position=p))(16)
+    for key in at_16:
+        assert_close(chosen[key], at_16[key], 1e-12, key)
+
+
+def test_float32_accumulation_and_finite_gradients():
+    inputs, memory = make_inputs(depth=2, length=21, seed=7)
+    floats = {name: jnp.asarray(value, jnp.float32) for name, value in inputs.items()}
+    floats["memory"] = [jnp.asarray(w, jnp.float32) for w in memory]
+    for mode, optimizer in (("chunk", "muon"), ("recurrent", "momentum")):
+        def loss(x):
+            o, state = neural_memory(x["q"], x["k"], x["v"], x["lr"], x["momentum"],
+                                     x["decay"], x["memory"], omega_weights=x["gamma"],
+                                     omega_window=2, optimizer=optimizer, mode=mode,
+                                     chunk_size=8, output_final_state=True)
+            return jnp.sum(o ** 2) + jnp.sum(state["weight_1"])
+
+        grads = jax.jit(jax.grad(loss))(floats)
+        for path, value in jax.tree_util.tree_leaves_with_path(grads):
+            assert value.dtype == jnp.float32
+            assert np.all(np.isfinite(np.asarray(value))), (mode, optimizer, path)
+            assert np.any(np.asarray(value) != 0), (mode, optimizer, path)
+    o, _ = run({n: jnp.asarray(x, jnp.bfloat16) for n, x in inputs.items()},
+               [jnp.asarray(w, jnp.bfloat16) for w in memory])
+    assert o.dtype == jnp.bfloat16
+
+
+def test_bad_input_raises_value_error():
+    inputs, memory = make_inputs(length=5, depth=2)
+    with pytest.raises(ValueError, match=r"`q` must have rank 4"):
+        run({**inputs, "q": inputs["q"][0]}, memory)
+    with pytest.raises(ValueError, match=r"`lr` must have shape \[B, T, H\]"):
+        run({**inputs, "lr": inputs["lr"][..., None]}, memory)
+    with pytest.raises(ValueError, match=r"memory\[1\]"):
+        run(inputs, [memory[0], memory[1][:, :3]])
+    with pytest.raises(ValueError, match="must output V=4"):
+        run(inputs, [memory[0], memory[1][..., :3]])
+    with pytest.raises(ValueError, match="unknown `mode`='parallel'"):
+        run(inputs, memory, mode="parallel")
+    with pytest.raises(ValueError, match="unknown `optimizer`='adam'"):
+        run(inputs, memory, optimizer="adam")
+    with pytest.raises(ValueError, match="`omega_window` must be a positive int"):
+        run(inputs, memory, omega_window=0)
+    with pytest.raises(ValueError, match="T=0"):
+        run(slice_time(inputs, 0, 0), memory)
+    with pytest.raises(ValueError, match="initial_state"):
+        run(inputs, memory, initial_state={"weight_0": 0})
+    with pytest.raises(ValueError, match="state_position"):
+        run(inputs, memory, chunk_size=2, state_position=3)

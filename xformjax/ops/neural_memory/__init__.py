@@ -1,0 +1,226 @@
+"""``neural_memory``: Titans' MLP memory learned at test time, with ATLAS's Omega
+rule and Muon optimiser.
+
+"Titans: Learning to Memorize at Test Time", Behrouz et al. 2025, and
+"ATLAS: Learning to Optimally Memorize the Context at Test Time", Behrouz et al.
+2025. The memory of each head is an MLP ``M_W`` (see :mod:`.memory`: SiLU between
+layers, no biases, no residual) whose weights are trained token by token on the
+loss ``ℓ(W; k, v) = ½‖M_W(k) − v‖²``:
+
+    u_t = Σ_{i=t−c+1}^{t} γ_i ∇_W ℓ(W_{t-1}; k_i, v_i)        (c = omega_window)
+    optimizer="momentum" (Titans):
+        m_t = η_t m_{t-1} − θ_t u_t ;   W_t = (1 − α_t) W_{t-1} + m_t
+    optimizer="muon" (ATLAS):
+        m_t = η_t m_{t-1} − u_t     ;   W_t = (1 − α_t) W_{t-1} + θ_t NS(m_t)
+    o_t = M_{W_t}(q_t)
+
+``NS`` is the quintic Newton–Schulz orthogonalisation of Muon
+(:mod:`.newton_schulz`), applied separately to the momentum of every weight
+matrix ``W_l`` (``[d_{l-1}, d_l]``) of every head and sequence, at every token.
+The learning rate sits outside ``NS`` (as in ATLAS's ``M_t = α_t M_{t-1} − η_t
+NS(S_t)``) because ``NS`` discards the momentum's scale. With ``c = 1``,
+``γ = 1`` and ``optimizer="momentum"`` this is exactly Titans.
+
+Forms: ``"recurrent"`` is the rule above token by token; ``"chunk"`` is the
+papers' parallel training form: within a chunk of ``C`` tokens every gradient
+is taken at the chunk-start weights, then the momentum and weight recurrences
+run as associative scans (:mod:`.chunk`). With ``C = 1`` the two forms are the
+same computation; with ``C > 1`` the chunk form is the paper's approximation,
+not the token-by-token rule (so results depend on ``chunk_size``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from xformjax.ops import common
+from xformjax.ops.neural_memory import memory as memory_mlp
+from xformjax.ops.neural_memory.chunk import chunk_sequence
+from xformjax.ops.neural_memory.newton_schulz import newton_schulz
+from xformjax.ops.neural_memory.recurrent import Rule, recurrent_sequence
+
+__all__ = ["neural_memory", "init_neural_memory_state", "newton_schulz", "memory_mlp"]
+
+OP = "neural_memory"
+OPTIMIZERS = ("momentum", "muon")
+FORMS = ("chunk", "recurrent")
+
+
+def _check_memory(memory, key_dim: int, value_dim: int, heads: int) -> list:
+    if isinstance(memory, jax.Array) or not isinstance(memory, Sequence) or not memory:
+        common.fail(OP, "`memory` must be a non-empty sequence of per-head weight matrices "
+                        "[H, d_(l-1), d_l]")
+    previous = key_dim
+    for index, w in enumerate(memory):
+        name = f"memory[{index}]"
+        common.check_rank(OP, name, w, ["H", "d_in", "d_out"])
+        common.check_floating(OP, name, w)
+        common.check_dim(OP, name, w, 0, heads, "H of `q`")
+        common.check_dim(OP, name, w, 1, previous,
+                         "K of `q`" if index == 0 else f"d_out of memory[{index - 1}]")
+        previous = w.shape[2]
+    if previous != value_dim:
+        common.fail(OP, f"the last memory layer {common.shape_str(memory[-1])} must output "
+                        f"V={value_dim} (of `v`)")
+    return list(memory)
+
+
+def init_neural_memory_state(memory: Sequence[jax.Array], batch: int, *, key_dim: int,
+                             value_dim: int, omega_window: int = 1, dtype=None) -> dict:
+    """The state of a fresh sequence: the weights ``memory`` broadcast over the batch,
+    zero momentum and (``omega_window > 1``) an empty window.
+
+    Keys: ``weight_l``, ``momentum_l`` ``[B, H, d_{l-1}, d_l]`` for each layer ``l``;
+    with ``c = omega_window > 1`` also ``window_k`` ``[B, H, c−1, K]``, ``window_v``
+    ``[B, H, c−1, V]`` and ``window_gamma`` ``[B, H, c−1]`` (the last ``c − 1``
+    tokens, oldest first; ``γ = 0`` marks an empty slot)."""
+    dtype = common.compute_dtype(*memory) if dtype is None else dtype
+    heads = memory[0].shape[0]
+    state = {}
+    for index, w in enumerate(memory):
+        state[f"weight_{index}"] = jnp.broadcast_to(w.astype(dtype)[None], (batch,) + w.shape)
+        state[f"momentum_{index}"] = jnp.zeros((batch,) + w.shape, dtype)
+    if omega_window > 1:
+        state["window_k"] = jnp.zeros((batch, heads, omega_window - 1, key_dim), dtype)
+        state["window_v"] = jnp.zeros((batch, heads, omega_window - 1, value_dim), dtype)
+        state["window_gamma"] = jnp.zeros((batch, heads, omega_window - 1), dtype)
+    return state
+
+
+def _check_state(initial_state, expected: dict) -> None:
+    if not isinstance(initial_state, dict) or set(initial_state) != set(expected):
+        keys = sorted(initial_state) if isinstance(initial_state, dict) else type(initial_state)
+        common.fail(OP, f"`initial_state` must be a dict with keys {sorted(expected)}; got {keys}")
+    for key, value in expected.items():
+        if tuple(jnp.shape(initial_state[key])) != value.shape:
+            common.fail(OP, f"`initial_state[{key!r}]` must have shape {value.shape}; got "
+                            f"{common.shape_str(initial_state[key])}")
+
+
+def _to_carry(state: dict, depth: int, omega_window: int) -> dict:
+    carry = {"weights": tuple(state[f"weight_{i}"] for i in range(depth)),
+             "momentum": tuple(state[f"momentum_{i}"] for i in range(depth))}
+    if omega_window > 1:
+        carry.update({key: state[key] for key in ("window_k", "window_v", "window_gamma")})
+    return carry
+
+
+def _from_carry(carry: dict) -> dict:
+    state = {}
+    for index, (w, m) in enumerate(zip(carry["weights"], carry["momentum"])):
+        state[f"weight_{index}"], state[f"momentum_{index}"] = w, m
+    state.update({key: value for key, value in carry.items()
+                  if key not in ("weights", "momentum")})
+    return state
+
+
+def neural_memory(q: jax.Array, k: jax.Array, v: jax.Array, lr: jax.Array,
+                  momentum: jax.Array, decay: jax.Array, memory: Sequence[jax.Array], *,
+                  omega_weights: jax.Array | None = None, omega_window: int = 1,
+                  optimizer: str = "momentum", newton_schulz_steps: int = 5,
+                  mode: str = "chunk", chunk_size: int = 16,
+                  initial_state: dict | None = None, output_final_state: bool = False,
+                  state_position: int | jax.Array | None = None
+                  ) -> tuple[jax.Array, dict | None]:
+    """Titans / ATLAS neural memory (the recurrence is in the module docstring).
+
+    Args:
+      q, k: ``[B, T, H, K]`` (used as given: normalising them is the layer's job).
+      v: ``[B, T, H, V]``.
+      lr: ``θ_t`` ``[B, T, H]``, ≥ 0 (the inner learning rate).
+      momentum: ``η_t`` ``[B, T, H]`` in [0, 1].
+      decay: ``α_t`` ``[B, T, H]`` in [0, 1] (forgetting: ``W ← (1 − α) W + …``).
+      memory: the initial weights, a sequence of ``L`` arrays ``[H, d_{l-1}, d_l]``
+        (``d_0 = K``, ``d_L = V``): learned parameters shared over the batch. Used
+        when ``initial_state`` is ``None``; ignored otherwise (except for checks).
+      omega_weights: ``γ_t`` ``[B, T, H]`` in [0, 1]; ``None`` means 1.
+      omega_window: ``c ≥ 1``, tokens in the Omega rule's window.
+      optimizer: ``"momentum"`` (Titans) or ``"muon"`` (ATLAS).
+      newton_schulz_steps: iterations of ``NS`` (muon only).
+      mode: ``"chunk"`` or ``"recurrent"`` (no quadratic ``"parallel"`` form).
+      chunk_size: ``C`` of the chunk form (it changes results: see above).
+      initial_state: a state from :func:`init_neural_memory_state` or a previous call.
+      output_final_state: return the final state.
+      state_position: return the state after this many tokens instead of after all
+        ``T`` (may be traced; in chunk mode it must be ``T`` or a multiple of
+        ``chunk_size``). Lets a caller keep the state at a chunk boundary.
+
+    Returns:
+      ``(o [B, T, H, V] in the inputs' dtype, final_state or None)``. Arithmetic
+      runs in ``promote(dtype, float32)``. Two calls chained through the state equal
+      one call over the concatenation (recurrent form; chunk form when the split is
+      at a chunk boundary).
+    """
+    if mode not in FORMS:
+        common.fail(OP, f"unknown `mode`={mode!r}; expected one of {FORMS}")
+    chunk_size = common.check_chunk_size(OP, chunk_size)
+    for name, x, layout in (("q", q, "K"), ("k", k, "K"), ("v", v, "V")):
+        common.check_rank(OP, name, x, ["B", "T", "H", layout])
+        common.check_floating(OP, name, x)
+    batch, length, heads, key_dim = q.shape
+    value_dim = v.shape[-1]
+    if length == 0:
+        common.fail(OP, f"T=0 is not allowed: `q` has shape {common.shape_str(q)}")
+    common.check_dim(OP, "k", k, 0, batch, "B of `q`")
+    common.check_dim(OP, "k", k, 1, length, "T of `q`")
+    common.check_dim(OP, "k", k, 2, heads, "H of `q`")
+    common.check_dim(OP, "k", k, 3, key_dim, "K of `q`")
+    for axis, what in ((0, "B"), (1, "T"), (2, "H")):
+        common.check_dim(OP, "v", v, axis, q.shape[axis], f"{what} of `q`")
+    gates = {"lr": lr, "momentum": momentum, "decay": decay}
+    if omega_weights is not None:
+        gates["omega_weights"] = omega_weights
+    for name, gate in gates.items():
+        common.check_floating(OP, name, gate)
+        if tuple(jnp.shape(gate)) != (batch, length, heads):
+            common.fail(OP, f"`{name}` must have shape [B, T, H] = {(batch, length, heads)}; "
+                            f"got {common.shape_str(gate)}")
+    if isinstance(omega_window, bool) or not isinstance(omega_window, int) or omega_window < 1:
+        common.fail(OP, f"`omega_window` must be a positive int; got {omega_window!r}")
+    if optimizer not in OPTIMIZERS:
+        common.fail(OP, f"unknown `optimizer`={optimizer!r}; expected one of {OPTIMIZERS}")
+    if (isinstance(newton_schulz_steps, bool) or not isinstance(newton_schulz_steps, int)
+            or newton_schulz_steps < 1):
+        common.fail(OP, f"`newton_schulz_steps` must be a positive int; "
+                        f"got {newton_schulz_steps!r}")
+    memory = _check_memory(memory, key_dim, value_dim, heads)
+    if state_position is None:
+        state_position = length
+    elif common.is_concrete(state_position):
+        position = int(state_position)
+        if not 0 <= position <= length or (mode == "chunk" and position != length
+                                           and position % chunk_size):
+            common.fail(OP, f"`state_position`={position} must lie in [0, T={length}] and, in "
+                            f"chunk mode, be T or a multiple of chunk_size={chunk_size}")
+
+    dtype = common.compute_dtype(q, k, v, lr, momentum, decay, omega_weights, *memory)
+    if initial_state is not None:
+        dtype = jnp.promote_types(dtype, common.compute_dtype(*jax.tree.leaves(initial_state)))
+    out_dtype = jnp.result_type(q, k, v)
+    expected = init_neural_memory_state(memory, batch, key_dim=key_dim, value_dim=value_dim,
+                                        omega_window=omega_window, dtype=dtype)
+    if initial_state is None:
+        state = expected
+    else:
+        _check_state(initial_state, expected)
+        state = {key: value.astype(dtype) for key, value in initial_state.items()}
+    gamma = jnp.ones_like(lr) if omega_weights is None else omega_weights
+
+    def heads_first(x):  # [B, T, H, ...] -> [B, H, T, ...]
+        return jnp.moveaxis(x.astype(dtype), 2, 1)
+
+    streams = tuple(heads_first(x) for x in (q, k, v, lr, momentum, decay, gamma))
+    rule = Rule(omega_window, optimizer, newton_schulz_steps)
+    position = jnp.asarray(state_position, jnp.int32)
+    if mode == "chunk":
+        run = partial(chunk_sequence, rule=rule, chunk_size=chunk_size)
+    else:
+        run = partial(recurrent_sequence, rule=rule)
+    per_sequence = jax.vmap(jax.vmap(lambda *args: run(*args, state_position=position)))
+    o, carry = per_sequence(*streams, _to_carry(state, len(memory), omega_window))
+    o = jnp.moveaxis(o, 1, 2).astype(out_dtype)
+    return o, (_from_carry(carry) if output_final_state else None)
