@@ -86,12 +86,3 @@ def test_matches_an_independent_float64_computation(variant):
         y, _ = layer(x, mode=mode)
         assert_close(y, expected, 1e-5, f"{variant} {mode} vs numpy")
 
-
-def test_bad_mode_and_input_raise():
-    layer = build("aaren")
-    with pytest.raises(ValueError, match=r"d_model=32\]; got shape \(2, 5, 16\)"):
-        layer(jnp.ones((2, 5, 16)))
-    with pytest.raises(ValueError, match="no tokens"):
-        layer(jnp.ones((2, 0, D_MODEL)))
-    with pytest.raises(ValueError, match="supports modes.*got mode='fast'"):
-        layer(inputs(), mode="fast")

@@ -38,6 +38,58 @@ def _inverse_softplus(y: np.ndarray) -> np.ndarray:
     return y + np.log(-np.expm1(-y))
 
 
+def stream_layers(config: MixerConfig, copies: int, rngs: nnx.Rngs,
+                  conv_names: tuple[str, ...] = _STREAMS) -> tuple[nnx.Dict, nnx.Dict]:
+    """The q (one per head) and k, v (``copies`` per head: DeltaProduct's steps, MoM's
+    memories) projections, and the short causal convolutions of ``conv_names``
+    (none without ``config.conv_size``)."""
+    heads, d = config.num_heads, config.d_model
+    widths = {"q": heads * config.key_dim, "k": copies * heads * config.key_dim,
+              "v": copies * heads * config.value_dim}
+    projections = nnx.Dict({name: linear.dense(config, d, widths[name], axes=("embed", "heads"),
+                                               rngs=rngs)
+                            for name in _STREAMS})
+    convs = nnx.Dict({name: ShortConv(widths[name], config.conv_size, rngs=rngs,
+                                      param_dtype=config.params_dtype)
+                      for name in conv_names} if config.conv_size else {})
+    return projections, convs
+
+
+def silu_streams(projections: nnx.Dict, convs: nnx.Dict, x: jax.Array, state
+                 ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+    """``SiLU(conv(x W))`` for q, k, v (flat widths) and the convolutions' new caches
+    (state keys ``conv_q``, ``conv_k``, ``conv_v``)."""
+    streams, caches = {}, {}
+    for name in _STREAMS:
+        y = projections[name](x)
+        if name in convs:
+            cache = None if state is None else state[f"conv_{name}"]
+            y, caches[f"conv_{name}"] = convs[name](y, cache)
+        streams[name] = jax.nn.silu(y)
+    return streams, caches
+
+
+def mamba_decay_parameters(config: MixerConfig, count: int, layer_index: int,
+                           rngs: nnx.Rngs) -> tuple[nnx.Param, nnx.Param]:
+    """``A_log`` (``A ~ U(1, 16)``) and ``dt_bias`` (``softplus⁻¹`` of ``dt`` log-uniform
+    in [1e-3, 1e-1]) for ``count`` gates: Mamba-2's initialisation."""
+    a = jax.random.uniform(rngs.params(), (count,), minval=1.0, maxval=16.0)
+    a_log = nnx.Param(jnp.log(a).astype(config.params_dtype), out_sharding=("heads",),
+                      eager_sharding=False)
+    dt = np.exp(np.random.default_rng(layer_index).uniform(np.log(1e-3), np.log(1e-1), count))
+    dt_bias = nnx.Param(jnp.asarray(_inverse_softplus(dt), config.params_dtype),
+                        out_sharding=("heads",), eager_sharding=False)
+    return a_log, dt_bias
+
+
+def mamba_log_decay(gate: jax.Array, a_log: nnx.Param, dt_bias: nnx.Param) -> jax.Array:
+    """``log a = −exp(A_log)·softplus(gate + dt_bias)`` (≤ 0) in float32 or wider;
+    ``gate`` is ``x W_a`` ``[..., count]``."""
+    dtype = jnp.promote_types(gate.dtype, jnp.float32)
+    rate = jax.nn.softplus(gate.astype(dtype) + dt_bias[...])
+    return -jnp.exp(a_log[...].astype(dtype)) * rate
+
+
 class DeltaRuleMixer(MatrixMemoryMixer):
     """Shared body of the delta-rule layers; ``gated`` and ``steps`` pick the variant."""
 
@@ -49,25 +101,12 @@ class DeltaRuleMixer(MatrixMemoryMixer):
         super().__init__(config, layer_index=layer_index, num_layers=num_layers, rngs=rngs)
         heads, d = config.num_heads, config.d_model
         self.steps = steps
-        widths = {"q": heads * config.key_dim, "k": steps * heads * config.key_dim,
-                  "v": steps * heads * config.value_dim}
-        self.projections = nnx.Dict({name: linear.dense(config, d, widths[name],
-                                                        axes=("embed", "heads"), rngs=rngs)
-                                     for name in _STREAMS})
-        self.convs = nnx.Dict({name: ShortConv(widths[name], config.conv_size, rngs=rngs,
-                                               param_dtype=config.params_dtype)
-                               for name in _STREAMS} if config.conv_size else {})
+        self.projections, self.convs = stream_layers(config, steps, rngs)
         self.beta_proj = linear.dense(config, d, steps * heads, axes=("embed", "heads"),
                                       rngs=rngs)
         if self.gated:
             self.gate_proj = linear.dense(config, d, heads, axes=("embed", "heads"), rngs=rngs)
-            a = jax.random.uniform(rngs.params(), (heads,), minval=1.0, maxval=16.0)
-            self.a_log = nnx.Param(jnp.log(a).astype(config.params_dtype),
-                                   out_sharding=("heads",), eager_sharding=False)
-            dt = np.exp(np.random.default_rng(layer_index).uniform(
-                np.log(1e-3), np.log(1e-1), heads))
-            self.dt_bias = nnx.Param(jnp.asarray(_inverse_softplus(dt), config.params_dtype),
-                                     out_sharding=("heads",), eager_sharding=False)
+            self.a_log, self.dt_bias = mamba_decay_parameters(config, heads, layer_index, rngs)
         self.head = OutputHead(config, heads, config.value_dim, norm="rms",
                                gate="silu" if config.output_gate else None, rngs=rngs)
 
@@ -75,26 +114,14 @@ class DeltaRuleMixer(MatrixMemoryMixer):
         return {f"conv_{name}": conv.init_cache(batch, self.config.compute_dtype)
                 for name, conv in self.convs.items()}
 
-    def _streams(self, x, state):
-        streams, caches = {}, {}
-        for name in _STREAMS:
-            y = self.projections[name](x)
-            if self.config.conv_size:
-                cache = None if state is None else state[f"conv_{name}"]
-                y, caches[f"conv_{name}"] = self.convs[name](y, cache)
-            streams[name] = jax.nn.silu(y)
-        return streams, caches
-
     def log_decay(self, x: jax.Array) -> jax.Array:
         """``log a_t`` ``[B, T, H]``, ≤ 0 (gated variants)."""
-        dtype = jnp.promote_types(x.dtype, jnp.float32)
-        rate = jax.nn.softplus(self.gate_proj(x).astype(dtype) + self.dt_bias[...])
-        return -jnp.exp(self.a_log[...].astype(dtype)) * rate
+        return mamba_log_decay(self.gate_proj(x), self.a_log, self.dt_bias)
 
     def prepare(self, x, state, position):
         batch, length, _ = x.shape
         heads, n = self.config.num_heads, self.steps
-        streams, caches = self._streams(x, state)
+        streams, caches = silu_streams(self.projections, self.convs, x, state)
         q = l2_normalize(split_heads(streams["q"], heads))
         # sub-step j of token t is row t·n + j (token-major), as ops.delta_product expects
         k = l2_normalize(streams["k"].reshape(batch, length * n, heads, -1))

@@ -35,23 +35,17 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from xformjax.nn import linear
 from xformjax.nn.config import MixerConfig
-from xformjax.nn.conv import ShortConv
+from xformjax.nn.deltanet import (mamba_decay_parameters, mamba_log_decay, silu_streams,
+                                  stream_layers)
 from xformjax.nn.mixer import (Mixer, OutputHead, State, l2_normalize, position_of, register,
                                split_heads)
 from xformjax.ops.mixture_of_memories import mixture_of_memories
 
 __all__ = ["MixtureOfMemories", "load_balance_loss", "top_k_routing"]
-
-_STREAMS = ("q", "k", "v")
-
-
-def _inverse_softplus(y: np.ndarray) -> np.ndarray:
-    return y + np.log(-np.expm1(-y))
 
 
 def top_k_routing(logits: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -110,26 +104,14 @@ class MixtureOfMemories(Mixer):
                                    sigma_reparam=config.sigma_reparam,
                                    dtype=jnp.promote_types(config.compute_dtype, jnp.float32),
                                    param_dtype=config.params_dtype)
-        widths = {"q": heads * config.key_dim, "k": memories * heads * config.key_dim,
-                  "v": memories * heads * config.value_dim}
-        self.projections = nnx.Dict({name: linear.dense(config, d, widths[name],
-                                                        axes=("embed", "heads"), rngs=rngs)
-                                     for name in _STREAMS})
-        self.convs = nnx.Dict({name: ShortConv(widths[name], config.conv_size, rngs=rngs,
-                                               param_dtype=config.params_dtype)
-                               for name in _STREAMS} if config.conv_size else {})
+        self.projections, self.convs = stream_layers(config, memories, rngs)
         self.beta_proj = linear.dense(config, d, memories * heads, axes=("embed", "heads"),
                                       rngs=rngs)
         self.gate_proj = linear.dense(config, d, memories * heads, axes=("embed", "heads"),
                                       rngs=rngs)
         # Mamba-2 decay parameters, one per (memory, head), memory-major
-        a = jax.random.uniform(rngs.params(), (memories * heads,), minval=1.0, maxval=16.0)
-        self.a_log = nnx.Param(jnp.log(a).astype(config.params_dtype),
-                               out_sharding=("heads",), eager_sharding=False)
-        dt = np.exp(np.random.default_rng(layer_index).uniform(
-            np.log(1e-3), np.log(1e-1), memories * heads))
-        self.dt_bias = nnx.Param(jnp.asarray(_inverse_softplus(dt), config.params_dtype),
-                                 out_sharding=("heads",), eager_sharding=False)
+        self.a_log, self.dt_bias = mamba_decay_parameters(config, memories * heads,
+                                                          layer_index, rngs)
         self.head = OutputHead(config, heads, config.value_dim, norm="rms",
                                gate="silu" if config.output_gate else None, rngs=rngs)
 
@@ -161,17 +143,6 @@ class MixtureOfMemories(Mixer):
                                                          weights.dtype)], -1)
         return weights, aux_loss
 
-    def streams(self, x: jax.Array, state: State | None) -> tuple[dict, dict]:
-        """``SiLU(conv(x W))`` for q, k, v (flat widths) and the new conv caches."""
-        streams, caches = {}, {}
-        for name in _STREAMS:
-            y = self.projections[name](x)
-            if self.config.conv_size:
-                cache = None if state is None else state[f"conv_{name}"]
-                y, caches[f"conv_{name}"] = self.convs[name](y, cache)
-            streams[name] = jax.nn.silu(y)
-        return streams, caches
-
     def step_sizes_and_decays(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """``β`` and ``log a`` (≤ 0), both ``[B, T, M(+1), H]`` in float32 or wider."""
         batch, length, _ = x.shape
@@ -180,8 +151,7 @@ class MixtureOfMemories(Mixer):
         beta = jax.nn.sigmoid(self.beta_proj(x).astype(dtype))
         if self.config.allow_neg_eigval:
             beta = 2.0 * beta
-        rate = jax.nn.softplus(self.gate_proj(x).astype(dtype) + self.dt_bias[...])
-        log_decay = -jnp.exp(self.a_log[...].astype(dtype)) * rate
+        log_decay = mamba_log_decay(self.gate_proj(x), self.a_log, self.dt_bias)
         return beta.reshape(shape), log_decay.reshape(shape)
 
     # ----------------------------------------------------------------- forward
@@ -197,7 +167,7 @@ class MixtureOfMemories(Mixer):
         position = position_of(state)
 
         routing, aux_loss = self.route(x)
-        streams, caches = self.streams(x, state)
+        streams, caches = silu_streams(self.projections, self.convs, x, state)
         q = l2_normalize(split_heads(streams["q"], heads))
         k = l2_normalize(streams["k"].reshape(batch, length, memories, heads, config.key_dim))
         v = streams["v"].reshape(batch, length, memories, heads, config.value_dim)

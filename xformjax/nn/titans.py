@@ -82,7 +82,7 @@ from flax import nnx
 
 from xformjax.nn import linear, norms
 from xformjax.nn.config import MixerConfig
-from xformjax.nn.conv import ShortConv
+from xformjax.nn.deltanet import silu_streams, stream_layers
 from xformjax.nn.mixer import (Mixer, OutputHead, State, l2_normalize, merge_heads, position_of,
                                register, split_heads)
 from xformjax.nn.positional import apply_rope, token_positions
@@ -109,14 +109,8 @@ class NeuralMemoryMixer(Mixer):
                  rngs: nnx.Rngs):
         super().__init__(config, layer_index=layer_index, num_layers=num_layers, rngs=rngs)
         heads, d = config.num_heads, config.d_model
-        key_dim, value_dim = config.key_dim, config.value_dim
-        widths = {"q": heads * key_dim, "k": heads * key_dim, "v": heads * value_dim}
-        self.projections = nnx.Dict({name: linear.dense(config, d, widths[name],
-                                                        axes=("embed", "heads"), rngs=rngs)
-                                     for name in _STREAMS})
-        self.convs = nnx.Dict({name: ShortConv(widths[name], config.conv_size, rngs=rngs,
-                                               param_dtype=config.params_dtype)
-                               for name in self.conv_streams(config)} if config.conv_size else {})
+        self.projections, self.convs = stream_layers(config, 1, rngs,
+                                                     conv_names=self.conv_streams(config))
         gates = dict(_GATE_BIAS, **({"gamma": 2.0} if self.learned_gamma else {}))
         self.gates = nnx.Dict({name: linear.dense(config, d, heads, axes=("embed", "heads"),
                                                   rngs=rngs, use_bias=True, bias_init=bias)
@@ -187,13 +181,8 @@ class NeuralMemoryMixer(Mixer):
     def _streams(self, x: jax.Array, state: State | None):
         """Per-token op inputs ``[B, T, H, ·]`` / ``[B, T, H]`` and the conv caches."""
         heads, dtype = self.config.num_heads, self.state_dtype()
-        streams, caches = {}, {}
-        for name in _STREAMS:
-            y = self.projections[name](x)
-            if name in self.convs:
-                cache = None if state is None else state[f"conv_{name}"]
-                y, caches[f"conv_{name}"] = self.convs[name](y, cache)
-            streams[name] = split_heads(jax.nn.silu(y), heads)
+        streams, caches = silu_streams(self.projections, self.convs, x, state)
+        streams = {name: split_heads(value, heads) for name, value in streams.items()}
         for name in ("q", "k"):
             streams[name] = self.feature_map(l2_normalize(streams[name]))
         for name, gate in self.gates.items():
