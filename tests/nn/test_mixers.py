@@ -49,7 +49,6 @@ VARIANTS = {
     "mom-private-negeig-noconv": ("mom", {"shared_memory": False, "allow_neg_eigval": True,
                                           "conv_size": 0, "num_memories": 3}, 0, 1),
     "titans-mal": ("titans", {"memory_depth": 2}, 0, 1),
-    "titans-mal-linear": ("titans", {"memory_depth": 1, "conv_size": 0}, 0, 1),
     "titans-mag": ("titans", {"titans_variant": "mag", "memory_window": 8,
                               "persistent_tokens": 2}, 0, 1),
     "titans-mac": ("titans", {"titans_variant": "mac", "persistent_tokens": 2}, 0, 1),
