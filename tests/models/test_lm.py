@@ -25,7 +25,8 @@ def tiny(**overrides) -> models.LMConfig:
     {},  # the tiny preset: gated DeltaNet + attention
     {"num_layers": 5, "layer_pattern": "deltaproduct,sigmoid_attn,gla,lightning,transnormer",
      "norm_placement": "peri", "tie_embeddings": False, "mlp": "glu"},
-], ids=["gdn-attn", "five-families-peri-untied"])
+    {"num_layers": 4, "layer_pattern": "mom,titans,atlas,aaren", "mixer.chunk_size": 8},
+], ids=["gdn-attn", "five-families-peri-untied", "memory-families"])
 def test_generation_logits_equal_the_full_forward(overrides):
     model = models.LanguageModel(tiny(**overrides), rngs=nnx.Rngs(0))
     prompt = jax.random.randint(jax.random.key(1), (2, 7), 0, 256)
