@@ -5,9 +5,24 @@ subpackage ``xformjax.kernels`` by ``[tool.setuptools.package-dir]`` in
 ``pyproject.toml``; import it only under that name (a top-level ``kernels``
 distribution exists on the registry).
 
-The kernels themselves are tracked in the kernels issue. Until they land,
-every op runs its XLA form and ``backend="pallas"`` is rejected with a clear
-``ValueError`` by :func:`xformjax.ops.common.resolve_backend`.
+* :func:`linear_attention`: chunked linear attention (lightning-attention-2
+  tiling) with no gate, ``g [H]``, ``g [B, T, H]`` or ``gk [B, T, H, K]``;
+* :func:`delta_rule`: the chunked (gated) delta rule, β in (0, 2), with the
+  WY/UT transform and its triangular inverse inside the kernel.
+
+Both have backward kernels (``jax.custom_vjp``; only per-chunk boundary
+states are saved) and two targets: Mosaic TPU and the Triton lowering for
+GPUs, chosen when the program is lowered (``platform.py``); on a CPU they run
+in Pallas' interpret mode. Tiling lives in ``config.py``. Users normally reach
+them through :func:`xformjax.ops.linear_attention` / :func:`xformjax.ops.delta_rule`
+with ``backend=None`` (kernels on GPU/TPU) or ``backend="pallas"``.
 """
 
-AVAILABLE_KERNELS: tuple[str, ...] = ()
+from xformjax.kernels.config import BLOCK_CONFIGS, BlockConfig, block_config
+from xformjax.kernels.delta_rule import delta_rule
+from xformjax.kernels.linear_attention import linear_attention
+
+AVAILABLE_KERNELS: tuple[str, ...] = ("linear_attention", "delta_rule")
+
+__all__ = ["AVAILABLE_KERNELS", "BLOCK_CONFIGS", "BlockConfig", "block_config", "delta_rule",
+           "linear_attention"]

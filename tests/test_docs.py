@@ -15,8 +15,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 BLOCKS = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
 
 
-def test_readme_has_the_op_layer_model_and_sharding_examples():
-    assert len(BLOCKS) == 4
+def test_readme_has_the_op_layer_model_sharding_and_kernel_examples():
+    assert len(BLOCKS) == 5
 
 
 def test_readme_op_example_runs():
@@ -45,6 +45,13 @@ def test_readme_sharding_example_runs():
     exec(compile(BLOCKS[3], "README.md", "exec"), namespace)
     assert namespace["logits"].shape == (2, 64, 256)
     assert namespace["model"].embedding[...].sharding.spec == PartitionSpec(None, "fsdp")
+
+
+def test_readme_kernel_example_lowers_for_tpu_and_gpu():
+    namespace: dict = {}
+    exec(compile(BLOCKS[4], "README.md", "exec"), namespace)
+    assert "tpu_custom_call" in namespace["tpu"].as_text()
+    assert "xla.gpu.triton" in namespace["gpu"].as_text()
 
 
 @pytest.mark.parametrize("module", ["xformjax.ops.linear_attention",

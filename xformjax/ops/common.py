@@ -8,6 +8,7 @@ user input into validated, promoted arrays and, for packed batches
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Sequence
 
 import jax
@@ -59,14 +60,57 @@ def check_chunk_size(op: str, chunk_size) -> int:
     return int(chunk_size)
 
 
-def resolve_backend(op: str, backend: str | None) -> str:
-    """Return the backend that will run: ``"xla"`` until the Pallas kernels land."""
+ACCELERATORS: tuple[str, ...] = ("gpu", "tpu", "cuda", "rocm")
+_WARNED: set[tuple[str, str]] = set()
+
+
+def warn_once(op: str, message: str) -> None:
+    """Emit ``message`` as a ``RuntimeWarning`` the first time ``(op, message)`` is seen."""
+    if (op, message) in _WARNED:
+        return
+    _WARNED.add((op, message))
+    warnings.warn(f"{op}: {message}", RuntimeWarning, stacklevel=4)
+
+
+def resolve_backend(op: str, backend: str | None, unsupported: str | None = None, *,
+                    has_kernel: bool = False) -> str:
+    """Return the backend that will run: ``"pallas"`` or ``"xla"``.
+
+    ``backend=None`` picks the Pallas kernel when the op has one and JAX's
+    default backend is a GPU or TPU, XLA otherwise; ``"pallas"`` forces the
+    kernel (interpret mode on CPU); ``"xla"`` forces XLA. ``unsupported`` says
+    why the kernel cannot run these inputs: the op then runs in XLA and warns
+    once (so does ``"pallas"`` on an op without a kernel).
+    """
     if backend not in BACKENDS:
         fail(op, f"unknown `backend`={backend!r}; expected one of {BACKENDS}")
-    if backend == "pallas":
-        fail(op, "`backend`='pallas' was requested but no Pallas kernel is available for "
-                 "this op in this version; use backend=None or 'xla'")
-    return "xla"
+    if backend == "xla" or (backend is None and (
+            not has_kernel or jax.default_backend() not in ACCELERATORS)):
+        return "xla"
+    if not has_kernel:
+        warn_once(op, "has no Pallas kernel; running the XLA form")
+        return "xla"
+    if unsupported is not None:
+        warn_once(op, f"the Pallas kernel does not cover {unsupported}; running the XLA form")
+        return "xla"
+    return "pallas"
+
+
+def kernel_gap(mode: str, arrays, conditions: dict[str, bool]) -> str | None:
+    """Why the Pallas kernel cannot run a call, or ``None`` when it can.
+
+    The kernels implement the chunk form in float32 accumulation; ``conditions``
+    maps a description of each further unsupported feature to whether the call
+    uses it.
+    """
+    if mode != "chunk":
+        return f"mode={mode!r} (the kernels are the chunk form)"
+    if any(x is not None and jnp.result_type(x) == jnp.float64 for x in arrays):
+        return "float64 inputs"
+    for what, used in conditions.items():
+        if used:
+            return what
+    return None
 
 
 def compute_dtype(*arrays) -> jnp.dtype:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from xformjax import kernels
 from xformjax.ops import common
 from xformjax.ops.linear_attention import validate
 from xformjax.ops.linear_attention.chunk import linear_attention_chunk
@@ -33,12 +34,17 @@ def _run(op: str, q, k, v, beta, g, gk, scale, initial_state, output_final_state
          mode, chunk_size, backend, rows_per_token: int):
     common.check_mode(op, mode)
     chunk_size = common.check_chunk_size(op, chunk_size)
-    common.resolve_backend(op, backend)
     for name, x in (("q", q), ("k", k), ("v", v)):
         common.check_rank(op, name, x, ["B", "T", "H", "K" if name != "v" else "V"])
     segments = validate(q, k, v, g, gk, initial_state, cu_seqlens, False, op=op,
                         value_rows=q.shape[1] * rows_per_token)
     _check_beta(op, beta, q, k.shape[1])
+    gap = common.kernel_gap(mode, (q, k, v, beta, g, gk, initial_state),
+                            {"the per-channel gate `gk`": gk is not None,
+                             "packed sequences (cu_seqlens)": cu_seqlens is not None})
+    if common.resolve_backend(op, backend, gap, has_kernel=True) == "pallas":
+        return _run_kernel(q, k, v, beta, g, scale, initial_state, output_final_state,
+                           rows_per_token)
 
     out_dtype = jnp.result_type(q, k, v)
     dtype = common.compute_dtype(q, k, v, beta, g, gk, initial_state)
@@ -59,6 +65,20 @@ def _run(op: str, q, k, v, beta, g, gk, scale, initial_state, output_final_state
     if rows_per_token > 1:
         o = o[:, rows_per_token - 1::rows_per_token]
     return o.astype(out_dtype), (final if output_final_state else None)
+
+
+def _run_kernel(q, k, v, beta, g, scale, initial_state, output_final_state,
+                rows_per_token: int):
+    """The Pallas delta-rule kernel; DeltaProduct runs it over the ``T·n`` rows."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if rows_per_token > 1:
+        gate = combine(g, None, q.shape[2], jnp.float32)
+        q, gate, _ = _expand_tokens(q, gate, None, rows_per_token, None)
+        g = gate.values
+    o, final = kernels.delta_rule(q, k, v, beta, g=g, scale=scale, initial_state=initial_state)
+    if rows_per_token > 1:
+        o = o[:, rows_per_token - 1::rows_per_token]
+    return o.astype(jnp.result_type(q, k, v)), (final if output_final_state else None)
 
 
 def _expand_tokens(q, gate, segments, n: int, cu_seqlens):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from xformjax import kernels
 from xformjax.ops import common
 from xformjax.ops.linear_attention.chunk import linear_attention_chunk
 from xformjax.ops.linear_attention.gates import LogGate, combine
@@ -110,7 +111,11 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
       mode: ``"chunk"`` (linear in T), ``"parallel"`` (T×T) or ``"recurrent"``
         (token by token; one decoding step when ``T == 1``).
       chunk_size: tile length of the chunk form; changes nothing but rounding.
-      backend: ``None`` or ``"xla"``.
+      backend: ``None`` (the Pallas kernel on GPU/TPU, XLA on CPU), ``"xla"`` or
+        ``"pallas"`` (the kernel; interpret mode on CPU). The kernel runs the
+        chunk form with its own tile (``chunk_size`` is then ignored); what it
+        does not cover (``normalize``, ``cu_seqlens``, float64, other modes)
+        runs in XLA with a one-time warning.
 
     Returns:
       ``(o, final_state)``: ``o`` is ``[B, T, H, V]`` in the inputs' dtype;
@@ -128,8 +133,14 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     """
     common.check_mode(OP, mode)
     chunk_size = common.check_chunk_size(OP, chunk_size)
-    common.resolve_backend(OP, backend)
     segments = validate(q, k, v, g, gk, initial_state, cu_seqlens, normalize)
+    gap = common.kernel_gap(mode, (q, k, v, g, gk, initial_state),
+                            {"normalize=True": normalize,
+                             "packed sequences (cu_seqlens)": cu_seqlens is not None})
+    if common.resolve_backend(OP, backend, gap, has_kernel=True) == "pallas":
+        o, final = kernels.linear_attention(q, k, v, g=g, gk=gk, scale=scale,
+                                            initial_state=initial_state)
+        return o.astype(jnp.result_type(q, k, v)), (final if output_final_state else None)
 
     out_dtype = jnp.result_type(q, k, v)
     dtype = common.compute_dtype(q, k, v, g, gk, initial_state)

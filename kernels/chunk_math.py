@@ -1,0 +1,254 @@
+"""The per-chunk arithmetic the kernels run, written on values (no refs).
+
+Every function here sees one chunk of one (batch, head): ``C`` tokens, the
+K×V state entering the chunk, and ``b``, the log decay accumulated from the
+chunk start (``b_i = Σ_{s ≤ i} g_s`` inside the chunk, ≤ 0 and non-increasing).
+Shapes: ``q, k [C, K]``, ``v [C, V]``, scalar ``b [C, 1]`` or per-channel
+``b [C, K]``, ``beta [C, 1]``, state ``S [K, V]``. All arithmetic is float32;
+``q`` already carries the attention scale.
+
+Scalar gates (linear attention, and the delta rule with ``delta=True``)::
+
+    Γ_ij = exp(b_i − b_j) [j ≤ i]                    (masked before exp, ≤ 1)
+    delta rule only:
+      A = tril(diag(β) (K Kᵀ ⊙ Γ), −1),  T = (I + A)⁻¹
+      W = T diag(β) (K ⊙ e^b),  U = T diag(β) V − W S      (pseudo-values)
+    linear attention: U = V
+    O  = (Q Kᵀ ⊙ Γ) U + (Q ⊙ e^b) S
+    S' = e^{b_C} S + (K ⊙ e^{b_C − b})ᵀ U
+
+Per-channel gates (linear attention): the scores
+``Σ_c q_ic k_jc exp(b_ic − b_jc)`` are built from a ``[C, C, K]`` tensor of
+masked exponents, so every exponent stays ≤ 0.
+
+The backward functions take the cotangents of ``O`` and of ``S'`` and return
+those of every input, the entering state's, and ``db``, the cotangent of the
+chunk-local cumulative log decay (the caller turns it into the gate's by a
+reverse cumulative sum inside the chunk). ``db`` uses the fact that ``b``
+enters only through ``e^{+b_i}`` and ``e^{−b_j}`` factors: every place a factor
+appears contributes ``±(input)·(its cotangent)`` to its row, plus
+``⟨dS', S'⟩``-type terms on the chunk's last row.
+
+Only ``lax`` primitives that both Mosaic TPU and Triton lower are used: 2-D
+``dot_general``, elementwise ops, ``broadcasted_iota`` masks, reductions and
+a 3-D broadcast for the per-channel scores. Rows and columns are moved with
+identity-matrix masks rather than transposes or slices.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+
+F32 = jnp.float32
+
+
+def _iota(shape, dim):
+    return lax.broadcasted_iota(jnp.int32, shape, dim)
+
+
+def _dot(a, b, contract_a: int, contract_b: int):
+    """2-D matmul in float32 (operands of another dtype are multiplied exactly)."""
+    return lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())),
+                           preferred_element_type=F32, precision=lax.Precision.HIGHEST)
+
+
+def mm(a, b):
+    """``a @ b``."""
+    return _dot(a, b, 1, 0)
+
+
+def mm_tn(a, b):
+    """``aᵀ @ b``."""
+    return _dot(a, b, 0, 0)
+
+
+def mm_nt(a, b):
+    """``a @ bᵀ``."""
+    return _dot(a, b, 1, 1)
+
+
+def lower_mask(size: int, strict: bool = False):
+    rows, cols = _iota((size, size), 0), _iota((size, size), 1)
+    return rows > cols if strict else rows >= cols
+
+
+def column_to_row(col):
+    """``[n, 1]`` → ``[1, n]`` through an identity mask."""
+    size = col.shape[0]
+    eye = _iota((size, size), 0) == _iota((size, size), 1)
+    return jnp.sum(jnp.where(eye, col, 0.0), axis=0, keepdims=True)
+
+
+def row_to_column(row):
+    """``[1, n]`` → ``[n, 1]`` through an identity mask."""
+    size = row.shape[1]
+    eye = _iota((size, size), 0) == _iota((size, size), 1)
+    return jnp.sum(jnp.where(eye, row, 0.0), axis=1, keepdims=True)
+
+
+def last_row(x):
+    """``[C, D]`` → its last row ``[1, D]``."""
+    rows = _iota(x.shape, 0)
+    return jnp.sum(jnp.where(rows == x.shape[0] - 1, x, 0.0), axis=0, keepdims=True)
+
+
+def on_last_row(shape, row):
+    """A ``[C, D]`` array holding ``row`` ``[1, D]`` on its last row, zeros elsewhere."""
+    return jnp.where(_iota(shape, 0) == shape[0] - 1, row, 0.0)
+
+
+def rowsum(x):
+    return jnp.sum(x, axis=1, keepdims=True)
+
+
+def scalar_decay(b, strict: bool = False):
+    """``Γ_ij = exp(b_i − b_j)`` on (strictly) lower entries, 0 elsewhere: ``[C, C]``."""
+    mask = lower_mask(b.shape[0], strict)
+    return jnp.exp(jnp.where(mask, b - column_to_row(b), -jnp.inf))
+
+
+def unit_lower_inverse(a, block: int):
+    """``(I + A)⁻¹`` for strictly lower-triangular ``A`` ``[C, C]``, by matmuls only.
+
+    Inside ``block``×``block`` diagonal blocks, forward substitution: at step
+    ``s`` every block's row ``s`` becomes ``e_i − Σ_{j<i} A_ij t_j`` at once
+    (one matmul; the rows it reads are final). Then, with ``T_d`` that
+    block-diagonal inverse and ``N = T_d A_off`` (strictly block-lower, so
+    ``N^{C/block} = 0``): ``(I + A)⁻¹ = (I − N + N² − …) T_d``.
+    """
+    size = a.shape[0]
+    block = min(block, size)
+    rows, cols = _iota((size, size), 0), _iota((size, size), 1)
+    eye = (rows == cols).astype(F32)
+    same_block = lax.div(rows, block) == lax.div(cols, block)
+    a_diag = jnp.where(same_block, a, 0.0)
+    a_off = a - a_diag
+    inverse = eye
+    for step in range(1, block):
+        inverse = jnp.where(lax.rem(rows, block) == step, eye - mm(a_diag, inverse), inverse)
+    num_blocks = -(-size // block)
+    if num_blocks > 1:
+        nilpotent = mm(inverse, a_off)
+        series = eye
+        for _ in range(num_blocks - 1):
+            series = eye - mm(nilpotent, series)
+        inverse = mm(series, inverse)
+    return inverse
+
+
+def _delta_prep(k, v, b, beta, state, block):
+    """The delta rule's WY/UT pieces of one chunk."""
+    gamma_strict = scalar_decay(b, strict=True)
+    kk = mm_nt(k, k)
+    a = kk * gamma_strict * beta
+    transform = unit_lower_inverse(a, block)
+    x = beta * jnp.exp(b) * k
+    y = beta * v
+    w = mm(transform, x)
+    u = mm(transform, y) - mm(w, state)
+    return kk, gamma_strict, transform, x, y, w, u
+
+
+def scalar_forward(q, k, v, b, beta, state, *, delta: bool, inverse_block: int = 16):
+    """One chunk with a scalar gate: ``(O [C, V], S' [K, V])`` (module docstring)."""
+    b_last = last_row(b)  # [1, 1]
+    values = v if not delta else _delta_prep(k, v, b, beta, state, inverse_block)[-1]
+    scores = mm_nt(q, k) * scalar_decay(b)
+    out = mm(scores, values) + mm(q * jnp.exp(b), state)
+    new_state = jnp.exp(b_last) * state + mm_tn(k * jnp.exp(b_last - b), values)
+    return out, new_state
+
+
+def scalar_backward(q, k, v, b, beta, d_out, state, d_new_state, *, delta: bool,
+                    inverse_block: int = 16):
+    """Cotangents of one scalar-gate chunk.
+
+    Returns ``(dq, dk, dv, db, dbeta, d_state)`` (``dbeta`` is zeros without
+    ``delta``).
+    """
+    size = q.shape[0]
+    b_last = last_row(b)
+    decay_last = jnp.exp(b_last)
+    e_b, e_to_end = jnp.exp(b), jnp.exp(b_last - b)
+    gamma = scalar_decay(b)
+    if delta:
+        kk, gamma_strict, transform, x, y, w, values = _delta_prep(k, v, b, beta, state,
+                                                                   inverse_block)
+    else:
+        values = v
+    scores = mm_nt(q, k) * gamma
+    k_to_end = k * e_to_end
+
+    d_values = mm_tn(scores, d_out) + mm(k_to_end, d_new_state)
+    d_scores = mm_nt(d_out, values) * gamma
+    dq = mm(d_scores, k) + mm_nt(d_out, state) * e_b
+    dk_scores = mm_tn(d_scores, q)
+    dk_to_end = mm_nt(values, d_new_state) * e_to_end
+    d_state = mm_tn(q * e_b, d_out) + decay_last * d_new_state
+    db = rowsum(q * dq) - rowsum(k * dk_scores) - rowsum(k * dk_to_end)
+
+    if delta:
+        d_state = d_state - mm_tn(w, d_values)
+        d_w = -mm_nt(d_values, state)
+        d_transform = mm_nt(d_w, x) + mm_nt(d_values, y)
+        dx, dy = mm_tn(transform, d_w), mm_tn(transform, d_values)
+        da = -mm_nt(mm_tn(transform, d_transform), transform)
+        da = jnp.where(lower_mask(size, strict=True), da, 0.0)
+        da_kk = da * beta * gamma_strict
+        dk_rows, dk_cols = mm(da_kk, k), mm_tn(da_kk, k)
+        dk_x = dx * beta * e_b
+        dbeta = rowsum(da * kk * gamma_strict) + rowsum(dx * e_b * k) + rowsum(dy * v)
+        dv = dy * beta
+        dk = dk_scores + dk_to_end + dk_rows + dk_cols + dk_x
+        db = db + rowsum(k * dk_rows) - rowsum(k * dk_cols) + rowsum(k * dk_x)
+    else:
+        dbeta = jnp.zeros((size, 1), F32)
+        dv = d_values
+        dk = dk_scores + dk_to_end
+
+    end_terms = (jnp.sum(k * dk_to_end, keepdims=True)
+                 + jnp.sum(d_new_state * decay_last * state, keepdims=True))
+    db = db + on_last_row(db.shape, end_terms)
+    return dq, dk, dv, db, dbeta, d_state
+
+
+def _channel_decay(b):
+    """``E_ijc = exp(b_ic − b_jc) [j ≤ i]``: ``[C, C, K]``, masked before exp."""
+    size, width = b.shape
+    rows = lax.broadcasted_iota(jnp.int32, (size, size, width), 0)
+    cols = lax.broadcasted_iota(jnp.int32, (size, size, width), 1)
+    diff = b[:, None, :] - b[None, :, :]
+    return jnp.exp(jnp.where(rows >= cols, diff, -jnp.inf))
+
+
+def channel_forward(q, k, v, b, state):
+    """One chunk with a per-key-channel gate ``b [C, K]``: ``(O, S')``."""
+    b_last = last_row(b)  # [1, K]
+    decay = _channel_decay(b)
+    scores = jnp.sum(q[:, None, :] * k[None, :, :] * decay, axis=2)
+    out = mm(scores, v) + mm(q * jnp.exp(b), state)
+    new_state = (row_to_column(jnp.exp(b_last)) * state
+                 + mm_tn(k * jnp.exp(b_last - b), v))
+    return out, new_state
+
+
+def channel_backward(q, k, v, b, d_out, state, d_new_state):
+    """Cotangents ``(dq, dk, dv, db, d_state)`` of one per-channel-gate chunk."""
+    b_last = last_row(b)
+    decay_last = row_to_column(jnp.exp(b_last))  # [K, 1]
+    e_b, e_to_end = jnp.exp(b), jnp.exp(b_last - b)
+    decay = _channel_decay(b)
+    scores = jnp.sum(q[:, None, :] * k[None, :, :] * decay, axis=2)
+    d_scores = jnp.where(lower_mask(q.shape[0]), mm_nt(d_out, v), 0.0)
+    weighted = d_scores[:, :, None] * decay  # [C, C, K]
+    dq = jnp.sum(weighted * k[None, :, :], axis=1) + mm_nt(d_out, state) * e_b
+    dk_scores = jnp.sum(weighted * q[:, None, :], axis=0)
+    dk_to_end = mm_nt(v, d_new_state) * e_to_end
+    dv = mm_tn(scores, d_out) + mm(k * e_to_end, d_new_state)
+    d_state = mm_tn(q * e_b, d_out) + decay_last * d_new_state
+    end_terms = (jnp.sum(k * dk_to_end, axis=0, keepdims=True)
+                 + column_to_row(rowsum(d_new_state * decay_last * state)))
+    db = q * dq - k * (dk_scores + dk_to_end) + on_last_row(q.shape, end_terms)
+    return dq, dk_scores + dk_to_end, dv, db, d_state
+

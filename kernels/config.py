@@ -1,0 +1,64 @@
+"""Block sizes and launch parameters of every kernel, per target, in one place.
+
+A *target* is what a kernel is lowered for:
+
+* ``"tpu"``: Mosaic TPU. The grid is ``(B·H, chunks)``; the chunk axis is
+  sequential (``"arbitrary"``) and the K×V state lives in a VMEM scratch that
+  persists across it.
+* ``"gpu"``: the Triton lowering of Pallas (CUDA and ROCm). The grid is
+  ``(B·H,)`` and each program loops over its chunks with the state in
+  registers; ``num_warps``/``num_stages`` are Triton's launch parameters.
+
+Chunk sizes are the token tiles: the scalar-gate and delta-rule kernels build
+``C×C`` decay masks and (delta rule) a ``C×C`` triangular inverse per chunk;
+the per-channel-gate kernel builds ``C×C×K`` decays, so its chunk is smaller.
+Feature dimensions are padded to a power of two of at least ``MIN_FEATURE``
+(Triton's tiles must be powers of two; zero columns change nothing).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+TARGETS: tuple[str, ...] = ("tpu", "gpu")
+MIN_FEATURE = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+    """Tiling of one target.
+
+    Attributes:
+      chunk_size: tokens per chunk for scalar gates and the delta rule.
+      channel_chunk_size: tokens per chunk for per-key-channel gates (GLA).
+      inverse_block: diagonal block of the in-kernel ``(I + A)⁻¹`` substitution.
+      num_warps, num_stages: Triton launch parameters (GPU only).
+    """
+
+    chunk_size: int = 64
+    channel_chunk_size: int = 16
+    inverse_block: int = 16
+    num_warps: int = 4
+    num_stages: int = 1
+
+
+BLOCK_CONFIGS: dict[str, BlockConfig] = {
+    "tpu": BlockConfig(chunk_size=64, channel_chunk_size=16, inverse_block=16),
+    "gpu": BlockConfig(chunk_size=64, channel_chunk_size=16, inverse_block=16,
+                       num_warps=4, num_stages=1),
+}
+
+
+def block_config(target: str) -> BlockConfig:
+    """The tiling used for ``target`` (``"tpu"`` or ``"gpu"``)."""
+    if target not in BLOCK_CONFIGS:
+        raise ValueError(f"unknown kernel target {target!r}; expected one of {TARGETS}")
+    return BLOCK_CONFIGS[target]
+
+
+def padded_feature(dim: int) -> int:
+    """The feature width a kernel runs at: the next power of two, at least ``MIN_FEATURE``."""
+    width = MIN_FEATURE
+    while width < dim:
+        width *= 2
+    return width

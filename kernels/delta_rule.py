@@ -1,0 +1,72 @@
+"""Fused chunked delta rule (gated, β in (0, 2)), forward and backward.
+
+    S' = exp(g_t) · S_{t-1}
+    S_t = S' + β_t k_t (v_t − S'ᵀ k_t)ᵀ          o_t = scale · S_tᵀ q_t
+
+Per chunk, inside the kernel: the WY/UT preparation
+``A = tril(diag(β)(KKᵀ ⊙ Γ), −1)``, ``T = (I + A)⁻¹`` (substitution in 16×16
+diagonal blocks, then a short matmul series; ``chunk_math.unit_lower_inverse``),
+``W = T diag(β)(K ⊙ e^b)``, pseudo-values ``U = T diag(β)V − W S``, then the
+outputs and the state update as for linear attention with ``U`` for ``V``.
+The backward recomputes all of it per chunk from the saved entering state.
+
+Gates: none, ``g [H]`` or ``g [B, T, H]``. The per-channel gate (``gk``, KDA)
+and packed sequences run in XLA (:func:`xformjax.ops.delta_rule` falls back).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from xformjax.kernels import layout
+from xformjax.kernels.chunked import scalar_scan
+from xformjax.kernels.config import block_config, padded_feature
+from xformjax.kernels.platform import on_platforms
+
+
+def delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *,
+               g: jax.Array | None = None, scale: float | None = None,
+               initial_state: jax.Array | None = None, target: str | None = None,
+               interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
+    """The gated delta rule by the Pallas kernels.
+
+    Args:
+      q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; beta: ``[B, T, H]``.
+      g: log decay ``[H]`` or ``[B, T, H]``.
+      scale, initial_state, target, interpret: as
+        :func:`xformjax.kernels.linear_attention`.
+
+    Returns:
+      ``(o [B, T, H, V]`` in ``v``'s dtype, ``final_state [B, H, K, V]`` float32).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    present = {"g": g, "initial_state": initial_state}
+    names = [name for name, x in present.items() if x is not None]
+
+    def run(q, k, v, beta, *optional, target, interpret):
+        given = dict(zip(names, optional))
+        return _run(q, k, v, beta, given.get("g"), given.get("initial_state"), scale=scale,
+                    target=target, interpret=interpret)
+
+    return on_platforms(run, q, k, v, beta, *(present[n] for n in names), target=target,
+                        interpret=interpret)
+
+
+def _run(q, k, v, beta, g, initial_state, *, scale, target, interpret):
+    batch, num_tokens, heads, key_dim = q.shape
+    value_dim = v.shape[-1]
+    config = block_config(target)
+    chunk_size = config.chunk_size
+    length = layout.padded_length(num_tokens, chunk_size)
+    key_width, value_width = padded_feature(key_dim), padded_feature(value_dim)
+    q_rows, k_rows = layout.to_rows(q, length), layout.to_rows(k, length)
+    v_rows = layout.to_rows(v, length)
+    beta_rows = layout.to_rows(beta.astype(jnp.float32)[..., None], length, width=1)
+    h0 = layout.state_to_rows(initial_state, batch, heads, key_width, value_width)
+    b = layout.chunk_cumsum(layout.token_gate_rows(g, batch, num_tokens, heads, length),
+                            chunk_size)
+    options = (scale, chunk_size, config.inverse_block, target, interpret)
+    out, final = scalar_scan(q_rows, k_rows, v_rows, b, beta_rows, h0, options)
+    return (layout.from_rows(out, batch, num_tokens, value_dim),
+            layout.state_from_rows(final, batch, key_dim, value_dim))

@@ -1,0 +1,83 @@
+"""Fused chunked linear attention (lightning-attention-2 tiling), forward and backward.
+
+    S_t = exp(g_t) · diag(exp(gk_t)) · S_{t-1} + k_t v_tᵀ      o_t = scale · S_tᵀ q_t
+
+Gates: none, ``g [H]`` (per-head constant, lightning attention / RetNet),
+``g [B, T, H]`` (per token) — one kernel, scalar decay masks, chunk
+``config.chunk_size`` — and ``gk [B, T, H, K]`` (GLA, ``g`` folded in) — the
+per-channel kernel, chunk ``config.channel_chunk_size``. Each program owns one
+(batch, head) row and walks its chunks with the K×V state on chip; see
+``chunked.py`` for the backward and ``platform.py`` for where each flavour runs.
+
+Prefer :func:`xformjax.ops.linear_attention` with ``backend="pallas"`` (or
+``None`` on a GPU/TPU), which validates inputs and falls back to XLA for what
+the kernels do not cover; this function assumes valid inputs.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from xformjax.kernels import layout
+from xformjax.kernels.chunked import channel_scan, scalar_scan
+from xformjax.kernels.config import block_config, padded_feature
+from xformjax.kernels.platform import on_platforms
+
+
+def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                     g: jax.Array | None = None, gk: jax.Array | None = None,
+                     scale: float | None = None, initial_state: jax.Array | None = None,
+                     target: str | None = None,
+                     interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
+    """Gated linear attention by the Pallas kernels.
+
+    Args:
+      q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]`` (float32, bfloat16 or float16).
+      g: log decay ``[H]`` or ``[B, T, H]``; gk: per-channel log decay ``[B, T, H, K]``.
+      scale: defaults to ``K ** -0.5``.
+      initial_state: ``[B, H, K, V]``.
+      target, interpret: pin a kernel flavour (tests); by default the platform
+        the program is lowered for decides (``platform.on_platforms``).
+
+    Returns:
+      ``(o [B, T, H, V]`` in ``v``'s dtype, ``final_state [B, H, K, V]`` float32).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    present = {"g": g, "gk": gk, "initial_state": initial_state}
+    names = [name for name, x in present.items() if x is not None]
+
+    def run(q, k, v, *optional, target, interpret):
+        given = dict(zip(names, optional))
+        return _run(q, k, v, given.get("g"), given.get("gk"), given.get("initial_state"),
+                    scale=scale, target=target, interpret=interpret)
+
+    return on_platforms(run, q, k, v, *(present[n] for n in names), target=target,
+                        interpret=interpret)
+
+
+def _run(q, k, v, g, gk, initial_state, *, scale, target, interpret):
+    batch, num_tokens, heads, key_dim = q.shape
+    value_dim = v.shape[-1]
+    config = block_config(target)
+    channel = gk is not None
+    chunk_size = config.channel_chunk_size if channel else config.chunk_size
+    length = layout.padded_length(num_tokens, chunk_size)
+    key_width, value_width = padded_feature(key_dim), padded_feature(value_dim)
+    q_rows, k_rows = layout.to_rows(q, length), layout.to_rows(k, length)
+    v_rows = layout.to_rows(v, length)
+    h0 = layout.state_to_rows(initial_state, batch, heads, key_width, value_width)
+    options = (scale, chunk_size, config.inverse_block, target, interpret)
+    if channel:
+        log_decay = layout.to_rows(gk.astype(jnp.float32), length)
+        if g is not None:
+            log_decay = log_decay + layout.token_gate_rows(g, batch, num_tokens, heads,
+                                                           length)[..., None]
+        b = layout.chunk_cumsum(log_decay, chunk_size)
+        out, final = channel_scan(q_rows, k_rows, v_rows, b, h0, options)
+    else:
+        log_decay = layout.token_gate_rows(g, batch, num_tokens, heads, length)
+        b = layout.chunk_cumsum(log_decay, chunk_size)
+        out, final = scalar_scan(q_rows, k_rows, v_rows, b, None, h0, options)
+    return (layout.from_rows(out, batch, num_tokens, value_dim),
+            layout.state_from_rows(final, batch, key_dim, value_dim))

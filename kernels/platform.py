@@ -1,0 +1,34 @@
+"""Which kernel flavour runs where, decided when the program is lowered.
+
+``on_platforms(fn, *arrays)`` wraps ``fn(*arrays, target=..., interpret=...)``
+in ``jax.lax.platform_dependent``: a jitted call traced on any host lowers to
+the Mosaic kernel for ``("tpu",)``, the Triton kernel for ``("cuda",)`` /
+``("rocm",)`` and the interpreted kernel only for ``("cpu",)`` — so programs
+compiled ahead of time for a TPU from a CPU host get the real kernel.
+
+Tests pin a flavour instead (``target`` and ``interpret`` given explicitly):
+``target="gpu", interpret=True`` is Pallas' generic interpreter and
+``target="tpu", interpret=True`` the TPU interpreter (``pltpu.InterpretParams``).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+
+
+def on_platforms(fn: Callable, *arrays, target: str | None = None,
+                 interpret: bool | None = None):
+    """Call ``fn`` with the flavour of the platform it is lowered for (or the pinned one)."""
+    if target is not None:
+        return fn(*arrays, target=target, interpret=bool(interpret))
+    if interpret:
+        return fn(*arrays, target="gpu", interpret=True)
+    gpu = functools.partial(fn, target="gpu", interpret=False)
+    return jax.lax.platform_dependent(
+        *arrays,
+        cpu=functools.partial(fn, target="gpu", interpret=True),
+        tpu=functools.partial(fn, target="tpu", interpret=False),
+        cuda=gpu, rocm=gpu)

@@ -1,0 +1,108 @@
+"""Which backend the ops run, and the fallback for what the kernels do not cover."""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.ops.helpers import assert_close
+from xformjax import ops
+from xformjax.ops import common
+
+B, T, H, K = 1, 40, 2, 16
+
+
+@pytest.fixture(autouse=True)
+def fresh_warnings():
+    common._WARNED.clear()
+    yield
+    common._WARNED.clear()
+
+
+def inputs(seed=0, dtype=jnp.float32):
+    rng = np.random.default_rng(seed)
+    q, k, v = (jnp.asarray(rng.standard_normal((B, T, H, K)), dtype) for _ in range(3))
+    k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+    beta = jnp.asarray(rng.uniform(0.1, 1.9, (B, T, H)), dtype)
+    g = jnp.asarray(np.log(rng.uniform(0.5, 1.0, (B, T, H))), dtype)
+    return q, k, v, beta, g
+
+
+def has_pallas_call(fn, *args) -> bool:
+    return "pallas_call" in str(jax.make_jaxpr(fn)(*args))
+
+
+def test_default_backend_on_cpu_is_xla():
+    q, k, v, beta, g = inputs()
+    assert jax.default_backend() == "cpu"
+    assert not has_pallas_call(lambda q: ops.linear_attention(q, k, v, g=g)[0], q)
+    assert has_pallas_call(lambda q: ops.linear_attention(q, k, v, g=g, backend="pallas")[0], q)
+    assert not has_pallas_call(lambda q: ops.delta_rule(q, k, v, beta, g=g)[0], q)
+    assert has_pallas_call(lambda q: ops.delta_rule(q, k, v, beta, g=g, backend="pallas")[0], q)
+
+
+def test_default_backend_on_an_accelerator_is_the_kernel(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    assert common.resolve_backend("op", None, has_kernel=True) == "pallas"
+    assert common.resolve_backend("op", "xla", has_kernel=True) == "xla"
+    assert common.resolve_backend("op", None, has_kernel=False) == "xla"
+    with pytest.warns(RuntimeWarning, match="does not cover normalize"):
+        assert common.resolve_backend("op", None, "normalize", has_kernel=True) == "xla"
+
+
+@pytest.mark.parametrize("num_householder", [1, 2])
+def test_pallas_ops_equal_xla(num_householder):
+    q, k, v, beta, g = inputs()
+    o, s = ops.linear_attention(q, k, v, g=g, backend="pallas", output_final_state=True)
+    o_ref, s_ref = ops.linear_attention(q, k, v, g=g, backend="xla", output_final_state=True)
+    assert_close(o, o_ref, 1e-5, "linear attention")
+    assert_close(s, s_ref, 1e-5, "linear attention state")
+    n = num_householder
+    rows = lambda x: jnp.repeat(x, n, axis=1)
+    args = (q, rows(k), rows(v), rows(beta))
+    o, s = ops.delta_product(*args, num_householder=n, g=g, backend="pallas",
+                             output_final_state=True)
+    o_ref, s_ref = ops.delta_product(*args, num_householder=n, g=g, backend="xla",
+                                     output_final_state=True)
+    assert_close(o, o_ref, 1e-5, "delta product")
+    assert_close(s, s_ref, 1e-5, "delta product state")
+
+
+@pytest.mark.parametrize("what, call", [
+    ("normalize=True", lambda q, k, v, beta, g: ops.linear_attention(
+        q, k, v, normalize=True, backend="pallas")),
+    ("packed sequences", lambda q, k, v, beta, g: ops.linear_attention(
+        q, k, v, cu_seqlens=jnp.array([0, 10, T]), backend="pallas")),
+    ("mode='recurrent'", lambda q, k, v, beta, g: ops.linear_attention(
+        q, k, v, mode="recurrent", backend="pallas")),
+    ("the per-channel gate", lambda q, k, v, beta, g: ops.delta_rule(
+        q, k, v, beta, gk=jnp.broadcast_to(g[..., None], q.shape), backend="pallas")),
+])
+def test_uncovered_inputs_fall_back_to_xla_with_one_warning(what, call):
+    args = inputs()
+    with pytest.warns(RuntimeWarning, match=f"does not cover {what}.*running the XLA form"):
+        out, _ = call(*args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again, _ = call(*args)  # warned once only
+    np.testing.assert_array_equal(out, again)
+    assert not has_pallas_call(lambda *a: call(*a)[0], *args)
+
+
+def test_float64_falls_back(x64):
+    q, k, v, beta, g = inputs(dtype=jnp.float64)
+    with pytest.warns(RuntimeWarning, match="float64 inputs"):
+        o, _ = ops.delta_rule(q, k, v, beta, g=g, backend="pallas")
+    assert o.dtype == jnp.float64
+    assert_close(o, ops.delta_rule(q, k, v, beta, g=g, backend="xla")[0], 1e-12, "float64")
+
+
+def test_ops_without_a_kernel_warn_and_run_xla():
+    q, k, v, _, _ = inputs()
+    with pytest.warns(RuntimeWarning, match="softmax_attention: has no Pallas kernel"):
+        o, _ = ops.softmax_attention(q, k, v, backend="pallas")
+    assert_close(o, ops.softmax_attention(q, k, v)[0], 0, "softmax attention")
