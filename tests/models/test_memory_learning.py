@@ -4,11 +4,13 @@ attention of the same width (2 layers, d_model 32, 700 steps of 32 sequences).
 Multi-query associative recall with 6 key-value pairs over 16 keys and 16 values;
 chance is 1/16. Measured on a 2-core CPU with the test session's 8 host devices:
 linear attention 28 %, MoM 82 %, Titans (MAL) 61 % query accuracy, about 20, 45
-and 50 s. (Titans' figure moves with the float rounding of the device set-up: 86 %
+and 60 s each (three tests, so pytest-xdist runs them side by side). (Titans' figure moves with the float rounding of the device set-up: 86 %
 on one host device.)
 """
 
 from __future__ import annotations
+
+import pytest
 
 from xformjax import train
 
@@ -28,9 +30,19 @@ def mqar_accuracy(pattern: str, tmp_root: str) -> float:
     return trainer.run()["accuracy"]
 
 
-def test_memory_layers_recall_far_better_than_linear_attention(tmp_path):
+# Plain linear attention's accuracy stays under the ceiling; each memory layer clears
+# the floor, which is the ceiling's measured value (28 %) plus 25 points. Each run is
+# its own test, so the three train side by side under pytest-xdist.
+BASELINE_CEILING = 0.45
+MEMORY_FLOOR = 0.53
+
+
+def test_linear_attention_cannot_recall_six_pairs(tmp_path):
     baseline = mqar_accuracy("linear_attn", str(tmp_path))
-    assert baseline < 0.45, f"linear attention reached {baseline:.3f}: the task is too easy"
-    for pattern in ("mom", "titans"):
-        accuracy = mqar_accuracy(pattern, str(tmp_path))
-        assert accuracy > 0.5 and accuracy > baseline + 0.25, (pattern, accuracy, baseline)
+    assert baseline < BASELINE_CEILING, f"linear attention reached {baseline:.3f}: too easy"
+
+
+@pytest.mark.parametrize("pattern", ["mom", "titans"])
+def test_memory_layer_recalls_far_better_than_linear_attention(pattern, tmp_path):
+    accuracy = mqar_accuracy(pattern, str(tmp_path))
+    assert accuracy > MEMORY_FLOOR, (pattern, accuracy)
