@@ -80,6 +80,17 @@ def _split_refs(refs, num_tokens, num_chunk, num_outs, save_entering):
     return token_refs, chunk_refs, carry0_ref, out_refs, final_ref, entering_ref, scratch
 
 
+def _specs(token_spec, chunk_spec, row_spec, tokens, per_chunk, token_outs, save_entering):
+    """BlockSpecs in the driver's argument order: token tiles, per-chunk states, the
+    initial carry; outputs: token tiles, the final carry, the entering states."""
+    in_specs = ([token_spec(x.shape[2]) for x in tokens] + [chunk_spec] * len(per_chunk)
+                + [row_spec])
+    out_specs = [token_spec(x.shape[2]) for x in token_outs] + [row_spec]
+    if save_entering:
+        out_specs.append(chunk_spec)
+    return in_specs, out_specs
+
+
 def _tpu_call(step, tokens, per_chunk, carry0, out_shapes, *, chunk_size, num_chunks,
               save_entering, reverse, interpret, name):
     num_outs = len(out_shapes) - 1 - int(save_entering)
@@ -116,11 +127,8 @@ def _tpu_call(step, tokens, per_chunk, carry0, out_shapes, *, chunk_size, num_ch
                                           lambda r, n: (r, chunk_index(n), 0))
     chunk_spec = pl.BlockSpec((None, None) + state_shape, lambda r, n: (r, chunk_index(n), 0, 0))
     row_spec = pl.BlockSpec((None,) + state_shape, lambda r, n: (r, 0, 0))
-    in_specs = ([token_spec(x.shape[2]) for x in tokens] + [chunk_spec] * len(per_chunk)
-                + [row_spec])
-    out_specs = [token_spec(s.shape[2]) for s in out_shapes[:num_outs]] + [row_spec]
-    if save_entering:
-        out_specs.append(chunk_spec)
+    in_specs, out_specs = _specs(token_spec, chunk_spec, row_spec, tokens, per_chunk,
+                                 out_shapes[:num_outs], save_entering)
     return pl.pallas_call(
         kernel, out_shape=out_shapes, grid=(carry0.shape[0], num_chunks),
         in_specs=in_specs, out_specs=out_specs,
@@ -158,11 +166,8 @@ def _gpu_call(step, tokens, per_chunk, carry0, out_shapes, *, chunk_size, num_ch
     token_spec = lambda dim: pl.BlockSpec((None, length, dim), lambda r: (r, 0, 0))
     chunk_spec = pl.BlockSpec((None, num_chunks) + state_shape, lambda r: (r, 0, 0, 0))
     row_spec = pl.BlockSpec((None,) + state_shape, lambda r: (r, 0, 0))
-    in_specs = ([token_spec(x.shape[2]) for x in tokens] + [chunk_spec] * len(per_chunk)
-                + [row_spec])
-    out_specs = [token_spec(s.shape[2]) for s in out_shapes[:num_outs]] + [row_spec]
-    if save_entering:
-        out_specs.append(chunk_spec)
+    in_specs, out_specs = _specs(token_spec, chunk_spec, row_spec, tokens, per_chunk,
+                                 out_shapes[:num_outs], save_entering)
     return pl.pallas_call(
         kernel, out_shape=out_shapes, grid=(carry0.shape[0],),
         in_specs=in_specs, out_specs=out_specs,
