@@ -18,8 +18,9 @@ Scalar gates (linear attention, and the delta rule with ``delta=True``)::
     S' = e^{b_C} S + (K ⊙ e^{b_C − b})ᵀ U
 
 Per-channel gates (linear attention): the scores
-``Σ_c q_ic k_jc exp(b_ic − b_jc)`` are built from a ``[C, C, K]`` tensor of
-masked exponents, so every exponent stays ≤ 0.
+``Σ_c q_ic k_jc exp(b_ic − b_jc)`` are built column by column (one source
+row ``j`` at a time, ``[C, K]`` arrays) from masked exponents, so every
+exponent stays ≤ 0.
 
 The backward functions take the cotangents of ``O`` and of ``S'`` and return
 those of every input, the entering state's, and ``db``, the cotangent of the
@@ -30,9 +31,10 @@ appears contributes ``±(input)·(its cotangent)`` to its row, plus
 ``⟨dS', S'⟩``-type terms on the chunk's last row.
 
 Only ``lax`` primitives that both Mosaic TPU and Triton lower are used: 2-D
-``dot_general``, elementwise ops, ``broadcasted_iota`` masks, reductions and
-a 3-D broadcast for the per-channel scores. Rows and columns are moved with
-identity-matrix masks rather than transposes or slices.
+``dot_general``, elementwise ops, ``broadcasted_iota`` masks and reductions
+along one axis, all on 2-D arrays; integer index arithmetic by shifts and
+masks. Rows and columns are moved with identity-matrix masks rather than
+transposes or slices.
 """
 
 from __future__ import annotations
@@ -102,6 +104,21 @@ def rowsum(x):
     return jnp.sum(x, axis=1, keepdims=True)
 
 
+def total(x):
+    """Sum of a 2-D array as ``[1, 1]`` (lanes first, then sublanes)."""
+    return jnp.sum(rowsum(x), axis=0, keepdims=True)
+
+
+def column(x, j: int):
+    """Column ``j`` of ``x [R, C]`` as ``[R, 1]``."""
+    return rowsum(jnp.where(_iota(x.shape, 1) == j, x, 0.0))
+
+
+def row(x, i: int):
+    """Row ``i`` of ``x [R, C]`` as ``[1, C]``."""
+    return jnp.sum(jnp.where(_iota(x.shape, 0) == i, x, 0.0), axis=0, keepdims=True)
+
+
 def scalar_decay(b, strict: bool = False):
     """``Γ_ij = exp(b_i − b_j)`` on (strictly) lower entries, 0 elsewhere: ``[C, C]``."""
     mask = lower_mask(b.shape[0], strict)
@@ -119,14 +136,18 @@ def unit_lower_inverse(a, block: int):
     """
     size = a.shape[0]
     block = min(block, size)
+    if block & (block - 1):
+        raise ValueError(f"inverse block must be a power of two; got {block}")
+    shift = block.bit_length() - 1
     rows, cols = _iota((size, size), 0), _iota((size, size), 1)
-    eye = (rows == cols).astype(F32)
-    same_block = lax.div(rows, block) == lax.div(cols, block)
+    eye = jnp.where(rows == cols, 1.0, 0.0).astype(F32)
+    # Integer division and remainder by shifts and masks: Mosaic has no vector divide.
+    same_block = lax.shift_right_logical(rows, shift) == lax.shift_right_logical(cols, shift)
     a_diag = jnp.where(same_block, a, 0.0)
     a_off = a - a_diag
     inverse = eye
     for step in range(1, block):
-        inverse = jnp.where(lax.rem(rows, block) == step, eye - mm(a_diag, inverse), inverse)
+        inverse = jnp.where((rows & (block - 1)) == step, eye - mm(a_diag, inverse), inverse)
     num_blocks = -(-size // block)
     if num_blocks > 1:
         nilpotent = mm(inverse, a_off)
@@ -207,26 +228,34 @@ def scalar_backward(q, k, v, b, beta, d_out, state, d_new_state, *, delta: bool,
         dv = d_values
         dk = dk_scores + dk_to_end
 
-    end_terms = (jnp.sum(k * dk_to_end, keepdims=True)
-                 + jnp.sum(d_new_state * decay_last * state, keepdims=True))
+    end_terms = total(k * dk_to_end) + total(d_new_state * decay_last * state)
     db = db + on_last_row(db.shape, end_terms)
     return dq, dk, dv, db, dbeta, d_state
 
 
-def _channel_decay(b):
-    """``E_ijc = exp(b_ic − b_jc) [j ≤ i]``: ``[C, C, K]``, masked before exp."""
-    size, width = b.shape
-    rows = lax.broadcasted_iota(jnp.int32, (size, size, width), 0)
-    cols = lax.broadcasted_iota(jnp.int32, (size, size, width), 1)
-    diff = b[:, None, :] - b[None, :, :]
-    return jnp.exp(jnp.where(rows >= cols, diff, -jnp.inf))
+def _channel_decay_to(b, j: int):
+    """``E_ij = exp(b_i − b_j) [j ≤ i]`` per channel for one source row ``j``: ``[C, K]``
+    (masked before exp). The per-channel chunk is small (16), so the kernels walk
+    ``j`` in an unrolled loop with 2-D arrays only — no ``[C, C, K]`` tensor, which
+    would need lane↔sublane relayouts on TPU and many registers on GPU."""
+    rows = _iota(b.shape, 0)
+    return jnp.exp(jnp.where(rows >= j, b - row(b, j), -jnp.inf))
+
+
+def _channel_scores(q, k, b):
+    """``A_ij = Σ_c q_ic k_jc exp(b_ic − b_jc)`` for ``j ≤ i``: ``[C, C]``."""
+    size = q.shape[0]
+    cols = _iota((size, size), 1)
+    scores = jnp.zeros((size, size), F32)
+    for j in range(size):
+        scores = jnp.where(cols == j, rowsum(q * row(k, j) * _channel_decay_to(b, j)), scores)
+    return scores
 
 
 def channel_forward(q, k, v, b, state):
     """One chunk with a per-key-channel gate ``b [C, K]``: ``(O, S')``."""
     b_last = last_row(b)  # [1, K]
-    decay = _channel_decay(b)
-    scores = jnp.sum(q[:, None, :] * k[None, :, :] * decay, axis=2)
+    scores = _channel_scores(q, k, b)
     out = mm(scores, v) + mm(q * jnp.exp(b), state)
     new_state = (row_to_column(jnp.exp(b_last)) * state
                  + mm_tn(k * jnp.exp(b_last - b), v))
@@ -235,15 +264,20 @@ def channel_forward(q, k, v, b, state):
 
 def channel_backward(q, k, v, b, d_out, state, d_new_state):
     """Cotangents ``(dq, dk, dv, db, d_state)`` of one per-channel-gate chunk."""
+    size = q.shape[0]
     b_last = last_row(b)
     decay_last = row_to_column(jnp.exp(b_last))  # [K, 1]
     e_b, e_to_end = jnp.exp(b), jnp.exp(b_last - b)
-    decay = _channel_decay(b)
-    scores = jnp.sum(q[:, None, :] * k[None, :, :] * decay, axis=2)
-    d_scores = jnp.where(lower_mask(q.shape[0]), mm_nt(d_out, v), 0.0)
-    weighted = d_scores[:, :, None] * decay  # [C, C, K]
-    dq = jnp.sum(weighted * k[None, :, :], axis=1) + mm_nt(d_out, state) * e_b
-    dk_scores = jnp.sum(weighted * q[:, None, :], axis=0)
+    scores = _channel_scores(q, k, b)
+    d_scores = jnp.where(lower_mask(size), mm_nt(d_out, v), 0.0)
+    rows = _iota(q.shape, 0)
+    dq = mm_nt(d_out, state) * e_b
+    dk_scores = jnp.zeros(k.shape, F32)
+    for j in range(size):
+        weighted = column(d_scores, j) * _channel_decay_to(b, j)  # [C, K]: dA_ij E_ij
+        dq = dq + weighted * row(k, j)
+        dk_scores = jnp.where(rows == j, jnp.sum(weighted * q, axis=0, keepdims=True),
+                              dk_scores)
     dk_to_end = mm_nt(v, d_new_state) * e_to_end
     dv = mm_tn(scores, d_out) + mm(k * e_to_end, d_new_state)
     d_state = mm_tn(q * e_b, d_out) + decay_last * d_new_state
@@ -251,4 +285,3 @@ def channel_backward(q, k, v, b, d_out, state, d_new_state):
                  + column_to_row(rowsum(d_new_state * decay_last * state)))
     db = q * dq - k * (dk_scores + dk_to_end) + on_last_row(q.shape, end_terms)
     return dq, dk_scores + dk_to_end, dv, db, d_state
-

@@ -58,8 +58,8 @@ def _scalar_forward(q, k, v, b, beta, h0, options, save_entering):
     tokens = [q, k, v, b] + ([beta] if delta else [])
     (out,), entering, final = chunk_scan(
         step, tokens, [], h0, chunk_size=chunk_size, out_dims=[v.shape[2]],
-        out_dtypes=[v.dtype], save_entering=save_entering, reverse=False, target=target,
-        interpret=interpret, name="delta_rule_fwd" if delta else "linear_attention_fwd")
+        out_dtypes=[jnp.result_type(q, k, v)], save_entering=save_entering, reverse=False,
+        target=target, interpret=interpret, name="delta_rule_fwd" if delta else "linear_attention_fwd")
     return out, final, entering
 
 
@@ -115,8 +115,8 @@ def _channel_forward(q, k, v, b, h0, options, save_entering):
 
     (out,), entering, final = chunk_scan(
         step, [q, k, v, b], [], h0, chunk_size=chunk_size, out_dims=[v.shape[2]],
-        out_dtypes=[v.dtype], save_entering=save_entering, reverse=False, target=target,
-        interpret=interpret, name="gated_linear_attention_fwd")
+        out_dtypes=[jnp.result_type(q, k, v)], save_entering=save_entering, reverse=False,
+        target=target, interpret=interpret, name="gated_linear_attention_fwd")
     return out, final, entering
 
 

@@ -11,9 +11,11 @@ A *target* is what a kernel is lowered for:
 
 Chunk sizes are the token tiles: the scalar-gate and delta-rule kernels build
 ``C×C`` decay masks and (delta rule) a ``C×C`` triangular inverse per chunk;
-the per-channel-gate kernel builds ``C×C×K`` decays, so its chunk is smaller.
-Feature dimensions are padded to a power of two of at least ``MIN_FEATURE``
-(Triton's tiles must be powers of two; zero columns change nothing).
+the per-channel-gate kernel walks its chunk one source row at a time with
+``C×K`` decays, so its chunk is smaller. Feature dimensions are padded to a
+power of two of at least ``min_feature``: 16 on GPUs (Triton's tiles must be
+powers of two, and ``dot`` needs 16), the 128 lanes on TPUs (so no transposed
+matmul operand is an unaligned tile). Zero columns change nothing.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 
 TARGETS: tuple[str, ...] = ("tpu", "gpu")
-MIN_FEATURE = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,19 +32,23 @@ class BlockConfig:
     Attributes:
       chunk_size: tokens per chunk for scalar gates and the delta rule.
       channel_chunk_size: tokens per chunk for per-key-channel gates (GLA).
-      inverse_block: diagonal block of the in-kernel ``(I + A)⁻¹`` substitution.
+      inverse_block: diagonal block of the in-kernel ``(I + A)⁻¹`` substitution
+        (a power of two).
+      min_feature: feature widths are padded to a power of two at least this.
       num_warps, num_stages: Triton launch parameters (GPU only).
     """
 
     chunk_size: int = 64
     channel_chunk_size: int = 16
     inverse_block: int = 16
+    min_feature: int = 16
     num_warps: int = 4
     num_stages: int = 1
 
 
 BLOCK_CONFIGS: dict[str, BlockConfig] = {
-    "tpu": BlockConfig(chunk_size=64, channel_chunk_size=16, inverse_block=16),
+    "tpu": BlockConfig(chunk_size=64, channel_chunk_size=16, inverse_block=16,
+                       min_feature=128),
     "gpu": BlockConfig(chunk_size=64, channel_chunk_size=16, inverse_block=16,
                        num_warps=4, num_stages=1),
 }
@@ -56,9 +61,10 @@ def block_config(target: str) -> BlockConfig:
     return BLOCK_CONFIGS[target]
 
 
-def padded_feature(dim: int) -> int:
-    """The feature width a kernel runs at: the next power of two, at least ``MIN_FEATURE``."""
-    width = MIN_FEATURE
+def padded_feature(dim: int, target: str) -> int:
+    """The feature width a kernel runs at on ``target``: the next power of two, at least
+    the target's ``min_feature``."""
+    width = block_config(target).min_feature
     while width < dim:
         width *= 2
     return width

@@ -16,6 +16,8 @@ and packed sequences run in XLA (:func:`xformjax.ops.delta_rule` falls back).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -28,17 +30,19 @@ from xformjax.kernels.platform import on_platforms
 def delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *,
                g: jax.Array | None = None, scale: float | None = None,
                initial_state: jax.Array | None = None, target: str | None = None,
-               interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
+               interpret: bool | None = None,
+               cpu_fallback: Callable | None = None) -> tuple[jax.Array, jax.Array]:
     """The gated delta rule by the Pallas kernels.
 
     Args:
       q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; beta: ``[B, T, H]``.
       g: log decay ``[H]`` or ``[B, T, H]``.
-      scale, initial_state, target, interpret: as
-        :func:`xformjax.kernels.linear_attention`.
+      scale, initial_state, target, interpret, cpu_fallback: as
+        :func:`xformjax.kernels.linear_attention` (``cpu_fallback`` is called as
+        ``cpu_fallback(q, k, v, beta, g=..., initial_state=...)``).
 
     Returns:
-      ``(o [B, T, H, V]`` in ``v``'s dtype, ``final_state [B, H, K, V]`` float32).
+      ``(o [B, T, H, V]`` in ``result_type(q, k, v)``, ``final_state [B, H, K, V]`` float32).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     present = {"g": g, "initial_state": initial_state}
@@ -49,8 +53,11 @@ def delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *,
         return _run(q, k, v, beta, given.get("g"), given.get("initial_state"), scale=scale,
                     target=target, interpret=interpret)
 
+    def cpu(q, k, v, beta, *optional):
+        return cpu_fallback(q, k, v, beta, **dict(zip(names, optional)))
+
     return on_platforms(run, q, k, v, beta, *(present[n] for n in names), target=target,
-                        interpret=interpret)
+                        interpret=interpret, cpu=None if cpu_fallback is None else cpu)
 
 
 def _run(q, k, v, beta, g, initial_state, *, scale, target, interpret):
@@ -59,9 +66,10 @@ def _run(q, k, v, beta, g, initial_state, *, scale, target, interpret):
     config = block_config(target)
     chunk_size = config.chunk_size
     length = layout.padded_length(num_tokens, chunk_size)
-    key_width, value_width = padded_feature(key_dim), padded_feature(value_dim)
-    q_rows, k_rows = layout.to_rows(q, length), layout.to_rows(k, length)
-    v_rows = layout.to_rows(v, length)
+    key_width = padded_feature(key_dim, target)
+    value_width = padded_feature(value_dim, target)
+    q_rows, k_rows = layout.to_rows(q, length, key_width), layout.to_rows(k, length, key_width)
+    v_rows = layout.to_rows(v, length, value_width)
     beta_rows = layout.to_rows(beta.astype(jnp.float32)[..., None], length, width=1)
     h0 = layout.state_to_rows(initial_state, batch, heads, key_width, value_width)
     b = layout.chunk_cumsum(layout.token_gate_rows(g, batch, num_tokens, heads, length),

@@ -1,7 +1,7 @@
 """Between the ops' ``[B, T, H, D]`` layout and the kernels' padded head-major rows.
 
 Kernels see ``R = B·H`` rows of ``L`` tokens (``T`` padded with zeros up to a
-multiple of the chunk) and feature widths padded to ``config.padded_feature``.
+multiple of the chunk) and feature widths padded (``config.padded_feature``).
 Zero padding changes nothing: a padded token has ``k = v = 0`` (no update),
 ``g = 0`` (no decay) and ``β = 0``; padded feature columns stay zero in every
 state and output and are sliced away.
@@ -12,17 +12,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from xformjax.kernels.config import padded_feature
-
 
 def padded_length(num_tokens: int, chunk_size: int) -> int:
     return -(-num_tokens // chunk_size) * chunk_size
 
 
-def to_rows(x: jax.Array, length: int, width: int | None = None) -> jax.Array:
-    """``[B, T, H, D]`` → ``[B·H, L, width]`` (zero-padded; ``width`` defaults to padded D)."""
+def to_rows(x: jax.Array, length: int, width: int) -> jax.Array:
+    """``[B, T, H, D]`` → ``[B·H, L, width]`` (zero-padded)."""
     batch, num_tokens, heads, dim = x.shape
-    width = padded_feature(dim) if width is None else width
     x = jnp.moveaxis(x, 2, 1).reshape(batch * heads, num_tokens, dim)
     return jnp.pad(x, ((0, 0), (0, length - num_tokens), (0, width - dim)))
 

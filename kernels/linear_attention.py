@@ -16,6 +16,8 @@ the kernels do not cover; this function assumes valid inputs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -28,8 +30,8 @@ from xformjax.kernels.platform import on_platforms
 def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                      g: jax.Array | None = None, gk: jax.Array | None = None,
                      scale: float | None = None, initial_state: jax.Array | None = None,
-                     target: str | None = None,
-                     interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
+                     target: str | None = None, interpret: bool | None = None,
+                     cpu_fallback: Callable | None = None) -> tuple[jax.Array, jax.Array]:
     """Gated linear attention by the Pallas kernels.
 
     Args:
@@ -39,9 +41,12 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
       initial_state: ``[B, H, K, V]``.
       target, interpret: pin a kernel flavour (tests); by default the platform
         the program is lowered for decides (``platform.on_platforms``).
+      cpu_fallback: called as ``cpu_fallback(q, k, v, g=..., gk=..., initial_state=...)``
+        in the CPU lowering instead of the interpreted kernel; returns
+        ``(o, final_state)`` with the kernel's shapes and dtypes.
 
     Returns:
-      ``(o [B, T, H, V]`` in ``v``'s dtype, ``final_state [B, H, K, V]`` float32).
+      ``(o [B, T, H, V]`` in ``result_type(q, k, v)``, ``final_state [B, H, K, V]`` float32).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     present = {"g": g, "gk": gk, "initial_state": initial_state}
@@ -52,8 +57,11 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
         return _run(q, k, v, given.get("g"), given.get("gk"), given.get("initial_state"),
                     scale=scale, target=target, interpret=interpret)
 
+    def cpu(q, k, v, *optional):
+        return cpu_fallback(q, k, v, **dict(zip(names, optional)))
+
     return on_platforms(run, q, k, v, *(present[n] for n in names), target=target,
-                        interpret=interpret)
+                        interpret=interpret, cpu=None if cpu_fallback is None else cpu)
 
 
 def _run(q, k, v, g, gk, initial_state, *, scale, target, interpret):
@@ -63,13 +71,14 @@ def _run(q, k, v, g, gk, initial_state, *, scale, target, interpret):
     channel = gk is not None
     chunk_size = config.channel_chunk_size if channel else config.chunk_size
     length = layout.padded_length(num_tokens, chunk_size)
-    key_width, value_width = padded_feature(key_dim), padded_feature(value_dim)
-    q_rows, k_rows = layout.to_rows(q, length), layout.to_rows(k, length)
-    v_rows = layout.to_rows(v, length)
+    key_width = padded_feature(key_dim, target)
+    value_width = padded_feature(value_dim, target)
+    q_rows, k_rows = layout.to_rows(q, length, key_width), layout.to_rows(k, length, key_width)
+    v_rows = layout.to_rows(v, length, value_width)
     h0 = layout.state_to_rows(initial_state, batch, heads, key_width, value_width)
     options = (scale, chunk_size, config.inverse_block, target, interpret)
     if channel:
-        log_decay = layout.to_rows(gk.astype(jnp.float32), length)
+        log_decay = layout.to_rows(gk.astype(jnp.float32), length, key_width)
         if g is not None:
             log_decay = log_decay + layout.token_gate_rows(g, batch, num_tokens, heads,
                                                            length)[..., None]

@@ -20,8 +20,12 @@ import jax
 
 
 def on_platforms(fn: Callable, *arrays, target: str | None = None,
-                 interpret: bool | None = None):
-    """Call ``fn`` with the flavour of the platform it is lowered for (or the pinned one)."""
+                 interpret: bool | None = None, cpu: Callable | None = None):
+    """Call ``fn`` with the flavour of the platform it is lowered for (or the pinned one).
+
+    ``cpu``, when given, replaces the interpreted kernel in the CPU lowering (the
+    ops pass their XLA form when the kernel was chosen by default, not asked for).
+    """
     if target is not None:
         return fn(*arrays, target=target, interpret=bool(interpret))
     if interpret:
@@ -29,6 +33,6 @@ def on_platforms(fn: Callable, *arrays, target: str | None = None,
     gpu = functools.partial(fn, target="gpu", interpret=False)
     return jax.lax.platform_dependent(
         *arrays,
-        cpu=functools.partial(fn, target="gpu", interpret=True),
+        cpu=cpu if cpu is not None else functools.partial(fn, target="gpu", interpret=True),
         tpu=functools.partial(fn, target="tpu", interpret=False),
         cuda=gpu, rocm=gpu)

@@ -106,3 +106,35 @@ def test_ops_without_a_kernel_warn_and_run_xla():
     with pytest.warns(RuntimeWarning, match="softmax_attention: has no Pallas kernel"):
         o, _ = ops.softmax_attention(q, k, v, backend="pallas")
     assert_close(o, ops.softmax_attention(q, k, v)[0], 0, "softmax attention")
+
+
+def test_mixed_dtypes_keep_the_widest_output_dtype():
+    q, k, v, beta, g = inputs()
+    v16 = v.astype(jnp.bfloat16)
+    o, _ = ops.linear_attention(q, k, v16, g=g, backend="pallas")
+    o_ref, _ = ops.linear_attention(q, k, v16, g=g, backend="xla")
+    assert o.dtype == o_ref.dtype == jnp.float32
+    assert_close(o, o_ref, 1e-5, "f32 q, k with bf16 v")
+
+
+def test_other_dtypes_fall_back():
+    q, k, v, beta, g = (x.astype(jnp.float16) for x in inputs())
+    with pytest.warns(RuntimeWarning, match="float16 inputs"):
+        o, _ = ops.delta_rule(q, k, v, beta, g=g, backend="pallas")
+    assert o.dtype == jnp.float16
+
+
+def test_default_kernel_lowers_to_xla_on_cpu(monkeypatch):
+    """``backend=None`` on a GPU/TPU host picks the kernel; if the same program is
+    lowered for a CPU it runs the XLA form, never the (slow) interpreter."""
+    q, k, v, beta, g = inputs()
+    expected = ops.delta_rule(q, k, v, beta, g=g, backend="xla")[0]
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    fn = jax.jit(lambda q: ops.delta_rule(q, k, v, beta, g=g)[0])
+    assert has_pallas_call(fn, q)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = fn(q)  # runs here, on the CPU
+        ops.linear_attention(q, k, v, mode="recurrent")  # another mode: XLA, no warning
+    assert "pallas" not in fn.lower(q).as_text().lower()
+    assert_close(out, expected, 1e-6, "CPU lowering of the default kernel choice")

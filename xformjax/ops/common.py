@@ -73,40 +73,50 @@ def warn_once(op: str, message: str) -> None:
 
 
 def resolve_backend(op: str, backend: str | None, unsupported: str | None = None, *,
-                    has_kernel: bool = False) -> str:
+                    has_kernel: bool = False, mode: str = "chunk") -> str:
     """Return the backend that will run: ``"pallas"`` or ``"xla"``.
 
-    ``backend=None`` picks the Pallas kernel when the op has one and JAX's
-    default backend is a GPU or TPU, XLA otherwise; ``"pallas"`` forces the
-    kernel (interpret mode on CPU); ``"xla"`` forces XLA. ``unsupported`` says
-    why the kernel cannot run these inputs: the op then runs in XLA and warns
-    once (so does ``"pallas"`` on an op without a kernel).
+    ``backend=None`` picks the Pallas kernel when the op has one, ``mode`` is the
+    chunk form (the kernels' form) and JAX's default backend is a GPU or TPU;
+    XLA otherwise. ``"pallas"`` forces the kernel (interpret mode on CPU);
+    ``"xla"`` forces XLA. ``unsupported`` says why the kernel cannot run these
+    inputs: the op then runs in XLA and warns once (so does ``"pallas"`` on an op
+    without a kernel, or with another ``mode``).
     """
     if backend not in BACKENDS:
         fail(op, f"unknown `backend`={backend!r}; expected one of {BACKENDS}")
     if backend == "xla" or (backend is None and (
-            not has_kernel or jax.default_backend() not in ACCELERATORS)):
+            not has_kernel or mode != "chunk" or jax.default_backend() not in ACCELERATORS)):
         return "xla"
     if not has_kernel:
         warn_once(op, "has no Pallas kernel; running the XLA form")
         return "xla"
+    if mode != "chunk":
+        unsupported = f"mode={mode!r} (the kernels are the chunk form)"
     if unsupported is not None:
         warn_once(op, f"the Pallas kernel does not cover {unsupported}; running the XLA form")
         return "xla"
     return "pallas"
 
 
-def kernel_gap(mode: str, arrays, conditions: dict[str, bool]) -> str | None:
-    """Why the Pallas kernel cannot run a call, or ``None`` when it can.
+KERNEL_DTYPES = (jnp.float32, jnp.bfloat16)
 
-    The kernels implement the chunk form in float32 accumulation; ``conditions``
-    maps a description of each further unsupported feature to whether the call
+
+def kernel_gap(arrays, scale, conditions: dict[str, bool]) -> str | None:
+    """Why the Pallas kernels cannot run a call, or ``None`` when they can.
+
+    They take float32 and bfloat16 arrays (accumulating in float32), a Python
+    number (or ``None``) as ``scale``, and non-empty batches and heads;
+    ``conditions`` maps each further unsupported feature to whether the call
     uses it.
     """
-    if mode != "chunk":
-        return f"mode={mode!r} (the kernels are the chunk form)"
-    if any(x is not None and jnp.result_type(x) == jnp.float64 for x in arrays):
-        return "float64 inputs"
+    for x in arrays:
+        if x is not None and jnp.result_type(x) not in KERNEL_DTYPES:
+            return f"{jnp.result_type(x)} inputs (the kernels take float32 and bfloat16)"
+    if scale is not None and not isinstance(scale, (int, float, np.integer, np.floating)):
+        return "a traced or array `scale`"
+    if 0 in tuple(arrays[0].shape[:1]) + tuple(arrays[0].shape[2:3]):
+        return "an empty batch or no heads"
     for what, used in conditions.items():
         if used:
             return what

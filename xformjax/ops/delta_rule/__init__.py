@@ -9,6 +9,8 @@ blocked chunk scan, with the rank-1 update replaced by the delta rule.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -39,12 +41,16 @@ def _run(op: str, q, k, v, beta, g, gk, scale, initial_state, output_final_state
     segments = validate(q, k, v, g, gk, initial_state, cu_seqlens, False, op=op,
                         value_rows=q.shape[1] * rows_per_token)
     _check_beta(op, beta, q, k.shape[1])
-    gap = common.kernel_gap(mode, (q, k, v, beta, g, gk, initial_state),
+    gap = common.kernel_gap((q, k, v, beta, g, gk, initial_state), scale,
                             {"the per-channel gate `gk`": gk is not None,
                              "packed sequences (cu_seqlens)": cu_seqlens is not None})
-    if common.resolve_backend(op, backend, gap, has_kernel=True) == "pallas":
+    if common.resolve_backend(op, backend, gap, has_kernel=True, mode=mode) == "pallas":
+        # Chosen by default on an accelerator: a CPU lowering runs XLA, not the interpreter.
+        cpu = None if backend == "pallas" else functools.partial(
+            delta_rule, scale=scale, output_final_state=True, chunk_size=chunk_size,
+            backend="xla")
         return _run_kernel(q, k, v, beta, g, scale, initial_state, output_final_state,
-                           rows_per_token)
+                           rows_per_token, cpu)
 
     out_dtype = jnp.result_type(q, k, v)
     dtype = common.compute_dtype(q, k, v, beta, g, gk, initial_state)
@@ -68,17 +74,18 @@ def _run(op: str, q, k, v, beta, g, gk, scale, initial_state, output_final_state
 
 
 def _run_kernel(q, k, v, beta, g, scale, initial_state, output_final_state,
-                rows_per_token: int):
+                rows_per_token: int, cpu_fallback):
     """The Pallas delta-rule kernel; DeltaProduct runs it over the ``T·n`` rows."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if rows_per_token > 1:
         gate = combine(g, None, q.shape[2], jnp.float32)
         q, gate, _ = _expand_tokens(q, gate, None, rows_per_token, None)
         g = gate.values
-    o, final = kernels.delta_rule(q, k, v, beta, g=g, scale=scale, initial_state=initial_state)
+    o, final = kernels.delta_rule(q, k, v, beta, g=g, scale=scale, initial_state=initial_state,
+                                  cpu_fallback=cpu_fallback)
     if rows_per_token > 1:
         o = o[:, rows_per_token - 1::rows_per_token]
-    return o.astype(jnp.result_type(q, k, v)), (final if output_final_state else None)
+    return o, (final if output_final_state else None)
 
 
 def _expand_tokens(q, gate, segments, n: int, cu_seqlens):

@@ -7,6 +7,8 @@ per-key-channel gates (GLA), in parallel, chunked and recurrent forms.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -134,13 +136,18 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     common.check_mode(OP, mode)
     chunk_size = common.check_chunk_size(OP, chunk_size)
     segments = validate(q, k, v, g, gk, initial_state, cu_seqlens, normalize)
-    gap = common.kernel_gap(mode, (q, k, v, g, gk, initial_state),
+    gap = common.kernel_gap((q, k, v, g, gk, initial_state), scale,
                             {"normalize=True": normalize,
                              "packed sequences (cu_seqlens)": cu_seqlens is not None})
-    if common.resolve_backend(OP, backend, gap, has_kernel=True) == "pallas":
+    if common.resolve_backend(OP, backend, gap, has_kernel=True, mode=mode) == "pallas":
+        # Chosen by default on an accelerator: a CPU lowering of the same program
+        # runs XLA, not the interpreter.
+        cpu = None if backend == "pallas" else functools.partial(
+            linear_attention, scale=scale, output_final_state=True, chunk_size=chunk_size,
+            backend="xla")
         o, final = kernels.linear_attention(q, k, v, g=g, gk=gk, scale=scale,
-                                            initial_state=initial_state)
-        return o.astype(jnp.result_type(q, k, v)), (final if output_final_state else None)
+                                            initial_state=initial_state, cpu_fallback=cpu)
+        return o, (final if output_final_state else None)
 
     out_dtype = jnp.result_type(q, k, v)
     dtype = common.compute_dtype(q, k, v, g, gk, initial_state)

@@ -21,10 +21,11 @@ intra-chunk matmuls for its ``G`` chunks, an inner scan over them for the
 states, and the inter-chunk outputs; every intermediate is the size of one
 block, so it stays in cache and the time per token does not depend on T.
 
-Backward: for scalar gates (none, ``[H]``, ``[B, T, H]``) a hand-written VJP
-(``chunk_backward.py``) keeps only the inputs and the state entering each
-chunk, O(T·D + (T/C)·K·V), and runs the mirror-image reverse scan. The
-per-channel gate is differentiated by JAX with each block rematerialised.
+Backward: for scalar gates (none, ``[H]``, ``[B, T, H]``) hand-written VJPs
+(``chunk_backward.py`` for linear attention, ``delta_backward.py`` for the
+delta rule) keep only the inputs and the state entering each chunk,
+O(T·D + (T/C)·K·V), and run the mirror-image reverse scan. The per-channel
+gate is differentiated by JAX with each block rematerialised.
 
 Packed sequences (``cu_seqlens``) are laid out so that every chunk belongs to
 one sequence: each sequence is padded to a multiple of ``C`` (zeros: no
@@ -45,6 +46,7 @@ import jax.numpy as jnp
 
 from xformjax.ops.common import Segments, round_up
 from xformjax.ops.linear_attention.chunk_backward import make_backward_step
+from xformjax.ops.linear_attention.delta_backward import make_delta_backward_step
 from xformjax.ops.linear_attention.gates import LogGate
 
 SUB_CHUNK = 16
@@ -440,6 +442,60 @@ def _scalar_gate_core(kind: str, layout: ChunkLayout, num_sequences: int | None)
     return core
 
 
+def _delta_core(kind: str, layout: ChunkLayout, num_sequences: int | None):
+    """Blocked chunked delta rule (scalar gates) with the hand-written backward of
+    ``delta_backward.py``.
+
+    ``core(q, k, v, beta, log_a, head_gate, state0, inits, first, seq)`` takes the
+    padded ``[B, L, H, D]`` inputs and returns ``(out, entering, pseudo_values)``.
+    """
+
+    def gate_of(head_gate):
+        return LogGate(kind, head_gate if kind == "head" else jnp.zeros((1,)))
+
+    def unblock(x):
+        return jnp.moveaxis(x, 0, 1).reshape((x.shape[1], layout.padded_length) + x.shape[3:])
+
+    def forward(q, k, v, beta, log_a, head_gate, state0, inits, first, seq):
+        step = _block_step(gate_of(head_gate), layout, inits)
+        xs = _block_inputs(layout, q, k, v, log_a, first, seq, beta)
+        _, (out, entering, values) = jax.lax.scan(step, state0, xs)
+        return unblock(out), entering, unblock(values)
+
+    @jax.custom_vjp
+    def core(q, k, v, beta, log_a, head_gate, state0, inits, first, seq):
+        return forward(q, k, v, beta, log_a, head_gate, state0, inits, first, seq)
+
+    def core_fwd(q, k, v, beta, log_a, head_gate, state0, inits, first, seq):
+        outputs = forward(q, k, v, beta, log_a, head_gate, state0, inits, first, seq)
+        return outputs, (q, k, v, beta, log_a, head_gate, state0, inits, first, seq,
+                         outputs[1])
+
+    def core_bwd(residuals, cotangents):
+        q, k, v, beta, log_a, head_gate, state0, inits, first, seq, entering = residuals
+        d_out, d_entering, d_values = cotangents
+        helpers = types.SimpleNamespace(
+            head_major=lambda x: _head_major(x, layout),
+            cumulative=lambda log_a: _cumulative_log_decay(gate_of(head_gate), log_a,
+                                                           layout.chunk_size),
+            expand=lambda b: _expand(b, kind),
+            decay_mask=lambda b: _scalar_decay_mask(b, kind),
+            inverse=unit_lower_inverse)
+        step = make_delta_backward_step(kind, layout, helpers, head_gate, num_sequences)
+        q_b, k_b, v_b, log_a_b, first_b, seq_b, beta_b = _block_inputs(
+            layout, q, k, v, log_a, first, seq, beta)
+        xs = (q_b, k_b, v_b, beta_b, log_a_b, _blocks(d_out, layout), d_entering,
+              _blocks(d_values, layout), entering, first_b, seq_b)
+        carry = (jnp.zeros_like(state0), None if inits is None else jnp.zeros_like(inits),
+                 None if kind != "head" else jnp.zeros_like(head_gate))
+        (d_state0, d_inits, d_head), grads = jax.lax.scan(step, carry, xs, reverse=True)
+        dq, dk, dv, d_beta, d_log_a = (None if x is None else unblock(x) for x in grads)
+        return dq, dk, dv, d_beta, d_log_a, d_head, d_state0, d_inits, None, None
+
+    core.defvjp(core_fwd, core_bwd)
+    return core
+
+
 def linear_attention_chunk(q: jax.Array, k: jax.Array, v: jax.Array, gate: LogGate,
                            initial_state: jax.Array | None, segments: Segments | None,
                            chunk_size: int,
@@ -447,9 +503,10 @@ def linear_attention_chunk(q: jax.Array, k: jax.Array, v: jax.Array, gate: LogGa
     """Chunked linear attention (or, with ``beta``, the delta rule); arguments and
     results as the recurrent form.
 
-    Linear attention with scalar gates (none, ``[H]``, ``[B, T, H]``) uses the
-    hand-written backward; the per-channel gate and the delta rule are
-    differentiated by JAX with each block rematerialised.
+    Scalar gates (none, ``[H]``, ``[B, T, H]``) use hand-written backward passes
+    (``chunk_backward.py`` for linear attention, ``delta_backward.py`` for the
+    delta rule); the per-channel gate is differentiated by JAX with each block
+    rematerialised.
     """
     batch, num_tokens, heads, key_dim = q.shape
     value_dim = v.shape[-1]
@@ -467,7 +524,12 @@ def linear_attention_chunk(q: jax.Array, k: jax.Array, v: jax.Array, gate: LogGa
         inits, state0 = None, initial_state if initial_state is not None else zeros
 
     values = v
-    if gate.kind == "channel" or beta is not None:
+    if beta is not None and gate.kind != "channel":
+        core = _delta_core(gate.kind, layout, segments.num_sequences if packed else None)
+        out, entering, values = core(q, k, v, _pad(beta, layout), log_a,
+                                     gate.values if gate.kind == "head" else None, state0,
+                                     inits, layout.chunk_first, layout.chunk_seq)
+    elif gate.kind == "channel" or beta is not None:
         xs = _block_inputs(layout, q, k, v, log_a, layout.chunk_first, layout.chunk_seq,
                            None if beta is None else _pad(beta, layout))
         # Rematerialise each block in the backward: saving every block's residuals

@@ -1,0 +1,133 @@
+"""Hand-written backward of the chunked delta rule for scalar gates (none, ``[H]``, ``[B, T, H]``).
+
+The forward (``chunk.py``, ``_block_step`` with ``beta``) returns the outputs, the
+state entering every chunk and the pseudo-values; besides the inputs, those
+entering states are the only residual. Per chunk, with ``b`` the log decay
+accumulated from the chunk start, ``Γ_ij = e^{b_i − b_j}[j ≤ i]``, ``S`` the
+entering state, ``G`` the cotangent of the state leaving the chunk::
+
+    forward:  A = tril(diag(β)(K Kᵀ ⊙ Γ), −1),  T = (I + A)⁻¹
+              W = T diag(β)(K ⊙ e^b),  U = T diag(β) V − W S
+              O = (Q Kᵀ ⊙ Γ) U + (Q ⊙ e^b) S,  S' = e^{b_C} S + (K ⊙ e^{b_C − b})ᵀ U
+    backward: dU = (Q Kᵀ ⊙ Γ)ᵀ dO + (K ⊙ e^{b_C − b}) G (+ dU from outside)
+              G_in = (Q ⊙ e^b)ᵀ dO + e^{b_C} G − Wᵀ dU (+ dS from outside)
+
+``G`` runs backwards over a block's chunks in a small scan (restarting at
+packed sequence boundaries, where it becomes the initial state's cotangent);
+everything else is batched over the chunks: ``dW = −dU Sᵀ``,
+``dT = dW Xᵀ + dU Yᵀ``, ``dA = −Tᵀ dT Tᵀ`` (strictly lower), and from there
+``dq, dk, dv, dβ``. The gates enter only through ``e^{±b}`` factors inside a
+chunk, so the cotangent of ``b`` is, per row, ``±(factor's input)·(its
+cotangent)`` summed over the places it appears, plus ``⟨G, e^{b_C}S⟩`` and the
+``K ⊙ e^{b_C−b}`` terms on the chunk's last row; a per-token gate's cotangent
+is its reverse cumulative sum inside the chunk. The same per-chunk algebra is
+what the Pallas kernel runs (``xformjax.kernels.chunk_math.scalar_backward``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def _reverse_cumsum(x: jax.Array, axis: int) -> jax.Array:
+    return jnp.flip(jnp.cumsum(jnp.flip(x, axis), axis=axis), axis)
+
+
+def make_delta_backward_step(kind: str, layout, helpers, head_gate: jax.Array | None,
+                             num_sequences: int | None):
+    """Outer reverse-scan body over blocks; ``helpers`` as in ``chunk_backward.py`` plus
+    ``inverse`` (the unit lower-triangular inverse)."""
+    packed = num_sequences is not None
+    size = layout.chunk_size
+    strictly = jnp.tril(jnp.ones((size, size), bool), -1)
+    mm = lambda spec, *xs: jnp.einsum(spec, *xs)
+
+    def step(carry, xs):
+        grad_state, d_inits, d_head = carry
+        q, k, v, beta, log_a, d_out, d_entering, d_values, entering, first, seq = xs
+        qc, kc, vc, doc, d_values_c = (helpers.head_major(x) for x in
+                                       (q, k, v, d_out, d_values))  # [B, H, G, C, D]
+        betac = helpers.head_major(beta[..., None])  # [B, H, G, C, 1]
+        b = helpers.cumulative(None if log_a is None else helpers.head_major(log_a))
+        b_last = b[..., -1:]
+        b_full, b_last_full = helpers.expand(b), helpers.expand(b_last)
+        e_b, e_to_end = jnp.exp(b_full), jnp.exp(b_last_full - b_full)
+        gamma = helpers.decay_mask(b)  # [B|1, H, G|1, C, C]
+        gamma_strict = jnp.where(strictly, gamma, 0.0)
+
+        kk = mm("bhnik,bhnjk->bhnij", kc, kc)
+        scores = mm("bhnik,bhnjk->bhnij", qc, kc) * gamma
+        transform = helpers.inverse(kk * gamma_strict * betac)
+        x, y = betac * kc * e_b, betac * vc
+        w = mm("bhnij,bhnjk->bhnik", transform, x)
+        values = mm("bhnij,bhnjv->bhniv", transform, y) - mm("bhnck,bhnkv->bhncv", w, entering)
+        k_to_end = kc * e_to_end
+
+        # State cotangents, chunk by chunk from the last.
+        base_d_values = mm("bhnij,bhniv->bhnjv", scores, doc) + d_values_c
+        from_outputs = mm("bhnck,bhncv->bhnkv", qc * e_b, doc) + d_entering
+        decay = jnp.exp(b_last[..., 0])
+        decay = (jnp.broadcast_to(decay[None, :, None], entering.shape[:3]) if kind == "head"
+                 else decay)  # [B, H, G]
+
+        def inner(grad_out, xs_n):
+            base_n, outputs_n, k_end_n, w_n, decay_n, first_n = xs_n
+            d_values_n = base_n + mm("bhck,bhkv->bhcv", k_end_n, grad_out)
+            grad_in = (outputs_n + decay_n[..., None, None] * grad_out
+                       - mm("bhck,bhcv->bhkv", w_n, d_values_n))
+            grad_prev = grad_in if first_n is None else jnp.where(first_n, 0.0, grad_in)
+            return grad_prev, (grad_out, grad_in, d_values_n)
+
+        chunk_major = lambda a: jnp.moveaxis(a, 2, 0)
+        grad_state, (grad_leaving, grad_entering, d_vals) = jax.lax.scan(
+            inner, grad_state, (chunk_major(base_d_values), chunk_major(from_outputs),
+                                chunk_major(k_to_end), chunk_major(w), chunk_major(decay),
+                                first), reverse=True)
+        grad_leaving, d_vals = (jnp.moveaxis(a, 0, 2) for a in (grad_leaving, d_vals))
+        if packed:
+            starts = jnp.where(first[:, None, None, None], grad_entering[:, 0], 0.0)
+            d_inits = d_inits.at[seq].add(starts)
+
+        d_scores = mm("bhniv,bhnjv->bhnij", doc, values) * gamma
+        dq = (mm("bhnij,bhnjk->bhnik", d_scores, kc)
+              + mm("bhncv,bhnkv->bhnck", doc, entering) * e_b)
+        dk_scores = mm("bhnij,bhnik->bhnjk", d_scores, qc)
+        dk_to_end = mm("bhncv,bhnkv->bhnck", values, grad_leaving) * e_to_end
+        d_w = -mm("bhncv,bhnkv->bhnck", d_vals, entering)
+        d_transform = (mm("bhnik,bhnjk->bhnij", d_w, x)
+                       + mm("bhniv,bhnjv->bhnij", d_vals, y))
+        dx = mm("bhnji,bhnjk->bhnik", transform, d_w)
+        dy = mm("bhnji,bhnjv->bhniv", transform, d_vals)
+        da = -mm("bhnji,bhnjk,bhnlk->bhnil", transform, d_transform, transform)
+        da = jnp.where(strictly, da, 0.0)
+        da_kk = da * betac * gamma_strict
+        dk_rows = mm("bhnij,bhnjk->bhnik", da_kk, kc)
+        dk_cols = mm("bhnij,bhnik->bhnjk", da_kk, kc)
+        dk_x = dx * betac * e_b
+        dbeta = (jnp.sum(da * kk * gamma_strict, axis=-1) + jnp.sum(dx * e_b * kc, axis=-1)
+                 + jnp.sum(dy * vc, axis=-1))  # [B, H, G, C]
+        dv = dy * betac
+        dk = dk_scores + dk_to_end + dk_rows + dk_cols + dk_x
+
+        row = lambda a, c: jnp.sum(a * c, axis=-1)
+        d_b = (row(qc, dq) - row(kc, dk_scores) - row(kc, dk_to_end) + row(kc, dk_rows)
+               - row(kc, dk_cols) + row(kc, dk_x))  # [B, H, G, C]
+        end_terms = (jnp.sum(kc * dk_to_end, axis=(-2, -1))
+                     + jnp.sum(grad_leaving * decay[..., None, None] * entering,
+                               axis=(-2, -1)))  # [B, H, G]
+        d_b = d_b.at[..., -1].add(end_terms)
+        if kind == "head":
+            positions = jnp.arange(1, size + 1, dtype=qc.dtype)
+            d_head = d_head + jnp.einsum("bhnc,c->h", d_b, positions)
+            d_log_a = None
+        else:
+            d_log_a = _reverse_cumsum(d_b, axis=-1)
+            d_log_a = jnp.moveaxis(d_log_a, 1, 3).reshape(d_log_a.shape[0], -1,
+                                                          d_log_a.shape[1])
+
+        flat = lambda a: jnp.moveaxis(a, 1, 3).reshape(a.shape[0], -1, a.shape[1], a.shape[-1])
+        d_beta = jnp.moveaxis(dbeta, 1, 3).reshape(dbeta.shape[0], -1, dbeta.shape[1])
+        return (grad_state, d_inits, d_head), (flat(dq), flat(dk), flat(dv), d_beta, d_log_a)
+
+    return step
