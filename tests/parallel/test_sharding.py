@@ -129,7 +129,9 @@ def test_one_train_step_on_data2_fsdp2_seq2_equals_one_device(tmp_path):
     pairs = zip(nnx.to_flat_state(nnx.state((sharded.model, sharded.optimizer))),
                 nnx.to_flat_state(nnx.state((single.model, single.optimizer))))
     for (path, got), (_, want) in pairs:
-        assert_close(got[...], want[...], 1e-5, "/".join(map(str, path)))
+        # Adam's second moment is a squared gradient: twice the gradient's rounding.
+        tol = 2e-5 if "nu" in path else 1e-5
+        assert_close(got[...], want[...], tol, "/".join(map(str, path)))
     kernel = nnx.state(sharded.model)["blocks"][1]["mixer"]["q_proj"]["kernel"][...]
     assert kernel.sharding.spec == PartitionSpec("fsdp")
     assert int(sharded.optimizer.step[...]) == 1

@@ -116,8 +116,8 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
       backend: ``None`` (the Pallas kernel on GPU/TPU, XLA on CPU), ``"xla"`` or
         ``"pallas"`` (the kernel; interpret mode on CPU). The kernel runs the
         chunk form with its own tile (``chunk_size`` is then ignored); what it
-        does not cover (``normalize``, ``cu_seqlens``, float64, other modes)
-        runs in XLA with a one-time warning.
+        does not cover (``normalize``, ``cu_seqlens``, dtypes other than float32
+        and bfloat16, other modes) runs in XLA with a one-time warning.
 
     Returns:
       ``(o, final_state)``: ``o`` is ``[B, T, H, V]`` in the inputs' dtype;

@@ -386,6 +386,24 @@ def _block_inputs(layout: ChunkLayout, q, k, v, log_a, first, seq, beta=None) ->
             None if beta is None else _blocks(beta, layout))
 
 
+def _scalar_gate(kind: str, head_gate: jax.Array | None) -> LogGate:
+    """The scalar gate of a core: the ``[H]`` values for ``"head"``, a placeholder otherwise
+    (token gates travel blockwise as ``log_a``)."""
+    return LogGate(kind, head_gate if kind == "head" else jnp.zeros((1,)))
+
+
+def _backward_helpers(kind: str, layout: ChunkLayout, head_gate: jax.Array | None):
+    """The layout and decay functions the hand-written backward steps use."""
+    return types.SimpleNamespace(
+        head_major=lambda x: _head_major(x, layout),
+        cumulative=lambda log_a: _cumulative_log_decay(_scalar_gate(kind, head_gate), log_a,
+                                                       layout.chunk_size),
+        expand=lambda b: _expand(b, kind),
+        decay_mask=lambda b: _scalar_decay_mask(b, kind),
+        decay_state=lambda state, decay: _decay_state(state, kind, decay),
+        inverse=unit_lower_inverse)
+
+
 def _scalar_gate_core(kind: str, layout: ChunkLayout, num_sequences: int | None):
     """Blocked chunk scan with the hand-written backward of ``chunk_backward.py``.
 
@@ -393,11 +411,8 @@ def _scalar_gate_core(kind: str, layout: ChunkLayout, num_sequences: int | None)
     padded ``[B, L, H, D]`` inputs and returns ``(out, entering)``.
     """
 
-    def gate_of(head_gate):
-        return LogGate(kind, head_gate if kind == "head" else jnp.zeros((1,)))
-
     def forward(q, k, v, log_a, head_gate, state0, inits, first, seq, rank):
-        step = _block_step(gate_of(head_gate), layout, inits)
+        step = _block_step(_scalar_gate(kind, head_gate), layout, inits)
         xs = _block_inputs(layout, q, k, v, log_a, first, seq)
         _, (out, entering, _) = jax.lax.scan(step, state0, xs)
         out = jnp.moveaxis(out, 0, 1).reshape(q.shape[:3] + (v.shape[-1],))
@@ -415,13 +430,7 @@ def _scalar_gate_core(kind: str, layout: ChunkLayout, num_sequences: int | None)
     def core_bwd(residuals, cotangents):
         q, k, v, log_a, head_gate, state0, inits, first, seq, rank, entering = residuals
         d_out, d_entering = cotangents
-        helpers = types.SimpleNamespace(
-            head_major=lambda x: _head_major(x, layout),
-            cumulative=lambda log_a: _cumulative_log_decay(gate_of(head_gate), log_a,
-                                                           layout.chunk_size),
-            expand=lambda b: _expand(b, kind),
-            decay_mask=lambda b: _scalar_decay_mask(b, kind),
-            decay_state=lambda state, decay: _decay_state(state, kind, decay))
+        helpers = _backward_helpers(kind, layout, head_gate)
         step = make_backward_step(kind, layout, helpers, head_gate, num_sequences)
         blocks = _block_inputs(layout, q, k, v, log_a, first, seq)
         rank_blocks = (None if kind != "head"
@@ -450,14 +459,11 @@ def _delta_core(kind: str, layout: ChunkLayout, num_sequences: int | None):
     padded ``[B, L, H, D]`` inputs and returns ``(out, entering, pseudo_values)``.
     """
 
-    def gate_of(head_gate):
-        return LogGate(kind, head_gate if kind == "head" else jnp.zeros((1,)))
-
     def unblock(x):
         return jnp.moveaxis(x, 0, 1).reshape((x.shape[1], layout.padded_length) + x.shape[3:])
 
     def forward(q, k, v, beta, log_a, head_gate, state0, inits, first, seq):
-        step = _block_step(gate_of(head_gate), layout, inits)
+        step = _block_step(_scalar_gate(kind, head_gate), layout, inits)
         xs = _block_inputs(layout, q, k, v, log_a, first, seq, beta)
         _, (out, entering, values) = jax.lax.scan(step, state0, xs)
         return unblock(out), entering, unblock(values)
@@ -474,13 +480,7 @@ def _delta_core(kind: str, layout: ChunkLayout, num_sequences: int | None):
     def core_bwd(residuals, cotangents):
         q, k, v, beta, log_a, head_gate, state0, inits, first, seq, entering = residuals
         d_out, d_entering, d_values = cotangents
-        helpers = types.SimpleNamespace(
-            head_major=lambda x: _head_major(x, layout),
-            cumulative=lambda log_a: _cumulative_log_decay(gate_of(head_gate), log_a,
-                                                           layout.chunk_size),
-            expand=lambda b: _expand(b, kind),
-            decay_mask=lambda b: _scalar_decay_mask(b, kind),
-            inverse=unit_lower_inverse)
+        helpers = _backward_helpers(kind, layout, head_gate)
         step = make_delta_backward_step(kind, layout, helpers, head_gate, num_sequences)
         q_b, k_b, v_b, log_a_b, first_b, seq_b, beta_b = _block_inputs(
             layout, q, k, v, log_a, first, seq, beta)
