@@ -53,8 +53,6 @@ VARIANTS = {
                               "persistent_tokens": 2}, 0, 1),
     "titans-mac": ("titans", {"titans_variant": "mac", "persistent_tokens": 2}, 0, 1),
     "atlas": ("atlas", {}, 0, 1),
-    "atlas-momentum-deg3": ("atlas", {"memory_optimizer": "momentum", "poly_degree": 3,
-                                      "omega_window": 2}, 0, 1),
 }
 
 
