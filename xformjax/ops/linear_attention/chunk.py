@@ -481,7 +481,7 @@ def _delta_core(kind: str, layout: ChunkLayout, num_sequences: int | None):
         q, k, v, beta, log_a, head_gate, state0, inits, first, seq, entering = residuals
         d_out, d_entering, d_values = cotangents
         helpers = _backward_helpers(kind, layout, head_gate)
-        step = make_delta_backward_step(kind, layout, helpers, head_gate, num_sequences)
+        step = make_delta_backward_step(kind, layout, helpers, num_sequences)
         q_b, k_b, v_b, log_a_b, first_b, seq_b, beta_b = _block_inputs(
             layout, q, k, v, log_a, first, seq, beta)
         xs = (q_b, k_b, v_b, beta_b, log_a_b, _blocks(d_out, layout), d_entering,

@@ -29,19 +29,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-
-def _reverse_cumsum(x: jax.Array, axis: int) -> jax.Array:
-    return jnp.flip(jnp.cumsum(jnp.flip(x, axis), axis=axis), axis)
+from xformjax.ops.linear_attention.chunk_backward import _reverse_cumsum
 
 
-def make_delta_backward_step(kind: str, layout, helpers, head_gate: jax.Array | None,
-                             num_sequences: int | None):
+def make_delta_backward_step(kind: str, layout, helpers, num_sequences: int | None):
     """Outer reverse-scan body over blocks; ``helpers`` as in ``chunk_backward.py`` plus
     ``inverse`` (the unit lower-triangular inverse)."""
     packed = num_sequences is not None
     size = layout.chunk_size
     strictly = jnp.tril(jnp.ones((size, size), bool), -1)
-    mm = lambda spec, *xs: jnp.einsum(spec, *xs)
+    mm = jnp.einsum
 
     def step(carry, xs):
         grad_state, d_inits, d_head = carry
