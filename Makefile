@@ -4,7 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-PYTEST_ARGS ?= -n auto
+PYTEST_ARGS ?= -n auto --durations=25
+BENCH_ARGS ?=
 
 .PHONY: train test lock bench
 
@@ -22,8 +23,10 @@ train: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The op and layer benchmarks (experiments/bench), results in experiments/results/;
+# e.g. make bench BENCH_ARGS="--quick" or BENCH_ARGS="--only layers".
 bench: $(STAMP)
-	$(PY) -m experiments.bench.ops
+	$(PY) -m experiments.bench $(BENCH_ARGS)
 
 # Re-resolve the newest allowed versions and rewrite the lock.
 lock:

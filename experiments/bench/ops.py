@@ -2,7 +2,7 @@
 
     python -m experiments.bench.ops                 # full run (a few minutes on 2 cores)
     python -m experiments.bench.ops --quick         # T ∈ {1K, 4K}: a smoke run
-    make bench                                      # the same as the full run
+    python -m experiments.bench                     # the suite: this, then the layer benchmark
 
 For ``linear_attention`` and the gated ``delta_rule`` (``g`` gate, β in (0, 1))
 and causal ``softmax_attention``, in each
@@ -36,16 +36,19 @@ import time
 HUGEPAGES = "glibc.malloc.hugetlb=1"
 
 
-def _reexec_with_hugepages(argv: list[str]) -> None:
+def reexec_with_hugepages(argv: list[str], module: str = "experiments.bench.ops") -> None:
+    """Replace this process with ``python -m module *argv`` under ``HUGEPAGES``
+    unless the tunable is already in effect or ``--no-hugepages`` is in ``argv``
+    (the other benchmarks call it too, with their own module)."""
     if HUGEPAGES in os.environ.get("GLIBC_TUNABLES", "") or "--no-hugepages" in argv:
         return
     env = dict(os.environ)
     env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), HUGEPAGES]))
-    os.execve(sys.executable, [sys.executable, "-m", "experiments.bench.ops", *argv], env)
+    os.execve(sys.executable, [sys.executable, "-m", module, *argv], env)
 
 
 if __name__ == "__main__":
-    _reexec_with_hugepages(sys.argv[1:])
+    reexec_with_hugepages(sys.argv[1:])
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -43,6 +43,8 @@ VARIANTS = {
                                                    "conv_size": 0}, 0, 1),
     "gated_deltanet": ("gated_deltanet", {"allow_neg_eigval": True}, 0, 1),
     "deltaproduct": ("deltaproduct", {"num_householder": 3, "head_dim": 12}, 0, 1),
+    "diag_rnn-negative-eigenvalues": ("diag_rnn", {"allow_neg_eigval": True,
+                                                   "expand_v": 0.5}, 0, 1),
     "aaren": ("aaren", {}, 0, 1),
     "aaren-no-gate": ("aaren", {"output_gate": False, "expand_v": 0.5}, 0, 1),
     "mom": ("mom", {}, 0, 1),
@@ -61,7 +63,7 @@ def test_every_registered_mixer_has_a_variant_here():
     assert set(nn.MIXERS) == {"attn", "sigmoid_attn", "linear_attn", "transnormer",
                               "lightning", "retnet", "gla", "lightnet", "deltanet",
                               "gated_deltanet", "deltaproduct", "mom", "titans", "atlas",
-                              "aaren"}
+                              "aaren", "diag_rnn"}
 
 
 def build(variant: str) -> nn.Mixer:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import itertools
 from typing import ClassVar
 
@@ -142,13 +143,15 @@ class Parity(Task):
 @dataclasses.dataclass(frozen=True)
 class ModularArithmetic(Task):
     """An expression over ``{0, …, modulus−1}`` with ``+ − ×`` (usual precedence),
-    ``num_operands`` operands, and with ``brackets`` randomly nested parentheses,
+    ``num_operands`` operands (uniform in ``[min_operands, num_operands]`` when
+    ``min_operands`` is set), and with ``brackets`` randomly nested parentheses,
     then ``=``; predict its value mod ``modulus`` at the ``=``. Ids: digits
     ``0 … m−1``, then ``+ − × ( ) = PAD``."""
 
     modulus: int = 5
     num_operands: int = 8
     brackets: bool = False
+    min_operands: int | None = None
     name: ClassVar[str] = "modular_arithmetic"
     SYMBOLS: ClassVar[tuple[str, ...]] = ("+", "-", "*", "(", ")", "=", "PAD")
 
@@ -160,6 +163,11 @@ class ModularArithmetic(Task):
     def length(self) -> int:
         # operands + operators + at most a bracket pair per operand + "="
         return 2 * self.num_operands + (2 * self.num_operands if self.brackets else 0)
+
+    def __post_init__(self):
+        if self.min_operands is not None and not 1 <= self.min_operands <= self.num_operands:
+            raise ValueError(f"ModularArithmetic: min_operands={self.min_operands} must lie "
+                             f"in [1, num_operands={self.num_operands}]")
 
     def symbol(self, text: str) -> int:
         return self.modulus + self.SYMBOLS.index(text)
@@ -175,11 +183,13 @@ class ModularArithmetic(Task):
         return tokens
 
     def build(self, rng):
+        operands = (self.num_operands if self.min_operands is None else
+                    int(rng.integers(self.min_operands, self.num_operands + 1)))
         if self.brackets:
-            tokens = self._expression(rng, self.num_operands)
+            tokens = self._expression(rng, operands)
         else:
-            digits = rng.integers(0, self.modulus, self.num_operands)
-            ops = rng.choice(["+", "-", "*"], self.num_operands - 1)
+            digits = rng.integers(0, self.modulus, operands)
+            ops = rng.choice(["+", "-", "*"], operands - 1)
             tokens = [str(digits[0])] + [t for pair in zip(ops, digits[1:])
                                          for t in (str(pair[0]), str(pair[1]))]
         value = evaluate_arithmetic(tokens, self.modulus)
@@ -222,15 +232,17 @@ def evaluate_arithmetic(tokens: list[str], modulus: int) -> int:
     return expression() % modulus
 
 
-def group_elements(group: str) -> list[tuple[int, ...]]:
-    """The permutations of ``S3``, ``S5`` or ``A5`` (even permutations), sorted."""
+@functools.cache
+def group_elements(group: str) -> tuple[tuple[int, ...], ...]:
+    """The permutations of ``S3``, ``S5`` or ``A5`` (even permutations), sorted
+    (computed once per group)."""
     n = {"S3": 3, "S5": 5, "A5": 5}.get(group)
     if n is None:
         raise ValueError(f"unknown group {group!r}; choose S3, A5 or S5")
     perms = list(itertools.permutations(range(n)))
     if group == "A5":
         perms = [p for p in perms if _is_even(p)]
-    return perms
+    return tuple(perms)
 
 
 def _is_even(perm: tuple[int, ...]) -> bool:

@@ -21,6 +21,7 @@ from xformjax.nn.attention import Attention, SigmoidAttention
 from xformjax.nn.config import MixerConfig
 from xformjax.nn.conv import ShortConv
 from xformjax.nn.deltanet import DeltaNet, DeltaProduct, GatedDeltaNet
+from xformjax.nn.diagonal import DiagonalRNN
 from xformjax.nn.feature_maps import FeatureMap, hedgehog_distillation_loss
 from xformjax.nn.gla import GatedLinearAttention
 from xformjax.nn.lightning import LightningAttention
@@ -37,7 +38,7 @@ from xformjax.nn.transnormer import TransNormer
 __all__ = ["MIXERS", "Mixer", "MixerConfig", "get_mixer", "register", "Attention",
            "SigmoidAttention", "LinearAttention", "TransNormer", "LightningAttention",
            "RetNet", "GatedLinearAttention", "LightNet", "DeltaNet", "GatedDeltaNet",
-           "DeltaProduct", "Dense", "ShortConv", "FeatureMap", "hedgehog_loss",
+           "DeltaProduct", "DiagonalRNN", "Dense", "ShortConv", "FeatureMap", "hedgehog_loss",
            "hedgehog_distillation_loss", "RMSNorm", "LayerNorm", "SRMSNorm", "CRMSNorm",
            "make_norm", "MixtureOfMemories", "load_balance_loss", "NeuralMemoryMixer", "Titans",
            "Atlas", "Aaren"]

@@ -63,7 +63,8 @@ class MixerConfig:
 
     Delta rule (``deltanet``, ``gated_deltanet``, ``deltaproduct``):
       conv_size: short causal convolution length on q/k/v (0 disables it).
-      allow_neg_eigval: ``β = 2σ(·)`` instead of ``σ(·)``.
+      allow_neg_eigval: ``β = 2σ(·)`` instead of ``σ(·)`` (``diag_rnn``: transitions
+        ``a = 2σ(·) − 1`` in (−1, 1) instead of ``σ(·)``).
       num_householder: DeltaProduct's steps per token.
 
     Mixture-of-Memories (``mom``):

@@ -7,11 +7,12 @@ and each op's docstring for the recurrence it computes.
 
 from xformjax.ops.aaren import aaren
 from xformjax.ops.delta_rule import delta_product, delta_rule
+from xformjax.ops.diagonal_recurrence import diagonal_recurrence
 from xformjax.ops.linear_attention import linear_attention
 from xformjax.ops.mixture_of_memories import mixture_of_memories
 from xformjax.ops.neural_memory import init_neural_memory_state, neural_memory
 from xformjax.ops.softmax_attention import sigmoid_attention, softmax_attention
 
 __all__ = ["linear_attention", "delta_rule", "delta_product", "softmax_attention",
-           "sigmoid_attention", "mixture_of_memories", "neural_memory",
+           "sigmoid_attention", "diagonal_recurrence", "mixture_of_memories", "neural_memory",
            "init_neural_memory_state", "aaren"]

@@ -1,0 +1,190 @@
+"""Train a small language model on a synthetic task and score it: the loop every
+reproduction in ``experiments/`` shares.
+
+A :class:`Run` names a model (:class:`~xformjax.models.LMConfig`), the training
+settings (:class:`~xformjax.train.config.TrainConfig`: steps, batch size,
+learning-rate schedule, seed), the task it trains on and the tasks it is tested on.
+:func:`train_and_score` trains it with the library's loss and optimiser
+(:func:`~xformjax.train.trainer.loss_and_metrics`,
+:func:`~xformjax.train.optimizer.make_optimizer`) and returns, per test task, the
+accuracy at every position (``nan`` where nothing is scored), so one test set of
+length-256 parity strings gives the accuracy at every prefix length 1…256.
+
+:class:`ResultStore` keeps finished runs in a JSON-lines file keyed by the run's
+name, so an interrupted experiment starts again where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from xformjax.data import Task
+from xformjax.models import LanguageModel, LMConfig
+from xformjax.nn import MixerConfig
+from xformjax.train.config import TrainConfig
+from xformjax.train.optimizer import make_optimizer
+from xformjax.train.trainer import loss_and_metrics
+
+#: examples scored per test task
+TEST_EXAMPLES = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """A named model: a layer pattern and mixer options on top of ``base``."""
+
+    label: str
+    layer_pattern: str
+    mixer: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def config(self, base: LMConfig, vocab_size: int) -> LMConfig:
+        mixer = dataclasses.replace(base.mixer, **self.mixer)
+        return dataclasses.replace(base, layer_pattern=self.layer_pattern, mixer=mixer,
+                                   vocab_size=vocab_size)
+
+
+def small_lm(d_model: int = 64, num_layers: int = 2, num_heads: int = 2, chunk_size: int = 32,
+             **mixer) -> LMConfig:
+    """The experiments' model size: a few layers of width ``d_model``."""
+    return LMConfig(num_layers=num_layers, mixer=MixerConfig(
+        d_model=d_model, num_heads=num_heads, chunk_size=chunk_size, max_seq_len=1024, **mixer))
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One training run and what it is tested on."""
+
+    name: str
+    model: LMConfig
+    train: TrainConfig
+    task: Task
+    tests: dict[str, Task]
+
+
+def batches(task: Task, batch_size: int, start: int = 0):
+    """Consecutive examples of ``task`` stacked into batches, from index ``start``."""
+    index = start
+    while True:
+        examples = [task[(index + i) % len(task)] for i in range(batch_size)]
+        index += batch_size
+        yield {key: np.stack([e[key] for e in examples]) for key in examples[0]}
+
+
+def position_accuracy(model: LanguageModel, task: Task, examples: int, batch_size: int
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Accuracy at every position over ``examples`` examples of ``task`` (``nan``
+    where no example is scored), and how many examples are scored there."""
+
+    @nnx.jit
+    def correct(model, batch):
+        logits, _ = model(batch["inputs"])
+        hit = (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32)
+        return jnp.sum(hit * batch["mask"], 0), jnp.sum(batch["mask"], 0)
+
+    hits, counts = np.zeros(task.length), np.zeros(task.length)
+    stream = batches(task, batch_size)
+    for _ in range(max(1, examples // batch_size)):
+        h, c = correct(model, next(stream))
+        hits, counts = hits + np.asarray(h), counts + np.asarray(c)
+    return np.where(counts > 0, hits / np.maximum(counts, 1), np.nan), counts
+
+
+def train_and_score(run: Run, *, progress: bool = True) -> dict[str, Any]:
+    """Train ``run`` and score it on its tests (see the module docstring)."""
+    config = run.model
+    if config.vocab_size != run.task.vocab_size:
+        config = dataclasses.replace(config, vocab_size=run.task.vocab_size)
+    model = LanguageModel(config, rngs=nnx.Rngs(run.train.seed))
+    optimizer = nnx.Optimizer(model, make_optimizer(run.train), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer, batch):
+        (loss, metrics), grads = nnx.value_and_grad(loss_and_metrics, has_aux=True)(
+            model, batch, run.train.aux_loss_weight)
+        optimizer.update(model, grads)
+        return loss, metrics["accuracy"]
+
+    started = time.perf_counter()
+    stream = batches(run.task, run.train.batch_size)
+    losses, accuracies = [], []
+    bar = tqdm(range(run.train.steps), desc=run.name, unit="step", disable=not progress,
+               leave=False, dynamic_ncols=True)
+    for _ in bar:
+        loss, accuracy = step(model, optimizer, next(stream))
+        losses.append(loss)
+        accuracies.append(accuracy)
+        if len(losses) % 50 == 0:
+            bar.set_postfix(loss=f"{float(loss):.3f}", acc=f"{float(accuracy):.2f}")
+    tail = max(1, run.train.steps // 10)
+    train_loss = float(np.mean(jax.device_get(losses[-tail:])))
+    train_accuracy = float(np.mean(jax.device_get(accuracies[-tail:])))
+    train_seconds = time.perf_counter() - started
+    tests = {label: position_accuracy(model, task, TEST_EXAMPLES, run.train.batch_size)
+             for label, task in run.tests.items()}
+    return {"name": run.name, "train_loss": train_loss, "train_accuracy": train_accuracy,
+            "finite": bool(np.isfinite(train_loss)), "train_seconds": round(train_seconds, 1),
+            "parameters": int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))),
+            "tests": {label: [None if np.isnan(a) else round(float(a), 4) for a in acc]
+                      for label, (acc, _) in tests.items()},
+            "counts": {label: [int(c) for c in counts] for label, (_, counts) in tests.items()}}
+
+
+class ResultStore:
+    """Finished runs, one JSON object per line in ``path``, keyed by ``name``."""
+
+    def __init__(self, path: pathlib.Path):
+        self.path = path
+        self.results: dict[str, dict[str, Any]] = {}
+        if path.exists():
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    record = json.loads(line)
+                    self.results[record["name"]] = record
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.results
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.results[record["name"]] = record
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as file:
+            file.write(json.dumps(record) + "\n")
+
+
+def run_all(runs: Sequence[Run], store: ResultStore, *, progress: bool = True,
+            describe: Callable[[Run], dict[str, Any]] = lambda run: {}) -> list[dict[str, Any]]:
+    """Every run not yet in ``store`` (an interrupted experiment resumes), with a
+    progress bar over runs; returns the records of all ``runs``."""
+    todo = [run for run in runs if run.name not in store]
+    bar = tqdm(todo, desc="runs", unit="run", disable=not progress or not todo,
+               dynamic_ncols=True)
+    for run in bar:
+        bar.set_postfix_str(run.name)
+        store.add({**train_and_score(run, progress=progress), **describe(run)})
+    return [store.results[run.name] for run in runs]
+
+
+def mean_over(accuracy: Sequence[float | None], positions: range) -> float:
+    """Mean accuracy over 1-based ``positions`` (unscored ones skipped)."""
+    values = [accuracy[p - 1] for p in positions if p - 1 < len(accuracy)
+              and accuracy[p - 1] is not None]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def overall_accuracy(record: dict[str, Any], label: str) -> float:
+    """Accuracy over every scored token of test ``label`` (positions weighted by how
+    many examples are scored there)."""
+    accuracy, counts = record["tests"][label], record["counts"][label]
+    total = sum(counts)
+    return sum((a or 0.0) * c for a, c in zip(accuracy, counts)) / total if total else float("nan")

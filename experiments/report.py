@@ -1,0 +1,72 @@
+"""Tables and plots for the reproductions: seeds aggregated, the machine named."""
+
+from __future__ import annotations
+
+import pathlib
+import shlex
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+
+from experiments.bench.ops import machine
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def command_line() -> str:
+    """The command that is running, as one would type it."""
+    module = pathlib.Path(sys.argv[0]).resolve()
+    root = pathlib.Path(__file__).resolve().parents[1]
+    name = ".".join(module.relative_to(root).with_suffix("").parts) if module.is_relative_to(
+        root) else module.name
+    return " ".join(["python", "-m", name, *map(shlex.quote, sys.argv[1:])])
+
+
+def header(title: str) -> list[str]:
+    info = machine()
+    return [f"# {title}", "", f"`{command_line()}` — {info['date']}, {info['cpu']}, "
+            f"{info['cores']} cores, jax {info['jax']} ({info['backend']}).", ""]
+
+
+def mean_and_spread(values: Sequence[float]) -> str:
+    """``mean ± std`` in percent, with the per-seed minimum and maximum."""
+    values = np.asarray([v for v in values if np.isfinite(v)])
+    if values.size == 0:
+        return "—"
+    if values.size == 1:
+        return f"{100 * values[0]:.1f}"
+    return (f"{100 * values.mean():.1f} ± {100 * values.std():.1f} "
+            f"({100 * values.min():.0f}–{100 * values.max():.0f})")
+
+
+def table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    return (["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def accuracy_plot(curves: dict[str, list[np.ndarray]], path: pathlib.Path, *, title: str,
+                  train_length: int | None = None, xlabel: str = "position (prefix length)"
+                  ) -> None:
+    """Accuracy against position: each label's mean over seeds, the band min–max."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for label, runs in curves.items():
+        stacked = np.asarray([[np.nan if a is None else a for a in run] for run in runs],
+                             dtype=float)
+        x = np.arange(1, stacked.shape[1] + 1)
+        line, = ax.plot(x, np.nanmean(stacked, 0), label=label)
+        if len(runs) > 1:
+            ax.fill_between(x, np.nanmin(stacked, 0), np.nanmax(stacked, 0), alpha=0.15,
+                            color=line.get_color())
+    if train_length:
+        ax.axvline(train_length, color="gray", ls="--", lw=1)
+        ax.text(train_length, 0.02, " train length", color="gray", fontsize=8)
+    ax.set(xlabel=xlabel, ylabel="accuracy", ylim=(0, 1.02), title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

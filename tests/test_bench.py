@@ -1,0 +1,65 @@
+"""The benchmark suite's harness on tiny settings: the layer benchmark's tables, its
+summary, and ``xformjax bench``'s command line (no timing is checked)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import pytest
+
+from xformjax.train import cli
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def layers(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))  # experiments/ lives in the repo, not the package
+    from experiments.bench import layers
+    return layers
+
+
+def test_layer_benchmark_writes_markdown_json_and_plot(layers, tmp_path):
+    # --budget 0: each family runs T=64 and stops before T=128 (the time-budget path)
+    assert layers.main(["--families", "linear_attn", "retnet", "--lengths", "64", "128",
+                        "--repeats", "1", "--sample-seconds", "0", "--budget", "0",
+                        "--no-progress", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "layers.json").read_text())
+    assert {r["family"] for r in result["rows"]} == {"linear_attn", "retnet"}
+    assert all(r["length"] == 64 and r["tokens_per_s"] > 0 for r in result["rows"])
+    assert [(s["family"], s["length"], s["kind"]) for s in result["stops"]] == [
+        ("linear_attn", 128, "time"), ("retnet", 128, "time")]
+    assert result["machine"]["cores"] and result["machine"]["jax"]
+    report = (tmp_path / "layers.md").read_text()
+    assert "| linear_attn | " in report and "stop (time)" in report
+    assert (tmp_path / "layers.png").stat().st_size > 0
+
+
+def test_summary_is_filled_from_the_numbers(layers):
+    rows = [layers.Row("attn", 1024, 100.0, 1.0, 0.1), layers.Row("attn", 2048, 400.0, 2.0, 0.1),
+            layers.Row("lightning", 1024, 50.0, 1.0, 0.1),
+            layers.Row("lightning", 2048, 100.0, 2.0, 0.1),
+            layers.Row("lightning", 4096, 220.0, 4.0, 0.1)]
+    stops = [layers.Stop("attn", 4096, "time", "one step predicted at ~2 s")]
+    text = layers.markdown(rows, stops, ["attn", "lightning"], [1024, 2048, 4096],
+                           {"date": "d", "cpu": "c", "cores": 2, "jax": "j", "backend": "cpu",
+                            "device": "cpu", "glibc_tunables": ""}, budget_s=1.0)
+    assert "| attn (quadratic) | 10,240 | 5,120 | stop (time) | 0.50 (at 2K) |" in text
+    assert "| lightning | 20,480 | 20,480 | 18,618 | 0.91 |" in text
+    assert "Within 20 % of constant speed: `lightning`" in text
+    assert "`attn` stops before 4K (time" in text
+    assert "At 2K, `lightning` trains 4.0× as many tokens/s as `attn`." in text
+
+
+def test_cli_bench_help_and_outside_the_repository(monkeypatch, tmp_path, capsys):
+    monkeypatch.syspath_prepend(str(ROOT))
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: xformjax bench" in out and "--quick" in out and "--only" in out
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["bench", "--quick"]) == 2
+    assert "root of an xformjax checkout" in capsys.readouterr().err

@@ -1,0 +1,70 @@
+"""The reproductions' shared harness: training and per-position scoring, the
+resumable result store, and the summaries' arithmetic."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from experiments import harness, report
+from xformjax.data import ModularArithmetic, Parity
+from xformjax.train.config import TrainConfig
+
+
+def tiny_run(name: str, steps: int = 3) -> harness.Run:
+    task = Parity(seed=0, min_length=3, max_length=8)
+    spec = harness.ModelSpec("diag", "diag_rnn", {"allow_neg_eigval": True})
+    model = spec.config(harness.small_lm(d_model=16, num_layers=1, chunk_size=4),
+                        task.vocab_size)
+    return harness.Run(name, model, TrainConfig(steps=steps, batch_size=4, warmup_steps=1),
+                       task, {"long": Parity(seed=1, min_length=12, max_length=12)})
+
+
+def test_train_and_score_reports_accuracy_at_every_position(monkeypatch):
+    monkeypatch.setattr(harness, "TEST_EXAMPLES", 8)
+    record = harness.train_and_score(tiny_run("a"), progress=False)
+    accuracy, counts = record["tests"]["long"], record["counts"]["long"]
+    assert len(accuracy) == len(counts) == 12
+    assert counts == [8] * 12  # every bit of a 12-bit string is scored
+    assert all(0.0 <= a <= 1.0 for a in accuracy)
+    assert record["finite"] and record["parameters"] > 0
+    assert harness.overall_accuracy(record, "long") == pytest.approx(np.mean(accuracy))
+
+
+def test_result_store_resumes_without_rerunning(tmp_path, monkeypatch):
+    store = harness.ResultStore(tmp_path / "runs.jsonl")
+    store.add({"name": "done", "tests": {}})
+    trained = []
+    monkeypatch.setattr(harness, "train_and_score",
+                        lambda run, progress: trained.append(run.name) or {"name": run.name})
+    records = harness.run_all([tiny_run("done"), tiny_run("new")], store, progress=False)
+    assert trained == ["new"]
+    assert [r["name"] for r in records] == ["done", "new"]
+    reopened = harness.ResultStore(tmp_path / "runs.jsonl")
+    assert "done" in reopened and "new" in reopened
+    assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 2
+    json.loads((tmp_path / "runs.jsonl").read_text().splitlines()[1])
+
+
+def test_overall_accuracy_weights_positions_by_their_counts():
+    record = {"tests": {"t": [1.0, None, 0.0]}, "counts": {"t": [3, 0, 1]}}
+    assert harness.overall_accuracy(record, "t") == pytest.approx(0.75)
+    assert harness.mean_over([1.0, None, 0.0], range(1, 4)) == pytest.approx(0.5)
+    assert harness.mean_over([1.0, 0.5], range(1, 2)) == pytest.approx(1.0)
+
+
+def test_mean_and_spread_formats_percentages():
+    assert report.mean_and_spread([0.5]) == "50.0"
+    assert report.mean_and_spread([0.5, 1.0]) == "75.0 ± 25.0 (50–100)"
+    assert report.mean_and_spread([]) == "—"
+
+
+def test_modular_arithmetic_varies_the_operand_count():
+    task = ModularArithmetic(seed=0, modulus=5, num_operands=6, min_operands=2)
+    equals = task.symbol("=")
+    lengths = {int(np.argmax(task[i]["inputs"] == equals)) for i in range(200)}
+    assert lengths == {2 * n - 1 for n in range(2, 7)}  # n operands, n − 1 operators
+    with pytest.raises(ValueError, match="min_operands"):
+        ModularArithmetic(num_operands=4, min_operands=5)
