@@ -125,6 +125,8 @@ def train_and_score(run: Run, *, progress: bool = True) -> dict[str, Any]:
         losses.append(loss)
         accuracies.append(accuracy)
         if len(losses) % 50 == 0:
+            if not np.isfinite(float(loss)):
+                break  # diverged: the record says so (``finite`` False)
             bar.set_postfix(loss=f"{float(loss):.3f}", acc=f"{float(accuracy):.2f}")
     tail = max(1, run.train.steps // 10)
     train_loss = float(np.mean(jax.device_get(losses[-tail:])))

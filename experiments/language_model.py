@@ -28,7 +28,7 @@ from experiments import report
 from experiments.harness import ResultStore
 from xformjax.models import LanguageModel
 from xformjax.train.config import config_from_tree
-from xformjax.train.trainer import Trainer
+from xformjax.train.trainer import NonFiniteLossError, Trainer
 
 FAMILIES = ("attn", "linear_attn", "retnet", "lightning", "gla", "diag_rnn", "deltanet",
             "gated_deltanet", "deltaproduct", "mom", "titans", "atlas",
@@ -69,7 +69,10 @@ def train_family(pattern: str, steps: int, seed: int, progress: bool) -> dict:
     config = experiment_config(pattern, width, steps, seed)
     with tempfile.TemporaryDirectory(prefix="xformjax-lm-") as workdir:
         trainer = Trainer(config, workdir, progress=progress)
-        final = trainer.run()
+        try:
+            final = trainer.run()
+        except NonFiniteLossError as error:
+            return {"d_model": width, "parameters": parameters, "diverged": str(error)}
         log = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
     speeds = [json.loads(line).get("tokens_per_second") for line in log]
     speeds = [s for s in speeds if s]
@@ -103,9 +106,16 @@ def main(argv: list[str] | None = None) -> int:
               f"{TARGET_PARAMETERS / 1e3:.0f}K parameters; {args.steps} steps of 8 × 256 "
               "bytes, AdamW lr 2e-3 (warm-up, cosine), seed "
               f"{args.seed}; validation on 16 batches of held-out files. Lower is better.", ""]
-    rows = [[r["name"].split("|")[0], str(r["d_model"]), f"{r['parameters'] / 1e3:.0f}K",
-             f"{r['validation_bits_per_byte']:.3f}", f"{r['train_tokens_per_second']:.0f}"]
-            for r in sorted(records, key=lambda r: r["validation_bits_per_byte"])]
+    def row(record) -> list[str]:
+        head = [record["name"].split("|")[0], str(record["d_model"]),
+                f"{record['parameters'] / 1e3:.0f}K"]
+        if "diverged" in record:
+            return head + [f"diverged: {record['diverged'].split(';')[0]}", "—"]
+        return head + [f"{record['validation_bits_per_byte']:.3f}",
+                       f"{record['train_tokens_per_second']:.0f}"]
+
+    rows = [row(r) for r in sorted(records, key=lambda r: r.get("validation_bits_per_byte",
+                                                                  float("inf")))]
     lines += report.table(["layers", "d_model", "parameters", "validation bits/byte",
                            "train tokens/s (CPU)"], rows) + [""]
     (args.out / "language_model.md").write_text("\n".join(lines))

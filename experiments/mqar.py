@@ -72,8 +72,15 @@ def summarise(records, steps) -> tuple[list[str], dict]:
         table.setdefault(label, {}).setdefault((width, pairs), []).append(record)
     settings = sorted({key for cells in table.values() for key in cells},
                       key=lambda k: (int(k[0][2:]), int(k[1][6:])))
-    rows = [[label] + [report.mean_and_spread([query_accuracy(r) for r in cells.get(key, [])])
-                       for key in settings] for label, cells in table.items()]
+    def cell(runs) -> str:
+        diverged = sum(not r["finite"] for r in runs)
+        if diverged == len(runs) and runs:
+            return "diverged (NaN loss)"
+        text = report.mean_and_spread([query_accuracy(r) for r in runs if r["finite"]])
+        return text + (f", {diverged} diverged" if diverged else "")
+
+    rows = [[label] + [cell(cells.get(key, [])) for key in settings]
+            for label, cells in table.items()]
     lines += report.table(["model"] + [f"{w}, {p}" for w, p in settings], rows) + [""]
     return lines, table
 

@@ -21,7 +21,6 @@ Writes ``parity.md``, ``parity.png`` and ``parity.jsonl`` (every run, resumable)
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import pathlib
 
 from experiments import report
@@ -82,19 +81,10 @@ def summarise(records: list[dict], steps: int) -> tuple[list[str], dict]:
     if any(task == "parity" for task, _ in by):
         lines += ["## Parity", "", f"Trained on lengths 3–{TRAIN_LENGTH}; tested on "
                   f"{TEST_LENGTH}-bit strings, scored at every prefix (chance: 50 %).", ""]
-        rows = []
-        for (task, label), group in by.items():
-            if task != "parity":
-                continue
-            curves = [g["tests"]["length 256"] for g in group]
-            rows.append([label, str(len(group)),
-                         report.mean_and_spread([g["train_accuracy"] for g in group]),
-                         report.mean_and_spread([mean_over(c, range(1, TRAIN_LENGTH + 1))
-                                                 for c in curves]),
-                         report.mean_and_spread([mean_over(c, range(TRAIN_LENGTH + 1,
-                                                                    TEST_LENGTH + 1))
-                                                 for c in curves]),
-                         report.mean_and_spread([c[-1] for c in curves])])
+        spans = (range(1, TRAIN_LENGTH + 1), range(TRAIN_LENGTH + 1, TEST_LENGTH + 1),
+                 range(TEST_LENGTH, TEST_LENGTH + 1))
+        rows = [report.prefix_row(label, group, "length 256", spans)
+                for (task, label), group in by.items() if task == "parity"]
         lines += report.table(["model", "seeds", "train acc (last 10 %)", "prefixes 1–40",
                                "prefixes 41–256", "at 256"], rows) + [""]
     if any(task == "arithmetic" for task, _ in by):

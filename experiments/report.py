@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from experiments.bench.ops import machine
+from experiments.harness import mean_over
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
@@ -38,6 +39,17 @@ def mean_and_spread(values: Sequence[float]) -> str:
         return f"{100 * values[0]:.1f}"
     return (f"{100 * values.mean():.1f} ± {100 * values.std():.1f} "
             f"({100 * values.min():.0f}–{100 * values.max():.0f})")
+
+
+def prefix_row(label: str, records: Sequence[dict], test: str,
+               spans: Sequence[range]) -> list[str]:
+    """A table row: the label, the number of seeds, the training accuracy and, per
+    span of 1-based positions, the mean accuracy of test ``test`` over that span
+    (each aggregated over the seeds by :func:`mean_and_spread`)."""
+    curves = [record["tests"][test] for record in records]
+    return ([label, str(len(records)),
+             mean_and_spread([record["train_accuracy"] for record in records])]
+            + [mean_and_spread([mean_over(curve, span) for curve in curves]) for span in spans])
 
 
 def table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:

@@ -4,6 +4,7 @@
   set before JAX initialises its backend.
 * float64 is off by default; tests opt in with the ``x64`` fixture, which turns
   ``jax_enable_x64`` on for their duration only.
+* the longest test files are collected first (see :data:`LONG_FIRST`).
 """
 
 import os
@@ -25,3 +26,18 @@ def x64():
 
 def pytest_report_header(config):
     return f"jax {jax.__version__}, devices: {jax.device_count()} x {jax.devices()[0].platform}"
+
+
+# The longest tests (30 s – 2 min each on 2 cores) start first, so that pytest-xdist's
+# workers finish together instead of one of them running a long test alone at the end.
+LONG_FIRST = ("tests/models/test_memory_learning.py", "tests/train/test_cli.py",
+              "tests/test_notebooks.py", "tests/train/test_trainer.py",
+              "tests/nn/test_linen.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        path = item.nodeid.split("::")[0]
+        return LONG_FIRST.index(path) if path in LONG_FIRST else len(LONG_FIRST)
+
+    items.sort(key=rank)  # stable: the order inside each file is kept
