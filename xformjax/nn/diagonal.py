@@ -3,10 +3,11 @@
     a_t = σ(x_t W_a + b_a)                    transitions in (0, 1)
         = 2σ(x_t W_a + b_a) − 1               with ``allow_neg_eigval``: in (−1, 1)
     h_t = a_t ⊙ h_{t-1} + x_t W_b             h_t: [H, V] (a vector per head)
-    y_t = W_o · (SiLU(x_t W_g) ⊙ RMSNorm(h_t))
+    o_t = h_t
+    y_t = W_o · (SiLU(x_t W_g) ⊙ RMSNorm(o_t))
 
 The "diagonal" model of "Unlocking State-Tracking in Linear RNNs Through Negative
-Eigenvalues" (Grazzi et al. 2025): a diagonal transition with eigenvalues in
+Eigenvalues", Grazzi et al. 2025: a diagonal transition with eigenvalues in
 ``[0, 1]`` cannot count modulo 2 with finite precision, one in ``[−1, 1]`` can
 (``a = −1`` flips the sign of a channel on every ``1`` bit). The recurrence is
 :func:`xformjax.ops.diagonal_recurrence`; ``b_a`` starts at 2 so that the layer
