@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from xformjax.data import Task
+from xformjax.data import Task, task_dataset
 from xformjax.models import LanguageModel, LMConfig
 from xformjax.nn import MixerConfig
 from xformjax.train.config import TrainConfig
@@ -72,13 +72,10 @@ class Run:
     tests: dict[str, Task]
 
 
-def batches(task: Task, batch_size: int, start: int = 0):
-    """Consecutive examples of ``task`` stacked into batches, from index ``start``."""
-    index = start
-    while True:
-        examples = [task[(index + i) % len(task)] for i in range(batch_size)]
-        index += batch_size
-        yield {key: np.stack([e[key] for e in examples]) for key in examples[0]}
+def batches(task: Task, batch_size: int):
+    """Consecutive examples of ``task`` (0, 1, 2, …) in batches: the library's task
+    pipeline, unshuffled, so every model of an experiment sees the same data."""
+    return iter(task_dataset(task, batch_size=batch_size, shuffle=False))
 
 
 def position_accuracy(model: LanguageModel, task: Task, examples: int, batch_size: int
