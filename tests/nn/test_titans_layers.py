@@ -64,6 +64,21 @@ def test_chunk_size_changes_results_but_one_token_chunks_are_the_exact_rule(vari
     assert_close(y_one, y_exact, 1e-5, f"{variant} chunk_size=1 vs the exact rule")
 
 
+@pytest.mark.parametrize("variant", ["titans-mal", "titans-mac", "atlas"])
+def test_the_surprise_clip_reaches_the_memory(variant):
+    """``max_surprise_norm`` is passed to the op by every variant: a tight clip changes
+    the output, ``None`` (the papers' rule) and a loose one agree at initialisation."""
+    x = inputs()
+    y_free, _ = build(variant, max_surprise_norm=None)(x)
+    y_loose, _ = build(variant, max_surprise_norm=1e6)(x)
+    y_tight, _ = build(variant, max_surprise_norm=1e-3)(x)
+    assert_close(y_loose, y_free, 1e-5, f"{variant}: a clip that never bites")
+    assert float(jnp.linalg.norm(y_tight - y_free)) > 1e-3 * float(jnp.linalg.norm(y_free))
+    for bad in (0.0, -2.0, float("inf")):
+        with pytest.raises(ValueError, match="`max_surprise_norm` must be None or a positive"):
+            dataclasses.replace(BASE, max_surprise_norm=bad)
+
+
 def test_atlas_reduces_to_titans_with_the_same_parameters():
     overrides = {"omega_window": 1, "poly_degree": 1, "memory_optimizer": "momentum"}
     config = dataclasses.replace(BASE, memory_depth=2, **overrides)

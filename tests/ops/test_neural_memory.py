@@ -65,9 +65,10 @@ def newton_schulz(x, steps):
 
 
 def reference(inputs, memory, *, omega_window, optimizer, chunk_size=None, ns_steps=5,
-              state=None):
+              state=None, max_surprise_norm=None):
     """Titans/ATLAS per sequence and head. ``chunk_size=None``: exact token-by-token
     rule; otherwise gradients inside each chunk at the chunk-start weights.
+    ``max_surprise_norm``: scale each token's surprise (all layers) down to this norm.
 
     ``state``: per (b, h) dict of weights, momentum and the window list (or None).
     Returns ``(o [B, T, H, V], states)``."""
@@ -93,6 +94,9 @@ def reference(inputs, memory, *, omega_window, optimizer, chunk_size=None, ns_st
             for k_i, v_i, g_i in tokens:
                 for l, g in enumerate(loss_gradient(at, k_i, v_i)):
                     u[l] += g_i * g
+            norm = np.sqrt(sum(np.sum(x * x) for x in u))
+            if max_surprise_norm is not None and norm > max_surprise_norm:
+                u = [x * (max_surprise_norm / norm) for x in u]
             for l in range(len(weights)):
                 if optimizer == "momentum":
                     moments[l] = mom[b, t, h] * moments[l] - lr[b, t, h] * u[l]
@@ -251,6 +255,77 @@ def test_float32_accumulation_and_finite_gradients():
     assert o.dtype == jnp.bfloat16
 
 
+@pytest.mark.parametrize("depth,omega,optimizer", [(2, 1, "momentum"), (1, 3, "muon")])
+@pytest.mark.parametrize("mode", ["recurrent", "chunk"])
+def test_surprise_clip_matches_the_reference(x64, depth, omega, optimizer, mode):
+    inputs, memory = make_inputs(depth=depth, seed=11)
+    chunk_size = None if mode == "recurrent" else 8
+    kwargs = dict(omega_window=omega, optimizer=optimizer)
+    o_ref, states = reference(inputs, memory, chunk_size=chunk_size, max_surprise_norm=0.4,
+                              **kwargs)
+    o, final = run(inputs, memory, mode=mode, chunk_size=chunk_size or 16,
+                   max_surprise_norm=0.4, output_final_state=True, **kwargs)
+    assert_close(o, o_ref, 1e-9, f"{mode} with the clip")
+    for key, value in reference_state_as_op(states, 2, 2, depth, omega).items():
+        assert_close(final[key], value, 1e-9, f"{mode} state {key} with the clip")
+    unclipped, _ = reference(inputs, memory, chunk_size=chunk_size, **kwargs)
+    assert np.linalg.norm(o_ref - unclipped) > 1e-3 * np.linalg.norm(unclipped)  # it bites
+
+
+def test_surprise_clip_gradient_matches_finite_differences(x64):
+    """The clip's derivative (the scale depends on ‖u‖) against central differences of
+    the float64 reference, along a random direction of every input."""
+    inputs, memory = make_inputs(batch=1, length=11, heads=1, depth=2, seed=12)
+    rng = np.random.default_rng(0)
+    names = ("q", "k", "v", "lr", "momentum", "decay")
+    direction = {name: rng.standard_normal(inputs[name].shape) for name in names}
+    direction_memory = [rng.standard_normal(w.shape) for w in memory]
+    kwargs = dict(omega_window=1, optimizer="momentum", max_surprise_norm=0.3)
+
+    def reference_loss(step):
+        moved = {**inputs, **{n: inputs[n] + step * direction[n] for n in names}}
+        weights = [w + step * d for w, d in zip(memory, direction_memory)]
+        o, _ = reference(moved, weights, chunk_size=4, **kwargs)
+        return np.sum(np.sin(o))
+
+    step = 1e-5
+    expected = (reference_loss(step) - reference_loss(-step)) / (2 * step)
+
+    def loss(x, weights):
+        o, _ = neural_memory(x["q"], x["k"], x["v"], x["lr"], x["momentum"], x["decay"],
+                             weights, omega_weights=x["gamma"], mode="chunk", chunk_size=4,
+                             **kwargs)
+        return jnp.sum(jnp.sin(o))
+
+    x = {name: jnp.asarray(value) for name, value in inputs.items()}
+    grads, grads_memory = jax.grad(loss, argnums=(0, 1))(x, [jnp.asarray(w) for w in memory])
+    actual = sum(np.sum(np.asarray(grads[n]) * direction[n]) for n in names)
+    actual += sum(np.sum(np.asarray(g) * d) for g, d in zip(grads_memory, direction_memory))
+    assert abs(actual - expected) <= 1e-6 * abs(expected), (actual, expected)
+
+
+def test_surprise_clip_keeps_a_too_large_step_finite():
+    """θ near 1 with η = 0.95 in 64-token chunks: the papers' rule overflows float32; with
+    the clip every token adds at most θ·τ to the momentum, so ‖m_t‖ ≤ θτ/(1 − η) and
+    (no decay) ‖W_T − W_0‖ ≤ T·θτ/(1 − η): linear in T, never geometric."""
+    inputs, memory = make_inputs(batch=1, length=1024, heads=2, key_dim=8, value_dim=8,
+                                 depth=2, seed=13)
+    inputs = {**inputs, "lr": np.full_like(inputs["lr"], 0.95),
+              "momentum": np.full_like(inputs["momentum"], 0.95),
+              "decay": np.zeros_like(inputs["decay"]), "v": 3 * inputs["v"]}
+    floats = {name: np.asarray(value, np.float32) for name, value in inputs.items()}
+    memory = [np.asarray(w, np.float32) for w in memory]
+    kwargs = dict(mode="chunk", chunk_size=64, output_final_state=True)
+    runaway, _ = run(floats, memory, **kwargs)
+    assert not np.all(np.isfinite(np.asarray(runaway)))
+    o, final = run(floats, memory, max_surprise_norm=1.0, **kwargs)
+    assert np.all(np.isfinite(np.asarray(o)))
+    bound = 1024 * 0.95 * 1.0 / (1 - 0.95)
+    moved = np.sqrt(sum(np.sum((np.asarray(final[f"weight_{l}"]) - w[None]) ** 2, axis=(2, 3))
+                        for l, w in enumerate(memory)))
+    assert np.all(moved <= bound), moved.max()
+
+
 def test_bad_input_raises_value_error():
     inputs, memory = make_inputs(length=5, depth=2)
     with pytest.raises(ValueError, match=r"`q` must have rank 4"):
@@ -267,9 +342,29 @@ def test_bad_input_raises_value_error():
         run(inputs, memory, optimizer="adam")
     with pytest.raises(ValueError, match="`omega_window` must be a positive int"):
         run(inputs, memory, omega_window=0)
+    for bad in (0.0, -1.0, float("inf"), True):
+        with pytest.raises(ValueError, match="`max_surprise_norm` must be a positive"):
+            run(inputs, memory, max_surprise_norm=bad)
     with pytest.raises(ValueError, match="T=0"):
         run(slice_time(inputs, 0, 0), memory)
     with pytest.raises(ValueError, match="initial_state"):
         run(inputs, memory, initial_state={"weight_0": 0})
     with pytest.raises(ValueError, match="state_position"):
         run(inputs, memory, chunk_size=2, state_position=3)
+
+
+def test_linear_scan_matches_the_loop_including_resets(x64):
+    """The chunk form's transfer-matrix scan against ``x_t = a_t x_{t-1} + b_t`` run
+    token by token, with ``a = 0`` (a reset) and ``a = 1`` among the factors."""
+    from xformjax.ops.neural_memory.chunk import linear_scan
+    rng = np.random.default_rng(14)
+    a = rng.uniform(0.0, 1.0, 9)
+    a[[2, 6]] = 0.0, 1.0
+    b = rng.standard_normal((9, 3, 4))
+    x0 = rng.standard_normal((3, 4))
+    expected, x = [], x0
+    for t in range(9):
+        x = a[t] * x + b[t]
+        expected.append(x)
+    assert_close(linear_scan(jnp.asarray(a), jnp.asarray(b), jnp.asarray(x0)),
+                 np.stack(expected), 1e-14, "linear_scan")

@@ -85,6 +85,10 @@ class MixerConfig:
       memory_optimizer: ATLAS's update rule, ``"muon"`` (Newton–Schulz
         orthogonalised momentum) or ``"momentum"`` (Titans' rule).
       newton_schulz_steps: iterations of the Newton–Schulz orthogonalisation.
+      max_surprise_norm: clip each token's surprise (the memory's loss gradient,
+        all layers together) to this norm; ``None`` turns the clip off (the papers'
+        rule). It keeps the inner optimisation from overflowing when a learned step
+        is too large for the memory (see :mod:`xformjax.ops.neural_memory`).
     """
 
     d_model: int = 256
@@ -133,6 +137,7 @@ class MixerConfig:
     poly_degree: int = 2
     memory_optimizer: str = "muon"
     newton_schulz_steps: int = 5
+    max_surprise_norm: float | None = 4.0
 
     def __post_init__(self):
         def bad(message: str):
@@ -171,6 +176,9 @@ class MixerConfig:
             bad(f"`conv_size` must be ≥ 0; got {self.conv_size}")
         if self.expand_v <= 0:
             bad(f"`expand_v` must be positive; got {self.expand_v}")
+        if self.max_surprise_norm is not None and not 0 < self.max_surprise_norm < float("inf"):
+            bad(f"`max_surprise_norm` must be None or a positive finite number; "
+                f"got {self.max_surprise_norm!r}")
         if self.window is not None and self.window < 1:
             bad(f"`window` must be None or ≥ 1; got {self.window}")
         for name in ("dtype", "param_dtype"):

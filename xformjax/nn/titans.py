@@ -215,7 +215,8 @@ class NeuralMemoryMixer(Mixer):
             combined["q"], combined["k"], combined["v"], combined["lr"], combined["momentum"],
             combined["decay"], self._memory_weights(), omega_weights=combined["gamma"],
             omega_window=self.omega_window, optimizer=self.optimizer,
-            newton_schulz_steps=self.config.newton_schulz_steps, mode="chunk",
+            newton_schulz_steps=self.config.newton_schulz_steps,
+            max_surprise_norm=self.config.max_surprise_norm, mode="chunk",
             chunk_size=chunk, initial_state=boundary, output_final_state=True,
             state_position=boundary_index)
         if state is not None:
@@ -235,9 +236,11 @@ class NeuralMemoryMixer(Mixer):
 
     def sequence_flops(self, seq_len: int) -> float:
         """Per token and head: the window's loss gradients at the chunk-start weights
-        (forward + backward, ``6·P`` each, ``P = Σ d_{l-1} d_l``), the two scans
-        (``4·P``), the read-out with the token's weights (``2·P``); Muon adds the
-        Newton–Schulz iterations on every momentum matrix."""
+        (forward + backward, ``6·P`` each, ``P = Σ d_{l-1} d_l``), the momentum and
+        weight recurrences (``4·P``: the recurrence's own work, although the chunk
+        form runs each as a ``C × C`` transfer matmul, ``2·C·P``), the read-out with
+        the token's weights (``2·P``); Muon adds the Newton–Schulz iterations on
+        every momentum matrix."""
         del seq_len
         dims = self.memory_dims()
         params = sum(a * b for a, b in zip(dims[:-1], dims[1:]))
@@ -490,7 +493,8 @@ class Titans(NeuralMemoryMixer):
         read, new_boundary = neural_memory(
             q.astype(dtype), k.astype(dtype), v.astype(dtype), gates["lr"], gates["momentum"],
             gates["decay"], self._memory_weights(), mode="chunk", chunk_size=size,
-            initial_state=boundary, output_final_state=True)
+            max_surprise_norm=config.max_surprise_norm, initial_state=boundary,
+            output_final_state=True)
         return attended, read, new_boundary
 
     def _context_run(self, streams: dict, state: State, position):

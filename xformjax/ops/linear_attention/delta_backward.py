@@ -99,17 +99,20 @@ def make_delta_backward_step(kind: str, layout, helpers, num_sequences: int | No
         da = -mm("bhnji,bhnjk,bhnlk->bhnil", transform, d_transform, transform)
         da = jnp.where(strictly, da, 0.0)
         da_kk = da * betac * gamma_strict
-        dk_rows = mm("bhnij,bhnjk->bhnik", da_kk, kc)
-        dk_cols = mm("bhnij,bhnik->bhnjk", da_kk, kc)
+        # A_ij ∝ k_i·k_j: row i gets Σ_j dA_ij k_j, row j gets Σ_i dA_ij k_i, in one matmul
+        dk_pairs = mm("bhnij,bhnjk->bhnik", da_kk + jnp.swapaxes(da_kk, -1, -2), kc)
         dk_x = dx * betac * e_b
         dbeta = (jnp.sum(da * kk * gamma_strict, axis=-1) + jnp.sum(dx * e_b * kc, axis=-1)
                  + jnp.sum(dy * vc, axis=-1))  # [B, H, G, C]
         dv = dy * betac
-        dk = dk_scores + dk_to_end + dk_rows + dk_cols + dk_x
+        dk = dk_scores + dk_to_end + dk_pairs + dk_x
 
         row = lambda a, c: jnp.sum(a * c, axis=-1)
-        d_b = (row(qc, dq) - row(kc, dk_scores) - row(kc, dk_to_end) + row(kc, dk_rows)
-               - row(kc, dk_cols) + row(kc, dk_x))  # [B, H, G, C]
+        # k_i·(Σ_j dA_ij k_j) − k_j·(Σ_i dA_ij k_i) from the Gram matrix, no matmul
+        da_gram = da_kk * kk
+        d_b = (row(qc, dq) - row(kc, dk_scores) - row(kc, dk_to_end)
+               + jnp.sum(da_gram, axis=-1) - jnp.sum(da_gram, axis=-2)
+               + row(kc, dk_x))  # [B, H, G, C]
         end_terms = (jnp.sum(kc * dk_to_end, axis=(-2, -1))
                      + jnp.sum(grad_leaving * decay[..., None, None] * entering,
                                axis=(-2, -1)))  # [B, H, G]

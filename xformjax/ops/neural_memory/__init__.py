@@ -8,6 +8,7 @@ layers, no biases, no residual) whose weights are trained token by token on the
 loss ``ℓ(W; k, v) = ½‖M_W(k) − v‖²``:
 
     u_t = Σ_{i=t−c+1}^{t} γ_i ∇_W ℓ(W_{t-1}; k_i, v_i)        (c = omega_window)
+    u_t ← u_t · min(1, τ / ‖u_t‖)      (τ = max_surprise_norm; ‖·‖ over all layers)
     optimizer="momentum" (Titans):
         m_t = η_t m_{t-1} − θ_t u_t ;   W_t = (1 − α_t) W_{t-1} + m_t
     optimizer="muon" (ATLAS):
@@ -19,12 +20,16 @@ loss ``ℓ(W; k, v) = ½‖M_W(k) − v‖²``:
 matrix ``W_l`` (``[d_{l-1}, d_l]``) of every head and sequence, at every token.
 The learning rate sits outside ``NS`` (as in ATLAS's ``M_t = α_t M_{t-1} − η_t
 NS(S_t)``) because ``NS`` discards the momentum's scale. With ``c = 1``,
-``γ = 1`` and ``optimizer="momentum"`` this is exactly Titans.
+``γ = 1``, ``optimizer="momentum"`` and no clip (``τ = None``, the default) this
+is exactly Titans. The clip is this library's addition: it bounds each token's
+step, so a learned θ that is too large for the memory's curvature (easy in the
+chunk form, where the ``C`` steps of a chunk are all taken at ``W_0``) makes the
+weights oscillate instead of overflowing.
 
 Forms: ``"recurrent"`` is the rule above token by token; ``"chunk"`` is the
 papers' parallel training form: within a chunk of ``C`` tokens every gradient
 is taken at the chunk-start weights, then the momentum and weight recurrences
-run as associative scans (:mod:`.chunk`). With ``C = 1`` the two forms are the
+run as transfer-matrix products (:mod:`.chunk`). With ``C = 1`` the two forms are the
 same computation; with ``C > 1`` the chunk form is the paper's approximation,
 not the token-by-token rule (so results depend on ``chunk_size``).
 """
@@ -122,6 +127,7 @@ def neural_memory(q: jax.Array, k: jax.Array, v: jax.Array, lr: jax.Array,
                   momentum: jax.Array, decay: jax.Array, memory: Sequence[jax.Array], *,
                   omega_weights: jax.Array | None = None, omega_window: int = 1,
                   optimizer: str = "momentum", newton_schulz_steps: int = 5,
+                  max_surprise_norm: float | None = None,
                   mode: str = "chunk", chunk_size: int = 16,
                   initial_state: dict | None = None, output_final_state: bool = False,
                   state_position: int | jax.Array | None = None
@@ -141,6 +147,8 @@ def neural_memory(q: jax.Array, k: jax.Array, v: jax.Array, lr: jax.Array,
       omega_window: ``c ≥ 1``, tokens in the Omega rule's window.
       optimizer: ``"momentum"`` (Titans) or ``"muon"`` (ATLAS).
       newton_schulz_steps: iterations of ``NS`` (muon only).
+      max_surprise_norm: ``τ > 0``: clip every token's surprise ``u_t`` to this norm
+        (over all layers together); ``None``: no clip.
       mode: ``"chunk"`` or ``"recurrent"`` (no quadratic ``"parallel"`` form).
       chunk_size: ``C`` of the chunk form (it changes results: see above).
       initial_state: a state from :func:`init_neural_memory_state` or a previous call.
@@ -187,6 +195,11 @@ def neural_memory(q: jax.Array, k: jax.Array, v: jax.Array, lr: jax.Array,
             or newton_schulz_steps < 1):
         common.fail(OP, f"`newton_schulz_steps` must be a positive int; "
                         f"got {newton_schulz_steps!r}")
+    if max_surprise_norm is not None and (
+            isinstance(max_surprise_norm, bool) or not isinstance(max_surprise_norm, (int, float))
+            or not max_surprise_norm > 0 or max_surprise_norm == float("inf")):
+        common.fail(OP, f"`max_surprise_norm` must be a positive finite number or None; "
+                        f"got {max_surprise_norm!r}")
     memory = _check_memory(memory, key_dim, value_dim, heads)
     if state_position is None:
         state_position = length
@@ -214,7 +227,8 @@ def neural_memory(q: jax.Array, k: jax.Array, v: jax.Array, lr: jax.Array,
         return jnp.moveaxis(x.astype(dtype), 2, 1)
 
     streams = tuple(heads_first(x) for x in (q, k, v, lr, momentum, decay, gamma))
-    rule = Rule(omega_window, optimizer, newton_schulz_steps)
+    rule = Rule(omega_window, optimizer, newton_schulz_steps,
+                None if max_surprise_norm is None else float(max_surprise_norm))
     position = jnp.asarray(state_position, jnp.int32)
     if mode == "chunk":
         run = partial(chunk_sequence, rule=rule, chunk_size=chunk_size)

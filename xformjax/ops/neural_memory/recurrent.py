@@ -3,7 +3,7 @@
 Per token ``t`` (the window ``i = t−c+1 … t`` reaches back into the carried
 window of earlier tokens; tokens before the sequence start have ``γ = 0``):
 
-    u_t = Σ_i γ_i ∇_W ℓ(W_{t-1}; k_i, v_i)
+    u_t = Σ_i γ_i ∇_W ℓ(W_{t-1}; k_i, v_i)      (then clipped: see :func:`clip_surprise`)
     momentum: m_t = η_t m_{t-1} − θ_t u_t ;  W_t = (1 − α_t) W_{t-1} + m_t
     muon:     m_t = η_t m_{t-1} − u_t     ;  W_t = (1 − α_t) W_{t-1} + θ_t NS(m_t)
     o_t = M_{W_t}(q_t)
@@ -24,11 +24,30 @@ Carry = dict
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    """The static options of the update: window ``c``, optimiser, Newton–Schulz steps."""
+    """The static options of the update: window ``c``, optimiser, Newton–Schulz steps
+    and the surprise clip ``τ`` (``None``: no clip)."""
 
     omega_window: int
     optimizer: str
     newton_schulz_steps: int
+    max_surprise_norm: float | None = None
+
+
+def clip_surprise(rule: Rule, surprise: list[jax.Array]) -> list[jax.Array]:
+    """``u_t · min(1, τ / ‖u_t‖)``, ``‖u_t‖² = Σ_l ‖u_{t,l}‖²`` over the memory's layers.
+
+    ``surprise`` holds one ``[..., d_{l-1}, d_l]`` array per layer (leading axes are
+    tokens). Bounding every token's step keeps the inner optimisation from running
+    away when the learned step is too large for the memory's curvature (the weights
+    then grow at most linearly in the number of tokens, not geometrically)."""
+    if rule.max_surprise_norm is None:
+        return surprise
+    squared = sum(jnp.sum(u * u, axis=(-2, -1)) for u in surprise)
+    limit = jnp.asarray(rule.max_surprise_norm, squared.dtype)
+    # exactly 1 below τ; τ/‖u‖ above (the max keeps rsqrt away from 0 in both branches)
+    bites = squared > limit * limit
+    scale = jnp.where(bites, limit * jax.lax.rsqrt(jnp.maximum(squared, limit * limit)), 1)
+    return [u * scale[..., None, None] for u in surprise]
 
 
 def momentum_input(rule: Rule, lr: jax.Array, u: jax.Array) -> jax.Array:
@@ -81,9 +100,10 @@ def recurrent_sequence(q, k, v, lr, mom, decay, gamma, carry: Carry, rule: Rule,
         q_t, k_t, v_t, lr_t, mom_t, decay_t, gamma_t = xs
         ext_k, ext_v, ext_g = extended(current, k_t[None], v_t[None], gamma_t[None], rule)
         grads = memory.token_gradients(current["weights"], ext_k, ext_v, ext_g)
+        surprise = clip_surprise(rule, [sum(g[j] for j in range(rule.omega_window))
+                                        for g in grads])
         new_w, new_m = [], []
-        for w, m, g in zip(current["weights"], current["momentum"], grads):
-            u = sum(g[j] for j in range(rule.omega_window))
+        for w, m, u in zip(current["weights"], current["momentum"], surprise):
             m = mom_t * m + momentum_input(rule, lr_t, u)
             new_m.append(m)
             new_w.append((1 - decay_t) * w + weight_increment(rule, lr_t, m))
