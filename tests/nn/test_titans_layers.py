@@ -74,7 +74,10 @@ def test_the_surprise_clip_reaches_the_memory(variant):
     y_tight, _ = build(variant, max_surprise_norm=1e-3)(x)
     assert_close(y_loose, y_free, 1e-5, f"{variant}: a clip that never bites")
     assert float(jnp.linalg.norm(y_tight - y_free)) > 1e-3 * float(jnp.linalg.norm(y_free))
-    for bad in (0.0, -2.0, float("inf")):
+
+
+def test_the_config_rejects_a_bad_surprise_clip():
+    for bad in (0.0, -2.0, float("inf"), float("nan"), True):
         with pytest.raises(ValueError, match="`max_surprise_norm` must be None or a positive"):
             dataclasses.replace(BASE, max_surprise_norm=bad)
 

@@ -176,7 +176,9 @@ class MixerConfig:
             bad(f"`conv_size` must be ≥ 0; got {self.conv_size}")
         if self.expand_v <= 0:
             bad(f"`expand_v` must be positive; got {self.expand_v}")
-        if self.max_surprise_norm is not None and not 0 < self.max_surprise_norm < float("inf"):
+        if self.max_surprise_norm is not None and (
+                isinstance(self.max_surprise_norm, bool)
+                or not 0 < self.max_surprise_norm < float("inf")):
             bad(f"`max_surprise_norm` must be None or a positive finite number; "
                 f"got {self.max_surprise_norm!r}")
         if self.window is not None and self.window < 1:

@@ -11,8 +11,8 @@ for ``C > 1``, exact for ``C = 1``):
     o_t = M_{W_t}(q_t)
 
 The two recurrences are linear, ``x_t = a_t x_{t-1} + b_t``, and run as one
-``[C, C]`` transfer-matrix product each (:func:`linear_scan`); the ``C`` per-token weights of a chunk
-are materialised, nothing longer. Chunks are scanned with ``lax.scan`` under
+``[C, C]`` transfer-matrix product each (:func:`linear_scan`); the ``C``
+per-token weights of a chunk are materialised, nothing longer. Chunks are scanned with ``lax.scan`` under
 ``jax.checkpoint`` (the backward pass recomputes a chunk from its carry), so
 time and memory are linear in ``T``.
 """

@@ -3,7 +3,7 @@
 Per token ``t`` (the window ``i = t−c+1 … t`` reaches back into the carried
 window of earlier tokens; tokens before the sequence start have ``γ = 0``):
 
-    u_t = Σ_i γ_i ∇_W ℓ(W_{t-1}; k_i, v_i)      (then clipped: see :func:`clip_surprise`)
+    u_t = Σ_i γ_i ∇_W ℓ(W_{t-1}; k_i, v_i)    (then clipped: :func:`clip_surprise`)
     momentum: m_t = η_t m_{t-1} − θ_t u_t ;  W_t = (1 − α_t) W_{t-1} + m_t
     muon:     m_t = η_t m_{t-1} − u_t     ;  W_t = (1 − α_t) W_{t-1} + θ_t NS(m_t)
     o_t = M_{W_t}(q_t)
