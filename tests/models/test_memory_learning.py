@@ -1,13 +1,14 @@
 """Learning on MQAR: Mixture-of-Memories and Titans recall far better than plain linear
-attention of the same width (2 layers, d_model 32, 700 steps of 32 sequences).
+attention of the same width (one layer, d_model 32, 1000 steps of 32 sequences).
 
 Multi-query associative recall with 6 key-value pairs over 16 keys and 16 values;
 chance is 1/16. Measured on a 2-core CPU with the test session's 8 host devices:
-linear attention 28 %, MoM 82 %, Titans (MAL, surprise clipped at the default
-``max_surprise_norm=4``) 60 % query accuracy (64 % and 90 % with training seeds 1
-and 2), about 20, 45 and 60 s each on their own (three tests, so pytest-xdist runs
-them side by side). Titans' figure moves with float rounding: without the clip it
-reached 61 % here and 86 % on one host device.
+linear attention 29 %, MoM 99.9 %, Titans (MAL, surprise clipped at the default
+``max_surprise_norm=4``) 99.7 % query accuracy, in about 10, 27 and 24 s on their
+own; the file takes 52 s under ``pytest -n 2`` (three tests, run side by side).
+MQAR training has a phase transition that some seeds reach late: with training
+seeds 1, 2 and 4, MoM scored 60, 99.6 and 98 % (one host device), so the floor is set 25 points
+above the baseline rather than near the typical result.
 """
 
 from __future__ import annotations
@@ -16,14 +17,14 @@ import pytest
 
 from xformjax import train
 
-STEPS = 700
+STEPS = 1000
 
 
 def mqar_accuracy(pattern: str, tmp_root: str) -> float:
     config = train.load_config("tiny", [
         "data.name=mqar", "data.options.num_pairs=6", "data.options.num_queries=6",
         "data.options.num_keys=16", "data.options.num_values=16",
-        f"model.layer_pattern={pattern}", "model.num_layers=2", "model.mixer.d_model=32",
+        f"model.layer_pattern={pattern}", "model.num_layers=1", "model.mixer.d_model=32",
         "model.mixer.num_heads=2", "model.mixer.chunk_size=8", f"train.steps={STEPS}",
         "train.batch_size=32", "train.learning_rate=5e-3", "train.warmup_steps=20",
         "train.log_every=1000", "train.eval_every=100000", "train.eval_batches=4",
@@ -33,10 +34,10 @@ def mqar_accuracy(pattern: str, tmp_root: str) -> float:
 
 
 # Plain linear attention's accuracy stays under the ceiling; each memory layer clears
-# the floor, which is the ceiling's measured value (28 %) plus 25 points. Each run is
+# the floor, which is the baseline's measured value (29 %) plus 25 points. Each run is
 # its own test, so the three train side by side under pytest-xdist.
 BASELINE_CEILING = 0.45
-MEMORY_FLOOR = 0.53
+MEMORY_FLOOR = 0.55
 
 
 def test_linear_attention_cannot_recall_six_pairs(tmp_path):

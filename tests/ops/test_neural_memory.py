@@ -368,3 +368,43 @@ def test_linear_scan_matches_the_loop_including_resets(x64):
         expected.append(x)
     assert_close(linear_scan(jnp.asarray(a), jnp.asarray(b), jnp.asarray(x0)),
                  np.stack(expected), 1e-14, "linear_scan")
+
+
+@pytest.mark.parametrize("max_surprise_norm", [None, 0.4])
+def test_dual_chunk_step_equals_the_materialised_one(x64, max_surprise_norm):
+    """The momentum optimiser's dual chunk step (no per-token weights) against the
+    materialised one, on one head: outputs, the next carry and the gradients of both
+    with respect to every input and the incoming carry (weights, momentum, window)."""
+    from xformjax.ops.neural_memory.chunk import dual_chunk_step, materialised_chunk_step
+    from xformjax.ops.neural_memory.recurrent import Rule
+    inputs, memory = make_inputs(batch=1, length=5, heads=1, key_dim=3, value_dim=5,
+                                 depth=2, seed=15)
+    rng = np.random.default_rng(16)
+    names = ("q", "k", "v", "lr", "momentum", "decay", "gamma")
+    xs = tuple(jnp.asarray(inputs[name][0, :, 0]) for name in names)
+    carry = {"weights": tuple(jnp.asarray(w[0]) for w in memory),
+             "momentum": tuple(jnp.asarray(0.1 * rng.standard_normal(w[0].shape))
+                               for w in memory),
+             "window_k": jnp.asarray(rng.standard_normal((2, 3))),
+             "window_v": jnp.asarray(rng.standard_normal((2, 5))),
+             "window_gamma": jnp.asarray([0.0, 0.7])}
+    rule = Rule(3, "momentum", 5, max_surprise_norm)
+
+    def loss(step, carry, xs):
+        new, o = step(carry, xs, rule)
+        return (jnp.sum(jnp.sin(o)) + sum(jnp.sum(jnp.cos(w)) for w in new["weights"])
+                + sum(jnp.sum(m * m) for m in new["momentum"])), (new, o)
+
+    results = {}
+    for name, step in (("dual", dual_chunk_step), ("materialised", materialised_chunk_step)):
+        grads, (new, o) = jax.grad(loss, argnums=(1, 2), has_aux=True)(step, carry, xs)
+        results[name] = (o, new, grads)
+    (o, new, grads), (o_ref, new_ref, grads_ref) = results["dual"], results["materialised"]
+    assert_close(o, np.asarray(o_ref), 1e-12, "dual o")
+    for got, want in zip(jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(new_ref)):
+        assert_close(got, np.asarray(want), 1e-12, "dual carry")
+    for got, want in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads_ref)):
+        assert_close(got, np.asarray(want), 1e-10, "dual gradient")
+    if max_surprise_norm is not None:  # the clip bites in this chunk
+        _, unclipped = dual_chunk_step(carry, xs, Rule(3, "momentum", 5, None))
+        assert np.linalg.norm(np.asarray(unclipped - o)) > 1e-3 * np.linalg.norm(np.asarray(o))

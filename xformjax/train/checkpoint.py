@@ -28,7 +28,11 @@ class Checkpointer:
 
     def save(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer, rng: jax.Array,
              data_state: dict[str, Any], *, force: bool = False) -> bool:
-        """Start an async save at ``step`` (if the interval says so, or ``force``)."""
+        """Start an async save at ``step`` (if the interval says so, or ``force``).
+
+        Nothing is gathered on the steps the interval skips (this runs every step)."""
+        if not force and not self.manager.should_save(step):
+            return False
         args = ocp.args.Composite(
             model=ocp.args.StandardSave(nnx.state(model)),
             optimizer=ocp.args.StandardSave(nnx.state(optimizer)),

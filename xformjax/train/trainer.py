@@ -176,6 +176,7 @@ class Trainer:
                                          keep=config.train.keep_checkpoints,
                                          every=config.train.checkpoint_every)
         self.metrics = MetricsLog(self.workdir / "metrics.jsonl", enabled=self.is_chief)
+        self._live = None
         self._compile_steps()
 
     # -- set-up ---------------------------------------------------------------------------
@@ -217,11 +218,29 @@ class Trainer:
                 for k, v in stacked.items()}
 
     def train_step(self, batches: dict[str, jax.Array]) -> dict[str, jax.Array]:
-        """One optimiser step on ``[grad_accum, B, T]`` batches (placed by the mesh)."""
+        """One optimiser step on ``[grad_accum, B, T]`` batches (placed by the mesh).
+
+        The model and optimiser are updated in place. Their variables are looked up
+        once (:meth:`_live_state`) rather than by a walk of the module graph every
+        step, which would cost as much host time as a small model's step."""
+        live, variables = self._live_state()
         with jax.set_mesh(self.mesh):
-            state, metrics = self._train_step(nnx.state((self.model, self.optimizer)), batches)
-        nnx.update((self.model, self.optimizer), state)
+            state, metrics = self._train_step(live, batches)
+        values = jax.tree.leaves(state)
+        if len(values) != len(variables):  # pragma: no cover - a variable was added
+            raise RuntimeError("the model's variables changed during training")
+        for variable, value in zip(variables, values):
+            variable.set_value(value)
         return metrics
+
+    def _live_state(self) -> tuple[nnx.State, list[nnx.Variable]]:
+        """``nnx.state((model, optimizer))`` and its variables (the live ones: writing
+        a variable's value updates the model), computed on first use."""
+        if self._live is None:
+            state = nnx.state((self.model, self.optimizer))
+            variables = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+            self._live = state, variables
+        return self._live
 
     # -- jitted steps ----------------------------------------------------------------------
     def _step_fn(self, state, batches):
@@ -298,6 +317,7 @@ class Trainer:
                 (self.workdir / "config.yaml").write_text(config_to_yaml(self.config))
             return 0, iterator
         step, self.rng, data_state = self.checkpointer.restore(self.model, self.optimizer)
+        self._live = None  # the restore may have replaced variables
         iterator.set_state(data_state)
         self.metrics.truncate_after(step)
         return step, iterator

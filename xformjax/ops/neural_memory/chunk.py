@@ -11,10 +11,14 @@ for ``C > 1``, exact for ``C = 1``):
     o_t = M_{W_t}(q_t)
 
 The two recurrences are linear, ``x_t = a_t x_{t-1} + b_t``, and run as one
-``[C, C]`` transfer-matrix product each (:func:`linear_scan`); the ``C``
-per-token weights of a chunk are materialised, nothing longer. Chunks are scanned with ``lax.scan`` under
-``jax.checkpoint`` (the backward pass recomputes a chunk from its carry), so
-time and memory are linear in ``T``.
+``[C, C]`` transfer-matrix product each (:func:`transfer`). With Muon the ``C``
+per-token weights of a chunk are materialised (``NS`` needs each ``m_t``:
+:func:`materialised_chunk_step`); with momentum nothing weight-sized is formed
+per token: every gradient is rank 1 per layer, so ``M_{W_t}(q_t)`` is computed
+from ``[C, C + c − 1]`` coefficient matrices (the dual form,
+:func:`dual_chunk_step`), and the weights only at the chunk end. Chunks are
+scanned with ``lax.scan`` under ``jax.checkpoint`` (the backward pass
+recomputes a chunk from its carry), so time and memory are linear in ``T``.
 """
 
 from __future__ import annotations
@@ -23,32 +27,42 @@ import jax
 import jax.numpy as jnp
 
 from xformjax.ops.neural_memory import memory
-from xformjax.ops.neural_memory.recurrent import (Carry, Rule, clip_surprise, extended,
-                                                  momentum_input, select, shift_window,
-                                                  weight_increment)
+from xformjax.ops.neural_memory.recurrent import (Carry, Rule, clip_scale, clip_surprise,
+                                                  extended, momentum_input, select,
+                                                  shift_window, weight_increment)
 
 
-def linear_scan(a: jax.Array, b: jax.Array, x0: jax.Array) -> jax.Array:
-    """All ``x_t = a_t x_{t-1} + b_t`` (``a`` ``[C]``, ``b`` ``[C, ...]``) from ``x0``.
+HIGHEST = jax.lax.Precision.HIGHEST
 
-    As one matmul: ``x_t = P_t x0 + Σ_{s ≤ t} L_ts b_s`` with the transfer matrix
-    ``L_ts = Π_{r=s+1}^{t} a_r`` (``[C, C]``, zero above the diagonal) and
-    ``P_t = Π_{r ≤ t} a_r``. ``L`` is a cumulative product down the columns of a
-    matrix holding ``a_r`` below the diagonal and 1 elsewhere: no division and no
-    logarithm, so ``a = 0`` (a full reset) is exact, and it costs ``O(C²)`` besides
-    the matmul — cheaper to run and to differentiate than an associative scan over
-    the ``C`` weight-sized ``b_t``."""
+
+def transfer(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The transfer matrix of ``x_t = a_t x_{t-1} + b_t`` over ``a`` ``[C]``.
+
+    Returns ``(L [C, C], P [C])`` with ``x_t = P_t x0 + Σ_{s ≤ t} L_ts b_s``:
+    ``L_ts = Π_{r=s+1}^{t} a_r`` (zero above the diagonal), ``P_t = Π_{r ≤ t} a_r``.
+    ``L`` is a cumulative product down the columns of a matrix holding ``a_r`` below
+    the diagonal and 1 elsewhere: no division and no logarithm, so ``a = 0`` (a full
+    reset) is exact."""
     size = a.shape[0]
     rows = jnp.arange(size)
     factors = jnp.where(rows[:, None] > rows[None, :], a[:, None], 1)
-    transfer = jnp.where(rows[:, None] >= rows[None, :], jnp.cumprod(factors, axis=0), 0)
-    acc = jnp.matmul(transfer, b.reshape(size, -1), precision=jax.lax.Precision.HIGHEST)
-    prod = jnp.cumprod(a).reshape((size,) + (1,) * (b.ndim - 1))
-    return prod * x0[None] + acc.reshape(b.shape)
+    lower = jnp.where(rows[:, None] >= rows[None, :], jnp.cumprod(factors, axis=0), 0)
+    return lower, jnp.cumprod(a)
 
 
-def chunk_step(carry: Carry, xs, rule: Rule) -> tuple[Carry, jax.Array]:
-    """One chunk: ``xs`` = ``(q, k, v, lr, mom, decay, gamma)`` with ``C`` rows each."""
+def linear_scan(a: jax.Array, b: jax.Array, x0: jax.Array) -> jax.Array:
+    """All ``x_t = a_t x_{t-1} + b_t`` (``a`` ``[C]``, ``b`` ``[C, ...]``) from ``x0``,
+    as one matmul with the :func:`transfer` matrix — cheaper to run and to
+    differentiate than an associative scan over the ``C`` weight-sized ``b_t``."""
+    size = a.shape[0]
+    lower, prod = transfer(a)
+    acc = jnp.matmul(lower, b.reshape(size, -1), precision=HIGHEST)
+    return prod.reshape((size,) + (1,) * (b.ndim - 1)) * x0[None] + acc.reshape(b.shape)
+
+
+def materialised_chunk_step(carry: Carry, xs, rule: Rule) -> tuple[Carry, jax.Array]:
+    """One chunk with its ``C`` per-token weights formed (any optimiser; Muon needs
+    them for ``NS(m_t)``). ``xs`` = ``(q, k, v, lr, mom, decay, gamma)``, ``C`` rows."""
     q, k, v, lr, mom, decay, gamma = xs
     size, c = q.shape[0], rule.omega_window
     ext_k, ext_v, ext_g = extended(carry, k, v, gamma, rule)
@@ -67,6 +81,62 @@ def chunk_step(carry: Carry, xs, rule: Rule) -> tuple[Carry, jax.Array]:
     new = {"weights": tuple(new_w), "momentum": tuple(new_m),
            **shift_window(carry, k, v, gamma, rule)}
     return new, o
+
+
+def dual_chunk_step(carry: Carry, xs, rule: Rule) -> tuple[Carry, jax.Array]:
+    """One chunk of the momentum optimiser without forming per-token weights.
+
+    Every gradient is rank 1, ``a_e ⊗ δ_e`` per layer (:func:`memory.gradient_factors`,
+    ``e`` over the window's ``E = C + c − 1`` tokens), so with the banded window
+    ``Ω_te = [t ≤ e ≤ t + c − 1]``, the clip scales ``s_t`` and the transfer matrices
+    ``(L^m, P^m)`` of the momentum and ``(L^w, P^w)`` of the weights:
+
+        m_t = P^m_t m_0 + Σ_e A_te a_e ⊗ δ_e,       A = L^m diag(−θ s) Ω    [C, E]
+        W_t = P^w_t W_0 + (L^w P^m)_t m_0 + Σ_e D_te a_e ⊗ δ_e,     D = L^w A
+        h W_t = P^w_t (h W_0) + (L^w P^m)_t (h m_0) + Σ_e D_te (h · a_e) δ_e
+
+    — ``[C, E]`` matmuls per layer; the weights are formed once, at the chunk end.
+    ``‖u_t‖² = Σ_l (Ω (G^a_l ∘ G^δ_l) Ωᵀ)_tt`` from the Gram matrices of the factors.
+    Same arithmetic as :func:`materialised_chunk_step`, in another order."""
+    q, k, v, lr, mom, decay, gamma = xs
+    size, c = q.shape[0], rule.omega_window
+    ext_k, ext_v, ext_g = extended(carry, k, v, gamma, rule)
+    inputs, deltas = memory.gradient_factors(carry["weights"], ext_k, ext_v, ext_g)
+    rows = jnp.arange(size)[:, None]
+    cols = jnp.arange(size + c - 1)[None, :]
+    window = ((cols >= rows) & (cols < rows + c)).astype(q.dtype)       # Ω [C, E]
+    if rule.max_surprise_norm is None:
+        scale = jnp.ones_like(lr)
+    else:
+        gram = sum((a @ a.T) * (d @ d.T) for a, d in zip(inputs, deltas))
+        squared = jnp.sum(jnp.matmul(window, gram, precision=HIGHEST) * window, axis=1)
+        scale = clip_scale(rule, squared)
+    momentum_lower, momentum_prod = transfer(mom)
+    weight_lower, weight_prod = transfer(1 - decay)
+    momentum_coeffs = jnp.matmul(momentum_lower * (-lr * scale)[None, :], window,
+                                 precision=HIGHEST)                    # A [C, E]
+    weight_coeffs = jnp.matmul(weight_lower, momentum_coeffs, precision=HIGHEST)  # D
+    from_momentum = jnp.matmul(weight_lower, momentum_prod, precision=HIGHEST)    # L^w P^m
+    h = q
+    new_w, new_m = [], []
+    layers = zip(carry["weights"], carry["momentum"], inputs, deltas)
+    for index, (w0, m0, a, d) in enumerate(layers):
+        z = (weight_prod[:, None] * (h @ w0) + from_momentum[:, None] * (h @ m0)
+             + ((h @ a.T) * weight_coeffs) @ d)
+        h = jax.nn.silu(z) if index < len(inputs) - 1 else z
+        new_w.append(weight_prod[-1] * w0 + from_momentum[-1] * m0
+                     + a.T @ (weight_coeffs[-1][:, None] * d))
+        new_m.append(momentum_prod[-1] * m0 + a.T @ (momentum_coeffs[-1][:, None] * d))
+    new = {"weights": tuple(new_w), "momentum": tuple(new_m),
+           **shift_window(carry, k, v, gamma, rule)}
+    return new, h
+
+
+def chunk_step(carry: Carry, xs, rule: Rule) -> tuple[Carry, jax.Array]:
+    """One chunk: ``xs`` = ``(q, k, v, lr, mom, decay, gamma)`` with ``C`` rows each."""
+    if rule.optimizer == "momentum":
+        return dual_chunk_step(carry, xs, rule)
+    return materialised_chunk_step(carry, xs, rule)
 
 
 def chunk_sequence(q, k, v, lr, mom, decay, gamma, carry: Carry, rule: Rule,

@@ -44,16 +44,17 @@ def forward_per_token(weights: Sequence[jax.Array], x: jax.Array) -> jax.Array:
     return h
 
 
-def token_gradients(weights: Sequence[jax.Array], k: jax.Array, v: jax.Array,
-                    gamma: jax.Array) -> Weights:
-    """``γ_i ∇_W ℓ(W; k_i, v_i)`` for every token ``i``, at one set of weights.
+def gradient_factors(weights: Sequence[jax.Array], k: jax.Array, v: jax.Array,
+                     gamma: jax.Array) -> tuple[Weights, Weights]:
+    """The rank-1 factors of ``γ_i ∇_{W_l} ℓ(W; k_i, v_i) = a_{i,l} ⊗ δ_{i,l}``.
 
     Args:
       weights: ``W_l`` ``[d_{l-1}, d_l]``.
       k: ``[N, K]``; v: ``[N, V]``; gamma: ``[N]`` per-token weights.
 
     Returns:
-      one ``[N, d_{l-1}, d_l]`` array per layer.
+      ``(inputs, deltas)``: per layer, the layer's input ``a_l`` ``[N, d_{l-1}]`` and
+      the weighted back-propagated error ``δ_l = γ dℓ/dz_l`` ``[N, d_l]``.
     """
     inputs, pre_activations = [], []
     h = k
@@ -63,9 +64,17 @@ def token_gradients(weights: Sequence[jax.Array], k: jax.Array, v: jax.Array,
         pre_activations.append(z)
         h = jax.nn.silu(z) if index < len(weights) - 1 else z
     delta = (h - v) * gamma[:, None]                      # dℓ/dz_L, weighted
-    grads = [None] * len(weights)
+    deltas = [None] * len(weights)
     for index in reversed(range(len(weights))):
-        grads[index] = inputs[index][:, :, None] * delta[:, None, :]
+        deltas[index] = delta
         if index > 0:
             delta = (delta @ weights[index].T) * silu_derivative(pre_activations[index - 1])
-    return tuple(grads)
+    return tuple(inputs), tuple(deltas)
+
+
+def token_gradients(weights: Sequence[jax.Array], k: jax.Array, v: jax.Array,
+                    gamma: jax.Array) -> Weights:
+    """``γ_i ∇_W ℓ(W; k_i, v_i)`` for every token ``i``, at one set of weights: one
+    ``[N, d_{l-1}, d_l]`` array per layer (arguments as :func:`gradient_factors`)."""
+    inputs, deltas = gradient_factors(weights, k, v, gamma)
+    return tuple(a[:, :, None] * d[:, None, :] for a, d in zip(inputs, deltas))

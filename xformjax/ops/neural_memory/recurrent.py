@@ -33,6 +33,16 @@ class Rule:
     max_surprise_norm: float | None = None
 
 
+def clip_scale(rule: Rule, squared: jax.Array) -> jax.Array:
+    """``min(1, τ / ‖u‖)`` from ``‖u‖²``: exactly 1 below ``τ`` (and without a clip)."""
+    if rule.max_surprise_norm is None:
+        return jnp.ones_like(squared)
+    limit = jnp.asarray(rule.max_surprise_norm, squared.dtype)
+    # the max keeps rsqrt away from 0 in both branches of the where
+    bites = squared > limit * limit
+    return jnp.where(bites, limit * jax.lax.rsqrt(jnp.maximum(squared, limit * limit)), 1)
+
+
 def clip_surprise(rule: Rule, surprise: list[jax.Array]) -> list[jax.Array]:
     """``u_t · min(1, τ / ‖u_t‖)``, ``‖u_t‖² = Σ_l ‖u_{t,l}‖²`` over the memory's layers.
 
@@ -42,11 +52,7 @@ def clip_surprise(rule: Rule, surprise: list[jax.Array]) -> list[jax.Array]:
     then grow at most linearly in the number of tokens, not geometrically)."""
     if rule.max_surprise_norm is None:
         return surprise
-    squared = sum(jnp.sum(u * u, axis=(-2, -1)) for u in surprise)
-    limit = jnp.asarray(rule.max_surprise_norm, squared.dtype)
-    # exactly 1 below τ; τ/‖u‖ above (the max keeps rsqrt away from 0 in both branches)
-    bites = squared > limit * limit
-    scale = jnp.where(bites, limit * jax.lax.rsqrt(jnp.maximum(squared, limit * limit)), 1)
+    scale = clip_scale(rule, sum(jnp.sum(u * u, axis=(-2, -1)) for u in surprise))
     return [u * scale[..., None, None] for u in surprise]
 
 
