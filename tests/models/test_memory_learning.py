@@ -7,8 +7,8 @@ linear attention 29 %, MoM 99.9 %, Titans (MAL, surprise clipped at the default
 ``max_surprise_norm=4``) 99.7 % query accuracy, in about 10, 27 and 24 s on their
 own; the file takes 52 s under ``pytest -n 2`` (three tests, run side by side).
 MQAR training has a phase transition that some seeds reach late: with training
-seeds 1, 2 and 4, MoM scored 60, 99.6 and 98 % (one host device), so the floor is set 25 points
-above the baseline rather than near the typical result.
+seeds 1, 2 and 4, MoM scored 60, 99.6 and 98 % (one host device), so the floor is
+set 25 points above the baseline rather than near the typical result.
 """
 
 from __future__ import annotations

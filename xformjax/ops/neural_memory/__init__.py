@@ -30,9 +30,10 @@ Forms: ``"recurrent"`` is the rule above token by token; ``"chunk"`` is the
 papers' parallel training form: within a chunk of ``C`` tokens every gradient
 is taken at the chunk-start weights, then the momentum and weight recurrences
 run as transfer-matrix products (:mod:`.chunk`; with momentum, on the rank-1
-factors of the gradients, so no per-token weights are formed). With ``C = 1`` the two forms
-are the same computation; with ``C > 1`` the chunk form is the paper's approximation,
-not the token-by-token rule (so results depend on ``chunk_size``).
+factors of the gradients, so no per-token weights are formed). With ``C = 1``
+the two forms are the same computation; with ``C > 1`` the chunk form is the
+paper's approximation, not the token-by-token rule (so results depend on
+``chunk_size``).
 """
 
 from __future__ import annotations
