@@ -167,7 +167,7 @@ def _delta_prep(k, v, b, beta, state, block):
     y = beta * v
     w = mm(transform, x)
     u = mm(transform, y) - mm(w, state)
-    return kk, gamma_strict, transform, x, y, w, u
+    return kk, gamma_strict, transform, w, u
 
 
 def scalar_forward(q, k, v, b, beta, state, *, delta: bool, inverse_block: int = 16):
@@ -193,8 +193,8 @@ def scalar_backward(q, k, v, b, beta, d_out, state, d_new_state, *, delta: bool,
     e_b, e_to_end = jnp.exp(b), jnp.exp(b_last - b)
     gamma = scalar_decay(b)
     if delta:
-        kk, gamma_strict, transform, x, y, w, values = _delta_prep(k, v, b, beta, state,
-                                                                   inverse_block)
+        kk, gamma_strict, transform, w, values = _delta_prep(k, v, b, beta, state,
+                                                             inverse_block)
     else:
         values = v
     scores = mm_nt(q, k) * gamma
@@ -210,11 +210,11 @@ def scalar_backward(q, k, v, b, beta, d_out, state, d_new_state, *, delta: bool,
 
     if delta:
         d_state = d_state - mm_tn(w, d_values)
-        d_w = -mm_nt(d_values, state)
-        d_transform = mm_nt(d_w, x) + mm_nt(d_values, y)
-        dx, dy = mm_tn(transform, d_w), mm_tn(transform, d_values)
-        da = -mm_nt(mm_tn(transform, d_transform), transform)
-        da = jnp.where(lower_mask(size, strict=True), da, 0.0)
+        # The chain rule through T, W and U collapsed (ops/linear_attention/delta_backward.py):
+        # dY = Tᵀ dU, dX = −dY Sᵀ, dA = −tril(dY Uᵀ, −1).
+        dy = mm_tn(transform, d_values)
+        dx = -mm_nt(dy, state)
+        da = jnp.where(lower_mask(size, strict=True), -mm_nt(dy, values), 0.0)
         da_kk = da * beta * gamma_strict
         dk_rows, dk_cols = mm(da_kk, k), mm_tn(da_kk, k)
         dk_x = dx * beta * e_b

@@ -23,8 +23,9 @@ block, so it stays in cache and the time per token does not depend on T.
 
 Backward: for scalar gates (none, ``[H]``, ``[B, T, H]``) hand-written VJPs
 (``chunk_backward.py`` for linear attention, ``delta_backward.py`` for the
-delta rule) keep only the inputs and the state entering each chunk,
-O(T·D + (T/C)·K·V), and run the mirror-image reverse scan. The per-channel
+delta rule) keep only the inputs and the state entering each chunk (and the
+delta rule's pseudo-values, an output anyway), O(T·D + (T/C)·K·V), and run the
+mirror-image reverse scan. The per-channel
 gate is differentiated by JAX with each block rematerialised.
 
 Packed sequences (``cu_seqlens``) are laid out so that every chunk belongs to
@@ -47,7 +48,7 @@ import jax.numpy as jnp
 from xformjax.ops.common import Segments, round_up
 from xformjax.ops.linear_attention.chunk_backward import make_backward_step
 from xformjax.ops.linear_attention.delta_backward import make_delta_backward_step
-from xformjax.ops.linear_attention.gates import LogGate
+from xformjax.ops.linear_attention.gates import LogGate, cumulative_sum
 
 SUB_CHUNK = 16
 BLOCK_TOKENS = 512
@@ -156,7 +157,7 @@ def _cumulative_log_decay(gate: LogGate, log_a: jax.Array | None, chunk_size: in
     ``[B, H, G, C, K]`` (``log_a`` is the block's gate, head-major)."""
     if gate.kind == "head":
         return gate.values[:, None] * jnp.arange(1, chunk_size + 1, dtype=gate.values.dtype)
-    return jnp.cumsum(log_a, axis=3)
+    return cumulative_sum(log_a, axis=3)
 
 
 def _expand(b: jax.Array, kind: str) -> jax.Array:
@@ -358,7 +359,7 @@ def _final_states(entering: jax.Array, k: jax.Array, v: jax.Array, log_a: jax.Ar
         b_chunk = jnp.broadcast_to(_cumulative_log_decay(gate, None, size), (num,) + (
             gate.values.shape[0], size))
     else:
-        b_chunk = jnp.cumsum(gather(log_a), axis=2)  # [N, H, C] or [N, H, C, K]
+        b_chunk = cumulative_sum(gather(log_a), axis=2)  # [N, H, C] or [N, H, C, K]
     last_index = jnp.maximum(lengths - 1, 0)
     b_end = b_chunk[jnp.arange(num), :, last_index]  # [N, H] or [N, H, K]
     valid = jnp.arange(size)[None, :] < lengths[:, None]  # [N, C]
@@ -474,18 +475,19 @@ def _delta_core(kind: str, layout: ChunkLayout, num_sequences: int | None):
 
     def core_fwd(q, k, v, beta, log_a, head_gate, state0, inits, first, seq):
         outputs = forward(q, k, v, beta, log_a, head_gate, state0, inits, first, seq)
+        _, entering, values = outputs
         return outputs, (q, k, v, beta, log_a, head_gate, state0, inits, first, seq,
-                         outputs[1])
+                         entering, values)
 
     def core_bwd(residuals, cotangents):
-        q, k, v, beta, log_a, head_gate, state0, inits, first, seq, entering = residuals
+        q, k, v, beta, log_a, head_gate, state0, inits, first, seq, entering, values = residuals
         d_out, d_entering, d_values = cotangents
         helpers = _backward_helpers(kind, layout, head_gate)
         step = make_delta_backward_step(kind, layout, helpers, num_sequences)
         q_b, k_b, v_b, log_a_b, first_b, seq_b, beta_b = _block_inputs(
             layout, q, k, v, log_a, first, seq, beta)
-        xs = (q_b, k_b, v_b, beta_b, log_a_b, _blocks(d_out, layout), d_entering,
-              _blocks(d_values, layout), entering, first_b, seq_b)
+        xs = (q_b, k_b, v_b, beta_b, log_a_b, _blocks(values, layout), _blocks(d_out, layout),
+              d_entering, _blocks(d_values, layout), entering, first_b, seq_b)
         carry = (jnp.zeros_like(state0), None if inits is None else jnp.zeros_like(inits),
                  None if kind != "head" else jnp.zeros_like(head_gate))
         (d_state0, d_inits, d_head), grads = jax.lax.scan(step, carry, xs, reverse=True)

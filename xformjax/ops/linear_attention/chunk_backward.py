@@ -31,9 +31,18 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from xformjax.ops.linear_attention.gates import reverse_cumulative_sum
 
-def _reverse_cumsum(x: jax.Array, axis: int) -> jax.Array:
-    return jnp.flip(jnp.cumsum(jnp.flip(x, axis), axis=axis), axis)
+
+def row_dot(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``Σ_d a[..., d]·b[..., d]`` (broadcasting the leading axes), as a ``dot_general``.
+
+    Not ``jnp.sum(a * b, axis=-1)``: XLA:CPU (jaxlib 0.10) hands a fused
+    multiply-then-reduce to YNNPACK, which ran it 7× slower than this dot on
+    ``[4, 8, 64, 64]`` rows (300 µs against 45 µs); in the delta rule's
+    backward three such sums took a fifth of the time.
+    """
+    return jnp.einsum("...d,...d->...", a, b)
 
 
 def make_backward_step(kind: str, layout, helpers, head_gate: jax.Array | None,
@@ -96,8 +105,8 @@ def make_backward_step(kind: str, layout, helpers, head_gate: jax.Array | None,
                                + jnp.einsum("bhn,n->h", state_term, rank.astype(qc.dtype) * size))
             d_log_a = None
         else:
-            d_log_b = jnp.sum(qc * dq - kc * dk, axis=-1)  # [B, H, G, C]
-            within = _reverse_cumsum(d_log_b, axis=-1)
+            d_log_b = row_dot(qc, dq) - row_dot(kc, dk)  # [B, H, G, C]
+            within = reverse_cumulative_sum(d_log_b, axis=-1)
 
             def suffix_step(after, xs_n):
                 total, extra, first_n = xs_n

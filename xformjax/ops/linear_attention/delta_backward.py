@@ -1,21 +1,27 @@
 """Hand-written backward of the chunked delta rule for scalar gates (none, ``[H]``, ``[B, T, H]``).
 
 The forward (``chunk.py``, ``_block_step`` with ``beta``) returns the outputs, the
-state entering every chunk and the pseudo-values; besides the inputs, those
-entering states are the only residual. Per chunk, with ``b`` the log decay
-accumulated from the chunk start, ``Γ_ij = e^{b_i − b_j}[j ≤ i]``, ``S`` the
-entering state, ``G`` the cotangent of the state leaving the chunk::
+state entering every chunk and the pseudo-values ``U``; besides the inputs, the
+entering states and ``U`` (an output already) are the only residuals. Per chunk,
+with ``b`` the log decay accumulated from the chunk start,
+``Γ_ij = e^{b_i − b_j}[j ≤ i]``, ``S`` the entering state, ``G`` the cotangent of
+the state leaving the chunk::
 
     forward:  A = tril(diag(β)(K Kᵀ ⊙ Γ), −1),  T = (I + A)⁻¹
-              W = T diag(β)(K ⊙ e^b),  U = T diag(β) V − W S
+              X = diag(β)(K ⊙ e^b),  Y = diag(β) V,  W = T X,  U = T Y − W S
               O = (Q Kᵀ ⊙ Γ) U + (Q ⊙ e^b) S,  S' = e^{b_C} S + (K ⊙ e^{b_C − b})ᵀ U
     backward: dU = (Q Kᵀ ⊙ Γ)ᵀ dO + (K ⊙ e^{b_C − b}) G (+ dU from outside)
               G_in = (Q ⊙ e^b)ᵀ dO + e^{b_C} G − Wᵀ dU (+ dS from outside)
+              dY = Tᵀ dU,  dX = −dY Sᵀ,  dA = −tril(dY Uᵀ, −1)
+
+The last line is the chain rule through ``T``, ``W`` and ``U`` collapsed: with
+``dW = −dU Sᵀ`` and ``dT = dW Xᵀ + dU Yᵀ``, ``dX = Tᵀ dW = −dY Sᵀ`` and
+``Tᵀ dT Tᵀ = dX (T X)ᵀ + dY (T Y)ᵀ = dY (T Y − W S)ᵀ = dY Uᵀ``, so
+``dA = −tril(Tᵀ dT Tᵀ, −1)`` needs one matmul and no ``C×C×C`` products.
 
 ``G`` runs backwards over a block's chunks in a small scan (restarting at
 packed sequence boundaries, where it becomes the initial state's cotangent);
-everything else is batched over the chunks: ``dW = −dU Sᵀ``,
-``dT = dW Xᵀ + dU Yᵀ``, ``dA = −Tᵀ dT Tᵀ`` (strictly lower), and from there
+everything else is batched over the chunks, and from ``dX, dY, dA`` follow
 ``dq, dk, dv, dβ``. The gates enter only through ``e^{±b}`` factors inside a
 chunk, so the cotangent of ``b`` is, per row, ``±(factor's input)·(its
 cotangent)`` summed over the places it appears, plus ``⟨G, e^{b_C}S⟩`` and the
@@ -29,7 +35,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from xformjax.ops.linear_attention.chunk_backward import _reverse_cumsum
+from xformjax.ops.linear_attention.chunk_backward import row_dot
+from xformjax.ops.linear_attention.gates import reverse_cumulative_sum
 
 
 def make_delta_backward_step(kind: str, layout, helpers, num_sequences: int | None):
@@ -42,9 +49,9 @@ def make_delta_backward_step(kind: str, layout, helpers, num_sequences: int | No
 
     def step(carry, xs):
         grad_state, d_inits, d_head = carry
-        q, k, v, beta, log_a, d_out, d_entering, d_values, entering, first, seq = xs
-        qc, kc, vc, doc, d_values_c = (helpers.head_major(x) for x in
-                                       (q, k, v, d_out, d_values))  # [B, H, G, C, D]
+        q, k, v, beta, log_a, values, d_out, d_entering, d_values, entering, first, seq = xs
+        qc, kc, vc, uc, doc, d_values_c = (helpers.head_major(x) for x in
+                                           (q, k, v, values, d_out, d_values))  # [B, H, G, C, D]
         betac = helpers.head_major(beta[..., None])  # [B, H, G, C, 1]
         b = helpers.cumulative(None if log_a is None else helpers.head_major(log_a))
         b_last = b[..., -1:]
@@ -56,9 +63,7 @@ def make_delta_backward_step(kind: str, layout, helpers, num_sequences: int | No
         kk = mm("bhnik,bhnjk->bhnij", kc, kc)
         scores = mm("bhnik,bhnjk->bhnij", qc, kc) * gamma
         transform = helpers.inverse(kk * gamma_strict * betac)
-        x, y = betac * kc * e_b, betac * vc
-        w = mm("bhnij,bhnjk->bhnik", transform, x)
-        values = mm("bhnij,bhnjv->bhniv", transform, y) - mm("bhnck,bhnkv->bhncv", w, entering)
+        w = mm("bhnij,bhnjk->bhnik", transform, betac * kc * e_b)
         k_to_end = kc * e_to_end
 
         # State cotangents, chunk by chunk from the last.
@@ -86,43 +91,40 @@ def make_delta_backward_step(kind: str, layout, helpers, num_sequences: int | No
             starts = jnp.where(first[:, None, None, None], grad_entering[:, 0], 0.0)
             d_inits = d_inits.at[seq].add(starts)
 
-        d_scores = mm("bhniv,bhnjv->bhnij", doc, values) * gamma
+        d_scores = mm("bhniv,bhnjv->bhnij", doc, uc) * gamma
         dq = (mm("bhnij,bhnjk->bhnik", d_scores, kc)
               + mm("bhncv,bhnkv->bhnck", doc, entering) * e_b)
         dk_scores = mm("bhnij,bhnik->bhnjk", d_scores, qc)
-        dk_to_end = mm("bhncv,bhnkv->bhnck", values, grad_leaving) * e_to_end
-        d_w = -mm("bhncv,bhnkv->bhnck", d_vals, entering)
-        d_transform = (mm("bhnik,bhnjk->bhnij", d_w, x)
-                       + mm("bhniv,bhnjv->bhnij", d_vals, y))
-        dx = mm("bhnji,bhnjk->bhnik", transform, d_w)
-        dy = mm("bhnji,bhnjv->bhniv", transform, d_vals)
-        da = -mm("bhnji,bhnjk,bhnlk->bhnil", transform, d_transform, transform)
-        da = jnp.where(strictly, da, 0.0)
+        dk_to_end = mm("bhncv,bhnkv->bhnck", uc, grad_leaving) * e_to_end
+        dy = mm("bhnji,bhnjv->bhniv", transform, d_vals)  # Tᵀ dU
+        dx = -mm("bhncv,bhnkv->bhnck", dy, entering)  # −dY Sᵀ
+        da = jnp.where(strictly, -mm("bhniv,bhnjv->bhnij", dy, uc), 0.0)  # −tril(dY Uᵀ)
         da_kk = da * betac * gamma_strict
         # A_ij ∝ k_i·k_j: row i gets Σ_j dA_ij k_j, row j gets Σ_i dA_ij k_i, in one matmul
         dk_pairs = mm("bhnij,bhnjk->bhnik", da_kk + jnp.swapaxes(da_kk, -1, -2), kc)
         dk_x = dx * betac * e_b
-        dbeta = (jnp.sum(da * kk * gamma_strict, axis=-1) + jnp.sum(dx * e_b * kc, axis=-1)
-                 + jnp.sum(dy * vc, axis=-1))  # [B, H, G, C]
         dv = dy * betac
         dk = dk_scores + dk_to_end + dk_pairs + dk_x
 
-        row = lambda a, c: jnp.sum(a * c, axis=-1)
-        # k_i·(Σ_j dA_ij k_j) − k_j·(Σ_i dA_ij k_i) from the Gram matrix, no matmul
-        da_gram = da_kk * kk
-        d_b = (row(qc, dq) - row(kc, dk_scores) - row(kc, dk_to_end)
-               + jnp.sum(da_gram, axis=-1) - jnp.sum(da_gram, axis=-2)
-               + row(kc, dk_x))  # [B, H, G, C]
-        end_terms = (jnp.sum(kc * dk_to_end, axis=(-2, -1))
-                     + jnp.sum(grad_leaving * decay[..., None, None] * entering,
-                               axis=(-2, -1)))  # [B, H, G]
+        # Row sums as dot_generals (``row_dot``), not jnp.sum of products: see there.
+        beta_rows = betac[..., 0]  # [B, H, G, C]
+        # Σ_j dA_ij Γ_ij k_i·k_j per row i, and Σ_i β_i dA_ij Γ_ij k_i·k_j per column j
+        pair_rows = jnp.einsum("...ij,...ij->...i", da * gamma_strict, kk)
+        pair_columns = jnp.einsum("...ij,...ij->...j", da_kk, kk)
+        x_rows = row_dot(dx * e_b, kc)  # Σ_k dX_ik e^{b_i} k_ik
+        dbeta = pair_rows + x_rows + row_dot(dy, vc)  # [B, H, G, C]
+        k_to_end_rows = row_dot(kc, dk_to_end)
+        d_b = (row_dot(qc, dq) - row_dot(kc, dk_scores) - k_to_end_rows
+               + beta_rows * (pair_rows + x_rows) - pair_columns)  # [B, H, G, C]
+        end_terms = (jnp.sum(k_to_end_rows, axis=-1)
+                     + decay * jnp.einsum("bhnkv,bhnkv->bhn", grad_leaving, entering))  # [B, H, G]
         d_b = d_b.at[..., -1].add(end_terms)
         if kind == "head":
             positions = jnp.arange(1, size + 1, dtype=qc.dtype)
             d_head = d_head + jnp.einsum("bhnc,c->h", d_b, positions)
             d_log_a = None
         else:
-            d_log_a = _reverse_cumsum(d_b, axis=-1)
+            d_log_a = reverse_cumulative_sum(d_b, axis=-1)
             d_log_a = jnp.moveaxis(d_log_a, 1, 3).reshape(d_log_a.shape[0], -1,
                                                           d_log_a.shape[1])
 

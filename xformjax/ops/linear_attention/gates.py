@@ -45,3 +45,19 @@ def combine(g: jax.Array | None, gk: jax.Array | None, num_heads: int,
         return LogGate("head", jnp.zeros((num_heads,), dtype))
     g = g.astype(dtype)
     return LogGate("head" if g.ndim == 1 else "token", g)
+
+
+def cumulative_sum(x: jax.Array, axis: int) -> jax.Array:
+    """Inclusive prefix sum of ``x`` along ``axis`` (a chunk's log decays ``b``).
+
+    An associative scan rather than ``jnp.cumsum``: XLA:CPU (jaxlib 0.10) splits
+    ``cumsum`` into two ``reduce-window``s and fuses their final add into every
+    consumer, so the ``[C, C]`` decay mask ``exp(b_i − b_j)`` recomputed it through
+    reshaped indices for each element: 200 µs instead of 50 µs on ``[4, 8, 64]``.
+    """
+    return jax.lax.associative_scan(jnp.add, x, axis=axis % x.ndim)
+
+
+def reverse_cumulative_sum(x: jax.Array, axis: int) -> jax.Array:
+    """``Σ_{s ≥ t} x_s`` along ``axis``, as ``cumulative_sum``."""
+    return jax.lax.associative_scan(jnp.add, x, axis=axis % x.ndim, reverse=True)
