@@ -128,8 +128,9 @@ def merge_heads(x: jax.Array) -> jax.Array:
 
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     """``x / ‖x‖`` over the last axis, in ``promote(dtype, float32)``."""
-    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    return (xf * jax.lax.rsqrt(jnp.sum(xf * xf, -1, keepdims=True) + eps)).astype(x.dtype)
+    xf = norms.float_rows(x)
+    y = xf * jax.lax.rsqrt(jnp.sum(xf * xf, -1, keepdims=True) + eps)
+    return y.astype(x.dtype).reshape(x.shape)
 
 
 class OutputHead(nnx.Module):

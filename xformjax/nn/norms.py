@@ -24,8 +24,14 @@ from flax import nnx
 NORMS = ("rms", "layer", "srms")
 
 
-def _float(x: jax.Array) -> jax.Array:
-    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+def float_rows(x: jax.Array) -> jax.Array:
+    """``x`` as ``[N, D]`` rows (all leading axes flattened) in ``promote(dtype, float32)``.
+
+    The norms work on rows: with a leading axis of 1 (batch 1), XLA:CPU (jaxlib 0.10)
+    hands the backward's sums over tokens to YNNPACK as reduces that keep that axis,
+    which ran 25× slower (16 ms instead of 0.6 ms for RMSNorm on ``[1, 4096, 256]``).
+    """
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32)).reshape(-1, x.shape[-1])
 
 
 class _ScaledNorm(nnx.Module):
@@ -43,9 +49,9 @@ class RMSNorm(_ScaledNorm):
     """``γ ⊙ x / rms(x)`` over the last axis (``dim`` features)."""
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        xf = _float(x)
+        xf = float_rows(x)
         y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return (y * self.scale[...]).astype(x.dtype)
+        return (y * self.scale[...]).astype(x.dtype).reshape(x.shape)
 
 
 class SRMSNorm(nnx.Module):
@@ -57,9 +63,9 @@ class SRMSNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        xf = _float(x)
+        xf = float_rows(x)
         y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return y.astype(x.dtype)
+        return y.astype(x.dtype).reshape(x.shape)
 
 
 class LayerNorm(_ScaledNorm):
@@ -72,23 +78,23 @@ class LayerNorm(_ScaledNorm):
                               eager_sharding=False)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        xf = _float(x)
+        xf = float_rows(x)
         centred = xf - jnp.mean(xf, axis=-1, keepdims=True)
         y = centred * jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True)
                                     + self.eps)
-        return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
+        return (y * self.scale[...] + self.bias[...]).astype(x.dtype).reshape(x.shape)
 
 
 class CRMSNorm(_ScaledNorm):
     """RMSNorm of a zero-mean ``(dim + 1)``-vector given by its first ``dim`` entries."""
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        xf = _float(x)
+        xf = float_rows(x)
         full_dim = x.shape[-1] + 1
         square_sum = jnp.sum(xf * xf, axis=-1, keepdims=True) + \
             jnp.square(jnp.sum(xf, axis=-1, keepdims=True))
         y = xf * jax.lax.rsqrt(square_sum / full_dim + self.eps)
-        return (y * self.scale[...]).astype(x.dtype)
+        return (y * self.scale[...]).astype(x.dtype).reshape(x.shape)
 
 
 def make_norm(kind: str, dim: int, *, eps: float = 1e-6, param_dtype=jnp.float32,
