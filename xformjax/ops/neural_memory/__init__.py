@@ -236,7 +236,14 @@ def neural_memory(q: jax.Array, k: jax.Array, v: jax.Array, lr: jax.Array,
         run = partial(chunk_sequence, rule=rule, chunk_size=chunk_size)
     else:
         run = partial(recurrent_sequence, rule=rule)
-    per_sequence = jax.vmap(jax.vmap(lambda *args: run(*args, state_position=position)))
-    o, carry = per_sequence(*streams, _to_carry(state, len(memory), omega_window))
+    # One vmap over B·H rather than one per axis: with nested vmaps a batch of 1 stays a
+    # leading axis of 1 in the backward's sums over a chunk's tokens, which XLA:CPU
+    # (jaxlib 0.10) reduced ~100× slower than with the axes merged.
+    merge = lambda x: x.reshape((batch * heads,) + x.shape[2:])
+    split = lambda x: x.reshape((batch, heads) + x.shape[1:])
+    per_sequence = jax.vmap(lambda *args: run(*args, state_position=position))
+    o, carry = per_sequence(*map(merge, streams),
+                            jax.tree.map(merge, _to_carry(state, len(memory), omega_window)))
+    o, carry = split(o), jax.tree.map(split, carry)
     o = jnp.moveaxis(o, 1, 2).astype(out_dtype)
     return o, (_from_carry(carry) if output_final_state else None)
