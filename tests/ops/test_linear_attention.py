@@ -210,3 +210,22 @@ def test_reference_gradients_match_finite_differences(x64):
             minus[name][index] -= eps
             numeric[index] = (loss(plus) - loss(minus)) / (2 * eps)
         assert_close(grads[name], numeric, 1e-6, f"reference d{name}")
+
+
+def test_chunk_helpers_match_numpy(x64):
+    """The prefix sums and row dots the chunk forms use instead of ``jnp.cumsum`` and
+    ``jnp.sum(a * b)`` (faster on XLA:CPU) compute the same sums, along any axis."""
+    from xformjax.ops.linear_attention.chunk_backward import row_dot
+    from xformjax.ops.linear_attention.gates import cumulative_sum, reverse_cumulative_sum
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 37, 5))
+    for axis in (0, 2, -1, -2):
+        assert_close(cumulative_sum(jnp.asarray(x), axis), np.cumsum(x, axis), 1e-12,
+                     f"cumulative_sum axis={axis}")
+        reverse = np.flip(np.cumsum(np.flip(x, axis), axis), axis)
+        assert_close(reverse_cumulative_sum(jnp.asarray(x), axis), reverse, 1e-12,
+                     f"reverse_cumulative_sum axis={axis}")
+    a, b = rng.standard_normal((2, 3, 37, 5)), rng.standard_normal((1, 3, 1, 5))
+    assert_close(row_dot(jnp.asarray(a), jnp.asarray(b)), np.sum(a * b, axis=-1), 1e-12,
+                 "row_dot")
