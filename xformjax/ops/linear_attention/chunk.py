@@ -25,8 +25,8 @@ Backward: for scalar gates (none, ``[H]``, ``[B, T, H]``) hand-written VJPs
 (``chunk_backward.py`` for linear attention, ``delta_backward.py`` for the
 delta rule) keep only the inputs and the state entering each chunk (and the
 delta rule's pseudo-values, an output anyway), O(T·D + (T/C)·K·V), and run the
-mirror-image reverse scan. The per-channel
-gate is differentiated by JAX with each block rematerialised.
+mirror-image reverse scan. The per-channel gate is differentiated by JAX with
+each block rematerialised.
 
 Packed sequences (``cu_seqlens``) are laid out so that every chunk belongs to
 one sequence: each sequence is padded to a multiple of ``C`` (zeros: no
