@@ -1,11 +1,12 @@
-"""The benchmark suite's harness on tiny settings: the layer benchmark's tables, its
-summary, and ``xformjax bench``'s command line (no timing is checked)."""
+"""The benchmark suite's harness on tiny settings: the op and layer benchmarks' tables,
+the layer summary, and ``xformjax bench``'s command line (no timing is checked)."""
 
 from __future__ import annotations
 
 import json
 import pathlib
 
+import jax.numpy as jnp
 import pytest
 
 from xformjax.train import cli
@@ -18,6 +19,36 @@ def layers(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT))  # experiments/ lives in the repo, not the package
     from experiments.bench import layers
     return layers
+
+
+@pytest.fixture
+def op_bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from experiments.bench import ops
+    return ops
+
+
+def test_op_benchmark_runs_every_form_of_the_chosen_ops(op_bench, tmp_path):
+    assert op_bench.main(["--ops", "delta_product", "delta_rule_gk", "--lengths", "64",
+                          "--repeats", "1", "--no-hugepages", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "ops.json").read_text())
+    assert {(r["op"], r["mode"]) for r in result["rows"]} == {
+        (op, mode) for op in ("delta_product", "delta_rule_gk")
+        for mode in ("chunk", "recurrent", "parallel")}
+    assert all(r["length"] == 64 and r["backward_ms"] > 0 for r in result["rows"])
+    report = (tmp_path / "ops.md").read_text()
+    assert "| delta_product | chunk | 64 |" in report
+    assert "| delta_rule_gk | 64 / 64 | 1.00 |" in report  # the linearity table
+    assert (tmp_path / "ops.png").stat().st_size > 0
+
+
+def test_op_benchmark_inputs_follow_each_op(op_bench):
+    q, k, v, gate, beta = op_bench.make_inputs("delta_product", 8)
+    assert q.shape == (1, 8, 4, 64) and k.shape == v.shape == (1, 16, 4, 64)
+    assert gate.shape == (1, 8, 4) and beta.shape == (1, 16, 4)
+    assert abs(float(jnp.linalg.norm(k[0, 3, 1])) - 1) < 1e-6
+    _, _, _, gk, _ = op_bench.make_inputs("delta_rule_gk", 8)
+    assert gk.shape == (1, 8, 4, 64) and bool(jnp.all(gk < 0))
 
 
 def test_layer_benchmark_writes_markdown_json_and_plot(layers, tmp_path):

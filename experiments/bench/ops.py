@@ -2,13 +2,16 @@
 
     python -m experiments.bench.ops                 # full run (a few minutes on 2 cores)
     python -m experiments.bench.ops --quick         # T ∈ {1K, 4K}: a smoke run
+    python -m experiments.bench.ops --ops delta_product   # one op's forms only
     python -m experiments.bench                     # the suite: this, then the layer benchmark
 
-For ``linear_attention`` and the gated ``delta_rule`` (``g`` gate, β in (0, 1))
-and causal ``softmax_attention``, in each
-mode, at B=1, H=4, K=V=64, float32: best-of-N wall time of the jitted forward
-and of ``grad`` (forward+backward), and XLA's planned temporary memory
-(``compile().memory_analysis()``). Quadratic forms run only where they fit.
+For ``linear_attention``, the gated ``delta_rule`` (``g`` gate, β in (0, 1)),
+the per-channel gated delta rule (``gk`` gate, "delta_rule_gk"),
+``delta_product`` (``g`` gate, two Householder steps per token) and causal
+``softmax_attention``, in each mode, at B=1, H=4, K=V=64, float32: best-of-N
+wall time of the jitted forward and of ``grad`` (forward+backward), and XLA's
+planned temporary memory (``compile().memory_analysis()``). Quadratic forms run
+only where they fit; ``--ops`` picks a subset.
 Writes ``ops.md`` (tables + the issue's target figures), ``ops.json`` and
 ``ops.png`` to ``experiments/results/``.
 
@@ -59,12 +62,19 @@ from xformjax import ops  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parents[1] / "results"
 BATCH, HEADS, DIM, CHUNK = 1, 4, 64, 64
+HOUSEHOLDER = 2  # delta_product's sub-steps per token: k, v and β carry T·2 rows
 # Largest T each (op, mode) runs at; quadratic forms stop where they stop fitting
 # (or stop finishing in seconds) on a 2-core, 24 GiB machine.
 MAX_LENGTH = {
     ("delta_rule", "chunk"): 65536,
     ("delta_rule", "recurrent"): 16384,
     ("delta_rule", "parallel"): 4096,
+    ("delta_rule_gk", "chunk"): 65536,
+    ("delta_rule_gk", "recurrent"): 16384,
+    ("delta_rule_gk", "parallel"): 4096,
+    ("delta_product", "chunk"): 65536,
+    ("delta_product", "recurrent"): 16384,
+    ("delta_product", "parallel"): 2048,
     ("linear_attention", "chunk"): 65536,
     ("linear_attention", "recurrent"): 65536,
     ("linear_attention", "parallel"): 4096,
@@ -125,27 +135,48 @@ def useful_flops(op: str, length: int) -> float:
 
 
 def make_fn(op: str, mode: str):
+    """``fn(q, k, v, gate, beta) -> output`` for ``op`` in ``mode``."""
     if op == "linear_attention":
         return lambda q, k, v, g, beta: ops.linear_attention(q, k, v, g=g, mode=mode,
                                                              chunk_size=CHUNK)[0]
     if op == "delta_rule":
         return lambda q, k, v, g, beta: ops.delta_rule(q, k, v, beta, g=g, mode=mode,
                                                        chunk_size=CHUNK)[0]
+    if op == "delta_rule_gk":
+        return lambda q, k, v, gk, beta: ops.delta_rule(q, k, v, beta, gk=gk, mode=mode,
+                                                        chunk_size=CHUNK)[0]
+    if op == "delta_product":
+        return lambda q, k, v, g, beta: ops.delta_product(
+            q, k, v, beta, num_householder=HOUSEHOLDER, g=g, mode=mode,
+            chunk_size=CHUNK)[0]
     return lambda q, k, v, g, beta: ops.softmax_attention(q, k, v, mode=mode,
                                                           chunk_size=128)[0]
 
 
-def measure(op: str, mode: str, length: int, repeats: int) -> Row:
+def make_inputs(op: str, length: int) -> tuple[jax.Array, ...]:
+    """``(q, k, v, gate, beta)`` at B=1, H=4, K=V=64: unit keys (the delta rule's
+    keys are unit), a log gate per head in log(0.9 .. 0.999) (per channel for
+    ``delta_rule_gk``), β in (0, 1); ``delta_product``'s k, v, β carry T·n rows."""
     rng = np.random.default_rng(0)
-    q, k, v = (jnp.asarray(rng.standard_normal((BATCH, length, HEADS, DIM)), jnp.float32)
-               for _ in range(3))
-    k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)  # the delta rule's keys are unit
-    g = jnp.asarray(np.log(rng.uniform(0.9, 0.999, (BATCH, length, HEADS))), jnp.float32)
-    beta = jnp.asarray(rng.uniform(0.0, 1.0, (BATCH, length, HEADS)), jnp.float32)
+    rows = length * HOUSEHOLDER if op == "delta_product" else length
+
+    def normal(steps: int) -> jax.Array:
+        return jnp.asarray(rng.standard_normal((BATCH, steps, HEADS, DIM)), jnp.float32)
+
+    q, k, v = normal(length), normal(rows), normal(rows)
+    k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+    gate_shape = (BATCH, length, HEADS) + ((DIM,) if op == "delta_rule_gk" else ())
+    gate = jnp.asarray(np.log(rng.uniform(0.9, 0.999, gate_shape)), jnp.float32)
+    beta = jnp.asarray(rng.uniform(0.0, 1.0, (BATCH, rows, HEADS)), jnp.float32)
+    return q, k, v, gate, beta
+
+
+def measure(op: str, mode: str, length: int, repeats: int) -> Row:
     fn = make_fn(op, mode)
-    args = (q, k, v, g, beta)
+    args = make_inputs(op, length)
     forward = jax.jit(fn)
-    differentiable = (0, 1, 2, 3, 4) if op == "delta_rule" else (0, 1, 2, 3)
+    differentiable = (0, 1, 2, 3) if op in ("linear_attention", "softmax_attention") \
+        else (0, 1, 2, 3, 4)
     backward = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a)), argnums=differentiable))
     temp = [f.lower(*args).compile().memory_analysis().temp_size_in_bytes / 2 ** 20
             for f in (forward, backward)]
@@ -196,6 +227,21 @@ def targets(rows: list[Row], gflops: float) -> list[tuple[str, str, bool]]:
     return out
 
 
+def linearity(rows: list[Row]) -> list[str]:
+    """Markdown rows, one per op with a chunk form: fwd+bwd time per token at the
+    longest T over that at 4K, and the worst temporary memory per token."""
+    lines = []
+    for op in sorted({r.op for r in rows if r.mode == "chunk"}):
+        chunk = sorted((r for r in rows if (r.op, r.mode) == (op, "chunk")),
+                       key=lambda r: r.length)
+        base = next((r for r in chunk if r.length == 4096), chunk[0])
+        longest = chunk[-1]
+        per_token = max(r.backward_temp_mib * 1024 / r.length for r in chunk)
+        lines.append(f"| {op} | {longest.length} / {base.length} | "
+                     f"{longest.us_per_token / base.us_per_token:.2f} | {per_token:.2f} |")
+    return lines
+
+
 def markdown(rows: list[Row], gflops: float, info: dict) -> str:
     lines = ["# Op benchmark", "",
              f"`python -m experiments.bench.ops` — {info['date']}, {info['cpu']}, "
@@ -203,6 +249,9 @@ def markdown(rows: list[Row], gflops: float, info: dict) -> str:
              f"GLIBC_TUNABLES=`{info['glibc_tunables'] or 'unset'}`.",
              f"B={BATCH}, H={HEADS}, K=V={DIM}, float32; linear attention and the delta "
              f"rule (unit keys, β in (0, 1)) with a `g` [B,T,H] gate and chunk {CHUNK}; "
+             "`delta_rule_gk`: the delta rule with a per-channel `gk` [B,T,H,K] gate "
+             f"instead; `delta_product`: {HOUSEHOLDER} Householder steps per token (k, v, "
+             f"β carry T·{HOUSEHOLDER} rows) with a `g` gate; "
              "softmax attention causal, block 128. "
              "Times are the best of several runs; memory is XLA's planned temporary "
              "buffer size.", "",
@@ -211,6 +260,12 @@ def markdown(rows: list[Row], gflops: float, info: dict) -> str:
              "## Targets", "", "| figure | measured | met |", "|---|---|---|"]
     lines += [f"| {name} | {value} | {'yes' if ok else '**no**'} |"
               for name, value, ok in targets(rows, gflops)]
+    lines += ["", "## Linear in T", "",
+              "Every chunk form, fwd+bwd: time per token at the longest T over that at 4K "
+              "(1.00 = linear), and the worst temporary memory per token over T.", "",
+              "| op | T / T | time per token ratio | temp KiB/token (worst) |",
+              "|---|---|---:|---:|"]
+    lines += linearity(rows)
     lines += ["", "## All measurements", "",
               "| op | mode | T | fwd ms | fwd+bwd ms | fwd+bwd µs/token | fwd temp MiB "
               "| fwd+bwd temp MiB |", "|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -246,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+",
                         default=[1024, 4096, 16384, 32768, 65536])
+    parser.add_argument("--ops", nargs="+", choices=sorted({op for op, _ in MAX_LENGTH}),
+                        help="only these ops (default: all)")
     parser.add_argument("--quick", action="store_true", help="T ∈ {1024, 4096} only")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
@@ -257,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     gflops_before = matmul_gflops()
     print(f"1024³ matmul: {gflops_before:.1f} GFLOP/s")
     jobs = [(op, mode, t) for (op, mode), limit in MAX_LENGTH.items() for t in lengths
-            if t <= limit]
+            if t <= limit and (args.ops is None or op in args.ops)]
     rows = []
     for op, mode, length in tqdm(jobs, desc="benchmark", unit="run"):
         tqdm.write(f"{op:18s} {mode:9s} T={length}")
