@@ -12,7 +12,7 @@ import pytest
 
 from tests.ops import reference
 from tests.ops.helpers import (GATES, MODES, StateCase, as_jax, assert_close,
-                               check_state_op, gate_inputs, relative_error)
+                               check_state_op, gate_inputs, log_gates, relative_error)
 from xformjax import ops
 
 
@@ -229,3 +229,37 @@ def test_chunk_helpers_match_numpy(x64):
     a, b = rng.standard_normal((2, 3, 37, 5)), rng.standard_normal((1, 3, 1, 5))
     assert_close(row_dot(jnp.asarray(a), jnp.asarray(b)), np.sum(a * b, axis=-1), 1e-12,
                  "row_dot")
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 64, 5), (1, 2, 48, 7), (2, 8, 3), (1, 37, 4)],
+                         ids=str)
+@pytest.mark.parametrize("strength", ["weak", "strong"])
+def test_channel_gate_scores_match_numpy(x64, shape, strength):
+    """The per-channel decayed scores ``A_ij = Σ_k x_ik y_jk e^{b_ik − b_jk}`` (j ≤ i)
+    and their hand-written VJP against dense float64 numpy, on chunks that are and are
+    not multiples of the 16-row sub-chunk, for two arrays and for one array used twice."""
+    from xformjax.ops.linear_attention.channel_scores import channel_gate_scores
+
+    rng = np.random.default_rng(1)
+    x, y, cotangent = (rng.standard_normal(s) for s in (shape, shape, shape[:-1] + shape[-2:-1]))
+    b = np.cumsum(log_gates(rng, shape, strength), axis=-2)
+    size = shape[-2]
+    lower = np.tril(np.ones((size, size), bool))[..., None]
+    with np.errstate(over="ignore"):  # e^{b_i − b_j} above the diagonal, masked next
+        decay = np.where(lower, np.exp(b[..., :, None, :] - b[..., None, :, :]), 0.0)
+    expected = np.einsum("...ik,...jk,...ijk->...ij", x, y, decay)
+    terms = np.einsum("...ij,...ik,...jk,...ijk->...ijk", cotangent, x, y, decay)
+    expected_grads = (np.einsum("...ij,...jk,...ijk->...ik", cotangent, y, decay),
+                      np.einsum("...ij,...ik,...ijk->...jk", cotangent, x, decay),
+                      terms.sum(-2) - terms.sum(-3))  # b_i enters with +, b_j with −
+
+    scores, vjp = jax.vjp(channel_gate_scores, *(jnp.asarray(a) for a in (x, y, b)))
+    assert_close(scores, expected, 1e-12, "scores")
+    for name, grad, want in zip("xyb", vjp(jnp.asarray(cotangent)), expected_grads):
+        assert_close(grad, want, 1e-12, f"d{name}")
+    same = jax.grad(lambda z, g: jnp.sum(channel_gate_scores(z, z, g) * cotangent),
+                    argnums=(0, 1))(jnp.asarray(x), jnp.asarray(b))
+    x_terms = np.einsum("...ij,...ik,...jk,...ijk->...ijk", cotangent, x, x, decay)
+    assert_close(same[0], np.einsum("...ij,...jk,...ijk->...ik", cotangent, x, decay)
+                 + np.einsum("...ij,...ik,...ijk->...jk", cotangent, x, decay), 1e-12, "dx (y = x)")
+    assert_close(same[1], x_terms.sum(-2) - x_terms.sum(-3), 1e-12, "db (y = x)")

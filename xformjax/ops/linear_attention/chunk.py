@@ -10,10 +10,10 @@ Then, with ``S_n`` the state entering the chunk::
 
 Every exponent is ≤ 0, so nothing overflows however strong the gates are. For
 the per-channel gate the intra-chunk term ``Σ_k q_ik k_jk exp(b_ik − b_jk)``
-is built by secondary chunking: exact ``exp`` of masked differences inside
-each sub-chunk, and across sub-chunks the factorisation
-``exp(b_i − r)·exp(r − b_j)`` through the log decay ``r`` at the sub-chunk
-boundary between them, both factors ≤ 1.
+is built by secondary chunking (``channel_scores.py``, with its own VJP):
+exact ``exp`` of masked differences inside each sub-chunk, and across
+sub-chunks the factorisation ``exp(b_i − r)·exp(r − b_j)`` through the log
+decay ``r`` at the sub-chunk boundary between them, both factors ≤ 1.
 
 Execution: an outer ``lax.scan`` walks over *blocks* of ``G`` chunks (about
 ``BLOCK_TOKENS`` tokens), carrying the K×V state. Each step does the batched
@@ -46,11 +46,12 @@ import jax
 import jax.numpy as jnp
 
 from xformjax.ops.common import Segments, round_up
+from xformjax.ops.linear_attention.channel_scores import (SUB_CHUNK, channel_gate_scores,
+                                                             diagonal_blocks)
 from xformjax.ops.linear_attention.chunk_backward import make_backward_step
 from xformjax.ops.linear_attention.delta_backward import make_delta_backward_step
 from xformjax.ops.linear_attention.gates import LogGate, cumulative_sum
 
-SUB_CHUNK = 16
 BLOCK_TOKENS = 512
 
 
@@ -181,28 +182,6 @@ def _scalar_gate_scores(q: jax.Array, k: jax.Array, b: jax.Array, kind: str) -> 
     return jnp.einsum("bhnik,bhnjk->bhnij", q, k) * _scalar_decay_mask(b, kind)
 
 
-def _channel_gate_scores(q: jax.Array, k: jax.Array, b: jax.Array) -> jax.Array:
-    """``A_ij = Σ_k q_ik k_jk exp(b_ik − b_jk)`` for ``j ≤ i`` by secondary chunking."""
-    *lead, size, key_dim = q.shape
-    sub = math.gcd(size, SUB_CHUNK)
-    num_sub = size // sub
-    qs, ks, bs = (x.reshape(*lead, num_sub, sub, key_dim) for x in (q, k, b))
-
-    within = jnp.tril(jnp.ones((sub, sub), bool))[..., None]
-    diag_log = jnp.where(within, bs[..., :, None, :] - bs[..., None, :, :], -jnp.inf)
-    diag = jnp.einsum("...sik,...sjk,...sijk->...sij", qs, ks, jnp.exp(diag_log))
-
-    # Reference point of sub-chunk s: the log decay just before it (0 for the first).
-    ref = jnp.concatenate([jnp.zeros_like(bs[..., :1, -1, :]), bs[..., :-1, -1, :]], axis=-2)
-    q_ref = qs * jnp.exp(bs - ref[..., None, :])
-    earlier = jnp.arange(size)[None, :] < (jnp.arange(num_sub) * sub)[:, None]
-    k_log = jnp.where(earlier[..., None], ref[..., :, None, :] - b[..., None, :, :], -jnp.inf)
-    k_ref = k[..., None, :, :] * jnp.exp(k_log)
-    across = jnp.einsum("...sik,...sjk->...sij", q_ref, k_ref).reshape(*lead, size, size)
-    block_diag = jnp.einsum("...sij,st->...sitj", diag, jnp.eye(num_sub, dtype=diag.dtype))
-    return across + block_diag.reshape(*lead, size, size)
-
-
 def _substitution_inverse(a: jax.Array) -> jax.Array:
     """``(I + A)⁻¹`` for small strictly lower-triangular ``A``, row by row:
     ``t_i = e_i − Σ_{j<i} A_ij t_j``."""
@@ -214,13 +193,6 @@ def _substitution_inverse(a: jax.Array) -> jax.Array:
 
     inverse, _ = jax.lax.scan(row, jnp.zeros_like(a), jnp.arange(size))
     return inverse
-
-
-def _diagonal_blocks(x: jax.Array, size: int) -> jax.Array:
-    """``[.., n·s, n·s]`` → its ``n`` diagonal blocks ``[.., n, s, s]``."""
-    count = x.shape[-1] // size
-    x = x.reshape(x.shape[:-2] + (count, size, count, size))
-    return jnp.moveaxis(jnp.diagonal(x, axis1=-4, axis2=-2), -1, -3)
 
 
 @jax.custom_vjp
@@ -236,12 +208,12 @@ def unit_lower_inverse(a: jax.Array) -> jax.Array:
     block = math.gcd(size, SUB_CHUNK)
     padded = block * 2 ** math.ceil(math.log2(size // block))
     a = jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, padded - size)] * 2)
-    inverse = _substitution_inverse(_diagonal_blocks(a, block))  # [.., n, s, s]
+    inverse = _substitution_inverse(diagonal_blocks(a, block))  # [.., n, s, s]
     while inverse.shape[-3] > 1:
         pairs = inverse.reshape(inverse.shape[:-3] + (-1, 2) + inverse.shape[-2:])
         first, second = pairs[..., 0, :, :], pairs[..., 1, :, :]
         width = 2 * inverse.shape[-1]
-        below = _diagonal_blocks(a, width)[..., width // 2:, :width // 2]
+        below = diagonal_blocks(a, width)[..., width // 2:, :width // 2]
         lower = -jnp.einsum("...ij,...jk,...kl->...il", second, below, first)
         top = jnp.concatenate([first, jnp.zeros_like(first)], axis=-1)
         bottom = jnp.concatenate([lower, second], axis=-1)
@@ -286,7 +258,7 @@ def _block_step(gate: LogGate, layout: ChunkLayout, inits: jax.Array | None):
 
     def scores_of(x, y, b):
         if kind == "channel":
-            return _channel_gate_scores(x, y, b)
+            return channel_gate_scores(x, y, b)
         return _scalar_gate_scores(x, y, b, kind)
 
     def step(state, xs):
