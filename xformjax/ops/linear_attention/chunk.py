@@ -26,7 +26,8 @@ Backward: for scalar gates (none, ``[H]``, ``[B, T, H]``) hand-written VJPs
 delta rule) keep only the inputs and the state entering each chunk (and the
 delta rule's pseudo-values, an output anyway), O(T·D + (T/C)·K·V), and run the
 mirror-image reverse scan. The per-channel gate is differentiated by JAX with
-each block rematerialised.
+each block rematerialised, except for its intra-chunk scores, which carry their
+own VJP (``channel_scores.py``).
 
 Packed sequences (``cu_seqlens``) are laid out so that every chunk belongs to
 one sequence: each sequence is padded to a multiple of ``C`` (zeros: no
@@ -480,7 +481,7 @@ def linear_attention_chunk(q: jax.Array, k: jax.Array, v: jax.Array, gate: LogGa
     Scalar gates (none, ``[H]``, ``[B, T, H]``) use hand-written backward passes
     (``chunk_backward.py`` for linear attention, ``delta_backward.py`` for the
     delta rule); the per-channel gate is differentiated by JAX with each block
-    rematerialised.
+    rematerialised (its intra-chunk scores by their own VJP).
     """
     batch, num_tokens, heads, key_dim = q.shape
     value_dim = v.shape[-1]
