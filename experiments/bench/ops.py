@@ -172,17 +172,18 @@ def make_inputs(op: str, length: int) -> tuple[jax.Array, ...]:
     return q, k, v, gate, beta
 
 
-def measure(op: str, mode: str, length: int, repeats: int) -> Row:
+def measure(op: str, mode: str, length: int, repeats: int, sample_seconds: float) -> Row:
     fn = make_fn(op, mode)
     args = make_inputs(op, length)
     forward = jax.jit(fn)
     differentiable = (0, 1, 2, 3) if op in ("linear_attention", "softmax_attention") \
         else (0, 1, 2, 3, 4)
     backward = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a)), argnums=differentiable))
-    temp = [f.lower(*args).compile().memory_analysis().temp_size_in_bytes / 2 ** 20
-            for f in (forward, backward)]
-    return Row(op, mode, length, best_time(forward, *args, repeats=repeats) * 1e3,
-               best_time(backward, *args, repeats=repeats) * 1e3, *temp)
+    compiled = [f.lower(*args).compile() for f in (forward, backward)]  # compiled once
+    timed = [best_time(f, *args, repeats=repeats, budget_s=sample_seconds) * 1e3
+             for f in compiled]
+    temp = [f.memory_analysis().temp_size_in_bytes / 2 ** 20 for f in compiled]
+    return Row(op, mode, length, *timed, *temp)
 
 
 def machine() -> dict:
@@ -306,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="only these ops (default: all)")
     parser.add_argument("--quick", action="store_true", help="T ∈ {1024, 4096} only")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--sample-seconds", type=float, default=3.0,
+                        help="keep calling each function this long (best time wins)")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
     parser.add_argument("--no-hugepages", action="store_true",
                         help="keep glibc's default malloc (see the module docstring)")
@@ -319,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for op, mode, length in tqdm(jobs, desc="benchmark", unit="run"):
         tqdm.write(f"{op:18s} {mode:9s} T={length}")
-        rows.append(measure(op, mode, length, args.repeats))
+        rows.append(measure(op, mode, length, args.repeats, args.sample_seconds))
     # Measured before and after the runs; the higher (stricter) rate is the denominator.
     gflops = max(gflops_before, matmul_gflops())
     print(f"1024³ matmul: {gflops_before:.1f} before, {gflops:.1f} best")
