@@ -1,6 +1,6 @@
 """Op benchmark: forward and forward+backward time and memory of every form over T.
 
-    python -m experiments.bench.ops                 # full run (a few minutes on 2 cores)
+    python -m experiments.bench.ops                 # full run (about 11 minutes on 2 cores)
     python -m experiments.bench.ops --quick         # T ∈ {1K, 4K}: a smoke run
     python -m experiments.bench.ops --ops delta_product   # one op's forms only
     python -m experiments.bench                     # the suite: this, then the layer benchmark

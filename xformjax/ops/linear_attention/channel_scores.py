@@ -21,7 +21,7 @@ per row for ``dx`` and per column for ``dy``), and since ``b`` enters only
 through ``b_ik − b_jk``, ``db = x ⊙ dx − y ⊙ dy``. Every sum is a dot product:
 XLA:CPU runs reductions over a kept axis, and JAX's own VJP of the broadcast
 factors, several times slower (a chunked KDA forward+backward at 4K tokens took
-1.7× as long with them).
+1.6× as long with them: 183 vs 114 ms).
 """
 
 from __future__ import annotations
