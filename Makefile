@@ -1,4 +1,5 @@
-# The README's commands: `make train` (the default run) and `make test`. `make test` builds .venv from the lock once, then
+# The README's commands: `make train` (the default run) and `make test` (`make test-fast`
+# leaves out the slowest files while iterating). `make test` builds .venv from the lock once, then
 # only re-installs when pyproject.toml or requirements.lock change.
 PYTHON ?= python3
 VENV := .venv
@@ -7,7 +8,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?= -n auto --durations=25
 BENCH_ARGS ?=
 
-.PHONY: train test lock bench
+.PHONY: train test test-fast lock bench
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +24,10 @@ train: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# For iteration: everything but the longest files (learning, CLI, notebooks, the wheel).
+test-fast: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS) -m "not slow"
+
 # The op and layer benchmarks (experiments/bench), results in experiments/results/;
 # e.g. make bench BENCH_ARGS="--quick" or BENCH_ARGS="--only layers".
 bench: $(STAMP)
@@ -31,8 +36,8 @@ bench: $(STAMP)
 # Re-resolve the newest allowed versions and rewrite the lock.
 lock:
 	rm -rf .lockenv && $(PYTHON) -m venv .lockenv
-	.lockenv/bin/pip install --quiet -e ".[dev,data]"
-	{ echo "# Exact versions for a reproducible environment (core + dev + data extras)."; \
+	.lockenv/bin/pip install --quiet -e ".[dev]"
+	{ echo "# Exact versions for a reproducible environment (core + train + dev extras)."; \
 	  echo "# Regenerate: make lock   (after changing pyproject.toml dependencies)"; \
 	  .lockenv/bin/pip freeze --exclude-editable | grep -v '^xformjax'; } > requirements.lock
 	rm -rf .lockenv

@@ -4,7 +4,8 @@
   set before JAX initialises its backend.
 * float64 is off by default; tests opt in with the ``x64`` fixture, which turns
   ``jax_enable_x64`` on for their duration only.
-* the longest test files are collected first (see :data:`LONG_FIRST`).
+* the longest test files are collected first (see :data:`LONG_FIRST`) and marked
+  ``slow``: ``make test-fast`` (``-m "not slow"``) leaves them out while iterating.
 """
 
 import os
@@ -31,7 +32,7 @@ def pytest_report_header(config):
 # The longest tests (30 s – 2 min each on 2 cores) start first, so that pytest-xdist's
 # workers finish together instead of one of them running a long test alone at the end.
 LONG_FIRST = ("tests/models/test_memory_learning.py", "tests/train/test_cli.py",
-              "tests/test_notebooks.py", "tests/train/test_trainer.py",
+              "tests/test_notebooks.py", "tests/test_wheel.py", "tests/train/test_trainer.py",
               "tests/nn/test_linen.py")
 
 
@@ -41,3 +42,6 @@ def pytest_collection_modifyitems(config, items):
         return LONG_FIRST.index(path) if path in LONG_FIRST else len(LONG_FIRST)
 
     items.sort(key=rank)  # stable: the order inside each file is kept
+    for item in items:
+        if rank(item) < len(LONG_FIRST):
+            item.add_marker(pytest.mark.slow)

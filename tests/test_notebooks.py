@@ -64,6 +64,72 @@ def test_notebooks_are_found():
     assert NOTEBOOKS, "no notebooks under experiments/notebooks"
 
 
+def setup_cell(path: pathlib.Path) -> str:
+    """A notebook's first code cell: the one that installs xformjax."""
+    notebook = nbformat.read(path, as_version=4)
+    return next(cell.source for cell in notebook.cells if cell.cell_type == "code")
+
+
+def test_every_notebook_starts_with_the_same_setup_cell():
+    assert len({setup_cell(path) for path in NOTEBOOKS}) == 1
+
+
+@pytest.fixture
+def setup(monkeypatch, tmp_path):
+    """The setup cell's namespace, in a runtime with no accelerator (an empty PATH
+    but for the directory ``tmp_path/bin``, no TPU variables)."""
+    for name in ("COLAB_TPU_ADDR", "TPU_ACCELERATOR_TYPE"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "bin").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    namespace: dict = {}
+    exec(compile(setup_cell(NOTEBOOKS[0]), "setup cell", "exec"), namespace)
+    return namespace
+
+
+def fake_nvidia_smi(directory: pathlib.Path, cuda: str) -> None:
+    script = directory / "nvidia-smi"
+    script.write_text(f"#!/bin/sh\necho '| NVIDIA-SMI 580.65  Driver Version: 580.65  "
+                      f"CUDA Version: {cuda}  |'\n")
+    script.chmod(0o755)
+
+
+def test_setup_cell_installs_from_the_checkout_or_the_package_index(setup, tmp_path):
+    assert setup["checkout_root"](ROOT / "experiments" / "notebooks") == ROOT
+    assert setup["checkout_root"](tmp_path) is None
+    assert setup["requirement"](ROOT / "experiments" / "notebooks") == f"{ROOT}[train]"
+    assert setup["requirement"](tmp_path) == "xformjax[train]"
+
+
+@pytest.mark.parametrize("cuda, extra", [("12.4", "cuda12"), ("13.0", "cuda13")])
+def test_setup_cell_picks_the_cuda_extra_by_the_driver(setup, tmp_path, cuda, extra):
+    fake_nvidia_smi(tmp_path / "bin", cuda)
+    assert setup["accelerator_extra"]() == extra
+    assert setup["requirement"](tmp_path) == f"xformjax[train,{extra}]"
+
+
+def test_setup_cell_picks_the_tpu_extra_on_a_tpu_runtime(setup, monkeypatch, tmp_path):
+    assert setup["accelerator_extra"]() is None
+    monkeypatch.setenv("TPU_ACCELERATOR_TYPE", "v5litepod-8")
+    assert setup["requirement"](tmp_path) == "xformjax[train,tpu]"
+
+
+def test_setup_cell_runs_pip_only_where_xformjax_is_missing(setup, monkeypatch):
+    import importlib.util
+    import subprocess
+    commands = []
+    monkeypatch.setattr(subprocess, "run", lambda command, **_: commands.append(command))
+    cell = setup_cell(NOTEBOOKS[0])
+    exec(compile(cell, "setup cell", "exec"), {})
+    assert commands == []  # importable here: nothing to install
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "xformjax" else find_spec(name, *a))
+    monkeypatch.chdir(ROOT / "experiments" / "notebooks")
+    exec(compile(cell, "setup cell", "exec"), {})
+    assert commands == [[sys.executable, "-m", "pip", "install", "-q", f"{ROOT}[train]"]]
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_executes(path, tmp_path):
     notebook = nbformat.read(path, as_version=4)

@@ -18,14 +18,30 @@ def test_kernels_directory_is_installed_as_a_subpackage():
     assert pathlib.Path(xformjax.kernels.__file__).resolve() == ROOT / "kernels" / "__init__.py"
 
 
+def _imported_modules(path: pathlib.Path) -> list[str]:
+    """The absolute module names ``path`` imports."""
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            names.append(node.module or "")
+    return names
+
+
+PACKAGE_FILES = list((ROOT / "xformjax").rglob("*.py")) + list((ROOT / "kernels").rglob("*.py"))
+
+
 def test_nothing_imports_a_top_level_kernels_package():
-    offenders = []
-    for path in list((ROOT / "xformjax").rglob("*.py")) + list((ROOT / "kernels").rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level
-                     else [])
-            offenders += [f"{path}: {n}" for n in names if n.split(".")[0] == "kernels"]
+    offenders = [f"{path}: {name}" for path in PACKAGE_FILES for name in _imported_modules(path)
+                 if name.split(".")[0] == "kernels"]
+    assert not offenders, offenders
+
+
+def test_the_package_never_imports_the_repositorys_experiments():
+    """A wheel carries no experiments/: nothing installed may need it."""
+    offenders = [f"{path}: {name}" for path in PACKAGE_FILES for name in _imported_modules(path)
+                 if name.split(".")[0] == "experiments"]
     assert not offenders, offenders
 
 

@@ -10,4 +10,4 @@ The math lives in :mod:`xformjax.ops` (pure functions); Pallas kernels in
 from xformjax import ops
 
 __all__ = ["ops"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # the one place: pyproject reads it

@@ -4,7 +4,7 @@ kernel benchmark on a GPU).
     python -m experiments.bench                   # full run; results in experiments/results/
     python -m experiments.bench --quick           # smoke run of each
     python -m experiments.bench --only layers     # one of them
-    xformjax bench [...]                          # the same, from the repository's root
+    make bench BENCH_ARGS="--quick"               # the same, through make
 
 Each benchmark shows its own progress bar and writes its markdown, JSON and plot
 with the machine described (CPU model, cores, jax version, backend). The process

@@ -8,6 +8,11 @@ pipelines with checkpointable iterators.
     ((4, 16), (4, 16), (4, 16))
 """
 
+from xformjax.extras import require_extra
+
+require_extra("train", "xformjax.data")  # before the imports that need it
+
+# ruff: noqa: E402 (the imports below need the extra checked above)
 from xformjax.data.corpus import CorpusSpec, prepare_corpus, split_files, stdlib_corpus
 from xformjax.data.pipeline import DOCUMENT_END, lm_dataset, task_dataset
 from xformjax.data.tasks import (MQAR, TASKS, ListOps, ModularArithmetic, Parity, Task,

@@ -6,6 +6,11 @@
     (5, ('attn', 'attn'))
 """
 
+from xformjax.extras import require_extra
+
+require_extra("train", "xformjax.train")  # before the imports that need it
+
+# ruff: noqa: E402 (the imports below need the extra checked above)
 from xformjax.train.checkpoint import Checkpointer
 from xformjax.train.config import (DataConfig, ExperimentConfig, MeshConfig, TrainConfig,
                                    apply_overrides, load_config)

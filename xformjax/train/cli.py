@@ -1,16 +1,16 @@
-"""The ``xformjax`` command: ``train``, ``eval``, ``generate`` and ``bench``.
+"""The ``xformjax`` command: ``train``, ``eval`` and ``generate``.
 
     xformjax train [--config NAME|PATH.yaml] [--workdir DIR] [--set key=value ...]
                    [--distributed auto|on|off]
     xformjax eval --workdir DIR
     xformjax generate --workdir DIR --prompt TEXT [--max-new-tokens N]
-    xformjax bench [--quick] [--only ops|layers|kernels ...] [--out DIR]
 
-``train`` resumes from ``DIR``'s latest checkpoint when there is one. ``eval`` and
-``generate`` read the run's ``config.yaml`` and its latest checkpoint. ``bench``
-runs the benchmark suite of ``experiments/bench`` (``python -m experiments.bench``),
-which lives in the repository, not in the installed package: run it from the root
-of a checkout.
+``train`` resumes from ``DIR``'s latest checkpoint when there is one; its presets
+(``--config tiny``, ``default``) are package data, so an installed wheel trains
+from any directory. ``eval`` and ``generate`` read the run's ``config.yaml`` and
+its latest checkpoint. The benchmarks are not part of the installed command: they
+live in a checkout's ``experiments/bench`` (``make bench`` or
+``python -m experiments.bench``).
 
 On a multi-host slice every host runs the same ``xformjax train`` command;
 ``--distributed`` (default ``auto``: from the environment, see
@@ -20,7 +20,6 @@ On a multi-host slice every host runs the same ``xformjax train`` command;
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import pathlib
 import sys
@@ -64,32 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--workdir", required=True)
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--max-new-tokens", type=int, default=200)
-    # The suite's own parser (experiments/bench/__main__.py) reads the arguments,
-    # `--help` included: they are passed through unparsed.
-    commands.add_parser("bench", add_help=False,
-                        help="run the op and layer benchmarks (from the repository's root; "
-                             "`xformjax bench --help` lists the options)")
     return parser
-
-
-def _bench(argv: list[str]) -> int:
-    """``python -m experiments.bench *argv``, in this process, from the working directory."""
-    root = pathlib.Path.cwd()
-    if not (root / "experiments" / "bench" / "__main__.py").is_file():
-        print(f"error: `xformjax bench` runs the benchmarks in experiments/bench/, which are "
-              f"part of the xformjax repository, not of the installed package, and "
-              f"{root} holds no experiments/bench/. Run it from the root of an xformjax "
-              "checkout (or run `python -m experiments.bench` there).", file=sys.stderr)
-        return 2
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    suite = importlib.import_module("experiments.bench.__main__")
-    if not pathlib.Path(suite.__file__).resolve().is_relative_to(root.resolve()):
-        print(f"error: `experiments.bench` was imported from {suite.__file__}, not from "
-              f"{root}; run `python -m experiments.bench` in the checkout instead.",
-              file=sys.stderr)
-        return 2
-    return suite.main(argv, prog="xformjax bench", reexec=True)
 
 
 def _run_config(workdir: pathlib.Path):
@@ -118,11 +92,7 @@ def _restored_trainer(workdir: pathlib.Path, overrides=None):
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args, rest = parser.parse_known_args(argv)
-    if args.command == "bench":
-        return _bench(rest)
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args = parser.parse_args(argv)
     _quiet_libraries()
     from xformjax.train.config import load_config
     from xformjax.train.trainer import NonFiniteLossError, Trainer

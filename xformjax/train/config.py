@@ -3,9 +3,10 @@
 An :class:`ExperimentConfig` has four sections — ``model`` (:class:`LMConfig`, with
 its ``mixer``), ``train``, ``data`` and ``mesh`` — addressed by dotted keys:
 ``train.steps``, ``model.layer_pattern``, ``model.mixer.num_heads``, ``data.name``,
-``mesh.seq``. :func:`load_config` reads a preset (``experiments/configs/NAME.yaml``)
-or a YAML path and applies ``key=value`` overrides; an unknown key or a value of
-the wrong type is rejected with the valid keys or choices listed.
+``mesh.seq``. :func:`load_config` reads a preset (``NAME.yaml`` in
+``xformjax/train/configs/``, package data that a wheel installs) or a YAML path and
+applies ``key=value`` overrides; an unknown key or a value of the wrong type is
+rejected with the valid keys or choices listed.
 
 A YAML file nests the same keys; ``model.preset`` picks an :class:`LMConfig`
 preset to start from::
@@ -18,6 +19,7 @@ preset to start from::
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import pathlib
 from typing import Any
 
@@ -27,7 +29,8 @@ from xformjax.data.tasks import TASKS
 from xformjax.models.config import LMConfig
 from xformjax.overrides import apply_overrides
 
-CONFIG_DIR = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "configs"
+#: The presets, package data of ``xformjax.train`` (a wheel carries them).
+PRESETS_DIR = importlib.resources.files("xformjax.train") / "configs"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,23 +180,27 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def available_presets() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    """The preset names :func:`load_config` accepts (``tiny``, ``default``, ...)."""
+    return sorted(entry.name.removesuffix(".yaml") for entry in PRESETS_DIR.iterdir()
+                  if entry.name.endswith(".yaml"))
 
 
 def load_config(name_or_path: str | None = None,
                 overrides: list[str] | dict[str, Any] | None = None) -> ExperimentConfig:
-    """A preset name (``experiments/configs/NAME.yaml``), a YAML path or ``None``
-    (the ``default`` preset), with ``overrides`` (``"key=value"`` strings or a dict)."""
+    """A preset name (see :func:`available_presets`), a YAML path or ``None`` (the
+    ``default`` preset), with ``overrides`` (``"key=value"`` strings or a dict)."""
     name_or_path = name_or_path or "default"
-    path = pathlib.Path(name_or_path)
-    if path.suffix not in (".yaml", ".yml"):
-        path = CONFIG_DIR / f"{name_or_path}.yaml"
-        if not path.is_file():
+    if pathlib.Path(name_or_path).suffix not in (".yaml", ".yml"):
+        if name_or_path not in available_presets():
             raise ValueError(f"unknown config {name_or_path!r}; presets: {available_presets()} "
                              "(or give a path to a .yaml file)")
-    elif not path.is_file():
-        raise ValueError(f"config file {str(path)!r} does not exist")
-    tree = yaml.safe_load(path.read_text()) or {}
+        text = (PRESETS_DIR / f"{name_or_path}.yaml").read_text()
+    else:
+        path = pathlib.Path(name_or_path)
+        if not path.is_file():
+            raise ValueError(f"config file {str(path)!r} does not exist")
+        text = path.read_text()
+    tree = yaml.safe_load(text) or {}
     return config_from_tree(tree, overrides)
 
 
