@@ -160,3 +160,21 @@ def test_peri_ln_normalises_each_sublayer_output():
     h = x + block.mixer_out_norm(block.mixer(block.mixer_norm(x))[0])
     increment = y - h
     assert_close(jnp.sqrt(jnp.mean(increment ** 2, -1)), jnp.ones((2, 9)), 1e-3, "RMS")
+
+
+def test_default_initialisation_starts_at_unit_scale():
+    """Gemma's convention: E ~ N(0, 1/d) scaled by √d on the way in, so the residual
+    stream starts at unit scale per coordinate (the scale of every block's output)
+    and the tied logits at unit scale too."""
+    config = models.LMConfig.preset("tiny", vocab_size=512)
+    model = models.LanguageModel(config, rngs=nnx.Rngs(0))
+    d = config.d_model
+    assert config.embedding_std == d ** -0.5 and config.embedding_scale == d ** 0.5
+    assert abs(float(jnp.std(model.embedding[...])) * d ** 0.5 - 1) < 0.05
+    logits, _ = model(jax.random.randint(jax.random.key(1), (4, 64), 0, 512))
+    assert 0.8 < float(jnp.std(logits)) < 1.25
+    old = models.LMConfig.preset("tiny", embed_std=0.02, embed_scale=1.0)
+    assert (old.embedding_std, old.embedding_scale) == (0.02, 1.0)
+    for bad in (0.0, -1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="embed_std"):
+            models.LMConfig.preset("tiny", embed_std=bad)

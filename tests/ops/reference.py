@@ -131,7 +131,8 @@ def attention(q, k, v, *, kind="softmax", causal=True, scale=None, window=None,
     Queries sit at the last ``Tq`` of the ``Tk`` key positions; key/value heads
     are shared by ``Hq / Hkv`` query heads. Sigmoid attention uses
     ``σ(s·qᵀk + b)`` with ``b = −log(n)``, n the query's sequence length,
-    unless ``bias`` is given. Returns ``(o, grads)``.
+    unless ``bias`` is given (a number, or one per query, ``[Tq]``). Returns
+    ``(o, grads)``.
     """
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     batch, q_len, q_heads, key_dim = q.shape
@@ -160,7 +161,9 @@ def attention(q, k, v, *, kind="softmax", causal=True, scale=None, window=None,
                     weights = np.exp(logits - logits.max())
                     weights /= weights.sum()
                 else:
-                    shift = -np.log(seq_len[pos]) if bias is None else bias
+                    shift = (-np.log(seq_len[pos]) if bias is None
+                             else np.asarray(bias, np.float64)[i] if np.ndim(bias)
+                             else bias)
                     weights = 1.0 / (1.0 + np.exp(-(logits + shift)))
                 o[b, i, h] = sum(w * v[b, j, hk] for w, j in zip(weights, keys))
                 if d_o is None:

@@ -108,6 +108,35 @@ def test_sigmoid_bias_defaults_to_minus_log_length(x64):
     assert relative_error(other, explicit) > 1e-2
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", ["window-T257", "queries-after-cache"])
+def test_sigmoid_bias_per_query_matches_reference(x64, mode, case):
+    case = CASES[case]
+    inputs = make_inputs(case)
+    bias = 1.0 - np.log(np.arange(case.k_len - case.q_len, case.k_len) + 1.0)
+    d_o = np.random.default_rng(1).standard_normal(
+        (case.batch, case.q_len, case.q_heads, case.value_dim))
+    o_ref, grads_ref = reference.attention(**inputs, kind="sigmoid", window=case.window,
+                                           bias=bias, d_o=d_o)
+
+    def fn(floats):
+        return ops.sigmoid_attention(**floats, window=case.window, bias=jnp.asarray(bias),
+                                     mode=mode, chunk_size=case.chunk_size)[0]
+
+    o, (grads,) = vjp_of(fn, (as_jax(inputs),), jnp.asarray(d_o))
+    assert_close(o, o_ref, 1e-9, "o")
+    for name in inputs:
+        assert_close(grads[name], grads_ref[name], 1e-9, f"d{name}")
+
+
+def test_sigmoid_bias_of_the_wrong_shape_or_type_is_rejected():
+    inputs = as_jax(make_inputs(CASES["causal-T63-gqa"]), jnp.float32)
+    with pytest.raises(ValueError, match=r"shape \[Tq\] = \[63\]; got shape \[5\]"):
+        ops.sigmoid_attention(**inputs, bias=jnp.zeros(5))
+    with pytest.raises(ValueError, match="`bias` must be None, a number or an array"):
+        ops.sigmoid_attention(**inputs, bias="x")
+
+
 def test_decoding_against_a_growing_cache_matches_the_full_forward(x64):
     case = CASES["causal-T63-gqa"]
     inputs = as_jax(make_inputs(case))

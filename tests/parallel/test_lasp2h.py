@@ -22,6 +22,9 @@ CASES = {
     "bidirectional": (ops.softmax_attention, {"causal": False}),
     "window-one-halo": (ops.softmax_attention, {"window": 9}),
     "window-two-halos": (ops.sigmoid_attention, {"window": 20}),
+    # one bias per query (the sigmoid_attn layer's default): split along T with the queries
+    "sigmoid-per-query-bias": (ops.sigmoid_attention,
+                               {"bias": 1.0 - jnp.log(jnp.arange(1.0, T + 1.0))}),
     "window-wide": (ops.softmax_attention, {"window": 50}),
 }
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from xformjax import train
-from xformjax.train.optimizer import learning_rate_schedule
+from xformjax.train.optimizer import learning_rate_schedule, make_optimizer, weight_decay_mask
 
 TASK = ["data.name=parity", "data.options.max_length=12", "data.options.min_length=2",
         "model.vocab_size=3", "train.log_every=1", "train.eval_every=1000",
@@ -108,3 +108,27 @@ def test_loss_is_masked_cross_entropy_plus_weighted_auxiliary_losses():
     assert float(metrics["cross_entropy"]) == pytest.approx(cross_entropy, rel=1e-6)
     assert float(metrics["accuracy"]) == pytest.approx(0.5)
     assert float(loss) == pytest.approx(cross_entropy + 0.1 * 3.0, rel=1e-6)
+
+
+def test_weight_decay_applies_to_the_matrices_but_not_norms_gates_or_the_embedding():
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from xformjax.models import LanguageModel, LMConfig
+    model = LanguageModel(LMConfig.preset("tiny"), rngs=nnx.Rngs(0))
+    params = nnx.as_pure(nnx.state(model, nnx.Param))
+    decayed = {jax.tree_util.keystr(path): flag for path, flag
+               in jax.tree_util.tree_flatten_with_path(weight_decay_mask(params))[0]}
+    assert decayed["['blocks'][1]['mixer']['q_proj']['kernel']"]
+    assert decayed["['blocks'][0]['mlp']['down']['kernel']"]
+    assert not decayed["['embedding']"]
+    assert not decayed["['final_norm']['scale']"]
+    assert not decayed["['blocks'][0]['mixer']['dt_bias']"]
+    # zero gradients: only weight decay moves parameters, and only the decayed ones
+    config = train.TrainConfig(steps=10, learning_rate=1e-2, weight_decay=0.5, warmup_steps=1)
+    optimizer = nnx.Optimizer(model, make_optimizer(config), wrt=nnx.Param)
+    optimizer.update(model, jax.tree.map(jnp.zeros_like, nnx.state(model, nnx.Param)))
+    optimizer.update(model, jax.tree.map(jnp.zeros_like, nnx.state(model, nnx.Param)))
+    after = nnx.as_pure(nnx.state(model, nnx.Param))
+    moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), params, after)
+    assert moved == weight_decay_mask(params)

@@ -15,6 +15,7 @@ as a short name of ``gated_deltanet``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from xformjax.nn.config import MixerConfig
@@ -41,7 +42,15 @@ class LMConfig:
       norm_placement: ``"pre"`` (Pre-LN) or ``"peri"`` (Peri-LN: also normalise each
         sub-layer's output before the residual add).
       tie_embeddings: reuse the embedding matrix as the output projection.
-      embed_std: standard deviation of the embedding initialisation.
+      embed_std: standard deviation of the embedding matrix's initialisation
+        (``None``: ``d_model ** -0.5``, so tied logits start at unit scale).
+      embed_scale: multiplier on the looked-up embeddings (``None``:
+        ``d_model ** 0.5``, so the residual stream starts at unit scale per
+        coordinate, the scale of every block's output; Gemma's convention).
+        ``embed_std=0.02, embed_scale=1.0`` is the GPT-2 convention, under which
+        the token embeddings are 1/50 of the first block's output at d_model 64 and
+        two softmax-attention layers do not learn associative recall (see
+        ``tests/models/test_attention_learning.py``).
     """
 
     vocab_size: int = 256
@@ -53,7 +62,8 @@ class LMConfig:
     norm: str = "rms"
     norm_placement: str = "pre"
     tie_embeddings: bool = True
-    embed_std: float = 0.02
+    embed_std: float | None = None
+    embed_scale: float | None = None
 
     def __post_init__(self):
         def bad(message: str):
@@ -71,6 +81,11 @@ class LMConfig:
             bad(f"`norm` must be one of {NORMS}; got {self.norm!r}")
         if self.norm_placement not in ("pre", "peri"):
             bad(f"`norm_placement` must be 'pre' or 'peri'; got {self.norm_placement!r}")
+        for name in ("embed_std", "embed_scale"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value) or value <= 0):
+                bad(f"`{name}` must be a positive finite number or None; got {value!r}")
         try:
             for name in self._pattern():
                 get_mixer(name)
@@ -86,6 +101,16 @@ class LMConfig:
     @property
     def d_model(self) -> int:
         return self.mixer.d_model
+
+    @property
+    def embedding_std(self) -> float:
+        """The embedding initialisation's standard deviation (``embed_std`` resolved)."""
+        return self.d_model ** -0.5 if self.embed_std is None else float(self.embed_std)
+
+    @property
+    def embedding_scale(self) -> float:
+        """The multiplier on looked-up embeddings (``embed_scale`` resolved)."""
+        return self.d_model ** 0.5 if self.embed_scale is None else float(self.embed_scale)
 
     @property
     def hidden(self) -> int:

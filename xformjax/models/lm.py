@@ -1,9 +1,13 @@
 """The hybrid decoder-only language model.
 
-    h_0 = E[tokens]
+    h_0 = s · E[tokens]       (s = embed_scale, √d_model by default; E ~ N(0, 1/d_model))
     h_l = h_{l-1} + N'(mixer_l(N(h_{l-1})))         (N' = identity for Pre-LN, a norm
     h_l = h_l + N'(MLP_l(N(h_l)))                     for Peri-LN)
     logits = N(h_L) Eᵀ        (or W_out when embeddings are not tied)
+
+The default initialisation (Gemma's convention) starts the residual stream at
+unit scale per coordinate, the scale of every block's output (the projections are
+fan-in scaled), and the tied logits at unit scale; see :class:`LMConfig`.
 
 ``model(tokens, cache=None) -> (logits, cache)``: ``cache`` is the list of the
 mixers' states. Without a cache the model runs a fresh sequence in chunk mode and
@@ -74,7 +78,7 @@ class LanguageModel(nnx.Module):
         self.config = config
         d, mixer_config = config.d_model, config.mixer
         embedding = jax.random.normal(rngs.params(), (config.vocab_size, d),
-                                      mixer_config.params_dtype) * config.embed_std
+                                      mixer_config.params_dtype) * config.embedding_std
         self.embedding = nnx.Param(embedding, out_sharding=("vocab", "embed"),
                                    eager_sharding=False)
         self.blocks = nnx.List([Block(config, name, i, rngs=rngs)
@@ -101,6 +105,7 @@ class LanguageModel(nnx.Module):
         dtype = self.config.mixer.compute_dtype
         residual_dtype = jnp.promote_types(dtype, jnp.float32)
         x = jnp.take(self.embedding[...], tokens, axis=0).astype(residual_dtype)
+        x = x * jnp.asarray(self.config.embedding_scale, residual_dtype)
         x = constrain(x, ACTIVATION_AXES)
         new_cache = []
         for i, block in enumerate(self.blocks):

@@ -39,13 +39,14 @@ class MixerConfig:
       sigma_reparam: reparameterise every projection as ``γ/σ(W)·W`` (σReparam).
       output_gate: multiply the mixer's output by ``SiLU(x W_g)`` (gated families).
       norm_eps: epsilon of the normalisations inside mixers.
-      max_seq_len: the longest sequence the model is meant for: default KV-cache
-        capacity and the sigmoid-attention bias ``−log(max_seq_len)``.
+      max_seq_len: the longest sequence the model is meant for: the default KV-cache
+        capacity.
 
     Softmax / sigmoid attention (``attn``, ``sigmoid_attn``):
       rope_theta: RoPE base.  window: sliding-window size or ``None``.
-      sigmoid_bias: sigmoid attention's bias; ``−log(max_seq_len)`` if ``None``
-        (a constant, so decoding and training agree).
+      sigmoid_bias: sigmoid attention's bias; if ``None``, per query
+        ``1 − log n_i`` with ``n_i`` the keys query ``i`` sees (it depends only on
+        the position, so decoding and training agree; see :mod:`xformjax.nn.attention`).
 
     Linear attention (``linear_attn``):
       feature_map: one of ``identity``, ``elu+1``, ``relu``, ``hedgehog``, ``taylor``.

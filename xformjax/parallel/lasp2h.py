@@ -58,10 +58,13 @@ def attention_sequence_parallel(op, mesh, axis: str, shards: int):
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         if kind == "sigmoid" and bias is None:
             bias = -math.log(length)
+        # sigmoid attention's bias, one per query ([T], split along T like the queries)
+        biases = (() if kind != "sigmoid" else
+                  (jnp.broadcast_to(jnp.asarray(bias, dtype), (length,)),))
         halo_shards = 0 if window is None else math.ceil((window - 1) / local_length)
         use_halo = window is not None and halo_shards < shards - 1
 
-        def local(q, k, v):
+        def local(q, k, v, *biases):
             q = q.astype(dtype) * jnp.asarray(scale, dtype)
             index = jax.lax.axis_index(axis)
             key_dim = k.shape[-1]
@@ -81,7 +84,7 @@ def attention_sequence_parallel(op, mesh, axis: str, shards: int):
                 mask = AttentionMask(causal=causal, window=window, q_offset=offset)
             q_seq = jnp.zeros((local_length,), jnp.int32)
             k_seq = jnp.zeros((keys.shape[1],), jnp.int32)
-            q_bias = None if bias is None else jnp.full((local_length,), bias, dtype)
+            q_bias = biases[0] if biases else None
             o = attention_parallel(q, keys[..., :key_dim], keys[..., key_dim:], kind, mask,
                                    q_seq, k_seq, q_bias)
             return o.astype(out_dtype)
@@ -90,9 +93,10 @@ def attention_sequence_parallel(op, mesh, axis: str, shards: int):
             dict(zip(mesh.axis_names, mesh.axis_sizes)), axis, q.shape[0],
             (q.shape[2], k.shape[2]))
         spec = PartitionSpec(batch_part, axis, heads_part)
-        o = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
-                          axis_names=spec_axes(axis, batch_part, heads_part),
-                          check_vma=False)(q, k, v)
+        o = jax.shard_map(local, mesh=mesh,
+                          in_specs=(spec, spec, spec) + (PartitionSpec(axis),) * len(biases),
+                          out_specs=spec, axis_names=spec_axes(axis, batch_part, heads_part),
+                          check_vma=False)(q, k, v, *biases)
         return o, None
 
     return parallel_op

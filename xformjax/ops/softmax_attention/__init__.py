@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from xformjax.ops import common
 from xformjax.ops.softmax_attention.chunk import attention_chunk
@@ -66,6 +67,21 @@ def _check_kv_length(op, kv_length, mode, cu_seqlens, num_queries, num_keys):
     return jnp.asarray(kv_length, jnp.int32) - num_queries
 
 
+def _check_bias(op, bias, num_queries: int):
+    """Sigmoid attention's ``bias``: ``None``, a number, or an array ``[Tq]`` (one per
+    query); returned as given (a Python number, or a jax array)."""
+    if bias is None:
+        return None
+    if isinstance(bias, bool) or not isinstance(bias, (int, float, jax.Array, np.ndarray)):
+        common.fail(op, f"`bias` must be None, a number or an array [Tq]; got {bias!r}")
+    if isinstance(bias, (int, float)):
+        return float(bias)
+    if jnp.ndim(bias) not in (0, 1) or (jnp.ndim(bias) == 1 and bias.shape[0] != num_queries):
+        common.fail(op, f"`bias` must be a scalar or have shape [Tq] = [{num_queries}]; got "
+                        f"shape {list(jnp.shape(bias))}")
+    return jnp.asarray(bias)
+
+
 def _attention(op, kind, q, k, v, *, causal, scale, window, cu_seqlens, mode, chunk_size,
                backend, bias=None, kv_length=None):
     common.check_mode(op, mode)
@@ -83,6 +99,8 @@ def _attention(op, kind, q, k, v, *, causal, scale, window, cu_seqlens, mode, ch
                          kv_length=kv_length)
     k_seq = sequence_ids(segments, num_keys)
     q_seq = k_seq[num_keys - num_queries:]
+    if kind == "sigmoid":
+        bias = _check_bias(op, bias, num_queries)
     if kind == "sigmoid" and bias is None and kv_length is not None:
         bias = -jnp.log(jnp.asarray(kv_length, dtype))
     q_bias = (sigmoid_bias(segments, num_keys, num_keys - num_queries, num_queries, bias,
@@ -139,7 +157,8 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool 
     return o, None
 
 
-def sigmoid_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, bias: float | None = None,
+def sigmoid_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                      bias: float | jax.Array | None = None,
                       causal: bool = True, scale: float | None = None,
                       window: int | None = None, cu_seqlens: jax.Array | None = None,
                       mode: str = "chunk", chunk_size: int = 128,
@@ -149,7 +168,9 @@ def sigmoid_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, bias: float |
 
     ``b`` defaults to ``−log n``, n the sequence length (``Tk``, or the query's
     own packed sequence length), as in "Theory, Analysis, and Best Practices for
-    Sigmoid Self-Attention". Every other argument as :func:`softmax_attention`.
+    Sigmoid Self-Attention". ``bias`` may also be a number, or an array ``[Tq]``
+    with one bias per query (the ``sigmoid_attn`` layer's default depends on each
+    query's position). Every other argument as :func:`softmax_attention`.
     """
     o = _attention("sigmoid_attention", "sigmoid", q, k, v, causal=causal, scale=scale,
                    window=window, cu_seqlens=cu_seqlens, mode=mode, chunk_size=chunk_size,
