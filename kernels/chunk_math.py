@@ -210,7 +210,7 @@ def scalar_backward(q, k, v, b, beta, d_out, state, d_new_state, *, delta: bool,
 
     if delta:
         d_state = d_state - mm_tn(w, d_values)
-        # The chain rule through T, W and U collapsed (ops/linear_attention/delta_backward.py):
+        # The chain rule through T, W and U collapsed (ops/delta_rule/chunk_backward.py):
         # dY = Tᵀ dU, dX = −dY Sᵀ, dA = −tril(dY Uᵀ, −1).
         dy = mm_tn(transform, d_values)
         dx = -mm_nt(dy, state)

@@ -216,7 +216,7 @@ def test_chunk_helpers_match_numpy(x64):
     """The prefix sums and row dots the chunk forms use instead of ``jnp.cumsum`` and
     ``jnp.sum(a * b)`` (faster on XLA:CPU) compute the same sums, along any axis."""
     from xformjax.ops.linear_attention.chunk_backward import row_dot
-    from xformjax.ops.linear_attention.gates import cumulative_sum, reverse_cumulative_sum
+    from xformjax.ops.common.gates import cumulative_sum, reverse_cumulative_sum
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 3, 37, 5))
@@ -238,7 +238,7 @@ def test_channel_gate_scores_match_numpy(x64, shape, strength):
     """The per-channel decayed scores ``A_ij = Σ_k x_ik y_jk e^{b_ik − b_jk}`` (j ≤ i)
     and their hand-written VJP against dense float64 numpy, on chunks that are and are
     not multiples of the 16-row sub-chunk, for two arrays and for one array used twice."""
-    from xformjax.ops.linear_attention.channel_scores import channel_gate_scores
+    from xformjax.ops.common.channel_scores import channel_gate_scores
 
     rng = np.random.default_rng(1)
     x, y, cotangent = (rng.standard_normal(s) for s in (shape, shape, shape[:-1] + shape[-2:-1]))

@@ -18,7 +18,7 @@ from xformjax import kernels
 from xformjax.ops import common
 from xformjax.ops.linear_attention import validate
 from xformjax.ops.linear_attention.chunk import linear_attention_chunk
-from xformjax.ops.linear_attention.gates import combine
+from xformjax.ops.common.gates import combine
 from xformjax.ops.linear_attention.recurrent import linear_attention_recurrent
 
 __all__ = ["delta_rule", "delta_product"]

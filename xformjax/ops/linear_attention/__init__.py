@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from xformjax import kernels
 from xformjax.ops import common
 from xformjax.ops.linear_attention.chunk import linear_attention_chunk
-from xformjax.ops.linear_attention.gates import LogGate, combine
+from xformjax.ops.common.gates import LogGate, combine
 from xformjax.ops.linear_attention.parallel import linear_attention_parallel
 from xformjax.ops.linear_attention.recurrent import linear_attention_recurrent
 

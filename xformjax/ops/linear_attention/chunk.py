@@ -22,7 +22,7 @@ states, and the inter-chunk outputs; every intermediate is the size of one
 block, so it stays in cache and the time per token does not depend on T.
 
 Backward: for scalar gates (none, ``[H]``, ``[B, T, H]``) hand-written VJPs
-(``chunk_backward.py`` for linear attention, ``delta_backward.py`` for the
+(``chunk_backward.py`` for linear attention, ``delta_rule/chunk_backward.py`` for the
 delta rule) keep only the inputs and the state entering each chunk (and the
 delta rule's pseudo-values, an output anyway), O(T·D + (T/C)·K·V), and run the
 mirror-image reverse scan. The per-channel gate is differentiated by JAX with
@@ -47,11 +47,11 @@ import jax
 import jax.numpy as jnp
 
 from xformjax.ops.common import Segments, round_up
-from xformjax.ops.linear_attention.channel_scores import (SUB_CHUNK, channel_gate_scores,
+from xformjax.ops.common.channel_scores import (SUB_CHUNK, channel_gate_scores,
                                                              diagonal_blocks)
 from xformjax.ops.linear_attention.chunk_backward import make_backward_step
-from xformjax.ops.linear_attention.delta_backward import make_delta_backward_step
-from xformjax.ops.linear_attention.gates import LogGate, cumulative_sum
+from xformjax.ops.delta_rule.chunk_backward import make_delta_backward_step
+from xformjax.ops.common.gates import LogGate, cumulative_sum
 
 BLOCK_TOKENS = 512
 
@@ -427,7 +427,7 @@ def _scalar_gate_core(kind: str, layout: ChunkLayout, num_sequences: int | None)
 
 def _delta_core(kind: str, layout: ChunkLayout, num_sequences: int | None):
     """Blocked chunked delta rule (scalar gates) with the hand-written backward of
-    ``delta_backward.py``.
+    ``delta_rule/chunk_backward.py``.
 
     ``core(q, k, v, beta, log_a, head_gate, state0, inits, first, seq)`` takes the
     padded ``[B, L, H, D]`` inputs and returns ``(out, entering, pseudo_values)``.
@@ -479,7 +479,7 @@ def linear_attention_chunk(q: jax.Array, k: jax.Array, v: jax.Array, gate: LogGa
     results as the recurrent form.
 
     Scalar gates (none, ``[H]``, ``[B, T, H]``) use hand-written backward passes
-    (``chunk_backward.py`` for linear attention, ``delta_backward.py`` for the
+    (``chunk_backward.py`` for linear attention, ``delta_rule/chunk_backward.py`` for the
     delta rule); the per-channel gate is differentiated by JAX with each block
     rematerialised (its intra-chunk scores by their own VJP).
     """

@@ -31,7 +31,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from xformjax.ops.linear_attention.gates import reverse_cumulative_sum
+from xformjax.ops.common.gates import reverse_cumulative_sum
 
 
 def row_dot(a: jax.Array, b: jax.Array) -> jax.Array:

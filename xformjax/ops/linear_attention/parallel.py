@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from xformjax.ops.common import Segments
-from xformjax.ops.linear_attention.gates import LogGate
+from xformjax.ops.common.gates import LogGate
 
 
 def _inclusive_range_sums(log_a: jax.Array) -> jax.Array:

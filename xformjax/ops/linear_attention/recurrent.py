@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from xformjax.ops.common import Segments
-from xformjax.ops.linear_attention.gates import LogGate
+from xformjax.ops.common.gates import LogGate
 
 
 def _log_decay_per_step(gate: LogGate) -> jax.Array | None:

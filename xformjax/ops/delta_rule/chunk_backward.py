@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from xformjax.ops.linear_attention.chunk_backward import row_dot
-from xformjax.ops.linear_attention.gates import reverse_cumulative_sum
+from xformjax.ops.common.gates import reverse_cumulative_sum
 
 
 def make_delta_backward_step(kind: str, layout, helpers, num_sequences: int | None):

@@ -1,0 +1,22 @@
+"""Machinery every op shares, and nothing that belongs to one family.
+
+* :mod:`.validation`: argument checks, dtypes, backend choice and packing
+  (``Segments``); its names are re-exported here, so ``from xformjax.ops import
+  common; common.fail(...)`` reads as before.
+* :mod:`.gates`: the log-decay gate of a matrix state (``LogGate``) in its three
+  layouts, used by every form of linear attention and the delta rule.
+* :mod:`.channel_scores`: the per-key-channel gate's intra-chunk scores, with
+  their own VJP.
+"""
+
+from xformjax.ops.common.validation import (_WARNED, ACCELERATORS, BACKENDS, KERNEL_DTYPES,
+                                            MODES, Segments, check_chunk_size, check_dim,
+                                            check_floating, check_log_gate, check_mode,
+                                            check_rank, compute_dtype, fail, is_concrete,
+                                            kernel_gap, make_segments, resolve_backend,
+                                            round_up, shape_str, warn_once)
+
+__all__ = ["ACCELERATORS", "BACKENDS", "KERNEL_DTYPES", "MODES", "Segments", "_WARNED",
+           "check_chunk_size", "check_dim", "check_floating", "check_log_gate", "check_mode",
+           "check_rank", "compute_dtype", "fail", "is_concrete", "kernel_gap", "make_segments",
+           "resolve_backend", "round_up", "shape_str", "warn_once"]
