@@ -215,8 +215,7 @@ def test_reference_gradients_match_finite_differences(x64):
 def test_chunk_helpers_match_numpy(x64):
     """The prefix sums and row dots the chunk forms use instead of ``jnp.cumsum`` and
     ``jnp.sum(a * b)`` (faster on XLA:CPU) compute the same sums, along any axis."""
-    from xformjax.ops.linear_attention.chunk_backward import row_dot
-    from xformjax.ops.common.gates import cumulative_sum, reverse_cumulative_sum
+    from xformjax.ops.common.chunk_algebra import cumulative_sum, reverse_cumulative_sum, row_dot
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 3, 37, 5))

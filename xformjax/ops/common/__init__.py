@@ -5,8 +5,13 @@
   common; common.fail(...)`` reads as before.
 * :mod:`.gates`: the log-decay gate of a matrix state (``LogGate``) in its three
   layouts, used by every form of linear attention and the delta rule.
-* :mod:`.channel_scores`: the per-key-channel gate's intra-chunk scores, with
-  their own VJP.
+* The chunk engine of linear attention and the delta rule, by job:
+  :mod:`.chunk_layout` (packing, padding, block and head-major layouts),
+  :mod:`.chunk_algebra` (log-gate prefix sums, decay masks, state decays, row
+  dots), :mod:`.channel_scores` (the per-key-channel gate's intra-chunk scores,
+  with their own VJP) and :mod:`.chunk_scan` (the blocked scan, the one
+  ``custom_vjp`` scaffold over a family's ``ChunkRule``, final states).
+* :mod:`.token_scan`: the recurrent form's token-by-token driver.
 """
 
 from xformjax.ops.common.validation import (_WARNED, ACCELERATORS, BACKENDS, KERNEL_DTYPES,

@@ -2,9 +2,25 @@
 
 DeltaNet, gated DeltaNet (``g``), per-channel gated (``gk``, KDA), negative
 eigenvalues (β in (0, 2)) and DeltaProduct (``num_householder`` sub-steps),
-in parallel, chunked and recurrent forms. The forms share the linear-attention
-machinery (``xformjax.ops.linear_attention``): the same gates, packing and
-blocked chunk scan, with the rank-1 update replaced by the delta rule.
+in parallel, chunked and recurrent forms::
+
+    S'  = exp(g_t) · diag(exp(gk_t)) · S_{t-1}
+    S_t = S' + β_t k_t (v_t − S'ᵀ k_t)ᵀ                S: [K, V]
+    o_t = scale · S_tᵀ q_t
+
+Where each form lives:
+
+* ``chunk.py``: the WY/UT rule per chunk, run by the shared chunk engine
+  (``xformjax.ops.common.chunk_scan``); ``inverse.py``: the blocked triangular
+  inverse ``(I + A)⁻¹`` and its VJP; ``chunk_backward.py``: the hand-written
+  backward for scalar gates;
+* the parallel form is the chunk form with one chunk over the whole sequence;
+* ``recurrent.py``: the token-by-token update (decoding), run by
+  ``xformjax.ops.common.token_scan``;
+* DeltaProduct (this module): the delta rule over ``T·n`` rows.
+
+Gates, packing and input checks are shared with linear attention
+(``xformjax.ops.common.gates``, ``xformjax.ops.linear_attention.validate``).
 """
 
 from __future__ import annotations
@@ -16,10 +32,10 @@ import jax.numpy as jnp
 
 from xformjax import kernels
 from xformjax.ops import common
-from xformjax.ops.linear_attention import validate
-from xformjax.ops.linear_attention.chunk import linear_attention_chunk
 from xformjax.ops.common.gates import combine
-from xformjax.ops.linear_attention.recurrent import linear_attention_recurrent
+from xformjax.ops.delta_rule.chunk import delta_rule_chunk
+from xformjax.ops.delta_rule.recurrent import delta_rule_recurrent
+from xformjax.ops.linear_attention import validate
 
 __all__ = ["delta_rule", "delta_product"]
 
@@ -63,11 +79,11 @@ def _run(op: str, q, k, v, beta, g, gk, scale, initial_state, output_final_state
         q, gate, segments = _expand_tokens(q, gate, segments, rows_per_token, cu_seqlens)
 
     if mode == "recurrent":
-        o, final = linear_attention_recurrent(q, k, v, gate, init, segments, beta=beta)
+        o, final = delta_rule_recurrent(q, k, v, beta, gate, init, segments)
     else:
         # The parallel form is the UT transform over the whole sequence: one chunk.
         size = chunk_size if mode == "chunk" else common.round_up(k.shape[1], 16)
-        o, final = linear_attention_chunk(q, k, v, gate, init, segments, size, beta=beta)
+        o, final = delta_rule_chunk(q, k, v, beta, gate, init, segments, size)
     if rows_per_token > 1:
         o = o[:, rows_per_token - 1::rows_per_token]
     return o.astype(out_dtype), (final if output_final_state else None)

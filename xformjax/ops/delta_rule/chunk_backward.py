@@ -1,6 +1,7 @@
 """Hand-written backward of the chunked delta rule for scalar gates (none, ``[H]``, ``[B, T, H]``).
 
-The forward (``chunk.py``, ``_block_step`` with ``beta``) returns the outputs, the
+The forward (``chunk.py``: the WY/UT rule in the engine of
+``xformjax.ops.common.chunk_scan``) returns the outputs, the
 state entering every chunk and the pseudo-values ``U``; besides the inputs, the
 entering states and ``U`` (an output already) are the only residuals. Per chunk,
 with ``b`` the log decay accumulated from the chunk start,
@@ -27,7 +28,8 @@ chunk, so the cotangent of ``b`` is, per row, ``±(factor's input)·(its
 cotangent)`` summed over the places it appears, plus ``⟨G, e^{b_C}S⟩`` and the
 ``K ⊙ e^{b_C−b}`` terms on the chunk's last row; a per-token gate's cotangent
 is its reverse cumulative sum inside the chunk. The same per-chunk algebra is
-what the Pallas kernel runs (``xformjax.kernels.chunk_math.scalar_backward``).
+what the Pallas kernel runs (``xformjax.kernels.chunk_math.scalar_backward``,
+written for one chunk's 2-D tiles inside the kernel body).
 """
 
 from __future__ import annotations
@@ -35,34 +37,44 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from xformjax.ops.linear_attention.chunk_backward import row_dot
-from xformjax.ops.common.gates import reverse_cumulative_sum
+from xformjax.ops.common.chunk_algebra import (chunk_log_decay, expand,
+                                               reverse_cumulative_sum, row_dot,
+                                               scalar_decay_mask)
+from xformjax.ops.common.chunk_layout import ChunkLayout, token_major, token_major_rows
+from xformjax.ops.common.chunk_scan import (BackwardBlock, BackwardCarry, BackwardStep,
+                                            BlockGrads)
+from xformjax.ops.common.gates import GateKind
+from xformjax.ops.delta_rule.inverse import unit_lower_inverse
 
 
-def make_delta_backward_step(kind: str, layout, helpers, num_sequences: int | None):
-    """Outer reverse-scan body over blocks; ``helpers`` as in ``chunk_backward.py`` plus
-    ``inverse`` (the unit lower-triangular inverse)."""
+def make_backward_step(kind: GateKind, layout: ChunkLayout, head_gate: jax.Array | None,
+                       num_sequences: int | None) -> BackwardStep:
+    """The reverse-scan body over blocks for the delta rule (scalar gates)."""
     packed = num_sequences is not None
     size = layout.chunk_size
     strictly = jnp.tril(jnp.ones((size, size), bool), -1)
     mm = jnp.einsum
 
-    def step(carry, xs):
-        grad_state, d_inits, d_head = carry
-        q, k, v, beta, log_a, values, d_out, d_entering, d_values, entering, first, seq = xs
-        qc, kc, vc, uc, doc, d_values_c = (helpers.head_major(x) for x in
-                                           (q, k, v, values, d_out, d_values))  # [B, H, G, C, D]
-        betac = helpers.head_major(beta[..., None])  # [B, H, G, C, 1]
-        b = helpers.cumulative(None if log_a is None else helpers.head_major(log_a))
+    def step(carry: BackwardCarry, xs: BackwardBlock) -> tuple[BackwardCarry, BlockGrads]:
+        grad_state, suffix, d_inits, d_head = carry
+        inputs, d_entering, entering = xs.inputs, xs.d_entering, xs.entering
+        first, seq = inputs.first, inputs.seq
+        assert inputs.beta is not None and xs.values is not None and xs.d_values is not None
+        qc, kc, vc, uc, doc, d_values_c = (
+            layout.head_major(x) for x in (inputs.q, inputs.k, inputs.v, xs.values, xs.d_out,
+                                           xs.d_values))  # [B, H, G, C, D]
+        betac = layout.head_major(inputs.beta[..., None])  # [B, H, G, C, 1]
+        log_a = None if inputs.log_a is None else layout.head_major(inputs.log_a)
+        b = chunk_log_decay(kind, head_gate, log_a, size)
         b_last = b[..., -1:]
-        b_full, b_last_full = helpers.expand(b), helpers.expand(b_last)
+        b_full, b_last_full = expand(b, kind), expand(b_last, kind)
         e_b, e_to_end = jnp.exp(b_full), jnp.exp(b_last_full - b_full)
-        gamma = helpers.decay_mask(b)  # [B|1, H, G|1, C, C]
+        gamma = scalar_decay_mask(b, kind)  # [B|1, H, G|1, C, C]
         gamma_strict = jnp.where(strictly, gamma, 0.0)
 
         kk = mm("bhnik,bhnjk->bhnij", kc, kc)
         scores = mm("bhnik,bhnjk->bhnij", qc, kc) * gamma
-        transform = helpers.inverse(kk * gamma_strict * betac)
+        transform = unit_lower_inverse(kk * gamma_strict * betac)
         w = mm("bhnij,bhnjk->bhnik", transform, betac * kc * e_b)
         k_to_end = kc * e_to_end
 
@@ -124,12 +136,10 @@ def make_delta_backward_step(kind: str, layout, helpers, num_sequences: int | No
             d_head = d_head + jnp.einsum("bhnc,c->h", d_b, positions)
             d_log_a = None
         else:
-            d_log_a = reverse_cumulative_sum(d_b, axis=-1)
-            d_log_a = jnp.moveaxis(d_log_a, 1, 3).reshape(d_log_a.shape[0], -1,
-                                                          d_log_a.shape[1])
+            d_log_a = token_major_rows(reverse_cumulative_sum(d_b, axis=-1))
 
-        flat = lambda a: jnp.moveaxis(a, 1, 3).reshape(a.shape[0], -1, a.shape[1], a.shape[-1])
-        d_beta = jnp.moveaxis(dbeta, 1, 3).reshape(dbeta.shape[0], -1, dbeta.shape[1])
-        return (grad_state, d_inits, d_head), (flat(dq), flat(dk), flat(dv), d_beta, d_log_a)
+        return (BackwardCarry(grad_state, suffix, d_inits, d_head),
+                BlockGrads(token_major(dq), token_major(dk), token_major(dv),
+                           token_major_rows(dbeta), d_log_a))
 
     return step

@@ -2,7 +2,22 @@
 
 Plain linear attention, its normalised form, per-head constant decays
 (RetNet, lightning attention), per-token scalar gates (Mamba2-style) and
-per-key-channel gates (GLA), in parallel, chunked and recurrent forms.
+per-key-channel gates (GLA), in parallel, chunked and recurrent forms::
+
+    S_t = exp(g_t) · diag(exp(gk_t)) · S_{t-1} + k_t v_tᵀ      S: [K, V]
+    o_t = scale · S_tᵀ q_t
+
+Where each form lives:
+
+* ``parallel.py``: the masked T×T decay matrix (quadratic; short sequences, checks);
+* ``chunk.py``: the per-chunk update rule, run by the shared chunk engine
+  (``xformjax.ops.common.chunk_scan``: packing layout, log-gate prefix sums,
+  decay masks, the blocked scan, final states); ``chunk_backward.py``: its
+  hand-written backward for scalar gates;
+* ``recurrent.py``: the token-by-token update (decoding), run by
+  ``xformjax.ops.common.token_scan``;
+* the gate layouts (``LogGate``): ``xformjax.ops.common.gates``; the Pallas
+  kernels: ``xformjax.kernels``.
 """
 
 from __future__ import annotations

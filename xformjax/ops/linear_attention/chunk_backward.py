@@ -1,7 +1,8 @@
-"""Hand-written backward of the chunked form for scalar gates (none, ``[H]``, ``[B, T, H]``).
+"""Hand-written backward of chunked linear attention, scalar gates (none, [H], [B, T, H]).
 
-The forward (``chunk.py``) returns the outputs and the state entering every
-chunk; those states are the only residual besides the inputs. Per chunk, with
+The forward (``chunk.py``, run by ``xformjax.ops.common.chunk_scan``) returns the
+outputs and the state entering every chunk; those states are the only residual
+besides the inputs. Per chunk, with
 ``M_ij = exp(b_i − b_j)[j ≤ i]``, ``S`` the entering state, ``G`` the cotangent
 of the state leaving the chunk and ``dO`` the output cotangent::
 
@@ -31,47 +32,43 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from xformjax.ops.common.gates import reverse_cumulative_sum
+from xformjax.ops.common.chunk_algebra import (chunk_log_decay, decay_state, expand,
+                                               head_chunk_decay, reverse_cumulative_sum,
+                                               row_dot, scalar_decay_mask)
+from xformjax.ops.common.chunk_layout import ChunkLayout, token_major, token_major_rows
+from xformjax.ops.common.chunk_scan import (BackwardBlock, BackwardCarry, BackwardStep,
+                                            BlockGrads)
+from xformjax.ops.common.gates import GateKind
 
 
-def row_dot(a: jax.Array, b: jax.Array) -> jax.Array:
-    """``Σ_d a[..., d]·b[..., d]`` (broadcasting the leading axes), as a ``dot_general``.
-
-    Not ``jnp.sum(a * b, axis=-1)``: XLA:CPU (jaxlib 0.10) hands a fused
-    multiply-then-reduce to YNNPACK, which ran it 7× slower than this dot on
-    ``[4, 8, 64, 64]`` rows (300 µs against 45 µs); in the delta rule's
-    backward three such sums took a fifth of the time.
-    """
-    return jnp.einsum("...d,...d->...", a, b)
-
-
-def make_backward_step(kind: str, layout, helpers, head_gate: jax.Array | None,
-                       num_sequences: int | None):
-    """Outer reverse-scan body over blocks. ``helpers`` gives chunk.py's layout and
-    decay functions: ``head_major``, ``cumulative``, ``expand``, ``decay_mask`` and
-    ``decay_state``."""
+def make_backward_step(kind: GateKind, layout: ChunkLayout, head_gate: jax.Array | None,
+                       num_sequences: int | None) -> BackwardStep:
+    """The reverse-scan body over blocks for linear attention (scalar gates)."""
     packed = num_sequences is not None
     size = layout.chunk_size
 
-    def step(carry, xs):
+    def step(carry: BackwardCarry, xs: BackwardBlock) -> tuple[BackwardCarry, BlockGrads]:
         grad_state, suffix, d_inits, d_head = carry
-        q, k, v, log_a, d_out, d_entering, entering, first, seq, rank = xs
-        qc, kc, vc, doc = (helpers.head_major(x) for x in (q, k, v, d_out))  # [B, H, G, C, D]
-        b = helpers.cumulative(None if log_a is None else helpers.head_major(log_a))
+        inputs, d_entering, entering = xs.inputs, xs.d_entering, xs.entering
+        first, seq, rank = inputs.first, inputs.seq, inputs.rank
+        qc, kc, vc, doc = (layout.head_major(x)
+                           for x in (inputs.q, inputs.k, inputs.v, xs.d_out))  # [B, H, G, C, D]
+        log_a = None if inputs.log_a is None else layout.head_major(inputs.log_a)
+        b = chunk_log_decay(kind, head_gate, log_a, size)
         b_last = b[..., -1:]
-        b_full, b_last_full = helpers.expand(b), helpers.expand(b_last)
-        mask = helpers.decay_mask(b)  # [B|1, H, G|1, C, C]
+        b_full, b_last_full = expand(b, kind), expand(b_last, kind)
+        mask = scalar_decay_mask(b, kind)  # [B|1, H, G|1, C, C]
         q_decayed = qc * jnp.exp(b_full)
         k_to_end = kc * jnp.exp(b_last_full - b_full)
 
         # State cotangents, chunk by chunk from the last.
         from_outputs = jnp.einsum("bhnck,bhncv->bhnkv", q_decayed, doc) + d_entering
-        head_decay = jnp.exp(head_gate * size) if kind == "head" else None
+        head_decay = head_chunk_decay(head_gate, size)
         per_chunk_decay = None if kind == "head" else jnp.moveaxis(jnp.exp(b_last[..., 0]), 2, 0)
 
         def inner(grad_out, xs_n):
             contribution, decay, first_n = xs_n
-            grad_in = helpers.decay_state(grad_out, head_decay if kind == "head" else decay)
+            grad_in = decay_state(grad_out, kind, head_decay if kind == "head" else decay)
             grad_in = grad_in + contribution
             grad_prev = grad_in if first_n is None else jnp.where(first_n, 0.0, grad_in)
             return grad_prev, (grad_out, grad_in)
@@ -118,10 +115,9 @@ def make_backward_step(kind: str, layout, helpers, head_gate: jax.Array | None,
                 suffix_step, suffix,
                 (jnp.moveaxis(within[..., 0], 2, 0), jnp.moveaxis(state_term, 2, 0), first),
                 reverse=True)
-            d_log_a = within + jnp.moveaxis(after, 0, 2)[..., None]
-            d_log_a = jnp.moveaxis(d_log_a, 1, 3).reshape(d_log_a.shape[0], -1, d_log_a.shape[1])
+            d_log_a = token_major_rows(within + jnp.moveaxis(after, 0, 2)[..., None])
 
-        flat = lambda x: jnp.moveaxis(x, 1, 3).reshape(x.shape[0], -1, x.shape[1], x.shape[-1])
-        return (grad_state, suffix, d_inits, d_head), (flat(dq), flat(dk), flat(dv), d_log_a)
+        return (BackwardCarry(grad_state, suffix, d_inits, d_head),
+                BlockGrads(token_major(dq), token_major(dk), token_major(dv), None, d_log_a))
 
     return step
