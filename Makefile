@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?= -n auto --durations=25
 BENCH_ARGS ?=
 
-.PHONY: train test test-fast lock bench
+.PHONY: train test test-fast lint format lock bench
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,18 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Lint and type checks (CI runs them before the tests): ruff's rules and formatting over
+# the whole checkout, pyright (basic) over the package and its kernels. `make format`
+# applies ruff's fixes and formatting.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/pyright
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 # For iteration: everything but the longest files (learning, CLI, notebooks, the wheel).
 test-fast: $(STAMP)

@@ -18,9 +18,9 @@ them through :func:`xformjax.ops.linear_attention` / :func:`xformjax.ops.delta_r
 with ``backend=None`` (kernels on GPU/TPU) or ``backend="pallas"``.
 """
 
-from xformjax.kernels.config import BLOCK_CONFIGS, BlockConfig, block_config
-from xformjax.kernels.delta_rule import delta_rule
-from xformjax.kernels.linear_attention import linear_attention
+from .config import BLOCK_CONFIGS, BlockConfig, block_config
+from .delta_rule import delta_rule
+from .linear_attention import linear_attention
 
 AVAILABLE_KERNELS: tuple[str, ...] = ("linear_attention", "delta_rule")
 

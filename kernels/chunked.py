@@ -24,8 +24,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from xformjax.kernels import chunk_math
-from xformjax.kernels.driver import chunk_scan
+from . import chunk_math
+from .driver import chunk_scan
 
 F32 = jnp.float32
 
@@ -35,7 +35,7 @@ def _as_f32(arrays):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def scalar_scan(q, k, v, b, beta, h0, options):
+def scalar_scan(q, k, v, b, beta, h0, options) -> tuple[jax.Array, jax.Array]:
     """Linear attention (``beta is None``) or the delta rule, scalar gate.
 
     ``options``: a hashable tuple ``(scale, chunk_size, inverse_block, target,
@@ -59,7 +59,8 @@ def _scalar_forward(q, k, v, b, beta, h0, options, save_entering):
     (out,), entering, final = chunk_scan(
         step, tokens, [], h0, chunk_size=chunk_size, out_dims=[v.shape[2]],
         out_dtypes=[jnp.result_type(q, k, v)], save_entering=save_entering, reverse=False,
-        target=target, interpret=interpret, name="delta_rule_fwd" if delta else "linear_attention_fwd")
+        target=target, interpret=interpret,
+        name="delta_rule_fwd" if delta else "linear_attention_fwd")
     return out, final, entering
 
 
@@ -100,7 +101,7 @@ scalar_scan.defvjp(_scalar_fwd_rule, _scalar_bwd_rule)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def channel_scan(q, k, v, b, h0, options):
+def channel_scan(q, k, v, b, h0, options) -> tuple[jax.Array, jax.Array]:
     """Linear attention with a per-key-channel gate (GLA); ``options`` as ``scalar_scan``."""
     return _channel_forward(q, k, v, b, h0, options, save_entering=False)[:2]
 

@@ -21,10 +21,10 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from xformjax.kernels import layout
-from xformjax.kernels.chunked import scalar_scan
-from xformjax.kernels.config import block_config, padded_feature
-from xformjax.kernels.platform import on_platforms
+from . import layout
+from .chunked import scalar_scan
+from .config import block_config, padded_feature
+from .platform import on_platforms
 
 
 def delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *,
@@ -54,6 +54,7 @@ def delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *,
                     target=target, interpret=interpret)
 
     def cpu(q, k, v, beta, *optional):
+        assert cpu_fallback is not None  # cpu is passed on only when it is given
         return cpu_fallback(q, k, v, beta, **dict(zip(names, optional)))
 
     return on_platforms(run, q, k, v, beta, *(present[n] for n in names), target=target,
@@ -75,6 +76,7 @@ def _run(q, k, v, beta, g, initial_state, *, scale, target, interpret):
     b = layout.chunk_cumsum(layout.token_gate_rows(g, batch, num_tokens, heads, length),
                             chunk_size)
     options = (scale, chunk_size, config.inverse_block, target, interpret)
-    out, final = scalar_scan(q_rows, k_rows, v_rows, b, beta_rows, h0, options)
+    # jax.custom_vjp.__new__ may return a custom_vjp3, so pyright loses the return type
+    out, final = scalar_scan(q_rows, k_rows, v_rows, b, beta_rows, h0, options)  # pyright: ignore[reportGeneralTypeIssues]
     return (layout.from_rows(out, batch, num_tokens, value_dim),
             layout.state_from_rows(final, batch, key_dim, value_dim))

@@ -38,7 +38,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-from xformjax.kernels.config import block_config
+from .config import block_config
 
 F32 = jnp.float32
 Step = Callable[[list, list, jax.Array], tuple[list, jax.Array]]
@@ -111,6 +111,7 @@ def _tpu_call(step, tokens, per_chunk, carry0, out_shapes, *, chunk_size, num_ch
 
         carry = carry_ref[...]
         if save_entering:
+            assert entering_ref is not None  # _split_refs gives it whenever save_entering
             entering_ref[...] = carry
         outs, new_carry = step([r[...] for r in token_refs], [r[...] for r in chunk_refs],
                                carry)
@@ -151,6 +152,7 @@ def _gpu_call(step, tokens, per_chunk, carry0, out_shapes, *, chunk_size, num_ch
             n = num_chunks - 1 - i if reverse else i
             rows = pl.ds(pl.multiple_of(n * chunk_size, chunk_size), chunk_size)
             if save_entering:
+                assert entering_ref is not None  # _split_refs gives it whenever save_entering
                 entering_ref[n] = carry
             outs, new_carry = step([r[rows, :] for r in token_refs],
                                    [r[n] for r in chunk_refs], carry)

@@ -21,10 +21,10 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from xformjax.kernels import layout
-from xformjax.kernels.chunked import channel_scan, scalar_scan
-from xformjax.kernels.config import block_config, padded_feature
-from xformjax.kernels.platform import on_platforms
+from . import layout
+from .chunked import channel_scan, scalar_scan
+from .config import block_config, padded_feature
+from .platform import on_platforms
 
 
 def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
@@ -58,6 +58,7 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                     scale=scale, target=target, interpret=interpret)
 
     def cpu(q, k, v, *optional):
+        assert cpu_fallback is not None  # cpu is passed on only when it is given
         return cpu_fallback(q, k, v, **dict(zip(names, optional)))
 
     return on_platforms(run, q, k, v, *(present[n] for n in names), target=target,
@@ -83,10 +84,12 @@ def _run(q, k, v, g, gk, initial_state, *, scale, target, interpret):
             log_decay = log_decay + layout.token_gate_rows(g, batch, num_tokens, heads,
                                                            length)[..., None]
         b = layout.chunk_cumsum(log_decay, chunk_size)
-        out, final = channel_scan(q_rows, k_rows, v_rows, b, h0, options)
+        # jax.custom_vjp.__new__ may return a custom_vjp3, so pyright loses the return type
+        out, final = channel_scan(q_rows, k_rows, v_rows, b, h0, options)  # pyright: ignore[reportGeneralTypeIssues]
     else:
         log_decay = layout.token_gate_rows(g, batch, num_tokens, heads, length)
         b = layout.chunk_cumsum(log_decay, chunk_size)
-        out, final = scalar_scan(q_rows, k_rows, v_rows, b, None, h0, options)
+        # jax.custom_vjp.__new__ may return a custom_vjp3, so pyright loses the return type
+        out, final = scalar_scan(q_rows, k_rows, v_rows, b, None, h0, options)  # pyright: ignore[reportGeneralTypeIssues]
     return (layout.from_rows(out, batch, num_tokens, value_dim),
             layout.state_from_rows(final, batch, key_dim, value_dim))

@@ -109,7 +109,7 @@ def test_ops_without_a_kernel_warn_and_run_xla():
 
 
 def test_mixed_dtypes_keep_the_widest_output_dtype():
-    q, k, v, beta, g = inputs()
+    q, k, v, _beta, g = inputs()
     v16 = v.astype(jnp.bfloat16)
     o, _ = ops.linear_attention(q, k, v16, g=g, backend="pallas")
     o_ref, _ = ops.linear_attention(q, k, v16, g=g, backend="xla")

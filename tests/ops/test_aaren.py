@@ -78,7 +78,8 @@ def reference_aaren(q, k, v, *, scale=None, initial_state=None, d_o=None, d_fina
                 continue
             ds, dv = np.zeros(length), np.zeros((length, value_dim))
             dm0 = du0 = dw0 = 0.0
-            e0 = (lambda mt: 0.0) if m0[b, h] == -np.inf else (lambda mt: np.exp(m0[b, h] - mt))
+            e0 = ((lambda mt: 0.0) if m0[b, h] == -np.inf
+                  else (lambda mt, b=b, h=h: np.exp(m0[b, h] - mt)))
             for t in range(length):
                 g = d_o[b, t, h]
                 p = np.exp(s[:t + 1] - ms[t]) / ws[t]

@@ -15,10 +15,16 @@ import numpy as np
 import pytest
 
 from tests.ops import reference
-from tests.ops.helpers import (GATES, MODES, StateCase, as_jax, check_state_op,
-                               gate_inputs, relative_error)
+from tests.ops.helpers import (
+    GATES,
+    MODES,
+    StateCase,
+    as_jax,
+    check_state_op,
+    gate_inputs,
+    relative_error,
+)
 from xformjax import ops
-
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,6 +4,8 @@ initial/final states and packed sequences."""
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,7 +43,7 @@ def reference_batch(a, b, h0, d_h, d_final, cu_seqlens=None):
     hs, grad_a, grad_b = (np.zeros_like(b) for _ in range(3))
     finals, grad_h0 = np.zeros_like(h0), np.zeros_like(h0)
     spans = ([(i, 0, a.shape[1]) for i in range(a.shape[0])] if cu_seqlens is None else
-             [(0, s, e) for s, e in zip(cu_seqlens[:-1], cu_seqlens[1:])])
+             [(0, s, e) for s, e in itertools.pairwise(cu_seqlens)])
     for n, (row, start, end) in enumerate(spans):
         span = slice(start, end)
         out = reference(a[row, span], b[row, span], h0[n], d_h[row, span], d_final[n])

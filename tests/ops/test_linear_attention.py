@@ -11,10 +11,18 @@ import numpy as np
 import pytest
 
 from tests.ops import reference
-from tests.ops.helpers import (GATES, MODES, StateCase, as_jax, assert_close,
-                               check_state_op, gate_inputs, log_gates, relative_error)
+from tests.ops.helpers import (
+    GATES,
+    MODES,
+    StateCase,
+    as_jax,
+    assert_close,
+    check_state_op,
+    gate_inputs,
+    log_gates,
+    relative_error,
+)
 from xformjax import ops
-
 
 Case = StateCase
 
@@ -93,7 +101,7 @@ def test_float32_matches_reference(mode, gate):
 def test_bfloat16_inputs_accumulate_in_float32(mode):
     case = CASES["T100-no-init"]
     inputs = make_inputs(case, "token")
-    o_ref, final_ref, _ = reference.linear_attention(**inputs)
+    o_ref, _final_ref, _ = reference.linear_attention(**inputs)
     rounded = {name: np.asarray(jnp.asarray(x, jnp.bfloat16), np.float64)
                for name, x in inputs.items()}
     o_rounded, _, _ = reference.linear_attention(**rounded)

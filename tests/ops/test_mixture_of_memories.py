@@ -135,7 +135,7 @@ def run_op(mode: str, **kwargs):
 # ----------------------------------------------------------------------------- tests
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference_case(length: int, gated: bool):
     """Inputs, cotangents and the reference's results (shared by the three modes)."""
     inputs = make_inputs(length, gated=gated, with_initial_state=gated)

@@ -121,7 +121,8 @@ def make_inputs(batch=2, length=37, heads=2, key_dim=4, value_dim=4, depth=2, se
         x = rng.standard_normal(shape)
         return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
-    inputs = {"q": unit((batch, length, heads, key_dim)), "k": unit((batch, length, heads, key_dim)),
+    inputs = {"q": unit((batch, length, heads, key_dim)),
+              "k": unit((batch, length, heads, key_dim)),
               "v": rng.standard_normal((batch, length, heads, value_dim)),
               "lr": rng.uniform(0.0, 0.3, (batch, length, heads)),
               "momentum": rng.uniform(0.0, 0.9, (batch, length, heads)),
@@ -238,7 +239,7 @@ def test_float32_accumulation_and_finite_gradients():
     floats = {name: jnp.asarray(value, jnp.float32) for name, value in inputs.items()}
     floats["memory"] = [jnp.asarray(w, jnp.float32) for w in memory]
     for mode, optimizer in (("chunk", "muon"), ("recurrent", "momentum")):
-        def loss(x):
+        def loss(x, mode=mode, optimizer=optimizer):
             o, state = neural_memory(x["q"], x["k"], x["v"], x["lr"], x["momentum"],
                                      x["decay"], x["memory"], omega_weights=x["gamma"],
                                      omega_window=2, optimizer=optimizer, mode=mode,

@@ -15,10 +15,18 @@ require_extra("train", "xformjax.data")  # before the imports that need it
 # ruff: noqa: E402 (the imports below need the extra checked above)
 from xformjax.data.corpus import CorpusSpec, prepare_corpus, split_files, stdlib_corpus
 from xformjax.data.pipeline import DOCUMENT_END, lm_dataset, task_dataset
-from xformjax.data.tasks import (MQAR, TASKS, ListOps, ModularArithmetic, Parity, Task,
-                                 WordProblem, evaluate_arithmetic, group_elements)
+from xformjax.data.tasks import (
+    MQAR,
+    TASKS,
+    ListOps,
+    ModularArithmetic,
+    Parity,
+    Task,
+    WordProblem,
+    evaluate_arithmetic,
+    group_elements,
+)
 
-__all__ = ["CorpusSpec", "prepare_corpus", "split_files", "stdlib_corpus", "DOCUMENT_END",
-           "lm_dataset", "task_dataset", "Task", "TASKS", "MQAR", "Parity",
-           "ModularArithmetic", "WordProblem", "ListOps", "evaluate_arithmetic",
-           "group_elements"]
+__all__ = ["DOCUMENT_END", "MQAR", "TASKS", "CorpusSpec", "ListOps", "ModularArithmetic", "Parity",
+           "Task", "WordProblem", "evaluate_arithmetic", "group_elements", "lm_dataset",
+           "prepare_corpus", "split_files", "stdlib_corpus", "task_dataset"]

@@ -331,7 +331,7 @@ class ListOps(Task):
         return self.max_length
 
     def _tree(self, rng, depth: int):
-        if depth < self.max_depth and rng.random() < self.p_operator or depth == 1:
+        if (depth < self.max_depth and rng.random() < self.p_operator) or depth == 1:
             operator = self.OPERATORS[int(rng.integers(0, len(self.OPERATORS)))]
             count = int(rng.integers(2, self.max_args + 1))
             return (operator, [self._tree(rng, depth + 1) for _ in range(count)])

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from xformjax.ops import common
+from xformjax.ops.common.validation import Mode
 
 OP = "diagonal_recurrence"
 
@@ -84,7 +85,7 @@ def _chunk(a, b, h0, chunk_size: int):
 
 def diagonal_recurrence(a: jax.Array, b: jax.Array, *, initial_state: jax.Array | None = None,
                         output_final_state: bool = False, cu_seqlens: jax.Array | None = None,
-                        mode: str = "chunk", chunk_size: int = 64
+                        mode: Mode = "chunk", chunk_size: int = 64
                         ) -> tuple[jax.Array, jax.Array | None]:
     """``h_t = a_t ⊙ h_{t-1} + b_t`` (see the module docstring).
 

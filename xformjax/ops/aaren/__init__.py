@@ -23,8 +23,9 @@ import jax.numpy as jnp
 from xformjax.ops import common
 from xformjax.ops.aaren.forms import aaren_chunk, aaren_parallel, aaren_recurrent
 from xformjax.ops.aaren.state import AarenState, combine, empty_state
+from xformjax.ops.common.validation import Backend, Mode
 
-__all__ = ["aaren", "AarenState", "combine", "empty_state"]
+__all__ = ["AarenState", "aaren", "combine", "empty_state"]
 
 OP = "aaren"
 
@@ -81,8 +82,8 @@ def _scores(q: jax.Array, k: jax.Array) -> jax.Array:
 
 def aaren(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None = None,
           initial_state: AarenState | Sequence[jax.Array] | None = None,
-          output_final_state: bool = False, mode: str = "chunk", chunk_size: int = 64,
-          backend: str | None = None) -> tuple[jax.Array, AarenState | None]:
+          output_final_state: bool = False, mode: Mode = "chunk", chunk_size: int = 64,
+          backend: Backend | None = None) -> tuple[jax.Array, AarenState | None]:
     """Aaren: causal softmax attention of a time-constant query, as an RNN.
 
     For every batch row and head, with scores ``s_i = scale · q·k_i``::
@@ -150,7 +151,7 @@ def aaren(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None = Non
 
 
 @functools.partial(jax.jit, static_argnames=("mode", "chunk_size"))
-def _run_form(scores: jax.Array, v: jax.Array, initial: AarenState, *, mode: str,
+def _run_form(scores: jax.Array, v: jax.Array, initial: AarenState, *, mode: Mode,
               chunk_size: int) -> tuple[jax.Array, AarenState]:
     """The requested form, compiled as one unit: the scans are many small operations,
     slow to dispatch one by one when the op is called outside ``jit``."""

@@ -14,14 +14,33 @@
 * :mod:`.token_scan`: the recurrent form's token-by-token driver.
 """
 
-from xformjax.ops.common.validation import (_WARNED, ACCELERATORS, BACKENDS, KERNEL_DTYPES,
-                                            MODES, Segments, check_chunk_size, check_dim,
-                                            check_floating, check_log_gate, check_mode,
-                                            check_rank, compute_dtype, fail, is_concrete,
-                                            kernel_gap, make_segments, resolve_backend,
-                                            round_up, shape_str, warn_once)
+from xformjax.ops.common.validation import (
+    _WARNED,
+    ACCELERATORS,
+    BACKENDS,
+    KERNEL_DTYPES,
+    MODES,
+    Backend,
+    Mode,
+    Segments,
+    check_chunk_size,
+    check_dim,
+    check_floating,
+    check_log_gate,
+    check_mode,
+    check_rank,
+    compute_dtype,
+    fail,
+    is_concrete,
+    kernel_gap,
+    make_segments,
+    resolve_backend,
+    round_up,
+    shape_str,
+    warn_once,
+)
 
-__all__ = ["ACCELERATORS", "BACKENDS", "KERNEL_DTYPES", "MODES", "Segments", "_WARNED",
-           "check_chunk_size", "check_dim", "check_floating", "check_log_gate", "check_mode",
-           "check_rank", "compute_dtype", "fail", "is_concrete", "kernel_gap", "make_segments",
-           "resolve_backend", "round_up", "shape_str", "warn_once"]
+__all__ = ["ACCELERATORS", "BACKENDS", "KERNEL_DTYPES", "MODES", "_WARNED", "Backend", "Mode",
+           "Segments", "check_chunk_size", "check_dim", "check_floating", "check_log_gate",
+           "check_mode", "check_rank", "compute_dtype", "fail", "is_concrete", "kernel_gap",
+           "make_segments", "resolve_backend", "round_up", "shape_str", "warn_once"]

@@ -27,6 +27,7 @@ factors, several times slower (a chunked KDA forward+backward at 4K tokens took
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -139,7 +140,8 @@ def _channel_gate_scores_bwd(residuals, d_scores):
     # Across sub-chunks (column is 0 where j is not before the sub-chunk).
     dx = jnp.einsum("...sij,...sjk->...sik", d_rows, y[..., None, :, :] * column) * row
     d_column = jnp.einsum("...sij,...sik->...sjk", d_rows, xs * row) * column  # [.., n, C, K]
-    dy = _split(sum(d_column[..., s, :, :] for s in range(count)), sub)
+    # (count ≥ 1, so the `sum`, typed `Array | Literal[0]`, is an array)
+    dy = _split(cast(jax.Array, sum(d_column[..., s, :, :] for s in range(count))), sub)
     # Inside each sub-chunk: a matrix-vector product per row i (dx) and per column
     # j (dy). (Products accumulated element-wise instead get fused by XLA:CPU into
     # the consumer's transposing write, which then runs several times slower.)

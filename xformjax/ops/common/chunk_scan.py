@@ -42,11 +42,22 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from xformjax.ops.common.chunk_algebra import (chunk_decays, chunk_log_decay, cumulative_sum,
-                                               decay_state, expand, gate_scores,
-                                               head_chunk_decay, last_row)
-from xformjax.ops.common.chunk_layout import (ChunkLayout, effective_chunk_size, make_layout,
-                                             token_major)
+from xformjax.ops.common.chunk_algebra import (
+    chunk_decays,
+    chunk_log_decay,
+    cumulative_sum,
+    decay_state,
+    expand,
+    gate_scores,
+    head_chunk_decay,
+    last_row,
+)
+from xformjax.ops.common.chunk_layout import (
+    ChunkLayout,
+    effective_chunk_size,
+    make_layout,
+    token_major,
+)
 from xformjax.ops.common.gates import GateKind, LogGate
 from xformjax.ops.common.validation import Segments
 
@@ -114,8 +125,8 @@ class ChunkInputs(NamedTuple):
 
     def blocked(self, layout: ChunkLayout) -> BlockInputs:
         blocks = lambda x: None if x is None else layout.blocks(x)
-        return BlockInputs(blocks(self.q), blocks(self.k), blocks(self.v), blocks(self.log_a),
-                           blocks(self.beta), layout.chunk_flags(self.first),
+        return BlockInputs(layout.blocks(self.q), layout.blocks(self.k), layout.blocks(self.v),
+                           blocks(self.log_a), blocks(self.beta), layout.chunk_flags(self.first),
                            layout.chunk_flags(self.seq), layout.chunk_flags(self.rank))
 
 
@@ -212,6 +223,7 @@ def make_block_step(rule: ChunkRule, kind: GateKind, head_gate: jax.Array | None
                 carry = jnp.where(first_n, inits[seq_n][None], carry)
             update, values = rule.transition(carry, prepared_n)
             decay = head_decay if kind == "head" else decay
+            assert decay is not None  # a head gate has head_decay, other kinds chunk_decays
             return decay_state(carry, kind, decay) + update, (carry, values)
 
         state, (entering, values) = jax.lax.scan(
@@ -266,7 +278,7 @@ def make_chunk_core(rule: ChunkRule, kind: GateKind, layout: ChunkLayout,
         step = rule.make_backward_step(kind, layout, inputs.head_gate, num_sequences)
         blocks = lambda x: None if x is None else layout.blocks(x)
         xs = BackwardBlock(inputs.blocked(layout), blocks(values), entering,
-                           blocks(cotangents.out), blocks(cotangents.values),
+                           layout.blocks(cotangents.out), blocks(cotangents.values),
                            cotangents.entering)
         state0, zeros = inputs.state0, lambda x: None if x is None else jnp.zeros_like(x)
         carry = BackwardCarry(jnp.zeros_like(state0),
@@ -275,7 +287,8 @@ def make_chunk_core(rule: ChunkRule, kind: GateKind, layout: ChunkLayout,
                               zeros(inputs.inits), zeros(inputs.head_gate))
         carry, grads = jax.lax.scan(step, carry, xs, reverse=True)
         unblock = lambda x: None if x is None else layout.unblock(x)
-        return (ChunkInputs(unblock(grads.dq), unblock(grads.dk), unblock(grads.dv),
+        return (ChunkInputs(layout.unblock(grads.dq), layout.unblock(grads.dk),
+                            layout.unblock(grads.dv),
                             unblock(grads.d_log_a), unblock(grads.d_beta), carry.d_head,
                             carry.grad_state, carry.d_inits, None, None, None),)
 

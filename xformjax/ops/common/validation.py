@@ -10,20 +10,28 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections.abc import Sequence
+from typing import Literal, NoReturn, get_args
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
 
-MODES: tuple[str, ...] = ("parallel", "chunk", "recurrent")
-BACKENDS: tuple[str | None, ...] = (None, "xla", "pallas")
+#: The form an op runs: the quadratic ``"parallel"``, the ``"chunk"``ed scan (linear in
+#: T; the kernels' form) or token by token (``"recurrent"``).
+Mode = Literal["parallel", "chunk", "recurrent"]
+#: Who runs it: XLA, or the Pallas kernel; ``None`` picks (see :func:`resolve_backend`).
+Backend = Literal["xla", "pallas"]
+MODES: tuple[Mode, ...] = get_args(Mode)
+BACKENDS: tuple[Backend | None, ...] = (None, *get_args(Backend))
 
 
 def shape_str(x) -> str:
     return str(tuple(int(d) for d in jnp.shape(x)))
 
 
-def fail(op: str, message: str) -> None:
+def fail(op: str, message: str) -> NoReturn:
+    """Raise ``ValueError("{op}: {message}")``: every op's input errors name the op."""
     raise ValueError(f"{op}: {message}")
 
 
@@ -47,7 +55,7 @@ def check_floating(op: str, name: str, x) -> None:
         fail(op, f"`{name}` must be a floating-point array; got dtype {jnp.result_type(x)}")
 
 
-def check_mode(op: str, mode: str) -> str:
+def check_mode(op: str, mode: str) -> Mode:
     if mode not in MODES:
         fail(op, f"unknown `mode`={mode!r}; expected one of {MODES}")
     return mode
@@ -72,8 +80,8 @@ def warn_once(op: str, message: str) -> None:
     warnings.warn(f"{op}: {message}", RuntimeWarning, stacklevel=4)
 
 
-def resolve_backend(op: str, backend: str | None, unsupported: str | None = None, *,
-                    has_kernel: bool = False, mode: str = "chunk") -> str:
+def resolve_backend(op: str, backend: Backend | None, unsupported: str | None = None, *,
+                    has_kernel: bool = False, mode: Mode = "chunk") -> Backend:
     """Return the backend that will run: ``"pallas"`` or ``"xla"``.
 
     ``backend=None`` picks the Pallas kernel when the op has one, ``mode`` is the
@@ -131,7 +139,7 @@ def compute_dtype(*arrays) -> jnp.dtype:
 
 def is_concrete(x) -> bool:
     """True when ``x`` holds values now (not a tracer under jit/grad)."""
-    return not isinstance(x, jax.core.Tracer)
+    return not isinstance(x, Tracer)
 
 
 def check_log_gate(op: str, name: str, gate) -> None:

@@ -30,14 +30,17 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from xformjax import kernels
+# `kernels/` is installed as xformjax.kernels by [tool.setuptools.package-dir], a mapping
+# pyright cannot see.
+from xformjax import kernels  # pyright: ignore[reportAttributeAccessIssue]
 from xformjax.ops import common
 from xformjax.ops.common.gates import combine
+from xformjax.ops.common.validation import Backend, Mode
 from xformjax.ops.delta_rule.chunk import delta_rule_chunk
 from xformjax.ops.delta_rule.recurrent import delta_rule_recurrent
 from xformjax.ops.linear_attention import validate
 
-__all__ = ["delta_rule", "delta_product"]
+__all__ = ["delta_product", "delta_rule"]
 
 
 def _check_beta(op: str, beta, q, rows: int) -> None:
@@ -126,8 +129,8 @@ def delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *,
                g: jax.Array | None = None, gk: jax.Array | None = None,
                scale: float | None = None, initial_state: jax.Array | None = None,
                output_final_state: bool = False, cu_seqlens: jax.Array | None = None,
-               mode: str = "chunk", chunk_size: int = 64,
-               backend: str | None = None) -> tuple[jax.Array, jax.Array | None]:
+               mode: Mode = "chunk", chunk_size: int = 64,
+               backend: Backend | None = None) -> tuple[jax.Array, jax.Array | None]:
     """The (gated) delta rule.
 
     For every batch row (or packed sequence) and head::
@@ -168,9 +171,9 @@ def delta_product(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *,
                   num_householder: int, g: jax.Array | None = None,
                   gk: jax.Array | None = None, scale: float | None = None,
                   initial_state: jax.Array | None = None, output_final_state: bool = False,
-                  cu_seqlens: jax.Array | None = None, mode: str = "chunk",
+                  cu_seqlens: jax.Array | None = None, mode: Mode = "chunk",
                   chunk_size: int = 64,
-                  backend: str | None = None) -> tuple[jax.Array, jax.Array | None]:
+                  backend: Backend | None = None) -> tuple[jax.Array, jax.Array | None]:
     """DeltaProduct: ``n = num_householder`` delta steps per token.
 
     ``k``, ``v`` and ``beta`` carry ``T·n`` rows, token-major (row ``t·n + j`` is

@@ -37,12 +37,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from xformjax.ops.common.chunk_algebra import (chunk_log_decay, expand,
-                                               reverse_cumulative_sum, row_dot,
-                                               scalar_decay_mask)
+from xformjax.ops.common.chunk_algebra import (
+    chunk_log_decay,
+    expand,
+    reverse_cumulative_sum,
+    row_dot,
+    scalar_decay_mask,
+)
 from xformjax.ops.common.chunk_layout import ChunkLayout, token_major, token_major_rows
-from xformjax.ops.common.chunk_scan import (BackwardBlock, BackwardCarry, BackwardStep,
-                                            BlockGrads)
+from xformjax.ops.common.chunk_scan import BackwardBlock, BackwardCarry, BackwardStep, BlockGrads
 from xformjax.ops.common.gates import GateKind
 from xformjax.ops.delta_rule.inverse import unit_lower_inverse
 
@@ -100,6 +103,7 @@ def make_backward_step(kind: GateKind, layout: ChunkLayout, head_gate: jax.Array
                                 first), reverse=True)
         grad_leaving, d_vals = (jnp.moveaxis(a, 0, 2) for a in (grad_leaving, d_vals))
         if packed:
+            assert first is not None and d_inits is not None  # packed: the layout's flags, inits
             starts = jnp.where(first[:, None, None, None], grad_entering[:, 0], 0.0)
             d_inits = d_inits.at[seq].add(starts)
 
@@ -132,6 +136,7 @@ def make_backward_step(kind: GateKind, layout: ChunkLayout, head_gate: jax.Array
                      + decay * jnp.einsum("bhnkv,bhnkv->bhn", grad_leaving, entering))  # [B, H, G]
         d_b = d_b.at[..., -1].add(end_terms)
         if kind == "head":
+            assert d_head is not None  # zeros like the head gate
             positions = jnp.arange(1, size + 1, dtype=qc.dtype)
             d_head = d_head + jnp.einsum("bhnc,c->h", d_b, positions)
             d_log_a = None

@@ -27,14 +27,17 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from xformjax import kernels
+# `kernels/` is installed as xformjax.kernels by [tool.setuptools.package-dir], a mapping
+# pyright cannot see.
+from xformjax import kernels  # pyright: ignore[reportAttributeAccessIssue]
 from xformjax.ops import common
-from xformjax.ops.linear_attention.chunk import linear_attention_chunk
 from xformjax.ops.common.gates import LogGate, combine
+from xformjax.ops.common.validation import Backend, Mode
+from xformjax.ops.linear_attention.chunk import linear_attention_chunk
 from xformjax.ops.linear_attention.parallel import linear_attention_parallel
 from xformjax.ops.linear_attention.recurrent import linear_attention_recurrent
 
-__all__ = ["linear_attention", "validate", "LogGate", "NORMALIZER_EPS"]
+__all__ = ["NORMALIZER_EPS", "LogGate", "linear_attention", "validate"]
 
 OP = "linear_attention"
 NORMALIZER_EPS = 1e-6
@@ -97,9 +100,9 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                      scale: float | None = None, normalize: bool = False,
                      initial_state: jax.Array | None = None,
                      output_final_state: bool = False,
-                     cu_seqlens: jax.Array | None = None, mode: str = "chunk",
+                     cu_seqlens: jax.Array | None = None, mode: Mode = "chunk",
                      chunk_size: int = 64,
-                     backend: str | None = None) -> tuple[jax.Array, jax.Array | None]:
+                     backend: Backend | None = None) -> tuple[jax.Array, jax.Array | None]:
     """Gated linear attention.
 
     For every batch row (or packed sequence) and head::

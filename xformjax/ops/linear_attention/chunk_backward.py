@@ -32,12 +32,17 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from xformjax.ops.common.chunk_algebra import (chunk_log_decay, decay_state, expand,
-                                               head_chunk_decay, reverse_cumulative_sum,
-                                               row_dot, scalar_decay_mask)
+from xformjax.ops.common.chunk_algebra import (
+    chunk_log_decay,
+    decay_state,
+    expand,
+    head_chunk_decay,
+    reverse_cumulative_sum,
+    row_dot,
+    scalar_decay_mask,
+)
 from xformjax.ops.common.chunk_layout import ChunkLayout, token_major, token_major_rows
-from xformjax.ops.common.chunk_scan import (BackwardBlock, BackwardCarry, BackwardStep,
-                                            BlockGrads)
+from xformjax.ops.common.chunk_scan import BackwardBlock, BackwardCarry, BackwardStep, BlockGrads
 from xformjax.ops.common.gates import GateKind
 
 
@@ -68,7 +73,9 @@ def make_backward_step(kind: GateKind, layout: ChunkLayout, head_gate: jax.Array
 
         def inner(grad_out, xs_n):
             contribution, decay, first_n = xs_n
-            grad_in = decay_state(grad_out, kind, head_decay if kind == "head" else decay)
+            step_decay = head_decay if kind == "head" else decay
+            assert step_decay is not None  # a head gate has head_decay, a token gate its own
+            grad_in = decay_state(grad_out, kind, step_decay)
             grad_in = grad_in + contribution
             grad_prev = grad_in if first_n is None else jnp.where(first_n, 0.0, grad_in)
             return grad_prev, (grad_out, grad_in)
@@ -78,6 +85,7 @@ def make_backward_step(kind: GateKind, layout: ChunkLayout, head_gate: jax.Array
             reverse=True)
         grad_leaving = jnp.moveaxis(grad_leaving, 0, 2)  # [B, H, G, K, V]
         if packed:
+            assert first is not None and d_inits is not None  # packed: the layout's flags, inits
             starts = jnp.where(first[:, None, None, None], grad_entering[:, 0], 0.0)
             d_inits = d_inits.at[seq].add(starts)
 
@@ -96,6 +104,7 @@ def make_backward_step(kind: GateKind, layout: ChunkLayout, head_gate: jax.Array
         if first is not None:
             state_term = jnp.where(first, 0.0, state_term)
         if kind == "head":
+            assert rank is not None and d_head is not None  # a head gate's rank, cotangent
             positions = (rank[:, None] * size + jnp.arange(1, size + 1)).astype(qc.dtype)
             d_head = d_head + (jnp.einsum("bhnck,bhnck,nc->h", qc, dq, positions)
                                - jnp.einsum("bhnck,bhnck,nc->h", kc, dk, positions)

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from xformjax.ops import common
+from xformjax.ops.common.validation import Backend, Mode
 from xformjax.ops.delta_rule import delta_rule
 
 __all__ = ["mixture_of_memories"]
@@ -81,8 +82,8 @@ def _fold(x: jax.Array) -> jax.Array:
 def mixture_of_memories(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array,
                         routing: jax.Array, *, g: jax.Array | None = None,
                         scale: float | None = None, initial_state: jax.Array | None = None,
-                        output_final_state: bool = False, mode: str = "chunk",
-                        chunk_size: int = 64, backend: str | None = None
+                        output_final_state: bool = False, mode: Mode = "chunk",
+                        chunk_size: int = 64, backend: Backend | None = None
                         ) -> tuple[jax.Array, jax.Array | None]:
     """M gated delta-rule memories, each updated only on the tokens routed to it.
 

@@ -45,12 +45,13 @@ import jax
 import jax.numpy as jnp
 
 from xformjax.ops import common
+from xformjax.ops.common.validation import Mode
 from xformjax.ops.neural_memory import memory as memory_mlp
 from xformjax.ops.neural_memory.chunk import chunk_sequence
 from xformjax.ops.neural_memory.newton_schulz import newton_schulz
 from xformjax.ops.neural_memory.recurrent import Rule, recurrent_sequence
 
-__all__ = ["neural_memory", "init_neural_memory_state", "newton_schulz", "memory_mlp"]
+__all__ = ["init_neural_memory_state", "memory_mlp", "neural_memory", "newton_schulz"]
 
 OP = "neural_memory"
 OPTIMIZERS = ("momentum", "muon")
@@ -130,7 +131,7 @@ def neural_memory(q: jax.Array, k: jax.Array, v: jax.Array, lr: jax.Array,
                   omega_weights: jax.Array | None = None, omega_window: int = 1,
                   optimizer: str = "momentum", newton_schulz_steps: int = 5,
                   max_surprise_norm: float | None = None,
-                  mode: str = "chunk", chunk_size: int = 16,
+                  mode: Mode = "chunk", chunk_size: int = 16,
                   initial_state: dict | None = None, output_final_state: bool = False,
                   state_position: int | jax.Array | None = None
                   ) -> tuple[jax.Array, dict | None]:

@@ -27,10 +27,18 @@ import jax
 import jax.numpy as jnp
 
 from xformjax.ops.neural_memory import memory
-from xformjax.ops.neural_memory.recurrent import (Carry, Rule, clip_scale, clip_surprise,
-                                                  extended, momentum_input, select,
-                                                  shift_window, weight_increment)
-
+from xformjax.ops.neural_memory.recurrent import (
+    Carry,
+    Rule,
+    array_sum,
+    clip_scale,
+    clip_surprise,
+    extended,
+    momentum_input,
+    select,
+    shift_window,
+    weight_increment,
+)
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -67,7 +75,7 @@ def materialised_chunk_step(carry: Carry, xs, rule: Rule) -> tuple[Carry, jax.Ar
     size, c = q.shape[0], rule.omega_window
     ext_k, ext_v, ext_g = extended(carry, k, v, gamma, rule)
     grads = memory.token_gradients(carry["weights"], ext_k, ext_v, ext_g)
-    surprise = clip_surprise(rule, [sum(g[j:j + size] for j in range(c))  # [C, d, d']
+    surprise = clip_surprise(rule, [array_sum(g[j:j + size] for j in range(c))  # [C, d, d']
                                     for g in grads])
     per_token_w, new_w, new_m = [], [], []
     for w0, m0, u in zip(carry["weights"], carry["momentum"], surprise):

@@ -64,12 +64,12 @@ def gradient_factors(weights: Sequence[jax.Array], k: jax.Array, v: jax.Array,
         pre_activations.append(z)
         h = jax.nn.silu(z) if index < len(weights) - 1 else z
     delta = (h - v) * gamma[:, None]                      # dℓ/dz_L, weighted
-    deltas = [None] * len(weights)
+    deltas: list[jax.Array] = []                          # from the last layer down
     for index in reversed(range(len(weights))):
-        deltas[index] = delta
+        deltas.append(delta)
         if index > 0:
             delta = (delta @ weights[index].T) * silu_derivative(pre_activations[index - 1])
-    return tuple(inputs), tuple(deltas)
+    return tuple(inputs), tuple(reversed(deltas))
 
 
 def token_gradients(weights: Sequence[jax.Array], k: jax.Array, v: jax.Array,

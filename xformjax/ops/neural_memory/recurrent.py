@@ -12,6 +12,8 @@ window of earlier tokens; tokens before the sequence start have ``γ = 0``):
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +22,12 @@ from xformjax.ops.neural_memory import memory
 from xformjax.ops.neural_memory.newton_schulz import newton_schulz
 
 Carry = dict
+
+
+def array_sum(terms: Iterable[jax.Array]) -> jax.Array:
+    """Python's ``sum(terms)`` (``0 + t_0 + t_1 + …``) of a non-empty iterable, typed as
+    the array it then is."""
+    return cast(jax.Array, sum(terms))  # `sum` is typed `Array | Literal[0]`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +60,7 @@ def clip_surprise(rule: Rule, surprise: list[jax.Array]) -> list[jax.Array]:
     then grow at most linearly in the number of tokens, not geometrically)."""
     if rule.max_surprise_norm is None:
         return surprise
-    scale = clip_scale(rule, sum(jnp.sum(u * u, axis=(-2, -1)) for u in surprise))
+    scale = clip_scale(rule, array_sum(jnp.sum(u * u, axis=(-2, -1)) for u in surprise))
     return [u * scale[..., None, None] for u in surprise]
 
 
@@ -106,7 +114,7 @@ def recurrent_sequence(q, k, v, lr, mom, decay, gamma, carry: Carry, rule: Rule,
         q_t, k_t, v_t, lr_t, mom_t, decay_t, gamma_t = xs
         ext_k, ext_v, ext_g = extended(current, k_t[None], v_t[None], gamma_t[None], rule)
         grads = memory.token_gradients(current["weights"], ext_k, ext_v, ext_g)
-        surprise = clip_surprise(rule, [sum(g[j] for j in range(rule.omega_window))
+        surprise = clip_surprise(rule, [array_sum(g[j] for j in range(rule.omega_window))
                                         for g in grads])
         new_w, new_m = [], []
         for w, m, u in zip(current["weights"], current["momentum"], surprise):

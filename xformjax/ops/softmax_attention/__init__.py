@@ -8,12 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from xformjax.ops import common
+from xformjax.ops.common.validation import Backend, Mode
 from xformjax.ops.softmax_attention.chunk import attention_chunk
 from xformjax.ops.softmax_attention.masking import AttentionMask, sequence_ids, sigmoid_bias
 from xformjax.ops.softmax_attention.parallel import attention_parallel
 from xformjax.ops.softmax_attention.recurrent import attention_recurrent
 
-__all__ = ["softmax_attention", "sigmoid_attention", "AttentionMask"]
+__all__ = ["AttentionMask", "sigmoid_attention", "softmax_attention"]
 
 _FORMS = {"parallel": attention_parallel, "recurrent": attention_recurrent}
 
@@ -59,7 +60,7 @@ def _check_kv_length(op, kv_length, mode, cu_seqlens, num_queries, num_keys):
                         "'recurrent'; got mode='chunk'")
     if cu_seqlens is not None:
         common.fail(op, "`kv_length` cannot be combined with `cu_seqlens`")
-    if not isinstance(kv_length, jax.core.Tracer):
+    if common.is_concrete(kv_length):
         length = int(kv_length)
         if not num_queries <= length <= num_keys:
             common.fail(op, f"`kv_length`={length} must lie in [Tq, Tk] = "
@@ -114,8 +115,8 @@ def _attention(op, kind, q, k, v, *, causal, scale, window, cu_seqlens, mode, ch
 
 def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
                       scale: float | None = None, window: int | None = None,
-                      cu_seqlens: jax.Array | None = None, mode: str = "chunk",
-                      chunk_size: int = 128, backend: str | None = None,
+                      cu_seqlens: jax.Array | None = None, mode: Mode = "chunk",
+                      chunk_size: int = 128, backend: Backend | None = None,
                       kv_length: int | jax.Array | None = None
                       ) -> tuple[jax.Array, None]:
     """Softmax attention ``o_i = Σ_j softmax_j(scale·q_i·k_j) v_j`` over visible keys.
@@ -161,8 +162,8 @@ def sigmoid_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                       bias: float | jax.Array | None = None,
                       causal: bool = True, scale: float | None = None,
                       window: int | None = None, cu_seqlens: jax.Array | None = None,
-                      mode: str = "chunk", chunk_size: int = 128,
-                      backend: str | None = None,
+                      mode: Mode = "chunk", chunk_size: int = 128,
+                      backend: Backend | None = None,
                       kv_length: int | jax.Array | None = None) -> tuple[jax.Array, None]:
     """Sigmoid attention ``o_i = Σ_j σ(scale·q_i·k_j + b) v_j`` over visible keys.
 

@@ -155,11 +155,13 @@ def attention_chunk(q: jax.Array, k: jax.Array, v: jax.Array, kind: str,
     """Arguments and result as :func:`attention_parallel`, plus the block size."""
     batch, num_queries = q.shape[:2]
     num_keys, kv_heads = k.shape[1], k.shape[2]
+    q_offset = mask.q_offset
+    assert not isinstance(q_offset, jax.Array)  # static here: kv_length needs another mode
     chunk = min(chunk_size, round_up(max(num_keys, 1), 16))
-    front = mask.q_offset % chunk  # align query blocks with key blocks
+    front = q_offset % chunk  # align query blocks with key blocks
     num_q_blocks = round_up(front + num_queries, chunk) // chunk
     num_k_blocks = round_up(num_keys, chunk) // chunk
-    blocks, real = _visits(num_q_blocks, num_k_blocks, mask.q_offset // chunk, chunk, mask)
+    blocks, real = _visits(num_q_blocks, num_k_blocks, q_offset // chunk, chunk, mask)
 
     q_rows = num_q_blocks * chunk
     q_pad = ((0, 0), (front, q_rows - front - num_queries), (0, 0), (0, 0))
@@ -169,7 +171,7 @@ def attention_chunk(q: jax.Array, k: jax.Array, v: jax.Array, kind: str,
     k_blocks, v_blocks = (
         jnp.moveaxis(jnp.pad(x, k_pad), 2, 1).reshape(batch, kv_heads, num_k_blocks, chunk, -1)
         for x in (k, v))
-    q_pos = (jnp.arange(q_rows) + mask.q_offset - front).reshape(num_q_blocks, chunk)
+    q_pos = (jnp.arange(q_rows) + q_offset - front).reshape(num_q_blocks, chunk)
     q_seq_blocks = jnp.pad(q_seq, (front, q_rows - front - num_queries),
                            constant_values=-1).reshape(num_q_blocks, chunk)
     k_seq_blocks = jnp.pad(k_seq, (0, num_k_blocks * chunk - num_keys),

@@ -49,7 +49,7 @@ def sequence_ids(segments: Segments | None, num_keys: int) -> jax.Array:
 
 
 def sigmoid_bias(segments: Segments | None, num_keys: int, q_offset: int,
-                 num_queries: int, bias: float | None, dtype) -> jax.Array:
+                 num_queries: int, bias: float | jax.Array | None, dtype) -> jax.Array:
     """``[Tq]`` bias per query: ``bias`` if given, else ``−log n`` with n the query's
     sequence length (``Tk`` when unpacked)."""
     if bias is not None:

@@ -33,6 +33,7 @@ def attention_weights(logits: jax.Array, allowed: jax.Array, kind: str,
     """Normalised (softmax) or independent (sigmoid) weights over the last axis."""
     if kind == "softmax":
         return jax.nn.softmax(jnp.where(allowed, logits, -jnp.inf), axis=-1)
+    assert bias is not None  # sigmoid attention always gets its per-query bias
     return jnp.where(allowed, jax.nn.sigmoid(logits + bias[..., None]), 0.0)
 
 

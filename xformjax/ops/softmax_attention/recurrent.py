@@ -12,8 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from xformjax.ops.softmax_attention.masking import AttentionMask
-from xformjax.ops.softmax_attention.parallel import (attention_weights, group_heads,
-                                                      ungroup_heads)
+from xformjax.ops.softmax_attention.parallel import attention_weights, group_heads, ungroup_heads
 
 
 def attention_recurrent(q: jax.Array, k: jax.Array, v: jax.Array, kind: str,
