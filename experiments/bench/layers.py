@@ -101,7 +101,7 @@ def training_step(family: str, length: int):
     def loss(params, x, rest):
         y, state = nnx.merge(graphdef, params, rest)(x, mode="chunk")
         # Mixture-of-Memories' load-balance loss, so its router trains as in the trainer
-        return jnp.mean(jnp.square(y.astype(jnp.float32))) + state.get("aux_loss", 0.0)
+        return jnp.mean(jnp.square(y.astype(jnp.float32))) + getattr(state, "aux_loss", 0.0)
 
     x = jnp.asarray(np.random.default_rng(0).standard_normal((BATCH, length, D_MODEL)),
                     jnp.float32)

@@ -42,16 +42,16 @@ def test_registered_under_its_name():
 def test_the_state_has_a_constant_size_and_starts_empty():
     layer = build("aaren")
     small, large = layer.init_state(BATCH, 8), layer.init_state(BATCH, 4096)
-    for key in small:
-        assert small[key].shape == large[key].shape, key
-    assert small["numerator"].shape == (BATCH, 2, 16)
-    assert bool(jnp.all(jnp.isneginf(small["max"])))
+    for key in (field.name for field in dataclasses.fields(small)):
+        assert getattr(small, key).shape == getattr(large, key).shape, key
+    assert small.numerator.shape == (BATCH, 2, 16)
+    assert bool(jnp.all(jnp.isneginf(small.max)))
     x = inputs(20)
     y_none, state_none = layer(x)
     y_empty, state_empty = layer(x, state=small)
     assert_close(y_empty, y_none, 1e-7, "state=init_state(...) vs state=None")
-    for key in state_none:
-        assert_close(state_empty[key], state_none[key], 1e-7, key)
+    for key in (field.name for field in dataclasses.fields(state_none)):
+        assert_close(getattr(state_empty, key), getattr(state_none, key), 1e-7, key)
 
 
 def _numpy_layer(layer: Aaren, x: np.ndarray) -> np.ndarray:

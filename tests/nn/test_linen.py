@@ -71,7 +71,7 @@ def test_every_mixer_can_be_bridged():
         module = nn.MIXERS[name](CONFIG, rngs=nnx.Rngs(1))  # other initial weights
         nnx.update(module, nnx.State(_unbox(variables["params"])))
         expected, _ = module(x)
-        assert int(state["position"]) == 5, name
+        assert int(state.position) == 5, name
         assert_close(y, expected, 1e-6, f"bridged {name}")
 
 

@@ -123,11 +123,11 @@ def test_layer_matches_its_docstring_in_float64(x64, shared):
     normed = o / np.sqrt(np.mean(o * o, -1, keepdims=True) + 1e-6) * norm_scale
     gated = normed.reshape(2, 13, -1) * silu(x @ weights(layer.head.gate))
     assert_close(y, gated @ weights(layer.head.out), 1e-9, "MoM layer output")
-    assert_close(state["memory"], final, 1e-9, "MoM layer memories")
+    assert_close(state.memory, final, 1e-9, "MoM layer memories")
 
     fraction = selected.sum((0, 1)) / selected.sum()
     aux = 4 * np.sum(fraction * probs.mean((0, 1)))
-    assert_close(state["aux_loss"], aux, 1e-6, "aux_loss")
+    assert_close(state.aux_loss, aux, 1e-6, "aux_loss")
 
 
 # ----------------------------------------------------------------------------- routing
@@ -147,10 +147,10 @@ def test_memories_no_token_is_routed_to_stay_empty_and_the_shared_one_is_always_
     # a zero router gives uniform probabilities: every token picks memories 0 and 1
     layer.router.kernel[...] = jnp.zeros_like(layer.router.kernel[...])
     _, state = jitted(layer)(inputs(12))
-    norms = np.sqrt(np.sum(np.asarray(state["memory"]) ** 2, axis=(2, 3, 4)))   # [B, M+1]
+    norms = np.sqrt(np.sum(np.asarray(state.memory) ** 2, axis=(2, 3, 4)))   # [B, M+1]
     assert np.all(norms[:, [0, 1, 4]] > 0)            # chosen memories and the shared one
     np.testing.assert_array_equal(norms[:, [2, 3]], 0)
-    assert_close(state["aux_loss"], 1.0, 1e-6, "uniform router probabilities")
+    assert_close(state.aux_loss, 1.0, 1e-6, "uniform router probabilities")
 
 
 # ----------------------------------------------------------------------------- load balance
@@ -192,7 +192,7 @@ def test_the_aux_loss_gradient_reaches_the_router_only():
     graphdef, params = nnx.split(layer, nnx.Param)
 
     aux_and_grad = jax.jit(jax.value_and_grad(
-        lambda params: nnx.merge(graphdef, params)(x)[1]["aux_loss"]))
+        lambda params: nnx.merge(graphdef, params)(x)[1].aux_loss))
     before, grads = aux_and_grad(params)
     flat = dict(nnx.to_flat_state(grads))
     router = np.asarray(flat[("router", "kernel")])

@@ -4,6 +4,7 @@ the non-finite stop, the schedule and the configuration rules."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import jax
 import numpy as np
@@ -99,7 +100,8 @@ def test_loss_is_masked_cross_entropy_plus_weighted_auxiliary_losses():
     logits = jnp.log(jnp.array([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [1 / 3, 1 / 3, 1 / 3]]]))
 
     def model(tokens):
-        return logits, [{"aux_loss": jnp.array(2.0)}, {"position": 3}, {"aux_loss": 1.0}]
+        return logits, [SimpleNamespace(aux_loss=jnp.array(2.0)), SimpleNamespace(position=3),
+                        SimpleNamespace(aux_loss=1.0)]
 
     batch = {"inputs": jnp.zeros((1, 3), jnp.int32), "targets": jnp.array([[0, 2, 1]]),
              "mask": jnp.array([[1.0, 1.0, 0.0]])}

@@ -10,9 +10,10 @@ unit scale per coordinate, the scale of every block's output (the projections ar
 fan-in scaled), and the tied logits at unit scale; see :class:`LMConfig`.
 
 ``model(tokens, cache=None) -> (logits, cache)``: ``cache`` is the list of the
-mixers' states. Without a cache the model runs a fresh sequence in chunk mode and
-returns the cache that continues it; :meth:`LanguageModel.init_cache` allocates an
-empty one with fixed shapes for decoding (see :func:`xformjax.models.generate`).
+mixers' states (typed pytrees, :mod:`xformjax.nn.states`). Without a cache the model
+runs a fresh sequence in chunk mode and returns the cache that continues it;
+:meth:`LanguageModel.init_cache` allocates an empty one with fixed shapes for
+decoding (see :func:`xformjax.models.generate`).
 
 Under a mesh (``jax.set_mesh``) the residual stream is constrained to the logical
 axes ``("batch", "length", None)`` between blocks (:mod:`xformjax.parallel.mesh`), and
@@ -25,10 +26,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from xformjax.nn import linear, norms
-from xformjax.nn.mixer import State, get_mixer
-from xformjax.nn.mlp import MLP
 from xformjax.models.config import LMConfig
+from xformjax.nn import linear, norms
+from xformjax.nn.mixer import get_mixer
+from xformjax.nn.mlp import MLP
+from xformjax.nn.states import MixerState
 from xformjax.parallel.mesh import constrain
 
 #: logical names of the residual stream ``[B, T, d_model]`` (the model dimension is
@@ -56,8 +58,8 @@ class Block(nnx.Module):
         self.mixer_out_norm = norm() if peri else None
         self.mlp_out_norm = norm() if peri else None
 
-    def __call__(self, x: jax.Array, *, state: State | None = None,
-                 mode: str | None = None) -> tuple[jax.Array, State]:
+    def __call__(self, x: jax.Array, *, state: MixerState | None = None,
+                 mode: str | None = None) -> tuple[jax.Array, MixerState]:
         """``x`` is the residual stream (float32 or wider); the sub-layers run in the
         mixer config's compute dtype."""
         dtype = self.mixer.config.compute_dtype
@@ -89,12 +91,12 @@ class LanguageModel(nnx.Module):
                         linear.dense(mixer_config, d, config.vocab_size, axes=("embed", "vocab"),
                                      rngs=rngs))
 
-    def init_cache(self, batch: int, max_len: int) -> list[State]:
+    def init_cache(self, batch: int, max_len: int) -> list[MixerState]:
         """Empty decoding states for ``batch`` sequences of up to ``max_len`` tokens."""
         return [block.mixer.init_state(batch, max_len) for block in self.blocks]
 
-    def __call__(self, tokens: jax.Array, cache: list[State] | None = None, *,
-                 mode: str | None = None) -> tuple[jax.Array, list[State]]:
+    def __call__(self, tokens: jax.Array, cache: list[MixerState] | None = None, *,
+                 mode: str | None = None) -> tuple[jax.Array, list[MixerState]]:
         """``tokens`` int ``[B, T]`` → ``(logits [B, T, vocab] float32, cache)``."""
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"LanguageModel: `tokens` must be int [B, T]; got "

@@ -10,8 +10,10 @@ short names to classes::
     >>> layer = nn.MIXERS["gated_deltanet"](nn.MixerConfig(d_model=32, num_heads=2),
     ...                                     rngs=nnx.Rngs(0))
     >>> y, state = layer(jnp.ones((1, 8, 32)))
-    >>> y.shape, state["memory"].shape
+    >>> y.shape, state.memory.shape
     ((1, 8, 32), (1, 2, 16, 16))
+
+A state is a typed pytree (:mod:`xformjax.nn.states`), one class per kind of layer.
 """
 
 # importing each family's module registers its mixers in MIXERS
@@ -24,15 +26,17 @@ from xformjax.nn.deltanet import DeltaNet, DeltaProduct, GatedDeltaNet
 from xformjax.nn.diagonal import DiagonalRNN
 from xformjax.nn.feature_maps import FeatureMap, hedgehog_distillation_loss
 from xformjax.nn.gla import GatedLinearAttention
-from xformjax.nn.lightning import LightningAttention
 from xformjax.nn.lightnet import LightNet
+from xformjax.nn.lightning import LightningAttention
 from xformjax.nn.linear import Dense
 from xformjax.nn.linear_attention import LinearAttention, hedgehog_loss
 from xformjax.nn.mixer import MIXERS, Mixer, get_mixer, register
 from xformjax.nn.mom import MixtureOfMemories, load_balance_loss
+from xformjax.nn.neural_memory import NeuralMemoryMixer
 from xformjax.nn.norms import CRMSNorm, LayerNorm, RMSNorm, SRMSNorm, make_norm
 from xformjax.nn.retnet import RetNet
-from xformjax.nn.titans import NeuralMemoryMixer, Titans
+from xformjax.nn.states import MixerState
+from xformjax.nn.titans import Titans, TitansMAC, TitansMAG, TitansMAL
 from xformjax.nn.transnormer import TransNormer
 
 __all__ = ["MIXERS", "Mixer", "MixerConfig", "get_mixer", "register", "Attention",
@@ -41,4 +45,4 @@ __all__ = ["MIXERS", "Mixer", "MixerConfig", "get_mixer", "register", "Attention
            "DeltaProduct", "DiagonalRNN", "Dense", "ShortConv", "FeatureMap", "hedgehog_loss",
            "hedgehog_distillation_loss", "RMSNorm", "LayerNorm", "SRMSNorm", "CRMSNorm",
            "make_norm", "MixtureOfMemories", "load_balance_loss", "NeuralMemoryMixer", "Titans",
-           "Atlas", "Aaren"]
+           "TitansMAL", "TitansMAG", "TitansMAC", "Atlas", "Aaren", "MixerState"]

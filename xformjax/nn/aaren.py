@@ -15,9 +15,10 @@ and values come from the input::
 Because the query does not change with t, the scores are per-token scalars and the
 summary ``(m, u, w)`` composes associatively: ``"parallel"`` is one prefix scan,
 ``"chunk"`` prefix scans within chunks with a carry, ``"recurrent"`` the RNN (see
-:func:`xformjax.ops.aaren`). The state is that summary — ``{"max": [B, H],
-"numerator": [B, H, V], "denominator": [B, H], "position"}`` — a constant size,
-where softmax attention keeps a KV cache; the empty state has ``max = −inf``.
+:func:`xformjax.ops.aaren`). The state is that summary — a
+:class:`~xformjax.nn.states.SoftmaxSummaryState`: ``max`` ``[B, H]``, ``numerator``
+``[B, H, V]``, ``denominator`` ``[B, H]`` and ``position`` — a constant size, where
+softmax attention keeps a KV cache; the empty state has ``max = −inf``.
 """
 
 from __future__ import annotations
@@ -30,10 +31,9 @@ from flax import nnx
 
 from xformjax.nn import linear
 from xformjax.nn.config import MixerConfig
-from xformjax.nn.mixer import Mixer, OutputHead, State, position_of, register, split_heads
+from xformjax.nn.mixer import Mixer, OutputHead, position_of, register, split_heads
+from xformjax.nn.states import SoftmaxSummaryState
 from xformjax.ops.aaren import AarenState, aaren, empty_state
-
-_STATE_KEYS = ("max", "numerator", "denominator")
 
 
 @register("aaren")
@@ -59,11 +59,16 @@ class Aaren(Mixer):
     def state_dtype(self):
         return jnp.promote_types(self.config.compute_dtype, jnp.float32)
 
-    def init_state(self, batch: int, max_len: int | None = None) -> State:
+    def init_state(self, batch: int, max_len: int | None = None) -> SoftmaxSummaryState:
         del max_len  # the summary does not grow with the sequence
         summary = empty_state(batch, self.config.num_heads, self.config.value_dim,
                               self.state_dtype())
-        return {**dict(zip(_STATE_KEYS, summary)), "position": jnp.zeros((), jnp.int32)}
+        return self._layer_state(summary, jnp.zeros((), jnp.int32))
+
+    @staticmethod
+    def _layer_state(summary: AarenState, position: jax.Array) -> SoftmaxSummaryState:
+        return SoftmaxSummaryState(max=summary.max, numerator=summary.numerator,
+                                   denominator=summary.denominator, position=position)
 
     def sequence_flops(self, seq_len: int) -> float:
         """Per token and head: the score ``q·k`` (``2K``), about two applications of
@@ -73,8 +78,8 @@ class Aaren(Mixer):
         key_dim, value_dim = self.config.key_dim, self.config.value_dim
         return float(self.config.num_heads * (2 * key_dim + 2 * (3 * value_dim + 6) + value_dim))
 
-    def __call__(self, x: jax.Array, *, state: State | None = None,
-                 mode: str | None = None) -> tuple[jax.Array, State]:
+    def __call__(self, x: jax.Array, *, state: SoftmaxSummaryState | None = None,
+                 mode: str | None = None) -> tuple[jax.Array, SoftmaxSummaryState]:
         """``x`` ``[B, T, d_model]`` → ``(y [B, T, d_model], state)``."""
         self.check_input(x)
         mode = self.resolve_mode(mode, x.shape[1])
@@ -83,10 +88,10 @@ class Aaren(Mixer):
         k = split_heads(self.k_proj(x), heads)
         v = split_heads(self.v_proj(x), heads)
         query = self.query[...].astype(self.config.compute_dtype)
-        initial = None if state is None else AarenState(*(state[key] for key in _STATE_KEYS))
+        initial = (None if state is None
+                   else AarenState(state.max, state.numerator, state.denominator))
         o, final = aaren(query, k, v, initial_state=initial, output_final_state=True,
                          mode=mode, chunk_size=self.config.chunk_size)
         y = self.head(o, x)
-        new_state = {key: value.astype(self.state_dtype())
-                     for key, value in zip(_STATE_KEYS, final)}
-        return y, {**new_state, "position": position + x.shape[1]}
+        final = AarenState(*(value.astype(self.state_dtype()) for value in final))
+        return y, self._layer_state(final, position + x.shape[1])

@@ -3,7 +3,8 @@ features and the Muon memory optimiser.
 
 "ATLAS: Learning to Optimally Memorize the Context at Test Time", Behrouz et al.
 2025, built on "Titans: Learning to Memorize at Test Time", Behrouz et al. 2025.
-Everything is as in :mod:`xformjax.nn.titans` (MAL) except:
+Everything is as in Titans' MAL layer (:mod:`xformjax.nn.neural_memory`, the base of
+both) except:
 
     φ(x) = Σ_{i=1}^{p} a_{h,i} x^{∘i}     (p = poly_degree; element-wise powers of the
                                           L2-normalised q, k; learned per-head a_i,
@@ -21,7 +22,8 @@ full monomial map ``[x^β]_{|β| ≤ p}`` (dimension ``O(K^p)``); this layer imp
 the element-wise learnable polynomial above, which keeps the memory's input width
 at ``K``. As in Titans, the chunk form with ``C > 1`` (every gradient of a chunk at
 its start weights) is the paper's approximation, used in every mode, and decoding
-reproduces it exactly (chunk-boundary state plus a buffer; see titans.py). With
+reproduces it exactly (chunk-boundary state plus a buffer, a
+:class:`~xformjax.nn.states.NeuralMemoryState`; see neural_memory.py). With
 ``omega_window = 1``, ``poly_degree = 1`` and ``memory_optimizer = "momentum"`` the
 layer is exactly Titans' MAL layer (same parameters).
 """
@@ -34,9 +36,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from xformjax.nn.config import MixerConfig
+from xformjax.nn.config import MemoryOptimizer, MixerConfig
 from xformjax.nn.mixer import register
-from xformjax.nn.titans import NeuralMemoryMixer
+from xformjax.nn.neural_memory import NeuralMemoryMixer
 
 
 @register("atlas")
@@ -60,7 +62,7 @@ class Atlas(NeuralMemoryMixer):
         return self.config.omega_window
 
     @property
-    def optimizer(self) -> str:
+    def optimizer(self) -> MemoryOptimizer:
         return self.config.memory_optimizer
 
     def feature_map(self, x: jax.Array) -> jax.Array:

@@ -9,8 +9,8 @@ sliding window and a fixed-capacity KV cache as their state.
                                                         Self-Attention", Ramapuram et al. 2024)
     y       = W_o · merge(o)
 
-State: ``{"k": [B, L, Hkv, D], "v": [B, L, Hkv, D], "position": int32}`` with the first
-``position`` slots filled. ``init_state(batch, max_len)`` allocates ``L = max_len``
+State: a :class:`~xformjax.nn.states.KVCacheState`, ``k``, ``v`` ``[B, L, Hkv, D]``
+with the first ``position`` slots filled. ``init_state(batch, max_len)`` allocates ``L = max_len``
 (``config.max_seq_len`` if ``None``); a stateless call returns a cache of capacity
 ``max(T, config.max_seq_len)`` holding its T tokens. Writing past the capacity raises
 a ``ValueError`` when the position is concrete, and gives NaN outputs inside ``jit``
@@ -39,10 +39,10 @@ from flax import nnx
 from xformjax import ops
 from xformjax.nn import linear
 from xformjax.nn.config import MixerConfig
-from xformjax.nn.mixer import (Mixer, State, merge_heads, position_of, register,
-                               split_heads)
+from xformjax.nn.mixer import Mixer, merge_heads, position_of, register, split_heads
 from xformjax.nn.positional import apply_rope, token_positions
 from xformjax.nn.recurrent import sequence_mesh
+from xformjax.nn.states import KVCacheState
 
 
 @register("attn")
@@ -80,11 +80,11 @@ class Attention(Mixer):
             visible = min(visible, self.config.window)
         return 4.0 * self.config.num_heads * self.config.key_dim * visible
 
-    def init_state(self, batch: int, max_len: int | None = None) -> State:
+    def init_state(self, batch: int, max_len: int | None = None) -> KVCacheState:
         capacity = self.config.max_seq_len if max_len is None else max_len
         shape = (batch, capacity, self.config.kv_heads, self.config.key_dim)
         zeros = jnp.zeros(shape, self.config.compute_dtype)
-        return {"k": zeros, "v": zeros, "position": jnp.zeros((), jnp.int32)}
+        return KVCacheState(k=zeros, v=zeros, position=jnp.zeros((), jnp.int32))
 
     def _attend(self, q, k, v, positions, **kwargs):
         fn = ops.softmax_attention if self.kind == "softmax" else ops.sigmoid_attention
@@ -97,8 +97,8 @@ class Attention(Mixer):
                   **extra, **kwargs)
         return o
 
-    def __call__(self, x: jax.Array, *, state: State | None = None,
-                 mode: str | None = None) -> tuple[jax.Array, State]:
+    def __call__(self, x: jax.Array, *, state: KVCacheState | None = None,
+                 mode: str | None = None) -> tuple[jax.Array, KVCacheState]:
         """``x`` ``[B, T, d_model]`` → ``(y, state)``; see the module docstring."""
         self.check_input(x)
         batch, length, _ = x.shape
@@ -114,25 +114,25 @@ class Attention(Mixer):
             o = self._attend(q, k, v, positions, mode=mode)
             capacity = max(length, self.config.max_seq_len)
             pad = ((0, 0), (0, capacity - length), (0, 0), (0, 0))
-            new_state = {"k": jnp.pad(k, pad), "v": jnp.pad(v, pad),
-                         "position": position + length}
+            new_state = KVCacheState(k=jnp.pad(k, pad), v=jnp.pad(v, pad),
+                                     position=position + length)
         else:
-            capacity = state["k"].shape[1]
+            capacity = state.k.shape[1]
             if not isinstance(position, jax.core.Tracer) and int(position) + length > capacity:
                 raise ValueError(f"{type(self).__name__}: the KV cache holds {capacity} tokens; "
                                  f"{int(position)} are used and {length} more were given. "
                                  "Allocate it with init_state(batch, max_len) large enough.")
             cache_k = jax.lax.dynamic_update_slice_in_dim(
-                state["k"], k.astype(state["k"].dtype), position, axis=1)
+                state.k, k.astype(state.k.dtype), position, axis=1)
             cache_v = jax.lax.dynamic_update_slice_in_dim(
-                state["v"], v.astype(state["v"].dtype), position, axis=1)
+                state.v, v.astype(state.v.dtype), position, axis=1)
             cache_mode = "recurrent" if mode == "recurrent" else "parallel"
             o = self._attend(q, cache_k, cache_v, positions, mode=cache_mode,
                              kv_length=position + length)
             # Under jit the overflow is not visible above; never return silently wrong
             # values from a full cache: poison them.
             o = jnp.where(position + length > capacity, jnp.nan, o)
-            new_state = {"k": cache_k, "v": cache_v, "position": position + length}
+            new_state = KVCacheState(k=cache_k, v=cache_v, position=position + length)
         return self.o_proj(merge_heads(o).astype(x.dtype)), new_state
 
 

@@ -10,12 +10,19 @@ all families come first; the family-specific ones say which mixer reads them.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Literal, get_args
 
 import jax.numpy as jnp
 
 FEATURE_MAPS = ("identity", "elu+1", "relu", "hedgehog", "taylor")
 MODES = ("chunk", "parallel", "recurrent")
+
+#: Titans' variants: memory as a layer, as a gate, as context.
+TitansVariant = Literal["mal", "mag", "mac"]
+TITANS_VARIANTS: tuple[TitansVariant, ...] = get_args(TitansVariant)
+#: the neural memory's update rule (ATLAS's ``memory_optimizer``).
+MemoryOptimizer = Literal["muon", "momentum"]
+MEMORY_OPTIMIZERS: tuple[MemoryOptimizer, ...] = get_args(MemoryOptimizer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,12 +138,12 @@ class MixerConfig:
     # titans / atlas
     memory_depth: int = 2
     memory_expansion: int = 2
-    titans_variant: str = "mal"
+    titans_variant: TitansVariant = "mal"
     persistent_tokens: int = 4
     memory_window: int = 64
     omega_window: int = 4
     poly_degree: int = 2
-    memory_optimizer: str = "muon"
+    memory_optimizer: MemoryOptimizer = "muon"
     newton_schulz_steps: int = 5
     max_surprise_norm: float | None = 4.0
 
@@ -166,9 +173,9 @@ class MixerConfig:
                 f"got {self.transnormer_attention!r}")
         if self.top_k > self.num_memories:
             bad(f"top_k={self.top_k} exceeds num_memories={self.num_memories}")
-        if self.titans_variant not in ("mac", "mag", "mal"):
+        if self.titans_variant not in TITANS_VARIANTS:
             bad(f"`titans_variant` must be 'mac', 'mag' or 'mal'; got {self.titans_variant!r}")
-        if self.memory_optimizer not in ("muon", "momentum"):
+        if self.memory_optimizer not in MEMORY_OPTIMIZERS:
             bad("`memory_optimizer` must be 'muon' or 'momentum'; "
                 f"got {self.memory_optimizer!r}")
         if self.persistent_tokens < 0:

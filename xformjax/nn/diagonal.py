@@ -25,7 +25,8 @@ from flax import nnx
 from xformjax import ops
 from xformjax.nn import linear
 from xformjax.nn.config import MixerConfig
-from xformjax.nn.mixer import Mixer, OutputHead, State, position_of, register, split_heads
+from xformjax.nn.mixer import Mixer, OutputHead, position_of, register, split_heads
+from xformjax.nn.states import MemoryState
 
 TRANSITION_BIAS = 2.0
 
@@ -56,25 +57,26 @@ class DiagonalRNN(Mixer):
     def state_dtype(self):
         return jnp.promote_types(self.config.compute_dtype, jnp.float32)
 
-    def init_state(self, batch: int, max_len: int | None = None) -> State:
+    def init_state(self, batch: int, max_len: int | None = None) -> MemoryState:
         del max_len
         shape = (batch, self.config.num_heads, self.config.value_dim)
-        return {"memory": jnp.zeros(shape, self.state_dtype()),
-                "position": jnp.zeros((), jnp.int32)}
+        return MemoryState(memory=jnp.zeros(shape, self.state_dtype()),
+                           position=jnp.zeros((), jnp.int32))
 
     def sequence_flops(self, seq_len: int) -> float:
         del seq_len
         return 2.0 * self.config.num_heads * self.config.value_dim
 
-    def __call__(self, x: jax.Array, *, state: State | None = None,
-                 mode: str | None = None) -> tuple[jax.Array, State]:
+    def __call__(self, x: jax.Array, *, state: MemoryState | None = None,
+                 mode: str | None = None) -> tuple[jax.Array, MemoryState]:
         """``x`` ``[B, T, d_model]`` → ``(y [B, T, d_model], state)``."""
         self.check_input(x)
         mode = self.resolve_mode(mode, x.shape[1])
         position = position_of(state)
         b = split_heads(self.inputs(x), self.config.num_heads)
         h, final = ops.diagonal_recurrence(
-            self.transitions(x), b, initial_state=None if state is None else state["memory"],
+            self.transitions(x), b, initial_state=None if state is None else state.memory,
             output_final_state=True, mode=mode, chunk_size=self.config.chunk_size)
         y = self.head(h.astype(x.dtype), x)
-        return y, {"memory": final.astype(self.state_dtype()), "position": position + x.shape[1]}
+        return y, MemoryState(memory=final.astype(self.state_dtype()),
+                              position=position + x.shape[1])

@@ -9,7 +9,8 @@ The normalised sum is a gated linear recurrence with a data-dependent per-channe
 decay: ``S_t = diag(z_{t-1}/z_t) S_{t-1} + (exp(k_t)/z_t) v_tᵀ``. In log space
 ``log z_t = logaddexp(log z_{t-1}, k_t)`` (a ``logcumsumexp``), the gate is
 ``log z_{t-1} − log z_t ≤ 0`` and the key ``exp(k_t − log z_t) ∈ (0, 1]`` — no
-overflow at any length. The state carries ``log z`` besides ``S``.
+overflow at any length. The state (:class:`~xformjax.nn.states.LightNetState`)
+carries ``log z`` besides ``S``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from flax import nnx
 from xformjax.nn.config import MixerConfig
 from xformjax.nn.mixer import register
 from xformjax.nn.recurrent import MatrixMemoryMixer, OpInputs
+from xformjax.nn.states import LightNetState
 
 #: ``log z`` of an empty prefix (z = 0), kept finite so no inf reaches a gradient.
 EMPTY_LOG = -1e30
@@ -41,20 +43,23 @@ def additive_gates(k: jax.Array, log_z: jax.Array) -> tuple[jax.Array, jax.Array
 class LightNet(MatrixMemoryMixer):
     """LightNet's normalised additive recurrence (see the module docstring)."""
 
+    state_type = LightNetState
+
     def __init__(self, config: MixerConfig, *, layer_index: int = 0, num_layers: int = 1,
                  rngs: nnx.Rngs):
         super().__init__(config, layer_index=layer_index, num_layers=num_layers, rngs=rngs)
         self.standard_layers(rngs, norm="rms")
 
-    def init_extra_state(self, batch):
+    def init_extra_state(self, batch: int) -> dict[str, jax.Array]:
         shape = (batch, self.config.num_heads, self.config.key_dim)
         return {"log_z": jnp.full(shape, EMPTY_LOG, self.memory_dtype())}
 
-    def prepare(self, x, state, position):
+    def prepare(self, x: jax.Array, state: LightNetState | None,
+                position: jax.Array) -> OpInputs:
         q, k, v = self.qkv(x)
         dtype = self.memory_dtype()
         log_z = (self.init_extra_state(x.shape[0])["log_z"] if state is None
-                 else state["log_z"])
+                 else state.log_z)
         keys, log_gate, final_log_z = additive_gates(k.astype(dtype), log_z)
         return OpInputs(jax.nn.silu(q), keys.astype(k.dtype), v, gk=log_gate,
                         extra_state={"log_z": final_log_z})

@@ -14,7 +14,8 @@ normalised form discards ‖q‖. MALA keeps it with weights that still sum to o
 
 (``n_t`` = number of keys seen; the paper's bidirectional ``N`` becomes the causal
 count), i.e. ``o_t = β_t S_tᵀq_t − γ_t Σ_{j≤t} v_j``: the larger ``q_tᵀz_t``, the
-sharper the weights. The state carries ``Σ v`` besides ``S`` and ``z``.
+sharper the weights. The state (:class:`~xformjax.nn.states.LinearAttentionState`)
+carries ``Σ v`` (``value_sum``) besides ``S`` and ``z``.
 
 Hedgehog's distillation loss for this layer is :func:`hedgehog_loss`.
 """
@@ -27,8 +28,9 @@ from flax import nnx
 
 from xformjax.nn.config import MixerConfig
 from xformjax.nn.feature_maps import FeatureMap, hedgehog_distillation_loss
-from xformjax.nn.mixer import QKV, OutputHead, State, position_of, register
+from xformjax.nn.mixer import QKV, OutputHead, position_of, register
 from xformjax.nn.recurrent import MatrixMemoryMixer, OpInputs
+from xformjax.nn.states import LinearAttentionState
 
 _EPS = 1e-6
 
@@ -36,6 +38,8 @@ _EPS = 1e-6
 @register("linear_attn")
 class LinearAttention(MatrixMemoryMixer):
     """Linear attention with feature map ``config.feature_map`` (see module docstring)."""
+
+    state_type = LinearAttentionState
 
     def __init__(self, config: MixerConfig, *, layer_index: int = 0, num_layers: int = 1,
                  rngs: nnx.Rngs):
@@ -54,13 +58,14 @@ class LinearAttention(MatrixMemoryMixer):
         extra = 1 if (self.config.normalize or self.config.mala) else 0
         return (self.config.num_heads, self.feature_map.output_dim, self.config.value_dim + extra)
 
-    def init_extra_state(self, batch):
+    def init_extra_state(self, batch: int) -> dict[str, jax.Array]:
         if not self.config.mala:
             return {}
         shape = (batch, self.config.num_heads, self.config.value_dim)
         return {"value_sum": jnp.zeros(shape, self.memory_dtype())}
 
-    def prepare(self, x, state, position):
+    def prepare(self, x: jax.Array, state: LinearAttentionState | None,
+                position: jax.Array) -> OpInputs:
         q, k, v = self.qkv(x)
         q, k = self.feature_map(q), self.feature_map(k)
         scale = 1.0 if self.config.feature_map in ("hedgehog", "taylor") else None
@@ -71,20 +76,22 @@ class LinearAttention(MatrixMemoryMixer):
         q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
         ones = jnp.ones(v.shape[:-1] + (1,), dtype)
         previous = (jnp.zeros(v.shape[:1] + v.shape[2:], dtype) if state is None
-                    else state["value_sum"])
+                    else state.value_sum)
         value_sum = previous + jnp.sum(v, axis=1)
         return OpInputs(q, k, jnp.concatenate([v, ones], -1), scale=1.0,
                         extra_state={"value_sum": value_sum})
 
-    def finish(self, o, x, inputs, state):
+    def finish(self, o: jax.Array, x: jax.Array, inputs: OpInputs,
+               state: LinearAttentionState | None) -> jax.Array:
         if self.config.mala:
             o = self._mala(o, inputs.v[..., :-1], state)
         return self.head(o, x)
 
-    def _mala(self, o: jax.Array, v: jax.Array, state: State | None) -> jax.Array:
+    def _mala(self, o: jax.Array, v: jax.Array,
+              state: LinearAttentionState | None) -> jax.Array:
         numerator, score = o[..., :-1], o[..., -1:]
         dtype = o.dtype
-        previous = 0.0 if state is None else state["value_sum"][:, None].astype(dtype)
+        previous = 0.0 if state is None else state.value_sum[:, None].astype(dtype)
         value_sums = previous + jnp.cumsum(v.astype(dtype), axis=1)
         counts = (position_of(state) + jnp.arange(1, v.shape[1] + 1)).astype(dtype)
         beta = 1.0 + 1.0 / (score + _EPS)

@@ -14,10 +14,13 @@ rngs=...)`` with
   family has one) or ``"recurrent"`` (token by token); ``None`` picks
   ``config.mode``, or ``"recurrent"`` for a single token.
 
-States are dicts of arrays (pytrees); every one holds ``"position"``, the number
-of tokens consumed so far (int32 scalar), which positional encodings use. A mixer
-with an auxiliary training loss (Mixture-of-Memories' load balance) puts it in its
-state as ``"aux_loss"`` (a scalar); the trainer adds it to the loss with
+States are typed pytrees (frozen ``flax.struct`` dataclasses, one class per kind
+of layer, all in :mod:`xformjax.nn.states`): fields are read as attributes
+(``state.memory``) and changed with ``state.replace(...)``. Every state derives from
+:class:`~xformjax.nn.states.MixerState` and holds ``position``, the number of
+tokens consumed so far (int32 scalar), which positional encodings use. A mixer
+with an auxiliary training loss (Mixture-of-Memories' load balance) carries it as
+``state.aux_loss`` (a scalar); the trainer adds it to the loss with
 ``train.aux_loss_weight``.
 
 Every mixer class registers itself in :data:`MIXERS` under a short name with
@@ -26,7 +29,8 @@ Every mixer class registers itself in :data:`MIXERS` under a short name with
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from collections.abc import Callable
+from typing import ClassVar, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -34,16 +38,20 @@ from flax import nnx
 
 from xformjax.nn import linear, norms
 from xformjax.nn.config import MODES, MixerConfig
+from xformjax.nn.states import MixerState
 
-State = dict[str, Any]
+#: the type of a mixer's state (each mixer returns its own subclass).
+State = MixerState
 
 MIXERS: dict[str, type[Mixer]] = {}
 
+M = TypeVar("M", bound="Mixer")
 
-def register(name: str):
+
+def register(name: str) -> Callable[[type[M]], type[M]]:
     """Class decorator: record a mixer in :data:`MIXERS` under ``name``."""
 
-    def decorate(cls: type[Mixer]) -> type[Mixer]:
+    def decorate(cls: type[M]) -> type[M]:
         if name in MIXERS and MIXERS[name] is not cls:
             raise ValueError(f"mixer name {name!r} is already taken by {MIXERS[name]}")
         cls.name = name
@@ -113,7 +121,7 @@ class Mixer(nnx.Module):
 
 def position_of(state: State | None) -> jax.Array:
     """Tokens consumed so far (0 for a fresh sequence)."""
-    return jnp.zeros((), jnp.int32) if state is None else state["position"]
+    return jnp.zeros((), jnp.int32) if state is None else state.position
 
 
 def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
@@ -124,13 +132,6 @@ def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
 def merge_heads(x: jax.Array) -> jax.Array:
     """``[B, T, H, D]`` → ``[B, T, H·D]``."""
     return x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
-
-
-def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
-    """``x / ‖x‖`` over the last axis, in ``promote(dtype, float32)``."""
-    xf = norms.float_rows(x)
-    y = xf * jax.lax.rsqrt(jnp.sum(xf * xf, -1, keepdims=True) + eps)
-    return y.astype(x.dtype).reshape(x.shape)
 
 
 class OutputHead(nnx.Module):

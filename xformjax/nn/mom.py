@@ -20,9 +20,10 @@ The short causal convolutions run over the whole token stream (every memory's
 k and v channels see every token; only the state update is routed). Memories run
 through :func:`xformjax.ops.mixture_of_memories` (linear in T in the chunk
 form); the router computes in float32 or wider, whatever the computation dtype.
-The layer's state holds the M (+1 shared) memories ``[B, M(+1), H, K, V]``, the
-convolutions' last ``conv_size − 1`` inputs, the position and ``"aux_loss"``,
-the Switch-Transformer load-balancing loss of the call's tokens::
+The layer's state (:class:`~xformjax.nn.states.MixtureOfMemoriesState`) holds the
+M (+1 shared) memories ``[B, M(+1), H, K, V]``, the convolutions' last
+``conv_size − 1`` inputs, the position and ``aux_loss``, the Switch-Transformer
+load-balancing loss of the call's tokens::
 
     aux = M · Σ_m f_m · P_m,   f_m = (routing slots given to m) / (tokens · top_k),
                                P_m = mean over tokens of p_{t,m}
@@ -39,10 +40,11 @@ from flax import nnx
 
 from xformjax.nn import linear
 from xformjax.nn.config import MixerConfig
-from xformjax.nn.deltanet import (mamba_decay_parameters, mamba_log_decay, silu_streams,
-                                  stream_layers)
-from xformjax.nn.mixer import (Mixer, OutputHead, State, l2_normalize, position_of, register,
-                               split_heads)
+from xformjax.nn.gates import mamba_decay_parameters, mamba_log_decay
+from xformjax.nn.mixer import Mixer, OutputHead, position_of, register, split_heads
+from xformjax.nn.norms import l2_normalize
+from xformjax.nn.states import MixtureOfMemoriesState
+from xformjax.nn.streams import init_conv_caches, silu_streams, stream_layers
 from xformjax.ops.mixture_of_memories import mixture_of_memories
 
 __all__ = ["MixtureOfMemories", "load_balance_loss", "top_k_routing"]
@@ -120,16 +122,16 @@ class MixtureOfMemories(Mixer):
     def memory_dtype(self):
         return jnp.promote_types(self.config.compute_dtype, jnp.float32)
 
-    def init_state(self, batch: int, max_len: int | None = None) -> State:
+    def init_state(self, batch: int, max_len: int | None = None) -> MixtureOfMemoriesState:
         """Zero memories ``[B, M(+1), H, K, V]``, zero conv caches, position 0, aux_loss 0."""
         del max_len  # the memories do not grow with the sequence
         config = self.config
         memory = jnp.zeros((batch, self.memories, config.num_heads, config.key_dim,
                             config.value_dim), self.memory_dtype())
-        caches = {f"conv_{name}": conv.init_cache(batch, config.compute_dtype)
-                  for name, conv in self.convs.items()}
-        return {"memory": memory, "position": jnp.zeros((), jnp.int32), **caches,
-                "aux_loss": jnp.zeros((), jnp.float32)}
+        return MixtureOfMemoriesState(
+            memory=memory, position=jnp.zeros((), jnp.int32),
+            conv=init_conv_caches(self.convs, batch, config.compute_dtype),
+            aux_loss=jnp.zeros((), jnp.float32))
 
     # ----------------------------------------------------------------- pieces
 
@@ -156,8 +158,8 @@ class MixtureOfMemories(Mixer):
 
     # ----------------------------------------------------------------- forward
 
-    def __call__(self, x: jax.Array, *, state: State | None = None,
-                 mode: str | None = None) -> tuple[jax.Array, State]:
+    def __call__(self, x: jax.Array, *, state: MixtureOfMemoriesState | None = None,
+                 mode: str | None = None) -> tuple[jax.Array, MixtureOfMemoriesState]:
         """``x`` ``[B, T, d_model]`` → ``(y [B, T, d_model], state)``."""
         self.check_input(x)
         mode = self.resolve_mode(mode, x.shape[1])
@@ -167,19 +169,21 @@ class MixtureOfMemories(Mixer):
         position = position_of(state)
 
         routing, aux_loss = self.route(x)
-        streams, caches = silu_streams(self.projections, self.convs, x, state)
+        streams, caches = silu_streams(self.projections, self.convs, x,
+                                       None if state is None else state.conv)
         q = l2_normalize(split_heads(streams["q"], heads))
         k = l2_normalize(streams["k"].reshape(batch, length, memories, heads, config.key_dim))
         v = streams["v"].reshape(batch, length, memories, heads, config.value_dim)
         beta, log_decay = self.step_sizes_and_decays(x)
 
-        memory = None if state is None else state["memory"]
+        memory = None if state is None else state.memory
         o, final = mixture_of_memories(q, k, v, beta, routing, g=log_decay,
                                        initial_state=memory, output_final_state=True,
                                        mode=mode, chunk_size=config.chunk_size)
         y = self.head(o, x)
-        new_state = {"memory": final.astype(self.memory_dtype()),
-                     "position": position + length, **caches, "aux_loss": aux_loss}
+        new_state = MixtureOfMemoriesState(memory=final.astype(self.memory_dtype()),
+                                           position=position + length, conv=caches,
+                                           aux_loss=aux_loss)
         return y, new_state
 
     def sequence_flops(self, seq_len: int) -> float:

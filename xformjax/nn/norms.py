@@ -9,6 +9,8 @@
   coordinates ``x̂`` (the last is ``−Σ x̂``),
   ``y = γ ⊙ x̂ / sqrt((‖x̂‖² + (Σ x̂)²) / d + ε)`` — RMSNorm of the full vector,
   computed on ``d − 1`` numbers.
+- ``l2_normalize``: ``y = x / sqrt(‖x‖² + ε)``, no parameters (the per-head q, k
+  normalisation of the delta-rule and neural-memory layers).
 
 The paper's equivalence — a Pre-LN Transformer equals a Pre-RMSNorm one when the
 main branch is kept zero-mean, which equals a Pre-CRMSNorm one on the compressed
@@ -32,6 +34,13 @@ def float_rows(x: jax.Array) -> jax.Array:
     which ran 25× slower (16 ms instead of 0.6 ms for RMSNorm on ``[1, 4096, 256]``).
     """
     return x.astype(jnp.promote_types(x.dtype, jnp.float32)).reshape(-1, x.shape[-1])
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """``x / ‖x‖`` over the last axis, in ``promote(dtype, float32)``."""
+    xf = float_rows(x)
+    y = xf * jax.lax.rsqrt(jnp.sum(xf * xf, -1, keepdims=True) + eps)
+    return y.astype(x.dtype).reshape(x.shape)
 
 
 class _ScaledNorm(nnx.Module):

@@ -3,7 +3,10 @@
 A subclass turns the input into the op's arguments (:meth:`prepare`) and the op's
 output back into the residual stream (:meth:`finish`); this class runs the op in
 the requested form, threads the memory and the subclass's extra state (conv
-caches, running sums) and counts positions.
+caches, running sums) and counts positions. The state is a
+:class:`~xformjax.nn.states.MemoryState`, or the subclass of it the layer names
+as ``state_type`` (its extra fields are what :meth:`init_extra_state` and
+``OpInputs.extra_state`` give).
 """
 
 from __future__ import annotations
@@ -13,11 +16,11 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
-
 from flax import nnx
 
 from xformjax import ops
-from xformjax.nn.mixer import QKV, Mixer, OutputHead, State, position_of
+from xformjax.nn.mixer import QKV, Mixer, OutputHead, position_of
+from xformjax.nn.states import MemoryState
 
 
 @dataclasses.dataclass
@@ -38,6 +41,8 @@ class OpInputs:
     scale: float | None = None
     normalize: bool = False
     num_householder: int = 1
+    #: the new values of the state's fields beyond ``memory`` and ``position``, by
+    #: field name of the layer's ``state_type``.
     extra_state: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -81,9 +86,11 @@ def run_op(inputs: OpInputs, initial_state: jax.Array | None, mode: str, chunk_s
 
 
 class MatrixMemoryMixer(Mixer):
-    """``prepare → op → finish`` with the memory in ``state["memory"]``."""
+    """``prepare → op → finish`` with the memory in ``state.memory``."""
 
     modes: ClassVar[tuple[str, ...]] = ("chunk", "parallel", "recurrent")
+    #: the class of the layer's state.
+    state_type: ClassVar[type[MemoryState]] = MemoryState
 
     def standard_layers(self, rngs: nnx.Rngs, *, norm: str | None) -> None:
         """The usual parts: ``self.qkv`` (head-sized q, k, v projections) and
@@ -98,17 +105,18 @@ class MatrixMemoryMixer(Mixer):
         """``(H, K, V)`` of the op's state (``V + 1`` columns when normalising)."""
         return (self.config.num_heads, self.config.key_dim, self.config.value_dim)
 
-    def init_extra_state(self, batch: int) -> dict[str, jax.Array]:
-        """Zero extra state (conv caches, running sums); empty by default."""
+    def init_extra_state(self, batch: int) -> dict[str, Any]:
+        """The empty state's fields beyond ``memory`` and ``position`` (conv caches,
+        running sums), by field name; none by default."""
         return {}
 
-    def prepare(self, x: jax.Array, state: State | None, position: jax.Array) -> OpInputs:
+    def prepare(self, x: jax.Array, state: MemoryState | None, position: jax.Array) -> OpInputs:
         """The op's arguments for input ``x`` at ``position`` (with ``extra_state``
         holding the subclass's new extra state)."""
         raise NotImplementedError(f"{type(self).__name__} must define prepare")
 
     def finish(self, o: jax.Array, x: jax.Array, inputs: OpInputs,
-               state: State | None) -> jax.Array:
+               state: MemoryState | None) -> jax.Array:
         """The op's output ``[B, T, H, V]`` → ``[B, T, d_model]`` (``self.head`` by default)."""
         return self.head(o, x)
 
@@ -130,22 +138,22 @@ class MatrixMemoryMixer(Mixer):
     def memory_dtype(self):
         return jnp.promote_types(self.config.compute_dtype, jnp.float32)
 
-    def init_state(self, batch: int, max_len: int | None = None) -> State:
+    def init_state(self, batch: int, max_len: int | None = None) -> MemoryState:
         del max_len  # the memory does not grow with the sequence
         memory = jnp.zeros((batch, *self.memory_shape()), self.memory_dtype())
-        return {"memory": memory, "position": jnp.zeros((), jnp.int32),
-                **self.init_extra_state(batch)}
+        return self.state_type(memory=memory, position=jnp.zeros((), jnp.int32),
+                               **self.init_extra_state(batch))
 
-    def __call__(self, x: jax.Array, *, state: State | None = None,
-                 mode: str | None = None) -> tuple[jax.Array, State]:
+    def __call__(self, x: jax.Array, *, state: MemoryState | None = None,
+                 mode: str | None = None) -> tuple[jax.Array, MemoryState]:
         """``x`` ``[B, T, d_model]`` → ``(y [B, T, d_model], state)``."""
         self.check_input(x)
         mode = self.resolve_mode(mode, x.shape[1])
         position = position_of(state)
         inputs = self.prepare(x, state, position)
-        memory = None if state is None else state["memory"]
+        memory = None if state is None else state.memory
         o, final = run_op(inputs, memory, mode, self.config.chunk_size)
         y = self.finish(o, x, inputs, state)
-        new_state = {"memory": final.astype(self.memory_dtype()),
-                     "position": position + x.shape[1], **inputs.extra_state}
+        new_state = self.state_type(memory=final.astype(self.memory_dtype()),
+                                    position=position + x.shape[1], **inputs.extra_state)
         return y, new_state

@@ -13,12 +13,14 @@ Two attentions, the first for early layers and the second for the rest:
 layers (``layer_index < num_layers // 2``, as the paper's 50/50 split) and
 NormAttention after; ``"diag"`` / ``"norm"`` force one.
 
-DiagAttention's state is the current block's keys and values ``[B, block, H, D]``.
+DiagAttention's state is the current block's keys and values ``[B, block, H, D]``
+(a :class:`~xformjax.nn.states.KVCacheState`); NormAttention's is its memory (a
+:class:`~xformjax.nn.states.MemoryState`).
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import jax
 import jax.numpy as jnp
@@ -27,8 +29,9 @@ from flax import nnx
 from xformjax import ops
 from xformjax.nn.config import MixerConfig
 from xformjax.nn.feature_maps import FeatureMap
-from xformjax.nn.mixer import QKV, OutputHead, State, position_of, register
+from xformjax.nn.mixer import QKV, OutputHead, position_of, register
 from xformjax.nn.recurrent import MatrixMemoryMixer, OpInputs
+from xformjax.nn.states import KVCacheState, MemoryState
 
 
 def _uses_diag(config: MixerConfig, layer_index: int, num_layers: int) -> bool:
@@ -69,25 +72,30 @@ class TransNormer(MatrixMemoryMixer):
         return 2.0 * self.config.num_heads * (self.config.key_dim + self.config.value_dim) * visible
 
     # DiagAttention.
-    def init_state(self, batch: int, max_len: int | None = None) -> State:
+    def init_state(self, batch: int, max_len: int | None = None
+                   ) -> MemoryState | KVCacheState:
         if not self.diag:
             return super().init_state(batch, max_len)
+        return self._empty_block(batch)
+
+    def _empty_block(self, batch: int) -> KVCacheState:
+        """DiagAttention's empty block buffer."""
         shape = (batch, self.config.diag_block_size, self.config.num_heads)
         dtype = self.config.compute_dtype
-        return {"k": jnp.zeros(shape + (self.config.key_dim,), dtype),
-                "v": jnp.zeros(shape + (self.config.value_dim,), dtype),
-                "position": jnp.zeros((), jnp.int32)}
+        return KVCacheState(k=jnp.zeros(shape + (self.config.key_dim,), dtype),
+                            v=jnp.zeros(shape + (self.config.value_dim,), dtype),
+                            position=jnp.zeros((), jnp.int32))
 
-    def __call__(self, x: jax.Array, *, state: State | None = None,
-                 mode: str | None = None) -> tuple[jax.Array, State]:
+    def __call__(self, x: jax.Array, *, state: MemoryState | KVCacheState | None = None,
+                 mode: str | None = None) -> tuple[jax.Array, MemoryState | KVCacheState]:
         """``x`` ``[B, T, d_model]`` → ``(y, state)``."""
         if not self.diag:
-            return super().__call__(x, state=state, mode=mode)
+            return super().__call__(x, state=cast(MemoryState | None, state), mode=mode)
         self.check_input(x)
         mode = self.resolve_mode(mode, x.shape[1])
         q, k, v = self.qkv(x)
         if mode == "recurrent" or state is not None:
-            o, new_state = self._diag_recurrent(q, k, v, state)
+            o, new_state = self._diag_recurrent(q, k, v, cast(KVCacheState | None, state))
         else:
             o, new_state = self._diag_blocks(q, k, v, mode)
         return self.head(o, x), new_state
@@ -109,14 +117,14 @@ class TransNormer(MatrixMemoryMixer):
         last = lambda a: blocks(a).reshape(batch, num_blocks, block, *a.shape[2:])[:, -1]
         keep = (length - 1) % block + 1  # tokens of the last block that are real
         slots = (jnp.arange(block) < keep)[None, :, None, None]
-        state = {"k": jnp.where(slots, last(k), 0), "v": jnp.where(slots, last(v), 0),
-                 "position": jnp.asarray(length, jnp.int32)}
+        state = KVCacheState(k=jnp.where(slots, last(k), 0), v=jnp.where(slots, last(v), 0),
+                             position=jnp.asarray(length, jnp.int32))
         return o, state
 
-    def _diag_recurrent(self, q, k, v, state):
+    def _diag_recurrent(self, q, k, v, state: KVCacheState | None):
         """Token by token: write into the block buffer, attend to its filled slots."""
         if state is None:
-            state = self.init_state(q.shape[0])
+            state = self._empty_block(q.shape[0])
         block = self.config.diag_block_size
 
         def step(carry, token):
@@ -132,6 +140,6 @@ class TransNormer(MatrixMemoryMixer):
             return (cache_k, cache_v, position + 1), o_t[:, 0]
 
         tokens = tuple(jnp.moveaxis(a, 1, 0) for a in (q, k, v))
-        carry = (state["k"], state["v"], position_of(state))
+        carry = (state.k, state.v, position_of(state))
         (cache_k, cache_v, position), o = jax.lax.scan(step, carry, tokens)
-        return jnp.moveaxis(o, 0, 1), {"k": cache_k, "v": cache_v, "position": position}
+        return jnp.moveaxis(o, 0, 1), KVCacheState(k=cache_k, v=cache_v, position=position)

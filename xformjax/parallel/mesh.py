@@ -85,7 +85,10 @@ def resolve_mesh_shape(sizes: Mapping[str, int], device_count: int) -> dict[str,
     return shape
 
 
-def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+# (jax exports `Device = _xc.Device`, an assignment pyright does not take for a class)
+def make_mesh(sizes: Mapping[str, int],
+              devices: Sequence[jax.Device] | None = None,  # pyright: ignore[reportInvalidTypeForm]
+              ) -> Mesh:
     """A mesh over the axes :data:`MESH_AXES` (sizes as in :func:`resolve_mesh_shape`)
     with every axis of type ``Auto`` (XLA propagates shardings between the
     constraints). Without ``devices`` it uses the first ``prod(sizes)`` of

@@ -6,7 +6,7 @@
   synthetic task), ``grad_accum`` micro-batches per step, scanned inside one
   jitted step;
 - the loss is the masked mean cross-entropy plus ``aux_loss_weight`` × any
-  ``"aux_loss"`` a layer's state reports;
+  ``aux_loss`` a layer's state carries (``state.aux_loss``);
 - every ``log_every`` steps a JSON line goes to ``WORKDIR/metrics.jsonl`` (step,
   loss, grad norm, learning rate, tokens/s, and bits per byte for text or
   accuracy for tasks) and the progress bar updates; every ``eval_every`` steps the
@@ -121,7 +121,8 @@ def loss_and_metrics(model: LanguageModel, batch: dict[str, jax.Array], aux_weig
     cross_entropy = jnp.sum(nll * mask) / count
     correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
     accuracy = jnp.sum(correct * mask) / count
-    aux = sum((state["aux_loss"] for state in states if "aux_loss" in state), jnp.zeros(()))
+    losses = (getattr(state, "aux_loss", None) for state in states)
+    aux = sum((loss for loss in losses if loss is not None), jnp.zeros(()))
     loss = cross_entropy + aux_weight * aux
     return loss, {"cross_entropy": cross_entropy, "accuracy": accuracy, "aux_loss": aux}
 
