@@ -19,8 +19,6 @@ import sys
 import tomllib
 import zipfile
 
-import pytest
-
 import xformjax
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

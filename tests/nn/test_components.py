@@ -13,7 +13,7 @@ from flax import nnx
 
 from tests.ops.helpers import assert_close
 from xformjax import nn
-from xformjax.nn import lightning, lightnet, positional, retnet
+from xformjax.nn import lightnet, lightning, positional, retnet
 from xformjax.nn.recurrent import run_op
 
 

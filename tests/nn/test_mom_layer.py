@@ -15,6 +15,7 @@ from flax import nnx
 from tests.ops.helpers import assert_close
 from tests.ops.test_mixture_of_memories import reference as mom_reference
 from xformjax import nn
+
 # importing the module registers "mom" in nn.MIXERS
 from xformjax.nn.mom import MixtureOfMemories, load_balance_loss, top_k_routing
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from xformjax.nn.sliding_attention import sliding_window_attention
 from tests.ops.helpers import assert_close
 from xformjax import nn
+from xformjax.nn.sliding_attention import sliding_window_attention
 
 BASE = nn.MixerConfig(d_model=32, num_heads=2, chunk_size=8, max_seq_len=64, conv_size=3)
 BATCH, LENGTH = 2, 19
@@ -135,7 +135,7 @@ def test_sliding_window_attention_matches_a_reference_and_continues_from_its_cac
     expected = reference_local_attention(q, k, v, np.zeros((0, heads, 4)) if pk is None else pk,
                                          np.zeros((0, heads, 4)) if pv is None else pv, window)
     empty = jnp.zeros((2, window - 1, heads, 4))
-    o, cache_k, cache_v = sliding_window_attention(
+    o, cache_k, _cache_v = sliding_window_attention(
         q, k, v, window=window, cache_k=empty, cache_v=empty, cached=0, persistent_k=pk,
         persistent_v=pv)
     assert_close(o, expected, 1e-5, f"window {window} one call")
@@ -159,8 +159,8 @@ def test_mag_and_mac_parameters_and_the_attention_branch():
     mal = build("titans-mal")
     mag = build("titans-mag")
     mal_paths = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(mal, nnx.Param))}
-    mag_flat = dict(("/".join(map(str, p)), v)
-                    for p, v in nnx.to_flat_state(nnx.state(mag, nnx.Param)))
+    mag_flat = {"/".join(map(str, p)): v
+                for p, v in nnx.to_flat_state(nnx.state(mag, nnx.Param))}
     assert "head/gate/kernel" in mal_paths and "head/gate/kernel" not in mag_flat
     assert mag_flat["attention/persistent"].shape == (2, BASE.d_model)
     assert mag_flat["attention/persistent"].get_metadata()["out_sharding"] == (None, "embed")

@@ -61,7 +61,7 @@ CASES = {
 
 
 def _call(fn, case, inputs, with_init):
-    op, names, options = CASES[case]
+    _op, names, options = CASES[case]
     options = dict(options)
     kwargs = {n: inputs[n] for n in names if n not in ("q", "k", "v", "beta")}
     if options.pop("head_gate", False):
@@ -88,7 +88,8 @@ def test_forward_and_gradients_match_the_single_device_op(case, mesh_name):
     parallel = sequence_parallel(op, make_mesh(MESHES[mesh_name]))
     for with_init in (False, True):
         o_ref, s_ref = _call(op, case, inputs, with_init)
-        o, s = jax.jit(lambda x: _call(parallel, case, x, with_init))(inputs)
+        # called at once, inside the loop: the lambda sees this iteration's with_init
+        o, s = jax.jit(lambda x: _call(parallel, case, x, with_init))(inputs)  # noqa: B023
         assert_close(o, o_ref, 1e-5, f"{case} o")
         assert_close(s, s_ref, 1e-5, f"{case} final state")
 

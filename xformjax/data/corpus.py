@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import pathlib
 import sysconfig
+from typing import Any, cast
 
 import numpy as np
 
@@ -108,7 +109,8 @@ def _builder_class():
     return TextFiles
 
 
-def prepare_corpus(spec: CorpusSpec | None = None, data_dir: str | pathlib.Path | None = None):
+def prepare_corpus(spec: CorpusSpec | None = None,
+                   data_dir: str | pathlib.Path | None = None) -> dict[str, Any]:
     """Build the corpus once (array_record) and return ``{"train", "validation"}``
     grain-compatible random-access sources of ``{"text", "path"}`` examples."""
     spec = stdlib_corpus() if spec is None else spec
@@ -118,4 +120,4 @@ def prepare_corpus(spec: CorpusSpec | None = None, data_dir: str | pathlib.Path 
     cls = type(name, (builder_cls,), {"name": name}, skip_registration=True)
     builder = cls(spec=spec, data_dir=str(data_dir), file_format="array_record")
     builder.download_and_prepare()
-    return builder.as_data_source()
+    return cast(dict[str, Any], builder.as_data_source())  # one source per split

@@ -18,5 +18,14 @@ from xformjax.models.flops import ModelCost, count_params, model_cost
 from xformjax.models.generate import generate, sample_token
 from xformjax.models.lm import Block, LanguageModel
 
-__all__ = ["LMConfig", "PRESETS", "LanguageModel", "Block", "generate", "sample_token",
-           "model_cost", "count_params", "ModelCost"]
+__all__ = [
+           "PRESETS",
+           "Block",
+           "LMConfig",
+           "LanguageModel",
+           "ModelCost",
+           "count_params",
+           "generate",
+           "model_cost",
+           "sample_token",
+]

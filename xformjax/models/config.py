@@ -56,7 +56,7 @@ class LMConfig:
     vocab_size: int = 256
     num_layers: int = 4
     layer_pattern: str = "gated_deltanet,gated_deltanet,gated_deltanet,attn"
-    mixer: MixerConfig = MixerConfig()
+    mixer: MixerConfig = dataclasses.field(default_factory=MixerConfig)
     mlp: str = "swiglu"
     mlp_hidden: int | None = None
     norm: str = "rms"
@@ -145,6 +145,7 @@ PRESETS: dict[str, LMConfig] = {
     "small": LMConfig(num_layers=6, layer_pattern="gated_deltanet,gated_deltanet,attn",
                       mixer=MixerConfig(d_model=256, num_heads=4, max_seq_len=1024)),
     # an accelerator-sized hybrid (≈ 90M parameters with a byte vocabulary)
-    "base": LMConfig(num_layers=12, layer_pattern="gated_deltanet,gated_deltanet,gated_deltanet,attn",
+    "base": LMConfig(num_layers=12,
+                     layer_pattern="gated_deltanet,gated_deltanet,gated_deltanet,attn",
                      mixer=MixerConfig(d_model=768, num_heads=12, max_seq_len=2048)),
 }

@@ -31,6 +31,7 @@ from xformjax.nn import linear, norms
 from xformjax.nn.mixer import get_mixer
 from xformjax.nn.mlp import MLP
 from xformjax.nn.states import MixerState
+from xformjax.ops.common.validation import Mode
 from xformjax.parallel.mesh import constrain
 
 #: logical names of the residual stream ``[B, T, d_model]`` (the model dimension is
@@ -59,7 +60,7 @@ class Block(nnx.Module):
         self.mlp_out_norm = norm() if peri else None
 
     def __call__(self, x: jax.Array, *, state: MixerState | None = None,
-                 mode: str | None = None) -> tuple[jax.Array, MixerState]:
+                 mode: Mode | None = None) -> tuple[jax.Array, MixerState]:
         """``x`` is the residual stream (float32 or wider); the sub-layers run in the
         mixer config's compute dtype."""
         dtype = self.mixer.config.compute_dtype
@@ -96,7 +97,7 @@ class LanguageModel(nnx.Module):
         return [block.mixer.init_state(batch, max_len) for block in self.blocks]
 
     def __call__(self, tokens: jax.Array, cache: list[MixerState] | None = None, *,
-                 mode: str | None = None) -> tuple[jax.Array, list[MixerState]]:
+                 mode: Mode | None = None) -> tuple[jax.Array, list[MixerState]]:
         """``tokens`` int ``[B, T]`` → ``(logits [B, T, vocab] float32, cache)``."""
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"LanguageModel: `tokens` must be int [B, T]; got "

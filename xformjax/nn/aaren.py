@@ -34,6 +34,7 @@ from xformjax.nn.config import MixerConfig
 from xformjax.nn.mixer import Mixer, OutputHead, position_of, register, split_heads
 from xformjax.nn.states import SoftmaxSummaryState
 from xformjax.ops.aaren import AarenState, aaren, empty_state
+from xformjax.ops.common.validation import Mode
 
 
 @register("aaren")
@@ -79,7 +80,7 @@ class Aaren(Mixer):
         return float(self.config.num_heads * (2 * key_dim + 2 * (3 * value_dim + 6) + value_dim))
 
     def __call__(self, x: jax.Array, *, state: SoftmaxSummaryState | None = None,
-                 mode: str | None = None) -> tuple[jax.Array, SoftmaxSummaryState]:
+                 mode: Mode | None = None) -> tuple[jax.Array, SoftmaxSummaryState]:
         """``x`` ``[B, T, d_model]`` → ``(y [B, T, d_model], state)``."""
         self.check_input(x)
         mode = self.resolve_mode(mode, x.shape[1])
@@ -92,6 +93,7 @@ class Aaren(Mixer):
                    else AarenState(state.max, state.numerator, state.denominator))
         o, final = aaren(query, k, v, initial_state=initial, output_final_state=True,
                          mode=mode, chunk_size=self.config.chunk_size)
+        assert final is not None  # output_final_state=True
         y = self.head(o, x)
         final = AarenState(*(value.astype(self.state_dtype()) for value in final))
         return y, self._layer_state(final, position + x.shape[1])

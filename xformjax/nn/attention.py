@@ -35,6 +35,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.core import Tracer
 
 from xformjax import ops
 from xformjax.nn import linear
@@ -43,6 +44,7 @@ from xformjax.nn.mixer import Mixer, merge_heads, position_of, register, split_h
 from xformjax.nn.positional import apply_rope, token_positions
 from xformjax.nn.recurrent import sequence_mesh
 from xformjax.nn.states import KVCacheState
+from xformjax.ops.common.validation import Mode
 
 
 @register("attn")
@@ -98,10 +100,10 @@ class Attention(Mixer):
         return o
 
     def __call__(self, x: jax.Array, *, state: KVCacheState | None = None,
-                 mode: str | None = None) -> tuple[jax.Array, KVCacheState]:
+                 mode: Mode | None = None) -> tuple[jax.Array, KVCacheState]:
         """``x`` ``[B, T, d_model]`` → ``(y, state)``; see the module docstring."""
         self.check_input(x)
-        batch, length, _ = x.shape
+        length = x.shape[1]
         mode = self.resolve_mode(mode, length)
         position = position_of(state)
         positions = token_positions(position, length)
@@ -118,7 +120,7 @@ class Attention(Mixer):
                                      position=position + length)
         else:
             capacity = state.k.shape[1]
-            if not isinstance(position, jax.core.Tracer) and int(position) + length > capacity:
+            if not isinstance(position, Tracer) and int(position) + length > capacity:
                 raise ValueError(f"{type(self).__name__}: the KV cache holds {capacity} tokens; "
                                  f"{int(position)} are used and {length} more were given. "
                                  "Allocate it with init_state(batch, max_len) large enough.")

@@ -14,8 +14,10 @@ from typing import Any, Literal, get_args
 
 import jax.numpy as jnp
 
+from xformjax.ops.common.validation import Mode
+
 FEATURE_MAPS = ("identity", "elu+1", "relu", "hedgehog", "taylor")
-MODES = ("chunk", "parallel", "recurrent")
+MODES: tuple[Mode, ...] = ("chunk", "parallel", "recurrent")
 
 #: Titans' variants: memory as a layer, as a gate, as context.
 TitansVariant = Literal["mal", "mag", "mac"]
@@ -105,7 +107,7 @@ class MixerConfig:
     expand_v: float = 1.0
     num_kv_heads: int | None = None
     chunk_size: int = 64
-    mode: str = "chunk"
+    mode: Mode = "chunk"
     dtype: str = "float32"
     param_dtype: str = "float32"
     sigma_reparam: bool = False

@@ -27,6 +27,7 @@ from xformjax.nn import linear
 from xformjax.nn.config import MixerConfig
 from xformjax.nn.mixer import Mixer, OutputHead, position_of, register, split_heads
 from xformjax.nn.states import MemoryState
+from xformjax.ops.common.validation import Mode
 
 TRANSITION_BIAS = 2.0
 
@@ -68,7 +69,7 @@ class DiagonalRNN(Mixer):
         return 2.0 * self.config.num_heads * self.config.value_dim
 
     def __call__(self, x: jax.Array, *, state: MemoryState | None = None,
-                 mode: str | None = None) -> tuple[jax.Array, MemoryState]:
+                 mode: Mode | None = None) -> tuple[jax.Array, MemoryState]:
         """``x`` ``[B, T, d_model]`` → ``(y [B, T, d_model], state)``."""
         self.check_input(x)
         mode = self.resolve_mode(mode, x.shape[1])
@@ -77,6 +78,7 @@ class DiagonalRNN(Mixer):
         h, final = ops.diagonal_recurrence(
             self.transitions(x), b, initial_state=None if state is None else state.memory,
             output_final_state=True, mode=mode, chunk_size=self.config.chunk_size)
+        assert final is not None  # output_final_state=True
         y = self.head(h.astype(x.dtype), x)
         return y, MemoryState(memory=final.astype(self.state_dtype()),
                               position=position + x.shape[1])

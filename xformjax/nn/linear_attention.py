@@ -75,8 +75,8 @@ class LinearAttention(MatrixMemoryMixer):
         dtype = self.memory_dtype()
         q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
         ones = jnp.ones(v.shape[:-1] + (1,), dtype)
-        previous = (jnp.zeros(v.shape[:1] + v.shape[2:], dtype) if state is None
-                    else state.value_sum)
+        previous = (jnp.zeros(v.shape[:1] + v.shape[2:], dtype)
+                    if state is None or state.value_sum is None else state.value_sum)
         value_sum = previous + jnp.sum(v, axis=1)
         return OpInputs(q, k, jnp.concatenate([v, ones], -1), scale=1.0,
                         extra_state={"value_sum": value_sum})
@@ -91,7 +91,8 @@ class LinearAttention(MatrixMemoryMixer):
               state: LinearAttentionState | None) -> jax.Array:
         numerator, score = o[..., :-1], o[..., -1:]
         dtype = o.dtype
-        previous = 0.0 if state is None else state.value_sum[:, None].astype(dtype)
+        previous = (0.0 if state is None or state.value_sum is None
+                    else state.value_sum[:, None].astype(dtype))
         value_sums = previous + jnp.cumsum(v.astype(dtype), axis=1)
         counts = (position_of(state) + jnp.arange(1, v.shape[1] + 1)).astype(dtype)
         beta = 1.0 + 1.0 / (score + _EPS)

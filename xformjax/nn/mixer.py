@@ -39,6 +39,7 @@ from flax import nnx
 from xformjax.nn import linear, norms
 from xformjax.nn.config import MODES, MixerConfig
 from xformjax.nn.states import MixerState
+from xformjax.ops.common.validation import Mode
 
 #: the type of a mixer's state (each mixer returns its own subclass).
 State = MixerState
@@ -74,7 +75,7 @@ class Mixer(nnx.Module):
 
     name: ClassVar[str] = ""
     #: modes this family implements (``"parallel"`` is absent where it has none).
-    modes: ClassVar[tuple[str, ...]] = MODES
+    modes: ClassVar[tuple[Mode, ...]] = MODES
 
     def __init__(self, config: MixerConfig, *, layer_index: int = 0, num_layers: int = 1,
                  rngs: nnx.Rngs):
@@ -87,7 +88,7 @@ class Mixer(nnx.Module):
         self.config = config
         self.layer_index, self.num_layers = layer_index, num_layers
 
-    def resolve_mode(self, mode: str | None, length: int) -> str:
+    def resolve_mode(self, mode: Mode | None, length: int) -> Mode:
         if mode is None:
             mode = "recurrent" if length == 1 else self.config.mode
             if mode not in self.modes:
@@ -115,7 +116,7 @@ class Mixer(nnx.Module):
         raise NotImplementedError(f"{type(self).__name__} must define sequence_flops")
 
     def __call__(self, x: jax.Array, *, state: State | None = None,
-                 mode: str | None = None) -> tuple[jax.Array, State]:
+                 mode: Mode | None = None) -> tuple[jax.Array, State]:
         raise NotImplementedError(f"{type(self).__name__} must define __call__")
 
 
@@ -178,4 +179,5 @@ class QKV(nnx.Module):
         self.v = linear.dense(config, d, heads * value_dim, axes=("embed", "heads"), rngs=rngs)
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        return tuple(split_heads(proj(x), self.num_heads) for proj in (self.q, self.k, self.v))
+        q, k, v = (split_heads(proj(x), self.num_heads) for proj in (self.q, self.k, self.v))
+        return q, k, v

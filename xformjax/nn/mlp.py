@@ -35,6 +35,7 @@ class MLP(nnx.Module):
         if self.kind == "gelu":
             h = jax.nn.gelu(h)
         else:
+            assert self.gate is not None  # built for the gated kinds
             gate = self.gate(x)
             h = h * (jax.nn.silu(gate) if self.kind == "swiglu" else jax.nn.sigmoid(gate))
         return self.down(h)

@@ -45,6 +45,7 @@ from xformjax.nn.mixer import Mixer, OutputHead, position_of, register, split_he
 from xformjax.nn.norms import l2_normalize
 from xformjax.nn.states import MixtureOfMemoriesState
 from xformjax.nn.streams import init_conv_caches, silu_streams, stream_layers
+from xformjax.ops.common.validation import Mode
 from xformjax.ops.mixture_of_memories import mixture_of_memories
 
 __all__ = ["MixtureOfMemories", "load_balance_loss", "top_k_routing"]
@@ -159,7 +160,7 @@ class MixtureOfMemories(Mixer):
     # ----------------------------------------------------------------- forward
 
     def __call__(self, x: jax.Array, *, state: MixtureOfMemoriesState | None = None,
-                 mode: str | None = None) -> tuple[jax.Array, MixtureOfMemoriesState]:
+                 mode: Mode | None = None) -> tuple[jax.Array, MixtureOfMemoriesState]:
         """``x`` ``[B, T, d_model]`` → ``(y [B, T, d_model], state)``."""
         self.check_input(x)
         mode = self.resolve_mode(mode, x.shape[1])
@@ -180,6 +181,7 @@ class MixtureOfMemories(Mixer):
         o, final = mixture_of_memories(q, k, v, beta, routing, g=log_decay,
                                        initial_state=memory, output_final_state=True,
                                        mode=mode, chunk_size=config.chunk_size)
+        assert final is not None  # output_final_state=True
         y = self.head(o, x)
         new_state = MixtureOfMemoriesState(memory=final.astype(self.memory_dtype()),
                                            position=position + length, conv=caches,

@@ -55,6 +55,7 @@ from xformjax.nn.mixer import Mixer, OutputHead, position_of, split_heads
 from xformjax.nn.norms import l2_normalize
 from xformjax.nn.states import ConvCaches, MemoryTokens, NeuralMemoryState
 from xformjax.nn.streams import STREAMS, init_conv_caches, silu_streams, stream_layers
+from xformjax.ops.common.validation import Mode
 from xformjax.ops.neural_memory import init_neural_memory_state, neural_memory
 
 #: gate name → initial bias of its logit.
@@ -104,9 +105,9 @@ class NeuralMemoryMixer(Mixer):
     """Shared body of Titans (MAL, MAG, MAC) and ATLAS: projections, gates, the memory
     with its chunk-boundary buffer, the output head. Called, it is the MAL layer."""
 
-    modes: ClassVar[tuple[str, ...]] = ("chunk", "recurrent")
+    modes: ClassVar[tuple[Mode, ...]] = ("chunk", "recurrent")
     #: learned per-token Omega weights γ (ATLAS with omega_window > 1).
-    learned_gamma: ClassVar[bool] = False
+    learned_gamma: bool = False
 
     def __init__(self, config: MixerConfig, *, layer_index: int = 0, num_layers: int = 1,
                  rngs: nnx.Rngs):
@@ -254,7 +255,7 @@ class NeuralMemoryMixer(Mixer):
                                       chunk).astype(dtype), tokens)
         return o, new_memory, new_buffer
 
-    def memory_branch(self, x: jax.Array, state: NeuralMemoryState | None, mode: str,
+    def memory_branch(self, x: jax.Array, state: NeuralMemoryState | None, mode: Mode,
                       position: jax.Array
                       ) -> tuple[jax.Array, MemoryOpState, MemoryTokens, ConvCaches]:
         """The memory read ``o`` ``[B, T, H, V]`` of ``x`` and the new memory, buffer and
@@ -300,7 +301,7 @@ class NeuralMemoryMixer(Mixer):
         return float(self.config.num_heads * per_head)
 
     def __call__(self, x: jax.Array, *, state: NeuralMemoryState | None = None,
-                 mode: str | None = None) -> tuple[jax.Array, NeuralMemoryState]:
+                 mode: Mode | None = None) -> tuple[jax.Array, NeuralMemoryState]:
         """``x`` ``[B, T, d_model]`` → ``(y [B, T, d_model], state)``."""
         self.check_input(x)
         mode = self.resolve_mode(mode, x.shape[1])

@@ -21,6 +21,7 @@ from flax import nnx
 from xformjax import ops
 from xformjax.nn.mixer import QKV, Mixer, OutputHead, position_of
 from xformjax.nn.states import MemoryState
+from xformjax.ops.common.validation import Mode
 
 
 @dataclasses.dataclass
@@ -56,7 +57,7 @@ def sequence_mesh(length: int):
     return mesh if size > 1 and length % size == 0 else None
 
 
-def run_op(inputs: OpInputs, initial_state: jax.Array | None, mode: str, chunk_size: int
+def run_op(inputs: OpInputs, initial_state: jax.Array | None, mode: Mode, chunk_size: int
            ) -> tuple[jax.Array, jax.Array]:
     """Call the op ``inputs`` names; returns ``(o, final_state)``.
 
@@ -145,7 +146,7 @@ class MatrixMemoryMixer(Mixer):
                                **self.init_extra_state(batch))
 
     def __call__(self, x: jax.Array, *, state: MemoryState | None = None,
-                 mode: str | None = None) -> tuple[jax.Array, MemoryState]:
+                 mode: Mode | None = None) -> tuple[jax.Array, MemoryState]:
         """``x`` ``[B, T, d_model]`` → ``(y [B, T, d_model], state)``."""
         self.check_input(x)
         mode = self.resolve_mode(mode, x.shape[1])

@@ -7,8 +7,9 @@
 
 Each head has its own fixed decay (the "multi-scale" part); GroupNorm normalises
 each head separately (here a LayerNorm over the head's value features; its affine
-scale and bias are shared by the heads, where RetNet's GroupNorm has one per channel). The parallel form is ``(QKᵀ ⊙ D)V`` with ``D_ij = γ^{i−j}``, the chunk form
-RetNet's chunkwise recurrence. The paper uses values twice as wide as keys:
+scale and bias are shared by the heads, where RetNet's GroupNorm has one per
+channel). The parallel form is ``(QKᵀ ⊙ D)V`` with ``D_ij = γ^{i−j}``, the chunk
+form RetNet's chunkwise recurrence. The paper uses values twice as wide as keys:
 set ``expand_v=2``.
 """
 

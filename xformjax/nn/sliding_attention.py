@@ -53,6 +53,7 @@ def with_persistent(k: jax.Array, v: jax.Array, persistent_k: jax.Array | None,
     (broadcast over ``blocks_shape`` = the leading axes); returns ``(k, v, P)``."""
     if persistent_k is None:
         return k, v, 0
+    assert persistent_v is not None  # persistent keys come with persistent values
     count = persistent_k.shape[0]
     pk = jnp.broadcast_to(persistent_k.astype(k.dtype), blocks_shape + persistent_k.shape)
     pv = jnp.broadcast_to(persistent_v.astype(v.dtype), blocks_shape + persistent_v.shape)

@@ -32,6 +32,7 @@ from xformjax.nn.feature_maps import FeatureMap
 from xformjax.nn.mixer import QKV, OutputHead, position_of, register
 from xformjax.nn.recurrent import MatrixMemoryMixer, OpInputs
 from xformjax.nn.states import KVCacheState, MemoryState
+from xformjax.ops.common.validation import Mode
 
 
 def _uses_diag(config: MixerConfig, layer_index: int, num_layers: int) -> bool:
@@ -87,7 +88,7 @@ class TransNormer(MatrixMemoryMixer):
                             position=jnp.zeros((), jnp.int32))
 
     def __call__(self, x: jax.Array, *, state: MemoryState | KVCacheState | None = None,
-                 mode: str | None = None) -> tuple[jax.Array, MemoryState | KVCacheState]:
+                 mode: Mode | None = None) -> tuple[jax.Array, MemoryState | KVCacheState]:
         """``x`` ``[B, T, d_model]`` → ``(y, state)``."""
         if not self.diag:
             return super().__call__(x, state=cast(MemoryState | None, state), mode=mode)

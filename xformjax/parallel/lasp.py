@@ -57,7 +57,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, PartitionSpec
 
 from xformjax import ops
 from xformjax.parallel import lasp2h
@@ -100,7 +100,7 @@ def _pack(transition, contribution):
                             contribution.reshape(batch, heads, -1)], axis=-1)
 
 
-def sequence_parallel(op: Callable, mesh: Mesh, axis: str = "seq") -> Callable:
+def sequence_parallel(op: Callable, mesh: Mesh | AbstractMesh, axis: str = "seq") -> Callable:
     """``op`` (``ops.linear_attention``, ``ops.delta_rule`` or ``ops.delta_product``)
     made sequence-parallel over ``mesh``'s axis ``axis`` (see the module docstring);
     ``ops.softmax_attention`` / ``ops.sigmoid_attention`` get LASP-2H

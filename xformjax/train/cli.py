@@ -36,7 +36,7 @@ def _quiet_libraries() -> None:
 
 def _parser() -> argparse.ArgumentParser:
     from xformjax.train.config import available_presets
-    parser = argparse.ArgumentParser(prog="xformjax", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="xformjax", description=(__doc__ or "").split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser(
         "train", help="train a model (resumes from WORKDIR's checkpoint)",

@@ -148,10 +148,10 @@ class MeshConfig:
 class ExperimentConfig:
     """Everything a run needs (see the module docstring)."""
 
-    model: LMConfig = LMConfig()
-    train: TrainConfig = TrainConfig()
-    data: DataConfig = DataConfig()
-    mesh: MeshConfig = MeshConfig()
+    model: LMConfig = dataclasses.field(default_factory=LMConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

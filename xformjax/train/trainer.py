@@ -364,7 +364,7 @@ class Trainer:
     def _train_record(self, step: int, metrics, tokens_per_second: float) -> dict[str, Any]:
         record = {"step": step, "split": "train", "loss": float(metrics["loss"]),
                   "grad_norm": float(metrics["grad_norm"]),
-                  "learning_rate": float(self.schedule(step - 1)),
+                  "learning_rate": float(np.asarray(self.schedule(step - 1))),
                   "tokens_per_second": tokens_per_second}
         if self.datasets.is_text:
             record["bits_per_byte"] = float(metrics["cross_entropy"]) / LN2

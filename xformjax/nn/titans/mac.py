@@ -43,6 +43,7 @@ from xformjax.nn.sliding_attention import masked_attention, with_persistent
 from xformjax.nn.states import ConvCaches, SegmentTokens, TitansMACState
 from xformjax.nn.streams import silu_stream
 from xformjax.nn.titans.branches import AttentionTitans
+from xformjax.ops.common.validation import Mode
 
 
 class TitansMAC(AttentionTitans):
@@ -164,7 +165,7 @@ class TitansMAC(AttentionTitans):
         return unsegment(attended), unsegment(read), memory, segment
 
     def __call__(self, x: jax.Array, *, state: TitansMACState | None = None,
-                 mode: str | None = None) -> tuple[jax.Array, TitansMACState]:
+                 mode: Mode | None = None) -> tuple[jax.Array, TitansMACState]:
         """``x`` ``[B, T, d_model]`` → ``(y [B, T, d_model], state)``."""
         self.check_input(x)
         batch, length, _ = x.shape

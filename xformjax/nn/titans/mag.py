@@ -28,6 +28,7 @@ from xformjax.nn.positional import token_positions
 from xformjax.nn.sliding_attention import sliding_window_attention
 from xformjax.nn.states import TitansMAGState
 from xformjax.nn.titans.branches import AttentionTitans
+from xformjax.ops.common.validation import Mode
 
 
 class TitansMAG(AttentionTitans):
@@ -54,7 +55,7 @@ class TitansMAG(AttentionTitans):
                 + 2.0 * config.num_heads * keys * (config.key_dim + config.value_dim))
 
     def __call__(self, x: jax.Array, *, state: TitansMAGState | None = None,
-                 mode: str | None = None) -> tuple[jax.Array, TitansMAGState]:
+                 mode: Mode | None = None) -> tuple[jax.Array, TitansMAGState]:
         """``x`` ``[B, T, d_model]`` → ``(y [B, T, d_model], state)``."""
         self.check_input(x)
         batch, length, _ = x.shape
