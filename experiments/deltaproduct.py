@@ -32,9 +32,15 @@ STEPS = {"S3": 2000, "A5": 600, "S5": 600}
 
 
 def models(steps_per_token: tuple[int, ...]) -> list[ModelSpec]:
-    return [ModelSpec(f"n_h={n} {'[−1, 1]' if negative else '[0, 1]'}", "deltaproduct",
-                      {"num_householder": n, "allow_neg_eigval": negative})
-            for n in steps_per_token for negative in (False, True)]
+    return [
+        ModelSpec(
+            f"n_h={n} {'[−1, 1]' if negative else '[0, 1]'}",
+            "deltaproduct",
+            {"num_householder": n, "allow_neg_eigval": negative},
+        )
+        for n in steps_per_token
+        for negative in (False, True)
+    ]
 
 
 def make_runs(groups, seeds, steps_by_group, steps_per_token) -> list[Run]:
@@ -43,40 +49,68 @@ def make_runs(groups, seeds, steps_by_group, steps_per_token) -> list[Run]:
         steps = steps_by_group[group]
         for spec in models(steps_per_token):
             for seed in seeds:
-                task = WordProblem(seed=seed, group=group, min_length=4,
-                                   max_length=TRAIN_LENGTH)
-                test = WordProblem(seed=10_000 + seed, group=group, min_length=TEST_LENGTH,
-                                   max_length=TEST_LENGTH)
-                train = TrainConfig(steps=steps, batch_size=32, learning_rate=3e-3,
-                                    warmup_steps=min(100, steps // 10), weight_decay=0.01,
-                                    seed=seed)
-                runs.append(Run(f"{group}|{spec.label}|seed {seed}|{steps} steps",
-                                spec.config(small_lm(), task.vocab_size), train, task,
-                                {"test": test}))
+                task = WordProblem(seed=seed, group=group, min_length=4, max_length=TRAIN_LENGTH)
+                test = WordProblem(
+                    seed=10_000 + seed, group=group, min_length=TEST_LENGTH, max_length=TEST_LENGTH
+                )
+                train = TrainConfig(
+                    steps=steps,
+                    batch_size=32,
+                    learning_rate=3e-3,
+                    warmup_steps=min(100, steps // 10),
+                    weight_decay=0.01,
+                    seed=seed,
+                )
+                runs.append(
+                    Run(
+                        f"{group}|{spec.label}|seed {seed}|{steps} steps",
+                        spec.config(small_lm(), task.vocab_size),
+                        train,
+                        task,
+                        {"test": test},
+                    )
+                )
     return runs
 
 
 def summarise(records, steps_by_group) -> tuple[list[str], dict]:
     lines = report.header("DeltaProduct: state tracking on group word problems")
-    lines += ["Two-layer DeltaProduct models (d_model 64, 2 heads of 32, short "
-              f"convolution), AdamW steps of 32 words of length 4–{TRAIN_LENGTH} (per "
-              f"group below), lr 3e-3; scored on words of length {TEST_LENGTH} at every "
-              "prefix. Accuracy in %, mean ± std over seeds (min–max) where there are "
-              "several.", ""]
+    lines += [
+        "Two-layer DeltaProduct models (d_model 64, 2 heads of 32, short "
+        f"convolution), AdamW steps of 32 words of length 4–{TRAIN_LENGTH} (per "
+        f"group below), lr 3e-3; scored on words of length {TEST_LENGTH} at every "
+        "prefix. Accuracy in %, mean ± std over seeds (min–max) where there are "
+        "several.",
+        "",
+    ]
     groups: dict = {}
     for record in records:
         group, label, *_ = record["name"].split("|")
         groups.setdefault(group, {}).setdefault(label, []).append(record)
     for group, by_label in groups.items():
         size = len(group_elements(group))
-        lines += [f"## {group} ({size} elements, chance {100 / size:.1f} %), "
-                  f"{steps_by_group[group]} steps", ""]
-        spans = (range(1, TRAIN_LENGTH + 1), range(TRAIN_LENGTH + 1, 2 * TRAIN_LENGTH + 1),
-                 range(2 * TRAIN_LENGTH + 1, TEST_LENGTH + 1))
+        lines += [
+            f"## {group} ({size} elements, chance {100 / size:.1f} %), "
+            f"{steps_by_group[group]} steps",
+            "",
+        ]
+        spans = (
+            range(1, TRAIN_LENGTH + 1),
+            range(TRAIN_LENGTH + 1, 2 * TRAIN_LENGTH + 1),
+            range(2 * TRAIN_LENGTH + 1, TEST_LENGTH + 1),
+        )
         rows = [report.prefix_row(label, runs, "test", spans) for label, runs in by_label.items()]
-        lines += report.table(["model", "seeds", "train acc", f"prefixes 1–{TRAIN_LENGTH}",
-                               f"{TRAIN_LENGTH + 1}–{2 * TRAIN_LENGTH}",
-                               f"{2 * TRAIN_LENGTH + 1}–{TEST_LENGTH}"], rows) + [""]
+        lines += report.table(
+            [
+                "model",
+                "seeds",
+                "train acc",
+                f"prefixes 1–{TRAIN_LENGTH}",
+                f"{TRAIN_LENGTH + 1}–{2 * TRAIN_LENGTH}",
+                f"{2 * TRAIN_LENGTH + 1}–{TEST_LENGTH}",
+            ],
+            rows,
+        ) + [""]
     return lines, groups
 
 
@@ -91,8 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--groups", nargs="+", default=list(GROUPS), choices=GROUPS)
     parser.add_argument("--householder", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--steps", type=int,
-                        help=f"training steps of every group (default: {STEPS})")
+    parser.add_argument(
+        "--steps", type=int, help=f"training steps of every group (default: {STEPS})"
+    )
     parser.add_argument("--quick", action="store_true", help="S3, n_h ∈ {1, 2}, 60 steps")
     parser.add_argument("--out", type=pathlib.Path, default=report.RESULTS)
     parser.add_argument("--no-progress", action="store_true")
@@ -101,8 +136,11 @@ def main(argv: list[str] | None = None) -> int:
         args.groups, args.householder, args.seeds, args.steps = ["S3"], [1, 2], [0], 60
     steps = {group: args.steps or STEPS[group] for group in args.groups}
     store = ResultStore(args.out / "deltaproduct.jsonl")
-    records = run_all(make_runs(args.groups, args.seeds, steps, tuple(args.householder)),
-                      store, progress=not args.no_progress)
+    records = run_all(
+        make_runs(args.groups, args.seeds, steps, tuple(args.householder)),
+        store,
+        progress=not args.no_progress,
+    )
     # the tables pool every seed in the store for the settings asked for, so extra
     # seeds of a few settings (--seeds 1 2 --groups S3 …) join the full table
     settings = {_setting(record["name"]) for record in records}
@@ -111,10 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     lines, groups = summarise(pooled, steps)
     for group, by_label in groups.items():
         name = f"deltaproduct_{group}.png"
-        report.accuracy_plot({label: [r["tests"]["test"] for r in runs]
-                              for label, runs in by_label.items()}, args.out / name,
-                             train_length=TRAIN_LENGTH,
-                             title=f"{group} word problem: accuracy at each prefix")
+        report.accuracy_plot(
+            {label: [r["tests"]["test"] for r in runs] for label, runs in by_label.items()},
+            args.out / name,
+            train_length=TRAIN_LENGTH,
+            title=f"{group} word problem: accuracy at each prefix",
+        )
         lines += [f"![{group}]({name})", ""]
     (args.out / "deltaproduct.md").write_text("\n".join(lines))
     print("\n".join(lines))

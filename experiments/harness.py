@@ -50,15 +50,21 @@ class ModelSpec:
 
     def config(self, base: LMConfig, vocab_size: int) -> LMConfig:
         mixer = dataclasses.replace(base.mixer, **self.mixer)
-        return dataclasses.replace(base, layer_pattern=self.layer_pattern, mixer=mixer,
-                                   vocab_size=vocab_size)
+        return dataclasses.replace(
+            base, layer_pattern=self.layer_pattern, mixer=mixer, vocab_size=vocab_size
+        )
 
 
-def small_lm(d_model: int = 64, num_layers: int = 2, num_heads: int = 2, chunk_size: int = 32,
-             **mixer) -> LMConfig:
+def small_lm(
+    d_model: int = 64, num_layers: int = 2, num_heads: int = 2, chunk_size: int = 32, **mixer
+) -> LMConfig:
     """The experiments' model size: a few layers of width ``d_model``."""
-    return LMConfig(num_layers=num_layers, mixer=MixerConfig(
-        d_model=d_model, num_heads=num_heads, chunk_size=chunk_size, max_seq_len=1024, **mixer))
+    return LMConfig(
+        num_layers=num_layers,
+        mixer=MixerConfig(
+            d_model=d_model, num_heads=num_heads, chunk_size=chunk_size, max_seq_len=1024, **mixer
+        ),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,8 +84,9 @@ def batches(task: Task, batch_size: int):
     return iter(task_dataset(task, batch_size=batch_size, shuffle=False))
 
 
-def position_accuracy(model: LanguageModel, task: Task, examples: int, batch_size: int
-                      ) -> tuple[np.ndarray, np.ndarray]:
+def position_accuracy(
+    model: LanguageModel, task: Task, examples: int, batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Accuracy at every position over ``examples`` examples of ``task`` (``nan``
     where no example is scored), and how many examples are scored there."""
 
@@ -108,15 +115,22 @@ def train_and_score(run: Run, *, progress: bool = True) -> dict[str, Any]:
     @nnx.jit
     def step(model, optimizer, batch):
         (loss, metrics), grads = nnx.value_and_grad(loss_and_metrics, has_aux=True)(
-            model, batch, run.train.aux_loss_weight)
+            model, batch, run.train.aux_loss_weight
+        )
         optimizer.update(model, grads)
         return loss, metrics["accuracy"]
 
     started = time.perf_counter()
     stream = batches(run.task, run.train.batch_size)
     losses, accuracies = [], []
-    bar = tqdm(range(run.train.steps), desc=run.name, unit="step", disable=not progress,
-               leave=False, dynamic_ncols=True)
+    bar = tqdm(
+        range(run.train.steps),
+        desc=run.name,
+        unit="step",
+        disable=not progress,
+        leave=False,
+        dynamic_ncols=True,
+    )
     for _ in bar:
         loss, accuracy = step(model, optimizer, next(stream))
         losses.append(loss)
@@ -129,14 +143,23 @@ def train_and_score(run: Run, *, progress: bool = True) -> dict[str, Any]:
     train_loss = float(np.mean(jax.device_get(losses[-tail:])))
     train_accuracy = float(np.mean(jax.device_get(accuracies[-tail:])))
     train_seconds = time.perf_counter() - started
-    tests = {label: position_accuracy(model, task, TEST_EXAMPLES, run.train.batch_size)
-             for label, task in run.tests.items()}
-    return {"name": run.name, "train_loss": train_loss, "train_accuracy": train_accuracy,
-            "finite": bool(np.isfinite(train_loss)), "train_seconds": round(train_seconds, 1),
-            "parameters": int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))),
-            "tests": {label: [None if np.isnan(a) else round(float(a), 4) for a in acc]
-                      for label, (acc, _) in tests.items()},
-            "counts": {label: [int(c) for c in counts] for label, (_, counts) in tests.items()}}
+    tests = {
+        label: position_accuracy(model, task, TEST_EXAMPLES, run.train.batch_size)
+        for label, task in run.tests.items()
+    }
+    return {
+        "name": run.name,
+        "train_loss": train_loss,
+        "train_accuracy": train_accuracy,
+        "finite": bool(np.isfinite(train_loss)),
+        "train_seconds": round(train_seconds, 1),
+        "parameters": int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))),
+        "tests": {
+            label: [None if np.isnan(a) else round(float(a), 4) for a in acc]
+            for label, (acc, _) in tests.items()
+        },
+        "counts": {label: [int(c) for c in counts] for label, (_, counts) in tests.items()},
+    }
 
 
 class ResultStore:
@@ -161,13 +184,17 @@ class ResultStore:
             file.write(json.dumps(record) + "\n")
 
 
-def run_all(runs: Sequence[Run], store: ResultStore, *, progress: bool = True,
-            describe: Callable[[Run], dict[str, Any]] = lambda run: {}) -> list[dict[str, Any]]:
+def run_all(
+    runs: Sequence[Run],
+    store: ResultStore,
+    *,
+    progress: bool = True,
+    describe: Callable[[Run], dict[str, Any]] = lambda run: {},
+) -> list[dict[str, Any]]:
     """Every run not yet in ``store`` (an interrupted experiment resumes), with a
     progress bar over runs; returns the records of all ``runs``."""
     todo = [run for run in runs if run.name not in store]
-    bar = tqdm(todo, desc="runs", unit="run", disable=not progress or not todo,
-               dynamic_ncols=True)
+    bar = tqdm(todo, desc="runs", unit="run", disable=not progress or not todo, dynamic_ncols=True)
     for run in bar:
         bar.set_postfix_str(run.name)
         store.add({**train_and_score(run, progress=progress), **describe(run)})
@@ -176,8 +203,9 @@ def run_all(runs: Sequence[Run], store: ResultStore, *, progress: bool = True,
 
 def mean_over(accuracy: Sequence[float | None], positions: range) -> float:
     """Mean accuracy over 1-based ``positions`` (unscored ones skipped)."""
-    values = [accuracy[p - 1] for p in positions if p - 1 < len(accuracy)
-              and accuracy[p - 1] is not None]
+    values = [
+        accuracy[p - 1] for p in positions if p - 1 < len(accuracy) and accuracy[p - 1] is not None
+    ]
     return float(np.mean(values)) if values else float("nan")
 
 

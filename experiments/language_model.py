@@ -30,24 +30,54 @@ from xformjax.models import LanguageModel
 from xformjax.train.config import config_from_tree
 from xformjax.train.trainer import NonFiniteLossError, Trainer
 
-FAMILIES = ("attn", "linear_attn", "retnet", "lightning", "gla", "diag_rnn", "deltanet",
-            "gated_deltanet", "deltaproduct", "mom", "titans", "atlas",
-            "gated_deltanet,attn")
+FAMILIES = (
+    "attn",
+    "linear_attn",
+    "retnet",
+    "lightning",
+    "gla",
+    "diag_rnn",
+    "deltanet",
+    "gated_deltanet",
+    "deltaproduct",
+    "mom",
+    "titans",
+    "atlas",
+    "gated_deltanet,attn",
+)
 NUM_LAYERS, NUM_HEADS = 2, 4
 TARGET_PARAMETERS = 300_000
 WIDTHS = range(64, 257, 8)
 
 
 def experiment_config(pattern: str, d_model: int, steps: int, seed: int):
-    return config_from_tree({
-        "model": {"num_layers": NUM_LAYERS, "layer_pattern": pattern,
-                  "mixer": {"d_model": d_model, "num_heads": NUM_HEADS, "chunk_size": 64,
-                            "max_seq_len": 512}},
-        "train": {"steps": steps, "batch_size": 8, "seq_len": 256, "learning_rate": 2e-3,
-                  "warmup_steps": max(1, steps // 10), "log_every": max(1, steps // 10),
-                  "eval_every": 10 * steps, "eval_batches": 16,
-                  "checkpoint_every": 10 * steps, "seed": seed},
-        "data": {"name": "text"}})
+    return config_from_tree(
+        {
+            "model": {
+                "num_layers": NUM_LAYERS,
+                "layer_pattern": pattern,
+                "mixer": {
+                    "d_model": d_model,
+                    "num_heads": NUM_HEADS,
+                    "chunk_size": 64,
+                    "max_seq_len": 512,
+                },
+            },
+            "train": {
+                "steps": steps,
+                "batch_size": 8,
+                "seq_len": 256,
+                "learning_rate": 2e-3,
+                "warmup_steps": max(1, steps // 10),
+                "log_every": max(1, steps // 10),
+                "eval_every": 10 * steps,
+                "eval_batches": 16,
+                "checkpoint_every": 10 * steps,
+                "seed": seed,
+            },
+            "data": {"name": "text"},
+        }
+    )
 
 
 def parameter_count(config) -> int:
@@ -58,8 +88,9 @@ def parameter_count(config) -> int:
 def matched_width(pattern: str, steps: int, seed: int) -> tuple[int, int]:
     """The width (a multiple of 8) whose model has the
     parameter count closest to :data:`TARGET_PARAMETERS`, and that count."""
-    counts = {width: parameter_count(experiment_config(pattern, width, steps, seed))
-              for width in WIDTHS}
+    counts = {
+        width: parameter_count(experiment_config(pattern, width, steps, seed)) for width in WIDTHS
+    }
     width = min(counts, key=lambda w: abs(counts[w] - TARGET_PARAMETERS))
     return width, counts[width]
 
@@ -76,10 +107,13 @@ def train_family(pattern: str, steps: int, seed: int, progress: bool) -> dict:
         log = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
     speeds = [json.loads(line).get("tokens_per_second") for line in log]
     speeds = [s for s in speeds if s]
-    return {"d_model": width, "parameters": parameters,
-            "validation_bits_per_byte": round(final["bits_per_byte"], 4),
-            # the first logged interval includes compilation
-            "train_tokens_per_second": round(max(speeds[1:] or speeds), 1)}
+    return {
+        "d_model": width,
+        "parameters": parameters,
+        "validation_bits_per_byte": round(final["bits_per_byte"], 4),
+        # the first logged interval includes compilation
+        "train_tokens_per_second": round(max(speeds[1:] or speeds), 1),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,26 +132,39 @@ def main(argv: list[str] | None = None) -> int:
         name = f"{pattern}|seed {args.seed}|{args.steps} steps"
         if name not in store:
             print(f"training {pattern} …", flush=True)
-            store.add({"name": name, **train_family(pattern, args.steps, args.seed,
-                                                   not args.no_progress)})
+            store.add(
+                {"name": name, **train_family(pattern, args.steps, args.seed, not args.no_progress)}
+            )
     records = [store.results[f"{p}|seed {args.seed}|{args.steps} steps"] for p in args.families]
     lines = report.header("Language modelling: bits per byte at equal size and steps")
-    lines += [f"{NUM_LAYERS} layers, {NUM_HEADS} heads, width chosen per family for about "
-              f"{TARGET_PARAMETERS / 1e3:.0f}K parameters; {args.steps} steps of 8 × 256 "
-              "bytes, AdamW lr 2e-3 (warm-up, cosine), seed "
-              f"{args.seed}; validation on 16 batches of held-out files. Lower is better.", ""]
+    lines += [
+        f"{NUM_LAYERS} layers, {NUM_HEADS} heads, width chosen per family for about "
+        f"{TARGET_PARAMETERS / 1e3:.0f}K parameters; {args.steps} steps of 8 × 256 "
+        "bytes, AdamW lr 2e-3 (warm-up, cosine), seed "
+        f"{args.seed}; validation on 16 batches of held-out files. Lower is better.",
+        "",
+    ]
+
     def row(record) -> list[str]:
-        head = [record["name"].split("|")[0], str(record["d_model"]),
-                f"{record['parameters'] / 1e3:.0f}K"]
+        head = [
+            record["name"].split("|")[0],
+            str(record["d_model"]),
+            f"{record['parameters'] / 1e3:.0f}K",
+        ]
         if "diverged" in record:
             return head + [f"diverged: {record['diverged'].split(';')[0]}", "—"]
-        return head + [f"{record['validation_bits_per_byte']:.3f}",
-                       f"{record['train_tokens_per_second']:.0f}"]
+        return head + [
+            f"{record['validation_bits_per_byte']:.3f}",
+            f"{record['train_tokens_per_second']:.0f}",
+        ]
 
-    rows = [row(r) for r in sorted(records, key=lambda r: r.get("validation_bits_per_byte",
-                                                                  float("inf")))]
-    lines += report.table(["layers", "d_model", "parameters", "validation bits/byte",
-                           "train tokens/s (CPU)"], rows) + [""]
+    rows = [
+        row(r)
+        for r in sorted(records, key=lambda r: r.get("validation_bits_per_byte", float("inf")))
+    ]
+    lines += report.table(
+        ["layers", "d_model", "parameters", "validation bits/byte", "train tokens/s (CPU)"], rows
+    ) + [""]
     (args.out / "language_model.md").write_text("\n".join(lines))
     print("\n".join(lines))
     return 0

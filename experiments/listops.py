@@ -37,11 +37,23 @@ def make_runs(models, seeds, steps) -> list[Run]:
         for seed in seeds:
             task = ListOps(seed=seed, max_length=MAX_LENGTH, max_args=MAX_ARGS)
             test = ListOps(seed=10_000 + seed, max_length=MAX_LENGTH, max_args=MAX_ARGS)
-            train = TrainConfig(steps=steps, batch_size=32, learning_rate=2e-3,
-                                warmup_steps=min(100, steps // 10), weight_decay=0.01, seed=seed)
-            runs.append(Run(f"{spec.label}|seed {seed}|{steps} steps",
-                            spec.config(small_lm(d_model=64, chunk_size=32), task.vocab_size),
-                            train, task, {"test": test}))
+            train = TrainConfig(
+                steps=steps,
+                batch_size=32,
+                learning_rate=2e-3,
+                warmup_steps=min(100, steps // 10),
+                weight_decay=0.01,
+                seed=seed,
+            )
+            runs.append(
+                Run(
+                    f"{spec.label}|seed {seed}|{steps} steps",
+                    spec.config(small_lm(d_model=64, chunk_size=32), task.vocab_size),
+                    train,
+                    task,
+                    {"test": test},
+                )
+            )
     return runs
 
 
@@ -57,20 +69,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         models, args.seeds, args.steps = MODELS[:2], [0], 40
     store = ResultStore(args.out / "listops.jsonl")
-    records = run_all(make_runs(models, args.seeds, args.steps), store,
-                      progress=not args.no_progress)
+    records = run_all(
+        make_runs(models, args.seeds, args.steps), store, progress=not args.no_progress
+    )
     lines = report.header("ListOps")
-    lines += [f"Two-layer models (d_model 64, 2 heads), {args.steps} AdamW steps of 32 "
-              f"expressions of up to {MAX_LENGTH} tokens (at most {MAX_ARGS} arguments, "
-              "depth ≤ 10), lr 2e-3; accuracy of the value on 256 held-out expressions "
-              "(10 classes; the most frequent class is about 13 %), in %.", ""]
+    lines += [
+        f"Two-layer models (d_model 64, 2 heads), {args.steps} AdamW steps of 32 "
+        f"expressions of up to {MAX_LENGTH} tokens (at most {MAX_ARGS} arguments, "
+        "depth ≤ 10), lr 2e-3; accuracy of the value on 256 held-out expressions "
+        "(10 classes; the most frequent class is about 13 %), in %.",
+        "",
+    ]
     by: dict = {}
     for record in records:
         by.setdefault(record["name"].split("|")[0], []).append(record)
-    rows = [[label, str(len(runs)),
-             report.mean_and_spread([r["train_accuracy"] for r in runs]),
-             report.mean_and_spread([overall_accuracy(r, "test") for r in runs])]
-            for label, runs in by.items()]
+    rows = [
+        [
+            label,
+            str(len(runs)),
+            report.mean_and_spread([r["train_accuracy"] for r in runs]),
+            report.mean_and_spread([overall_accuracy(r, "test") for r in runs]),
+        ]
+        for label, runs in by.items()
+    ]
     lines += report.table(["model", "seeds", "train acc (last 10 %)", "test acc"], rows) + [""]
     (args.out / "listops.md").write_text("\n".join(lines))
     print("\n".join(lines))

@@ -44,16 +44,38 @@ def make_runs(models, widths, pairs, seeds, steps) -> list[Run]:
         for num_pairs in pairs:
             for spec in models:
                 for seed in seeds:
-                    task = MQAR(seed=seed, num_pairs=num_pairs, num_queries=num_pairs,
-                                num_keys=VOCAB, num_values=VOCAB)
-                    test = MQAR(seed=10_000 + seed, num_pairs=num_pairs,
-                                num_queries=num_pairs, num_keys=VOCAB, num_values=VOCAB)
-                    train = TrainConfig(steps=steps, batch_size=32, learning_rate=5e-3,
-                                        warmup_steps=20, weight_decay=0.01, seed=seed)
-                    model = spec.config(small_lm(d_model=width, chunk_size=8),
-                                        task.vocab_size)
-                    runs.append(Run(f"{spec.label}|d={width}|pairs={num_pairs}|seed {seed}|"
-                                    f"{steps} steps", model, train, task, {"test": test}))
+                    task = MQAR(
+                        seed=seed,
+                        num_pairs=num_pairs,
+                        num_queries=num_pairs,
+                        num_keys=VOCAB,
+                        num_values=VOCAB,
+                    )
+                    test = MQAR(
+                        seed=10_000 + seed,
+                        num_pairs=num_pairs,
+                        num_queries=num_pairs,
+                        num_keys=VOCAB,
+                        num_values=VOCAB,
+                    )
+                    train = TrainConfig(
+                        steps=steps,
+                        batch_size=32,
+                        learning_rate=5e-3,
+                        warmup_steps=20,
+                        weight_decay=0.01,
+                        seed=seed,
+                    )
+                    model = spec.config(small_lm(d_model=width, chunk_size=8), task.vocab_size)
+                    runs.append(
+                        Run(
+                            f"{spec.label}|d={width}|pairs={num_pairs}|seed {seed}|{steps} steps",
+                            model,
+                            train,
+                            task,
+                            {"test": test},
+                        )
+                    )
     return runs
 
 
@@ -63,15 +85,21 @@ def query_accuracy(record) -> float:
 
 def summarise(records, steps) -> tuple[list[str], dict]:
     lines = report.header("Multi-query associative recall")
-    lines += [f"Two-layer models, 2 heads, {steps} AdamW steps of 32 sequences, lr 5e-3; "
-              f"{VOCAB} keys and {VOCAB} values, as many queries as pairs (chance "
-              f"{100 / VOCAB:.1f} %). Query accuracy on 256 held-out sequences, in %.", ""]
+    lines += [
+        f"Two-layer models, 2 heads, {steps} AdamW steps of 32 sequences, lr 5e-3; "
+        f"{VOCAB} keys and {VOCAB} values, as many queries as pairs (chance "
+        f"{100 / VOCAB:.1f} %). Query accuracy on 256 held-out sequences, in %.",
+        "",
+    ]
     table: dict = {}
     for record in records:
         label, width, pairs, *_ = record["name"].split("|")
         table.setdefault(label, {}).setdefault((width, pairs), []).append(record)
-    settings = sorted({key for cells in table.values() for key in cells},
-                      key=lambda k: (int(k[0][2:]), int(k[1][6:])))
+    settings = sorted(
+        {key for cells in table.values() for key in cells},
+        key=lambda k: (int(k[0][2:]), int(k[1][6:])),
+    )
+
     def cell(runs) -> str:
         diverged = sum(not r["finite"] for r in runs)
         if diverged == len(runs) and runs:
@@ -79,26 +107,32 @@ def summarise(records, steps) -> tuple[list[str], dict]:
         text = report.mean_and_spread([query_accuracy(r) for r in runs if r["finite"]])
         return text + (f", {diverged} diverged" if diverged else "")
 
-    rows = [[label] + [cell(cells.get(key, [])) for key in settings]
-            for label, cells in table.items()]
+    rows = [
+        [label] + [cell(cells.get(key, [])) for key in settings] for label, cells in table.items()
+    ]
     lines += report.table(["model"] + [f"{w}, {p}" for w, p in settings], rows) + [""]
     return lines, table
 
 
 def plot(table, path: pathlib.Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    settings = sorted({key for cells in table.values() for key in cells},
-                      key=lambda k: (int(k[0][2:]), int(k[1][6:])))
+
+    settings = sorted(
+        {key for cells in table.values() for key in cells},
+        key=lambda k: (int(k[0][2:]), int(k[1][6:])),
+    )
     fig, ax = plt.subplots(figsize=(9, 4.2))
     width = 0.8 / max(1, len(table))
     for i, (label, cells) in enumerate(table.items()):
-        values = [np.mean([query_accuracy(r) for r in cells[k]]) if k in cells else np.nan
-                  for k in settings]
+        values = [
+            np.mean([query_accuracy(r) for r in cells[k]]) if k in cells else np.nan
+            for k in settings
+        ]
         ax.bar(np.arange(len(settings)) + i * width, values, width, label=label)
-    ax.set_xticks(np.arange(len(settings)) + 0.4 - width / 2,
-                  [f"{w}\n{p}" for w, p in settings])
+    ax.set_xticks(np.arange(len(settings)) + 0.4 - width / 2, [f"{w}\n{p}" for w, p in settings])
     ax.set(ylabel="query accuracy", ylim=(0, 1.02), title="MQAR")
     ax.legend(fontsize=7, ncol=4)
     ax.grid(axis="y", alpha=0.3)
@@ -123,8 +157,11 @@ def main(argv: list[str] | None = None) -> int:
         models = [m for m in MODELS if m.layer_pattern in ("attn", "linear_attn", "deltanet")]
         args.widths, args.pairs, args.seeds, args.steps = [32], [6], [0], 60
     store = ResultStore(args.out / "mqar.jsonl")
-    records = run_all(make_runs(models, args.widths, args.pairs, args.seeds, args.steps), store,
-                      progress=not args.no_progress)
+    records = run_all(
+        make_runs(models, args.widths, args.pairs, args.seeds, args.steps),
+        store,
+        progress=not args.no_progress,
+    )
     lines, table = summarise(records, args.steps)
     plot(table, args.out / "mqar.png")
     lines += ["![mqar](mqar.png)", ""]

@@ -19,15 +19,23 @@ def command_line() -> str:
     """The command that is running, as one would type it."""
     module = pathlib.Path(sys.argv[0]).resolve()
     root = pathlib.Path(__file__).resolve().parents[1]
-    name = ".".join(module.relative_to(root).with_suffix("").parts) if module.is_relative_to(
-        root) else module.name
+    name = (
+        ".".join(module.relative_to(root).with_suffix("").parts)
+        if module.is_relative_to(root)
+        else module.name
+    )
     return " ".join(["python", "-m", name, *map(shlex.quote, sys.argv[1:])])
 
 
 def header(title: str) -> list[str]:
     info = machine()
-    return [f"# {title}", "", f"`{command_line()}` — {info['date']}, {info['cpu']}, "
-            f"{info['cores']} cores, jax {info['jax']} ({info['backend']}).", ""]
+    return [
+        f"# {title}",
+        "",
+        f"`{command_line()}` — {info['date']}, {info['cpu']}, "
+        f"{info['cores']} cores, jax {info['jax']} ({info['backend']}).",
+        "",
+    ]
 
 
 def mean_and_spread(values: Sequence[float]) -> str:
@@ -37,42 +45,55 @@ def mean_and_spread(values: Sequence[float]) -> str:
         return "—"
     if values.size == 1:
         return f"{100 * values[0]:.1f}"
-    return (f"{100 * values.mean():.1f} ± {100 * values.std():.1f} "
-            f"({100 * values.min():.0f}–{100 * values.max():.0f})")
+    return (
+        f"{100 * values.mean():.1f} ± {100 * values.std():.1f} "
+        f"({100 * values.min():.0f}–{100 * values.max():.0f})"
+    )
 
 
-def prefix_row(label: str, records: Sequence[dict], test: str,
-               spans: Sequence[range]) -> list[str]:
+def prefix_row(label: str, records: Sequence[dict], test: str, spans: Sequence[range]) -> list[str]:
     """A table row: the label, the number of seeds, the training accuracy and, per
     span of 1-based positions, the mean accuracy of test ``test`` over that span
     (each aggregated over the seeds by :func:`mean_and_spread`)."""
     curves = [record["tests"][test] for record in records]
-    return ([label, str(len(records)),
-             mean_and_spread([record["train_accuracy"] for record in records])]
-            + [mean_and_spread([mean_over(curve, span) for curve in curves]) for span in spans])
+    return [
+        label,
+        str(len(records)),
+        mean_and_spread([record["train_accuracy"] for record in records]),
+    ] + [mean_and_spread([mean_over(curve, span) for curve in curves]) for span in spans]
 
 
 def table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    return (["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-            + ["| " + " | ".join(row) + " |" for row in rows])
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + [
+        "| " + " | ".join(row) + " |" for row in rows
+    ]
 
 
-def accuracy_plot(curves: dict[str, list[np.ndarray]], path: pathlib.Path, *, title: str,
-                  train_length: int | None = None, xlabel: str = "position (prefix length)"
-                  ) -> None:
+def accuracy_plot(
+    curves: dict[str, list[np.ndarray]],
+    path: pathlib.Path,
+    *,
+    title: str,
+    train_length: int | None = None,
+    xlabel: str = "position (prefix length)",
+) -> None:
     """Accuracy against position: each label's mean over seeds, the band min–max."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for label, runs in curves.items():
-        stacked = np.asarray([[np.nan if a is None else a for a in run] for run in runs],
-                             dtype=float)
+        stacked = np.asarray(
+            [[np.nan if a is None else a for a in run] for run in runs], dtype=float
+        )
         x = np.arange(1, stacked.shape[1] + 1)
-        line, = ax.plot(x, np.nanmean(stacked, 0), label=label)
+        (line,) = ax.plot(x, np.nanmean(stacked, 0), label=label)
         if len(runs) > 1:
-            ax.fill_between(x, np.nanmin(stacked, 0), np.nanmax(stacked, 0), alpha=0.15,
-                            color=line.get_color())
+            ax.fill_between(
+                x, np.nanmin(stacked, 0), np.nanmax(stacked, 0), alpha=0.15, color=line.get_color()
+            )
     if train_length:
         ax.axvline(train_length, color="gray", ls="--", lw=1)
         ax.text(train_length, 0.02, " train length", color="gray", fontsize=8)

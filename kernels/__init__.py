@@ -24,5 +24,11 @@ from .linear_attention import linear_attention
 
 AVAILABLE_KERNELS: tuple[str, ...] = ("linear_attention", "delta_rule")
 
-__all__ = ["AVAILABLE_KERNELS", "BLOCK_CONFIGS", "BlockConfig", "block_config", "delta_rule",
-           "linear_attention"]
+__all__ = [
+    "AVAILABLE_KERNELS",
+    "BLOCK_CONFIGS",
+    "BlockConfig",
+    "block_config",
+    "delta_rule",
+    "linear_attention",
+]

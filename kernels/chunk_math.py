@@ -51,8 +51,13 @@ def _iota(shape, dim):
 
 def _dot(a, b, contract_a: int, contract_b: int):
     """2-D matmul in float32 (operands of another dtype are multiplied exactly)."""
-    return lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())),
-                           preferred_element_type=F32, precision=lax.Precision.HIGHEST)
+    return lax.dot_general(
+        a,
+        b,
+        (((contract_a,), (contract_b,)), ((), ())),
+        preferred_element_type=F32,
+        precision=lax.Precision.HIGHEST,
+    )
 
 
 def mm(a, b):
@@ -180,8 +185,9 @@ def scalar_forward(q, k, v, b, beta, state, *, delta: bool, inverse_block: int =
     return out, new_state
 
 
-def scalar_backward(q, k, v, b, beta, d_out, state, d_new_state, *, delta: bool,
-                    inverse_block: int = 16):
+def scalar_backward(
+    q, k, v, b, beta, d_out, state, d_new_state, *, delta: bool, inverse_block: int = 16
+):
     """Cotangents of one scalar-gate chunk.
 
     Returns ``(dq, dk, dv, db, dbeta, d_state)`` (``dbeta`` is zeros without
@@ -193,8 +199,7 @@ def scalar_backward(q, k, v, b, beta, d_out, state, d_new_state, *, delta: bool,
     e_b, e_to_end = jnp.exp(b), jnp.exp(b_last - b)
     gamma = scalar_decay(b)
     if delta:
-        kk, gamma_strict, transform, w, values = _delta_prep(k, v, b, beta, state,
-                                                             inverse_block)
+        kk, gamma_strict, transform, w, values = _delta_prep(k, v, b, beta, state, inverse_block)
     else:
         values = v
     scores = mm_nt(q, k) * gamma
@@ -256,8 +261,7 @@ def channel_forward(q, k, v, b, state):
     b_last = last_row(b)  # [1, K]
     scores = _channel_scores(q, k, b)
     out = mm(scores, v) + mm(q * jnp.exp(b), state)
-    new_state = (row_to_column(jnp.exp(b_last)) * state
-                 + mm_tn(k * jnp.exp(b_last - b), v))
+    new_state = row_to_column(jnp.exp(b_last)) * state + mm_tn(k * jnp.exp(b_last - b), v)
     return out, new_state
 
 
@@ -275,12 +279,12 @@ def channel_backward(q, k, v, b, d_out, state, d_new_state):
     for j in range(size):
         weighted = column(d_scores, j) * _channel_decay_to(b, j)  # [C, K]: dA_ij E_ij
         dq = dq + weighted * row(k, j)
-        dk_scores = jnp.where(rows == j, jnp.sum(weighted * q, axis=0, keepdims=True),
-                              dk_scores)
+        dk_scores = jnp.where(rows == j, jnp.sum(weighted * q, axis=0, keepdims=True), dk_scores)
     dk_to_end = mm_nt(v, d_new_state) * e_to_end
     dv = mm_tn(scores, d_out) + mm(k * e_to_end, d_new_state)
     d_state = mm_tn(q * e_b, d_out) + decay_last * d_new_state
-    end_terms = (jnp.sum(k * dk_to_end, axis=0, keepdims=True)
-                 + column_to_row(rowsum(d_new_state * decay_last * state)))
+    end_terms = jnp.sum(k * dk_to_end, axis=0, keepdims=True) + column_to_row(
+        rowsum(d_new_state * decay_last * state)
+    )
     db = q * dq - k * (dk_scores + dk_to_end) + on_last_row(q.shape, end_terms)
     return dq, dk_scores + dk_to_end, dv, db, d_state

@@ -51,16 +51,26 @@ def _scalar_forward(q, k, v, b, beta, h0, options, save_entering):
     def step(tokens, _, state):
         q_c, k_c, v_c, b_c, *rest = _as_f32(tokens)
         beta_c = rest[0] if delta else None
-        out, new_state = chunk_math.scalar_forward(q_c * scale, k_c, v_c, b_c, beta_c, state,
-                                                   delta=delta, inverse_block=inverse_block)
+        out, new_state = chunk_math.scalar_forward(
+            q_c * scale, k_c, v_c, b_c, beta_c, state, delta=delta, inverse_block=inverse_block
+        )
         return [out], new_state
 
     tokens = [q, k, v, b] + ([beta] if delta else [])
     (out,), entering, final = chunk_scan(
-        step, tokens, [], h0, chunk_size=chunk_size, out_dims=[v.shape[2]],
-        out_dtypes=[jnp.result_type(q, k, v)], save_entering=save_entering, reverse=False,
-        target=target, interpret=interpret,
-        name="delta_rule_fwd" if delta else "linear_attention_fwd")
+        step,
+        tokens,
+        [],
+        h0,
+        chunk_size=chunk_size,
+        out_dims=[v.shape[2]],
+        out_dtypes=[jnp.result_type(q, k, v)],
+        save_entering=save_entering,
+        reverse=False,
+        target=target,
+        interpret=interpret,
+        name="delta_rule_fwd" if delta else "linear_attention_fwd",
+    )
     return out, final, entering
 
 
@@ -80,8 +90,17 @@ def _scalar_bwd_rule(options, residuals, cotangents):
         beta_c, d_out_c = (rest[0], rest[1]) if delta else (None, rest[0])
         (state,) = per_chunk
         dq, dk, dv, db, dbeta, d_state = chunk_math.scalar_backward(
-            q_c * scale, k_c, v_c, b_c, beta_c, d_out_c, state, d_state, delta=delta,
-            inverse_block=inverse_block)
+            q_c * scale,
+            k_c,
+            v_c,
+            b_c,
+            beta_c,
+            d_out_c,
+            state,
+            d_state,
+            delta=delta,
+            inverse_block=inverse_block,
+        )
         outs = [dq * scale, dk, dv, db] + ([dbeta] if delta else [])
         return outs, d_state
 
@@ -89,9 +108,19 @@ def _scalar_bwd_rule(options, residuals, cotangents):
     dims = [q.shape[2], k.shape[2], v.shape[2], 1] + ([1] if delta else [])
     dtypes = [q.dtype, k.dtype, v.dtype, F32] + ([F32] if delta else [])
     grads, _, d_h0 = chunk_scan(
-        step, tokens, [entering], d_final.astype(F32), chunk_size=chunk_size,
-        out_dims=dims, out_dtypes=dtypes, save_entering=False, reverse=True, target=target,
-        interpret=interpret, name="delta_rule_bwd" if delta else "linear_attention_bwd")
+        step,
+        tokens,
+        [entering],
+        d_final.astype(F32),
+        chunk_size=chunk_size,
+        out_dims=dims,
+        out_dtypes=dtypes,
+        save_entering=False,
+        reverse=True,
+        target=target,
+        interpret=interpret,
+        name="delta_rule_bwd" if delta else "linear_attention_bwd",
+    )
     dq, dk, dv, db = grads[:4]
     dbeta = grads[4] if delta else None
     return dq, dk, dv, db, dbeta, d_h0
@@ -115,9 +144,19 @@ def _channel_forward(q, k, v, b, h0, options, save_entering):
         return [out], new_state
 
     (out,), entering, final = chunk_scan(
-        step, [q, k, v, b], [], h0, chunk_size=chunk_size, out_dims=[v.shape[2]],
-        out_dtypes=[jnp.result_type(q, k, v)], save_entering=save_entering, reverse=False,
-        target=target, interpret=interpret, name="gated_linear_attention_fwd")
+        step,
+        [q, k, v, b],
+        [],
+        h0,
+        chunk_size=chunk_size,
+        out_dims=[v.shape[2]],
+        out_dtypes=[jnp.result_type(q, k, v)],
+        save_entering=save_entering,
+        reverse=False,
+        target=target,
+        interpret=interpret,
+        name="gated_linear_attention_fwd",
+    )
     return out, final, entering
 
 
@@ -134,14 +173,24 @@ def _channel_bwd_rule(options, residuals, cotangents):
     def step(tokens, per_chunk, d_state):
         q_c, k_c, v_c, b_c, d_out_c = _as_f32(tokens)
         dq, dk, dv, db, d_state = chunk_math.channel_backward(
-            q_c * scale, k_c, v_c, b_c, d_out_c, per_chunk[0], d_state)
+            q_c * scale, k_c, v_c, b_c, d_out_c, per_chunk[0], d_state
+        )
         return [dq * scale, dk, dv, db], d_state
 
     (dq, dk, dv, db), _, d_h0 = chunk_scan(
-        step, [q, k, v, b, d_out], [entering], d_final.astype(F32), chunk_size=chunk_size,
+        step,
+        [q, k, v, b, d_out],
+        [entering],
+        d_final.astype(F32),
+        chunk_size=chunk_size,
         out_dims=[q.shape[2], k.shape[2], v.shape[2], b.shape[2]],
-        out_dtypes=[q.dtype, k.dtype, v.dtype, F32], save_entering=False, reverse=True,
-        target=target, interpret=interpret, name="gated_linear_attention_bwd")
+        out_dtypes=[q.dtype, k.dtype, v.dtype, F32],
+        save_entering=False,
+        reverse=True,
+        target=target,
+        interpret=interpret,
+        name="gated_linear_attention_bwd",
+    )
     return dq, dk, dv, db, d_h0
 
 

@@ -47,10 +47,10 @@ class BlockConfig:
 
 
 BLOCK_CONFIGS: dict[str, BlockConfig] = {
-    "tpu": BlockConfig(chunk_size=64, channel_chunk_size=16, inverse_block=16,
-                       min_feature=128),
-    "gpu": BlockConfig(chunk_size=64, channel_chunk_size=16, inverse_block=16,
-                       num_warps=4, num_stages=1),
+    "tpu": BlockConfig(chunk_size=64, channel_chunk_size=16, inverse_block=16, min_feature=128),
+    "gpu": BlockConfig(
+        chunk_size=64, channel_chunk_size=16, inverse_block=16, num_warps=4, num_stages=1
+    ),
 }
 
 

@@ -27,11 +27,19 @@ from .config import block_config, padded_feature
 from .platform import on_platforms
 
 
-def delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *,
-               g: jax.Array | None = None, scale: float | None = None,
-               initial_state: jax.Array | None = None, target: str | None = None,
-               interpret: bool | None = None,
-               cpu_fallback: Callable | None = None) -> tuple[jax.Array, jax.Array]:
+def delta_rule(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    beta: jax.Array,
+    *,
+    g: jax.Array | None = None,
+    scale: float | None = None,
+    initial_state: jax.Array | None = None,
+    target: str | None = None,
+    interpret: bool | None = None,
+    cpu_fallback: Callable | None = None,
+) -> tuple[jax.Array, jax.Array]:
     """The gated delta rule by the Pallas kernels.
 
     Args:
@@ -50,15 +58,33 @@ def delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *,
 
     def run(q, k, v, beta, *optional, target, interpret):
         given = dict(zip(names, optional))
-        return _run(q, k, v, beta, given.get("g"), given.get("initial_state"), scale=scale,
-                    target=target, interpret=interpret)
+        return _run(
+            q,
+            k,
+            v,
+            beta,
+            given.get("g"),
+            given.get("initial_state"),
+            scale=scale,
+            target=target,
+            interpret=interpret,
+        )
 
     def cpu(q, k, v, beta, *optional):
         assert cpu_fallback is not None  # cpu is passed on only when it is given
         return cpu_fallback(q, k, v, beta, **dict(zip(names, optional)))
 
-    return on_platforms(run, q, k, v, beta, *(present[n] for n in names), target=target,
-                        interpret=interpret, cpu=None if cpu_fallback is None else cpu)
+    return on_platforms(
+        run,
+        q,
+        k,
+        v,
+        beta,
+        *(present[n] for n in names),
+        target=target,
+        interpret=interpret,
+        cpu=None if cpu_fallback is None else cpu,
+    )
 
 
 def _run(q, k, v, beta, g, initial_state, *, scale, target, interpret):
@@ -73,10 +99,11 @@ def _run(q, k, v, beta, g, initial_state, *, scale, target, interpret):
     v_rows = layout.to_rows(v, length, value_width)
     beta_rows = layout.to_rows(beta.astype(jnp.float32)[..., None], length, width=1)
     h0 = layout.state_to_rows(initial_state, batch, heads, key_width, value_width)
-    b = layout.chunk_cumsum(layout.token_gate_rows(g, batch, num_tokens, heads, length),
-                            chunk_size)
+    b = layout.chunk_cumsum(layout.token_gate_rows(g, batch, num_tokens, heads, length), chunk_size)
     options = (scale, chunk_size, config.inverse_block, target, interpret)
     # jax.custom_vjp.__new__ may return a custom_vjp3, so pyright loses the return type
     out, final = scalar_scan(q_rows, k_rows, v_rows, b, beta_rows, h0, options)  # pyright: ignore[reportGeneralTypeIssues]
-    return (layout.from_rows(out, batch, num_tokens, value_dim),
-            layout.state_from_rows(final, batch, key_dim, value_dim))
+    return (
+        layout.from_rows(out, batch, num_tokens, value_dim),
+        layout.state_from_rows(final, batch, key_dim, value_dim),
+    )

@@ -44,25 +44,47 @@ F32 = jnp.float32
 Step = Callable[[list, list, jax.Array], tuple[list, jax.Array]]
 
 
-def chunk_scan(step: Step, tokens: Sequence[jax.Array], per_chunk: Sequence[jax.Array],
-               carry0: jax.Array, *, chunk_size: int, out_dims: Sequence[int],
-               out_dtypes: Sequence[jnp.dtype], save_entering: bool, reverse: bool,
-               target: str, interpret: bool, name: str):
+def chunk_scan(
+    step: Step,
+    tokens: Sequence[jax.Array],
+    per_chunk: Sequence[jax.Array],
+    carry0: jax.Array,
+    *,
+    chunk_size: int,
+    out_dims: Sequence[int],
+    out_dtypes: Sequence[jnp.dtype],
+    save_entering: bool,
+    reverse: bool,
+    target: str,
+    interpret: bool,
+    name: str,
+):
     """Run ``step`` over every chunk of every row; see the module docstring."""
     rows, length = tokens[0].shape[:2]
     if length % chunk_size:
         raise ValueError(f"{name}: length {length} is not a multiple of the chunk {chunk_size}")
     num_chunks = length // chunk_size
     state_shape = carry0.shape[1:]
-    out_shapes = [jax.ShapeDtypeStruct((rows, length, dim), dtype)
-                  for dim, dtype in zip(out_dims, out_dtypes)]
+    out_shapes = [
+        jax.ShapeDtypeStruct((rows, length, dim), dtype) for dim, dtype in zip(out_dims, out_dtypes)
+    ]
     out_shapes.append(jax.ShapeDtypeStruct((rows,) + state_shape, F32))
     if save_entering:
         out_shapes.append(jax.ShapeDtypeStruct((rows, num_chunks) + state_shape, F32))
     build = _tpu_call if target == "tpu" else _gpu_call
-    results = build(step, tokens, per_chunk, carry0, out_shapes, chunk_size=chunk_size,
-                    num_chunks=num_chunks, save_entering=save_entering, reverse=reverse,
-                    interpret=interpret, name=name)
+    results = build(
+        step,
+        tokens,
+        per_chunk,
+        carry0,
+        out_shapes,
+        chunk_size=chunk_size,
+        num_chunks=num_chunks,
+        save_entering=save_entering,
+        reverse=reverse,
+        interpret=interpret,
+        name=name,
+    )
     num_out = len(out_dims)
     token_outs, final = list(results[:num_out]), results[num_out]
     entering = results[num_out + 1] if save_entering else None
@@ -71,28 +93,39 @@ def chunk_scan(step: Step, tokens: Sequence[jax.Array], per_chunk: Sequence[jax.
 
 def _split_refs(refs, num_tokens, num_chunk, num_outs, save_entering):
     token_refs = refs[:num_tokens]
-    chunk_refs = refs[num_tokens:num_tokens + num_chunk]
+    chunk_refs = refs[num_tokens : num_tokens + num_chunk]
     carry0_ref = refs[num_tokens + num_chunk]
-    rest = refs[num_tokens + num_chunk + 1:]
+    rest = refs[num_tokens + num_chunk + 1 :]
     out_refs, final_ref = rest[:num_outs], rest[num_outs]
     entering_ref = rest[num_outs + 1] if save_entering else None
-    scratch = rest[num_outs + 1 + int(save_entering):]
+    scratch = rest[num_outs + 1 + int(save_entering) :]
     return token_refs, chunk_refs, carry0_ref, out_refs, final_ref, entering_ref, scratch
 
 
 def _specs(token_spec, chunk_spec, row_spec, tokens, per_chunk, token_outs, save_entering):
     """BlockSpecs in the driver's argument order: token tiles, per-chunk states, the
     initial carry; outputs: token tiles, the final carry, the entering states."""
-    in_specs = ([token_spec(x.shape[2]) for x in tokens] + [chunk_spec] * len(per_chunk)
-                + [row_spec])
+    in_specs = [token_spec(x.shape[2]) for x in tokens] + [chunk_spec] * len(per_chunk) + [row_spec]
     out_specs = [token_spec(x.shape[2]) for x in token_outs] + [row_spec]
     if save_entering:
         out_specs.append(chunk_spec)
     return in_specs, out_specs
 
 
-def _tpu_call(step, tokens, per_chunk, carry0, out_shapes, *, chunk_size, num_chunks,
-              save_entering, reverse, interpret, name):
+def _tpu_call(
+    step,
+    tokens,
+    per_chunk,
+    carry0,
+    out_shapes,
+    *,
+    chunk_size,
+    num_chunks,
+    save_entering,
+    reverse,
+    interpret,
+    name,
+):
     num_outs = len(out_shapes) - 1 - int(save_entering)
     last = num_chunks - 1
 
@@ -100,9 +133,9 @@ def _tpu_call(step, tokens, per_chunk, carry0, out_shapes, *, chunk_size, num_ch
         return last - n if reverse else n
 
     def kernel(*refs):
-        (token_refs, chunk_refs, carry0_ref, out_refs, final_ref, entering_ref,
-         (carry_ref,)) = _split_refs(refs, len(tokens), len(per_chunk), num_outs,
-                                     save_entering)
+        (token_refs, chunk_refs, carry0_ref, out_refs, final_ref, entering_ref, (carry_ref,)) = (
+            _split_refs(refs, len(tokens), len(per_chunk), num_outs, save_entering)
+        )
         n = pl.program_id(1)
 
         @pl.when(n == 0)
@@ -113,8 +146,7 @@ def _tpu_call(step, tokens, per_chunk, carry0, out_shapes, *, chunk_size, num_ch
         if save_entering:
             assert entering_ref is not None  # _split_refs gives it whenever save_entering
             entering_ref[...] = carry
-        outs, new_carry = step([r[...] for r in token_refs], [r[...] for r in chunk_refs],
-                               carry)
+        outs, new_carry = step([r[...] for r in token_refs], [r[...] for r in chunk_refs], carry)
         for ref, value in zip(out_refs, outs):
             ref[...] = value.astype(ref.dtype)
         carry_ref[...] = new_carry
@@ -124,29 +156,48 @@ def _tpu_call(step, tokens, per_chunk, carry0, out_shapes, *, chunk_size, num_ch
             final_ref[...] = new_carry
 
     state_shape = carry0.shape[1:]
-    token_spec = lambda dim: pl.BlockSpec((None, chunk_size, dim),
-                                          lambda r, n: (r, chunk_index(n), 0))
+    token_spec = lambda dim: pl.BlockSpec(
+        (None, chunk_size, dim), lambda r, n: (r, chunk_index(n), 0)
+    )
     chunk_spec = pl.BlockSpec((None, None) + state_shape, lambda r, n: (r, chunk_index(n), 0, 0))
     row_spec = pl.BlockSpec((None,) + state_shape, lambda r, n: (r, 0, 0))
-    in_specs, out_specs = _specs(token_spec, chunk_spec, row_spec, tokens, per_chunk,
-                                 out_shapes[:num_outs], save_entering)
+    in_specs, out_specs = _specs(
+        token_spec, chunk_spec, row_spec, tokens, per_chunk, out_shapes[:num_outs], save_entering
+    )
     return pl.pallas_call(
-        kernel, out_shape=out_shapes, grid=(carry0.shape[0], num_chunks),
-        in_specs=in_specs, out_specs=out_specs,
+        kernel,
+        out_shape=out_shapes,
+        grid=(carry0.shape[0], num_chunks),
+        in_specs=in_specs,
+        out_specs=out_specs,
         scratch_shapes=[pltpu.VMEM(state_shape, F32)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
-        interpret=pltpu.InterpretParams() if interpret else False, name=name,
+        interpret=pltpu.InterpretParams() if interpret else False,
+        name=name,
     )(*tokens, *per_chunk, carry0)
 
 
-def _gpu_call(step, tokens, per_chunk, carry0, out_shapes, *, chunk_size, num_chunks,
-              save_entering, reverse, interpret, name):
+def _gpu_call(
+    step,
+    tokens,
+    per_chunk,
+    carry0,
+    out_shapes,
+    *,
+    chunk_size,
+    num_chunks,
+    save_entering,
+    reverse,
+    interpret,
+    name,
+):
     num_outs = len(out_shapes) - 1 - int(save_entering)
     config = block_config("gpu")
 
     def kernel(*refs):
-        (token_refs, chunk_refs, carry0_ref, out_refs, final_ref, entering_ref,
-         _) = _split_refs(refs, len(tokens), len(per_chunk), num_outs, save_entering)
+        (token_refs, chunk_refs, carry0_ref, out_refs, final_ref, entering_ref, _) = _split_refs(
+            refs, len(tokens), len(per_chunk), num_outs, save_entering
+        )
 
         def body(i, carry):
             n = num_chunks - 1 - i if reverse else i
@@ -154,8 +205,9 @@ def _gpu_call(step, tokens, per_chunk, carry0, out_shapes, *, chunk_size, num_ch
             if save_entering:
                 assert entering_ref is not None  # _split_refs gives it whenever save_entering
                 entering_ref[n] = carry
-            outs, new_carry = step([r[rows, :] for r in token_refs],
-                                   [r[n] for r in chunk_refs], carry)
+            outs, new_carry = step(
+                [r[rows, :] for r in token_refs], [r[n] for r in chunk_refs], carry
+            )
             for ref, value in zip(out_refs, outs):
                 ref[rows, :] = value.astype(ref.dtype)
             return new_carry
@@ -168,12 +220,18 @@ def _gpu_call(step, tokens, per_chunk, carry0, out_shapes, *, chunk_size, num_ch
     token_spec = lambda dim: pl.BlockSpec((None, length, dim), lambda r: (r, 0, 0))
     chunk_spec = pl.BlockSpec((None, num_chunks) + state_shape, lambda r: (r, 0, 0, 0))
     row_spec = pl.BlockSpec((None,) + state_shape, lambda r: (r, 0, 0))
-    in_specs, out_specs = _specs(token_spec, chunk_spec, row_spec, tokens, per_chunk,
-                                 out_shapes[:num_outs], save_entering)
+    in_specs, out_specs = _specs(
+        token_spec, chunk_spec, row_spec, tokens, per_chunk, out_shapes[:num_outs], save_entering
+    )
     return pl.pallas_call(
-        kernel, out_shape=out_shapes, grid=(carry0.shape[0],),
-        in_specs=in_specs, out_specs=out_specs,
-        compiler_params=pltriton.CompilerParams(num_warps=config.num_warps,
-                                                num_stages=config.num_stages),
-        interpret=interpret, name=name,
+        kernel,
+        out_shape=out_shapes,
+        grid=(carry0.shape[0],),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        compiler_params=pltriton.CompilerParams(
+            num_warps=config.num_warps, num_stages=config.num_stages
+        ),
+        interpret=interpret,
+        name=name,
     )(*tokens, *per_chunk, carry0)

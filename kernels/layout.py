@@ -31,8 +31,9 @@ def from_rows(x: jax.Array, batch: int, num_tokens: int, dim: int) -> jax.Array:
     return jnp.moveaxis(x, 1, 2)
 
 
-def token_gate_rows(g: jax.Array | None, batch: int, num_tokens: int, heads: int,
-                    length: int) -> jax.Array:
+def token_gate_rows(
+    g: jax.Array | None, batch: int, num_tokens: int, heads: int, length: int
+) -> jax.Array:
     """The op's scalar gate (``None``, ``[H]`` or ``[B, T, H]``) as float32 ``[B·H, L]``."""
     if g is None:
         return jnp.zeros((batch * heads, length), jnp.float32)
@@ -53,8 +54,9 @@ def chunk_cumsum(log_decay: jax.Array, chunk_size: int) -> jax.Array:
     return jnp.cumsum(chunks, axis=2).reshape(rows, length, width)
 
 
-def state_to_rows(state: jax.Array | None, batch: int, heads: int, key_width: int,
-                  value_width: int) -> jax.Array:
+def state_to_rows(
+    state: jax.Array | None, batch: int, heads: int, key_width: int, value_width: int
+) -> jax.Array:
     """``[B, H, K, V]`` (or ``None``: zeros) → float32 ``[B·H, K', V']``."""
     if state is None:
         return jnp.zeros((batch * heads, key_width, value_width), jnp.float32)

@@ -27,11 +27,19 @@ from .config import block_config, padded_feature
 from .platform import on_platforms
 
 
-def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
-                     g: jax.Array | None = None, gk: jax.Array | None = None,
-                     scale: float | None = None, initial_state: jax.Array | None = None,
-                     target: str | None = None, interpret: bool | None = None,
-                     cpu_fallback: Callable | None = None) -> tuple[jax.Array, jax.Array]:
+def linear_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    g: jax.Array | None = None,
+    gk: jax.Array | None = None,
+    scale: float | None = None,
+    initial_state: jax.Array | None = None,
+    target: str | None = None,
+    interpret: bool | None = None,
+    cpu_fallback: Callable | None = None,
+) -> tuple[jax.Array, jax.Array]:
     """Gated linear attention by the Pallas kernels.
 
     Args:
@@ -54,15 +62,32 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
 
     def run(q, k, v, *optional, target, interpret):
         given = dict(zip(names, optional))
-        return _run(q, k, v, given.get("g"), given.get("gk"), given.get("initial_state"),
-                    scale=scale, target=target, interpret=interpret)
+        return _run(
+            q,
+            k,
+            v,
+            given.get("g"),
+            given.get("gk"),
+            given.get("initial_state"),
+            scale=scale,
+            target=target,
+            interpret=interpret,
+        )
 
     def cpu(q, k, v, *optional):
         assert cpu_fallback is not None  # cpu is passed on only when it is given
         return cpu_fallback(q, k, v, **dict(zip(names, optional)))
 
-    return on_platforms(run, q, k, v, *(present[n] for n in names), target=target,
-                        interpret=interpret, cpu=None if cpu_fallback is None else cpu)
+    return on_platforms(
+        run,
+        q,
+        k,
+        v,
+        *(present[n] for n in names),
+        target=target,
+        interpret=interpret,
+        cpu=None if cpu_fallback is None else cpu,
+    )
 
 
 def _run(q, k, v, g, gk, initial_state, *, scale, target, interpret):
@@ -81,8 +106,9 @@ def _run(q, k, v, g, gk, initial_state, *, scale, target, interpret):
     if channel:
         log_decay = layout.to_rows(gk.astype(jnp.float32), length, key_width)
         if g is not None:
-            log_decay = log_decay + layout.token_gate_rows(g, batch, num_tokens, heads,
-                                                           length)[..., None]
+            log_decay = (
+                log_decay + layout.token_gate_rows(g, batch, num_tokens, heads, length)[..., None]
+            )
         b = layout.chunk_cumsum(log_decay, chunk_size)
         # jax.custom_vjp.__new__ may return a custom_vjp3, so pyright loses the return type
         out, final = channel_scan(q_rows, k_rows, v_rows, b, h0, options)  # pyright: ignore[reportGeneralTypeIssues]
@@ -91,5 +117,7 @@ def _run(q, k, v, g, gk, initial_state, *, scale, target, interpret):
         b = layout.chunk_cumsum(log_decay, chunk_size)
         # jax.custom_vjp.__new__ may return a custom_vjp3, so pyright loses the return type
         out, final = scalar_scan(q_rows, k_rows, v_rows, b, None, h0, options)  # pyright: ignore[reportGeneralTypeIssues]
-    return (layout.from_rows(out, batch, num_tokens, value_dim),
-            layout.state_from_rows(final, batch, key_dim, value_dim))
+    return (
+        layout.from_rows(out, batch, num_tokens, value_dim),
+        layout.state_from_rows(final, batch, key_dim, value_dim),
+    )

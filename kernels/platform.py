@@ -19,8 +19,13 @@ from collections.abc import Callable
 import jax
 
 
-def on_platforms(fn: Callable, *arrays, target: str | None = None,
-                 interpret: bool | None = None, cpu: Callable | None = None):
+def on_platforms(
+    fn: Callable,
+    *arrays,
+    target: str | None = None,
+    interpret: bool | None = None,
+    cpu: Callable | None = None,
+):
     """Call ``fn`` with the flavour of the platform it is lowered for (or the pinned one).
 
     ``cpu``, when given, replaces the interpreted kernel in the CPU lowering (the
@@ -35,4 +40,6 @@ def on_platforms(fn: Callable, *arrays, target: str | None = None,
         *arrays,
         cpu=cpu if cpu is not None else functools.partial(fn, target="gpu", interpret=True),
         tpu=functools.partial(fn, target="tpu", interpret=False),
-        cuda=gpu, rocm=gpu)
+        cuda=gpu,
+        rocm=gpu,
+    )

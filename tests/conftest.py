@@ -31,9 +31,14 @@ def pytest_report_header(config):
 
 # The longest tests (30 s – 2 min each on 2 cores) start first, so that pytest-xdist's
 # workers finish together instead of one of them running a long test alone at the end.
-LONG_FIRST = ("tests/models/test_memory_learning.py", "tests/train/test_cli.py",
-              "tests/test_notebooks.py", "tests/test_wheel.py", "tests/train/test_trainer.py",
-              "tests/nn/test_linen.py")
+LONG_FIRST = (
+    "tests/models/test_memory_learning.py",
+    "tests/train/test_cli.py",
+    "tests/test_notebooks.py",
+    "tests/test_wheel.py",
+    "tests/train/test_trainer.py",
+    "tests/nn/test_linen.py",
+)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -18,6 +18,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def layers(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT))  # experiments/ lives in the repo, not the package
     from experiments.bench import layers
+
     return layers
 
 
@@ -25,16 +26,33 @@ def layers(monkeypatch):
 def op_bench(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT))
     from experiments.bench import ops
+
     return ops
 
 
 def test_op_benchmark_runs_every_form_of_the_chosen_ops(op_bench, tmp_path):
-    assert op_bench.main(["--ops", "delta_product", "--lengths", "64",
-                          "--repeats", "1", "--sample-seconds", "0", "--no-hugepages",
-                          "--out", str(tmp_path)]) == 0
+    assert (
+        op_bench.main(
+            [
+                "--ops",
+                "delta_product",
+                "--lengths",
+                "64",
+                "--repeats",
+                "1",
+                "--sample-seconds",
+                "0",
+                "--no-hugepages",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     result = json.loads((tmp_path / "ops.json").read_text())
     assert {(r["op"], r["mode"]) for r in result["rows"]} == {
-        ("delta_product", mode) for mode in ("chunk", "recurrent", "parallel")}
+        ("delta_product", mode) for mode in ("chunk", "recurrent", "parallel")
+    }
     assert all(r["length"] == 64 and r["backward_ms"] > 0 for r in result["rows"])
     report = (tmp_path / "ops.md").read_text()
     assert "| delta_product | chunk | 64 |" in report
@@ -53,14 +71,35 @@ def test_op_benchmark_inputs_follow_each_op(op_bench):
 
 def test_layer_benchmark_writes_markdown_json_and_plot(layers, tmp_path):
     # --budget 0: each family runs T=64 and stops before T=128 (the time-budget path)
-    assert layers.main(["--families", "linear_attn", "retnet", "--lengths", "64", "128",
-                        "--repeats", "1", "--sample-seconds", "0", "--budget", "0",
-                        "--no-progress", "--out", str(tmp_path)]) == 0
+    assert (
+        layers.main(
+            [
+                "--families",
+                "linear_attn",
+                "retnet",
+                "--lengths",
+                "64",
+                "128",
+                "--repeats",
+                "1",
+                "--sample-seconds",
+                "0",
+                "--budget",
+                "0",
+                "--no-progress",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     result = json.loads((tmp_path / "layers.json").read_text())
     assert {r["family"] for r in result["rows"]} == {"linear_attn", "retnet"}
     assert all(r["length"] == 64 and r["tokens_per_s"] > 0 for r in result["rows"])
     assert [(s["family"], s["length"], s["kind"]) for s in result["stops"]] == [
-        ("linear_attn", 128, "time"), ("retnet", 128, "time")]
+        ("linear_attn", 128, "time"),
+        ("retnet", 128, "time"),
+    ]
     assert result["machine"]["cores"] and result["machine"]["jax"]
     report = (tmp_path / "layers.md").read_text()
     assert "| linear_attn | " in report and "stop (time)" in report
@@ -68,14 +107,30 @@ def test_layer_benchmark_writes_markdown_json_and_plot(layers, tmp_path):
 
 
 def test_summary_is_filled_from_the_numbers(layers):
-    rows = [layers.Row("attn", 1024, 100.0, 1.0, 0.1), layers.Row("attn", 2048, 400.0, 2.0, 0.1),
-            layers.Row("lightning", 1024, 50.0, 1.0, 0.1),
-            layers.Row("lightning", 2048, 100.0, 2.0, 0.1),
-            layers.Row("lightning", 4096, 220.0, 4.0, 0.1)]
+    rows = [
+        layers.Row("attn", 1024, 100.0, 1.0, 0.1),
+        layers.Row("attn", 2048, 400.0, 2.0, 0.1),
+        layers.Row("lightning", 1024, 50.0, 1.0, 0.1),
+        layers.Row("lightning", 2048, 100.0, 2.0, 0.1),
+        layers.Row("lightning", 4096, 220.0, 4.0, 0.1),
+    ]
     stops = [layers.Stop("attn", 4096, "time", "one step predicted at ~2 s")]
-    text = layers.markdown(rows, stops, ["attn", "lightning"], [1024, 2048, 4096],
-                           {"date": "d", "cpu": "c", "cores": 2, "jax": "j", "backend": "cpu",
-                            "device": "cpu", "glibc_tunables": ""}, budget_s=1.0)
+    text = layers.markdown(
+        rows,
+        stops,
+        ["attn", "lightning"],
+        [1024, 2048, 4096],
+        {
+            "date": "d",
+            "cpu": "c",
+            "cores": 2,
+            "jax": "j",
+            "backend": "cpu",
+            "device": "cpu",
+            "glibc_tunables": "",
+        },
+        budget_s=1.0,
+    )
     assert "| attn (quadratic) | 10,240 | 5,120 | stop (time) | 0.50 (at 2K) |" in text
     assert "| lightning | 20,480 | 20,480 | 18,618 | 0.91 |" in text
     assert "Within 20 % of constant speed: `lightning`" in text
@@ -86,6 +141,7 @@ def test_summary_is_filled_from_the_numbers(layers):
 def test_suite_help_and_the_installed_command_has_no_bench(monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(ROOT))
     from experiments.bench.__main__ import main
+
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"], prog="python -m experiments.bench")
     assert exit_info.value.code == 0

@@ -41,6 +41,7 @@ def test_readme_model_example_runs():
 
 def test_readme_sharding_example_runs():
     from jax.sharding import PartitionSpec
+
     namespace: dict = {}
     exec(compile(BLOCKS[3], "README.md", "exec"), namespace)
     assert namespace["logits"].shape == (2, 64, 256)
@@ -54,11 +55,20 @@ def test_readme_kernel_example_lowers_for_tpu_and_gpu():
     assert "xla.gpu.triton" in namespace["gpu"].as_text()
 
 
-@pytest.mark.parametrize("module", ["xformjax.ops.linear_attention",
-                                    "xformjax.ops.softmax_attention", "xformjax.nn",
-                                    "xformjax.nn.linen", "xformjax.models",
-                                    "xformjax.models.config", "xformjax.data",
-                                    "xformjax.ops.mixture_of_memories", "xformjax.ops.aaren"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "xformjax.ops.linear_attention",
+        "xformjax.ops.softmax_attention",
+        "xformjax.nn",
+        "xformjax.nn.linen",
+        "xformjax.models",
+        "xformjax.models.config",
+        "xformjax.data",
+        "xformjax.ops.mixture_of_memories",
+        "xformjax.ops.aaren",
+    ],
+)
 def test_docstring_examples(module):
     result = doctest.testmod(importlib.import_module(module))
     assert result.attempted > 0 and result.failed == 0, result

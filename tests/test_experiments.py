@@ -16,10 +16,14 @@ from xformjax.train.config import TrainConfig
 def tiny_run(name: str, steps: int = 3) -> harness.Run:
     task = Parity(seed=0, min_length=3, max_length=8)
     spec = harness.ModelSpec("diag", "diag_rnn", {"allow_neg_eigval": True})
-    model = spec.config(harness.small_lm(d_model=16, num_layers=1, chunk_size=4),
-                        task.vocab_size)
-    return harness.Run(name, model, TrainConfig(steps=steps, batch_size=4, warmup_steps=1),
-                       task, {"long": Parity(seed=1, min_length=12, max_length=12)})
+    model = spec.config(harness.small_lm(d_model=16, num_layers=1, chunk_size=4), task.vocab_size)
+    return harness.Run(
+        name,
+        model,
+        TrainConfig(steps=steps, batch_size=4, warmup_steps=1),
+        task,
+        {"long": Parity(seed=1, min_length=12, max_length=12)},
+    )
 
 
 def test_train_and_score_reports_accuracy_at_every_position(monkeypatch):
@@ -37,8 +41,11 @@ def test_result_store_resumes_without_rerunning(tmp_path, monkeypatch):
     store = harness.ResultStore(tmp_path / "runs.jsonl")
     store.add({"name": "done", "tests": {}})
     trained = []
-    monkeypatch.setattr(harness, "train_and_score",
-                        lambda run, progress: trained.append(run.name) or {"name": run.name})
+    monkeypatch.setattr(
+        harness,
+        "train_and_score",
+        lambda run, progress: trained.append(run.name) or {"name": run.name},
+    )
     records = harness.run_all([tiny_run("done"), tiny_run("new")], store, progress=False)
     assert trained == ["new"]
     assert [r["name"] for r in records] == ["done", "new"]

@@ -40,8 +40,11 @@ def kernel_manager(directory: pathlib.Path) -> AsyncKernelManager:
     kernels = directory / "kernels"
     spec_dir = kernels / "python3"
     spec_dir.mkdir(parents=True)
-    spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-            "display_name": "Python 3 (xformjax tests)", "language": "python"}
+    spec = {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "Python 3 (xformjax tests)",
+        "language": "python",
+    }
     (spec_dir / "kernel.json").write_text(json.dumps(spec))
     specs = KernelSpecManager(kernel_dirs=[str(kernels)])
     assert specs.get_kernel_spec("python3").argv[0] == sys.executable
@@ -89,8 +92,9 @@ def setup(monkeypatch, tmp_path):
 
 def fake_nvidia_smi(directory: pathlib.Path, cuda: str) -> None:
     script = directory / "nvidia-smi"
-    script.write_text(f"#!/bin/sh\necho '| NVIDIA-SMI 580.65  Driver Version: 580.65  "
-                      f"CUDA Version: {cuda}  |'\n")
+    script.write_text(
+        f"#!/bin/sh\necho '| NVIDIA-SMI 580.65  Driver Version: 580.65  CUDA Version: {cuda}  |'\n"
+    )
     script.chmod(0o755)
 
 
@@ -117,14 +121,18 @@ def test_setup_cell_picks_the_tpu_extra_on_a_tpu_runtime(setup, monkeypatch, tmp
 def test_setup_cell_runs_pip_only_where_xformjax_is_missing(setup, monkeypatch):
     import importlib.util
     import subprocess
+
     commands = []
     monkeypatch.setattr(subprocess, "run", lambda command, **_: commands.append(command))
     cell = setup_cell(NOTEBOOKS[0])
     exec(compile(cell, "setup cell", "exec"), {})
     assert commands == []  # importable here: nothing to install
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "xformjax" else find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "xformjax" else find_spec(name, *a),
+    )
     monkeypatch.chdir(ROOT / "experiments" / "notebooks")
     exec(compile(cell, "setup cell", "exec"), {})
     assert commands == [[sys.executable, "-m", "pip", "install", "-q", f"{ROOT}[train]"]]
@@ -137,23 +145,36 @@ def test_notebook_executes(path, tmp_path):
     for cell in notebook.cells:
         if cell.cell_type == "code":
             assert not cell.outputs and cell.execution_count is None, (
-                f"{path.name}: commit notebooks with their outputs cleared")
+                f"{path.name}: commit notebooks with their outputs cleared"
+            )
 
     workdir = tmp_path / "run"
     workdir.mkdir()
     client = nbclient.NotebookClient(
-        notebook, km=kernel_manager(tmp_path), kernel_name="python3", timeout=CELL_TIMEOUT,
-        allow_errors=False, resources={"metadata": {"path": str(workdir)}})
+        notebook,
+        km=kernel_manager(tmp_path),
+        kernel_name="python3",
+        timeout=CELL_TIMEOUT,
+        allow_errors=False,
+        resources={"metadata": {"path": str(workdir)}},
+    )
     # the notebook sees the machine as a user would: without conftest's 8 host devices
-    xla_flags = " ".join(flag for flag in os.environ.get("XLA_FLAGS", "").split()
-                         if not flag.startswith("--xla_force_host_platform_device_count"))
+    xla_flags = " ".join(
+        flag
+        for flag in os.environ.get("XLA_FLAGS", "").split()
+        if not flag.startswith("--xla_force_host_platform_device_count")
+    )
     env = {**os.environ, "XFORMJAX_NOTEBOOK_SMOKE": "1", "XLA_FLAGS": xla_flags}
     # raises CellExecutionError (naming the cell and its traceback) on the first error;
     # cleanup_kc: shut the kernel down afterwards even though we made its manager
     client.execute(env=env, cleanup_kc=True)
 
-    errors = [output for cell in notebook.cells for output in cell.get("outputs", [])
-              if output.output_type == "error"]
+    errors = [
+        output
+        for cell in notebook.cells
+        for output in cell.get("outputs", [])
+        if output.output_type == "error"
+    ]
     assert not errors, errors
     text = outputs_text(notebook)
     for expected in EXPECTED_OUTPUT.get(path.name, []):

@@ -33,15 +33,23 @@ PACKAGE_FILES = list((ROOT / "xformjax").rglob("*.py")) + list((ROOT / "kernels"
 
 
 def test_nothing_imports_a_top_level_kernels_package():
-    offenders = [f"{path}: {name}" for path in PACKAGE_FILES for name in _imported_modules(path)
-                 if name.split(".")[0] == "kernels"]
+    offenders = [
+        f"{path}: {name}"
+        for path in PACKAGE_FILES
+        for name in _imported_modules(path)
+        if name.split(".")[0] == "kernels"
+    ]
     assert not offenders, offenders
 
 
 def test_the_package_never_imports_the_repositorys_experiments():
     """A wheel carries no experiments/: nothing installed may need it."""
-    offenders = [f"{path}: {name}" for path in PACKAGE_FILES for name in _imported_modules(path)
-                 if name.split(".")[0] == "experiments"]
+    offenders = [
+        f"{path}: {name}"
+        for path in PACKAGE_FILES
+        for name in _imported_modules(path)
+        if name.split(".")[0] == "experiments"
+    ]
     assert not offenders, offenders
 
 
@@ -68,8 +76,11 @@ def test_float64_is_off_by_default():
 def test_every_subpackage_is_listed_in_pyproject():
     """A non-editable install only ships the packages pyproject lists."""
     import tomllib
-    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-                 ["packages"])
-    found = {".".join(p.parent.relative_to(ROOT).parts)
-             for p in (ROOT / "xformjax").rglob("__init__.py")}
+
+    listed = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    found = {
+        ".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "xformjax").rglob("__init__.py")
+    }
     assert found <= listed, f"missing from pyproject's packages: {sorted(found - listed)}"

@@ -18,8 +18,7 @@ from collections.abc import Sequence
 
 #: The modules each extra provides (the import names, not the distributions).
 EXTRA_MODULES: dict[str, tuple[str, ...]] = {
-    "train": ("yaml", "tqdm", "orbax.checkpoint", "grain", "tensorflow_datasets",
-              "array_record"),
+    "train": ("yaml", "tqdm", "orbax.checkpoint", "grain", "tensorflow_datasets", "array_record"),
 }
 
 
@@ -43,4 +42,5 @@ def require_extra(extra: str, feature: str) -> None:
     if missing:
         raise ImportError(
             f"{feature} needs the {extra!r} extra, which this install lacks (missing: "
-            f"{', '.join(missing)}). Install it with: pip install \"xformjax[{extra}]\"")
+            f'{", ".join(missing)}). Install it with: pip install "xformjax[{extra}]"'
+        )

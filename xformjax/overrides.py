@@ -68,18 +68,21 @@ def _apply(config, path: list[str], value: Any, prefix: str):
     name = path[0]
     key = f"{prefix}{name}"
     if name not in fields:
-        raise ValueError(f"unknown key {key!r}; valid keys under "
-                         f"{prefix[:-1] or 'the top level'!r}: {', '.join(fields)}")
+        raise ValueError(
+            f"unknown key {key!r}; valid keys under "
+            f"{prefix[:-1] or 'the top level'!r}: {', '.join(fields)}"
+        )
     current = getattr(config, name)
     if len(path) > 1 and name == "options" and isinstance(current, dict):
         new = {**current, ".".join(path[1:]): value}
-    elif dataclasses.is_dataclass(current) and len(path) == 1 and \
-            isinstance(value, type(current)):
+    elif dataclasses.is_dataclass(current) and len(path) == 1 and isinstance(value, type(current)):
         new = value  # a whole section replaced by a config of its type
     elif dataclasses.is_dataclass(current):
         if len(path) == 1:
-            raise ValueError(f"{key!r} is a section; set one of its keys, e.g. "
-                             f"{key}.{dataclasses.fields(current)[0].name}=...")
+            raise ValueError(
+                f"{key!r} is a section; set one of its keys, e.g. "
+                f"{key}.{dataclasses.fields(current)[0].name}=..."
+            )
         new = _apply(current, path[1:], value, f"{key}.")
     else:
         if len(path) > 1:

@@ -27,20 +27,34 @@ BENCHMARKS = ("ops", "layers", "kernels")
 
 def parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke runs: short lengths, few families (kernels: --smoke)")
-    parser.add_argument("--only", nargs="+", choices=BENCHMARKS, metavar="NAME",
-                        help=f"run only these of {', '.join(BENCHMARKS)} (default: ops and "
-                             "layers, plus kernels on a GPU)")
-    parser.add_argument("--out", type=pathlib.Path, default=ops.RESULTS,
-                        help="results folder of ops and layers (default: experiments/results)")
-    parser.add_argument("--no-hugepages", action="store_true",
-                        help="keep glibc's default malloc (see experiments.bench.ops)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke runs: short lengths, few families (kernels: --smoke)",
+    )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=BENCHMARKS,
+        metavar="NAME",
+        help=f"run only these of {', '.join(BENCHMARKS)} (default: ops and "
+        "layers, plus kernels on a GPU)",
+    )
+    parser.add_argument(
+        "--out",
+        type=pathlib.Path,
+        default=ops.RESULTS,
+        help="results folder of ops and layers (default: experiments/results)",
+    )
+    parser.add_argument(
+        "--no-hugepages",
+        action="store_true",
+        help="keep glibc's default malloc (see experiments.bench.ops)",
+    )
     return parser
 
 
-def main(argv: list[str] | None = None, *, prog: str | None = None,
-         reexec: bool = False) -> int:
+def main(argv: list[str] | None = None, *, prog: str | None = None, reexec: bool = False) -> int:
     """Run the selected benchmarks in turn; with ``reexec``, first restart the process
     under the huge-page malloc tunable (after the arguments parsed, so ``--help``
     and mistakes are answered here)."""
@@ -49,8 +63,10 @@ def main(argv: list[str] | None = None, *, prog: str | None = None,
     if reexec:
         reexec_with_hugepages(argv, "experiments.bench")
     import jax
-    names = args.only or [name for name in BENCHMARKS
-                          if name != "kernels" or jax.default_backend() == "gpu"]
+
+    names = args.only or [
+        name for name in BENCHMARKS if name != "kernels" or jax.default_backend() == "gpu"
+    ]
     common = (["--quick"] if args.quick else []) + ["--out", str(args.out)]
     if args.no_hugepages:
         common.append("--no-hugepages")
@@ -63,6 +79,7 @@ def main(argv: list[str] | None = None, *, prog: str | None = None,
             status = layers.main(common)
         else:
             from experiments.bench import kernels
+
             status = kernels.main(["--smoke"] if args.quick else [])
         print(f"== {name}: {time.perf_counter() - started:.0f} s ==", flush=True)
         if status:

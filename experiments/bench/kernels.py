@@ -74,7 +74,8 @@ def inputs(batch: int, length: int, seed: int = 0):
 def jax_fn(op: str, impl: str):
     if impl == "flash":
         return lambda q, k, v, g, beta: jax.nn.dot_product_attention(
-            q, k, v, is_causal=True, implementation="cudnn")
+            q, k, v, is_causal=True, implementation="cudnn"
+        )
     backend = "pallas" if impl == "pallas" else "xla"
     if op == "linear_attention":
         return lambda q, k, v, g, beta: ops.linear_attention(q, k, v, g=g, backend=backend)[0]
@@ -83,27 +84,33 @@ def jax_fn(op: str, impl: str):
 
 def measure_jax(op: str, impl: str, arrays, repeats: int) -> tuple[float, float]:
     q, k, v, g, beta = arrays
-    args = (*(jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)), jnp.asarray(g),
-            jnp.asarray(beta, jnp.bfloat16))
+    args = (
+        *(jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)),
+        jnp.asarray(g),
+        jnp.asarray(beta, jnp.bfloat16),
+    )
     fn = jax_fn(op, impl)
     forward = jax.jit(fn)
     loss = lambda *a: jnp.sum(fn(*a).astype(jnp.float32))
-    argnums = (0, 1, 2) if impl == "flash" else (0, 1, 2, 3) + ((4,) if op == "delta_rule"
-                                                                else ())
+    argnums = (0, 1, 2) if impl == "flash" else (0, 1, 2, 3) + ((4,) if op == "delta_rule" else ())
     backward = jax.jit(jax.grad(loss, argnums=argnums))
     return best_ms(forward, *args, repeats=repeats), best_ms(backward, *args, repeats=repeats)
 
 
 def measure_fla(op: str, arrays, repeats: int) -> tuple[float, float]:
     import torch  # only on a machine that carries the wheels
+
     if op == "linear_attention":
         from fla.ops.simple_gla import chunk_simple_gla as kernel
     else:
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule as kernel
     q, k, v, g, beta = (torch.tensor(x, device="cuda") for x in arrays)
     q, k, v = (x.to(torch.bfloat16).requires_grad_() for x in (q, k, v))
-    call = ((lambda: kernel(q, k, v, g=g)[0]) if op == "linear_attention"
-            else (lambda: kernel(q, k, v, g=g, beta=beta.to(torch.bfloat16))[0]))
+    call = (
+        (lambda: kernel(q, k, v, g=g)[0])
+        if op == "linear_attention"
+        else (lambda: kernel(q, k, v, g=g, beta=beta.to(torch.bfloat16))[0])
+    )
 
     def timed(fn):
         fn()
@@ -127,44 +134,68 @@ def run(batches, lengths, repeats: int) -> list[Row]:
             continue  # one flash row per shape, listed under linear_attention
         arrays = inputs(batch, length)
         try:
-            times = (measure_fla(op, arrays, repeats) if impl == "fla"
-                     else measure_jax(op, impl, arrays, repeats))
+            times = (
+                measure_fla(op, arrays, repeats)
+                if impl == "fla"
+                else measure_jax(op, impl, arrays, repeats)
+            )
             rows.append(Row(op, impl, batch, length, *times))
         except ImportError:
             rows.append(Row(op, impl, batch, length, None, None, "not installed"))
         except Exception as error:  # a backend missing on this machine (cuDNN on CPU, …)
-            rows.append(Row(op, impl, batch, length, None, None,
-                            f"{type(error).__name__}: {str(error).splitlines()[0][:80]}"))
+            rows.append(
+                Row(
+                    op,
+                    impl,
+                    batch,
+                    length,
+                    None,
+                    None,
+                    f"{type(error).__name__}: {str(error).splitlines()[0][:80]}",
+                )
+            )
     return rows
 
 
 def markdown(rows: list[Row], device: str) -> str:
     cell = lambda x: "—" if x is None else f"{x:.2f}"
-    lines = [f"# Kernel benchmark on {device}", "",
-             f"jax {jax.__version__}; bfloat16, H={HEADS}, K=V={DIM}; best-of-N milliseconds.",
-             "`flash` is causal softmax attention (cuDNN) on the same q, k, v.", "",
-             "| op | impl | B | T | forward ms | fwd+bwd ms | note |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Kernel benchmark on {device}",
+        "",
+        f"jax {jax.__version__}; bfloat16, H={HEADS}, K=V={DIM}; best-of-N milliseconds.",
+        "`flash` is causal softmax attention (cuDNN) on the same q, k, v.",
+        "",
+        "| op | impl | B | T | forward ms | fwd+bwd ms | note |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r.op} | {r.impl} | {r.batch} | {r.length} | {cell(r.forward_ms)} | "
-                     f"{cell(r.backward_ms)} | {r.note} |")
+        lines.append(
+            f"| {r.op} | {r.impl} | {r.batch} | {r.length} | {cell(r.forward_ms)} | "
+            f"{cell(r.backward_ms)} | {r.note} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def plot(rows: list[Row], path: pathlib.Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, len(OPS), figsize=(11, 4))
     for axis, op in zip(axes, OPS):
         for impl in IMPLS:
-            pts = [(r.length, r.backward_ms) for r in rows if r.batch == 1 and r.impl == impl
-                   and r.backward_ms is not None
-                   and (r.op == op or (impl == "flash" and r.op == "linear_attention"))]
+            pts = [
+                (r.length, r.backward_ms)
+                for r in rows
+                if r.batch == 1
+                and r.impl == impl
+                and r.backward_ms is not None
+                and (r.op == op or (impl == "flash" and r.op == "linear_attention"))
+            ]
             if pts:
                 axis.plot(*zip(*pts), marker="o", label=impl)
-        axis.set(title=f"{op}, B=1, fwd+bwd", xlabel="T", ylabel="ms", xscale="log",
-                 yscale="log")
+        axis.set(title=f"{op}, B=1, fwd+bwd", xlabel="T", ylabel="ms", xscale="log", yscale="log")
         axis.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -180,8 +211,10 @@ def main(argv=None) -> None:
         print(markdown(rows, device))
         return
     if jax.default_backend() != "gpu":
-        raise SystemExit(f"the kernel benchmark needs a GPU; this machine has {device}. "
-                         "Use --smoke to check the harness.")
+        raise SystemExit(
+            f"the kernel benchmark needs a GPU; this machine has {device}. "
+            "Use --smoke to check the harness."
+        )
     rows = run([1, 8], [2048, 8192, 32768], repeats=10)
     text = markdown(rows, device)
     print(text)

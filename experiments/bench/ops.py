@@ -113,8 +113,9 @@ def best_time(fn, *args, repeats: int, budget_s: float = 3.0) -> float:
         times.append(time.perf_counter() - start)
         if times[0] >= 1.0 and len(times) >= 2:
             break
-        if len(times) >= repeats and (time.perf_counter() - started >= budget_s
-                                      or len(times) >= 1000):
+        if len(times) >= repeats and (
+            time.perf_counter() - started >= budget_s or len(times) >= 1000
+        ):
             break
     return min(times)
 
@@ -123,7 +124,7 @@ def matmul_gflops() -> float:
     """Best-of-30 float32 1024³ matmul rate: the denominator of the throughput target."""
     a = jnp.asarray(np.random.default_rng(0).standard_normal((1024, 1024)), jnp.float32)
     seconds = best_time(jax.jit(lambda x, y: x @ y), a, a, repeats=30)
-    return 2 * 1024 ** 3 / seconds / 1e9
+    return 2 * 1024**3 / seconds / 1e9
 
 
 def useful_flops(op: str, length: int) -> float:
@@ -131,27 +132,29 @@ def useful_flops(op: str, length: int) -> float:
     2·T·(C·K + C·V + 2·K·V) per head; the delta rule 2·T·(3·C·K + 2·C·V + 3·K·V) + T·C²."""
     if op == "delta_rule":
         per_head = 2 * length * (3 * CHUNK * DIM + 2 * CHUNK * DIM + 3 * DIM * DIM)
-        return (per_head + length * CHUNK ** 2) * HEADS
+        return (per_head + length * CHUNK**2) * HEADS
     return 2 * length * (CHUNK * DIM + CHUNK * DIM + 2 * DIM * DIM) * HEADS
 
 
 def make_fn(op: str, mode: str):
     """``fn(q, k, v, gate, beta) -> output`` for ``op`` in ``mode``."""
     if op == "linear_attention":
-        return lambda q, k, v, g, beta: ops.linear_attention(q, k, v, g=g, mode=mode,
-                                                             chunk_size=CHUNK)[0]
+        return lambda q, k, v, g, beta: ops.linear_attention(
+            q, k, v, g=g, mode=mode, chunk_size=CHUNK
+        )[0]
     if op == "delta_rule":
-        return lambda q, k, v, g, beta: ops.delta_rule(q, k, v, beta, g=g, mode=mode,
-                                                       chunk_size=CHUNK)[0]
+        return lambda q, k, v, g, beta: ops.delta_rule(
+            q, k, v, beta, g=g, mode=mode, chunk_size=CHUNK
+        )[0]
     if op == "delta_rule_gk":
-        return lambda q, k, v, gk, beta: ops.delta_rule(q, k, v, beta, gk=gk, mode=mode,
-                                                        chunk_size=CHUNK)[0]
+        return lambda q, k, v, gk, beta: ops.delta_rule(
+            q, k, v, beta, gk=gk, mode=mode, chunk_size=CHUNK
+        )[0]
     if op == "delta_product":
         return lambda q, k, v, g, beta: ops.delta_product(
-            q, k, v, beta, num_householder=HOUSEHOLDER, g=g, mode=mode,
-            chunk_size=CHUNK)[0]
-    return lambda q, k, v, g, beta: ops.softmax_attention(q, k, v, mode=mode,
-                                                          chunk_size=128)[0]
+            q, k, v, beta, num_householder=HOUSEHOLDER, g=g, mode=mode, chunk_size=CHUNK
+        )[0]
+    return lambda q, k, v, g, beta: ops.softmax_attention(q, k, v, mode=mode, chunk_size=128)[0]
 
 
 def make_inputs(op: str, length: int) -> tuple[jax.Array, ...]:
@@ -176,27 +179,34 @@ def measure(op: str, mode: str, length: int, repeats: int, sample_seconds: float
     fn = make_fn(op, mode)
     args = make_inputs(op, length)
     forward = jax.jit(fn)
-    differentiable = (0, 1, 2, 3) if op in ("linear_attention", "softmax_attention") \
-        else (0, 1, 2, 3, 4)
+    differentiable = (
+        (0, 1, 2, 3) if op in ("linear_attention", "softmax_attention") else (0, 1, 2, 3, 4)
+    )
     backward = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a)), argnums=differentiable))
     compiled = [f.lower(*args).compile() for f in (forward, backward)]  # compiled once
-    timed = [best_time(f, *args, repeats=repeats, budget_s=sample_seconds) * 1e3
-             for f in compiled]
-    temp = [f.memory_analysis().temp_size_in_bytes / 2 ** 20 for f in compiled]
+    timed = [best_time(f, *args, repeats=repeats, budget_s=sample_seconds) * 1e3 for f in compiled]
+    temp = [f.memory_analysis().temp_size_in_bytes / 2**20 for f in compiled]
     return Row(op, mode, length, *timed, *temp)
 
 
 def machine() -> dict:
     cpu = platform.processor() or "unknown"
     with contextlib.suppress(OSError):  # no /proc/cpuinfo: keep platform's answer
-        models = [line.split(":", 1)[1].strip()
-                  for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")]
+        models = [
+            line.split(":", 1)[1].strip()
+            for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ]
         cpu = models[0] if models else cpu
-    return {"cpu": cpu, "cores": os.cpu_count(), "jax": jax.__version__,
-            "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
-            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
-            "date": datetime.date.today().isoformat()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "device": str(jax.devices()[0].device_kind),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+        "date": datetime.date.today().isoformat(),
+    }
 
 
 def targets(rows: list[Row], gflops: float) -> list[tuple[str, str, bool]]:
@@ -206,26 +216,43 @@ def targets(rows: list[Row], gflops: float) -> list[tuple[str, str, bool]]:
         chunk_4k = by.get((op, "chunk", 4096))
         if chunk_4k:
             rate = 3 * useful_flops(op, 4096) / (chunk_4k.backward_ms / 1e3) / 1e9
-            out.append((f"{op}: chunk fwd+bwd at 4K vs 1024³ matmul (target ≥ 20 %)",
-                        f"{rate:.1f} GFLOP/s = {100 * rate / gflops:.1f} % of {gflops:.0f}",
-                        rate >= 0.2 * gflops))
+            out.append(
+                (
+                    f"{op}: chunk fwd+bwd at 4K vs 1024³ matmul (target ≥ 20 %)",
+                    f"{rate:.1f} GFLOP/s = {100 * rate / gflops:.1f} % of {gflops:.0f}",
+                    rate >= 0.2 * gflops,
+                )
+            )
         chunk_32k = by.get((op, "chunk", 32768))
         if chunk_4k and chunk_32k:
             ratio = chunk_32k.us_per_token / chunk_4k.us_per_token
-            out.append((f"{op}: chunk fwd+bwd time per token, 32K / 4K (target ≤ 1.15)",
-                        f"{chunk_32k.us_per_token:.2f} / {chunk_4k.us_per_token:.2f} µs = "
-                        f"{ratio:.2f}", ratio <= 1.15))
+            out.append(
+                (
+                    f"{op}: chunk fwd+bwd time per token, 32K / 4K (target ≤ 1.15)",
+                    f"{chunk_32k.us_per_token:.2f} / {chunk_4k.us_per_token:.2f} µs = {ratio:.2f}",
+                    ratio <= 1.15,
+                )
+            )
         chunk_rows = [r for r in rows if r.op == op and r.mode == "chunk"]
         if chunk_rows:
             per_token = max(r.backward_temp_mib * 1024 / r.length for r in chunk_rows)
-            out.append((f"{op}: chunk fwd+bwd temporary memory per token "
-                        f"(target ≤ {memory_kib} KiB)", f"{per_token:.2f} KiB (worst T)",
-                        per_token <= memory_kib))
+            out.append(
+                (
+                    f"{op}: chunk fwd+bwd temporary memory per token (target ≤ {memory_kib} KiB)",
+                    f"{per_token:.2f} KiB (worst T)",
+                    per_token <= memory_kib,
+                )
+            )
         parallel_4k = by.get((op, "parallel", 4096))
         if chunk_4k and parallel_4k:
             speedup = parallel_4k.backward_ms / chunk_4k.backward_ms
-            out.append((f"{op}: chunk vs parallel fwd+bwd at 4K (target ≥ 15×)",
-                        f"{speedup:.1f}×", speedup >= 15))
+            out.append(
+                (
+                    f"{op}: chunk vs parallel fwd+bwd at 4K (target ≥ 15×)",
+                    f"{speedup:.1f}×",
+                    speedup >= 15,
+                )
+            )
     return out
 
 
@@ -234,53 +261,78 @@ def linearity(rows: list[Row]) -> list[str]:
     longest T over that at 4K, and the worst temporary memory per token."""
     lines = []
     for op in sorted({r.op for r in rows if r.mode == "chunk"}):
-        chunk = sorted((r for r in rows if (r.op, r.mode) == (op, "chunk")),
-                       key=lambda r: r.length)
+        chunk = sorted((r for r in rows if (r.op, r.mode) == (op, "chunk")), key=lambda r: r.length)
         base = next((r for r in chunk if r.length == 4096), chunk[0])
         longest = chunk[-1]
         per_token = max(r.backward_temp_mib * 1024 / r.length for r in chunk)
-        lines.append(f"| {op} | {longest.length} / {base.length} | "
-                     f"{longest.us_per_token / base.us_per_token:.2f} | {per_token:.2f} |")
+        lines.append(
+            f"| {op} | {longest.length} / {base.length} | "
+            f"{longest.us_per_token / base.us_per_token:.2f} | {per_token:.2f} |"
+        )
     return lines
 
 
 def markdown(rows: list[Row], gflops: float, info: dict) -> str:
-    lines = ["# Op benchmark", "",
-             f"`python -m experiments.bench.ops` — {info['date']}, {info['cpu']}, "
-             f"{info['cores']} cores, jax {info['jax']} ({info['backend']}), "
-             f"GLIBC_TUNABLES=`{info['glibc_tunables'] or 'unset'}`.",
-             f"B={BATCH}, H={HEADS}, K=V={DIM}, float32; linear attention and the delta "
-             f"rule (unit keys, β in (0, 1)) with a `g` [B,T,H] gate and chunk {CHUNK}; "
-             "`delta_rule_gk`: the delta rule with a per-channel `gk` [B,T,H,K] gate "
-             f"instead; `delta_product`: {HOUSEHOLDER} Householder steps per token (k, v, "
-             f"β carry T·{HOUSEHOLDER} rows) with a `g` gate; "
-             "softmax attention causal, block 128. "
-             "Times are the best of several runs; memory is XLA's planned temporary "
-             "buffer size.", "",
-             f"1024³ float32 matmul in the same process: **{gflops:.0f} GFLOP/s** (best of "
-             "30, measured before and after the runs; the higher is used).", "",
-             "## Targets", "", "| figure | measured | met |", "|---|---|---|"]
-    lines += [f"| {name} | {value} | {'yes' if ok else '**no**'} |"
-              for name, value, ok in targets(rows, gflops)]
-    lines += ["", "## Linear in T", "",
-              "Every chunk form, fwd+bwd: time per token at the longest T over that at 4K "
-              "(1.00 = linear), and the worst temporary memory per token over T.", "",
-              "| op | T / T | time per token ratio | temp KiB/token (worst) |",
-              "|---|---|---:|---:|"]
+    lines = [
+        "# Op benchmark",
+        "",
+        f"`python -m experiments.bench.ops` — {info['date']}, {info['cpu']}, "
+        f"{info['cores']} cores, jax {info['jax']} ({info['backend']}), "
+        f"GLIBC_TUNABLES=`{info['glibc_tunables'] or 'unset'}`.",
+        f"B={BATCH}, H={HEADS}, K=V={DIM}, float32; linear attention and the delta "
+        f"rule (unit keys, β in (0, 1)) with a `g` [B,T,H] gate and chunk {CHUNK}; "
+        "`delta_rule_gk`: the delta rule with a per-channel `gk` [B,T,H,K] gate "
+        f"instead; `delta_product`: {HOUSEHOLDER} Householder steps per token (k, v, "
+        f"β carry T·{HOUSEHOLDER} rows) with a `g` gate; "
+        "softmax attention causal, block 128. "
+        "Times are the best of several runs; memory is XLA's planned temporary "
+        "buffer size.",
+        "",
+        f"1024³ float32 matmul in the same process: **{gflops:.0f} GFLOP/s** (best of "
+        "30, measured before and after the runs; the higher is used).",
+        "",
+        "## Targets",
+        "",
+        "| figure | measured | met |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {name} | {value} | {'yes' if ok else '**no**'} |"
+        for name, value, ok in targets(rows, gflops)
+    ]
+    lines += [
+        "",
+        "## Linear in T",
+        "",
+        "Every chunk form, fwd+bwd: time per token at the longest T over that at 4K "
+        "(1.00 = linear), and the worst temporary memory per token over T.",
+        "",
+        "| op | T / T | time per token ratio | temp KiB/token (worst) |",
+        "|---|---|---:|---:|",
+    ]
     lines += linearity(rows)
-    lines += ["", "## All measurements", "",
-              "| op | mode | T | fwd ms | fwd+bwd ms | fwd+bwd µs/token | fwd temp MiB "
-              "| fwd+bwd temp MiB |", "|---|---|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r.op} | {r.mode} | {r.length} | {r.forward_ms:.2f} | {r.backward_ms:.2f} | "
-              f"{r.us_per_token:.2f} | {r.forward_temp_mib:.1f} | {r.backward_temp_mib:.1f} |"
-              for r in rows]
+    lines += [
+        "",
+        "## All measurements",
+        "",
+        "| op | mode | T | fwd ms | fwd+bwd ms | fwd+bwd µs/token | fwd temp MiB "
+        "| fwd+bwd temp MiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r.op} | {r.mode} | {r.length} | {r.forward_ms:.2f} | {r.backward_ms:.2f} | "
+        f"{r.us_per_token:.2f} | {r.forward_temp_mib:.1f} | {r.backward_temp_mib:.1f} |"
+        for r in rows
+    ]
     return "\n".join(lines) + "\n"
 
 
 def plot(rows: list[Row], path: pathlib.Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, (time_ax, mem_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
     for op, mode in sorted({(r.op, r.mode) for r in rows}):
         series = [r for r in rows if (r.op, r.mode) == (op, mode)]
@@ -288,10 +340,20 @@ def plot(rows: list[Row], path: pathlib.Path) -> None:
         label = f"{op.replace('_attention', '')} {mode}"
         time_ax.plot(lengths, [r.us_per_token for r in series], "o-", label=label)
         mem_ax.plot(lengths, [r.backward_temp_mib for r in series], "o-", label=label)
-    time_ax.set(xscale="log", yscale="log", xlabel="T (tokens)",
-                ylabel="fwd+bwd time per token (µs)", title="Time per token (flat = linear)")
-    mem_ax.set(xscale="log", yscale="log", xlabel="T (tokens)",
-               ylabel="fwd+bwd temporary memory (MiB)", title="Memory")
+    time_ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="T (tokens)",
+        ylabel="fwd+bwd time per token (µs)",
+        title="Time per token (flat = linear)",
+    )
+    mem_ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="T (tokens)",
+        ylabel="fwd+bwd temporary memory (MiB)",
+        title="Memory",
+    )
     for ax in (time_ax, mem_ax):
         ax.grid(True, which="both", alpha=0.3)
     time_ax.legend(fontsize=8)
@@ -301,24 +363,38 @@ def plot(rows: list[Row], path: pathlib.Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--lengths", type=int, nargs="+",
-                        default=[1024, 4096, 16384, 32768, 65536])
-    parser.add_argument("--ops", nargs="+", choices=sorted({op for op, _ in MAX_LENGTH}),
-                        help="only these ops (default: all)")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384, 32768, 65536])
+    parser.add_argument(
+        "--ops",
+        nargs="+",
+        choices=sorted({op for op, _ in MAX_LENGTH}),
+        help="only these ops (default: all)",
+    )
     parser.add_argument("--quick", action="store_true", help="T ∈ {1024, 4096} only")
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--sample-seconds", type=float, default=3.0,
-                        help="keep calling each function this long (best time wins)")
+    parser.add_argument(
+        "--sample-seconds",
+        type=float,
+        default=3.0,
+        help="keep calling each function this long (best time wins)",
+    )
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
-    parser.add_argument("--no-hugepages", action="store_true",
-                        help="keep glibc's default malloc (see the module docstring)")
+    parser.add_argument(
+        "--no-hugepages",
+        action="store_true",
+        help="keep glibc's default malloc (see the module docstring)",
+    )
     args = parser.parse_args(argv)
     lengths = [1024, 4096] if args.quick else args.lengths
 
     gflops_before = matmul_gflops()
     print(f"1024³ matmul: {gflops_before:.1f} GFLOP/s")
-    jobs = [(op, mode, t) for (op, mode), limit in MAX_LENGTH.items() for t in lengths
-            if t <= limit and (args.ops is None or op in args.ops)]
+    jobs = [
+        (op, mode, t)
+        for (op, mode), limit in MAX_LENGTH.items()
+        for t in lengths
+        if t <= limit and (args.ops is None or op in args.ops)
+    ]
     rows = []
     for op, mode, length in tqdm(jobs, desc="benchmark", unit="run"):
         tqdm.write(f"{op:18s} {mode:9s} T={length}")
@@ -330,9 +406,16 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     report = markdown(rows, gflops, info)
     (args.out / "ops.md").write_text(report)
-    (args.out / "ops.json").write_text(json.dumps(
-        {"machine": info, "matmul_gflops": gflops,
-         "rows": [dataclasses.asdict(r) for r in rows]}, indent=1))
+    (args.out / "ops.json").write_text(
+        json.dumps(
+            {
+                "machine": info,
+                "matmul_gflops": gflops,
+                "rows": [dataclasses.asdict(r) for r in rows],
+            },
+            indent=1,
+        )
+    )
     plot(rows, args.out / "ops.png")
     print(report)
     print(f"wrote {args.out / 'ops.md'}, ops.json, ops.png")

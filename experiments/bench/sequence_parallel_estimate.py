@@ -44,8 +44,9 @@ class Layer:
 
 def lasp2_bytes(layer: Layer, shards: int, transition: str) -> float:
     """Bytes one chip receives in LASP-2's all-gather (float32 pairs)."""
-    per_head = {"none": 0, "scalar": 1, "diagonal": layer.key_dim,
-                "matrix": layer.key_dim ** 2}[transition]
+    per_head = {"none": 0, "scalar": 1, "diagonal": layer.key_dim, "matrix": layer.key_dim**2}[
+        transition
+    ]
     pair = layer.batch * layer.heads * (layer.key_dim * layer.value_dim + per_head) * 4
     return (shards - 1) * pair
 
@@ -69,9 +70,11 @@ def _size(value: float) -> str:
 
 
 def table(layer: Layer) -> list[str]:
-    lines = ["| chips on `seq` | T | tokens/chip | LASP-2, linear attn | LASP-2, GLA | "
-             "LASP-2, delta rule | ring attention (GQA 8) | ring ÷ LASP-2 delta |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| chips on `seq` | T | tokens/chip | LASP-2, linear attn | LASP-2, GLA | "
+        "LASP-2, delta rule | ring attention (GQA 8) | ring ÷ LASP-2 delta |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for shards in GROUPS:
         for length in LENGTHS:
             delta = lasp2_bytes(layer, shards, "matrix")
@@ -81,26 +84,41 @@ def table(layer: Layer) -> list[str]:
                 f"{_size(lasp2_bytes(layer, shards, 'scalar'))} | "
                 f"{_size(lasp2_bytes(layer, shards, 'diagonal'))} | {_size(delta)} "
                 f"({delta / BANDWIDTH * 1e3:.2g} ms) | {_size(ring)} "
-                f"({ring / BANDWIDTH * 1e3:.2g} ms) | {ring / delta:.2g}× |")
+                f"({ring / BANDWIDTH * 1e3:.2g} ms) | {ring / delta:.2g}× |"
+            )
     return lines
 
 
 def plot(layer: Layer, path: pathlib.Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    lengths = [2 ** e for e in range(13, 23)]
+
+    lengths = [2**e for e in range(13, 23)]
     figure, axis = plt.subplots(figsize=(6.4, 4.2))
     for shards, style in zip(GROUPS, ("-", "--")):
-        axis.plot(lengths, [ring_bytes(layer, shards, t) for t in lengths], "C3" + style,
-                  label=f"ring attention, n={shards}")
+        axis.plot(
+            lengths,
+            [ring_bytes(layer, shards, t) for t in lengths],
+            "C3" + style,
+            label=f"ring attention, n={shards}",
+        )
         for transition, colour in (("scalar", "C0"), ("matrix", "C2")):
             name = {"scalar": "linear attn", "matrix": "delta rule"}[transition]
-            axis.plot(lengths, [lasp2_bytes(layer, shards, transition)] * len(lengths),
-                      colour + style, label=f"LASP-2 {name}, n={shards}")
-    axis.set(xscale="log", yscale="log", xlabel="sequence length T (tokens)",
-             ylabel="bytes received per chip per layer",
-             title="Sequence-parallel communication (estimate)")
+            axis.plot(
+                lengths,
+                [lasp2_bytes(layer, shards, transition)] * len(lengths),
+                colour + style,
+                label=f"LASP-2 {name}, n={shards}",
+            )
+    axis.set(
+        xscale="log",
+        yscale="log",
+        xlabel="sequence length T (tokens)",
+        ylabel="bytes received per chip per layer",
+        title="Sequence-parallel communication (estimate)",
+    )
     axis.grid(True, which="both", alpha=0.3)
     axis.legend(fontsize=7)
     figure.tight_layout()
@@ -137,7 +155,8 @@ def main() -> None:
         "",
     ]
     (RESULTS / "sequence_parallel_estimate.md").write_text(
-        "\n".join(header + lines + ["", "![bytes vs T](sequence_parallel_estimate.png)", ""]))
+        "\n".join(header + lines + ["", "![bytes vs T](sequence_parallel_estimate.png)", ""])
+    )
     plot(layer, RESULTS / "sequence_parallel_estimate.png")
     print(f"wrote {RESULTS / 'sequence_parallel_estimate.md'} and .png")
 

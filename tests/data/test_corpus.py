@@ -65,15 +65,15 @@ def test_stdlib_corpus_lists_this_pythons_sources():
 
 
 def test_packed_language_model_batches(tmp_path):
-    documents = [{"text": np.frombuffer(f"document {i} " .encode() * (i + 1), np.uint8)}
-                 for i in range(12)]
-    dataset = data.lm_dataset(documents, seq_len=16, batch_size=2, shuffle=False,
-                              repeat=False)
+    documents = [
+        {"text": np.frombuffer(f"document {i} ".encode() * (i + 1), np.uint8)} for i in range(12)
+    ]
+    dataset = data.lm_dataset(documents, seq_len=16, batch_size=2, shuffle=False, repeat=False)
     batches = list(dataset)
     stream = b"".join(bytes(d["text"]) + bytes([data.DOCUMENT_END]) for d in documents)
     rows = [row for b in batches for row in b["inputs"]]
     for i, row in enumerate(rows):
-        assert bytes(row.astype(np.uint8)) == stream[17 * i:17 * i + 16]
+        assert bytes(row.astype(np.uint8)) == stream[17 * i : 17 * i + 16]
     for b in batches:
         assert np.array_equal(b["targets"][:, :-1], b["inputs"][:, 1:])
         assert b["mask"].shape == (2, 16) and np.all(b["mask"] == 1)
@@ -82,8 +82,7 @@ def test_packed_language_model_batches(tmp_path):
 
 
 def test_lm_iterator_resumes_from_its_state():
-    documents = [{"text": np.frombuffer(bytes(range(1 + i, 40 + i)), np.uint8)}
-                 for i in range(30)]
+    documents = [{"text": np.frombuffer(bytes(range(1 + i, 40 + i)), np.uint8)} for i in range(30)]
     dataset = data.lm_dataset(documents, seq_len=24, batch_size=3, seed=5)
     iterator = iter(dataset)
     for _ in range(4):

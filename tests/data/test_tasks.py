@@ -70,7 +70,7 @@ def test_modular_arithmetic_labels_match_python_eval(name):
     for i in range(100):
         ex = task[i]
         tokens = [symbols.get(int(t), str(int(t))) for t in ex["inputs"]]
-        expression = "".join(tokens[:tokens.index("=")])
+        expression = "".join(tokens[: tokens.index("=")])
         saw_brackets |= "(" in expression
         position = int(np.flatnonzero(ex["mask"])[0])
         assert tokens[position] == "="
@@ -94,17 +94,21 @@ def test_word_problem_labels_are_running_products(group, order):
 def test_listops_labels_match_an_independent_evaluator():
     task = TASKS["listops"]
     names = {10: "max(", 11: "min(", 12: "med(", 13: "sm(", 14: ")"}
-    helpers = {"max": lambda *a: max(a), "min": lambda *a: min(a),
-               "med": lambda *a: int(np.floor(np.median(a))), "sm": lambda *a: sum(a) % 10}
+    helpers = {
+        "max": lambda *a: max(a),
+        "min": lambda *a: min(a),
+        "med": lambda *a: int(np.floor(np.median(a))),
+        "sm": lambda *a: sum(a) % 10,
+    }
     operators = set()
     for i in range(100):
         ex = task[i]
         last = int(np.flatnonzero(ex["mask"])[0])
-        parts = [names.get(int(t), str(int(t))) for t in ex["inputs"][:last + 1]]
+        parts = [names.get(int(t), str(int(t))) for t in ex["inputs"][: last + 1]]
         operators.update(p for p in parts if p.endswith("("))
         expression = ",".join(parts).replace("(,", "(").replace(",)", ")")
         assert ex["targets"][last] == eval(expression, helpers), expression
-        assert np.all(ex["inputs"][last + 1:] == 15)
+        assert np.all(ex["inputs"][last + 1 :] == 15)
     assert operators == {"max(", "min(", "med(", "sm("}
 
 

@@ -64,24 +64,45 @@ def test_pallas_ops_equal_xla(num_householder):
     n = num_householder
     rows = lambda x: jnp.repeat(x, n, axis=1)
     args = (q, rows(k), rows(v), rows(beta))
-    o, s = ops.delta_product(*args, num_householder=n, g=g, backend="pallas",
-                             output_final_state=True)
-    o_ref, s_ref = ops.delta_product(*args, num_householder=n, g=g, backend="xla",
-                                     output_final_state=True)
+    o, s = ops.delta_product(
+        *args, num_householder=n, g=g, backend="pallas", output_final_state=True
+    )
+    o_ref, s_ref = ops.delta_product(
+        *args, num_householder=n, g=g, backend="xla", output_final_state=True
+    )
     assert_close(o, o_ref, 1e-5, "delta product")
     assert_close(s, s_ref, 1e-5, "delta product state")
 
 
-@pytest.mark.parametrize("what, call", [
-    ("normalize=True", lambda q, k, v, beta, g: ops.linear_attention(
-        q, k, v, normalize=True, backend="pallas")),
-    ("packed sequences", lambda q, k, v, beta, g: ops.linear_attention(
-        q, k, v, cu_seqlens=jnp.array([0, 10, T]), backend="pallas")),
-    ("mode='recurrent'", lambda q, k, v, beta, g: ops.linear_attention(
-        q, k, v, mode="recurrent", backend="pallas")),
-    ("the per-channel gate", lambda q, k, v, beta, g: ops.delta_rule(
-        q, k, v, beta, gk=jnp.broadcast_to(g[..., None], q.shape), backend="pallas")),
-])
+@pytest.mark.parametrize(
+    "what, call",
+    [
+        (
+            "normalize=True",
+            lambda q, k, v, beta, g: ops.linear_attention(
+                q, k, v, normalize=True, backend="pallas"
+            ),
+        ),
+        (
+            "packed sequences",
+            lambda q, k, v, beta, g: ops.linear_attention(
+                q, k, v, cu_seqlens=jnp.array([0, 10, T]), backend="pallas"
+            ),
+        ),
+        (
+            "mode='recurrent'",
+            lambda q, k, v, beta, g: ops.linear_attention(
+                q, k, v, mode="recurrent", backend="pallas"
+            ),
+        ),
+        (
+            "the per-channel gate",
+            lambda q, k, v, beta, g: ops.delta_rule(
+                q, k, v, beta, gk=jnp.broadcast_to(g[..., None], q.shape), backend="pallas"
+            ),
+        ),
+    ],
+)
 def test_uncovered_inputs_fall_back_to_xla_with_one_warning(what, call):
     args = inputs()
     with pytest.warns(RuntimeWarning, match=f"does not cover {what}.*running the XLA form"):

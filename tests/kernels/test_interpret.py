@@ -26,8 +26,8 @@ from xformjax import kernels, ops
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    op: str            # "linear_attention" | "delta_rule"
-    gate: str          # "none" | "head" | "token" | "channel" | "token+channel"
+    op: str  # "linear_attention" | "delta_rule"
+    gate: str  # "none" | "head" | "token" | "channel" | "token+channel"
     batch: int = 1
     length: int = 100  # not a multiple of any chunk
     heads: int = 2
@@ -39,9 +39,10 @@ class Case:
 
     @property
     def name(self) -> str:
-        return (f"{self.op}-{self.gate}-{self.target}-B{self.batch}T{self.length}H{self.heads}"
-                f"K{self.key_dim}V{self.value_dim}-{self.dtype}"
-                + ("-h0" if self.initial_state else ""))
+        return (
+            f"{self.op}-{self.gate}-{self.target}-B{self.batch}T{self.length}H{self.heads}"
+            f"K{self.key_dim}V{self.value_dim}-{self.dtype}" + ("-h0" if self.initial_state else "")
+        )
 
 
 LINEAR_GATES = ("none", "head", "token", "channel", "token+channel")
@@ -52,21 +53,35 @@ CASES = (
     # TPU interpreter too
     [Case("linear_attention", gate) for gate in LINEAR_GATES]
     + [Case("delta_rule", gate) for gate in DELTA_GATES]
-    + [Case(op, gate, target="tpu") for op, gate in (
-        ("linear_attention", "token"), ("linear_attention", "token+channel"),
-        ("delta_rule", "head"))]
+    + [
+        Case(op, gate, target="tpu")
+        for op, gate in (
+            ("linear_attention", "token"),
+            ("linear_attention", "token+channel"),
+            ("delta_rule", "head"),
+        )
+    ]
     # T shorter than one chunk, B·H > 1, no initial state
-    + [Case(op, gate, batch=2, length=5, heads=3, key_dim=16, value_dim=33,
-            initial_state=False)
-       for op, gate in (("linear_attention", "token"), ("linear_attention", "channel"),
-                        ("delta_rule", "token"))]
+    + [
+        Case(op, gate, batch=2, length=5, heads=3, key_dim=16, value_dim=33, initial_state=False)
+        for op, gate in (
+            ("linear_attention", "token"),
+            ("linear_attention", "channel"),
+            ("delta_rule", "token"),
+        )
+    ]
     # several chunks (T = 2·64 + 3), B·H > 1
     + [Case("delta_rule", "token", batch=2, length=131, key_dim=8, value_dim=8)]
     # bfloat16 inputs
-    + [Case(op, gate, dtype="bfloat16", target=target)
-       for op, gate in (("linear_attention", "token"), ("linear_attention", "channel"),
-                        ("delta_rule", "token"))
-       for target in ("gpu", "tpu")]
+    + [
+        Case(op, gate, dtype="bfloat16", target=target)
+        for op, gate in (
+            ("linear_attention", "token"),
+            ("linear_attention", "channel"),
+            ("delta_rule", "token"),
+        )
+        for target in ("gpu", "tpu")
+    ]
 )
 
 
@@ -78,8 +93,11 @@ def make_inputs(case: Case, seed: int = 0) -> dict:
     k = rng.standard_normal(shape + (case.key_dim,))
     if case.op == "delta_rule":
         k /= np.linalg.norm(k, axis=-1, keepdims=True)
-    inputs = {"q": jnp.asarray(q, dtype), "k": jnp.asarray(k, dtype),
-              "v": jnp.asarray(rng.standard_normal(shape + (case.value_dim,)), dtype)}
+    inputs = {
+        "q": jnp.asarray(q, dtype),
+        "k": jnp.asarray(k, dtype),
+        "v": jnp.asarray(rng.standard_normal(shape + (case.value_dim,)), dtype),
+    }
     if case.op == "delta_rule":
         inputs["beta"] = jnp.asarray(rng.uniform(0.05, 1.95, shape), dtype)
     if case.gate == "head":
@@ -87,12 +105,11 @@ def make_inputs(case: Case, seed: int = 0) -> dict:
     if case.gate in ("token", "token+channel"):
         inputs["g"] = jnp.asarray(log_gates(rng, shape, "strong"), jnp.float32)
     if case.gate in ("channel", "token+channel"):
-        inputs["gk"] = jnp.asarray(log_gates(rng, shape + (case.key_dim,), "strong"),
-                                   jnp.float32)
+        inputs["gk"] = jnp.asarray(log_gates(rng, shape + (case.key_dim,), "strong"), jnp.float32)
     if case.initial_state:
         inputs["initial_state"] = jnp.asarray(
-            rng.standard_normal((case.batch, case.heads, case.key_dim, case.value_dim)),
-            jnp.float32)
+            rng.standard_normal((case.batch, case.heads, case.key_dim, case.value_dim)), jnp.float32
+        )
     return inputs
 
 
@@ -100,18 +117,20 @@ def run_both(case: Case, inputs: dict):
     """(outputs, gradients) of the kernel and of the XLA chunk form for one loss."""
     names = list(inputs)
     rng = np.random.default_rng(1)
-    weights = jnp.asarray(rng.standard_normal(
-        (case.batch, case.length, case.heads, case.value_dim)), jnp.float32)
-    state_weights = jnp.asarray(rng.standard_normal(
-        (case.batch, case.heads, case.key_dim, case.value_dim)), jnp.float32)
+    weights = jnp.asarray(
+        rng.standard_normal((case.batch, case.length, case.heads, case.value_dim)), jnp.float32
+    )
+    state_weights = jnp.asarray(
+        rng.standard_normal((case.batch, case.heads, case.key_dim, case.value_dim)), jnp.float32
+    )
 
     def loss(fn):
         def value(*arrays):
             o, final = fn(**dict(zip(names, arrays)))
             o = o.astype(jnp.float32)
             return jnp.sum(o * weights) + jnp.sum(final * state_weights), (o, final)
-        return jax.jit(jax.value_and_grad(value, argnums=tuple(range(len(names))),
-                                          has_aux=True))
+
+        return jax.jit(jax.value_and_grad(value, argnums=tuple(range(len(names))), has_aux=True))
 
     kernel_fn = getattr(kernels, case.op)
     xla_fn = getattr(ops, case.op)
@@ -124,29 +143,37 @@ def run_both(case: Case, inputs: dict):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_kernel_matches_xla_chunk_form(case):
     names, ((_, (o, final)), grads), ((_, (o_ref, final_ref)), grads_ref) = run_both(
-        case, make_inputs(case))
+        case, make_inputs(case)
+    )
     tol = 1e-5 if case.dtype == "float32" else 2e-2
     assert o.shape == o_ref.shape and final.shape == final_ref.shape
     assert_close(o, o_ref, tol, "output")
     assert_close(final, final_ref, tol, "final state")
     for name, grad, grad_ref in zip(names, grads, grads_ref):
         assert grad.dtype == grad_ref.dtype, name
-        assert_close(grad.astype(jnp.float32), grad_ref.astype(jnp.float32), tol,
-                     f"d{name}")
+        assert_close(grad.astype(jnp.float32), grad_ref.astype(jnp.float32), tol, f"d{name}")
 
 
 def test_strong_decay_over_a_long_sequence_stays_finite():
     """Gates of −20 per token over 4K tokens: every exponent is masked or ≤ 0."""
-    case = Case("linear_attention", "token+channel", length=4096, heads=1, key_dim=16,
-                value_dim=16, initial_state=False)
+    case = Case(
+        "linear_attention",
+        "token+channel",
+        length=4096,
+        heads=1,
+        key_dim=16,
+        value_dim=16,
+        initial_state=False,
+    )
     inputs = make_inputs(case)
     inputs["g"] = jnp.full(inputs["g"].shape, -20.0)
     out, final = kernels.linear_attention(**inputs, target="gpu", interpret=True)
     ref, _ref_final = ops.linear_attention(**inputs, output_final_state=True, backend="xla")
     assert np.all(np.isfinite(out)) and np.all(np.isfinite(final))
     assert_close(out, ref, 1e-5, "output")
-    delta = Case("delta_rule", "token", length=4096, heads=1, key_dim=16, value_dim=16,
-                 initial_state=False)
+    delta = Case(
+        "delta_rule", "token", length=4096, heads=1, key_dim=16, value_dim=16, initial_state=False
+    )
     inputs = make_inputs(delta)
     inputs["g"] = jnp.full(inputs["g"].shape, -20.0)
     inputs["beta"] = jnp.full(inputs["beta"].shape, 1.99)
@@ -158,6 +185,7 @@ def test_strong_decay_over_a_long_sequence_stays_finite():
 def test_in_kernel_triangular_inverse():
     """``unit_lower_inverse`` (16×16 substitution + series) inverts I + A for C = 16..128."""
     from xformjax.kernels.chunk_math import unit_lower_inverse
+
     rng = np.random.default_rng(3)
     for size in (16, 48, 64, 128):
         a = np.tril(rng.standard_normal((size, size)) * 0.3, -1).astype(np.float32)

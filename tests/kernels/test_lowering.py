@@ -28,22 +28,32 @@ def spec(*shape, dtype=jnp.bfloat16):
 SEQ = spec(B, T, H, K)
 GATE = spec(B, T, H, dtype=jnp.float32)
 FUNCTIONS = {
-    "linear_attention-token": (lambda q, k, v, g: kernels.linear_attention(q, k, v, g=g),
-                               (SEQ, SEQ, spec(B, T, H, V), GATE)),
-    "linear_attention-head": (lambda q, k, v, g: kernels.linear_attention(q, k, v, g=g),
-                              (SEQ, SEQ, spec(B, T, H, V), spec(H, dtype=jnp.float32))),
-    "linear_attention-channel": (lambda q, k, v, gk: kernels.linear_attention(q, k, v, gk=gk),
-                                 (SEQ, SEQ, spec(B, T, H, V), spec(B, T, H, K,
-                                                                   dtype=jnp.float32))),
-    "delta_rule-gated": (lambda q, k, v, beta, g: kernels.delta_rule(q, k, v, beta, g=g),
-                         (SEQ, SEQ, spec(B, T, H, V), spec(B, T, H), GATE)),
+    "linear_attention-token": (
+        lambda q, k, v, g: kernels.linear_attention(q, k, v, g=g),
+        (SEQ, SEQ, spec(B, T, H, V), GATE),
+    ),
+    "linear_attention-head": (
+        lambda q, k, v, g: kernels.linear_attention(q, k, v, g=g),
+        (SEQ, SEQ, spec(B, T, H, V), spec(H, dtype=jnp.float32)),
+    ),
+    "linear_attention-channel": (
+        lambda q, k, v, gk: kernels.linear_attention(q, k, v, gk=gk),
+        (SEQ, SEQ, spec(B, T, H, V), spec(B, T, H, K, dtype=jnp.float32)),
+    ),
+    "delta_rule-gated": (
+        lambda q, k, v, beta, g: kernels.delta_rule(q, k, v, beta, g=g),
+        (SEQ, SEQ, spec(B, T, H, V), spec(B, T, H), GATE),
+    ),
 }
 
 
 def custom_calls(fn, args, platform: str) -> list[str]:
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
-    return [line.split("custom_call @")[1].split("(")[0]
-            for line in text.splitlines() if "custom_call @" in line]
+    return [
+        line.split("custom_call @")[1].split("(")[0]
+        for line in text.splitlines()
+        if "custom_call @" in line
+    ]
 
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])

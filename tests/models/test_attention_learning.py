@@ -49,8 +49,9 @@ def previous_token_batch(rng: np.random.Generator, batch: int, length: int = 16)
     return {"inputs": tokens, "targets": targets, "mask": mask}
 
 
-def induction_batch(rng: np.random.Generator, batch: int, segment: int = 8,
-                    length: int = 24, jitter: int = 4):
+def induction_batch(
+    rng: np.random.Generator, batch: int, segment: int = 8, length: int = 24, jitter: int = 4
+):
     """A segment of distinct tokens that occurs twice, at random places, among filler
     tokens that are not in it; within the second occurrence the target at each token
     is the token that followed it the first time. The random gap rules out a
@@ -64,10 +65,10 @@ def induction_batch(rng: np.random.Generator, batch: int, segment: int = 8,
         first = rng.integers(0, jitter + 1)
         second = first + segment + rng.integers(0, jitter + 1)
         inputs[row] = rng.choice(filler, length)
-        inputs[row, first:first + segment] = piece
-        inputs[row, second:second + segment] = piece
-        targets[row, second:second + segment - 1] = piece[1:]
-        mask[row, second:second + segment - 1] = 1
+        inputs[row, first : first + segment] = piece
+        inputs[row, second : second + segment] = piece
+        targets[row, second : second + segment - 1] = piece[1:]
+        mask[row, second : second + segment - 1] = 1
     return {"inputs": inputs, "targets": targets, "mask": mask}
 
 
@@ -75,11 +76,16 @@ def train_on(make_batch, layers: int, steps: int, seed: int = 0) -> float:
     """Accuracy on 256 held-out examples after ``steps`` AdamW steps (the library's
     defaults: learning rate 3e-3, 100 warm-up steps, weight decay 0.1) of 64
     examples, for ``layers`` softmax-attention layers at d_model 64, 2 heads."""
-    config = LMConfig(num_layers=layers, layer_pattern="attn", vocab_size=VOCAB,
-                      mixer=MixerConfig(d_model=64, num_heads=2))
+    config = LMConfig(
+        num_layers=layers,
+        layer_pattern="attn",
+        vocab_size=VOCAB,
+        mixer=MixerConfig(d_model=64, num_heads=2),
+    )
     model = LanguageModel(config, rngs=nnx.Rngs(seed))
-    optimizer = nnx.Optimizer(model, make_optimizer(TrainConfig(steps=steps, batch_size=64)),
-                              wrt=nnx.Param)
+    optimizer = nnx.Optimizer(
+        model, make_optimizer(TrainConfig(steps=steps, batch_size=64)), wrt=nnx.Param
+    )
 
     @nnx.jit
     def step(model, optimizer, batch):
@@ -90,8 +96,7 @@ def train_on(make_batch, layers: int, steps: int, seed: int = 0) -> float:
     for _ in range(steps):
         step(model, optimizer, make_batch(rng, 64))
     held_out = make_batch(np.random.default_rng(10_000 + seed), 256)
-    return float(nnx.jit(lambda m, b: loss_and_metrics(m, b, 0.0)[1])(model, held_out)
-                 ["accuracy"])
+    return float(nnx.jit(lambda m, b: loss_and_metrics(m, b, 0.0)[1])(model, held_out)["accuracy"])
 
 
 def test_one_attention_layer_learns_the_previous_token():
@@ -108,13 +113,27 @@ def test_two_attention_layers_learn_induction():
 def mqar_accuracy(pattern: str, seed: int, tmp_root: str) -> float:
     """The user's path: the ``tiny`` preset through the trainer, only the task, the
     depth and the width changed; 400 steps of 64 sequences."""
-    config = train.load_config("tiny", [
-        "data.name=mqar", "data.options.num_pairs=4", "data.options.num_queries=4",
-        "data.options.num_keys=32", "data.options.num_values=32",
-        f"model.layer_pattern={pattern}", "model.num_layers=2", "model.mixer.d_model=64",
-        "model.mixer.num_heads=2", "train.steps=400", f"train.seed={seed}",
-        "train.batch_size=64", "train.log_every=1000", "train.eval_every=100000",
-        "train.eval_batches=8", "train.checkpoint_every=100000"])
+    config = train.load_config(
+        "tiny",
+        [
+            "data.name=mqar",
+            "data.options.num_pairs=4",
+            "data.options.num_queries=4",
+            "data.options.num_keys=32",
+            "data.options.num_values=32",
+            f"model.layer_pattern={pattern}",
+            "model.num_layers=2",
+            "model.mixer.d_model=64",
+            "model.mixer.num_heads=2",
+            "train.steps=400",
+            f"train.seed={seed}",
+            "train.batch_size=64",
+            "train.log_every=1000",
+            "train.eval_every=100000",
+            "train.eval_batches=8",
+            "train.checkpoint_every=100000",
+        ],
+    )
     trainer = train.Trainer(config, f"{tmp_root}/{pattern}", progress=False)
     return trainer.run()["accuracy"]
 

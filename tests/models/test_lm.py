@@ -17,24 +17,34 @@ from xformjax import models, nn
 
 
 def tiny(**overrides) -> models.LMConfig:
-    return models.LMConfig.preset("tiny", **{"mixer.d_model": 32, "mixer.chunk_size": 16,
-                                             **overrides})
+    return models.LMConfig.preset(
+        "tiny", **{"mixer.d_model": 32, "mixer.chunk_size": 16, **overrides}
+    )
 
 
-@pytest.mark.parametrize("overrides", [
-    {},  # the tiny preset: gated DeltaNet + attention
-    {"num_layers": 5, "layer_pattern": "deltaproduct,sigmoid_attn,gla,lightning,transnormer",
-     "norm_placement": "peri", "tie_embeddings": False, "mlp": "glu"},
-    {"num_layers": 4, "layer_pattern": "mom,titans,atlas,aaren", "mixer.chunk_size": 8},
-], ids=["gdn-attn", "five-families-peri-untied", "memory-families"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},  # the tiny preset: gated DeltaNet + attention
+        {
+            "num_layers": 5,
+            "layer_pattern": "deltaproduct,sigmoid_attn,gla,lightning,transnormer",
+            "norm_placement": "peri",
+            "tie_embeddings": False,
+            "mlp": "glu",
+        },
+        {"num_layers": 4, "layer_pattern": "mom,titans,atlas,aaren", "mixer.chunk_size": 8},
+    ],
+    ids=["gdn-attn", "five-families-peri-untied", "memory-families"],
+)
 def test_generation_logits_equal_the_full_forward(overrides):
     model = models.LanguageModel(tiny(**overrides), rngs=nnx.Rngs(0))
     prompt = jax.random.randint(jax.random.key(1), (2, 7), 0, 256)
     new_tokens, logits = models.generate(model, prompt, 12, temperature=0, return_logits=True)
     assert new_tokens.shape == (2, 12) and logits.shape == (2, 12, 256)
     full, _ = model(jnp.concatenate([prompt, new_tokens], 1))
-    assert_close(logits, full[:, 6:6 + 12], 1e-4, "step-by-step logits")
-    assert np.array_equal(new_tokens, jnp.argmax(full[:, 6:6 + 12], -1))
+    assert_close(logits, full[:, 6 : 6 + 12], 1e-4, "step-by-step logits")
+    assert np.array_equal(new_tokens, jnp.argmax(full[:, 6 : 6 + 12], -1))
 
 
 def test_sampling_is_seeded_and_respects_top_k():
@@ -46,7 +56,8 @@ def test_sampling_is_seeded_and_respects_top_k():
     assert np.array_equal(first, again) and not np.array_equal(first, other)
     logits = jnp.asarray(np.random.default_rng(0).standard_normal((64, 50)))
     draws = jax.vmap(lambda k: models.sample_token(logits, k, 1.0, 3))(
-        jax.random.split(jax.random.key(0), 20))
+        jax.random.split(jax.random.key(0), 20)
+    )
     top3 = np.argsort(-np.asarray(logits), -1)[:, :3]
     assert all(np.isin(draws[:, i], top3[i]).all() for i in range(64))
 
@@ -78,7 +89,7 @@ def test_a_few_hundred_steps_learn_a_copy_task():
         def loss_fn(model):
             logits, _ = model(sequence[:, :-1])
             log_probs = jax.nn.log_softmax(logits[:, length:], -1)
-            targets = sequence[:, length + 1:]
+            targets = sequence[:, length + 1 :]
             return -jnp.mean(jnp.take_along_axis(log_probs, targets[..., None], -1))
 
         loss, grads = nnx.value_and_grad(loss_fn)(model)
@@ -99,16 +110,21 @@ def test_presets_overrides_and_layer_pattern():
     config = models.LMConfig.preset("small", num_layers=7, **{"mixer.num_heads": 8})
     assert config.mixer.num_heads == 8 and config.num_layers == 7
     assert config.layer_names() == ("gated_deltanet", "gated_deltanet", "attn") * 2 + (
-        "gated_deltanet",)
+        "gated_deltanet",
+    )
     assert models.LMConfig(layer_pattern="gdn, attn", num_layers=2).layer_names() == (
-        "gated_deltanet", "attn")
+        "gated_deltanet",
+        "attn",
+    )
     assert dataclasses.is_dataclass(config)
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.num_layers = 3
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         models.LMConfig.preset("huge")
-    with pytest.raises(ValueError, match="unknown key 'depth'; valid keys under 'the top "
-                                         "level': vocab_size, num_layers"):
+    with pytest.raises(
+        ValueError,
+        match="unknown key 'depth'; valid keys under 'the top level': vocab_size, num_layers",
+    ):
         config.replace(depth=3)
     with pytest.raises(ValueError, match="unknown key 'mixer.width'; valid keys under 'mixer'"):
         config.replace(**{"mixer.width": 3})
@@ -159,7 +175,7 @@ def test_peri_ln_normalises_each_sublayer_output():
     # the MLP increment is an RMS-normalised vector (unit scale at initialisation)
     h = x + block.mixer_out_norm(block.mixer(block.mixer_norm(x))[0])
     increment = y - h
-    assert_close(jnp.sqrt(jnp.mean(increment ** 2, -1)), jnp.ones((2, 9)), 1e-3, "RMS")
+    assert_close(jnp.sqrt(jnp.mean(increment**2, -1)), jnp.ones((2, 9)), 1e-3, "RMS")
 
 
 def test_default_initialisation_starts_at_unit_scale():
@@ -169,8 +185,8 @@ def test_default_initialisation_starts_at_unit_scale():
     config = models.LMConfig.preset("tiny", vocab_size=512)
     model = models.LanguageModel(config, rngs=nnx.Rngs(0))
     d = config.d_model
-    assert config.embedding_std == d ** -0.5 and config.embedding_scale == d ** 0.5
-    assert abs(float(jnp.std(model.embedding[...])) * d ** 0.5 - 1) < 0.05
+    assert config.embedding_std == d**-0.5 and config.embedding_scale == d**0.5
+    assert abs(float(jnp.std(model.embedding[...])) * d**0.5 - 1) < 0.05
     logits, _ = model(jax.random.randint(jax.random.key(1), (4, 64), 0, 512))
     assert 0.8 < float(jnp.std(logits)) < 1.25
     old = models.LMConfig.preset("tiny", embed_std=0.02, embed_scale=1.0)

@@ -22,14 +22,29 @@ STEPS = 1000
 
 
 def mqar_accuracy(pattern: str, tmp_root: str) -> float:
-    config = train.load_config("tiny", [
-        "data.name=mqar", "data.options.num_pairs=6", "data.options.num_queries=6",
-        "data.options.num_keys=16", "data.options.num_values=16",
-        f"model.layer_pattern={pattern}", "model.num_layers=1", "model.mixer.d_model=32",
-        "model.mixer.num_heads=2", "model.mixer.chunk_size=8", f"train.steps={STEPS}",
-        "train.batch_size=32", "train.learning_rate=5e-3", "train.warmup_steps=20",
-        "train.log_every=1000", "train.eval_every=100000", "train.eval_batches=4",
-        "train.checkpoint_every=100000"])
+    config = train.load_config(
+        "tiny",
+        [
+            "data.name=mqar",
+            "data.options.num_pairs=6",
+            "data.options.num_queries=6",
+            "data.options.num_keys=16",
+            "data.options.num_values=16",
+            f"model.layer_pattern={pattern}",
+            "model.num_layers=1",
+            "model.mixer.d_model=32",
+            "model.mixer.num_heads=2",
+            "model.mixer.chunk_size=8",
+            f"train.steps={STEPS}",
+            "train.batch_size=32",
+            "train.learning_rate=5e-3",
+            "train.warmup_steps=20",
+            "train.log_every=1000",
+            "train.eval_every=100000",
+            "train.eval_batches=4",
+            "train.checkpoint_every=100000",
+        ],
+    )
     trainer = train.Trainer(config, f"{tmp_root}/{pattern}", progress=False)
     return trainer.run()["accuracy"]
 

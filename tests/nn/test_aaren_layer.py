@@ -17,8 +17,9 @@ from xformjax import nn
 from xformjax.nn.aaren import Aaren
 
 D_MODEL, BATCH, LENGTH = 32, 2, 37
-BASE = nn.MixerConfig(d_model=D_MODEL, num_heads=2, chunk_size=16, max_seq_len=64,
-                      diag_block_size=8, conv_size=3)
+BASE = nn.MixerConfig(
+    d_model=D_MODEL, num_heads=2, chunk_size=16, max_seq_len=64, diag_block_size=8, conv_size=3
+)
 VARIANTS = {
     "aaren": {},
     "aaren-no-gate-narrow-values": {"output_gate": False, "expand_v": 0.5, "num_heads": 4},
@@ -59,16 +60,17 @@ def _numpy_layer(layer: Aaren, x: np.ndarray) -> np.ndarray:
     of the learned query over all earlier tokens (a T×T masked softmax)."""
     config = layer.config
     heads, key_dim, value_dim = config.num_heads, config.key_dim, config.value_dim
-    weight = {name: np.asarray(module.kernel[...], np.float64)
-              for name, module in (("k", layer.k_proj), ("v", layer.v_proj),
-                                   ("o", layer.head.out))}
+    weight = {
+        name: np.asarray(module.kernel[...], np.float64)
+        for name, module in (("k", layer.k_proj), ("v", layer.v_proj), ("o", layer.head.out))
+    }
     query = np.asarray(layer.query[...], np.float64)
     batch, length, _ = x.shape
     k = (x @ weight["k"]).reshape(batch, length, heads, key_dim)
     v = (x @ weight["v"]).reshape(batch, length, heads, value_dim)
-    scores = np.einsum("hk,bthk->bht", query, k) / np.sqrt(key_dim)     # [B, H, T]
+    scores = np.einsum("hk,bthk->bht", query, k) / np.sqrt(key_dim)  # [B, H, T]
     causal = np.tril(np.ones((length, length), bool))
-    logits = np.where(causal, scores[:, :, None, :], -np.inf)           # [B, H, t, i]
+    logits = np.where(causal, scores[:, :, None, :], -np.inf)  # [B, H, t, i]
     weights = np.exp(logits - logits.max(-1, keepdims=True))
     weights /= weights.sum(-1, keepdims=True)
     o = np.einsum("bhti,bihv->bthv", weights, v).reshape(batch, length, heads * value_dim)
@@ -85,4 +87,3 @@ def test_matches_an_independent_float64_computation(variant):
     for mode in layer.modes:
         y, _ = layer(x, mode=mode)
         assert_close(y, expected, 1e-5, f"{variant} {mode} vs numpy")
-

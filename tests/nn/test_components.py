@@ -69,18 +69,18 @@ def test_mala_readout_matches_its_definition(x64):
     q, k, v = (np.asarray(a, np.float64) for a in (inputs.q, inputs.k, inputs.v[..., :-1]))
     expected = np.zeros_like(v)
     for t in range(9):
-        scores = np.einsum("hd,jhd->jh", q[0, t], k[0, :t + 1])  # [j, H]
+        scores = np.einsum("hd,jhd->jh", q[0, t], k[0, : t + 1])  # [j, H]
         total = scores.sum(0)
         weights = (1 + 1 / total) * scores - total / (t + 1)
         np.testing.assert_allclose(weights.sum(0), 1.0, rtol=1e-9)  # weights sum to one
-        expected[0, t] = np.einsum("jh,jhv->hv", weights, v[0, :t + 1])
+        expected[0, t] = np.einsum("jh,jhv->hv", weights, v[0, : t + 1])
     assert_close(got, expected, 1e-6, "MALA output")
 
 
 def test_lightning_decays_follow_alibi_slopes_scaled_by_depth():
     np.testing.assert_allclose(lightning.alibi_slopes(8), 2.0 ** -np.arange(1, 9))
     six = lightning.alibi_slopes(6)
-    np.testing.assert_allclose(six, list(2.0 ** (-2.0 * np.arange(1, 5))) + [2 ** -1, 2 ** -3])
+    np.testing.assert_allclose(six, list(2.0 ** (-2.0 * np.arange(1, 5))) + [2**-1, 2**-3])
     first = lightning.lightning_log_decay(8, 0, 5)
     last = lightning.lightning_log_decay(8, 4, 5)
     np.testing.assert_allclose(first, -(1 + 1e-5) * 2.0 ** -np.arange(1, 9))
@@ -89,8 +89,9 @@ def test_lightning_decays_follow_alibi_slopes_scaled_by_depth():
 
 
 def test_retnet_decays():
-    np.testing.assert_allclose(np.exp(retnet.retnet_log_decay(4)),
-                               1 - 2.0 ** -np.array([5, 6, 7, 8]))
+    np.testing.assert_allclose(
+        np.exp(retnet.retnet_log_decay(4)), 1 - 2.0 ** -np.array([5, 6, 7, 8])
+    )
 
 
 def test_lightnet_gates_give_the_normalised_additive_sum(x64):
@@ -101,10 +102,12 @@ def test_lightnet_gates_give_the_normalised_additive_sum(x64):
     keys, log_gate, _ = lightnet.additive_gates(jnp.asarray(k), jnp.asarray(log_z0))
     state = np.zeros((2, 3, 4))
     for t in range(30):
-        state = np.exp(np.asarray(log_gate)[0, t])[..., None] * state + \
-            np.asarray(keys)[0, t][..., None] * v[0, t][:, None, :]
-        weights = np.exp(k[0, :t + 1])  # [j, H, K]
-        expected = np.einsum("jhk,jhv->hkv", weights, v[0, :t + 1]) / weights.sum(0)[..., None]
+        state = (
+            np.exp(np.asarray(log_gate)[0, t])[..., None] * state
+            + np.asarray(keys)[0, t][..., None] * v[0, t][:, None, :]
+        )
+        weights = np.exp(k[0, : t + 1])  # [j, H, K]
+        expected = np.einsum("jhk,jhv->hkv", weights, v[0, : t + 1]) / weights.sum(0)[..., None]
         np.testing.assert_allclose(state, expected, rtol=1e-9, atol=1e-12)
     # 64K tokens of large keys: no overflow
     long_k = jnp.asarray(rng.standard_normal((1, 65536, 1, 2)) * 50, jnp.float32)
@@ -119,7 +122,7 @@ def test_short_conv_is_a_causal_convolution_and_its_cache_continues_it(x64):
     y, cache = conv(x)
     w = np.asarray(conv.weight[...])
     padded = np.concatenate([np.zeros((2, 3, 3)), np.asarray(x)], 1)
-    expected = sum(w[j] * padded[:, j:j + 11] for j in range(4))
+    expected = sum(w[j] * padded[:, j : j + 11] for j in range(4))
     assert_close(y, expected, 1e-12, "conv")
     y1, c1 = conv(x[:, :5])
     y2, c2 = conv(x[:, 5:], c1)

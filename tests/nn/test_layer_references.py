@@ -19,8 +19,9 @@ from xformjax import nn
 from xformjax.nn import lightning
 
 D, H, T = 24, 2, 13
-CONFIG = nn.MixerConfig(d_model=D, num_heads=H, chunk_size=16, conv_size=3, gate_low_rank=5,
-                      dtype="float64")
+CONFIG = nn.MixerConfig(
+    d_model=D, num_heads=H, chunk_size=16, conv_size=3, gate_low_rank=5, dtype="float64"
+)
 
 
 def weights(dense) -> np.ndarray:
@@ -55,7 +56,7 @@ def causal_conv(a, conv):
     w = np.asarray(conv.weight[...], np.float64)
     size = w.shape[0]
     padded = np.concatenate([np.zeros((a.shape[0], size - 1, a.shape[2])), a], 1)
-    return sum(w[j] * padded[:, j:j + a.shape[1]] for j in range(size))
+    return sum(w[j] * padded[:, j : j + a.shape[1]] for j in range(size))
 
 
 def l2(a):
@@ -71,8 +72,10 @@ def test_gated_deltanet_layer(x64):
     layer = nn.GatedDeltaNet(config, rngs=nnx.Rngs(0))
     x = inputs()
     y, _ = layer(jnp.asarray(x))
-    streams = {name: silu(causal_conv(x @ weights(layer.projections[name]), layer.convs[name]))
-               for name in ("q", "k", "v")}
+    streams = {
+        name: silu(causal_conv(x @ weights(layer.projections[name]), layer.convs[name]))
+        for name in ("q", "k", "v")
+    }
     q, k, v = l2(heads(streams["q"])), l2(heads(streams["k"])), heads(streams["v"])
     beta = 2 / (1 + np.exp(-(x @ weights(layer.beta_proj))))
     a_log = np.asarray(layer.a_log[...], np.float64)
@@ -87,8 +90,9 @@ def test_gla_layer(x64):
     x = inputs()
     y, _ = layer(jnp.asarray(x))
     q, k, v = (heads(x @ weights(p)) for p in (layer.qkv.q, layer.qkv.k, layer.qkv.v))
-    logits = x @ weights(layer.gate_down) @ weights(layer.gate_up) + \
-        np.asarray(layer.gate_up.bias[...], np.float64)
+    logits = x @ weights(layer.gate_down) @ weights(layer.gate_up) + np.asarray(
+        layer.gate_up.bias[...], np.float64
+    )
     log_alpha = heads(log_sigmoid(logits) / CONFIG.gate_temperature)
     o, _, _ = reference.linear_attention(q, k, v, gk=log_alpha)
     assert_close(y, read_out(layer, o, x), 1e-9, "GLA")

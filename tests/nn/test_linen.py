@@ -26,8 +26,11 @@ class TwoMixerModel(linen.Module):
 
 
 def _unbox(tree):
-    return jax.tree.map(lambda a: a.unbox() if isinstance(a, linen.meta.AxisMetadata) else a,
-                        tree, is_leaf=lambda a: isinstance(a, linen.meta.AxisMetadata))
+    return jax.tree.map(
+        lambda a: a.unbox() if isinstance(a, linen.meta.AxisMetadata) else a,
+        tree,
+        is_leaf=lambda a: isinstance(a, linen.meta.AxisMetadata),
+    )
 
 
 def test_bridged_mixers_match_the_nnx_modules_and_train():
@@ -66,8 +69,7 @@ def test_every_mixer_can_be_bridged():
     """Each bridged mixer computes what its NNX module does with the same weights."""
     x = jax.random.normal(jax.random.key(3), (1, 5, 32))
     for name in nn.MIXERS:
-        (y, state), variables = xlinen.mixer(name, CONFIG).init_with_output(
-            jax.random.key(0), x)
+        (y, state), variables = xlinen.mixer(name, CONFIG).init_with_output(jax.random.key(0), x)
         module = nn.MIXERS[name](CONFIG, rngs=nnx.Rngs(1))  # other initial weights
         nnx.update(module, nnx.State(_unbox(variables["params"])))
         expected, _ = module(x)

@@ -15,8 +15,9 @@ from tests.ops.helpers import assert_close
 from xformjax import nn
 
 D_MODEL, BATCH, LENGTH = 32, 2, 37
-BASE = nn.MixerConfig(d_model=D_MODEL, num_heads=2, chunk_size=16, max_seq_len=64,
-                      diag_block_size=8, conv_size=3)
+BASE = nn.MixerConfig(
+    d_model=D_MODEL, num_heads=2, chunk_size=16, max_seq_len=64, diag_block_size=8, conv_size=3
+)
 
 # (mixer name, config overrides, layer_index, num_layers): every registered name, and
 # the options that change the computation.
@@ -29,8 +30,12 @@ VARIANTS = {
     "linear_attn-elu-normalized": ("linear_attn", {"normalize": True}, 0, 1),
     "linear_attn-relu": ("linear_attn", {"feature_map": "relu", "normalize": True}, 0, 1),
     "linear_attn-hedgehog": ("linear_attn", {"feature_map": "hedgehog", "expand_v": 0.5}, 0, 1),
-    "linear_attn-taylor": ("linear_attn", {"feature_map": "taylor", "feature_dim": 4,
-                                           "normalize": True}, 0, 1),
+    "linear_attn-taylor": (
+        "linear_attn",
+        {"feature_map": "taylor", "feature_dim": 4, "normalize": True},
+        0,
+        1,
+    ),
     "linear_attn-mala": ("linear_attn", {"mala": True}, 0, 1),
     "transnormer-diag": ("transnormer", {}, 0, 2),
     "transnormer-norm": ("transnormer", {}, 1, 2),
@@ -39,20 +44,31 @@ VARIANTS = {
     "gla": ("gla", {"gate_low_rank": 4}, 0, 1),
     "lightnet": ("lightnet", {}, 0, 1),
     "deltanet": ("deltanet", {}, 0, 1),
-    "deltanet-negative-eigenvalues": ("deltanet", {"allow_neg_eigval": True,
-                                                   "conv_size": 0}, 0, 1),
+    "deltanet-negative-eigenvalues": ("deltanet", {"allow_neg_eigval": True, "conv_size": 0}, 0, 1),
     "gated_deltanet": ("gated_deltanet", {"allow_neg_eigval": True}, 0, 1),
     "deltaproduct": ("deltaproduct", {"num_householder": 3, "head_dim": 12}, 0, 1),
-    "diag_rnn-negative-eigenvalues": ("diag_rnn", {"allow_neg_eigval": True,
-                                                   "expand_v": 0.5}, 0, 1),
+    "diag_rnn-negative-eigenvalues": (
+        "diag_rnn",
+        {"allow_neg_eigval": True, "expand_v": 0.5},
+        0,
+        1,
+    ),
     "aaren": ("aaren", {}, 0, 1),
     "aaren-no-gate": ("aaren", {"output_gate": False, "expand_v": 0.5}, 0, 1),
     "mom": ("mom", {}, 0, 1),
-    "mom-private-negeig-noconv": ("mom", {"shared_memory": False, "allow_neg_eigval": True,
-                                          "conv_size": 0, "num_memories": 3}, 0, 1),
+    "mom-private-negeig-noconv": (
+        "mom",
+        {"shared_memory": False, "allow_neg_eigval": True, "conv_size": 0, "num_memories": 3},
+        0,
+        1,
+    ),
     "titans-mal": ("titans", {"memory_depth": 2}, 0, 1),
-    "titans-mag": ("titans", {"titans_variant": "mag", "memory_window": 8,
-                              "persistent_tokens": 2}, 0, 1),
+    "titans-mag": (
+        "titans",
+        {"titans_variant": "mag", "memory_window": 8, "persistent_tokens": 2},
+        0,
+        1,
+    ),
     "titans-mac": ("titans", {"titans_variant": "mac", "persistent_tokens": 2}, 0, 1),
     "atlas": ("atlas", {}, 0, 1),
 }
@@ -60,17 +76,30 @@ VARIANTS = {
 
 def test_every_registered_mixer_has_a_variant_here():
     assert set(nn.MIXERS) == {name for name, *_ in VARIANTS.values()}
-    assert set(nn.MIXERS) == {"attn", "sigmoid_attn", "linear_attn", "transnormer",
-                              "lightning", "retnet", "gla", "lightnet", "deltanet",
-                              "gated_deltanet", "deltaproduct", "mom", "titans", "atlas",
-                              "aaren", "diag_rnn"}
+    assert set(nn.MIXERS) == {
+        "attn",
+        "sigmoid_attn",
+        "linear_attn",
+        "transnormer",
+        "lightning",
+        "retnet",
+        "gla",
+        "lightnet",
+        "deltanet",
+        "gated_deltanet",
+        "deltaproduct",
+        "mom",
+        "titans",
+        "atlas",
+        "aaren",
+        "diag_rnn",
+    }
 
 
 def build(variant: str) -> nn.Mixer:
     name, overrides, layer_index, num_layers = VARIANTS[variant]
     config = dataclasses.replace(BASE, **overrides)
-    return nn.MIXERS[name](config, layer_index=layer_index, num_layers=num_layers,
-                           rngs=nnx.Rngs(0))
+    return nn.MIXERS[name](config, layer_index=layer_index, num_layers=num_layers, rngs=nnx.Rngs(0))
 
 
 def inputs(length: int = LENGTH, seed: int = 0) -> jax.Array:
@@ -95,7 +124,7 @@ def test_decoding_with_the_state_equals_the_full_forward(variant):
     step = jax.jit(lambda x_t, s: layer(x_t, state=s))
     pieces = []
     for t in range(LENGTH):
-        y_t, state = step(x[:, t:t + 1], state)
+        y_t, state = step(x[:, t : t + 1], state)
         pieces.append(y_t)
     assert_close(jnp.concatenate(pieces, 1), full, 1e-4, f"{variant} token by token")
     assert int(state.position) == LENGTH
@@ -134,8 +163,7 @@ def test_every_parameter_gets_a_finite_nonzero_gradient(variant):
 def test_bfloat16_computation_stays_close(variant):
     name, overrides, layer_index, num_layers = VARIANTS[variant]
     config = dataclasses.replace(BASE, dtype="bfloat16", **overrides)
-    low = nn.MIXERS[name](config, layer_index=layer_index, num_layers=num_layers,
-                          rngs=nnx.Rngs(0))
+    low = nn.MIXERS[name](config, layer_index=layer_index, num_layers=num_layers, rngs=nnx.Rngs(0))
     high = build(variant)
     x = inputs()
     y_low, _ = low(x.astype(jnp.bfloat16))
@@ -178,7 +206,7 @@ def test_mode_and_input_errors():
     x = inputs(6)
     outputs = []
     for t in range(6):
-        y_t, state = step(x[:, t:t + 1], state)
+        y_t, state = step(x[:, t : t + 1], state)
         outputs.append(y_t)
     assert all(bool(jnp.all(jnp.isfinite(y))) for y in outputs[:4])
     assert all(bool(jnp.all(jnp.isnan(y))) for y in outputs[4:])
@@ -187,11 +215,13 @@ def test_mode_and_input_errors():
 def test_every_mixer_documents_its_paper_and_recurrence():
     import inspect
     import re
+
     for name, cls in nn.MIXERS.items():
         module_doc = inspect.getmodule(cls).__doc__ or ""
         assert cls.__doc__, name
-        assert re.search(r'"[A-Z][^"]{8,}", [A-Z][a-z]+ et al\. 20\d\d', module_doc), \
-            f"{name}: no paper named (\"Title\", Author et al. year)"
+        assert re.search(r'"[A-Z][^"]{8,}", [A-Z][a-z]+ et al\. 20\d\d', module_doc), (
+            f'{name}: no paper named ("Title", Author et al. year)'
+        )
         assert re.search(r"(S_t|o_[ti]) +=", module_doc), f"{name}: no recurrence written out"
 
 

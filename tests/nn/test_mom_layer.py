@@ -20,12 +20,17 @@ from xformjax import nn
 from xformjax.nn.mom import MixtureOfMemories, load_balance_loss, top_k_routing
 
 D_MODEL, BATCH, LENGTH = 32, 2, 37
-BASE = nn.MixerConfig(d_model=D_MODEL, num_heads=2, chunk_size=16, max_seq_len=64,
-                      diag_block_size=8, conv_size=3)
+BASE = nn.MixerConfig(
+    d_model=D_MODEL, num_heads=2, chunk_size=16, max_seq_len=64, diag_block_size=8, conv_size=3
+)
 VARIANTS = {
-    "mom": {},                                              # 4 memories, top-2, shared, conv
-    "mom-private-negeig-noconv": {"shared_memory": False, "allow_neg_eigval": True,
-                                  "conv_size": 0, "num_memories": 3},
+    "mom": {},  # 4 memories, top-2, shared, conv
+    "mom-private-negeig-noconv": {
+        "shared_memory": False,
+        "allow_neg_eigval": True,
+        "conv_size": 0,
+        "num_memories": 3,
+    },
 }
 
 
@@ -56,7 +61,8 @@ def test_sequence_flops_are_positive_do_not_grow_and_count_the_active_memories()
         assert layer.sequence_flops(8192) == layer.sequence_flops(512), variant
     # (top_k + shared) memories' work: 3 active vs 2 active, same heads and sizes
     assert build(top_k=2).sequence_flops(512) == pytest.approx(
-        1.5 * build(top_k=1).sequence_flops(512))
+        1.5 * build(top_k=1).sequence_flops(512)
+    )
 
 
 def test_mode_errors():
@@ -80,7 +86,7 @@ def silu(a):
 def causal_conv(a, conv):
     w = np.asarray(conv.weight[...], np.float64)
     padded = np.concatenate([np.zeros((a.shape[0], w.shape[0] - 1, a.shape[2])), a], 1)
-    return sum(w[j] * padded[:, j:j + a.shape[1]] for j in range(w.shape[0]))
+    return sum(w[j] * padded[:, j : j + a.shape[1]] for j in range(w.shape[0]))
 
 
 def l2(a):
@@ -89,8 +95,15 @@ def l2(a):
 
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "routed-only"])
 def test_layer_matches_its_docstring_in_float64(x64, shared):
-    config = dataclasses.replace(BASE, d_model=24, num_memories=4, top_k=2,
-                                 shared_memory=shared, allow_neg_eigval=True, dtype="float64")
+    config = dataclasses.replace(
+        BASE,
+        d_model=24,
+        num_memories=4,
+        top_k=2,
+        shared_memory=shared,
+        allow_neg_eigval=True,
+        dtype="float64",
+    )
     layer = MixtureOfMemories(config, rngs=nnx.Rngs(3))
     x = np.random.default_rng(0).standard_normal((2, 13, 24))
     y, state = jitted(layer)(jnp.asarray(x))
@@ -103,21 +116,23 @@ def test_layer_matches_its_docstring_in_float64(x64, shared):
     chosen = np.argsort(-probs, -1)[..., :2]
     selected = np.zeros(probs.shape, bool)
     np.put_along_axis(selected, chosen, True, -1)
-    routing = np.where(selected, probs, 0) / np.sum(np.where(selected, probs, 0), -1,
-                                                    keepdims=True)
+    routing = np.where(selected, probs, 0) / np.sum(np.where(selected, probs, 0), -1, keepdims=True)
     if shared:
         routing = np.concatenate([routing, np.ones(routing.shape[:-1] + (1,))], -1)
 
-    streams = {name: silu(causal_conv(x @ weights(layer.projections[name]), layer.convs[name]))
-               for name in ("q", "k", "v")}
+    streams = {
+        name: silu(causal_conv(x @ weights(layer.projections[name]), layer.convs[name]))
+        for name in ("q", "k", "v")
+    }
     q = l2(streams["q"].reshape(2, 13, heads, key_dim))
     k = l2(streams["k"].reshape(2, 13, memories, heads, key_dim))
     v = streams["v"].reshape(2, 13, memories, heads, value_dim)
     beta = (2 / (1 + np.exp(-(x @ weights(layer.beta_proj))))).reshape(2, 13, memories, heads)
     a_log = np.asarray(layer.a_log[...], np.float64)
     dt_bias = np.asarray(layer.dt_bias[...], np.float64)
-    log_a = (-np.exp(a_log) * np.logaddexp(0, x @ weights(layer.gate_proj) + dt_bias)
-             ).reshape(2, 13, memories, heads)
+    log_a = (-np.exp(a_log) * np.logaddexp(0, x @ weights(layer.gate_proj) + dt_bias)).reshape(
+        2, 13, memories, heads
+    )
     o, final, _ = mom_reference(q, k, v, beta, routing, g=log_a)
 
     norm_scale = np.asarray(layer.head.norm.scale[...], np.float64)
@@ -138,8 +153,9 @@ def test_top_k_routing_renormalises_the_chosen_weights():
     probs = np.array([[0.5, 0.1, 0.3, 0.1], [0.05, 0.15, 0.2, 0.6]])
     weights, got_probs, selected = top_k_routing(jnp.log(jnp.asarray(probs)), 2)
     assert_close(got_probs, probs, 1e-6, "probs")
-    np.testing.assert_array_equal(selected, [[True, False, True, False],
-                                             [False, False, True, True]])
+    np.testing.assert_array_equal(
+        selected, [[True, False, True, False], [False, False, True, True]]
+    )
     assert_close(weights, [[0.625, 0, 0.375, 0], [0, 0, 0.25, 0.75]], 1e-6, "weights")
 
 
@@ -148,8 +164,8 @@ def test_memories_no_token_is_routed_to_stay_empty_and_the_shared_one_is_always_
     # a zero router gives uniform probabilities: every token picks memories 0 and 1
     layer.router.kernel[...] = jnp.zeros_like(layer.router.kernel[...])
     _, state = jitted(layer)(inputs(12))
-    norms = np.sqrt(np.sum(np.asarray(state.memory) ** 2, axis=(2, 3, 4)))   # [B, M+1]
-    assert np.all(norms[:, [0, 1, 4]] > 0)            # chosen memories and the shared one
+    norms = np.sqrt(np.sum(np.asarray(state.memory) ** 2, axis=(2, 3, 4)))  # [B, M+1]
+    assert np.all(norms[:, [0, 1, 4]] > 0)  # chosen memories and the shared one
     np.testing.assert_array_equal(norms[:, [2, 3]], 0)
     assert_close(state.aux_loss, 1.0, 1e-6, "uniform router probabilities")
 
@@ -176,8 +192,12 @@ def test_load_balance_loss_is_one_at_balance_and_grows_with_imbalance():
     balanced = np.zeros((2, 8, memories), bool)
     balanced[..., 0:2] = np.arange(8)[None, :, None] % 2 == 0
     balanced[..., 2:4] = np.arange(8)[None, :, None] % 2 == 1
-    assert_close(load_balance_loss(jnp.asarray(random_probs), jnp.asarray(balanced)), 1.0,
-                 1e-6, "balanced assignments")
+    assert_close(
+        load_balance_loss(jnp.asarray(random_probs), jnp.asarray(balanced)),
+        1.0,
+        1e-6,
+        "balanced assignments",
+    )
     # uniform probabilities: 1 whatever the assignment
     uniform = jnp.full((2, 8, memories), 1 / memories)
     lopsided = jnp.zeros((2, 8, memories), bool).at[..., 0].set(True)
@@ -192,8 +212,9 @@ def test_the_aux_loss_gradient_reaches_the_router_only():
     x = inputs(9)
     graphdef, params = nnx.split(layer, nnx.Param)
 
-    aux_and_grad = jax.jit(jax.value_and_grad(
-        lambda params: nnx.merge(graphdef, params)(x)[1].aux_loss))
+    aux_and_grad = jax.jit(
+        jax.value_and_grad(lambda params: nnx.merge(graphdef, params)(x)[1].aux_loss)
+    )
     before, grads = aux_and_grad(params)
     flat = dict(nnx.to_flat_state(grads))
     router = np.asarray(flat[("router", "kernel")])

@@ -27,14 +27,23 @@ def test_norms_match_their_formulas(x64):
 
 def _pre_ln_model(rng):
     """A Pre-LN residual MLP stack: embeddings, LAYERS blocks, final LN, head."""
+
     def normal(*shape):
         return rng.standard_normal(shape)
+
     return {
         "embed": normal(VOCAB, D),
-        "blocks": [{"gamma": 1 + 0.3 * normal(D), "beta": 0.3 * normal(D),
-                    "w1": normal(D, HIDDEN) / np.sqrt(D), "b1": 0.1 * normal(HIDDEN),
-                    "w2": normal(HIDDEN, D) / np.sqrt(HIDDEN), "b2": 0.1 * normal(D)}
-                   for _ in range(LAYERS)],
+        "blocks": [
+            {
+                "gamma": 1 + 0.3 * normal(D),
+                "beta": 0.3 * normal(D),
+                "w1": normal(D, HIDDEN) / np.sqrt(D),
+                "b1": 0.1 * normal(HIDDEN),
+                "w2": normal(HIDDEN, D) / np.sqrt(HIDDEN),
+                "b2": 0.1 * normal(D),
+            }
+            for _ in range(LAYERS)
+        ],
         "final": {"gamma": 1 + 0.3 * normal(D), "beta": 0.3 * normal(D)},
         "head": normal(D, VOCAB) / np.sqrt(D),
     }
@@ -65,9 +74,15 @@ def test_pre_ln_equals_pre_rmsnorm_equals_pre_crmsnorm(x64):
     centre = np.eye(D) - np.ones((D, D)) / D
     rms_params = {
         "embed": params["embed"] @ centre,
-        "blocks": [{"w1": b["gamma"][:, None] * b["w1"], "b1": b["beta"] @ b["w1"] + b["b1"],
-                    "w2": b["w2"] @ centre, "b2": b["b2"] @ centre}
-                   for b in params["blocks"]],
+        "blocks": [
+            {
+                "w1": b["gamma"][:, None] * b["w1"],
+                "b1": b["beta"] @ b["w1"] + b["b1"],
+                "w2": b["w2"] @ centre,
+                "b2": b["b2"] @ centre,
+            }
+            for b in params["blocks"]
+        ],
         "head": params["final"]["gamma"][:, None] * params["head"],
         "head_bias": params["final"]["beta"] @ params["head"],
     }
@@ -81,8 +96,10 @@ def test_pre_ln_equals_pre_rmsnorm_equals_pre_crmsnorm(x64):
 
     crms_params = {
         "embed": rms_params["embed"][:, :-1],
-        "blocks": [{"w1": reading(b["w1"]), "b1": b["b1"], "w2": b["w2"][:, :-1],
-                    "b2": b["b2"][:-1]} for b in rms_params["blocks"]],
+        "blocks": [
+            {"w1": reading(b["w1"]), "b1": b["b1"], "w2": b["w2"][:, :-1], "b2": b["b2"][:-1]}
+            for b in rms_params["blocks"]
+        ],
         "head": reading(rms_params["head"]),
         "head_bias": rms_params["head_bias"],
     }

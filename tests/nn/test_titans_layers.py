@@ -22,13 +22,13 @@ BATCH, LENGTH = 2, 19
 VARIANTS = {
     "titans-mal": ("titans", {"memory_depth": 2}),
     "titans-mal-linear": ("titans", {"memory_depth": 1, "conv_size": 0}),
-    "titans-mag": ("titans", {"titans_variant": "mag", "memory_window": 5,
-                              "persistent_tokens": 2}),
-    "titans-mac": ("titans", {"titans_variant": "mac", "persistent_tokens": 2,
-                              "memory_depth": 1}),
+    "titans-mag": ("titans", {"titans_variant": "mag", "memory_window": 5, "persistent_tokens": 2}),
+    "titans-mac": ("titans", {"titans_variant": "mac", "persistent_tokens": 2, "memory_depth": 1}),
     "atlas": ("atlas", {}),  # muon, omega_window 4, poly_degree 2
-    "atlas-momentum": ("atlas", {"memory_optimizer": "momentum", "poly_degree": 3,
-                                 "omega_window": 2}),
+    "atlas-momentum": (
+        "atlas",
+        {"memory_optimizer": "momentum", "poly_degree": 3, "omega_window": 2},
+    ),
 }
 
 
@@ -43,11 +43,11 @@ def inputs(length: int = LENGTH, seed: int = 0) -> jax.Array:
 
 
 @pytest.mark.parametrize("variant", ["titans-mal", "atlas"])
-def test_chunk_size_changes_results_but_one_token_chunks_are_the_exact_rule(variant,
-                                                                          monkeypatch):
+def test_chunk_size_changes_results_but_one_token_chunks_are_the_exact_rule(variant, monkeypatch):
     """With chunk_size=1 the layer equals the same layer whose memory runs the op's
     exact token-by-token form; with larger chunks it is the paper's approximation."""
     import xformjax.nn.neural_memory as memory_module
+
     x = inputs()
     one_token = build(variant, chunk_size=1)
     y_one, _ = one_token(x)
@@ -88,8 +88,9 @@ def test_atlas_reduces_to_titans_with_the_same_parameters():
     titans = nn.MIXERS["titans"](config, rngs=nnx.Rngs(0))
     atlas = nn.MIXERS["atlas"](config, rngs=nnx.Rngs(1))
     titans_params = nnx.state(titans, nnx.Param)
-    assert (sorted(map(str, nnx.to_flat_state(titans_params).paths))
-            == sorted(map(str, nnx.to_flat_state(nnx.state(atlas, nnx.Param)).paths)))
+    assert sorted(map(str, nnx.to_flat_state(titans_params).paths)) == sorted(
+        map(str, nnx.to_flat_state(nnx.state(atlas, nnx.Param)).paths)
+    )
     nnx.update(atlas, titans_params)
     x = inputs()
     y_titans, s_titans = titans(x)
@@ -99,8 +100,9 @@ def test_atlas_reduces_to_titans_with_the_same_parameters():
     for path, leaf in jax.tree_util.tree_leaves_with_path(s_titans):
         key = jax.tree_util.keystr(path)
         assert_close(atlas_leaves[path], leaf, 1e-6, key)
-    different = nn.MIXERS["atlas"](dataclasses.replace(config, memory_optimizer="muon"),
-                                   rngs=nnx.Rngs(1))
+    different = nn.MIXERS["atlas"](
+        dataclasses.replace(config, memory_optimizer="muon"), rngs=nnx.Rngs(1)
+    )
     nnx.update(different, titans_params)
     assert float(jnp.linalg.norm(different(x)[0] - y_titans)) > 1e-6
 
@@ -116,8 +118,8 @@ def reference_local_attention(q, k, v, persistent_k, persistent_v, window, segme
         for h in range(heads):
             for t in range(length):
                 first = max(0, t - window + 1) if segment is None else t - t % segment
-                keys = np.concatenate([pk[:, h], k[b, first:t + 1, h]])
-                values = np.concatenate([pv[:, h], v[b, first:t + 1, h]])
+                keys = np.concatenate([pk[:, h], k[b, first : t + 1, h]])
+                values = np.concatenate([pv[:, h], v[b, first : t + 1, h]])
                 scores = keys @ q[b, t, h] / np.sqrt(key_dim)
                 weights = np.exp(scores - scores.max())
                 out[b, t, h] = weights @ values / weights.sum()
@@ -126,30 +128,61 @@ def reference_local_attention(q, k, v, persistent_k, persistent_v, window, segme
 
 @pytest.mark.parametrize("window, persistent", [(4, 3), (3, 0), (1, 2)])
 def test_sliding_window_attention_matches_a_reference_and_continues_from_its_cache(
-        window, persistent):
+    window, persistent
+):
     keys = jax.random.split(jax.random.key(3), 5)
     length, heads = 11, 2
     q, k, v = (jax.random.normal(key, (2, length, heads, 4)) for key in keys[:3])
     pk, pv = (jax.random.normal(key, (persistent, heads, 4)) for key in keys[3:])
     pk, pv = (pk, pv) if persistent else (None, None)
-    expected = reference_local_attention(q, k, v, np.zeros((0, heads, 4)) if pk is None else pk,
-                                         np.zeros((0, heads, 4)) if pv is None else pv, window)
+    expected = reference_local_attention(
+        q,
+        k,
+        v,
+        np.zeros((0, heads, 4)) if pk is None else pk,
+        np.zeros((0, heads, 4)) if pv is None else pv,
+        window,
+    )
     empty = jnp.zeros((2, window - 1, heads, 4))
     o, cache_k, _cache_v = sliding_window_attention(
-        q, k, v, window=window, cache_k=empty, cache_v=empty, cached=0, persistent_k=pk,
-        persistent_v=pv)
+        q,
+        k,
+        v,
+        window=window,
+        cache_k=empty,
+        cache_v=empty,
+        cached=0,
+        persistent_k=pk,
+        persistent_v=pv,
+    )
     assert_close(o, expected, 1e-5, f"window {window} one call")
     split = 6  # a prefix, then the rest from the cache
-    _, ck, cv = sliding_window_attention(q[:, :split], k[:, :split], v[:, :split],
-                                         window=window, cache_k=empty, cache_v=empty, cached=0,
-                                         persistent_k=pk, persistent_v=pv)
+    _, ck, cv = sliding_window_attention(
+        q[:, :split],
+        k[:, :split],
+        v[:, :split],
+        window=window,
+        cache_k=empty,
+        cache_v=empty,
+        cached=0,
+        persistent_k=pk,
+        persistent_v=pv,
+    )
     rest, ck, cv = sliding_window_attention(
-        q[:, split:], k[:, split:], v[:, split:], window=window, cache_k=ck, cache_v=cv,
-        cached=min(split, window - 1), persistent_k=pk, persistent_v=pv)
+        q[:, split:],
+        k[:, split:],
+        v[:, split:],
+        window=window,
+        cache_k=ck,
+        cache_v=cv,
+        cached=min(split, window - 1),
+        persistent_k=pk,
+        persistent_v=pv,
+    )
     assert_close(rest, expected[:, split:], 1e-5, f"window {window} continued")
     if window > 1:
         assert_close(ck, cache_k, 1e-6, "cache after two calls")
-        assert_close(cache_k, k[:, -(window - 1):], 1e-6, "cache holds the last W-1 keys")
+        assert_close(cache_k, k[:, -(window - 1) :], 1e-6, "cache holds the last W-1 keys")
 
 
 def test_mag_and_mac_parameters_and_the_attention_branch():
@@ -159,15 +192,15 @@ def test_mag_and_mac_parameters_and_the_attention_branch():
     mal = build("titans-mal")
     mag = build("titans-mag")
     mal_paths = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(mal, nnx.Param))}
-    mag_flat = {"/".join(map(str, p)): v
-                for p, v in nnx.to_flat_state(nnx.state(mag, nnx.Param))}
+    mag_flat = {"/".join(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(mag, nnx.Param))}
     assert "head/gate/kernel" in mal_paths and "head/gate/kernel" not in mag_flat
     assert mag_flat["attention/persistent"].shape == (2, BASE.d_model)
     assert mag_flat["attention/persistent"].get_metadata()["out_sharding"] == (None, "embed")
     assert {p for p in mal_paths if not p.startswith("head/")} <= set(mag_flat)
     mac = build("titans-mac")
-    assert "context_proj/kernel" in {"/".join(map(str, p)) for p, _ in
-                                     nnx.to_flat_state(nnx.state(mac, nnx.Param))}
+    assert "context_proj/kernel" in {
+        "/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(mac, nnx.Param))
+    }
     mac_state = mac.init_state(BATCH)
     assert mac_state.segment.qa is not None and mac_state.conv.q is not None
     assert "weight_0" in mac_state.memory

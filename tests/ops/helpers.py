@@ -53,8 +53,9 @@ MODES = ("parallel", "chunk", "recurrent")
 GATES = ("none", "head", "token", "channel", "token+channel")
 
 
-def gate_inputs(rng: np.random.Generator, gate: str, shape: tuple[int, int, int],
-                key_dim: int, strength: str) -> dict:
+def gate_inputs(
+    rng: np.random.Generator, gate: str, shape: tuple[int, int, int], key_dim: int, strength: str
+) -> dict:
     """``g`` / ``gk`` for a gate kind of :data:`GATES`; ``shape`` is ``(B, T, H)``."""
     inputs = {}
     if gate == "head":
@@ -79,12 +80,14 @@ def vjp_of(fn, primals, cotangents):
 
 
 def as_jax(tree, dtype=None):
-    return jax.tree.map(lambda x: jnp.asarray(x, dtype) if dtype is not None else jnp.asarray(x),
-                        tree)
+    return jax.tree.map(
+        lambda x: jnp.asarray(x, dtype) if dtype is not None else jnp.asarray(x), tree
+    )
 
 
-def check_state_op(run, reference_fn, inputs: dict, case: StateCase, dtype, tol: float,
-                   width: int, seed: int = 0) -> None:
+def check_state_op(
+    run, reference_fn, inputs: dict, case: StateCase, dtype, tol: float, width: int, seed: int = 0
+) -> None:
     """Compare ``run(floats) -> (o, final)`` with a float64 reference: outputs, final
     states and the gradient of every input, for random output cotangents.
 

@@ -30,8 +30,11 @@ def _gates_and_state(g, gk, initial_state, batch, heads, key_dim, width, cu_seql
     g = None if g is None else np.asarray(g, np.float64)
     gk = None if gk is None else np.asarray(gk, np.float64)
     num_seq = batch if cu_seqlens is None else len(cu_seqlens) - 1
-    init = (np.zeros((num_seq, heads, key_dim, width)) if initial_state is None
-            else np.asarray(initial_state, np.float64))
+    init = (
+        np.zeros((num_seq, heads, key_dim, width))
+        if initial_state is None
+        else np.asarray(initial_state, np.float64)
+    )
 
     def log_decay(b, t, h):
         out = np.zeros(key_dim)
@@ -55,8 +58,20 @@ def _accumulate_gate_grads(grads, g, gk, b, t, h, d_log):
         grads["gk"][b, t, h] += d_log
 
 
-def linear_attention(q, k, v, *, g=None, gk=None, scale=None, normalize=False,
-                     initial_state=None, cu_seqlens=None, d_o=None, d_final=None):
+def linear_attention(
+    q,
+    k,
+    v,
+    *,
+    g=None,
+    gk=None,
+    scale=None,
+    normalize=False,
+    initial_state=None,
+    cu_seqlens=None,
+    d_o=None,
+    d_final=None,
+):
     """``S_t = exp(g_t)·diag(exp(gk_t))·S_{t-1} + k_t v_tᵀ``, ``o_t = scale·S_tᵀq_t``.
 
     Returns ``(o, final, grads)``; ``grads`` (a dict keyed like the inputs) is
@@ -66,15 +81,20 @@ def linear_attention(q, k, v, *, g=None, gk=None, scale=None, normalize=False,
     batch, num_tokens, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     width = value_dim + (1 if normalize else 0)
-    scale = key_dim ** -0.5 if scale is None else scale
-    g, gk, init, log_decay = _gates_and_state(g, gk, initial_state, batch, heads, key_dim,
-                                              width, cu_seqlens)
+    scale = key_dim**-0.5 if scale is None else scale
+    g, gk, init, log_decay = _gates_and_state(
+        g, gk, initial_state, batch, heads, key_dim, width, cu_seqlens
+    )
     o = np.zeros((batch, num_tokens, heads, value_dim))
     final = np.zeros_like(init)
-    grads = {"q": np.zeros_like(q), "k": np.zeros_like(k), "v": np.zeros_like(v),
-             "g": None if g is None else np.zeros_like(g),
-             "gk": None if gk is None else np.zeros_like(gk),
-             "initial_state": np.zeros_like(init)}
+    grads = {
+        "q": np.zeros_like(q),
+        "k": np.zeros_like(k),
+        "v": np.zeros_like(v),
+        "g": None if g is None else np.zeros_like(g),
+        "gk": None if gk is None else np.zeros_like(gk),
+        "initial_state": np.zeros_like(init),
+    }
     for b, start, end, n in sequences(batch, num_tokens, cu_seqlens):
         for h in range(heads):
             state = init[n, h].copy()
@@ -85,8 +105,11 @@ def linear_attention(q, k, v, *, g=None, gk=None, scale=None, normalize=False,
                 previous = state
                 state = decay[:, None] * previous + np.outer(k[b, t, h], vt)
                 numerator = state.T @ (scale * q[b, t, h])
-                o[b, t, h] = (numerator[:value_dim] / (numerator[value_dim] + NORMALIZER_EPS)
-                              if normalize else numerator)
+                o[b, t, h] = (
+                    numerator[:value_dim] / (numerator[value_dim] + NORMALIZER_EPS)
+                    if normalize
+                    else numerator
+                )
                 history.append((previous, state, numerator, decay, vt))
             final[n, h] = state
             if d_o is None:
@@ -97,8 +120,9 @@ def linear_attention(q, k, v, *, g=None, gk=None, scale=None, normalize=False,
                 do_t = np.asarray(d_o, np.float64)[b, t, h]
                 if normalize:
                     denominator = numerator[value_dim] + NORMALIZER_EPS
-                    d_num = np.append(do_t / denominator,
-                                      -np.dot(do_t, numerator[:value_dim]) / denominator ** 2)
+                    d_num = np.append(
+                        do_t / denominator, -np.dot(do_t, numerator[:value_dim]) / denominator**2
+                    )
                 else:
                     d_num = do_t
                 d_state += np.outer(scale * q[b, t, h], d_num)
@@ -124,8 +148,19 @@ def _allowed(q_pos, k_pos, q_seq, k_seq, causal, window):
     return True
 
 
-def attention(q, k, v, *, kind="softmax", causal=True, scale=None, window=None,
-              cu_seqlens=None, bias=None, d_o=None):
+def attention(
+    q,
+    k,
+    v,
+    *,
+    kind="softmax",
+    causal=True,
+    scale=None,
+    window=None,
+    cu_seqlens=None,
+    bias=None,
+    d_o=None,
+):
     """Softmax or sigmoid attention, one query at a time.
 
     Queries sit at the last ``Tq`` of the ``Tk`` key positions; key/value heads
@@ -138,15 +173,15 @@ def attention(q, k, v, *, kind="softmax", causal=True, scale=None, window=None,
     batch, q_len, q_heads, key_dim = q.shape
     k_len, kv_heads = k.shape[1], k.shape[2]
     group = q_heads // kv_heads
-    scale = key_dim ** -0.5 if scale is None else scale
+    scale = key_dim**-0.5 if scale is None else scale
     offset = k_len - q_len
     seq_of = np.zeros(k_len, int)
     seq_len = np.full(k_len, k_len)
     if cu_seqlens is not None:
         cu = np.asarray(cu_seqlens)
         for n in range(len(cu) - 1):
-            seq_of[cu[n]:cu[n + 1]] = n
-            seq_len[cu[n]:cu[n + 1]] = cu[n + 1] - cu[n]
+            seq_of[cu[n] : cu[n + 1]] = n
+            seq_len[cu[n] : cu[n + 1]] = cu[n + 1] - cu[n]
     o = np.zeros(q.shape[:3] + (v.shape[-1],))
     grads = {"q": np.zeros_like(q), "k": np.zeros_like(k), "v": np.zeros_like(v)}
     for b in range(batch):
@@ -154,16 +189,23 @@ def attention(q, k, v, *, kind="softmax", causal=True, scale=None, window=None,
             pos = i + offset
             for h in range(q_heads):
                 hk = h // group
-                keys = [j for j in range(k_len)
-                        if _allowed(pos, j, seq_of[pos], seq_of[j], causal, window)]
+                keys = [
+                    j
+                    for j in range(k_len)
+                    if _allowed(pos, j, seq_of[pos], seq_of[j], causal, window)
+                ]
                 logits = np.array([scale * q[b, i, h] @ k[b, j, hk] for j in keys])
                 if kind == "softmax":
                     weights = np.exp(logits - logits.max())
                     weights /= weights.sum()
                 else:
-                    shift = (-np.log(seq_len[pos]) if bias is None
-                             else np.asarray(bias, np.float64)[i] if np.ndim(bias)
-                             else bias)
+                    shift = (
+                        -np.log(seq_len[pos])
+                        if bias is None
+                        else np.asarray(bias, np.float64)[i]
+                        if np.ndim(bias)
+                        else bias
+                    )
                     weights = 1.0 / (1.0 + np.exp(-(logits + shift)))
                 o[b, i, h] = sum(w * v[b, j, hk] for w, j in zip(weights, keys))
                 if d_o is None:
@@ -181,8 +223,21 @@ def attention(q, k, v, *, kind="softmax", causal=True, scale=None, window=None,
     return o, grads
 
 
-def delta_product(q, k, v, beta, *, num_householder=1, g=None, gk=None, scale=None,
-                  initial_state=None, cu_seqlens=None, d_o=None, d_final=None):
+def delta_product(
+    q,
+    k,
+    v,
+    beta,
+    *,
+    num_householder=1,
+    g=None,
+    gk=None,
+    scale=None,
+    initial_state=None,
+    cu_seqlens=None,
+    d_o=None,
+    d_final=None,
+):
     """Gated delta rule with ``n`` Householder sub-steps per token (n = 1: DeltaNet).
 
     Per token t: ``S ← diag(exp(g_t + gk_t)) S`` once, then for each sub-step j
@@ -194,15 +249,21 @@ def delta_product(q, k, v, beta, *, num_householder=1, g=None, gk=None, scale=No
     q, k, v, beta = (np.asarray(x, np.float64) for x in (q, k, v, beta))
     batch, num_tokens, heads, key_dim = q.shape
     value_dim = v.shape[-1]
-    scale = key_dim ** -0.5 if scale is None else scale
-    g, gk, init, log_decay = _gates_and_state(g, gk, initial_state, batch, heads, key_dim,
-                                              value_dim, cu_seqlens)
+    scale = key_dim**-0.5 if scale is None else scale
+    g, gk, init, log_decay = _gates_and_state(
+        g, gk, initial_state, batch, heads, key_dim, value_dim, cu_seqlens
+    )
     o = np.zeros((batch, num_tokens, heads, value_dim))
     final = np.zeros_like(init)
-    grads = {"q": np.zeros_like(q), "k": np.zeros_like(k), "v": np.zeros_like(v),
-             "beta": np.zeros_like(beta), "g": None if g is None else np.zeros_like(g),
-             "gk": None if gk is None else np.zeros_like(gk),
-             "initial_state": np.zeros_like(init)}
+    grads = {
+        "q": np.zeros_like(q),
+        "k": np.zeros_like(k),
+        "v": np.zeros_like(v),
+        "beta": np.zeros_like(beta),
+        "g": None if g is None else np.zeros_like(g),
+        "gk": None if gk is None else np.zeros_like(gk),
+        "initial_state": np.zeros_like(init),
+    }
     for b, start, end, index in sequences(batch, num_tokens, cu_seqlens):
         for h in range(heads):
             state = init[index, h].copy()

@@ -24,6 +24,7 @@ STATE_FIELDS = ("max", "numerator", "denominator")
 # the float64 reference (nothing from xformjax)
 # --------------------------------------------------------------------------------------
 
+
 def reference_aaren(q, k, v, *, scale=None, initial_state=None, d_o=None, d_final=None):
     """Token by token, per batch row and head, with ``s_i = scale·q·k_i``::
 
@@ -46,22 +47,31 @@ def reference_aaren(q, k, v, *, scale=None, initial_state=None, d_o=None, d_fina
     k, v = np.asarray(k, np.float64), np.asarray(v, np.float64)
     batch, length, heads, key_dim = k.shape
     value_dim = v.shape[-1]
-    scale = key_dim ** -0.5 if scale is None else scale
+    scale = key_dim**-0.5 if scale is None else scale
     q = np.asarray(q, np.float64)
-    q_tokens = np.broadcast_to(q if q.ndim == 4 else (q[None] if q.ndim == 2 else q)[:, None],
-                               k.shape)
+    q_tokens = np.broadcast_to(
+        q if q.ndim == 4 else (q[None] if q.ndim == 2 else q)[:, None], k.shape
+    )
     if initial_state is None:
         m0 = np.full((batch, heads), -np.inf)
         u0, w0 = np.zeros((batch, heads, value_dim)), np.zeros((batch, heads))
     else:
         m0, u0, w0 = (np.asarray(x, np.float64) for x in initial_state)
     o = np.zeros((batch, length, heads, value_dim))
-    final = (np.zeros((batch, heads)), np.zeros((batch, heads, value_dim)),
-             np.zeros((batch, heads)))
+    final = (
+        np.zeros((batch, heads)),
+        np.zeros((batch, heads, value_dim)),
+        np.zeros((batch, heads)),
+    )
     backward = d_o is not None
-    grads = {"q_tokens": np.zeros(k.shape), "k": np.zeros(k.shape), "v": np.zeros(v.shape),
-             "max": np.zeros(m0.shape), "numerator": np.zeros(u0.shape),
-             "denominator": np.zeros(w0.shape)}
+    grads = {
+        "q_tokens": np.zeros(k.shape),
+        "k": np.zeros(k.shape),
+        "v": np.zeros(v.shape),
+        "max": np.zeros(m0.shape),
+        "numerator": np.zeros(u0.shape),
+        "denominator": np.zeros(w0.shape),
+    }
     for b in range(batch):
         for h in range(heads):
             s = scale * np.einsum("tk,tk->t", q_tokens[b, :, h], k[b, :, h])
@@ -78,13 +88,16 @@ def reference_aaren(q, k, v, *, scale=None, initial_state=None, d_o=None, d_fina
                 continue
             ds, dv = np.zeros(length), np.zeros((length, value_dim))
             dm0 = du0 = dw0 = 0.0
-            e0 = ((lambda mt: 0.0) if m0[b, h] == -np.inf
-                  else (lambda mt, b=b, h=h: np.exp(m0[b, h] - mt)))
+            e0 = (
+                (lambda mt: 0.0)
+                if m0[b, h] == -np.inf
+                else (lambda mt, b=b, h=h: np.exp(m0[b, h] - mt))
+            )
             for t in range(length):
                 g = d_o[b, t, h]
-                p = np.exp(s[:t + 1] - ms[t]) / ws[t]
-                ds[:t + 1] += p * ((v[b, :t + 1, h] - o[b, t, h]) @ g)
-                dv[:t + 1] += p[:, None] * g
+                p = np.exp(s[: t + 1] - ms[t]) / ws[t]
+                ds[: t + 1] += p * ((v[b, : t + 1, h] - o[b, t, h]) @ g)
+                dv[: t + 1] += p[:, None] * g
                 p0 = e0(ms[t]) / ws[t]
                 du0 = du0 + p0 * g
                 dw0 -= p0 * (o[b, t, h] @ g)
@@ -104,8 +117,7 @@ def reference_aaren(q, k, v, *, scale=None, initial_state=None, d_o=None, d_fina
             grads["q_tokens"][b, :, h] = scale * ds[:, None] * k[b, :, h]
             grads["k"][b, :, h] = scale * ds[:, None] * q_tokens[b, :, h]
             grads["v"][b, :, h] = dv
-            grads["max"][b, h], grads["numerator"][b, h], grads["denominator"][b, h] = \
-                dm0, du0, dw0
+            grads["max"][b, h], grads["numerator"][b, h], grads["denominator"][b, h] = dm0, du0, dw0
     if backward:
         dq = grads.pop("q_tokens")
         grads["q"] = dq if q.ndim == 4 else dq.sum(1) if q.ndim == 3 else dq.sum((0, 1))
@@ -116,6 +128,7 @@ def reference_aaren(q, k, v, *, scale=None, initial_state=None, d_o=None, d_fina
 # cases
 # --------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class Case:
     batch: int = 2
@@ -124,9 +137,9 @@ class Case:
     key_dim: int = 8
     value_dim: int = 5
     chunk_size: int = 16
-    query: str = "shared"          # "shared" [H, K], "batch" [B, H, K], "token" [B, T, H, K]
-    initial: str = "random"        # "random", "empty" (m = −inf) or "none"
-    scale: float = 8 ** -0.5
+    query: str = "shared"  # "shared" [H, K], "batch" [B, H, K], "token" [B, T, H, K]
+    initial: str = "random"  # "random", "empty" (m = −inf) or "none"
+    scale: float = 8**-0.5
 
 
 # Compiling a forward+backward of the scan forms dominates this file's run time, so
@@ -136,52 +149,68 @@ CASES = {
     "T1": Case(length=1),
     "T1-batch-query-no-state": Case(length=1, query="batch", initial="none"),
     "T37-C16-token-query": Case(length=37, query="token"),
-    "T37-C16-token-query-empty-state-scale50": Case(length=37, query="token", initial="empty",
-                                                    scale=50.0),
+    "T37-C16-token-query-empty-state-scale50": Case(
+        length=37, query="token", initial="empty", scale=50.0
+    ),
     "T100-C64-shared-query": Case(length=100, chunk_size=64),
-    "T100-C64-shared-query-empty-state-scale50": Case(length=100, chunk_size=64,
-                                                      initial="empty", scale=50.0),
+    "T100-C64-shared-query-empty-state-scale50": Case(
+        length=100, chunk_size=64, initial="empty", scale=50.0
+    ),
 }
 # float64: every case in chunk and recurrent mode, the parallel form up to T = 37 (at
 # T = 100 it is checked in float32, below, which needs its own compilation anyway)
-MODE_CASES = [(mode, name) for mode in MODES for name in CASES
-              if mode != "parallel" or CASES[name].length <= 37]
+MODE_CASES = [
+    (mode, name)
+    for mode in MODES
+    for name in CASES
+    if mode != "parallel" or CASES[name].length <= 37
+]
 FLOAT32_CASES = {
     "T100-C16-token-query": Case(length=100, query="token"),
-    "T100-C16-token-query-empty-state-scale50": Case(length=100, query="token",
-                                                     initial="empty", scale=50.0),
+    "T100-C16-token-query-empty-state-scale50": Case(
+        length=100, query="token", initial="empty", scale=50.0
+    ),
 }
 
 
 def make_inputs(case: Case, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     shape = (case.batch, case.length, case.heads)
-    query_shape = {"shared": (case.heads, case.key_dim),
-                   "batch": (case.batch, case.heads, case.key_dim),
-                   "token": shape + (case.key_dim,)}[case.query]
-    inputs = {"q": rng.standard_normal(query_shape),
-              "k": rng.standard_normal(shape + (case.key_dim,)),
-              "v": rng.standard_normal(shape + (case.value_dim,))}
+    query_shape = {
+        "shared": (case.heads, case.key_dim),
+        "batch": (case.batch, case.heads, case.key_dim),
+        "token": shape + (case.key_dim,),
+    }[case.query]
+    inputs = {
+        "q": rng.standard_normal(query_shape),
+        "k": rng.standard_normal(shape + (case.key_dim,)),
+        "v": rng.standard_normal(shape + (case.value_dim,)),
+    }
     state_shape = (case.batch, case.heads)
     if case.initial == "random":
         w0 = rng.uniform(0.5, 3.0, state_shape)
-        inputs["initial_state"] = (rng.standard_normal(state_shape),
-                                   w0[..., None] * rng.standard_normal(state_shape
-                                                                       + (case.value_dim,)),
-                                   w0)
+        inputs["initial_state"] = (
+            rng.standard_normal(state_shape),
+            w0[..., None] * rng.standard_normal(state_shape + (case.value_dim,)),
+            w0,
+        )
     elif case.initial == "empty":
-        inputs["initial_state"] = (np.full(state_shape, -np.inf),
-                                   np.zeros(state_shape + (case.value_dim,)),
-                                   np.zeros(state_shape))
+        inputs["initial_state"] = (
+            np.full(state_shape, -np.inf),
+            np.zeros(state_shape + (case.value_dim,)),
+            np.zeros(state_shape),
+        )
     return inputs
 
 
 def cotangents(case: Case, seed: int = 1):
     rng = np.random.default_rng(seed)
     d_o = rng.standard_normal((case.batch, case.length, case.heads, case.value_dim))
-    d_final = (rng.standard_normal((case.batch, case.heads)),
-               rng.standard_normal((case.batch, case.heads, case.value_dim)),
-               rng.standard_normal((case.batch, case.heads)))
+    d_final = (
+        rng.standard_normal((case.batch, case.heads)),
+        rng.standard_normal((case.batch, case.heads, case.value_dim)),
+        rng.standard_normal((case.batch, case.heads)),
+    )
     return d_o, d_final
 
 
@@ -196,9 +225,16 @@ def _forward_and_backward(mode: str, chunk_size: int | None):
 
     def run(x, scale):
         state = x.get("initial_state")
-        o, final = aaren(x["q"], x["k"], x["v"], scale=scale,
-                         initial_state=None if state is None else AarenState(*state),
-                         output_final_state=True, mode=mode, chunk_size=chunk_size or 64)
+        o, final = aaren(
+            x["q"],
+            x["k"],
+            x["v"],
+            scale=scale,
+            initial_state=None if state is None else AarenState(*state),
+            output_final_state=True,
+            mode=mode,
+            chunk_size=chunk_size or 64,
+        )
         return o, tuple(final)
 
     # XLA's backend optimisations halve the compile time of these scans on CPU; the
@@ -215,10 +251,12 @@ def _forward_and_backward(mode: str, chunk_size: int | None):
 def check_against_reference(case: Case, mode: str, dtype, tol: float) -> None:
     inputs = make_inputs(case)
     d_o, d_final = cotangents(case)
-    o_ref, final_ref, grads_ref = reference_aaren(**inputs, scale=case.scale, d_o=d_o,
-                                                  d_final=d_final)
+    o_ref, final_ref, grads_ref = reference_aaren(
+        **inputs, scale=case.scale, d_o=d_o, d_final=d_final
+    )
     (o, final), grads = forward_and_backward(mode, case.chunk_size)(
-        as_jax(inputs, dtype), jnp.asarray(case.scale, dtype), as_jax((d_o, d_final), dtype))
+        as_jax(inputs, dtype), jnp.asarray(case.scale, dtype), as_jax((d_o, d_final), dtype)
+    )
     assert o.dtype == dtype and o.shape == o_ref.shape
     assert_close(o, o_ref, tol, f"{mode} o")
     for name, got, want in zip(STATE_FIELDS, final, final_ref):
@@ -240,6 +278,7 @@ def _repeated_query_attention(q, k, v, scale):
 # --------------------------------------------------------------------------------------
 # tests
 # --------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("mode, case", MODE_CASES, ids=[f"{m}-{c}" for m, c in MODE_CASES])
 def test_float64_matches_reference(x64, mode, case):
@@ -269,8 +308,10 @@ def test_reference_backward_matches_finite_differences(x64):
         return float(np.sum(o * d_o) + sum(np.sum(f * d) for f, d in zip(final, d_final)))
 
     def bumped(name, index, delta):
-        x = {n: (tuple(a.copy() for a in value) if n == "initial_state" else value.copy())
-             for n, value in inputs.items()}
+        x = {
+            n: (tuple(a.copy() for a in value) if n == "initial_state" else value.copy())
+            for n, value in inputs.items()
+        }
         if name in STATE_FIELDS:
             x["initial_state"][STATE_FIELDS.index(name)][index] += delta
         else:
@@ -282,8 +323,9 @@ def test_reference_backward_matches_finite_differences(x64):
         shape = np.shape(grads[name])
         numeric = np.zeros(shape)
         for index in np.ndindex(shape):
-            numeric[index] = (objective(bumped(name, index, eps))
-                              - objective(bumped(name, index, -eps))) / (2 * eps)
+            numeric[index] = (
+                objective(bumped(name, index, eps)) - objective(bumped(name, index, -eps))
+            ) / (2 * eps)
         assert_close(grads[name], numeric, 1e-6, f"reference d{name}")
 
 
@@ -299,30 +341,38 @@ def _check_equals_softmax_attention(case: Case, modes) -> None:
         query = jnp.broadcast_to(inputs["q"], (case.batch,) + inputs["q"].shape)
     else:
         query = jnp.asarray(make_inputs(dataclasses.replace(case, query="batch"))["q"])
-        inputs["q"] = (query if case.query == "batch"
-                       else jnp.broadcast_to(query[:, None], inputs["k"].shape))
+        inputs["q"] = (
+            query if case.query == "batch" else jnp.broadcast_to(query[:, None], inputs["k"].shape)
+        )
     d_o, d_final = cotangents(case)
     d_final = tuple(np.zeros_like(x) for x in d_final)  # outputs only
     o_ref, ((dq_ref, dk_ref, dv_ref),) = vjp_of(
         lambda x: _repeated_query_attention(*x, case.scale),
-        ((query, inputs["k"], inputs["v"]),), jnp.asarray(d_o))
+        ((query, inputs["k"], inputs["v"]),),
+        jnp.asarray(d_o),
+    )
     for mode in modes:
         (o, _), grads = forward_and_backward(mode, case.chunk_size)(
-            inputs, jnp.asarray(case.scale, jnp.float64), as_jax((d_o, d_final), jnp.float64))
+            inputs, jnp.asarray(case.scale, jnp.float64), as_jax((d_o, d_final), jnp.float64)
+        )
         assert_close(o, o_ref, 1e-12, f"{mode} o")
         # the op's query gradient, summed over the positions / batch rows it was repeated to
         dq = grads["q"].sum(1) if case.query == "token" else grads["q"]
-        assert_close(dq, dq_ref.sum(0) if case.query == "shared" else dq_ref, 1e-12,
-                     f"{mode} dq")
+        assert_close(dq, dq_ref.sum(0) if case.query == "shared" else dq_ref, 1e-12, f"{mode} dq")
         assert_close(grads["k"], dk_ref, 1e-12, f"{mode} dk")
         assert_close(grads["v"], dv_ref, 1e-12, f"{mode} dv")
 
 
-@pytest.mark.parametrize("case", ["T1-batch-query-no-state",
-                                  "T37-C16-token-query-empty-state-scale50",
-                                  "T100-C64-shared-query-empty-state-scale50"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "T1-batch-query-no-state",
+        "T37-C16-token-query-empty-state-scale50",
+        "T100-C64-shared-query-empty-state-scale50",
+    ],
+)
 def test_equals_causal_softmax_attention_with_the_query_repeated(x64, case):
-    """"It must equal causal softmax attention for the same (learned) query", for the
+    """ "It must equal causal softmax attention for the same (learned) query", for the
     query given as [B, H, K] (T = 1), broadcast to [B, T, H, K] (T = 37) and as [H, K]
     (T = 100; the parallel form at T = 100 is left to the float32 test)."""
     case = dataclasses.replace(CASES[case], scale=0.7)
@@ -338,10 +388,20 @@ def test_two_halves_with_the_state_equal_the_whole(x64, mode):
     inputs = as_jax(make_inputs(case))
     whole, whole_final, _ = reference_aaren(**inputs, scale=case.scale)
     state = AarenState(*inputs.pop("initial_state"))
-    run = jax.jit(lambda x, s: aaren(**x, scale=case.scale, initial_state=s,
-                                     output_final_state=True, mode=mode, chunk_size=16))
-    halves = [{n: x[:, part] if n != "q" else x for n, x in inputs.items()}
-              for part in (slice(0, 26), slice(26, None))]
+    run = jax.jit(
+        lambda x, s: aaren(
+            **x,
+            scale=case.scale,
+            initial_state=s,
+            output_final_state=True,
+            mode=mode,
+            chunk_size=16,
+        )
+    )
+    halves = [
+        {n: x[:, part] if n != "q" else x for n, x in inputs.items()}
+        for part in (slice(0, 26), slice(26, None))
+    ]
     o1, middle = run(halves[0], state)
     o2, final = run(halves[1], middle)
     assert_close(jnp.concatenate([o1, o2], 1), whole, 1e-12, f"{mode} o")
@@ -354,15 +414,23 @@ def test_decoding_token_by_token_continues_a_chunked_prefix(x64):
     inputs = as_jax(make_inputs(case))
     full, _, _ = reference_aaren(**inputs, scale=case.scale)
     prefix = 33
-    _, state = jax.jit(lambda q, k, v: aaren(q, k, v, scale=case.scale, chunk_size=16,
-                                             output_final_state=True))(
-        inputs["q"], inputs["k"][:, :prefix], inputs["v"][:, :prefix])
-    step = jax.jit(lambda k_t, v_t, s: aaren(inputs["q"], k_t, v_t, scale=case.scale,
-                                             initial_state=s, output_final_state=True,
-                                             mode="recurrent"))
+    _, state = jax.jit(
+        lambda q, k, v: aaren(q, k, v, scale=case.scale, chunk_size=16, output_final_state=True)
+    )(inputs["q"], inputs["k"][:, :prefix], inputs["v"][:, :prefix])
+    step = jax.jit(
+        lambda k_t, v_t, s: aaren(
+            inputs["q"],
+            k_t,
+            v_t,
+            scale=case.scale,
+            initial_state=s,
+            output_final_state=True,
+            mode="recurrent",
+        )
+    )
     for t in range(prefix, 40):
-        o_t, state = step(inputs["k"][:, t:t + 1], inputs["v"][:, t:t + 1], state)
-        assert_close(o_t, full[:, t:t + 1], 1e-12, f"decoded token {t}")
+        o_t, state = step(inputs["k"][:, t : t + 1], inputs["v"][:, t : t + 1], state)
+        assert_close(o_t, full[:, t : t + 1], 1e-12, f"decoded token {t}")
 
 
 @pytest.mark.parametrize("chunk_size", [1, 7, 200])
@@ -370,9 +438,14 @@ def test_chunk_size_never_changes_results(x64, chunk_size):
     case = Case(length=100, query="token")
     inputs = as_jax(make_inputs(case))
     o_ref, final_ref, _ = reference_aaren(**inputs, scale=case.scale)
-    o, final = jax.jit(lambda x: aaren(**{**x, "initial_state": AarenState(*x["initial_state"])},
-                                       scale=case.scale, output_final_state=True,
-                                       chunk_size=chunk_size))(inputs)
+    o, final = jax.jit(
+        lambda x: aaren(
+            **{**x, "initial_state": AarenState(*x["initial_state"])},
+            scale=case.scale,
+            output_final_state=True,
+            chunk_size=chunk_size,
+        )
+    )(inputs)
     assert_close(o, o_ref, 1e-12, f"chunk_size={chunk_size} o")
     for name, got, want in zip(STATE_FIELDS, final, final_ref):
         assert_close(got, want, 1e-12, f"chunk_size={chunk_size} final {name}")
@@ -403,7 +476,8 @@ def test_long_float32_chunked_sequence_matches_float64_reference():
     inputs = make_inputs(case)
     o_ref, final_ref, _ = reference_aaren(**inputs, scale=2.0)
     o, final = jax.jit(lambda x: aaren(**x, scale=2.0, output_final_state=True))(
-        as_jax(inputs, jnp.float32))
+        as_jax(inputs, jnp.float32)
+    )
     assert relative_error(o, o_ref) <= 1e-5
     for name, got, want in zip(STATE_FIELDS, final, final_ref):
         assert relative_error(got, want) <= 1e-5, name
@@ -412,25 +486,35 @@ def test_long_float32_chunked_sequence_matches_float64_reference():
 B, T, H, K, V = 2, 10, 3, 4, 5
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(q=jnp.ones((B, T, H))), r"`q` must have shape \[B, H, K\] = \(2, 3, 4\).*\(2, 10, 3\)"),
-    (dict(q=jnp.ones((K,))), r"`q` must be \[H, K\] or \[B, H, K\].*got shape \(4,\)"),
-    (dict(q=jnp.ones((H, K + 1))), r"`q` must have shape \[H, K\] = \(3, 4\).*got \(3, 5\)"),
-    (dict(q=jnp.ones((B, T + 1, H, K))), r"`q` must have shape \[B, T, H, K\]"),
-    (dict(k=jnp.ones((B, T, H * K))), r"`k` must have rank 4"),
-    (dict(v=jnp.ones((B, T + 1, H, V))), r"`v` has shape \(2, 11, 3, 5\).*T of `k`"),
-    (dict(v=jnp.ones((B, T, H + 1, V))), r"`v` has shape \(2, 10, 4, 5\).*H of `k`"),
-    (dict(k=jnp.ones((B, 0, H, K)), v=jnp.ones((B, 0, H, V))), r"T=0"),
-    (dict(k=jnp.ones((B, T, H, K), jnp.int32)), r"`k` must be a floating"),
-    (dict(mode="fast"), r"unknown `mode`='fast'"),
-    (dict(chunk_size=0), r"`chunk_size` must be a positive int; got 0"),
-    (dict(backend="cuda"), r"unknown `backend`='cuda'"),
-    (dict(initial_state=jnp.zeros((B, H, V))), r"`initial_state` must be an AarenState"),
-    (dict(initial_state=(jnp.zeros((B, H)), jnp.zeros((B, H, V + 1)), jnp.zeros((B, H)))),
-     r"`initial_state.numerator` must have shape \(2, 3, 5\).*got \(2, 3, 6\)"),
-    (dict(initial_state=(jnp.zeros((B, H + 1)), jnp.zeros((B, H, V)), jnp.zeros((B, H)))),
-     r"`initial_state.max` must have shape \(2, 3\).*got \(2, 4\)"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (
+            dict(q=jnp.ones((B, T, H))),
+            r"`q` must have shape \[B, H, K\] = \(2, 3, 4\).*\(2, 10, 3\)",
+        ),
+        (dict(q=jnp.ones((K,))), r"`q` must be \[H, K\] or \[B, H, K\].*got shape \(4,\)"),
+        (dict(q=jnp.ones((H, K + 1))), r"`q` must have shape \[H, K\] = \(3, 4\).*got \(3, 5\)"),
+        (dict(q=jnp.ones((B, T + 1, H, K))), r"`q` must have shape \[B, T, H, K\]"),
+        (dict(k=jnp.ones((B, T, H * K))), r"`k` must have rank 4"),
+        (dict(v=jnp.ones((B, T + 1, H, V))), r"`v` has shape \(2, 11, 3, 5\).*T of `k`"),
+        (dict(v=jnp.ones((B, T, H + 1, V))), r"`v` has shape \(2, 10, 4, 5\).*H of `k`"),
+        (dict(k=jnp.ones((B, 0, H, K)), v=jnp.ones((B, 0, H, V))), r"T=0"),
+        (dict(k=jnp.ones((B, T, H, K), jnp.int32)), r"`k` must be a floating"),
+        (dict(mode="fast"), r"unknown `mode`='fast'"),
+        (dict(chunk_size=0), r"`chunk_size` must be a positive int; got 0"),
+        (dict(backend="cuda"), r"unknown `backend`='cuda'"),
+        (dict(initial_state=jnp.zeros((B, H, V))), r"`initial_state` must be an AarenState"),
+        (
+            dict(initial_state=(jnp.zeros((B, H)), jnp.zeros((B, H, V + 1)), jnp.zeros((B, H)))),
+            r"`initial_state.numerator` must have shape \(2, 3, 5\).*got \(2, 3, 6\)",
+        ),
+        (
+            dict(initial_state=(jnp.zeros((B, H + 1)), jnp.zeros((B, H, V)), jnp.zeros((B, H)))),
+            r"`initial_state.max` must have shape \(2, 3\).*got \(2, 4\)",
+        ),
+    ],
+)
 def test_bad_input_raises(kwargs, message):
     inputs = {"q": jnp.ones((B, H, K)), "k": jnp.ones((B, T, H, K)), "v": jnp.ones((B, T, H, V))}
     inputs.update(kwargs)

@@ -38,11 +38,11 @@ CASES = {
     "T63-odd-beta01": Case(2, 63, 2, 7, 10, 16, beta_max=1.0, strength="strong"),
     "T100-no-init": Case(1, 100, 3, 16, 8, 32, with_initial_state=False),
     "T257": Case(1, 257, 1, 12, 5, 64, strength="strong"),
-    "packed-uneven": Case(1, 100, 2, 6, 9, 16, strength="strong",
-                          cu_seqlens=(0, 1, 38, 38, 64, 100)),
+    "packed-uneven": Case(
+        1, 100, 2, 6, 9, 16, strength="strong", cu_seqlens=(0, 1, 38, 38, 64, 100)
+    ),
     "product-n2": Case(2, 63, 2, 8, 6, 32, householder=2, strength="strong"),
-    "product-n3-packed": Case(1, 50, 2, 5, 7, 16, householder=3,
-                              cu_seqlens=(0, 20, 20, 33, 50)),
+    "product-n3-packed": Case(1, 50, 2, 5, 7, 16, householder=3, cu_seqlens=(0, 20, 20, 33, 50)),
 }
 
 
@@ -63,7 +63,8 @@ def make_inputs(case: Case, gate: str, seed: int = 0):
     inputs.update(gate_inputs(rng, gate, shape, case.key_dim, case.strength))
     if case.with_initial_state:
         inputs["initial_state"] = rng.standard_normal(
-            (case.num_states, case.heads, case.key_dim, case.value_dim))
+            (case.num_states, case.heads, case.key_dim, case.value_dim)
+        )
     return inputs
 
 
@@ -77,11 +78,15 @@ def op_for(case: Case, mode: str):
 
 def check_against_reference(case: Case, gate: str, mode: str, dtype, tol: float, seed: int = 0):
     inputs = make_inputs(case, gate, seed)
-    reference_fn = functools.partial(reference.delta_product, **inputs,
-                                     num_householder=case.householder,
-                                     cu_seqlens=case.cu_seqlens)
-    check_state_op(op_for(case, mode), reference_fn, inputs, case, dtype, tol,
-                   width=case.value_dim, seed=seed)
+    reference_fn = functools.partial(
+        reference.delta_product,
+        **inputs,
+        num_householder=case.householder,
+        cu_seqlens=case.cu_seqlens,
+    )
+    check_state_op(
+        op_for(case, mode), reference_fn, inputs, case, dtype, tol, width=case.value_dim, seed=seed
+    )
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
@@ -106,8 +111,7 @@ def test_float32_matches_reference(mode, gate):
 
 def test_one_householder_step_is_the_delta_rule(x64):
     inputs = as_jax(make_inputs(CASES["T63-odd-beta01"], "token+channel"))
-    product, product_state = ops.delta_product(**inputs, num_householder=1,
-                                               output_final_state=True)
+    product, product_state = ops.delta_product(**inputs, num_householder=1, output_final_state=True)
     rule, rule_state = ops.delta_rule(**inputs, output_final_state=True)
     assert relative_error(product, rule) <= 1e-14
     assert relative_error(product_state, rule_state) <= 1e-14
@@ -117,13 +121,15 @@ def test_decoding_continues_a_chunked_prefix(x64):
     inputs = make_inputs(CASES["T100-no-init"], "token+channel")
     full, _ = ops.delta_rule(**as_jax(inputs))
     prefix = 95
-    _, state = ops.delta_rule(**as_jax({n: x[:, :prefix] for n, x in inputs.items()}),
-                              output_final_state=True)
-    step = jax.jit(lambda x, s: ops.delta_rule(**x, initial_state=s, mode="recurrent",
-                                               output_final_state=True))
+    _, state = ops.delta_rule(
+        **as_jax({n: x[:, :prefix] for n, x in inputs.items()}), output_final_state=True
+    )
+    step = jax.jit(
+        lambda x, s: ops.delta_rule(**x, initial_state=s, mode="recurrent", output_final_state=True)
+    )
     for t in range(prefix, inputs["q"].shape[1]):
-        o_t, state = step(as_jax({n: x[:, t:t + 1] for n, x in inputs.items()}), state)
-        assert relative_error(o_t, full[:, t:t + 1]) <= 1e-12
+        o_t, state = step(as_jax({n: x[:, t : t + 1] for n, x in inputs.items()}), state)
+        assert relative_error(o_t, full[:, t : t + 1]) <= 1e-12
 
 
 def test_float32_chunk_on_4096_tokens_matches_float64_reference():
@@ -131,7 +137,8 @@ def test_float32_chunk_on_4096_tokens_matches_float64_reference():
     inputs = make_inputs(case, "token")
     o_ref, final_ref, _ = reference.delta_product(**inputs)
     o, final = jax.jit(lambda x: ops.delta_rule(**x, output_final_state=True))(
-        as_jax(inputs, jnp.float32))
+        as_jax(inputs, jnp.float32)
+    )
     assert relative_error(o, o_ref) <= 1e-4
     assert relative_error(final, final_ref) <= 1e-4
 
@@ -140,13 +147,17 @@ def test_16k_tokens_with_beta_near_two_and_strong_gates():
     rng = np.random.default_rng(5)
     length, dim = 16384, 16
     shape = (1, length, 2)
-    q, k = (jnp.asarray(l2_normalized(rng.standard_normal(shape + (dim,))), jnp.float32)
-            for _ in range(2))
+    q, k = (
+        jnp.asarray(l2_normalized(rng.standard_normal(shape + (dim,))), jnp.float32)
+        for _ in range(2)
+    )
     v = jnp.asarray(rng.standard_normal(shape + (dim,)), jnp.float32)
     beta = jnp.asarray(rng.uniform(1.95, 1.999, shape), jnp.float32)
     gk = jnp.asarray(np.log(rng.uniform(5e-4, 2e-3, shape + (dim,))), jnp.float32)
-    run = jax.jit(lambda mode: ops.delta_rule(q, k, v, beta, gk=gk, mode=mode,
-                                              output_final_state=True), static_argnums=0)
+    run = jax.jit(
+        lambda mode: ops.delta_rule(q, k, v, beta, gk=gk, mode=mode, output_final_state=True),
+        static_argnums=0,
+    )
     chunked, final = run("chunk")
     recurrent, final_rec = run("recurrent")
     assert bool(jnp.all(jnp.isfinite(chunked))) and bool(jnp.all(jnp.isfinite(final)))
@@ -172,34 +183,54 @@ def test_repeated_forward_and_backward_never_hangs():
             jax.block_until_ready(step(x, beta))
         print("done")
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            timeout=240, env={**os.environ, "XLA_FLAGS": ""})
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "XLA_FLAGS": ""},
+    )
     assert result.returncode == 0 and "done" in result.stdout, result.stderr[-2000:]
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(beta=jnp.ones((2, 10, 4))), r"`beta` must have shape \[B, T, H\] = \(2, 10, 3\)"),
-    (dict(beta=jnp.ones((2, 10, 3), jnp.int32)), r"`beta` must be a floating"),
-    (dict(g=jnp.zeros((2, 10))), r"`g` must be \[H\] or \[B, T, H\]"),
-    (dict(mode="fast"), r"unknown `mode`='fast'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(beta=jnp.ones((2, 10, 4))), r"`beta` must have shape \[B, T, H\] = \(2, 10, 3\)"),
+        (dict(beta=jnp.ones((2, 10, 3), jnp.int32)), r"`beta` must be a floating"),
+        (dict(g=jnp.zeros((2, 10))), r"`g` must be \[H\] or \[B, T, H\]"),
+        (dict(mode="fast"), r"unknown `mode`='fast'"),
+    ],
+)
 def test_delta_rule_rejects(kwargs, message):
-    inputs = {"q": jnp.ones((2, 10, 3, 4)), "k": jnp.ones((2, 10, 3, 4)),
-              "v": jnp.ones((2, 10, 3, 5)), "beta": jnp.ones((2, 10, 3))}
+    inputs = {
+        "q": jnp.ones((2, 10, 3, 4)),
+        "k": jnp.ones((2, 10, 3, 4)),
+        "v": jnp.ones((2, 10, 3, 5)),
+        "beta": jnp.ones((2, 10, 3)),
+    }
     inputs.update(kwargs)
     with pytest.raises(ValueError, match=message):
         ops.delta_rule(**inputs)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(k=jnp.ones((2, 15, 3, 4))), r"`k` must have T·n = 10·2 = 20 rows.*\(2, 15, 3, 4\)"),
-    (dict(v=jnp.ones((2, 10, 3, 5))), r"`v` has shape \(2, 10, 3, 5\).*T·n of `q`"),
-    (dict(beta=jnp.ones((2, 10, 3))), r"`beta` must have shape \[B, T, H\] = \(2, 20, 3\)"),
-    (dict(num_householder=0), r"`num_householder` must be a positive int; got 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(k=jnp.ones((2, 15, 3, 4))), r"`k` must have T·n = 10·2 = 20 rows.*\(2, 15, 3, 4\)"),
+        (dict(v=jnp.ones((2, 10, 3, 5))), r"`v` has shape \(2, 10, 3, 5\).*T·n of `q`"),
+        (dict(beta=jnp.ones((2, 10, 3))), r"`beta` must have shape \[B, T, H\] = \(2, 20, 3\)"),
+        (dict(num_householder=0), r"`num_householder` must be a positive int; got 0"),
+    ],
+)
 def test_delta_product_rejects(kwargs, message):
-    inputs = {"q": jnp.ones((2, 10, 3, 4)), "k": jnp.ones((2, 20, 3, 4)),
-              "v": jnp.ones((2, 20, 3, 5)), "beta": jnp.ones((2, 20, 3)), "num_householder": 2}
+    inputs = {
+        "q": jnp.ones((2, 10, 3, 4)),
+        "k": jnp.ones((2, 20, 3, 4)),
+        "v": jnp.ones((2, 20, 3, 5)),
+        "beta": jnp.ones((2, 20, 3)),
+        "num_householder": 2,
+    }
     inputs.update(kwargs)
     with pytest.raises(ValueError, match=message):
         ops.delta_product(**inputs)

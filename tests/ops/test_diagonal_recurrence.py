@@ -42,8 +42,11 @@ def reference_batch(a, b, h0, d_h, d_final, cu_seqlens=None):
     """:func:`reference` over batch rows, or over the packed sequences of row 0."""
     hs, grad_a, grad_b = (np.zeros_like(b) for _ in range(3))
     finals, grad_h0 = np.zeros_like(h0), np.zeros_like(h0)
-    spans = ([(i, 0, a.shape[1]) for i in range(a.shape[0])] if cu_seqlens is None else
-             [(0, s, e) for s, e in itertools.pairwise(cu_seqlens)])
+    spans = (
+        [(i, 0, a.shape[1]) for i in range(a.shape[0])]
+        if cu_seqlens is None
+        else [(0, s, e) for s, e in itertools.pairwise(cu_seqlens)]
+    )
     for n, (row, start, end) in enumerate(spans):
         span = slice(start, end)
         out = reference(a[row, span], b[row, span], h0[n], d_h[row, span], d_final[n])
@@ -54,24 +57,44 @@ def reference_batch(a, b, h0, d_h, d_final, cu_seqlens=None):
 
 def inputs(rng, batch, length, heads, dim, states, negative=True):
     low = -1.0 if negative else 0.0
-    return (rng.uniform(low, 1.0, (batch, length, heads, dim)),
-            rng.standard_normal((batch, length, heads, dim)),
-            rng.standard_normal((states, heads, dim)))
+    return (
+        rng.uniform(low, 1.0, (batch, length, heads, dim)),
+        rng.standard_normal((batch, length, heads, dim)),
+        rng.standard_normal((states, heads, dim)),
+    )
 
 
-def check(mode, batch, length, heads, dim, chunk_size, *, dtype, tol, cu_seqlens=None,
-          negative=True, seed=0):
+def check(
+    mode,
+    batch,
+    length,
+    heads,
+    dim,
+    chunk_size,
+    *,
+    dtype,
+    tol,
+    cu_seqlens=None,
+    negative=True,
+    seed=0,
+):
     rng = np.random.default_rng(seed)
     states = batch if cu_seqlens is None else len(cu_seqlens) - 1
     a, b, h0 = inputs(rng, batch, length, heads, dim, states, negative)
     d_h, d_final = rng.standard_normal(b.shape), rng.standard_normal(h0.shape)
-    expected_h, expected_final, expected_grads = reference_batch(a, b, h0, d_h, d_final,
-                                                                 cu_seqlens)
+    expected_h, expected_final, expected_grads = reference_batch(a, b, h0, d_h, d_final, cu_seqlens)
     cu = None if cu_seqlens is None else jnp.asarray(cu_seqlens, jnp.int32)
 
     def run(a, b, h0):
-        return ops.diagonal_recurrence(a, b, initial_state=h0, output_final_state=True,
-                                       cu_seqlens=cu, mode=mode, chunk_size=chunk_size)
+        return ops.diagonal_recurrence(
+            a,
+            b,
+            initial_state=h0,
+            output_final_state=True,
+            cu_seqlens=cu,
+            mode=mode,
+            chunk_size=chunk_size,
+        )
 
     (h, final), grads = vjp_of(run, as_jax((a, b, h0), dtype), as_jax((d_h, d_final), dtype))
     assert h.dtype == jnp.promote_types(dtype, jnp.float32)
@@ -82,11 +105,14 @@ def check(mode, batch, length, heads, dim, chunk_size, *, dtype, tol, cu_seqlens
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("batch,length,heads,dim,chunk_size", [
-    (2, 1, 1, 3, 16),      # a single token
-    (1, 37, 2, 5, 16),     # T not a multiple of the chunk, odd D
-    (3, 64, 3, 1, 8),      # T a multiple of the chunk, D = 1
-])
+@pytest.mark.parametrize(
+    "batch,length,heads,dim,chunk_size",
+    [
+        (2, 1, 1, 3, 16),  # a single token
+        (1, 37, 2, 5, 16),  # T not a multiple of the chunk, odd D
+        (3, 64, 3, 1, 8),  # T a multiple of the chunk, D = 1
+    ],
+)
 def test_forms_match_the_float64_reference(x64, mode, batch, length, heads, dim, chunk_size):
     check(mode, batch, length, heads, dim, chunk_size, dtype=jnp.float64, tol=1e-12)
 
@@ -107,9 +133,13 @@ def test_bfloat16_inputs_accumulate_in_float32():
     a, b, _ = inputs(rng, 1, 50, 1, 4, 1)
     h, _ = ops.diagonal_recurrence(jnp.asarray(a, jnp.bfloat16), jnp.asarray(b, jnp.bfloat16))
     assert h.dtype == jnp.float32
-    expected = reference(np.asarray(jnp.asarray(a[0], jnp.bfloat16), np.float64),
-                         np.asarray(jnp.asarray(b[0], jnp.bfloat16), np.float64),
-                         np.zeros((1, 4)), np.zeros((50, 1, 4)), np.zeros((1, 4)))[0]
+    expected = reference(
+        np.asarray(jnp.asarray(a[0], jnp.bfloat16), np.float64),
+        np.asarray(jnp.asarray(b[0], jnp.bfloat16), np.float64),
+        np.zeros((1, 4)),
+        np.zeros((50, 1, 4)),
+        np.zeros((1, 4)),
+    )[0]
     assert_close(h[0], expected, 1e-5, "bf16 inputs")
 
 
@@ -122,9 +152,13 @@ def test_long_sequence_with_sign_flips_stays_finite_and_exact():
     a = np.concatenate([signs, np.full((1, length, 1, 1), 1e-3)], -1)
     b = np.zeros((1, length, 1, 2))
     h0 = np.ones((1, 1, 2))
-    h, final = ops.diagonal_recurrence(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32),
-                                       initial_state=jnp.asarray(h0, jnp.float32),
-                                       output_final_state=True, chunk_size=256)
+    h, final = ops.diagonal_recurrence(
+        jnp.asarray(a, jnp.float32),
+        jnp.asarray(b, jnp.float32),
+        initial_state=jnp.asarray(h0, jnp.float32),
+        output_final_state=True,
+        chunk_size=256,
+    )
     assert np.all(np.isfinite(np.asarray(h)))
     np.testing.assert_array_equal(np.asarray(h[0, :, 0, 0]), np.cumprod(signs[0, :, 0, 0]))
     assert float(final[0, 0, 1]) == 0.0
@@ -147,7 +181,13 @@ def test_bad_input_is_rejected_with_the_shapes():
 def test_forms_agree_under_jit_for_random_transitions():
     rng = np.random.default_rng(4)
     a, b, h0 = (jnp.asarray(x, jnp.float32) for x in inputs(rng, 2, 100, 2, 3, 2))
-    outs = [jax.jit(lambda a, b, h0, m=m: ops.diagonal_recurrence(
-        a, b, initial_state=h0, mode=m, chunk_size=32)[0])(a, b, h0) for m in MODES]
+    outs = [
+        jax.jit(
+            lambda a, b, h0, m=m: ops.diagonal_recurrence(
+                a, b, initial_state=h0, mode=m, chunk_size=32
+            )[0]
+        )(a, b, h0)
+        for m in MODES
+    ]
     for out in outs[1:]:
         assert_close(out, outs[0], 1e-5, "forms")

@@ -27,10 +27,12 @@ def temp_bytes(fn, length: int) -> int:
 FORMS = {
     "linear-chunk": lambda q, k, v, g: ops.linear_attention(q, k, v, g=g, mode="chunk")[0],
     "linear-parallel": lambda q, k, v, g: ops.linear_attention(q, k, v, g=g, mode="parallel")[0],
-    "delta-chunk": lambda q, k, v, g: ops.delta_rule(q, k, v, jax.nn.sigmoid(g), g=g,
-                                                     mode="chunk")[0],
-    "delta-parallel": lambda q, k, v, g: ops.delta_rule(q, k, v, jax.nn.sigmoid(g), g=g,
-                                                        mode="parallel")[0],
+    "delta-chunk": lambda q, k, v, g: ops.delta_rule(q, k, v, jax.nn.sigmoid(g), g=g, mode="chunk")[
+        0
+    ],
+    "delta-parallel": lambda q, k, v, g: ops.delta_rule(
+        q, k, v, jax.nn.sigmoid(g), g=g, mode="parallel"
+    )[0],
     "softmax-chunk": lambda q, k, v, g: ops.softmax_attention(q, k, v, mode="chunk")[0],
     "softmax-parallel": lambda q, k, v, g: ops.softmax_attention(q, k, v, mode="parallel")[0],
 }

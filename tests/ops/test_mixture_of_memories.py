@@ -25,8 +25,9 @@ HEADS, KEY_DIM, VALUE_DIM, MEMORIES, TOP_K, CHUNK = 2, 6, 5, 4, 2, 16
 # ----------------------------------------------------------------------------- reference
 
 
-def reference(q, k, v, beta, routing, g=None, initial_state=None, scale=None,
-              d_o=None, d_final=None):
+def reference(
+    q, k, v, beta, routing, g=None, initial_state=None, scale=None, d_o=None, d_final=None
+):
     """Float64 MoM, one token and one memory at a time.
 
     For every (b, m, h): on a routed token (routing ≠ 0) ``S' = exp(g)·S``,
@@ -38,15 +39,27 @@ def reference(q, k, v, beta, routing, g=None, initial_state=None, scale=None,
     q, k, v, beta, routing = (np.asarray(x, np.float64) for x in (q, k, v, beta, routing))
     batch, length, memories, heads, key_dim = k.shape
     value_dim = v.shape[-1]
-    scale = key_dim ** -0.5 if scale is None else scale
+    scale = key_dim**-0.5 if scale is None else scale
     gates = np.zeros(beta.shape) if g is None else np.asarray(g, np.float64)
-    init = (np.zeros((batch, memories, heads, key_dim, value_dim)) if initial_state is None
-            else np.asarray(initial_state, np.float64))
+    init = (
+        np.zeros((batch, memories, heads, key_dim, value_dim))
+        if initial_state is None
+        else np.asarray(initial_state, np.float64)
+    )
     o = np.zeros((batch, length, heads, value_dim))
     final = np.zeros_like(init)
-    grads = {name: np.zeros_like(x) for name, x in
-             (("q", q), ("k", k), ("v", v), ("beta", beta), ("routing", routing),
-              ("g", gates), ("initial_state", init))}
+    grads = {
+        name: np.zeros_like(x)
+        for name, x in (
+            ("q", q),
+            ("k", k),
+            ("v", v),
+            ("beta", beta),
+            ("routing", routing),
+            ("g", gates),
+            ("initial_state", init),
+        )
+    }
     for b in range(batch):
         for m in range(memories):
             for h in range(heads):
@@ -95,8 +108,9 @@ def l2_normalized(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def top_k_routing(rng: np.random.Generator, batch: int, length: int, memories: int,
-                  top_k: int) -> np.ndarray:
+def top_k_routing(
+    rng: np.random.Generator, batch: int, length: int, memories: int, top_k: int
+) -> np.ndarray:
     """Renormalised top-k softmax weights of random logits; zero elsewhere."""
     logits = rng.standard_normal((batch, length, memories)) * 2
     probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
@@ -107,8 +121,9 @@ def top_k_routing(rng: np.random.Generator, batch: int, length: int, memories: i
     return weights / weights.sum(-1, keepdims=True)
 
 
-def make_inputs(length: int, *, gated: bool, with_initial_state: bool = True,
-                batch: int = 2, seed: int = 0) -> dict:
+def make_inputs(
+    length: int, *, gated: bool, with_initial_state: bool = True, batch: int = 2, seed: int = 0
+) -> dict:
     rng = np.random.default_rng(seed)
     streams = (batch, length, MEMORIES, HEADS)
     inputs = {
@@ -121,15 +136,17 @@ def make_inputs(length: int, *, gated: bool, with_initial_state: bool = True,
     if gated:
         inputs["g"] = log_gates(rng, streams, "weak")
     if with_initial_state:
-        inputs["initial_state"] = rng.standard_normal(
-            (batch, MEMORIES, HEADS, KEY_DIM, VALUE_DIM))
+        inputs["initial_state"] = rng.standard_normal((batch, MEMORIES, HEADS, KEY_DIM, VALUE_DIM))
     return inputs
 
 
 def run_op(mode: str, **kwargs):
     """The op as a jitted function of a dict of floating inputs (eager dispatch is slow)."""
-    return jax.jit(lambda floats: mixture_of_memories(**floats, mode=mode, chunk_size=CHUNK,
-                                                      output_final_state=True, **kwargs))
+    return jax.jit(
+        lambda floats: mixture_of_memories(
+            **floats, mode=mode, chunk_size=CHUNK, output_final_state=True, **kwargs
+        )
+    )
 
 
 # ----------------------------------------------------------------------------- tests
@@ -147,8 +164,11 @@ def reference_case(length: int, gated: bool):
 
 # every mode at every length; with per-memory decays and an initial state at T = 1
 # and T = 37 (three chunks), without either at T = 100
-@pytest.mark.parametrize("length, gated", [(1, True), (37, True), (100, False)],
-                         ids=["T1-gated", "T37-gated", "T100-ungated-no-init"])
+@pytest.mark.parametrize(
+    "length, gated",
+    [(1, True), (37, True), (100, False)],
+    ids=["T1-gated", "T37-gated", "T100-ungated-no-init"],
+)
 @pytest.mark.parametrize("mode", MODES)
 def test_float64_forward_state_and_gradients_match_reference(x64, mode, length, gated):
     inputs, cotangents, (o_ref, final_ref, grads_ref) = reference_case(length, gated)
@@ -187,10 +207,18 @@ def test_mom_against_a_per_memory_loop(mode):
         for m in range(MEMORIES):
             beta = jnp.where(routed[:, :, m, None], floats["beta"][:, :, m], 0.0)
             g = jnp.where(routed[:, :, m, None], floats["g"][:, :, m], 0.0)
-            o_m, final_m = delta_rule(floats["q"], floats["k"][:, :, m], floats["v"][:, :, m],
-                                      beta, g=g, scale=0.3,
-                                      initial_state=floats["initial_state"][:, m],
-                                      output_final_state=True, mode=mode, chunk_size=CHUNK)
+            o_m, final_m = delta_rule(
+                floats["q"],
+                floats["k"][:, :, m],
+                floats["v"][:, :, m],
+                beta,
+                g=g,
+                scale=0.3,
+                initial_state=floats["initial_state"][:, m],
+                output_final_state=True,
+                mode=mode,
+                chunk_size=CHUNK,
+            )
             total = total + floats["routing"][:, :, m, None, None] * o_m
             finals.append(final_m)
         return total, jnp.stack(finals, 1)
@@ -207,7 +235,7 @@ def test_a_memory_no_token_is_routed_to_is_left_untouched(x64):
 
     def loss(floats):
         o, final = mixture_of_memories(**floats, chunk_size=CHUNK, output_final_state=True)
-        return jnp.sum(o ** 2) + jnp.sum(final[:, :2] ** 2), final
+        return jnp.sum(o**2) + jnp.sum(final[:, :2] ** 2), final
 
     grads, final = jax.jit(jax.grad(loss, has_aux=True))(inputs)
     np.testing.assert_array_equal(final[:, 2], inputs["initial_state"][:, 2])
@@ -229,36 +257,59 @@ B, T, M, H, K, V = 2, 10, 3, 2, 4, 5
 
 
 def shaped_inputs(**overrides):
-    inputs = {"q": jnp.ones((B, T, H, K)), "k": jnp.ones((B, T, M, H, K)),
-              "v": jnp.ones((B, T, M, H, V)), "beta": jnp.ones((B, T, M, H)),
-              "routing": jnp.ones((B, T, M))}
+    inputs = {
+        "q": jnp.ones((B, T, H, K)),
+        "k": jnp.ones((B, T, M, H, K)),
+        "v": jnp.ones((B, T, M, H, V)),
+        "beta": jnp.ones((B, T, M, H)),
+        "routing": jnp.ones((B, T, M)),
+    }
     inputs.update(overrides)
     return inputs
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (dict(q=jnp.ones((B, T, H * K))), r"`q` must have rank 4 .*\(2, 10, 8\)"),
-    (dict(k=jnp.ones((B, T, H, K))), r"`k` must have rank 5 \[B, T, M, H, K\]"),
-    (dict(k=jnp.ones((B, T, M, H, K + 1))), r"`k` has shape \(2, 10, 3, 2, 5\).*K of `q`"),
-    (dict(k=jnp.ones((B, T + 1, M, H, K))), r"`k` has shape \(2, 11, 3, 2, 4\).*T of `q`"),
-    (dict(v=jnp.ones((B, T, M + 1, H, V))), r"`v` has shape \(2, 10, 4, 2, 5\).*M of `k`"),
-    (dict(v=jnp.ones((B, T, M, H + 1, V))), r"`v` has shape .*H of `q`"),
-    (dict(beta=jnp.ones((B, T, H))), r"`beta` must have rank 4 \[B, T, M, H\]"),
-    (dict(beta=jnp.ones((B, T, M, H + 1))), r"`beta` must have shape \[B, T, M, H\] = "
-                                            r"\(2, 10, 3, 2\); got \(2, 10, 3, 3\)"),
-    (dict(routing=jnp.ones((B, T, M + 1))), r"`routing` must have shape \[B, T, M\] = "
-                                            r"\(2, 10, 3\); got \(2, 10, 4\)"),
-    (dict(routing=jnp.ones((B, T))), r"`routing` must have rank 3"),
-    (dict(routing=jnp.ones((B, T, M), jnp.int32)), r"`routing` must be a floating"),
-    (dict(g=jnp.zeros((B, T, H))), r"`g` must have shape \[B, T, M, H\]"),
-    (dict(g=jnp.full((B, T, M, H), 0.1)), r"`g` holds log decays.*<= 0"),
-    (dict(initial_state=jnp.zeros((B, H, K, V))),
-     r"`initial_state` must have shape \[B, M, H, K, V\] = \(2, 3, 2, 4, 5\)"),
-    (dict(q=jnp.ones((B, 0, H, K)), k=jnp.ones((B, 0, M, H, K)), v=jnp.ones((B, 0, M, H, V)),
-          beta=jnp.ones((B, 0, M, H)), routing=jnp.ones((B, 0, M))), r"`q` has T=0 tokens"),
-    (dict(mode="fast"), r"unknown `mode`='fast'"),
-    (dict(chunk_size=0), r"`chunk_size` must be a positive int"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(q=jnp.ones((B, T, H * K))), r"`q` must have rank 4 .*\(2, 10, 8\)"),
+        (dict(k=jnp.ones((B, T, H, K))), r"`k` must have rank 5 \[B, T, M, H, K\]"),
+        (dict(k=jnp.ones((B, T, M, H, K + 1))), r"`k` has shape \(2, 10, 3, 2, 5\).*K of `q`"),
+        (dict(k=jnp.ones((B, T + 1, M, H, K))), r"`k` has shape \(2, 11, 3, 2, 4\).*T of `q`"),
+        (dict(v=jnp.ones((B, T, M + 1, H, V))), r"`v` has shape \(2, 10, 4, 2, 5\).*M of `k`"),
+        (dict(v=jnp.ones((B, T, M, H + 1, V))), r"`v` has shape .*H of `q`"),
+        (dict(beta=jnp.ones((B, T, H))), r"`beta` must have rank 4 \[B, T, M, H\]"),
+        (
+            dict(beta=jnp.ones((B, T, M, H + 1))),
+            r"`beta` must have shape \[B, T, M, H\] = "
+            r"\(2, 10, 3, 2\); got \(2, 10, 3, 3\)",
+        ),
+        (
+            dict(routing=jnp.ones((B, T, M + 1))),
+            r"`routing` must have shape \[B, T, M\] = "
+            r"\(2, 10, 3\); got \(2, 10, 4\)",
+        ),
+        (dict(routing=jnp.ones((B, T))), r"`routing` must have rank 3"),
+        (dict(routing=jnp.ones((B, T, M), jnp.int32)), r"`routing` must be a floating"),
+        (dict(g=jnp.zeros((B, T, H))), r"`g` must have shape \[B, T, M, H\]"),
+        (dict(g=jnp.full((B, T, M, H), 0.1)), r"`g` holds log decays.*<= 0"),
+        (
+            dict(initial_state=jnp.zeros((B, H, K, V))),
+            r"`initial_state` must have shape \[B, M, H, K, V\] = \(2, 3, 2, 4, 5\)",
+        ),
+        (
+            dict(
+                q=jnp.ones((B, 0, H, K)),
+                k=jnp.ones((B, 0, M, H, K)),
+                v=jnp.ones((B, 0, M, H, V)),
+                beta=jnp.ones((B, 0, M, H)),
+                routing=jnp.ones((B, 0, M)),
+            ),
+            r"`q` has T=0 tokens",
+        ),
+        (dict(mode="fast"), r"unknown `mode`='fast'"),
+        (dict(chunk_size=0), r"`chunk_size` must be a positive int"),
+    ],
+)
 def test_bad_input_raises(overrides, message):
     with pytest.raises(ValueError, match=r"mixture_of_memories: " + message):
         mixture_of_memories(**shaped_inputs(**overrides))

@@ -18,6 +18,7 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 # ----------------------------------------------------------------------------- reference
 
+
 def silu(z):
     return z / (1 + np.exp(-z))
 
@@ -64,16 +65,27 @@ def newton_schulz(x, steps):
     return x.T if flip else x
 
 
-def reference(inputs, memory, *, omega_window, optimizer, chunk_size=None, ns_steps=5,
-              state=None, max_surprise_norm=None):
+def reference(
+    inputs,
+    memory,
+    *,
+    omega_window,
+    optimizer,
+    chunk_size=None,
+    ns_steps=5,
+    state=None,
+    max_surprise_norm=None,
+):
     """Titans/ATLAS per sequence and head. ``chunk_size=None``: exact token-by-token
     rule; otherwise gradients inside each chunk at the chunk-start weights.
     ``max_surprise_norm``: scale each token's surprise (all layers) down to this norm.
 
     ``state``: per (b, h) dict of weights, momentum and the window list (or None).
     Returns ``(o [B, T, H, V], states)``."""
-    q, k, v, lr, mom, decay, gamma = (np.asarray(inputs[n], np.float64) for n in
-                                      ("q", "k", "v", "lr", "momentum", "decay", "gamma"))
+    q, k, v, lr, mom, decay, gamma = (
+        np.asarray(inputs[n], np.float64)
+        for n in ("q", "k", "v", "lr", "momentum", "decay", "gamma")
+    )
     batch, length, heads, _ = q.shape
     o = np.zeros(v.shape)
     states = {}
@@ -106,13 +118,17 @@ def reference(inputs, memory, *, omega_window, optimizer, chunk_size=None, ns_st
                     step = lr[b, t, h] * newton_schulz(moments[l], ns_steps)
                 weights[l] = (1 - decay[b, t, h]) * weights[l] + step
             o[b, t, h] = mlp(weights, q[b, t, h])
-            window = (window + [(k[b, t, h], v[b, t, h], gamma[b, t, h])])[-(omega_window - 1):] \
-                if omega_window > 1 else []
+            window = (
+                (window + [(k[b, t, h], v[b, t, h], gamma[b, t, h])])[-(omega_window - 1) :]
+                if omega_window > 1
+                else []
+            )
         states[b, h] = (weights, moments, window)
     return o, states
 
 
 # ----------------------------------------------------------------------------- inputs
+
 
 def make_inputs(batch=2, length=37, heads=2, key_dim=4, value_dim=4, depth=2, seed=0):
     rng = np.random.default_rng(seed)
@@ -121,16 +137,19 @@ def make_inputs(batch=2, length=37, heads=2, key_dim=4, value_dim=4, depth=2, se
         x = rng.standard_normal(shape)
         return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
-    inputs = {"q": unit((batch, length, heads, key_dim)),
-              "k": unit((batch, length, heads, key_dim)),
-              "v": rng.standard_normal((batch, length, heads, value_dim)),
-              "lr": rng.uniform(0.0, 0.3, (batch, length, heads)),
-              "momentum": rng.uniform(0.0, 0.9, (batch, length, heads)),
-              "decay": rng.uniform(0.0, 0.1, (batch, length, heads)),
-              "gamma": rng.uniform(0.2, 1.0, (batch, length, heads))}
+    inputs = {
+        "q": unit((batch, length, heads, key_dim)),
+        "k": unit((batch, length, heads, key_dim)),
+        "v": rng.standard_normal((batch, length, heads, value_dim)),
+        "lr": rng.uniform(0.0, 0.3, (batch, length, heads)),
+        "momentum": rng.uniform(0.0, 0.9, (batch, length, heads)),
+        "decay": rng.uniform(0.0, 0.1, (batch, length, heads)),
+        "gamma": rng.uniform(0.2, 1.0, (batch, length, heads)),
+    }
     dims = [key_dim] + [2 * key_dim] * (depth - 1) + [value_dim]
-    memory = [rng.standard_normal((heads, dims[i], dims[i + 1])) / np.sqrt(dims[i])
-              for i in range(depth)]
+    memory = [
+        rng.standard_normal((heads, dims[i], dims[i + 1])) / np.sqrt(dims[i]) for i in range(depth)
+    ]
     return inputs, memory
 
 
@@ -146,8 +165,17 @@ def run(inputs, memory, **kwargs):
 
 
 def _run(x, memory, **kwargs):
-    return neural_memory(x["q"], x["k"], x["v"], x["lr"], x["momentum"], x["decay"],
-                         [jnp.asarray(w) for w in memory], omega_weights=x["gamma"], **kwargs)
+    return neural_memory(
+        x["q"],
+        x["k"],
+        x["v"],
+        x["lr"],
+        x["momentum"],
+        x["decay"],
+        [jnp.asarray(w) for w in memory],
+        omega_weights=x["gamma"],
+        **kwargs,
+    )
 
 
 def slice_time(inputs, start, stop):
@@ -158,54 +186,77 @@ def reference_state_as_op(states, batch, heads, depth, omega_window):
     """Convert the reference's per-(b, h) states into the op's state dict (for checks)."""
     out = {}
     for l in range(depth):
-        out[f"weight_{l}"] = np.stack([np.stack([states[b, h][0][l] for h in range(heads)])
-                                       for b in range(batch)])
-        out[f"momentum_{l}"] = np.stack([np.stack([states[b, h][1][l] for h in range(heads)])
-                                         for b in range(batch)])
+        out[f"weight_{l}"] = np.stack(
+            [np.stack([states[b, h][0][l] for h in range(heads)]) for b in range(batch)]
+        )
+        out[f"momentum_{l}"] = np.stack(
+            [np.stack([states[b, h][1][l] for h in range(heads)]) for b in range(batch)]
+        )
     if omega_window > 1:
+
         def window(b, h, part):
             items = [item[part] for item in states[b, h][2]]
             return np.stack(items)
+
         for part, key in ((0, "window_k"), (1, "window_v"), (2, "window_gamma")):
-            out[key] = np.stack([np.stack([window(b, h, part) for h in range(heads)])
-                                 for b in range(batch)])
+            out[key] = np.stack(
+                [np.stack([window(b, h, part) for h in range(heads)]) for b in range(batch)]
+            )
     return out
 
 
 # ----------------------------------------------------------------------------- tests
 
-CASES = [(depth, omega, optimizer) for depth in (1, 2) for omega in (1, 3)
-         for optimizer in ("momentum", "muon")]
+CASES = [
+    (depth, omega, optimizer)
+    for depth in (1, 2)
+    for omega in (1, 3)
+    for optimizer in ("momentum", "muon")
+]
 
 
 @pytest.mark.parametrize("depth,omega,optimizer", CASES)
 @pytest.mark.parametrize("length", [1, 37])
-def test_recurrent_matches_reference_and_chunk_size_one_is_exact(x64, depth, omega, optimizer,
-                                                                 length):
+def test_recurrent_matches_reference_and_chunk_size_one_is_exact(
+    x64, depth, omega, optimizer, length
+):
     inputs, memory = make_inputs(length=length, depth=depth, seed=depth + 10 * omega)
     o_ref, states = reference(inputs, memory, omega_window=omega, optimizer=optimizer)
-    o, final = run(inputs, memory, omega_window=omega, optimizer=optimizer, mode="recurrent",
-                   output_final_state=True)
+    o, final = run(
+        inputs,
+        memory,
+        omega_window=omega,
+        optimizer=optimizer,
+        mode="recurrent",
+        output_final_state=True,
+    )
     assert o.dtype == jnp.float64
     assert_close(o, o_ref, 1e-9, "recurrent o")
     expected = reference_state_as_op(states, 2, 2, depth, omega)
     if length >= omega - 1:  # the reference window is full: compare it too
         for key, value in expected.items():
             assert_close(final[key], value, 1e-9, f"final {key}")
-    o_chunk, final_chunk = run(inputs, memory, omega_window=omega, optimizer=optimizer,
-                               mode="chunk", chunk_size=1, output_final_state=True)
+    o_chunk, final_chunk = run(
+        inputs,
+        memory,
+        omega_window=omega,
+        optimizer=optimizer,
+        mode="chunk",
+        chunk_size=1,
+        output_final_state=True,
+    )
     assert_close(o_chunk, o, 1e-12, "chunk_size=1 vs recurrent")
     for key in final:
         assert_close(final_chunk[key], final[key], 1e-12, f"chunk_size=1 state {key}")
 
 
-@pytest.mark.parametrize("depth,omega,optimizer", [(2, 1, "momentum"), (2, 3, "muon"),
-                                                   (1, 3, "momentum")])
+@pytest.mark.parametrize(
+    "depth,omega,optimizer", [(2, 1, "momentum"), (2, 3, "muon"), (1, 3, "momentum")]
+)
 def test_chunk_form_matches_the_chunked_reference(x64, depth, omega, optimizer):
     inputs, memory = make_inputs(depth=depth, seed=3)
     o_ref, _ = reference(inputs, memory, omega_window=omega, optimizer=optimizer, chunk_size=8)
-    o, _ = run(inputs, memory, omega_window=omega, optimizer=optimizer, mode="chunk",
-               chunk_size=8)
+    o, _ = run(inputs, memory, omega_window=omega, optimizer=optimizer, mode="chunk", chunk_size=8)
     assert_close(o, o_ref, 1e-9, "chunk (C=8) vs chunked reference")
     o_exact, _ = reference(inputs, memory, omega_window=omega, optimizer=optimizer)
     assert np.linalg.norm(np.asarray(o) - o_exact) > 1e-6  # C > 1 is an approximation
@@ -214,8 +265,9 @@ def test_chunk_form_matches_the_chunked_reference(x64, depth, omega, optimizer):
 @pytest.mark.parametrize("mode,split", [("recurrent", 13), ("chunk", 16)])
 def test_two_halves_with_the_state_equal_the_whole(x64, mode, split):
     inputs, memory = make_inputs(depth=2, seed=5)
-    kwargs = dict(omega_window=3, optimizer="muon", mode=mode, chunk_size=8,
-                  output_final_state=True)
+    kwargs = dict(
+        omega_window=3, optimizer="muon", mode=mode, chunk_size=8, output_final_state=True
+    )
     whole, final = run(inputs, memory, **kwargs)
     first, state = run(slice_time(inputs, 0, split), memory, **kwargs)
     second, final_2 = run(slice_time(inputs, split, 37), memory, initial_state=state, **kwargs)
@@ -226,10 +278,14 @@ def test_two_halves_with_the_state_equal_the_whole(x64, mode, split):
 
 def test_state_position_returns_the_boundary_state(x64):
     inputs, memory = make_inputs(depth=1, seed=6)
-    _, at_16 = run(slice_time(inputs, 0, 16), memory, mode="chunk", chunk_size=8,
-                   output_final_state=True)
-    _, chosen = jax.jit(lambda p: run(inputs, memory, mode="chunk", chunk_size=8,
-                                      output_final_state=True, state_position=p))(16)
+    _, at_16 = run(
+        slice_time(inputs, 0, 16), memory, mode="chunk", chunk_size=8, output_final_state=True
+    )
+    _, chosen = jax.jit(
+        lambda p: run(
+            inputs, memory, mode="chunk", chunk_size=8, output_final_state=True, state_position=p
+        )
+    )(16)
     for key in at_16:
         assert_close(chosen[key], at_16[key], 1e-12, key)
 
@@ -239,20 +295,34 @@ def test_float32_accumulation_and_finite_gradients():
     floats = {name: jnp.asarray(value, jnp.float32) for name, value in inputs.items()}
     floats["memory"] = [jnp.asarray(w, jnp.float32) for w in memory]
     for mode, optimizer in (("chunk", "muon"), ("recurrent", "momentum")):
+
         def loss(x, mode=mode, optimizer=optimizer):
-            o, state = neural_memory(x["q"], x["k"], x["v"], x["lr"], x["momentum"],
-                                     x["decay"], x["memory"], omega_weights=x["gamma"],
-                                     omega_window=2, optimizer=optimizer, mode=mode,
-                                     chunk_size=8, output_final_state=True)
-            return jnp.sum(o ** 2) + jnp.sum(state["weight_1"])
+            o, state = neural_memory(
+                x["q"],
+                x["k"],
+                x["v"],
+                x["lr"],
+                x["momentum"],
+                x["decay"],
+                x["memory"],
+                omega_weights=x["gamma"],
+                omega_window=2,
+                optimizer=optimizer,
+                mode=mode,
+                chunk_size=8,
+                output_final_state=True,
+            )
+            return jnp.sum(o**2) + jnp.sum(state["weight_1"])
 
         grads = jax.jit(jax.grad(loss))(floats)
         for path, value in jax.tree_util.tree_leaves_with_path(grads):
             assert value.dtype == jnp.float32
             assert np.all(np.isfinite(np.asarray(value))), (mode, optimizer, path)
             assert np.any(np.asarray(value) != 0), (mode, optimizer, path)
-    o, _ = run({n: jnp.asarray(x, jnp.bfloat16) for n, x in inputs.items()},
-               [jnp.asarray(w, jnp.bfloat16) for w in memory])
+    o, _ = run(
+        {n: jnp.asarray(x, jnp.bfloat16) for n, x in inputs.items()},
+        [jnp.asarray(w, jnp.bfloat16) for w in memory],
+    )
     assert o.dtype == jnp.bfloat16
 
 
@@ -262,10 +332,18 @@ def test_surprise_clip_matches_the_reference(x64, depth, omega, optimizer, mode)
     inputs, memory = make_inputs(depth=depth, seed=11)
     chunk_size = None if mode == "recurrent" else 8
     kwargs = dict(omega_window=omega, optimizer=optimizer)
-    o_ref, states = reference(inputs, memory, chunk_size=chunk_size, max_surprise_norm=0.4,
-                              **kwargs)
-    o, final = run(inputs, memory, mode=mode, chunk_size=chunk_size or 16,
-                   max_surprise_norm=0.4, output_final_state=True, **kwargs)
+    o_ref, states = reference(
+        inputs, memory, chunk_size=chunk_size, max_surprise_norm=0.4, **kwargs
+    )
+    o, final = run(
+        inputs,
+        memory,
+        mode=mode,
+        chunk_size=chunk_size or 16,
+        max_surprise_norm=0.4,
+        output_final_state=True,
+        **kwargs,
+    )
     assert_close(o, o_ref, 1e-9, f"{mode} with the clip")
     for key, value in reference_state_as_op(states, 2, 2, depth, omega).items():
         assert_close(final[key], value, 1e-9, f"{mode} state {key} with the clip")
@@ -293,9 +371,19 @@ def test_surprise_clip_gradient_matches_finite_differences(x64):
     expected = (reference_loss(step) - reference_loss(-step)) / (2 * step)
 
     def loss(x, weights):
-        o, _ = neural_memory(x["q"], x["k"], x["v"], x["lr"], x["momentum"], x["decay"],
-                             weights, omega_weights=x["gamma"], mode="chunk", chunk_size=4,
-                             **kwargs)
+        o, _ = neural_memory(
+            x["q"],
+            x["k"],
+            x["v"],
+            x["lr"],
+            x["momentum"],
+            x["decay"],
+            weights,
+            omega_weights=x["gamma"],
+            mode="chunk",
+            chunk_size=4,
+            **kwargs,
+        )
         return jnp.sum(jnp.sin(o))
 
     x = {name: jnp.asarray(value) for name, value in inputs.items()}
@@ -309,11 +397,16 @@ def test_surprise_clip_keeps_a_too_large_step_finite():
     """θ near 1 with η = 0.95 in 64-token chunks: the papers' rule overflows float32; with
     the clip every token adds at most θ·τ to the momentum, so ‖m_t‖ ≤ θτ/(1 − η) and
     (no decay) ‖W_T − W_0‖ ≤ T·θτ/(1 − η): linear in T, never geometric."""
-    inputs, memory = make_inputs(batch=1, length=1024, heads=2, key_dim=8, value_dim=8,
-                                 depth=2, seed=13)
-    inputs = {**inputs, "lr": np.full_like(inputs["lr"], 0.95),
-              "momentum": np.full_like(inputs["momentum"], 0.95),
-              "decay": np.zeros_like(inputs["decay"]), "v": 3 * inputs["v"]}
+    inputs, memory = make_inputs(
+        batch=1, length=1024, heads=2, key_dim=8, value_dim=8, depth=2, seed=13
+    )
+    inputs = {
+        **inputs,
+        "lr": np.full_like(inputs["lr"], 0.95),
+        "momentum": np.full_like(inputs["momentum"], 0.95),
+        "decay": np.zeros_like(inputs["decay"]),
+        "v": 3 * inputs["v"],
+    }
     floats = {name: np.asarray(value, np.float32) for name, value in inputs.items()}
     memory = [np.asarray(w, np.float32) for w in memory]
     kwargs = dict(mode="chunk", chunk_size=64, output_final_state=True)
@@ -322,8 +415,12 @@ def test_surprise_clip_keeps_a_too_large_step_finite():
     o, final = run(floats, memory, max_surprise_norm=1.0, **kwargs)
     assert np.all(np.isfinite(np.asarray(o)))
     bound = 1024 * 0.95 * 1.0 / (1 - 0.95)
-    moved = np.sqrt(sum(np.sum((np.asarray(final[f"weight_{l}"]) - w[None]) ** 2, axis=(2, 3))
-                        for l, w in enumerate(memory)))
+    moved = np.sqrt(
+        sum(
+            np.sum((np.asarray(final[f"weight_{l}"]) - w[None]) ** 2, axis=(2, 3))
+            for l, w in enumerate(memory)
+        )
+    )
     assert np.all(moved <= bound), moved.max()
 
 
@@ -358,6 +455,7 @@ def test_linear_scan_matches_the_loop_including_resets(x64):
     """The chunk form's transfer-matrix scan against ``x_t = a_t x_{t-1} + b_t`` run
     token by token, with ``a = 0`` (a reset) and ``a = 1`` among the factors."""
     from xformjax.ops.neural_memory.chunk import linear_scan
+
     rng = np.random.default_rng(14)
     a = rng.uniform(0.0, 1.0, 9)
     a[[2, 6]] = 0.0, 1.0
@@ -367,8 +465,12 @@ def test_linear_scan_matches_the_loop_including_resets(x64):
     for t in range(9):
         x = a[t] * x + b[t]
         expected.append(x)
-    assert_close(linear_scan(jnp.asarray(a), jnp.asarray(b), jnp.asarray(x0)),
-                 np.stack(expected), 1e-14, "linear_scan")
+    assert_close(
+        linear_scan(jnp.asarray(a), jnp.asarray(b), jnp.asarray(x0)),
+        np.stack(expected),
+        1e-14,
+        "linear_scan",
+    )
 
 
 @pytest.mark.parametrize("max_surprise_norm", [None, 0.4])
@@ -378,23 +480,29 @@ def test_dual_chunk_step_equals_the_materialised_one(x64, max_surprise_norm):
     with respect to every input and the incoming carry (weights, momentum, window)."""
     from xformjax.ops.neural_memory.chunk import dual_chunk_step, materialised_chunk_step
     from xformjax.ops.neural_memory.recurrent import Rule
-    inputs, memory = make_inputs(batch=1, length=5, heads=1, key_dim=3, value_dim=5,
-                                 depth=2, seed=15)
+
+    inputs, memory = make_inputs(
+        batch=1, length=5, heads=1, key_dim=3, value_dim=5, depth=2, seed=15
+    )
     rng = np.random.default_rng(16)
     names = ("q", "k", "v", "lr", "momentum", "decay", "gamma")
     xs = tuple(jnp.asarray(inputs[name][0, :, 0]) for name in names)
-    carry = {"weights": tuple(jnp.asarray(w[0]) for w in memory),
-             "momentum": tuple(jnp.asarray(0.1 * rng.standard_normal(w[0].shape))
-                               for w in memory),
-             "window_k": jnp.asarray(rng.standard_normal((2, 3))),
-             "window_v": jnp.asarray(rng.standard_normal((2, 5))),
-             "window_gamma": jnp.asarray([0.0, 0.7])}
+    carry = {
+        "weights": tuple(jnp.asarray(w[0]) for w in memory),
+        "momentum": tuple(jnp.asarray(0.1 * rng.standard_normal(w[0].shape)) for w in memory),
+        "window_k": jnp.asarray(rng.standard_normal((2, 3))),
+        "window_v": jnp.asarray(rng.standard_normal((2, 5))),
+        "window_gamma": jnp.asarray([0.0, 0.7]),
+    }
     rule = Rule(3, "momentum", 5, max_surprise_norm)
 
     def loss(step, carry, xs):
         new, o = step(carry, xs, rule)
-        return (jnp.sum(jnp.sin(o)) + sum(jnp.sum(jnp.cos(w)) for w in new["weights"])
-                + sum(jnp.sum(m * m) for m in new["momentum"])), (new, o)
+        return (
+            jnp.sum(jnp.sin(o))
+            + sum(jnp.sum(jnp.cos(w)) for w in new["weights"])
+            + sum(jnp.sum(m * m) for m in new["momentum"])
+        ), (new, o)
 
     results = {}
     for name, step in (("dual", dual_chunk_step), ("materialised", materialised_chunk_step)):

@@ -38,8 +38,9 @@ CASES = {
     "window-T257": Case(1, 257, 257, 2, 1, 12, 5, chunk_size=64, window=40),
     "bidirectional-window": Case(2, 63, 63, 2, 2, 5, 6, causal=False, window=9),
     "packed-uneven": Case(1, 100, 100, 2, 1, 6, 9, cu_seqlens=(0, 1, 38, 38, 64, 100)),
-    "packed-window-bidir": Case(1, 100, 100, 2, 2, 6, 4, causal=False, window=7,
-                                cu_seqlens=(0, 17, 60, 100)),
+    "packed-window-bidir": Case(
+        1, 100, 100, 2, 2, 6, 4, causal=False, window=7, cu_seqlens=(0, 17, 60, 100)
+    ),
     "queries-after-cache": Case(2, 5, 70, 4, 1, 8, 8),
     "decode-T1": Case(2, 1, 63, 4, 2, 16, 16, window=20),
 }
@@ -57,15 +58,27 @@ def make_inputs(case: Case, seed: int = 0):
 def check_against_reference(case: Case, kind: str, mode: str, dtype, tol: float):
     inputs = make_inputs(case)
     d_o = np.random.default_rng(1).standard_normal(
-        (case.batch, case.q_len, case.q_heads, case.value_dim))
-    o_ref, grads_ref = reference.attention(**inputs, kind=kind, causal=case.causal,
-                                           window=case.window, cu_seqlens=case.cu_seqlens,
-                                           d_o=d_o)
+        (case.batch, case.q_len, case.q_heads, case.value_dim)
+    )
+    o_ref, grads_ref = reference.attention(
+        **inputs,
+        kind=kind,
+        causal=case.causal,
+        window=case.window,
+        cu_seqlens=case.cu_seqlens,
+        d_o=d_o,
+    )
     cu = None if case.cu_seqlens is None else jnp.asarray(case.cu_seqlens, jnp.int32)
 
     def fn(floats):
-        return KINDS[kind](**floats, causal=case.causal, window=case.window, cu_seqlens=cu,
-                           mode=mode, chunk_size=case.chunk_size)[0]
+        return KINDS[kind](
+            **floats,
+            causal=case.causal,
+            window=case.window,
+            cu_seqlens=cu,
+            mode=mode,
+            chunk_size=case.chunk_size,
+        )[0]
 
     o, (grads,) = vjp_of(fn, (as_jax(inputs, dtype),), jnp.asarray(d_o, dtype))
     assert o.dtype == dtype
@@ -115,13 +128,20 @@ def test_sigmoid_bias_per_query_matches_reference(x64, mode, case):
     inputs = make_inputs(case)
     bias = 1.0 - np.log(np.arange(case.k_len - case.q_len, case.k_len) + 1.0)
     d_o = np.random.default_rng(1).standard_normal(
-        (case.batch, case.q_len, case.q_heads, case.value_dim))
-    o_ref, grads_ref = reference.attention(**inputs, kind="sigmoid", window=case.window,
-                                           bias=bias, d_o=d_o)
+        (case.batch, case.q_len, case.q_heads, case.value_dim)
+    )
+    o_ref, grads_ref = reference.attention(
+        **inputs, kind="sigmoid", window=case.window, bias=bias, d_o=d_o
+    )
 
     def fn(floats):
-        return ops.sigmoid_attention(**floats, window=case.window, bias=jnp.asarray(bias),
-                                     mode=mode, chunk_size=case.chunk_size)[0]
+        return ops.sigmoid_attention(
+            **floats,
+            window=case.window,
+            bias=jnp.asarray(bias),
+            mode=mode,
+            chunk_size=case.chunk_size,
+        )[0]
 
     o, (grads,) = vjp_of(fn, (as_jax(inputs),), jnp.asarray(d_o))
     assert_close(o, o_ref, 1e-9, "o")
@@ -142,9 +162,14 @@ def test_decoding_against_a_growing_cache_matches_the_full_forward(x64):
     inputs = as_jax(make_inputs(case))
     full, _ = ops.softmax_attention(**inputs, window=16, mode="chunk", chunk_size=16)
     for t in (0, 1, 30, 62):
-        step, _ = ops.softmax_attention(inputs["q"][:, t:t + 1], inputs["k"][:, :t + 1],
-                                        inputs["v"][:, :t + 1], window=16, mode="recurrent")
-        assert relative_error(step, full[:, t:t + 1]) <= 1e-12
+        step, _ = ops.softmax_attention(
+            inputs["q"][:, t : t + 1],
+            inputs["k"][:, : t + 1],
+            inputs["v"][:, : t + 1],
+            window=16,
+            mode="recurrent",
+        )
+        assert relative_error(step, full[:, t : t + 1]) <= 1e-12
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -168,7 +193,8 @@ def test_partly_filled_cache_equals_the_trimmed_cache(x64, kind, mode):
     out = jax.jit(padded)(q, k[:, :used], v[:, :used], used)
     assert relative_error(out, trimmed) <= 1e-12
     grads = jax.grad(lambda *a: jnp.sum(padded(*a, used) ** 2), (0, 1, 2))(
-        q, k[:, :used], v[:, :used])
+        q, k[:, :used], v[:, :used]
+    )
     fn_trim = lambda q, k, v: jnp.sum(fn(q, k, v, window=25, mode=mode)[0] ** 2)
     expected = jax.grad(fn_trim, (0, 1, 2))(q, k[:, :used], v[:, :used])
     for got, want in zip(grads, expected):

@@ -12,8 +12,7 @@ B, T, H, K, V = 2, 10, 3, 4, 5
 
 
 def linear_inputs(**overrides):
-    inputs = {"q": jnp.ones((B, T, H, K)), "k": jnp.ones((B, T, H, K)),
-              "v": jnp.ones((B, T, H, V))}
+    inputs = {"q": jnp.ones((B, T, H, K)), "k": jnp.ones((B, T, H, K)), "v": jnp.ones((B, T, H, V))}
     inputs.update(overrides)
     return inputs
 
@@ -33,13 +32,19 @@ LINEAR_CASES = {
     "gk-rank": (dict(gk=jnp.zeros((B, T, H))), r"`gk` must have rank 4"),
     "positive-gate": (dict(g=jnp.full((B, T, H), 0.5)), r"`g` holds log decays.*<= 0"),
     "nan-gate": (dict(gk=jnp.full((B, T, H, K), jnp.nan)), r"`gk` holds log decays"),
-    "empty": (dict(q=jnp.ones((B, 0, H, K)), k=jnp.ones((B, 0, H, K)),
-                   v=jnp.ones((B, 0, H, V))), r"T=0"),
+    "empty": (
+        dict(q=jnp.ones((B, 0, H, K)), k=jnp.ones((B, 0, H, K)), v=jnp.ones((B, 0, H, V))),
+        r"T=0",
+    ),
     "int-input": (dict(q=jnp.ones((B, T, H, K), jnp.int32)), r"`q` must be a floating"),
-    "state-shape": (dict(initial_state=jnp.zeros((B, H, K, V + 1))),
-                    r"`initial_state` must have shape .*\(2, 3, 4, 5\).*got \(2, 3, 4, 6\)"),
-    "state-normalize": (dict(initial_state=jnp.zeros((B, H, K, V)), normalize=True),
-                        r"`initial_state` .*V\+1.*\(2, 3, 4, 6\)"),
+    "state-shape": (
+        dict(initial_state=jnp.zeros((B, H, K, V + 1))),
+        r"`initial_state` must have shape .*\(2, 3, 4, 5\).*got \(2, 3, 4, 6\)",
+    ),
+    "state-normalize": (
+        dict(initial_state=jnp.zeros((B, H, K, V)), normalize=True),
+        r"`initial_state` .*V\+1.*\(2, 3, 4, 6\)",
+    ),
 }
 
 
@@ -53,26 +58,32 @@ def test_linear_attention_rejects(name):
 
 
 @pytest.mark.parametrize("op", [ops.linear_attention, ops.softmax_attention])
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(mode="fast"), r"unknown `mode`='fast'"),
-    (dict(chunk_size=0), r"`chunk_size` must be a positive int"),
-    (dict(backend="cuda"), r"unknown `backend`='cuda'"),
-    (dict(cu_seqlens=jnp.array([0, 4, 10])), r"need batch size B == 1; got B=2"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(mode="fast"), r"unknown `mode`='fast'"),
+        (dict(chunk_size=0), r"`chunk_size` must be a positive int"),
+        (dict(backend="cuda"), r"unknown `backend`='cuda'"),
+        (dict(cu_seqlens=jnp.array([0, 4, 10])), r"need batch size B == 1; got B=2"),
+    ],
+)
 def test_common_arguments_are_checked(op, kwargs, message):
     inputs = linear_inputs(v=jnp.ones((B, T, H, K)))
     with pytest.raises(ValueError, match=message):
         op(**inputs, **kwargs)
 
 
-@pytest.mark.parametrize("cu, message", [
-    (np.array([0, 4, 9]), r"end at T=10; got \[0, 4, 9\]"),
-    (np.array([1, 4, 10]), r"start at 0"),
-    (np.array([0, 6, 4, 10]), r"never decrease"),
-    (np.array([0.0, 10.0]), r"integer array"),
-    (np.array([[0, 10]]), r"`cu_seqlens` must have rank 1"),
-    (np.array([0]), r"at least two boundaries"),
-])
+@pytest.mark.parametrize(
+    "cu, message",
+    [
+        (np.array([0, 4, 9]), r"end at T=10; got \[0, 4, 9\]"),
+        (np.array([1, 4, 10]), r"start at 0"),
+        (np.array([0, 6, 4, 10]), r"never decrease"),
+        (np.array([0.0, 10.0]), r"integer array"),
+        (np.array([[0, 10]]), r"`cu_seqlens` must have rank 1"),
+        (np.array([0]), r"at least two boundaries"),
+    ],
+)
 def test_cu_seqlens_are_checked(cu, message):
     inputs = {n: x[:1] for n, x in linear_inputs().items()}
     with pytest.raises(ValueError, match=message):
@@ -83,13 +94,16 @@ def test_packed_initial_state_needs_one_row_per_sequence():
     inputs = {n: x[:1] for n, x in linear_inputs().items()}
     message = r"\(3, 3, 4, 5\) with N = the number of sequences.*got \(1, 3, 4, 5\)"
     with pytest.raises(ValueError, match=message):
-        ops.linear_attention(**inputs, cu_seqlens=np.array([0, 3, 7, 10]),
-                             initial_state=jnp.zeros((1, H, K, V)))
+        ops.linear_attention(
+            **inputs, cu_seqlens=np.array([0, 3, 7, 10]), initial_state=jnp.zeros((1, H, K, V))
+        )
 
 
 ATTENTION_CASES = {
-    "gqa-heads": (dict(k=jnp.ones((B, T, 2, K)), v=jnp.ones((B, T, 2, V))),
-                  r"Hq=3 .*multiple of key/value heads Hkv=2"),
+    "gqa-heads": (
+        dict(k=jnp.ones((B, T, 2, K)), v=jnp.ones((B, T, 2, V))),
+        r"Hq=3 .*multiple of key/value heads Hkv=2",
+    ),
     "k-dim": (dict(k=jnp.ones((B, T, H, K + 2))), r"`k` has shape \(2, 10, 3, 6\).*D of `q`"),
     "v-time": (dict(v=jnp.ones((B, T - 1, H, V))), r"`v` has shape \(2, 9, 3, 5\).*Tk of `k`"),
     "more-queries": (dict(q=jnp.ones((B, T + 1, H, K))), r"more tokens \(Tq=11\) than `k`"),

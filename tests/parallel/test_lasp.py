@@ -38,7 +38,8 @@ def _inputs(seed=0, rows=1):
     normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
     k = normal(B, T * rows, H, K)
     return {
-        "q": normal(B, T, H, K), "k": k / jnp.linalg.norm(k, axis=-1, keepdims=True),
+        "q": normal(B, T, H, K),
+        "k": k / jnp.linalg.norm(k, axis=-1, keepdims=True),
         "v": normal(B, T * rows, H, V),
         "g": jnp.asarray(np.log(rng.uniform(0.8, 1.0, (B, T, H))), jnp.float32),
         "gk": jnp.asarray(np.log(rng.uniform(0.9, 1.0, (B, T, H, K))), jnp.float32),
@@ -51,8 +52,7 @@ CASES = {
     "linear": (ops.linear_attention, ("q", "k", "v"), {}),
     "linear-g": (ops.linear_attention, ("q", "k", "v", "g"), {}),
     "linear-g-head": (ops.linear_attention, ("q", "k", "v"), {"head_gate": True}),
-    "linear-gk-normalize": (ops.linear_attention, ("q", "k", "v", "g", "gk"),
-                            {"normalize": True}),
+    "linear-gk-normalize": (ops.linear_attention, ("q", "k", "v", "g", "gk"), {"normalize": True}),
     "delta": (ops.delta_rule, ("q", "k", "v", "beta"), {}),
     "gated-delta": (ops.delta_rule, ("q", "k", "v", "beta", "g"), {}),
     "kda": (ops.delta_rule, ("q", "k", "v", "beta", "gk"), {}),
@@ -75,8 +75,14 @@ def _call(fn, case, inputs, with_init):
         positional[:2] = [jnp.abs(x) + 0.1 for x in positional[:2]]
     if "beta" in names:
         positional.append(inputs["beta"])
-    return fn(*positional, **kwargs, **options, initial_state=init if with_init else None,
-              output_final_state=True, chunk_size=16)
+    return fn(
+        *positional,
+        **kwargs,
+        **options,
+        initial_state=init if with_init else None,
+        output_final_state=True,
+        chunk_size=16,
+    )
 
 
 @pytest.mark.parametrize("mesh_name", MESHES)
@@ -99,6 +105,7 @@ def test_forward_and_gradients_match_the_single_device_op(case, mesh_name):
         def value(x):
             o, s = _call(fn, case, x, True)
             return jnp.sum(o * cotangent) + jnp.sum(jnp.sin(s))
+
         return value
 
     grads_ref = jax.grad(loss(op))(inputs)
@@ -114,9 +121,13 @@ def _collectives(jaxpr_text: str) -> dict[str, int]:
     names = ("all_gather", "reduce_scatter", "psum_scatter", "psum", "all_to_all", "ppermute")
     counts = {}
     for name in names:
-        counts[name] = len([line for line in jaxpr_text.splitlines()
-                            if f" {name}[" in line or f"= {name}" in line
-                            or line.strip().startswith(f"{name}[")])
+        counts[name] = len(
+            [
+                line
+                for line in jaxpr_text.splitlines()
+                if f" {name}[" in line or f"= {name}" in line or line.strip().startswith(f"{name}[")
+            ]
+        )
     return {k: v for k, v in counts.items() if v}
 
 
@@ -156,14 +167,21 @@ def _hlo_collectives(case: str, length: int) -> list[str]:
     split = NamedSharding(mesh, PartitionSpec("fsdp", "seq", "tensor"))
     state = NamedSharding(mesh, PartitionSpec("fsdp", "tensor"))
     rows = CASES[case][2].get("num_householder", 1)
-    inputs = {name: jax.ShapeDtypeStruct((B, value.shape[1] // T * length) + value.shape[2:],
-                                         value.dtype, sharding=split)
-              for name, value in _inputs(rows=rows).items() if name != "init"}
+    inputs = {
+        name: jax.ShapeDtypeStruct(
+            (B, value.shape[1] // T * length) + value.shape[2:], value.dtype, sharding=split
+        )
+        for name, value in _inputs(rows=rows).items()
+        if name != "init"
+    }
     inputs["init"] = jax.ShapeDtypeStruct((B, H, K, V), jnp.float32, sharding=state)
     compiled = jax.jit(lambda x: _call(parallel, case, x, True)).lower(inputs).compile()
     kinds = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
-    return [line.strip() for line in compiled.as_text().splitlines()
-            if any(f" {kind}(" in line or f" {kind}-start(" in line for kind in kinds)]
+    return [
+        line.strip()
+        for line in compiled.as_text().splitlines()
+        if any(f" {kind}(" in line or f" {kind}-start(" in line for kind in kinds)
+    ]
 
 
 def _result_elements(instruction: str) -> int:
@@ -173,8 +191,13 @@ def _result_elements(instruction: str) -> int:
 
 
 #: numbers per (batch, head) in one shard's packed pair: transition + contribution
-PAIR_SIZE = {"linear": K * V, "linear-g": 1 + K * V, "linear-gk-normalize": K + K * (V + 1),
-             "gated-delta": K * K + K * V, "deltaproduct": K * K + K * V}
+PAIR_SIZE = {
+    "linear": K * V,
+    "linear-g": 1 + K * V,
+    "linear-gk-normalize": K + K * (V + 1),
+    "gated-delta": K * K + K * V,
+    "deltaproduct": K * K + K * V,
+}
 
 
 @pytest.mark.parametrize("case", PAIR_SIZE)
@@ -221,8 +244,14 @@ def test_layers_switch_to_sequence_parallelism_under_a_seq_mesh(name):
     from flax import nnx
 
     from xformjax import nn
-    config = nn.MixerConfig(d_model=32, num_heads=2, chunk_size=16, max_seq_len=64,
-                            window=20 if name == "attn" else None)
+
+    config = nn.MixerConfig(
+        d_model=32,
+        num_heads=2,
+        chunk_size=16,
+        max_seq_len=64,
+        window=20 if name == "attn" else None,
+    )
     layer = nn.MIXERS[name](config, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(0), (2, 64, 32))
 
@@ -234,8 +263,9 @@ def test_layers_switch_to_sequence_parallelism_under_a_seq_mesh(name):
     collective = "ppermute" if name == "attn" else "all_gather"  # attn: a window halo
     value_ref, grads_ref = nnx.jit(nnx.value_and_grad(loss))(layer, x)
     assert collective not in str(jax.make_jaxpr(lambda x: layer(x))(x))
-    mesh = jax.make_mesh((4,), ("seq",), axis_types=(jax.sharding.AxisType.Auto,),
-                         devices=jax.devices()[:4])
+    mesh = jax.make_mesh(
+        (4,), ("seq",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:4]
+    )
     with jax.set_mesh(mesh):
         assert collective in str(jax.make_jaxpr(lambda x: layer(x))(x))
         value, grads = nnx.jit(nnx.value_and_grad(loss))(layer, x)

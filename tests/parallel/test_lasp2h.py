@@ -23,8 +23,10 @@ CASES = {
     "window-one-halo": (ops.softmax_attention, {"window": 9}),
     "window-two-halos": (ops.sigmoid_attention, {"window": 20}),
     # one bias per query (the sigmoid_attn layer's default): split along T with the queries
-    "sigmoid-per-query-bias": (ops.sigmoid_attention,
-                               {"bias": 1.0 - jnp.log(jnp.arange(1.0, T + 1.0))}),
+    "sigmoid-per-query-bias": (
+        ops.sigmoid_attention,
+        {"bias": 1.0 - jnp.log(jnp.arange(1.0, T + 1.0))},
+    ),
     "window-wide": (ops.softmax_attention, {"window": 50}),
 }
 
@@ -36,9 +38,11 @@ def mesh():
 
 def _inputs():
     rng = np.random.default_rng(0)
-    return {"q": jnp.asarray(rng.standard_normal((B, T, HQ, D)), jnp.float32),
-            "k": jnp.asarray(rng.standard_normal((B, T, HKV, D)), jnp.float32),
-            "v": jnp.asarray(rng.standard_normal((B, T, HKV, V)), jnp.float32)}
+    return {
+        "q": jnp.asarray(rng.standard_normal((B, T, HQ, D)), jnp.float32),
+        "k": jnp.asarray(rng.standard_normal((B, T, HKV, D)), jnp.float32),
+        "v": jnp.asarray(rng.standard_normal((B, T, HKV, V)), jnp.float32),
+    }
 
 
 @pytest.mark.parametrize("case", CASES)

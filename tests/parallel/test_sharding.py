@@ -18,7 +18,11 @@ from xformjax.parallel.distributed import distributed_reason
 
 def test_mesh_shapes_fill_and_errors():
     assert parallel.resolve_mesh_shape({"data": 2, "seq": -1}, 8) == {
-        "data": 2, "fsdp": 1, "tensor": 1, "seq": 4}
+        "data": 2,
+        "fsdp": 1,
+        "tensor": 1,
+        "seq": 4,
+    }
     assert parallel.resolve_mesh_shape({}, 8) == {"data": 1, "fsdp": 1, "tensor": 1, "seq": 1}
     with pytest.raises(ValueError, match="unknown mesh axes \\['gpu'\\]"):
         parallel.resolve_mesh_shape({"gpu": 2}, 8)
@@ -30,7 +34,11 @@ def test_mesh_shapes_fill_and_errors():
         parallel.resolve_mesh_shape({"data": 4, "tensor": 4}, 8)
     mesh = parallel.make_mesh({"fsdp": 2, "tensor": -1})
     assert dict(zip(mesh.axis_names, mesh.axis_sizes)) == {
-        "data": 1, "fsdp": 2, "tensor": 4, "seq": 1}
+        "data": 1,
+        "fsdp": 2,
+        "tensor": 4,
+        "seq": 1,
+    }
     assert mesh.devices.size == 8
 
 
@@ -39,7 +47,8 @@ def test_logical_rules_drop_what_cannot_split():
     spec = parallel.logical_to_spec
     assert spec(("embed", "heads"), (64, 32), sizes) == PartitionSpec("fsdp", "tensor")
     assert spec(("batch", "length", None), (8, 64, 16), sizes) == PartitionSpec(
-        ("data", "fsdp"), "seq")
+        ("data", "fsdp"), "seq"
+    )
     # batch 2: only the first batch axis divides; odd heads: replicated
     assert spec(("batch", "length"), (2, 64), sizes) == PartitionSpec("data", "seq")
     assert spec(("embed", "heads"), (64, 3), sizes) == PartitionSpec("fsdp")
@@ -55,9 +64,12 @@ def test_logical_rules_drop_what_cannot_split():
         spec(("embed", "heads"), (64,), sizes)
 
 
-CONFIG = LMConfig.preset("tiny", layer_pattern="gated_deltanet,attn", vocab_size=64,
-                         **{"mixer.num_heads": 4, "mixer.chunk_size": 16,
-                            "mixer.d_model": 64})
+CONFIG = LMConfig.preset(
+    "tiny",
+    layer_pattern="gated_deltanet,attn",
+    vocab_size=64,
+    **{"mixer.num_heads": 4, "mixer.chunk_size": 16, "mixer.d_model": 64},
+)
 
 
 def test_parameters_are_created_sharded_with_the_same_values():
@@ -65,11 +77,13 @@ def test_parameters_are_created_sharded_with_the_same_values():
     model = parallel.create_sharded(lambda: LanguageModel(CONFIG, rngs=nnx.Rngs(0)), mesh)
     reference = LanguageModel(CONFIG, rngs=nnx.Rngs(0))
     specs = {}
-    for (path, got), (_, want) in zip(nnx.to_flat_state(nnx.state(model)),
-                                      nnx.to_flat_state(nnx.state(reference))):
+    for (path, got), (_, want) in zip(
+        nnx.to_flat_state(nnx.state(model)), nnx.to_flat_state(nnx.state(reference))
+    ):
         # jitted initialisers may round the last bit differently from eager ones
-        np.testing.assert_allclose(np.asarray(got[...]), np.asarray(want[...]), rtol=1e-6,
-                                   atol=1e-8)
+        np.testing.assert_allclose(
+            np.asarray(got[...]), np.asarray(want[...]), rtol=1e-6, atol=1e-8
+        )
         specs["/".join(map(str, path))] = got[...].sharding.spec
     assert specs["embedding"] == PartitionSpec("tensor", "fsdp")  # (vocab, embed)
     assert specs["blocks/0/mixer/projections/q/kernel"] == PartitionSpec("fsdp", "tensor")
@@ -105,9 +119,16 @@ def test_hybrid_lm_forward_and_backward_under_seq_4_equal_one_device():
         assert_close(got[...], want[...], 1e-5, "d" + "/".join(map(str, path)))
 
 
-TASK = ["data.name=mqar", "data.options.num_pairs=6", "data.options.num_queries=4",
-        "model.mixer.num_heads=4", "model.mixer.chunk_size=8",
-        "train.batch_size=8", "train.checkpoint_every=1000", "train.eval_every=1000"]
+TASK = [
+    "data.name=mqar",
+    "data.options.num_pairs=6",
+    "data.options.num_queries=4",
+    "model.mixer.num_heads=4",
+    "model.mixer.chunk_size=8",
+    "train.batch_size=8",
+    "train.checkpoint_every=1000",
+    "train.eval_every=1000",
+]
 
 
 def _one_step(tmp_path, mesh_overrides):
@@ -120,14 +141,15 @@ def _one_step(tmp_path, mesh_overrides):
 
 def test_one_train_step_on_data2_fsdp2_seq2_equals_one_device(tmp_path):
     single, metrics_ref = _one_step(tmp_path / "single", [])
-    sharded, metrics = _one_step(tmp_path / "sharded",
-                                 ["mesh.data=2", "mesh.fsdp=2", "mesh.seq=2"])
+    sharded, metrics = _one_step(tmp_path / "sharded", ["mesh.data=2", "mesh.fsdp=2", "mesh.seq=2"])
     assert sharded.datasets.sequence_length % 2 == 0
     for key in ("loss", "cross_entropy", "accuracy", "grad_norm"):
         assert float(metrics[key]) == pytest.approx(float(metrics_ref[key]), rel=1e-5), key
     # the updated parameters and optimiser moments are the same, and stay sharded
-    pairs = zip(nnx.to_flat_state(nnx.state((sharded.model, sharded.optimizer))),
-                nnx.to_flat_state(nnx.state((single.model, single.optimizer))))
+    pairs = zip(
+        nnx.to_flat_state(nnx.state((sharded.model, sharded.optimizer))),
+        nnx.to_flat_state(nnx.state((single.model, single.optimizer))),
+    )
     for (path, got), (_, want) in pairs:
         # Adam's second moment is a squared gradient: twice the gradient's rounding.
         tol = 2e-5 if "nu" in path else 1e-5
@@ -147,8 +169,10 @@ def test_distributed_start_up_follows_the_environment():
     assert distributed_reason({}) is None
     assert distributed_reason({"XFORMJAX_DISTRIBUTED": "1"}) == "requested"
     assert distributed_reason({}, mode="on") == "requested"
-    assert distributed_reason({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}) == \
-        "JAX_COORDINATOR_ADDRESS"
+    assert (
+        distributed_reason({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
+        == "JAX_COORDINATOR_ADDRESS"
+    )
     assert distributed_reason({"SLURM_NTASKS": "16"}) == "SLURM_NTASKS"
     assert distributed_reason({"SLURM_NTASKS": "1"}) is None
     assert distributed_reason({"TPU_WORKER_HOSTNAMES": "a,b,c,d"}) == "TPU_WORKER_HOSTNAMES"
@@ -165,7 +189,10 @@ def test_importing_the_cli_leaves_the_backend_alone():
     importing the command (and everything it imports) must not start one."""
     import subprocess
     import sys
-    code = ("import xformjax.train.cli, xformjax.train.trainer, xformjax.models\n"
-            "from jax._src import xla_bridge\n"
-            "assert not xla_bridge._backends, xla_bridge._backends\n")
+
+    code = (
+        "import xformjax.train.cli, xformjax.train.trainer, xformjax.models\n"
+        "from jax._src import xla_bridge\n"
+        "assert not xla_bridge._backends, xla_bridge._backends\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -25,9 +25,20 @@ def _text_corpus(root: pathlib.Path) -> pathlib.Path:
 
 
 def _train_command(workdir, corpus, data_dir, *extra):
-    return [XFORMJAX, "train", "--config", "tiny", "--workdir", str(workdir), "--no-progress",
-            "--set", f"data.path={corpus}", f"data.data_dir={data_dir}",
-            "data.validation_fraction=0.2", *extra]
+    return [
+        XFORMJAX,
+        "train",
+        "--config",
+        "tiny",
+        "--workdir",
+        str(workdir),
+        "--no-progress",
+        "--set",
+        f"data.path={corpus}",
+        f"data.data_dir={data_dir}",
+        "data.validation_fraction=0.2",
+        *extra,
+    ]
 
 
 def _train_losses(workdir) -> dict[int, float]:
@@ -40,15 +51,21 @@ def test_help_for_every_command():
     for command in ([], ["train"], ["eval"], ["generate"]):
         result = subprocess.run([XFORMJAX, *command, "--help"], capture_output=True, text=True)
         assert result.returncode == 0 and "usage: xformjax" in result.stdout, command
-    assert "--set [KEY=VALUE ...]" in subprocess.run([XFORMJAX, "train", "--help"],
-                                               capture_output=True, text=True).stdout
+    assert (
+        "--set [KEY=VALUE ...]"
+        in subprocess.run([XFORMJAX, "train", "--help"], capture_output=True, text=True).stdout
+    )
 
 
 def test_train_eval_generate_on_tiny(tmp_path):
     corpus = _text_corpus(tmp_path)
     workdir = tmp_path / "run"
-    result = subprocess.run(_train_command(workdir, corpus, tmp_path / "tfds"),
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        _train_command(workdir, corpus, tmp_path / "tfds"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "validation bits per byte:" in result.stdout and "sample:" in result.stdout
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -60,15 +77,28 @@ def test_train_eval_generate_on_tiny(tmp_path):
     assert any(r["split"] == "validation" for r in records)
     assert (workdir / "config.yaml").is_file()
 
-    evaluated = subprocess.run([XFORMJAX, "eval", "--workdir", str(workdir)],
-                               capture_output=True, text=True, timeout=600)
+    evaluated = subprocess.run(
+        [XFORMJAX, "eval", "--workdir", str(workdir)], capture_output=True, text=True, timeout=600
+    )
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert "checkpoint: step 30" in evaluated.stdout
     assert "validation bits per byte:" in evaluated.stdout
 
-    generated = subprocess.run([XFORMJAX, "generate", "--workdir", str(workdir), "--prompt",
-                                "def f", "--max-new-tokens", "12"],
-                               capture_output=True, text=True, timeout=600)
+    generated = subprocess.run(
+        [
+            XFORMJAX,
+            "generate",
+            "--workdir",
+            str(workdir),
+            "--prompt",
+            "def f",
+            "--max-new-tokens",
+            "12",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert generated.returncode == 0, generated.stderr[-3000:]
     assert generated.stdout.startswith("def f") and len(generated.stdout.strip()) >= 6
 
@@ -83,22 +113,40 @@ def test_bad_keys_and_values_are_rejected(tmp_path):
         "mesh.gpu=2": "valid keys under 'mesh': data, fsdp, tensor, seq",
     }
     for assignment, message in cases.items():
-        result = subprocess.run([XFORMJAX, "train", "--config", "tiny", "--workdir",
-                                 str(tmp_path / "never"), "--set", assignment],
-                                capture_output=True, text=True)
+        result = subprocess.run(
+            [
+                XFORMJAX,
+                "train",
+                "--config",
+                "tiny",
+                "--workdir",
+                str(tmp_path / "never"),
+                "--set",
+                assignment,
+            ],
+            capture_output=True,
+            text=True,
+        )
         assert result.returncode == 2 and message in result.stderr, (assignment, result.stderr)
-    result = subprocess.run([XFORMJAX, "train", "--config", "huge"], capture_output=True,
-                            text=True)
+    result = subprocess.run([XFORMJAX, "train", "--config", "huge"], capture_output=True, text=True)
     assert "unknown config 'huge'; presets: ['default', 'tiny']" in result.stderr
 
 
 def test_killed_run_resumes_to_the_same_losses(tmp_path):
     corpus = _text_corpus(tmp_path)
-    extra = ("train.steps=60", "train.checkpoint_every=10", "train.log_every=1",
-             "train.eval_every=1000")
+    extra = (
+        "train.steps=60",
+        "train.checkpoint_every=10",
+        "train.log_every=1",
+        "train.eval_every=1000",
+    )
     reference = tmp_path / "uninterrupted"
-    result = subprocess.run(_train_command(reference, corpus, tmp_path / "tfds", *extra),
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        _train_command(reference, corpus, tmp_path / "tfds", *extra),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
     workdir = tmp_path / "killed"

@@ -13,9 +13,15 @@ import pytest
 from xformjax import train
 from xformjax.train.optimizer import learning_rate_schedule, make_optimizer, weight_decay_mask
 
-TASK = ["data.name=parity", "data.options.max_length=12", "data.options.min_length=2",
-        "model.vocab_size=3", "train.log_every=1", "train.eval_every=1000",
-        "train.checkpoint_every=1000"]
+TASK = [
+    "data.name=parity",
+    "data.options.max_length=12",
+    "data.options.min_length=2",
+    "model.vocab_size=3",
+    "train.log_every=1",
+    "train.eval_every=1000",
+    "train.checkpoint_every=1000",
+]
 
 
 def _records(workdir):
@@ -31,8 +37,9 @@ def test_task_training_with_accumulation_and_a_data_parallel_mesh(tmp_path):
     assert all("accuracy" in r for r in records)
 
     # the same run on a 2-device data-parallel mesh gives the same losses
-    sharded = train.load_config("tiny", TASK + ["train.steps=6", "train.grad_accum=2",
-                                                "mesh.data=2"])
+    sharded = train.load_config(
+        "tiny", TASK + ["train.steps=6", "train.grad_accum=2", "mesh.data=2"]
+    )
     assert jax.device_count() >= 2
     train.Trainer(sharded, tmp_path / "sharded", progress=False).run()
     losses = [r["loss"] for r in _records(tmp_path / "single") if r["split"] == "train"]
@@ -41,9 +48,18 @@ def test_task_training_with_accumulation_and_a_data_parallel_mesh(tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    config = train.load_config("tiny", TASK + [
-        "train.steps=40", "train.checkpoint_every=2", "train.learning_rate=1e9",
-        "train.grad_clip=0", "train.warmup_steps=0", "train.weight_decay=0"])
+    config = train.load_config(
+        "tiny",
+        TASK
+        + [
+            "train.steps=40",
+            "train.checkpoint_every=2",
+            "train.learning_rate=1e9",
+            "train.grad_clip=0",
+            "train.warmup_steps=0",
+            "train.weight_decay=0",
+        ],
+    )
     trainer = train.Trainer(config, tmp_path / "run", progress=False)
     with pytest.raises(train.NonFiniteLossError, match=r"non-finite loss at step (\d+)") as info:
         trainer.run()
@@ -53,6 +69,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     restored = train.Trainer(config, tmp_path / "run", progress=False)
     restored.checkpointer.restore_model(restored.model)
     import flax.nnx as nnx
+
     leaves = jax.tree.leaves(nnx.state(restored.model, nnx.Param))
     assert all(bool(np.all(np.isfinite(leaf))) for leaf in leaves)
     logged = [r["step"] for r in _records(tmp_path / "run") if r["split"] == "train"]
@@ -84,27 +101,40 @@ def test_config_rules():
     with pytest.raises(ValueError, match="mesh.tensor must be ≥ 1 or -1"):
         train.load_config("tiny", ["mesh.tensor=0"])
     with pytest.raises(ValueError, match="batch_size=4 must divide over mesh.data × mesh.fsdp = 3"):
-        train.Trainer(train.load_config("tiny", TASK + ["mesh.data=3"]), "/tmp/never",
-                      progress=False)
+        train.Trainer(
+            train.load_config("tiny", TASK + ["mesh.data=3"]), "/tmp/never", progress=False
+        )
     with pytest.raises(ValueError, match="sequence length 15 must divide over mesh.seq = 2"):
-        train.Trainer(train.load_config("tiny", TASK + ["mesh.seq=2",
-                                                        "data.options.max_length=15"]),
-                      "/tmp/never", progress=False)
+        train.Trainer(
+            train.load_config("tiny", TASK + ["mesh.seq=2", "data.options.max_length=15"]),
+            "/tmp/never",
+            progress=False,
+        )
     with pytest.raises(ValueError, match="needs 16 devices; 8 available"):
-        train.Trainer(train.load_config("tiny", TASK + ["mesh.data=2", "mesh.seq=8"]),
-                      "/tmp/never", progress=False)
+        train.Trainer(
+            train.load_config("tiny", TASK + ["mesh.data=2", "mesh.seq=8"]),
+            "/tmp/never",
+            progress=False,
+        )
 
 
 def test_loss_is_masked_cross_entropy_plus_weighted_auxiliary_losses():
     import jax.numpy as jnp
+
     logits = jnp.log(jnp.array([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [1 / 3, 1 / 3, 1 / 3]]]))
 
     def model(tokens):
-        return logits, [SimpleNamespace(aux_loss=jnp.array(2.0)), SimpleNamespace(position=3),
-                        SimpleNamespace(aux_loss=1.0)]
+        return logits, [
+            SimpleNamespace(aux_loss=jnp.array(2.0)),
+            SimpleNamespace(position=3),
+            SimpleNamespace(aux_loss=1.0),
+        ]
 
-    batch = {"inputs": jnp.zeros((1, 3), jnp.int32), "targets": jnp.array([[0, 2, 1]]),
-             "mask": jnp.array([[1.0, 1.0, 0.0]])}
+    batch = {
+        "inputs": jnp.zeros((1, 3), jnp.int32),
+        "targets": jnp.array([[0, 2, 1]]),
+        "mask": jnp.array([[1.0, 1.0, 0.0]]),
+    }
     loss, metrics = train.loss_and_metrics(model, batch, aux_weight=0.1)
     cross_entropy = -(np.log(0.5) + np.log(0.1)) / 2
     assert float(metrics["cross_entropy"]) == pytest.approx(cross_entropy, rel=1e-6)
@@ -117,10 +147,13 @@ def test_weight_decay_applies_to_the_matrices_but_not_norms_gates_or_the_embeddi
     from flax import nnx
 
     from xformjax.models import LanguageModel, LMConfig
+
     model = LanguageModel(LMConfig.preset("tiny"), rngs=nnx.Rngs(0))
     params = nnx.as_pure(nnx.state(model, nnx.Param))
-    decayed = {jax.tree_util.keystr(path): flag for path, flag
-               in jax.tree_util.tree_flatten_with_path(weight_decay_mask(params))[0]}
+    decayed = {
+        jax.tree_util.keystr(path): flag
+        for path, flag in jax.tree_util.tree_flatten_with_path(weight_decay_mask(params))[0]
+    }
     assert decayed["['blocks'][1]['mixer']['q_proj']['kernel']"]
     assert decayed["['blocks'][0]['mlp']['down']['kernel']"]
     assert not decayed["['embedding']"]

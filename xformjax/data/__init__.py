@@ -27,6 +27,21 @@ from xformjax.data.tasks import (
     group_elements,
 )
 
-__all__ = ["DOCUMENT_END", "MQAR", "TASKS", "CorpusSpec", "ListOps", "ModularArithmetic", "Parity",
-           "Task", "WordProblem", "evaluate_arithmetic", "group_elements", "lm_dataset",
-           "prepare_corpus", "split_files", "stdlib_corpus", "task_dataset"]
+__all__ = [
+    "DOCUMENT_END",
+    "MQAR",
+    "TASKS",
+    "CorpusSpec",
+    "ListOps",
+    "ModularArithmetic",
+    "Parity",
+    "Task",
+    "WordProblem",
+    "evaluate_arithmetic",
+    "group_elements",
+    "lm_dataset",
+    "prepare_corpus",
+    "split_files",
+    "stdlib_corpus",
+    "task_dataset",
+]

@@ -41,8 +41,11 @@ class CorpusSpec:
         root = pathlib.Path(self.root)
         if not root.is_dir():
             raise ValueError(f"corpus directory {self.root!r} does not exist")
-        found = sorted(p for p in root.glob(self.pattern) if p.is_file()
-                       and not any(part in self.exclude for part in p.relative_to(root).parts))
+        found = sorted(
+            p
+            for p in root.glob(self.pattern)
+            if p.is_file() and not any(part in self.exclude for part in p.relative_to(root).parts)
+        )
         if not found:
             raise ValueError(f"no files match {self.pattern!r} under {self.root!r}")
         return found
@@ -88,29 +91,38 @@ def _builder_class():
             super().__init__(**kwargs)
 
         def _info(self):
-            features = tfds.features.FeaturesDict({
-                "text": tfds.features.Tensor(shape=(None,), dtype=np.uint8),
-                "path": tfds.features.Text()})
-            return tfds.core.DatasetInfo(builder=self, features=features,
-                                         description=f"text files {self.spec}")
+            features = tfds.features.FeaturesDict(
+                {
+                    "text": tfds.features.Tensor(shape=(None,), dtype=np.uint8),
+                    "path": tfds.features.Text(),
+                }
+            )
+            return tfds.core.DatasetInfo(
+                builder=self, features=features, description=f"text files {self.spec}"
+            )
 
         def _split_generators(self, dl_manager):
             del dl_manager
-            return {split: self._generate_examples(paths)
-                    for split, paths in split_files(self.spec).items()}
+            return {
+                split: self._generate_examples(paths)
+                for split, paths in split_files(self.spec).items()
+            }
 
         def _generate_examples(self, paths):
             root = pathlib.Path(self.spec.root)
             for path in paths:
                 relative = str(path.relative_to(root))
-                yield relative, {"text": np.frombuffer(path.read_bytes(), np.uint8),
-                                 "path": relative}
+                yield (
+                    relative,
+                    {"text": np.frombuffer(path.read_bytes(), np.uint8), "path": relative},
+                )
 
     return TextFiles
 
 
-def prepare_corpus(spec: CorpusSpec | None = None,
-                   data_dir: str | pathlib.Path | None = None) -> dict[str, Any]:
+def prepare_corpus(
+    spec: CorpusSpec | None = None, data_dir: str | pathlib.Path | None = None
+) -> dict[str, Any]:
     """Build the corpus once (array_record) and return ``{"train", "validation"}``
     grain-compatible random-access sources of ``{"text", "path"}`` examples."""
     spec = stdlib_corpus() if spec is None else spec

@@ -42,8 +42,15 @@ def _shift(example: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"inputs": tokens[:-1], "targets": tokens[1:], "mask": real[1:] * real[:-1]}
 
 
-def lm_dataset(source, *, seq_len: int, batch_size: int, seed: int = 0,
-               shuffle: bool = True, repeat: bool = True) -> grain.IterDataset:
+def lm_dataset(
+    source,
+    *,
+    seq_len: int,
+    batch_size: int,
+    seed: int = 0,
+    shuffle: bool = True,
+    repeat: bool = True,
+) -> grain.IterDataset:
     """Packed ``[batch_size, seq_len]`` byte batches from a source of documents."""
     if seq_len < 1 or batch_size < 1:
         raise ValueError(f"seq_len and batch_size must be ≥ 1; got {seq_len}, {batch_size}")
@@ -54,17 +61,18 @@ def lm_dataset(source, *, seq_len: int, batch_size: int, seed: int = 0,
         dataset = dataset.repeat(None)
     dataset = dataset.map(_document_tokens).to_iter_dataset(read_options(batch_size))
     dataset = grain.experimental.ConcatThenSplitIterDataset(
-        dataset, length_struct={"tokens": seq_len + 1})
+        dataset, length_struct={"tokens": seq_len + 1}
+    )
     return dataset.map(_shift).batch(batch_size, drop_remainder=True)
 
 
-def task_dataset(task, *, batch_size: int, seed: int = 0, shuffle: bool = True,
-                 repeat: bool = True) -> grain.IterDataset:
+def task_dataset(
+    task, *, batch_size: int, seed: int = 0, shuffle: bool = True, repeat: bool = True
+) -> grain.IterDataset:
     """``[batch_size, L]`` batches of a synthetic task (see :mod:`xformjax.data.tasks`)."""
     dataset = grain.MapDataset.source(task).seed(seed)
     if shuffle:
         dataset = dataset.shuffle()
     if repeat:
         dataset = dataset.repeat(None)
-    return dataset.to_iter_dataset(read_options(batch_size)).batch(batch_size,
-                                                                  drop_remainder=True)
+    return dataset.to_iter_dataset(read_options(batch_size)).batch(batch_size, drop_remainder=True)

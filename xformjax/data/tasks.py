@@ -32,12 +32,14 @@ import numpy as np
 
 
 def _example(inputs, targets, mask) -> dict[str, np.ndarray]:
-    return {"inputs": np.asarray(inputs, np.int32), "targets": np.asarray(targets, np.int32),
-            "mask": np.asarray(mask, np.float32)}
+    return {
+        "inputs": np.asarray(inputs, np.int32),
+        "targets": np.asarray(targets, np.int32),
+        "mask": np.asarray(mask, np.float32),
+    }
 
 
-def _labelled_at_end(ids: list[int], value: int, length: int, pad_id: int
-                     ) -> dict[str, np.ndarray]:
+def _labelled_at_end(ids: list[int], value: int, length: int, pad_id: int) -> dict[str, np.ndarray]:
     """``ids`` padded to ``length``; ``value`` is the target at the last real token,
     the only scored position."""
     targets, mask = np.zeros(length), np.zeros(length)
@@ -59,8 +61,9 @@ class Task(abc.ABC):
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         if not 0 <= index < self.num_examples:
-            raise IndexError(f"{type(self).__name__} has {self.num_examples} examples; "
-                             f"got index {index}")
+            raise IndexError(
+                f"{type(self).__name__} has {self.num_examples} examples; got index {index}"
+            )
         return self.build(np.random.default_rng((self.seed, int(index))))
 
     @abc.abstractmethod
@@ -135,9 +138,11 @@ class Parity(Task):
         n = int(rng.integers(self.min_length, self.max_length + 1))
         bits = rng.integers(0, 2, n)
         pad = self.max_length - n
-        return _example(np.concatenate([bits, np.full(pad, self.PAD)]),
-                        np.concatenate([np.cumsum(bits) % 2, np.zeros(pad)]),
-                        np.concatenate([np.ones(n), np.zeros(pad)]))
+        return _example(
+            np.concatenate([bits, np.full(pad, self.PAD)]),
+            np.concatenate([np.cumsum(bits) % 2, np.zeros(pad)]),
+            np.concatenate([np.ones(n), np.zeros(pad)]),
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,8 +171,10 @@ class ModularArithmetic(Task):
 
     def __post_init__(self):
         if self.min_operands is not None and not 1 <= self.min_operands <= self.num_operands:
-            raise ValueError(f"ModularArithmetic: min_operands={self.min_operands} must lie "
-                             f"in [1, num_operands={self.num_operands}]")
+            raise ValueError(
+                f"ModularArithmetic: min_operands={self.min_operands} must lie "
+                f"in [1, num_operands={self.num_operands}]"
+            )
 
     def symbol(self, text: str) -> int:
         return self.modulus + self.SYMBOLS.index(text)
@@ -176,22 +183,29 @@ class ModularArithmetic(Task):
         if operands == 1:
             return [str(int(rng.integers(0, self.modulus)))]
         left = int(rng.integers(1, operands))
-        tokens = (self._expression(rng, left) + [str(rng.choice(["+", "-", "*"]))]
-                  + self._expression(rng, operands - left))
+        tokens = (
+            self._expression(rng, left)
+            + [str(rng.choice(["+", "-", "*"]))]
+            + self._expression(rng, operands - left)
+        )
         if self.brackets and rng.random() < 0.5:
             tokens = ["("] + tokens + [")"]
         return tokens
 
     def build(self, rng):
-        operands = (self.num_operands if self.min_operands is None else
-                    int(rng.integers(self.min_operands, self.num_operands + 1)))
+        operands = (
+            self.num_operands
+            if self.min_operands is None
+            else int(rng.integers(self.min_operands, self.num_operands + 1))
+        )
         if self.brackets:
             tokens = self._expression(rng, operands)
         else:
             digits = rng.integers(0, self.modulus, operands)
             ops = rng.choice(["+", "-", "*"], operands - 1)
-            tokens = [str(digits[0])] + [t for pair in zip(ops, digits[1:])
-                                         for t in (str(pair[0]), str(pair[1]))]
+            tokens = [str(digits[0])] + [
+                t for pair in zip(ops, digits[1:]) for t in (str(pair[0]), str(pair[1]))
+            ]
         value = evaluate_arithmetic(tokens, self.modulus)
         ids = [int(t) if t.isdigit() else self.symbol(t) for t in tokens] + [self.symbol("=")]
         return _labelled_at_end(ids, value, self.length, self.symbol("PAD"))
@@ -246,8 +260,9 @@ def group_elements(group: str) -> tuple[tuple[int, ...], ...]:
 
 
 def _is_even(perm: tuple[int, ...]) -> bool:
-    inversions = sum(1 for i in range(len(perm)) for j in range(i + 1, len(perm))
-                     if perm[i] > perm[j])
+    inversions = sum(
+        1 for i in range(len(perm)) for j in range(i + 1, len(perm)) if perm[i] > perm[j]
+    )
     return inversions % 2 == 0
 
 
@@ -288,9 +303,11 @@ class WordProblem(Task):
             state = table[state, g]
             targets.append(state)
         pad = self.max_length - n
-        return _example(np.concatenate([word, np.full(pad, len(elements))]),
-                        np.concatenate([targets, np.zeros(pad)]),
-                        np.concatenate([np.ones(n), np.zeros(pad)]))
+        return _example(
+            np.concatenate([word, np.full(pad, len(elements))]),
+            np.concatenate([targets, np.zeros(pad)]),
+            np.concatenate([np.ones(n), np.zeros(pad)]),
+        )
 
 
 _TABLES: dict[str, np.ndarray] = {}
@@ -387,5 +404,6 @@ def _tree_value(tree) -> int:
     return sum(values) % 10
 
 
-TASKS: dict[str, type[Task]] = {cls.name: cls for cls in
-                                (MQAR, Parity, ModularArithmetic, WordProblem, ListOps)}
+TASKS: dict[str, type[Task]] = {
+    cls.name: cls for cls in (MQAR, Parity, ModularArithmetic, WordProblem, ListOps)
+}

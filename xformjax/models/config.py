@@ -83,8 +83,12 @@ class LMConfig:
             bad(f"`norm_placement` must be 'pre' or 'peri'; got {self.norm_placement!r}")
         for name in ("embed_std", "embed_scale"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                      or not math.isfinite(value) or value <= 0):
+            if value is not None and (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or value <= 0
+            ):
                 bad(f"`{name}` must be a positive finite number or None; got {value!r}")
         try:
             for name in self._pattern():
@@ -105,12 +109,12 @@ class LMConfig:
     @property
     def embedding_std(self) -> float:
         """The embedding initialisation's standard deviation (``embed_std`` resolved)."""
-        return self.d_model ** -0.5 if self.embed_std is None else float(self.embed_std)
+        return self.d_model**-0.5 if self.embed_std is None else float(self.embed_std)
 
     @property
     def embedding_scale(self) -> float:
         """The multiplier on looked-up embeddings (``embed_scale`` resolved)."""
-        return self.d_model ** 0.5 if self.embed_scale is None else float(self.embed_scale)
+        return self.d_model**0.5 if self.embed_scale is None else float(self.embed_scale)
 
     @property
     def hidden(self) -> int:
@@ -139,13 +143,21 @@ class LMConfig:
 
 PRESETS: dict[str, LMConfig] = {
     # seconds on a laptop CPU: tests, smoke runs
-    "tiny": LMConfig(num_layers=2, layer_pattern="gated_deltanet,attn",
-                     mixer=MixerConfig(d_model=64, num_heads=2, chunk_size=32, max_seq_len=256)),
+    "tiny": LMConfig(
+        num_layers=2,
+        layer_pattern="gated_deltanet,attn",
+        mixer=MixerConfig(d_model=64, num_heads=2, chunk_size=32, max_seq_len=256),
+    ),
     # minutes on a CPU: the experiments' language models
-    "small": LMConfig(num_layers=6, layer_pattern="gated_deltanet,gated_deltanet,attn",
-                      mixer=MixerConfig(d_model=256, num_heads=4, max_seq_len=1024)),
+    "small": LMConfig(
+        num_layers=6,
+        layer_pattern="gated_deltanet,gated_deltanet,attn",
+        mixer=MixerConfig(d_model=256, num_heads=4, max_seq_len=1024),
+    ),
     # an accelerator-sized hybrid (≈ 90M parameters with a byte vocabulary)
-    "base": LMConfig(num_layers=12,
-                     layer_pattern="gated_deltanet,gated_deltanet,gated_deltanet,attn",
-                     mixer=MixerConfig(d_model=768, num_heads=12, max_seq_len=2048)),
+    "base": LMConfig(
+        num_layers=12,
+        layer_pattern="gated_deltanet,gated_deltanet,gated_deltanet,attn",
+        mixer=MixerConfig(d_model=768, num_heads=12, max_seq_len=2048),
+    ),
 }

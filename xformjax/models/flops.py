@@ -30,9 +30,11 @@ class ModelCost:
         return 3.0 * self.forward_flops_per_token
 
     def summary(self) -> str:
-        return (f"{self.params / 1e6:.2f}M parameters ({self.embedding_params / 1e6:.2f}M "
-                f"embedding); {self.forward_flops_per_token / 1e6:.2f} MFLOP/token forward, "
-                f"{self.train_flops_per_token / 1e6:.2f} MFLOP/token training")
+        return (
+            f"{self.params / 1e6:.2f}M parameters ({self.embedding_params / 1e6:.2f}M "
+            f"embedding); {self.forward_flops_per_token / 1e6:.2f} MFLOP/token forward, "
+            f"{self.train_flops_per_token / 1e6:.2f} MFLOP/token training"
+        )
 
 
 def count_params(model: nnx.Module) -> int:
@@ -59,5 +61,8 @@ def model_cost(model_or_config: LanguageModel | LMConfig, seq_len: int) -> Model
         model = model_or_config
     flops = 2.0 * _matmul_weights(model)
     flops += sum(block.mixer.sequence_flops(seq_len) for block in model.blocks)
-    return ModelCost(params=count_params(model), embedding_params=int(model.embedding.size),
-                     forward_flops_per_token=flops)
+    return ModelCost(
+        params=count_params(model),
+        embedding_params=int(model.embedding.size),
+        forward_flops_per_token=flops,
+    )

@@ -15,8 +15,9 @@ from flax import nnx
 from xformjax.models.lm import LanguageModel
 
 
-def sample_token(logits: jax.Array, key: jax.Array, temperature: float,
-                 top_k: int | None) -> jax.Array:
+def sample_token(
+    logits: jax.Array, key: jax.Array, temperature: float, top_k: int | None
+) -> jax.Array:
     """Sample from ``logits`` ``[B, V]``; ``temperature == 0`` is greedy."""
     if temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -27,9 +28,16 @@ def sample_token(logits: jax.Array, key: jax.Array, temperature: float,
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def generate(model: LanguageModel, prompt_tokens: jax.Array, max_new_tokens: int,
-             temperature: float = 1.0, top_k: int | None = None, seed: int = 0, *,
-             return_logits: bool = False):
+def generate(
+    model: LanguageModel,
+    prompt_tokens: jax.Array,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int = 0,
+    *,
+    return_logits: bool = False,
+):
     """Continue ``prompt_tokens`` int ``[B, P]`` by ``max_new_tokens`` tokens.
 
     Args:
@@ -48,8 +56,10 @@ def generate(model: LanguageModel, prompt_tokens: jax.Array, max_new_tokens: int
     """
     prompt_tokens = jnp.asarray(prompt_tokens)
     if prompt_tokens.ndim != 2 or prompt_tokens.shape[1] < 1:
-        raise ValueError(f"generate: `prompt_tokens` must be [B, P] with P ≥ 1; got shape "
-                         f"{tuple(prompt_tokens.shape)}")
+        raise ValueError(
+            f"generate: `prompt_tokens` must be [B, P] with P ≥ 1; got shape "
+            f"{tuple(prompt_tokens.shape)}"
+        )
     if max_new_tokens < 1:
         raise ValueError(f"generate: `max_new_tokens` must be ≥ 1; got {max_new_tokens}")
     if temperature < 0:
@@ -77,10 +87,12 @@ def generate(model: LanguageModel, prompt_tokens: jax.Array, max_new_tokens: int
             return (next_token, cache, key), (next_token, logits[:, -1])
 
         (_, _, _), (tokens, step_logits) = jax.lax.scan(
-            step, (first, cache, key), None, length=max_new_tokens - 1)
+            step, (first, cache, key), None, length=max_new_tokens - 1
+        )
         tokens = jnp.concatenate([first[:, None], jnp.moveaxis(tokens, 0, 1)], axis=1)
-        all_logits = jnp.concatenate([first_logits[:, None], jnp.moveaxis(step_logits, 0, 1)],
-                                     axis=1)
+        all_logits = jnp.concatenate(
+            [first_logits[:, None], jnp.moveaxis(step_logits, 0, 1)], axis=1
+        )
         return tokens, all_logits
 
     tokens, logits = run(params, prompt_tokens, jax.random.key(seed))

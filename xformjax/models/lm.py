@@ -42,25 +42,27 @@ ACTIVATION_AXES = ("batch", "length", None)
 class Block(nnx.Module):
     """One residual layer: a mixer and an MLP, each behind a norm."""
 
-    def __init__(self, config: LMConfig, mixer_name: str, layer_index: int, *,
-                 rngs: nnx.Rngs):
+    def __init__(self, config: LMConfig, mixer_name: str, layer_index: int, *, rngs: nnx.Rngs):
         d, mixer_config = config.d_model, config.mixer
 
         def norm():
-            return norms.make_norm(config.norm, d, eps=mixer_config.norm_eps,
-                                   param_dtype=mixer_config.params_dtype)
+            return norms.make_norm(
+                config.norm, d, eps=mixer_config.norm_eps, param_dtype=mixer_config.params_dtype
+            )
 
         self.mixer_norm = norm()
-        self.mixer = get_mixer(mixer_name)(mixer_config, layer_index=layer_index,
-                                           num_layers=config.num_layers, rngs=rngs)
+        self.mixer = get_mixer(mixer_name)(
+            mixer_config, layer_index=layer_index, num_layers=config.num_layers, rngs=rngs
+        )
         self.mlp_norm = norm()
         self.mlp = MLP(mixer_config, config.hidden, kind=config.mlp, rngs=rngs)
         peri = config.norm_placement == "peri"
         self.mixer_out_norm = norm() if peri else None
         self.mlp_out_norm = norm() if peri else None
 
-    def __call__(self, x: jax.Array, *, state: MixerState | None = None,
-                 mode: Mode | None = None) -> tuple[jax.Array, MixerState]:
+    def __call__(
+        self, x: jax.Array, *, state: MixerState | None = None, mode: Mode | None = None
+    ) -> tuple[jax.Array, MixerState]:
         """``x`` is the residual stream (float32 or wider); the sub-layers run in the
         mixer config's compute dtype."""
         dtype = self.mixer.config.compute_dtype
@@ -80,31 +82,42 @@ class LanguageModel(nnx.Module):
     def __init__(self, config: LMConfig, *, rngs: nnx.Rngs):
         self.config = config
         d, mixer_config = config.d_model, config.mixer
-        embedding = jax.random.normal(rngs.params(), (config.vocab_size, d),
-                                      mixer_config.params_dtype) * config.embedding_std
-        self.embedding = nnx.Param(embedding, out_sharding=("vocab", "embed"),
-                                   eager_sharding=False)
-        self.blocks = nnx.List([Block(config, name, i, rngs=rngs)
-                                for i, name in enumerate(config.layer_names())])
-        self.final_norm = norms.make_norm(config.norm, d, eps=mixer_config.norm_eps,
-                                          param_dtype=mixer_config.params_dtype)
-        self.lm_head = (None if config.tie_embeddings else
-                        linear.dense(mixer_config, d, config.vocab_size, axes=("embed", "vocab"),
-                                     rngs=rngs))
+        embedding = (
+            jax.random.normal(rngs.params(), (config.vocab_size, d), mixer_config.params_dtype)
+            * config.embedding_std
+        )
+        self.embedding = nnx.Param(embedding, out_sharding=("vocab", "embed"), eager_sharding=False)
+        self.blocks = nnx.List(
+            [Block(config, name, i, rngs=rngs) for i, name in enumerate(config.layer_names())]
+        )
+        self.final_norm = norms.make_norm(
+            config.norm, d, eps=mixer_config.norm_eps, param_dtype=mixer_config.params_dtype
+        )
+        self.lm_head = (
+            None
+            if config.tie_embeddings
+            else linear.dense(
+                mixer_config, d, config.vocab_size, axes=("embed", "vocab"), rngs=rngs
+            )
+        )
 
     def init_cache(self, batch: int, max_len: int) -> list[MixerState]:
         """Empty decoding states for ``batch`` sequences of up to ``max_len`` tokens."""
         return [block.mixer.init_state(batch, max_len) for block in self.blocks]
 
-    def __call__(self, tokens: jax.Array, cache: list[MixerState] | None = None, *,
-                 mode: Mode | None = None) -> tuple[jax.Array, list[MixerState]]:
+    def __call__(
+        self, tokens: jax.Array, cache: list[MixerState] | None = None, *, mode: Mode | None = None
+    ) -> tuple[jax.Array, list[MixerState]]:
         """``tokens`` int ``[B, T]`` → ``(logits [B, T, vocab] float32, cache)``."""
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-            raise ValueError(f"LanguageModel: `tokens` must be int [B, T]; got "
-                             f"{tokens.dtype}{list(tokens.shape)}")
+            raise ValueError(
+                f"LanguageModel: `tokens` must be int [B, T]; got "
+                f"{tokens.dtype}{list(tokens.shape)}"
+            )
         if cache is not None and len(cache) != len(self.blocks):
-            raise ValueError(f"LanguageModel: `cache` has {len(cache)} entries for "
-                             f"{len(self.blocks)} layers")
+            raise ValueError(
+                f"LanguageModel: `cache` has {len(cache)} entries for {len(self.blocks)} layers"
+            )
         dtype = self.config.mixer.compute_dtype
         residual_dtype = jnp.promote_types(dtype, jnp.float32)
         x = jnp.take(self.embedding[...], tokens, axis=0).astype(residual_dtype)

@@ -44,32 +44,46 @@ class Aaren(Mixer):
 
     modes: ClassVar[tuple[str, ...]] = ("chunk", "parallel", "recurrent")
 
-    def __init__(self, config: MixerConfig, *, layer_index: int = 0, num_layers: int = 1,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, config: MixerConfig, *, layer_index: int = 0, num_layers: int = 1, rngs: nnx.Rngs
+    ):
         super().__init__(config, layer_index=layer_index, num_layers=num_layers, rngs=rngs)
         heads, d = config.num_heads, config.d_model
         query = jax.random.normal(rngs.params(), (heads, config.key_dim), config.params_dtype)
         self.query = nnx.Param(query, out_sharding=("heads", None), eager_sharding=False)
-        self.k_proj = linear.dense(config, d, heads * config.key_dim, axes=("embed", "heads"),
-                                   rngs=rngs)
-        self.v_proj = linear.dense(config, d, heads * config.value_dim,
-                                   axes=("embed", "heads"), rngs=rngs)
-        self.head = OutputHead(config, heads, config.value_dim, norm=None,
-                               gate="silu" if config.output_gate else None, rngs=rngs)
+        self.k_proj = linear.dense(
+            config, d, heads * config.key_dim, axes=("embed", "heads"), rngs=rngs
+        )
+        self.v_proj = linear.dense(
+            config, d, heads * config.value_dim, axes=("embed", "heads"), rngs=rngs
+        )
+        self.head = OutputHead(
+            config,
+            heads,
+            config.value_dim,
+            norm=None,
+            gate="silu" if config.output_gate else None,
+            rngs=rngs,
+        )
 
     def state_dtype(self):
         return jnp.promote_types(self.config.compute_dtype, jnp.float32)
 
     def init_state(self, batch: int, max_len: int | None = None) -> SoftmaxSummaryState:
         del max_len  # the summary does not grow with the sequence
-        summary = empty_state(batch, self.config.num_heads, self.config.value_dim,
-                              self.state_dtype())
+        summary = empty_state(
+            batch, self.config.num_heads, self.config.value_dim, self.state_dtype()
+        )
         return self._layer_state(summary, jnp.zeros((), jnp.int32))
 
     @staticmethod
     def _layer_state(summary: AarenState, position: jax.Array) -> SoftmaxSummaryState:
-        return SoftmaxSummaryState(max=summary.max, numerator=summary.numerator,
-                                   denominator=summary.denominator, position=position)
+        return SoftmaxSummaryState(
+            max=summary.max,
+            numerator=summary.numerator,
+            denominator=summary.denominator,
+            position=position,
+        )
 
     def sequence_flops(self, seq_len: int) -> float:
         """Per token and head: the score ``q·k`` (``2K``), about two applications of
@@ -79,8 +93,9 @@ class Aaren(Mixer):
         key_dim, value_dim = self.config.key_dim, self.config.value_dim
         return float(self.config.num_heads * (2 * key_dim + 2 * (3 * value_dim + 6) + value_dim))
 
-    def __call__(self, x: jax.Array, *, state: SoftmaxSummaryState | None = None,
-                 mode: Mode | None = None) -> tuple[jax.Array, SoftmaxSummaryState]:
+    def __call__(
+        self, x: jax.Array, *, state: SoftmaxSummaryState | None = None, mode: Mode | None = None
+    ) -> tuple[jax.Array, SoftmaxSummaryState]:
         """``x`` ``[B, T, d_model]`` → ``(y [B, T, d_model], state)``."""
         self.check_input(x)
         mode = self.resolve_mode(mode, x.shape[1])
@@ -89,10 +104,18 @@ class Aaren(Mixer):
         k = split_heads(self.k_proj(x), heads)
         v = split_heads(self.v_proj(x), heads)
         query = self.query[...].astype(self.config.compute_dtype)
-        initial = (None if state is None
-                   else AarenState(state.max, state.numerator, state.denominator))
-        o, final = aaren(query, k, v, initial_state=initial, output_final_state=True,
-                         mode=mode, chunk_size=self.config.chunk_size)
+        initial = (
+            None if state is None else AarenState(state.max, state.numerator, state.denominator)
+        )
+        o, final = aaren(
+            query,
+            k,
+            v,
+            initial_state=initial,
+            output_final_state=True,
+            mode=mode,
+            chunk_size=self.config.chunk_size,
+        )
         assert final is not None  # output_final_state=True
         y = self.head(o, x)
         final = AarenState(*(value.astype(self.state_dtype()) for value in final))

@@ -45,17 +45,26 @@ from xformjax.nn.neural_memory import NeuralMemoryMixer
 class Atlas(NeuralMemoryMixer):
     """ATLAS (see the module docstring)."""
 
-    def __init__(self, config: MixerConfig, *, layer_index: int = 0, num_layers: int = 1,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, config: MixerConfig, *, layer_index: int = 0, num_layers: int = 1, rngs: nnx.Rngs
+    ):
         self.learned_gamma = config.omega_window > 1
         super().__init__(config, layer_index=layer_index, num_layers=num_layers, rngs=rngs)
         degree = config.poly_degree
-        self.poly = (nnx.Param(jnp.tile(jnp.asarray([1.0 / math.factorial(i)
-                                                     for i in range(1, degree + 1)],
-                                                    config.params_dtype),
-                                        (config.num_heads, 1)),
-                               out_sharding=("heads", None), eager_sharding=False)
-                     if degree > 1 else None)
+        self.poly = (
+            nnx.Param(
+                jnp.tile(
+                    jnp.asarray(
+                        [1.0 / math.factorial(i) for i in range(1, degree + 1)], config.params_dtype
+                    ),
+                    (config.num_heads, 1),
+                ),
+                out_sharding=("heads", None),
+                eager_sharding=False,
+            )
+            if degree > 1
+            else None
+        )
 
     @property
     def omega_window(self) -> int:
@@ -69,7 +78,7 @@ class Atlas(NeuralMemoryMixer):
         """``φ(x) = Σ_i a_{h,i} x^{∘i}`` over ``x`` ``[B, T, H, K]``."""
         if self.poly is None:
             return x
-        coefficients = self.poly[...].astype(x.dtype)        # [H, p]
+        coefficients = self.poly[...].astype(x.dtype)  # [H, p]
         power, total = x, coefficients[:, 0, None] * x
         for i in range(1, coefficients.shape[1]):
             power = power * x

@@ -54,20 +54,25 @@ class Attention(Mixer):
     modes: ClassVar[tuple[str, ...]] = ("chunk", "parallel", "recurrent")
     kind: ClassVar[str] = "softmax"
 
-    def __init__(self, config: MixerConfig, *, layer_index: int = 0, num_layers: int = 1,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, config: MixerConfig, *, layer_index: int = 0, num_layers: int = 1, rngs: nnx.Rngs
+    ):
         super().__init__(config, layer_index=layer_index, num_layers=num_layers, rngs=rngs)
         if config.key_dim % 2:
             raise ValueError(f"attention needs an even head_dim for RoPE; got {config.key_dim}")
         d, dim = config.d_model, config.key_dim
-        self.q_proj = linear.dense(config, d, config.num_heads * dim, axes=("embed", "heads"),
-                                   rngs=rngs)
-        self.k_proj = linear.dense(config, d, config.kv_heads * dim, axes=("embed", "kv"),
-                                   rngs=rngs)
-        self.v_proj = linear.dense(config, d, config.kv_heads * dim, axes=("embed", "kv"),
-                                   rngs=rngs)
-        self.o_proj = linear.dense(config, config.num_heads * dim, d, axes=("heads", "embed"),
-                                   rngs=rngs)
+        self.q_proj = linear.dense(
+            config, d, config.num_heads * dim, axes=("embed", "heads"), rngs=rngs
+        )
+        self.k_proj = linear.dense(
+            config, d, config.kv_heads * dim, axes=("embed", "kv"), rngs=rngs
+        )
+        self.v_proj = linear.dense(
+            config, d, config.kv_heads * dim, axes=("embed", "kv"), rngs=rngs
+        )
+        self.o_proj = linear.dense(
+            config, config.num_heads * dim, d, axes=("heads", "embed"), rngs=rngs
+        )
 
     def _bias(self, positions: jax.Array) -> float | jax.Array | None:
         """Sigmoid attention's bias for queries at ``positions`` ``[T]`` (softmax: none)."""
@@ -93,14 +98,17 @@ class Attention(Mixer):
         mesh = sequence_mesh(q.shape[1]) if "kv_length" not in kwargs else None
         if mesh is not None:  # a fresh sequence split over the active mesh's seq axis
             from xformjax.parallel import sequence_parallel
+
             fn = sequence_parallel(fn, mesh, "seq")
         extra = {} if self.kind == "softmax" else {"bias": self._bias(positions)}
-        o, _ = fn(q, k, v, window=self.config.window, chunk_size=self.config.chunk_size,
-                  **extra, **kwargs)
+        o, _ = fn(
+            q, k, v, window=self.config.window, chunk_size=self.config.chunk_size, **extra, **kwargs
+        )
         return o
 
-    def __call__(self, x: jax.Array, *, state: KVCacheState | None = None,
-                 mode: Mode | None = None) -> tuple[jax.Array, KVCacheState]:
+    def __call__(
+        self, x: jax.Array, *, state: KVCacheState | None = None, mode: Mode | None = None
+    ) -> tuple[jax.Array, KVCacheState]:
         """``x`` ``[B, T, d_model]`` → ``(y, state)``; see the module docstring."""
         self.check_input(x)
         length = x.shape[1]
@@ -108,29 +116,34 @@ class Attention(Mixer):
         position = position_of(state)
         positions = token_positions(position, length)
         theta = self.config.rope_theta
-        q = apply_rope(split_heads(self.q_proj(x), self.config.num_heads), positions,
-                       base=theta)
+        q = apply_rope(split_heads(self.q_proj(x), self.config.num_heads), positions, base=theta)
         k = apply_rope(split_heads(self.k_proj(x), self.config.kv_heads), positions, base=theta)
         v = split_heads(self.v_proj(x), self.config.kv_heads)
         if state is None:
             o = self._attend(q, k, v, positions, mode=mode)
             capacity = max(length, self.config.max_seq_len)
             pad = ((0, 0), (0, capacity - length), (0, 0), (0, 0))
-            new_state = KVCacheState(k=jnp.pad(k, pad), v=jnp.pad(v, pad),
-                                     position=position + length)
+            new_state = KVCacheState(
+                k=jnp.pad(k, pad), v=jnp.pad(v, pad), position=position + length
+            )
         else:
             capacity = state.k.shape[1]
             if not isinstance(position, Tracer) and int(position) + length > capacity:
-                raise ValueError(f"{type(self).__name__}: the KV cache holds {capacity} tokens; "
-                                 f"{int(position)} are used and {length} more were given. "
-                                 "Allocate it with init_state(batch, max_len) large enough.")
+                raise ValueError(
+                    f"{type(self).__name__}: the KV cache holds {capacity} tokens; "
+                    f"{int(position)} are used and {length} more were given. "
+                    "Allocate it with init_state(batch, max_len) large enough."
+                )
             cache_k = jax.lax.dynamic_update_slice_in_dim(
-                state.k, k.astype(state.k.dtype), position, axis=1)
+                state.k, k.astype(state.k.dtype), position, axis=1
+            )
             cache_v = jax.lax.dynamic_update_slice_in_dim(
-                state.v, v.astype(state.v.dtype), position, axis=1)
+                state.v, v.astype(state.v.dtype), position, axis=1
+            )
             cache_mode = "recurrent" if mode == "recurrent" else "parallel"
-            o = self._attend(q, cache_k, cache_v, positions, mode=cache_mode,
-                             kv_length=position + length)
+            o = self._attend(
+                q, cache_k, cache_v, positions, mode=cache_mode, kv_length=position + length
+            )
             # Under jit the overflow is not visible above; never return silently wrong
             # values from a full cache: poison them.
             o = jnp.where(position + length > capacity, jnp.nan, o)

@@ -153,33 +153,50 @@ class MixerConfig:
         def bad(message: str):
             raise ValueError(f"MixerConfig: {message}")
 
-        for name in ("d_model", "num_heads", "chunk_size", "max_seq_len", "diag_block_size",
-                     "gate_low_rank", "num_householder", "num_memories", "top_k",
-                     "memory_depth", "memory_expansion", "memory_window", "omega_window",
-                     "poly_degree", "newton_schulz_steps"):
+        for name in (
+            "d_model",
+            "num_heads",
+            "chunk_size",
+            "max_seq_len",
+            "diag_block_size",
+            "gate_low_rank",
+            "num_householder",
+            "num_memories",
+            "top_k",
+            "memory_depth",
+            "memory_expansion",
+            "memory_window",
+            "omega_window",
+            "poly_degree",
+            "newton_schulz_steps",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 bad(f"`{name}` must be a positive int; got {value!r}")
         if self.head_dim is None and self.d_model % self.num_heads:
-            bad(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}; "
-                "set head_dim explicitly")
+            bad(
+                f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}; "
+                "set head_dim explicitly"
+            )
         if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
-            bad(f"num_heads={self.num_heads} must be a multiple of "
-                f"num_kv_heads={self.num_kv_heads}")
+            bad(
+                f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
+            )
         if self.mode not in MODES:
             bad(f"`mode` must be one of {MODES}; got {self.mode!r}")
         if self.feature_map not in FEATURE_MAPS:
             bad(f"`feature_map` must be one of {FEATURE_MAPS}; got {self.feature_map!r}")
         if self.transnormer_attention not in ("auto", "norm", "diag"):
-            bad("`transnormer_attention` must be 'auto', 'norm' or 'diag'; "
-                f"got {self.transnormer_attention!r}")
+            bad(
+                "`transnormer_attention` must be 'auto', 'norm' or 'diag'; "
+                f"got {self.transnormer_attention!r}"
+            )
         if self.top_k > self.num_memories:
             bad(f"top_k={self.top_k} exceeds num_memories={self.num_memories}")
         if self.titans_variant not in TITANS_VARIANTS:
             bad(f"`titans_variant` must be 'mac', 'mag' or 'mal'; got {self.titans_variant!r}")
         if self.memory_optimizer not in MEMORY_OPTIMIZERS:
-            bad("`memory_optimizer` must be 'muon' or 'momentum'; "
-                f"got {self.memory_optimizer!r}")
+            bad(f"`memory_optimizer` must be 'muon' or 'momentum'; got {self.memory_optimizer!r}")
         if self.persistent_tokens < 0:
             bad(f"`persistent_tokens` must be ≥ 0; got {self.persistent_tokens}")
         if self.conv_size < 0:
@@ -187,10 +204,13 @@ class MixerConfig:
         if self.expand_v <= 0:
             bad(f"`expand_v` must be positive; got {self.expand_v}")
         if self.max_surprise_norm is not None and (
-                isinstance(self.max_surprise_norm, bool)
-                or not 0 < self.max_surprise_norm < float("inf")):
-            bad(f"`max_surprise_norm` must be None or a positive finite number; "
-                f"got {self.max_surprise_norm!r}")
+            isinstance(self.max_surprise_norm, bool)
+            or not 0 < self.max_surprise_norm < float("inf")
+        ):
+            bad(
+                f"`max_surprise_norm` must be None or a positive finite number; "
+                f"got {self.max_surprise_norm!r}"
+            )
         if self.window is not None and self.window < 1:
             bad(f"`window` must be None or ≥ 1; got {self.window}")
         for name in ("dtype", "param_dtype"):

@@ -17,19 +17,26 @@ from flax import nnx
 class ShortConv(nnx.Module):
     """Depthwise causal conv of length ``kernel_size`` over ``channels``."""
 
-    def __init__(self, channels: int, kernel_size: int, *, rngs: nnx.Rngs,
-                 param_dtype=jnp.float32, axis_name: str | None = "heads"):
+    def __init__(
+        self,
+        channels: int,
+        kernel_size: int,
+        *,
+        rngs: nnx.Rngs,
+        param_dtype=jnp.float32,
+        axis_name: str | None = "heads",
+    ):
         self.kernel_size = kernel_size
-        bound = kernel_size ** -0.5
-        weight = jax.random.uniform(rngs.params(), (kernel_size, channels), param_dtype,
-                                    -bound, bound)
+        bound = kernel_size**-0.5
+        weight = jax.random.uniform(
+            rngs.params(), (kernel_size, channels), param_dtype, -bound, bound
+        )
         self.weight = nnx.Param(weight, out_sharding=(None, axis_name), eager_sharding=False)
 
     def init_cache(self, batch: int, dtype=jnp.float32) -> jax.Array:
         return jnp.zeros((batch, self.kernel_size - 1, self.weight.shape[1]), dtype)
 
-    def __call__(self, x: jax.Array, cache: jax.Array | None = None
-                 ) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, x: jax.Array, cache: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """``x`` ``[B, T, C]`` → ``(y [B, T, C], cache [B, L−1, C])``."""
         batch, length, _ = x.shape
         if cache is None:
@@ -40,7 +47,9 @@ class ShortConv(nnx.Module):
         # Tokens flattened to [B·T, C]: the weight's gradient is then a sum over one
         # leading axis. Kept as [1, T, C] (B = 1), XLA:CPU (jaxlib 0.10) hands that sum to
         # YNNPACK as a reduce to [1, C], which ran 100× slower (13 ms at T = 4096).
-        windows = (padded[:, j:j + length].reshape(batch * length, channels)
-                   for j in range(self.kernel_size))
+        windows = (
+            padded[:, j : j + length].reshape(batch * length, channels)
+            for j in range(self.kernel_size)
+        )
         y = cast(jax.Array, sum(weight[j] * window for j, window in enumerate(windows)))
         return y.reshape(batch, length, channels), padded[:, length:]

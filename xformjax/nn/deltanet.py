@@ -44,19 +44,31 @@ class DeltaRuleMixer(MatrixMemoryMixer):
     op_kind = "delta"
     state_type = DeltaRuleState
 
-    def __init__(self, config: MixerConfig, *, layer_index: int = 0, num_layers: int = 1,
-                 rngs: nnx.Rngs, steps: int = 1):
+    def __init__(
+        self,
+        config: MixerConfig,
+        *,
+        layer_index: int = 0,
+        num_layers: int = 1,
+        rngs: nnx.Rngs,
+        steps: int = 1,
+    ):
         super().__init__(config, layer_index=layer_index, num_layers=num_layers, rngs=rngs)
         heads, d = config.num_heads, config.d_model
         self.steps = steps
         self.projections, self.convs = stream_layers(config, steps, rngs)
-        self.beta_proj = linear.dense(config, d, steps * heads, axes=("embed", "heads"),
-                                      rngs=rngs)
+        self.beta_proj = linear.dense(config, d, steps * heads, axes=("embed", "heads"), rngs=rngs)
         if self.gated:
             self.gate_proj = linear.dense(config, d, heads, axes=("embed", "heads"), rngs=rngs)
             self.a_log, self.dt_bias = mamba_decay_parameters(config, heads, layer_index, rngs)
-        self.head = OutputHead(config, heads, config.value_dim, norm="rms",
-                               gate="silu" if config.output_gate else None, rngs=rngs)
+        self.head = OutputHead(
+            config,
+            heads,
+            config.value_dim,
+            norm="rms",
+            gate="silu" if config.output_gate else None,
+            rngs=rngs,
+        )
 
     def init_extra_state(self, batch: int) -> dict[str, object]:
         return {"conv": init_conv_caches(self.convs, batch, self.config.compute_dtype)}
@@ -65,12 +77,12 @@ class DeltaRuleMixer(MatrixMemoryMixer):
         """``log a_t`` ``[B, T, H]``, ≤ 0 (gated variants)."""
         return mamba_log_decay(self.gate_proj(x), self.a_log, self.dt_bias)
 
-    def prepare(self, x: jax.Array, state: DeltaRuleState | None,
-                position: jax.Array) -> OpInputs:
+    def prepare(self, x: jax.Array, state: DeltaRuleState | None, position: jax.Array) -> OpInputs:
         batch, length, _ = x.shape
         heads, n = self.config.num_heads, self.steps
-        streams, caches = silu_streams(self.projections, self.convs, x,
-                                       None if state is None else state.conv)
+        streams, caches = silu_streams(
+            self.projections, self.convs, x, None if state is None else state.conv
+        )
         q = l2_normalize(split_heads(streams["q"], heads))
         # sub-step j of token t is row t·n + j (token-major), as ops.delta_product expects
         k = l2_normalize(streams["k"].reshape(batch, length * n, heads, -1))
@@ -81,8 +93,9 @@ class DeltaRuleMixer(MatrixMemoryMixer):
         beta = beta.reshape(batch, length * n, heads)
         g = self.log_decay(x) if self.gated else None
         op = "delta" if n == 1 else "delta_product"
-        return OpInputs(q, k, v, op=op, g=g, beta=beta, num_householder=n,
-                        extra_state={"conv": caches})
+        return OpInputs(
+            q, k, v, op=op, g=g, beta=beta, num_householder=n, extra_state={"conv": caches}
+        )
 
 
 @register("deltanet")
@@ -103,7 +116,13 @@ class DeltaProduct(DeltaRuleMixer):
 
     gated = True
 
-    def __init__(self, config: MixerConfig, *, layer_index: int = 0, num_layers: int = 1,
-                 rngs: nnx.Rngs):
-        super().__init__(config, layer_index=layer_index, num_layers=num_layers, rngs=rngs,
-                         steps=config.num_householder)
+    def __init__(
+        self, config: MixerConfig, *, layer_index: int = 0, num_layers: int = 1, rngs: nnx.Rngs
+    ):
+        super().__init__(
+            config,
+            layer_index=layer_index,
+            num_layers=num_layers,
+            rngs=rngs,
+            steps=config.num_householder,
+        )

@@ -38,16 +38,31 @@ class DiagonalRNN(Mixer):
 
     modes: ClassVar[tuple[str, ...]] = ("chunk", "parallel", "recurrent")
 
-    def __init__(self, config: MixerConfig, *, layer_index: int = 0, num_layers: int = 1,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, config: MixerConfig, *, layer_index: int = 0, num_layers: int = 1, rngs: nnx.Rngs
+    ):
         super().__init__(config, layer_index=layer_index, num_layers=num_layers, rngs=rngs)
         width = config.num_heads * config.value_dim
-        self.transition = linear.dense(config, config.d_model, width, axes=("embed", "heads"),
-                                       use_bias=True, bias_init=TRANSITION_BIAS, rngs=rngs)
-        self.inputs = linear.dense(config, config.d_model, width, axes=("embed", "heads"),
-                                   rngs=rngs)
-        self.head = OutputHead(config, config.num_heads, config.value_dim, norm="rms",
-                               gate="silu" if config.output_gate else None, rngs=rngs)
+        self.transition = linear.dense(
+            config,
+            config.d_model,
+            width,
+            axes=("embed", "heads"),
+            use_bias=True,
+            bias_init=TRANSITION_BIAS,
+            rngs=rngs,
+        )
+        self.inputs = linear.dense(
+            config, config.d_model, width, axes=("embed", "heads"), rngs=rngs
+        )
+        self.head = OutputHead(
+            config,
+            config.num_heads,
+            config.value_dim,
+            norm="rms",
+            gate="silu" if config.output_gate else None,
+            rngs=rngs,
+        )
 
     def transitions(self, x: jax.Array) -> jax.Array:
         """``a_t`` ``[B, T, H, V]``, in ``(0, 1)`` or ``(−1, 1)``."""
@@ -61,24 +76,32 @@ class DiagonalRNN(Mixer):
     def init_state(self, batch: int, max_len: int | None = None) -> MemoryState:
         del max_len
         shape = (batch, self.config.num_heads, self.config.value_dim)
-        return MemoryState(memory=jnp.zeros(shape, self.state_dtype()),
-                           position=jnp.zeros((), jnp.int32))
+        return MemoryState(
+            memory=jnp.zeros(shape, self.state_dtype()), position=jnp.zeros((), jnp.int32)
+        )
 
     def sequence_flops(self, seq_len: int) -> float:
         del seq_len
         return 2.0 * self.config.num_heads * self.config.value_dim
 
-    def __call__(self, x: jax.Array, *, state: MemoryState | None = None,
-                 mode: Mode | None = None) -> tuple[jax.Array, MemoryState]:
+    def __call__(
+        self, x: jax.Array, *, state: MemoryState | None = None, mode: Mode | None = None
+    ) -> tuple[jax.Array, MemoryState]:
         """``x`` ``[B, T, d_model]`` → ``(y [B, T, d_model], state)``."""
         self.check_input(x)
         mode = self.resolve_mode(mode, x.shape[1])
         position = position_of(state)
         b = split_heads(self.inputs(x), self.config.num_heads)
         h, final = ops.diagonal_recurrence(
-            self.transitions(x), b, initial_state=None if state is None else state.memory,
-            output_final_state=True, mode=mode, chunk_size=self.config.chunk_size)
+            self.transitions(x),
+            b,
+            initial_state=None if state is None else state.memory,
+            output_final_state=True,
+            mode=mode,
+            chunk_size=self.config.chunk_size,
+        )
         assert final is not None  # output_final_state=True
         y = self.head(h.astype(x.dtype), x)
-        return y, MemoryState(memory=final.astype(self.state_dtype()),
-                              position=position + x.shape[1])
+        return y, MemoryState(
+            memory=final.astype(self.state_dtype()), position=position + x.shape[1]
+        )

@@ -22,22 +22,23 @@ from flax import nnx
 class FeatureMap(nnx.Module):
     """φ of one kind over ``num_heads`` heads of width ``dim``."""
 
-    def __init__(self, kind: str, dim: int, num_heads: int, *, rngs: nnx.Rngs,
-                 param_dtype=jnp.float32):
+    def __init__(
+        self, kind: str, dim: int, num_heads: int, *, rngs: nnx.Rngs, param_dtype=jnp.float32
+    ):
         del rngs
         self.kind, self.dim = kind, dim
         if kind == "hedgehog":
             eye = jnp.broadcast_to(jnp.eye(dim, dtype=param_dtype), (num_heads, dim, dim))
-            self.weight = nnx.Param(eye, out_sharding=("heads", None, None),
-                                    eager_sharding=False)
+            self.weight = nnx.Param(eye, out_sharding=("heads", None, None), eager_sharding=False)
         elif kind not in ("identity", "elu+1", "relu", "taylor"):
             raise ValueError(f"unknown feature map {kind!r}")
 
     @property
     def output_dim(self) -> int:
         """Width of ``φ(x)`` per head."""
-        return {"hedgehog": 2 * self.dim, "taylor": 1 + self.dim + self.dim ** 2
-                }.get(self.kind, self.dim)
+        return {"hedgehog": 2 * self.dim, "taylor": 1 + self.dim + self.dim**2}.get(
+            self.kind, self.dim
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.kind == "identity":
@@ -48,16 +49,18 @@ class FeatureMap(nnx.Module):
             return jax.nn.relu(x)
         if self.kind == "hedgehog":
             projected = jnp.einsum("bthd,hde->bthe", x, self.weight[...].astype(x.dtype))
-            return jnp.concatenate([jax.nn.softmax(projected, -1),
-                                    jax.nn.softmax(-projected, -1)], -1)
+            return jnp.concatenate(
+                [jax.nn.softmax(projected, -1), jax.nn.softmax(-projected, -1)], -1
+            )
         dim = self.dim
         outer = (x[..., :, None] * x[..., None, :]).reshape(*x.shape[:-1], dim * dim)
         ones = jnp.ones(x.shape[:-1] + (1,), x.dtype)
-        return jnp.concatenate([ones, x * dim ** -0.25, outer * (2 * dim) ** -0.5], -1)
+        return jnp.concatenate([ones, x * dim**-0.25, outer * (2 * dim) ** -0.5], -1)
 
 
-def hedgehog_distillation_loss(q: jax.Array, k: jax.Array, feature_map: FeatureMap,
-                               *, eps: float = 1e-6) -> jax.Array:
+def hedgehog_distillation_loss(
+    q: jax.Array, k: jax.Array, feature_map: FeatureMap, *, eps: float = 1e-6
+) -> jax.Array:
     """Hedgehog's attention-distillation loss for queries/keys ``[B, T, H, d]``.
 
     The teacher is causal softmax attention ``A_ij = softmax_j(q_iᵀk_j/√d)``, the

@@ -24,16 +24,21 @@ def _inverse_softplus(y: np.ndarray) -> np.ndarray:
     return y + np.log(-np.expm1(-y))
 
 
-def mamba_decay_parameters(config: MixerConfig, count: int, layer_index: int,
-                           rngs: nnx.Rngs) -> tuple[nnx.Param, nnx.Param]:
+def mamba_decay_parameters(
+    config: MixerConfig, count: int, layer_index: int, rngs: nnx.Rngs
+) -> tuple[nnx.Param, nnx.Param]:
     """``A_log`` (``A ~ U(1, 16)``) and ``dt_bias`` (``softplus⁻¹`` of ``dt`` log-uniform
     in [1e-3, 1e-1]) for ``count`` gates: Mamba-2's initialisation."""
     a = jax.random.uniform(rngs.params(), (count,), minval=1.0, maxval=16.0)
-    a_log = nnx.Param(jnp.log(a).astype(config.params_dtype), out_sharding=("heads",),
-                      eager_sharding=False)
+    a_log = nnx.Param(
+        jnp.log(a).astype(config.params_dtype), out_sharding=("heads",), eager_sharding=False
+    )
     dt = np.exp(np.random.default_rng(layer_index).uniform(np.log(1e-3), np.log(1e-1), count))
-    dt_bias = nnx.Param(jnp.asarray(_inverse_softplus(dt), config.params_dtype),
-                        out_sharding=("heads",), eager_sharding=False)
+    dt_bias = nnx.Param(
+        jnp.asarray(_inverse_softplus(dt), config.params_dtype),
+        out_sharding=("heads",),
+        eager_sharding=False,
+    )
     return a_log, dt_bias
 
 

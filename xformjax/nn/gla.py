@@ -25,21 +25,30 @@ from xformjax.nn.recurrent import MatrixMemoryMixer, OpInputs
 class GatedLinearAttention(MatrixMemoryMixer):
     """GLA with data-dependent per-channel gates (see the module docstring)."""
 
-    def __init__(self, config: MixerConfig, *, layer_index: int = 0, num_layers: int = 1,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, config: MixerConfig, *, layer_index: int = 0, num_layers: int = 1, rngs: nnx.Rngs
+    ):
         super().__init__(config, layer_index=layer_index, num_layers=num_layers, rngs=rngs)
         heads, dim = config.num_heads, config.key_dim
         self.standard_layers(rngs, norm="rms")
-        self.gate_down = linear.dense(config, config.d_model, config.gate_low_rank,
-                                      axes=("embed", None), rngs=rngs)
-        self.gate_up = linear.dense(config, config.gate_low_rank, heads * dim,
-                                    axes=(None, "heads"), use_bias=True, rngs=rngs)
+        self.gate_down = linear.dense(
+            config, config.d_model, config.gate_low_rank, axes=("embed", None), rngs=rngs
+        )
+        self.gate_up = linear.dense(
+            config,
+            config.gate_low_rank,
+            heads * dim,
+            axes=(None, "heads"),
+            use_bias=True,
+            rngs=rngs,
+        )
 
     def log_gate(self, x: jax.Array) -> jax.Array:
         """``log α_t`` ``[B, T, H, K]``, ≤ 0."""
         logits = self.gate_up(self.gate_down(x))
-        return split_heads(jax.nn.log_sigmoid(logits) / self.config.gate_temperature,
-                           self.config.num_heads)
+        return split_heads(
+            jax.nn.log_sigmoid(logits) / self.config.gate_temperature, self.config.num_heads
+        )
 
     def prepare(self, x, state, position):
         q, k, v = self.qkv(x)

@@ -45,8 +45,9 @@ class LightNet(MatrixMemoryMixer):
 
     state_type = LightNetState
 
-    def __init__(self, config: MixerConfig, *, layer_index: int = 0, num_layers: int = 1,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, config: MixerConfig, *, layer_index: int = 0, num_layers: int = 1, rngs: nnx.Rngs
+    ):
         super().__init__(config, layer_index=layer_index, num_layers=num_layers, rngs=rngs)
         self.standard_layers(rngs, norm="rms")
 
@@ -54,12 +55,11 @@ class LightNet(MatrixMemoryMixer):
         shape = (batch, self.config.num_heads, self.config.key_dim)
         return {"log_z": jnp.full(shape, EMPTY_LOG, self.memory_dtype())}
 
-    def prepare(self, x: jax.Array, state: LightNetState | None,
-                position: jax.Array) -> OpInputs:
+    def prepare(self, x: jax.Array, state: LightNetState | None, position: jax.Array) -> OpInputs:
         q, k, v = self.qkv(x)
         dtype = self.memory_dtype()
-        log_z = (self.init_extra_state(x.shape[0])["log_z"] if state is None
-                 else state.log_z)
+        log_z = self.init_extra_state(x.shape[0])["log_z"] if state is None else state.log_z
         keys, log_gate, final_log_z = additive_gates(k.astype(dtype), log_z)
-        return OpInputs(jax.nn.silu(q), keys.astype(k.dtype), v, gk=log_gate,
-                        extra_state={"log_z": final_log_z})
+        return OpInputs(
+            jax.nn.silu(q), keys.astype(k.dtype), v, gk=log_gate, extra_state={"log_z": final_log_z}
+        )

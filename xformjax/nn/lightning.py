@@ -50,7 +50,7 @@ def alibi_slopes(num_heads: int) -> np.ndarray:
     if math.log2(num_heads).is_integer():
         return np.array(power_of_two(num_heads))
     closest = 2 ** math.floor(math.log2(num_heads))
-    extra = power_of_two(2 * closest)[0::2][:num_heads - closest]
+    extra = power_of_two(2 * closest)[0::2][: num_heads - closest]
     return np.array(power_of_two(closest) + extra)
 
 
@@ -64,8 +64,9 @@ def lightning_log_decay(num_heads: int, layer_index: int, num_layers: int) -> np
 class LightningAttention(MatrixMemoryMixer):
     """TransNormerLLM's linear attention with fixed per-head decay (module docstring)."""
 
-    def __init__(self, config: MixerConfig, *, layer_index: int = 0, num_layers: int = 1,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, config: MixerConfig, *, layer_index: int = 0, num_layers: int = 1, rngs: nnx.Rngs
+    ):
         super().__init__(config, layer_index=layer_index, num_layers=num_layers, rngs=rngs)
         self.standard_layers(rngs, norm="srms")
         self.log_decay = tuple(lightning_log_decay(config.num_heads, layer_index, num_layers))

@@ -40,10 +40,20 @@ def _normalize(x: jax.Array) -> jax.Array:
 class Dense(nnx.Module):
     """``y = x W + b`` over the last axis of ``x``; ``W`` is ``[in, out]``."""
 
-    def __init__(self, in_features: int, out_features: int, *, axes: Sequence[str | None],
-                 rngs: nnx.Rngs, use_bias: bool = False, sigma_reparam: bool = False,
-                 init_scale: float = 1.0, dtype=jnp.float32, param_dtype=jnp.float32,
-                 bias_init: float = 0.0):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        axes: Sequence[str | None],
+        rngs: nnx.Rngs,
+        use_bias: bool = False,
+        sigma_reparam: bool = False,
+        init_scale: float = 1.0,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        bias_init: float = 0.0,
+    ):
         self.in_features, self.out_features = in_features, out_features
         self.dtype = dtype
         self.sigma_reparam = sigma_reparam
@@ -51,16 +61,25 @@ class Dense(nnx.Module):
         base = jax.nn.initializers.variance_scaling(init_scale, "fan_in", "truncated_normal")
         kernel = base(rngs.params(), (in_features, out_features), param_dtype)
         self.kernel = nnx.Param(kernel, out_sharding=tuple(axes), eager_sharding=False)
-        self.bias = (nnx.Param(jnp.full((out_features,), bias_init, param_dtype),
-                               out_sharding=(axes[-1],), eager_sharding=False)
-                     if use_bias else None)
+        self.bias = (
+            nnx.Param(
+                jnp.full((out_features,), bias_init, param_dtype),
+                out_sharding=(axes[-1],),
+                eager_sharding=False,
+            )
+            if use_bias
+            else None
+        )
         if sigma_reparam:
             u = _normalize(jax.random.normal(rngs.params(), (out_features,), param_dtype))
             for _ in range(20):  # start from a converged estimate
                 u = _normalize(kernel.T @ _normalize(kernel @ u))
             self.u = SpectralVector(u)
-            self.gamma = nnx.Param(jnp.linalg.norm(kernel, 2).astype(param_dtype),
-                                   out_sharding=(), eager_sharding=False)
+            self.gamma = nnx.Param(
+                jnp.linalg.norm(kernel, 2).astype(param_dtype),
+                out_sharding=(),
+                eager_sharding=False,
+            )
 
     def effective_kernel(self) -> jax.Array:
         """``W``, or ``γ/σ(W)·W`` under σReparam (updating ``u`` when training)."""
@@ -83,9 +102,23 @@ class Dense(nnx.Module):
         return y
 
 
-def dense(config: MixerConfig, in_features: int, out_features: int, *,
-          axes: Sequence[str | None], rngs: nnx.Rngs, **kwargs) -> Dense:
+def dense(
+    config: MixerConfig,
+    in_features: int,
+    out_features: int,
+    *,
+    axes: Sequence[str | None],
+    rngs: nnx.Rngs,
+    **kwargs,
+) -> Dense:
     """A :class:`Dense` with the config's dtypes and σReparam setting."""
-    return Dense(in_features, out_features, axes=axes, rngs=rngs,
-                 sigma_reparam=config.sigma_reparam, dtype=config.compute_dtype,
-                 param_dtype=config.params_dtype, **kwargs)
+    return Dense(
+        in_features,
+        out_features,
+        axes=axes,
+        rngs=rngs,
+        sigma_reparam=config.sigma_reparam,
+        dtype=config.compute_dtype,
+        param_dtype=config.params_dtype,
+        **kwargs,
+    )

@@ -41,18 +41,25 @@ class LinearAttention(MatrixMemoryMixer):
 
     state_type = LinearAttentionState
 
-    def __init__(self, config: MixerConfig, *, layer_index: int = 0, num_layers: int = 1,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, config: MixerConfig, *, layer_index: int = 0, num_layers: int = 1, rngs: nnx.Rngs
+    ):
         super().__init__(config, layer_index=layer_index, num_layers=num_layers, rngs=rngs)
         heads = config.num_heads
         self.feature_dim = config.feature_dim or config.key_dim
         self.qkv = QKV(config, key_dim=self.feature_dim, value_dim=config.value_dim, rngs=rngs)
-        self.feature_map = FeatureMap(config.feature_map, self.feature_dim, heads, rngs=rngs,
-                                      param_dtype=config.params_dtype)
+        self.feature_map = FeatureMap(
+            config.feature_map, self.feature_dim, heads, rngs=rngs, param_dtype=config.params_dtype
+        )
         unnormalised = not (config.normalize or config.mala)
-        self.head = OutputHead(config, heads, config.value_dim,
-                               norm="rms" if unnormalised else None,
-                               gate="silu" if config.output_gate else None, rngs=rngs)
+        self.head = OutputHead(
+            config,
+            heads,
+            config.value_dim,
+            norm="rms" if unnormalised else None,
+            gate="silu" if config.output_gate else None,
+            rngs=rngs,
+        )
 
     def memory_shape(self):
         extra = 1 if (self.config.normalize or self.config.mala) else 0
@@ -64,8 +71,9 @@ class LinearAttention(MatrixMemoryMixer):
         shape = (batch, self.config.num_heads, self.config.value_dim)
         return {"value_sum": jnp.zeros(shape, self.memory_dtype())}
 
-    def prepare(self, x: jax.Array, state: LinearAttentionState | None,
-                position: jax.Array) -> OpInputs:
+    def prepare(
+        self, x: jax.Array, state: LinearAttentionState | None, position: jax.Array
+    ) -> OpInputs:
         q, k, v = self.qkv(x)
         q, k = self.feature_map(q), self.feature_map(k)
         scale = 1.0 if self.config.feature_map in ("hedgehog", "taylor") else None
@@ -75,24 +83,31 @@ class LinearAttention(MatrixMemoryMixer):
         dtype = self.memory_dtype()
         q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
         ones = jnp.ones(v.shape[:-1] + (1,), dtype)
-        previous = (jnp.zeros(v.shape[:1] + v.shape[2:], dtype)
-                    if state is None or state.value_sum is None else state.value_sum)
+        previous = (
+            jnp.zeros(v.shape[:1] + v.shape[2:], dtype)
+            if state is None or state.value_sum is None
+            else state.value_sum
+        )
         value_sum = previous + jnp.sum(v, axis=1)
-        return OpInputs(q, k, jnp.concatenate([v, ones], -1), scale=1.0,
-                        extra_state={"value_sum": value_sum})
+        return OpInputs(
+            q, k, jnp.concatenate([v, ones], -1), scale=1.0, extra_state={"value_sum": value_sum}
+        )
 
-    def finish(self, o: jax.Array, x: jax.Array, inputs: OpInputs,
-               state: LinearAttentionState | None) -> jax.Array:
+    def finish(
+        self, o: jax.Array, x: jax.Array, inputs: OpInputs, state: LinearAttentionState | None
+    ) -> jax.Array:
         if self.config.mala:
             o = self._mala(o, inputs.v[..., :-1], state)
         return self.head(o, x)
 
-    def _mala(self, o: jax.Array, v: jax.Array,
-              state: LinearAttentionState | None) -> jax.Array:
+    def _mala(self, o: jax.Array, v: jax.Array, state: LinearAttentionState | None) -> jax.Array:
         numerator, score = o[..., :-1], o[..., -1:]
         dtype = o.dtype
-        previous = (0.0 if state is None or state.value_sum is None
-                    else state.value_sum[:, None].astype(dtype))
+        previous = (
+            0.0
+            if state is None or state.value_sum is None
+            else state.value_sum[:, None].astype(dtype)
+        )
         value_sums = previous + jnp.cumsum(v.astype(dtype), axis=1)
         counts = (position_of(state) + jnp.arange(1, v.shape[1] + 1)).astype(dtype)
         beta = 1.0 + 1.0 / (score + _EPS)

@@ -24,8 +24,15 @@ from xformjax.nn.config import MixerConfig
 from xformjax.nn.mixer import get_mixer
 
 
-def mixer(kind: str, config: MixerConfig, *, layer_index: int = 0, num_layers: int = 1,
-          name: str | None = None) -> linen.Module:
+def mixer(
+    kind: str,
+    config: MixerConfig,
+    *,
+    layer_index: int = 0,
+    num_layers: int = 1,
+    name: str | None = None,
+) -> linen.Module:
     """The mixer registered as ``kind`` wrapped as a Linen module named ``name``."""
-    return bridge.to_linen(get_mixer(kind), config, layer_index=layer_index,
-                           num_layers=num_layers, name=name)
+    return bridge.to_linen(
+        get_mixer(kind), config, layer_index=layer_index, num_layers=num_layers, name=name
+    )

@@ -77,12 +77,14 @@ class Mixer(nnx.Module):
     #: modes this family implements (``"parallel"`` is absent where it has none).
     modes: ClassVar[tuple[Mode, ...]] = MODES
 
-    def __init__(self, config: MixerConfig, *, layer_index: int = 0, num_layers: int = 1,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, config: MixerConfig, *, layer_index: int = 0, num_layers: int = 1, rngs: nnx.Rngs
+    ):
         del rngs
         if not isinstance(config, MixerConfig):
-            raise TypeError(f"{type(self).__name__} takes a MixerConfig; got "
-                            f"{type(config).__name__}")
+            raise TypeError(
+                f"{type(self).__name__} takes a MixerConfig; got {type(config).__name__}"
+            )
         if not 0 <= layer_index < num_layers:
             raise ValueError(f"layer_index={layer_index} must lie in [0, {num_layers})")
         self.config = config
@@ -94,14 +96,18 @@ class Mixer(nnx.Module):
             if mode not in self.modes:
                 mode = "chunk"
         if mode not in self.modes:
-            raise ValueError(f"{type(self).__name__} ({self.name!r}) supports modes "
-                             f"{self.modes}; got mode={mode!r}")
+            raise ValueError(
+                f"{type(self).__name__} ({self.name!r}) supports modes "
+                f"{self.modes}; got mode={mode!r}"
+            )
         return mode
 
     def check_input(self, x: jax.Array) -> None:
         if x.ndim != 3 or x.shape[-1] != self.config.d_model:
-            raise ValueError(f"{type(self).__name__}: `x` must be [B, T, d_model="
-                             f"{self.config.d_model}]; got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"{type(self).__name__}: `x` must be [B, T, d_model="
+                f"{self.config.d_model}]; got shape {tuple(x.shape)}"
+            )
         if x.shape[1] == 0:
             raise ValueError(f"{type(self).__name__}: `x` has no tokens (T=0)")
 
@@ -115,8 +121,9 @@ class Mixer(nnx.Module):
         weights), averaged over a ``seq_len``-token sequence."""
         raise NotImplementedError(f"{type(self).__name__} must define sequence_flops")
 
-    def __call__(self, x: jax.Array, *, state: State | None = None,
-                 mode: Mode | None = None) -> tuple[jax.Array, State]:
+    def __call__(
+        self, x: jax.Array, *, state: State | None = None, mode: Mode | None = None
+    ) -> tuple[jax.Array, State]:
         raise NotImplementedError(f"{type(self).__name__} must define __call__")
 
 
@@ -143,17 +150,35 @@ class OutputHead(nnx.Module):
     ``"sigmoid"`` or ``None`` and is computed from the mixer's input ``x``.
     """
 
-    def __init__(self, config: MixerConfig, num_heads: int, value_dim: int, *,
-                 norm: str | None, gate: str | None, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: MixerConfig,
+        num_heads: int,
+        value_dim: int,
+        *,
+        norm: str | None,
+        gate: str | None,
+        rngs: nnx.Rngs,
+    ):
         width = num_heads * value_dim
-        self.norm = (norms.make_norm(norm, value_dim, eps=config.norm_eps,
-                                     param_dtype=config.params_dtype, axis_name=None)
-                     if norm else None)
+        self.norm = (
+            norms.make_norm(
+                norm,
+                value_dim,
+                eps=config.norm_eps,
+                param_dtype=config.params_dtype,
+                axis_name=None,
+            )
+            if norm
+            else None
+        )
         self.gate_kind = gate
-        self.gate = (linear.dense(config, config.d_model, width, axes=("embed", "heads"),
-                                  rngs=rngs) if gate else None)
-        self.out = linear.dense(config, width, config.d_model, axes=("heads", "embed"),
-                                rngs=rngs)
+        self.gate = (
+            linear.dense(config, config.d_model, width, axes=("embed", "heads"), rngs=rngs)
+            if gate
+            else None
+        )
+        self.out = linear.dense(config, width, config.d_model, axes=("heads", "embed"), rngs=rngs)
 
     def __call__(self, o: jax.Array, x: jax.Array) -> jax.Array:
         if self.norm is not None:

@@ -94,8 +94,9 @@ class MixtureOfMemories(Mixer):
 
     modes = ("chunk", "parallel", "recurrent")
 
-    def __init__(self, config: MixerConfig, *, layer_index: int = 0, num_layers: int = 1,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, config: MixerConfig, *, layer_index: int = 0, num_layers: int = 1, rngs: nnx.Rngs
+    ):
         super().__init__(config, layer_index=layer_index, num_layers=num_layers, rngs=rngs)
         heads, d = config.num_heads, config.d_model
         self.routed_memories = config.num_memories
@@ -103,20 +104,34 @@ class MixtureOfMemories(Mixer):
         memories = self.memories
         # the router computes in float32 at least (as mixture-of-experts routers do):
         # its top-k choices should not flip with a bfloat16 computation dtype
-        self.router = linear.Dense(d, config.num_memories, axes=("embed", None), rngs=rngs,
-                                   sigma_reparam=config.sigma_reparam,
-                                   dtype=jnp.promote_types(config.compute_dtype, jnp.float32),
-                                   param_dtype=config.params_dtype)
+        self.router = linear.Dense(
+            d,
+            config.num_memories,
+            axes=("embed", None),
+            rngs=rngs,
+            sigma_reparam=config.sigma_reparam,
+            dtype=jnp.promote_types(config.compute_dtype, jnp.float32),
+            param_dtype=config.params_dtype,
+        )
         self.projections, self.convs = stream_layers(config, memories, rngs)
-        self.beta_proj = linear.dense(config, d, memories * heads, axes=("embed", "heads"),
-                                      rngs=rngs)
-        self.gate_proj = linear.dense(config, d, memories * heads, axes=("embed", "heads"),
-                                      rngs=rngs)
+        self.beta_proj = linear.dense(
+            config, d, memories * heads, axes=("embed", "heads"), rngs=rngs
+        )
+        self.gate_proj = linear.dense(
+            config, d, memories * heads, axes=("embed", "heads"), rngs=rngs
+        )
         # Mamba-2 decay parameters, one per (memory, head), memory-major
-        self.a_log, self.dt_bias = mamba_decay_parameters(config, memories * heads,
-                                                          layer_index, rngs)
-        self.head = OutputHead(config, heads, config.value_dim, norm="rms",
-                               gate="silu" if config.output_gate else None, rngs=rngs)
+        self.a_log, self.dt_bias = mamba_decay_parameters(
+            config, memories * heads, layer_index, rngs
+        )
+        self.head = OutputHead(
+            config,
+            heads,
+            config.value_dim,
+            norm="rms",
+            gate="silu" if config.output_gate else None,
+            rngs=rngs,
+        )
 
     # ----------------------------------------------------------------- state
 
@@ -127,12 +142,16 @@ class MixtureOfMemories(Mixer):
         """Zero memories ``[B, M(+1), H, K, V]``, zero conv caches, position 0, aux_loss 0."""
         del max_len  # the memories do not grow with the sequence
         config = self.config
-        memory = jnp.zeros((batch, self.memories, config.num_heads, config.key_dim,
-                            config.value_dim), self.memory_dtype())
+        memory = jnp.zeros(
+            (batch, self.memories, config.num_heads, config.key_dim, config.value_dim),
+            self.memory_dtype(),
+        )
         return MixtureOfMemoriesState(
-            memory=memory, position=jnp.zeros((), jnp.int32),
+            memory=memory,
+            position=jnp.zeros((), jnp.int32),
             conv=init_conv_caches(self.convs, batch, config.compute_dtype),
-            aux_loss=jnp.zeros((), jnp.float32))
+            aux_loss=jnp.zeros((), jnp.float32),
+        )
 
     # ----------------------------------------------------------------- pieces
 
@@ -142,8 +161,9 @@ class MixtureOfMemories(Mixer):
         weights, probs, selected = top_k_routing(self.router(x), self.config.top_k)
         aux_loss = load_balance_loss(probs, selected)
         if self.config.shared_memory:
-            weights = jnp.concatenate([weights, jnp.ones(weights.shape[:-1] + (1,),
-                                                         weights.dtype)], -1)
+            weights = jnp.concatenate(
+                [weights, jnp.ones(weights.shape[:-1] + (1,), weights.dtype)], -1
+            )
         return weights, aux_loss
 
     def step_sizes_and_decays(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -159,8 +179,9 @@ class MixtureOfMemories(Mixer):
 
     # ----------------------------------------------------------------- forward
 
-    def __call__(self, x: jax.Array, *, state: MixtureOfMemoriesState | None = None,
-                 mode: Mode | None = None) -> tuple[jax.Array, MixtureOfMemoriesState]:
+    def __call__(
+        self, x: jax.Array, *, state: MixtureOfMemoriesState | None = None, mode: Mode | None = None
+    ) -> tuple[jax.Array, MixtureOfMemoriesState]:
         """``x`` ``[B, T, d_model]`` → ``(y [B, T, d_model], state)``."""
         self.check_input(x)
         mode = self.resolve_mode(mode, x.shape[1])
@@ -170,22 +191,35 @@ class MixtureOfMemories(Mixer):
         position = position_of(state)
 
         routing, aux_loss = self.route(x)
-        streams, caches = silu_streams(self.projections, self.convs, x,
-                                       None if state is None else state.conv)
+        streams, caches = silu_streams(
+            self.projections, self.convs, x, None if state is None else state.conv
+        )
         q = l2_normalize(split_heads(streams["q"], heads))
         k = l2_normalize(streams["k"].reshape(batch, length, memories, heads, config.key_dim))
         v = streams["v"].reshape(batch, length, memories, heads, config.value_dim)
         beta, log_decay = self.step_sizes_and_decays(x)
 
         memory = None if state is None else state.memory
-        o, final = mixture_of_memories(q, k, v, beta, routing, g=log_decay,
-                                       initial_state=memory, output_final_state=True,
-                                       mode=mode, chunk_size=config.chunk_size)
+        o, final = mixture_of_memories(
+            q,
+            k,
+            v,
+            beta,
+            routing,
+            g=log_decay,
+            initial_state=memory,
+            output_final_state=True,
+            mode=mode,
+            chunk_size=config.chunk_size,
+        )
         assert final is not None  # output_final_state=True
         y = self.head(o, x)
-        new_state = MixtureOfMemoriesState(memory=final.astype(self.memory_dtype()),
-                                           position=position + length, conv=caches,
-                                           aux_loss=aux_loss)
+        new_state = MixtureOfMemoriesState(
+            memory=final.astype(self.memory_dtype()),
+            position=position + length,
+            conv=caches,
+            aux_loss=aux_loss,
+        )
         return y, new_state
 
     def sequence_flops(self, seq_len: int) -> float:
@@ -201,7 +235,11 @@ class MixtureOfMemories(Mixer):
         config = self.config
         key_dim, value_dim = config.key_dim, config.value_dim
         chunk = min(config.chunk_size, seq_len)
-        per_head = (2 * chunk * (key_dim + value_dim) + 4 * key_dim * value_dim
-                    + 2 * chunk * (2 * key_dim + value_dim) + 2 * key_dim * value_dim)
+        per_head = (
+            2 * chunk * (key_dim + value_dim)
+            + 4 * key_dim * value_dim
+            + 2 * chunk * (2 * key_dim + value_dim)
+            + 2 * key_dim * value_dim
+        )
         active = config.top_k + int(config.shared_memory)
         return float(active * config.num_heads * (per_head + 2 * value_dim))

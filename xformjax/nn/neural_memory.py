@@ -65,8 +65,9 @@ _GATE_BIAS = {"lr": -3.0, "momentum": 0.0, "decay": -4.0}
 MemoryOpState = dict[str, jax.Array]
 
 
-def after_buffer(buffered: jax.Array, new: jax.Array, count: jax.Array | int,
-                 size: int) -> jax.Array:
+def after_buffer(
+    buffered: jax.Array, new: jax.Array, count: jax.Array | int, size: int
+) -> jax.Array:
     """``[B, size, …]``: the first ``count`` rows of ``buffered`` ``[B, C, …]``, then
     ``new`` ``[B, T, …]``, zeros after."""
     room = jnp.zeros((new.shape[0], size) + new.shape[2:], new.dtype)
@@ -74,8 +75,9 @@ def after_buffer(buffered: jax.Array, new: jax.Array, count: jax.Array | int,
     return jax.lax.dynamic_update_slice_in_dim(room, new, count, axis=1)
 
 
-def open_chunk(stream: jax.Array, start: jax.Array | int, kept: jax.Array | int,
-               chunk: int) -> jax.Array:
+def open_chunk(
+    stream: jax.Array, start: jax.Array | int, kept: jax.Array | int, chunk: int
+) -> jax.Array:
     """The ``chunk`` rows of ``stream`` ``[B, T, …]`` from row ``start`` (a chunk
     boundary), zero from row ``kept`` of them on: the new buffer of the open chunk."""
     zeros = jnp.zeros((stream.shape[0], chunk) + stream.shape[2:], stream.dtype)
@@ -85,8 +87,12 @@ def open_chunk(stream: jax.Array, start: jax.Array | int, kept: jax.Array | int,
     return jnp.where(valid, window, 0)
 
 
-def token_by_token(run: Callable[[Any, Any, jax.Array], tuple[Any, Any]], tokens: Any,
-                   carry: Any, position: jax.Array) -> tuple[Any, Any]:
+def token_by_token(
+    run: Callable[[Any, Any, jax.Array], tuple[Any, Any]],
+    tokens: Any,
+    carry: Any,
+    position: jax.Array,
+) -> tuple[Any, Any]:
     """Feed ``tokens`` (a pytree of ``[B, T, …]``) one at a time, as ``[B, 1, …]``, to
     ``run(token, carry, position) -> (outputs, carry)`` in a ``lax.scan``; returns the
     outputs stacked to ``[B, T, …]`` and the last carry."""
@@ -109,29 +115,57 @@ class NeuralMemoryMixer(Mixer):
     #: learned per-token Omega weights γ (ATLAS with omega_window > 1).
     learned_gamma: bool = False
 
-    def __init__(self, config: MixerConfig, *, layer_index: int = 0, num_layers: int = 1,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, config: MixerConfig, *, layer_index: int = 0, num_layers: int = 1, rngs: nnx.Rngs
+    ):
         super().__init__(config, layer_index=layer_index, num_layers=num_layers, rngs=rngs)
         heads, d = config.num_heads, config.d_model
-        self.projections, self.convs = stream_layers(config, 1, rngs,
-                                                     conv_names=self.conv_streams(config))
+        self.projections, self.convs = stream_layers(
+            config, 1, rngs, conv_names=self.conv_streams(config)
+        )
         gates = dict(_GATE_BIAS, **({"gamma": 2.0} if self.learned_gamma else {}))
-        self.gates = nnx.Dict({name: linear.dense(config, d, heads, axes=("embed", "heads"),
-                                                  rngs=rngs, use_bias=True, bias_init=bias)
-                               for name, bias in gates.items()})
+        self.gates = nnx.Dict(
+            {
+                name: linear.dense(
+                    config,
+                    d,
+                    heads,
+                    axes=("embed", "heads"),
+                    rngs=rngs,
+                    use_bias=True,
+                    bias_init=bias,
+                )
+                for name, bias in gates.items()
+            }
+        )
         dims = self.memory_dims()
-        self.memory = nnx.List([
-            nnx.Param((jax.random.truncated_normal(rngs.params(), -2.0, 2.0,
-                                                   (heads, dims[i], dims[i + 1]))
-                       / math.sqrt(dims[i])).astype(config.params_dtype),
-                      out_sharding=("heads", None, None), eager_sharding=False)
-            for i in range(len(dims) - 1)])
+        self.memory = nnx.List(
+            [
+                nnx.Param(
+                    (
+                        jax.random.truncated_normal(
+                            rngs.params(), -2.0, 2.0, (heads, dims[i], dims[i + 1])
+                        )
+                        / math.sqrt(dims[i])
+                    ).astype(config.params_dtype),
+                    out_sharding=("heads", None, None),
+                    eager_sharding=False,
+                )
+                for i in range(len(dims) - 1)
+            ]
+        )
         self.head = self.build_head(config, rngs)
 
     def build_head(self, config: MixerConfig, rngs: nnx.Rngs) -> nnx.Module:
         """The read-out of the memory output (MAL: ``W_o (SiLU(x W_g) ⊙ RMSNorm(o))``)."""
-        return OutputHead(config, config.num_heads, config.value_dim, norm="rms",
-                          gate="silu" if config.output_gate else None, rngs=rngs)
+        return OutputHead(
+            config,
+            config.num_heads,
+            config.value_dim,
+            norm="rms",
+            gate="silu" if config.output_gate else None,
+            rngs=rngs,
+        )
 
     # ---------------------------------------------------------------- configuration
 
@@ -168,10 +202,14 @@ class NeuralMemoryMixer(Mixer):
     def init_memory(self, batch: int) -> MemoryOpState:
         """The op's state of a fresh sequence (the initial weights, zero momentum)."""
         config = self.config
-        return init_neural_memory_state(self.memory_weights(), batch,
-                                        key_dim=config.key_dim, value_dim=config.value_dim,
-                                        omega_window=self.omega_window,
-                                        dtype=self.state_dtype())
+        return init_neural_memory_state(
+            self.memory_weights(),
+            batch,
+            key_dim=config.key_dim,
+            value_dim=config.value_dim,
+            omega_window=self.omega_window,
+            dtype=self.state_dtype(),
+        )
 
     def init_conv(self, batch: int) -> ConvCaches:
         return init_conv_caches(self.convs, batch, self.config.compute_dtype)
@@ -181,21 +219,29 @@ class NeuralMemoryMixer(Mixer):
         config, dtype = self.config, self.state_dtype()
         shape = (batch, config.chunk_size, config.num_heads)
         gate = jnp.zeros(shape, dtype)
-        return MemoryTokens(k=jnp.zeros(shape + (config.key_dim,), dtype),
-                            v=jnp.zeros(shape + (config.value_dim,), dtype),
-                            lr=gate, momentum=gate, decay=gate, gamma=gate)
+        return MemoryTokens(
+            k=jnp.zeros(shape + (config.key_dim,), dtype),
+            v=jnp.zeros(shape + (config.value_dim,), dtype),
+            lr=gate,
+            momentum=gate,
+            decay=gate,
+            gamma=gate,
+        )
 
     def init_state(self, batch: int, max_len: int | None = None) -> NeuralMemoryState:
         del max_len  # the memory does not grow with the sequence
-        return NeuralMemoryState(position=jnp.zeros((), jnp.int32),
-                                 memory=self.init_memory(batch),
-                                 buffer=self.init_buffer(batch), conv=self.init_conv(batch))
+        return NeuralMemoryState(
+            position=jnp.zeros((), jnp.int32),
+            memory=self.init_memory(batch),
+            buffer=self.init_buffer(batch),
+            conv=self.init_conv(batch),
+        )
 
     # ---------------------------------------------------------------- streams
 
-    def memory_streams(self, x: jax.Array, convs: Mapping[str, ShortConv],
-                       caches: ConvCaches | None
-                       ) -> tuple[jax.Array, MemoryTokens, ConvCaches]:
+    def memory_streams(
+        self, x: jax.Array, convs: Mapping[str, ShortConv], caches: ConvCaches | None
+    ) -> tuple[jax.Array, MemoryTokens, ConvCaches]:
         """From ``x`` ``[B, T, ·]``: the query ``[B, T, H, K]``, the memory tokens (k, v
         and the gates σ(x W + b)) and the new caches of ``convs``."""
         heads, dtype = self.config.num_heads, self.state_dtype()
@@ -204,34 +250,60 @@ class NeuralMemoryMixer(Mixer):
         q, k = self.feature_map(l2_normalize(q)), self.feature_map(l2_normalize(k))
         gates = {name: jax.nn.sigmoid(gate(x).astype(dtype)) for name, gate in self.gates.items()}
         gamma = gates.get("gamma")
-        tokens = MemoryTokens(k=k.astype(dtype), v=v.astype(dtype), lr=gates["lr"],
-                              momentum=gates["momentum"], decay=gates["decay"],
-                              gamma=jnp.ones(gates["lr"].shape, dtype) if gamma is None
-                              else gamma)
+        tokens = MemoryTokens(
+            k=k.astype(dtype),
+            v=v.astype(dtype),
+            lr=gates["lr"],
+            momentum=gates["momentum"],
+            decay=gates["decay"],
+            gamma=jnp.ones(gates["lr"].shape, dtype) if gamma is None else gamma,
+        )
         return q.astype(dtype), tokens, caches
 
     # ---------------------------------------------------------------- memory
 
-    def memory_op(self, q: jax.Array, tokens: MemoryTokens, memory: MemoryOpState | None, *,
-                  state_position: jax.Array | int | None = None
-                  ) -> tuple[jax.Array, MemoryOpState]:
+    def memory_op(
+        self,
+        q: jax.Array,
+        tokens: MemoryTokens,
+        memory: MemoryOpState | None,
+        *,
+        state_position: jax.Array | int | None = None,
+    ) -> tuple[jax.Array, MemoryOpState]:
         """The op's chunk form over ``q``, ``tokens`` ``[B, T, H, ·]`` from ``memory``
         (``None``: the initial weights); returns ``(o [B, T, H, V], the op's state
         after state_position tokens)``."""
         config = self.config
         o, final = neural_memory(
-            q, tokens.k, tokens.v, tokens.lr, tokens.momentum, tokens.decay,
-            self.memory_weights(), omega_weights=tokens.gamma, omega_window=self.omega_window,
-            optimizer=self.optimizer, newton_schulz_steps=config.newton_schulz_steps,
-            max_surprise_norm=config.max_surprise_norm, mode="chunk",
-            chunk_size=config.chunk_size, initial_state=memory, output_final_state=True,
-            state_position=state_position)
+            q,
+            tokens.k,
+            tokens.v,
+            tokens.lr,
+            tokens.momentum,
+            tokens.decay,
+            self.memory_weights(),
+            omega_weights=tokens.gamma,
+            omega_window=self.omega_window,
+            optimizer=self.optimizer,
+            newton_schulz_steps=config.newton_schulz_steps,
+            max_surprise_norm=config.max_surprise_norm,
+            mode="chunk",
+            chunk_size=config.chunk_size,
+            initial_state=memory,
+            output_final_state=True,
+            state_position=state_position,
+        )
         assert final is not None  # output_final_state=True
         return o, final
 
-    def run_memory(self, q: jax.Array, tokens: MemoryTokens, memory: MemoryOpState | None,
-                   buffer: MemoryTokens | None, position: jax.Array
-                   ) -> tuple[jax.Array, MemoryOpState, MemoryTokens]:
+    def run_memory(
+        self,
+        q: jax.Array,
+        tokens: MemoryTokens,
+        memory: MemoryOpState | None,
+        buffer: MemoryTokens | None,
+        position: jax.Array,
+    ) -> tuple[jax.Array, MemoryOpState, MemoryTokens]:
         """The chunk form from the last boundary, with the buffered tokens in front
         (``memory`` ``None``: a fresh sequence); → ``(o, memory, buffer)``."""
         chunk = self.config.chunk_size
@@ -240,10 +312,12 @@ class NeuralMemoryMixer(Mixer):
             count = 0
         else:
             count = position % chunk
-            q = after_buffer(jnp.zeros((q.shape[0], chunk) + q.shape[2:], q.dtype), q, count,
-                             chunk + length)
-            tokens = jax.tree.map(lambda old, new: after_buffer(old, new, count, chunk + length),
-                                  buffer, tokens)
+            q = after_buffer(
+                jnp.zeros((q.shape[0], chunk) + q.shape[2:], q.dtype), q, count, chunk + length
+            )
+            tokens = jax.tree.map(
+                lambda old, new: after_buffer(old, new, count, chunk + length), buffer, tokens
+            )
         total = count + length
         boundary_index = (total // chunk) * chunk
         o, new_memory = self.memory_op(q, tokens, memory, state_position=boundary_index)
@@ -251,17 +325,19 @@ class NeuralMemoryMixer(Mixer):
             o = jax.lax.dynamic_slice_in_dim(o, count, length, axis=1)
         dtype = self.state_dtype()
         new_buffer = jax.tree.map(
-            lambda stream: open_chunk(stream, boundary_index, total - boundary_index,
-                                      chunk).astype(dtype), tokens)
+            lambda stream: open_chunk(stream, boundary_index, total - boundary_index, chunk).astype(
+                dtype
+            ),
+            tokens,
+        )
         return o, new_memory, new_buffer
 
-    def memory_branch(self, x: jax.Array, state: NeuralMemoryState | None, mode: Mode,
-                      position: jax.Array
-                      ) -> tuple[jax.Array, MemoryOpState, MemoryTokens, ConvCaches]:
+    def memory_branch(
+        self, x: jax.Array, state: NeuralMemoryState | None, mode: Mode, position: jax.Array
+    ) -> tuple[jax.Array, MemoryOpState, MemoryTokens, ConvCaches]:
         """The memory read ``o`` ``[B, T, H, V]`` of ``x`` and the new memory, buffer and
         convolution caches (token by token in ``"recurrent"`` mode)."""
-        q, tokens, conv = self.memory_streams(x, self.convs,
-                                              None if state is None else state.conv)
+        q, tokens, conv = self.memory_streams(x, self.convs, None if state is None else state.conv)
         if mode == "recurrent" and x.shape[1] > 1:
             if state is None:
                 state = self.init_state(x.shape[0])
@@ -271,13 +347,13 @@ class NeuralMemoryMixer(Mixer):
                 o, memory, buffer = self.run_memory(q, tokens, memory, buffer, pos)
                 return o, (memory, buffer)
 
-            o, (memory, buffer) = token_by_token(run, (q, tokens),
-                                                 (state.memory, state.buffer), position)
+            o, (memory, buffer) = token_by_token(
+                run, (q, tokens), (state.memory, state.buffer), position
+            )
         elif state is None:
             o, memory, buffer = self.run_memory(q, tokens, None, None, position)
         else:
-            o, memory, buffer = self.run_memory(q, tokens, state.memory, state.buffer,
-                                                position)
+            o, memory, buffer = self.run_memory(q, tokens, state.memory, state.buffer, position)
         return o, memory, buffer, conv
 
     # ---------------------------------------------------------------- call
@@ -297,16 +373,19 @@ class NeuralMemoryMixer(Mixer):
             for a, b in itertools.pairwise(dims):
                 small, large = min(a, b), max(a, b)
                 per_head += self.config.newton_schulz_steps * (
-                    4.0 * small * small * large + 2.0 * small ** 3)
+                    4.0 * small * small * large + 2.0 * small**3
+                )
         return float(self.config.num_heads * per_head)
 
-    def __call__(self, x: jax.Array, *, state: NeuralMemoryState | None = None,
-                 mode: Mode | None = None) -> tuple[jax.Array, NeuralMemoryState]:
+    def __call__(
+        self, x: jax.Array, *, state: NeuralMemoryState | None = None, mode: Mode | None = None
+    ) -> tuple[jax.Array, NeuralMemoryState]:
         """``x`` ``[B, T, d_model]`` → ``(y [B, T, d_model], state)``."""
         self.check_input(x)
         mode = self.resolve_mode(mode, x.shape[1])
         position = position_of(state)
         o, memory, buffer, conv = self.memory_branch(x, state, mode, position)
         y = self.head(o, x)
-        return y, NeuralMemoryState(position=position + x.shape[1], memory=memory,
-                                    buffer=buffer, conv=conv)
+        return y, NeuralMemoryState(
+            position=position + x.shape[1], memory=memory, buffer=buffer, conv=conv
+        )

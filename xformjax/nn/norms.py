@@ -46,12 +46,20 @@ def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
 class _ScaledNorm(nnx.Module):
     """A norm with a learnable per-feature scale ``γ`` (initialised to ones)."""
 
-    def __init__(self, dim: int, *, eps: float = 1e-6, rngs: nnx.Rngs | None = None,
-                 param_dtype=jnp.float32, axis_name: str | None = "embed"):
+    def __init__(
+        self,
+        dim: int,
+        *,
+        eps: float = 1e-6,
+        rngs: nnx.Rngs | None = None,
+        param_dtype=jnp.float32,
+        axis_name: str | None = "embed",
+    ):
         del rngs
         self.eps = eps
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=(axis_name,),
-                               eager_sharding=False)
+        self.scale = nnx.Param(
+            jnp.ones((dim,), param_dtype), out_sharding=(axis_name,), eager_sharding=False
+        )
 
 
 class RMSNorm(_ScaledNorm):
@@ -66,8 +74,9 @@ class RMSNorm(_ScaledNorm):
 class SRMSNorm(nnx.Module):
     """``x / rms(x)`` over the last axis, without parameters."""
 
-    def __init__(self, dim: int | None = None, *, eps: float = 1e-6,
-                 rngs: nnx.Rngs | None = None, **_):
+    def __init__(
+        self, dim: int | None = None, *, eps: float = 1e-6, rngs: nnx.Rngs | None = None, **_
+    ):
         del dim, rngs
         self.eps = eps
 
@@ -80,17 +89,24 @@ class SRMSNorm(nnx.Module):
 class LayerNorm(_ScaledNorm):
     """``γ ⊙ (x − μ)/σ + b`` over the last axis."""
 
-    def __init__(self, dim: int, *, eps: float = 1e-6, rngs: nnx.Rngs | None = None,
-                 param_dtype=jnp.float32, axis_name: str | None = "embed"):
+    def __init__(
+        self,
+        dim: int,
+        *,
+        eps: float = 1e-6,
+        rngs: nnx.Rngs | None = None,
+        param_dtype=jnp.float32,
+        axis_name: str | None = "embed",
+    ):
         super().__init__(dim, eps=eps, param_dtype=param_dtype, axis_name=axis_name)
-        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), out_sharding=(axis_name,),
-                              eager_sharding=False)
+        self.bias = nnx.Param(
+            jnp.zeros((dim,), param_dtype), out_sharding=(axis_name,), eager_sharding=False
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         xf = float_rows(x)
         centred = xf - jnp.mean(xf, axis=-1, keepdims=True)
-        y = centred * jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True)
-                                    + self.eps)
+        y = centred * jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + self.eps)
         return (y * self.scale[...] + self.bias[...]).astype(x.dtype).reshape(x.shape)
 
 
@@ -100,14 +116,21 @@ class CRMSNorm(_ScaledNorm):
     def __call__(self, x: jax.Array) -> jax.Array:
         xf = float_rows(x)
         full_dim = x.shape[-1] + 1
-        square_sum = jnp.sum(xf * xf, axis=-1, keepdims=True) + \
-            jnp.square(jnp.sum(xf, axis=-1, keepdims=True))
+        square_sum = jnp.sum(xf * xf, axis=-1, keepdims=True) + jnp.square(
+            jnp.sum(xf, axis=-1, keepdims=True)
+        )
         y = xf * jax.lax.rsqrt(square_sum / full_dim + self.eps)
         return (y * self.scale[...]).astype(x.dtype).reshape(x.shape)
 
 
-def make_norm(kind: str, dim: int, *, eps: float = 1e-6, param_dtype=jnp.float32,
-              axis_name: str | None = "embed") -> nnx.Module:
+def make_norm(
+    kind: str,
+    dim: int,
+    *,
+    eps: float = 1e-6,
+    param_dtype=jnp.float32,
+    axis_name: str | None = "embed",
+) -> nnx.Module:
     """``"rms"`` → :class:`RMSNorm`, ``"layer"`` → :class:`LayerNorm`,
     ``"srms"`` → :class:`SRMSNorm`."""
     if kind == "rms":

@@ -57,33 +57,58 @@ def sequence_mesh(length: int):
     return mesh if size > 1 and length % size == 0 else None
 
 
-def run_op(inputs: OpInputs, initial_state: jax.Array | None, mode: Mode, chunk_size: int
-           ) -> tuple[jax.Array, jax.Array]:
+def run_op(
+    inputs: OpInputs, initial_state: jax.Array | None, mode: Mode, chunk_size: int
+) -> tuple[jax.Array, jax.Array]:
     """Call the op ``inputs`` names; returns ``(o, final_state)``.
 
     In chunk mode under an active mesh whose ``seq`` axis has size > 1 (dividing T),
     the op runs with LASP-2 sequence parallelism
     (:func:`xformjax.parallel.sequence_parallel`); results are the same.
     """
-    common = dict(scale=inputs.scale, initial_state=initial_state, output_final_state=True,
-                  mode=mode, chunk_size=chunk_size)
-    functions = {"linear": ops.linear_attention, "delta": ops.delta_rule,
-                 "delta_product": ops.delta_product}
+    common = dict(
+        scale=inputs.scale,
+        initial_state=initial_state,
+        output_final_state=True,
+        mode=mode,
+        chunk_size=chunk_size,
+    )
+    functions = {
+        "linear": ops.linear_attention,
+        "delta": ops.delta_rule,
+        "delta_product": ops.delta_product,
+    }
     if inputs.op not in functions:
         raise ValueError(f"unknown op {inputs.op!r}")
     function = functions[inputs.op]
     mesh = sequence_mesh(inputs.q.shape[1]) if mode == "chunk" else None
     if mesh is not None:
         from xformjax.parallel import sequence_parallel  # parallel builds on ops only
+
         function = sequence_parallel(function, mesh, "seq")
     if inputs.op == "linear":
-        return function(inputs.q, inputs.k, inputs.v, g=inputs.g, gk=inputs.gk,
-                        normalize=inputs.normalize, **common)
+        return function(
+            inputs.q,
+            inputs.k,
+            inputs.v,
+            g=inputs.g,
+            gk=inputs.gk,
+            normalize=inputs.normalize,
+            **common,
+        )
     if inputs.op == "delta":
-        return function(inputs.q, inputs.k, inputs.v, inputs.beta, g=inputs.g, gk=inputs.gk,
-                        **common)
-    return function(inputs.q, inputs.k, inputs.v, inputs.beta, g=inputs.g,
-                    num_householder=inputs.num_householder, **common)
+        return function(
+            inputs.q, inputs.k, inputs.v, inputs.beta, g=inputs.g, gk=inputs.gk, **common
+        )
+    return function(
+        inputs.q,
+        inputs.k,
+        inputs.v,
+        inputs.beta,
+        g=inputs.g,
+        num_householder=inputs.num_householder,
+        **common,
+    )
 
 
 class MatrixMemoryMixer(Mixer):
@@ -99,8 +124,14 @@ class MatrixMemoryMixer(Mixer):
         output projection)."""
         config = self.config
         self.qkv = QKV(config, key_dim=config.key_dim, value_dim=config.value_dim, rngs=rngs)
-        self.head = OutputHead(config, config.num_heads, config.value_dim, norm=norm,
-                               gate="silu" if config.output_gate else None, rngs=rngs)
+        self.head = OutputHead(
+            config,
+            config.num_heads,
+            config.value_dim,
+            norm=norm,
+            gate="silu" if config.output_gate else None,
+            rngs=rngs,
+        )
 
     def memory_shape(self) -> tuple[int, int, int]:
         """``(H, K, V)`` of the op's state (``V + 1`` columns when normalising)."""
@@ -116,8 +147,9 @@ class MatrixMemoryMixer(Mixer):
         holding the subclass's new extra state)."""
         raise NotImplementedError(f"{type(self).__name__} must define prepare")
 
-    def finish(self, o: jax.Array, x: jax.Array, inputs: OpInputs,
-               state: MemoryState | None) -> jax.Array:
+    def finish(
+        self, o: jax.Array, x: jax.Array, inputs: OpInputs, state: MemoryState | None
+    ) -> jax.Array:
         """The op's output ``[B, T, H, V]`` → ``[B, T, d_model]`` (``self.head`` by default)."""
         return self.head(o, x)
 
@@ -130,8 +162,7 @@ class MatrixMemoryMixer(Mixer):
         per_head = 2 * chunk * (key_dim + value_dim) + 4 * key_dim * value_dim
         if self.op_kind in ("delta", "delta_product"):
             steps = getattr(self, "steps", 1)
-            per_head += steps * (2 * chunk * (2 * key_dim + value_dim)
-                                 + 2 * key_dim * value_dim)
+            per_head += steps * (2 * chunk * (2 * key_dim + value_dim) + 2 * key_dim * value_dim)
         return float(heads * per_head)
 
     op_kind = "linear"
@@ -142,11 +173,13 @@ class MatrixMemoryMixer(Mixer):
     def init_state(self, batch: int, max_len: int | None = None) -> MemoryState:
         del max_len  # the memory does not grow with the sequence
         memory = jnp.zeros((batch, *self.memory_shape()), self.memory_dtype())
-        return self.state_type(memory=memory, position=jnp.zeros((), jnp.int32),
-                               **self.init_extra_state(batch))
+        return self.state_type(
+            memory=memory, position=jnp.zeros((), jnp.int32), **self.init_extra_state(batch)
+        )
 
-    def __call__(self, x: jax.Array, *, state: MemoryState | None = None,
-                 mode: Mode | None = None) -> tuple[jax.Array, MemoryState]:
+    def __call__(
+        self, x: jax.Array, *, state: MemoryState | None = None, mode: Mode | None = None
+    ) -> tuple[jax.Array, MemoryState]:
         """``x`` ``[B, T, d_model]`` → ``(y [B, T, d_model], state)``."""
         self.check_input(x)
         mode = self.resolve_mode(mode, x.shape[1])
@@ -155,6 +188,9 @@ class MatrixMemoryMixer(Mixer):
         memory = None if state is None else state.memory
         o, final = run_op(inputs, memory, mode, self.config.chunk_size)
         y = self.finish(o, x, inputs, state)
-        new_state = self.state_type(memory=final.astype(self.memory_dtype()),
-                                    position=position + x.shape[1], **inputs.extra_state)
+        new_state = self.state_type(
+            memory=final.astype(self.memory_dtype()),
+            position=position + x.shape[1],
+            **inputs.extra_state,
+        )
         return y, new_state

@@ -34,8 +34,9 @@ def retnet_log_decay(num_heads: int) -> np.ndarray:
 class RetNet(MatrixMemoryMixer):
     """Multi-scale retention (see the module docstring)."""
 
-    def __init__(self, config: MixerConfig, *, layer_index: int = 0, num_layers: int = 1,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, config: MixerConfig, *, layer_index: int = 0, num_layers: int = 1, rngs: nnx.Rngs
+    ):
         super().__init__(config, layer_index=layer_index, num_layers=num_layers, rngs=rngs)
         if config.key_dim % 2:
             raise ValueError(f"retnet needs an even head_dim for RoPE; got {config.key_dim}")

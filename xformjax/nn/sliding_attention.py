@@ -47,8 +47,13 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) 
     return jnp.einsum("...hqs,...shv->...qhv", weights, v.astype(dtype))
 
 
-def with_persistent(k: jax.Array, v: jax.Array, persistent_k: jax.Array | None,
-                    persistent_v: jax.Array | None, blocks_shape: tuple[int, ...]):
+def with_persistent(
+    k: jax.Array,
+    v: jax.Array,
+    persistent_k: jax.Array | None,
+    persistent_v: jax.Array | None,
+    blocks_shape: tuple[int, ...],
+):
     """Prepend the persistent keys/values ``[P, H, ·]`` to per-block keys ``[..., S, H, ·]``
     (broadcast over ``blocks_shape`` = the leading axes); returns ``(k, v, P)``."""
     if persistent_k is None:
@@ -60,11 +65,18 @@ def with_persistent(k: jax.Array, v: jax.Array, persistent_k: jax.Array | None,
     return jnp.concatenate([pk, k], -3), jnp.concatenate([pv, v], -3), count
 
 
-def sliding_window_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, window: int,
-                             cache_k: jax.Array, cache_v: jax.Array, cached: jax.Array | int,
-                             persistent_k: jax.Array | None = None,
-                             persistent_v: jax.Array | None = None
-                             ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def sliding_window_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    window: int,
+    cache_k: jax.Array,
+    cache_v: jax.Array,
+    cached: jax.Array | int,
+    persistent_k: jax.Array | None = None,
+    persistent_v: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Causal sliding-window attention of ``T`` new tokens after a cache.
 
     Args:
@@ -90,12 +102,11 @@ def sliding_window_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, window
         front = jnp.zeros((batch, 1) + new.shape[2:], new.dtype)
         rows = jnp.concatenate([front, cache.astype(new.dtype), jnp.pad(new, pad)], 1)
         rows = rows.reshape((batch, blocks + 1, window) + new.shape[2:])
-        return jnp.concatenate([rows[:, :-1], rows[:, 1:]], 2)   # [B, nb, 2W, H, ·]
+        return jnp.concatenate([rows[:, :-1], rows[:, 1:]], 2)  # [B, nb, 2W, H, ·]
 
     dtype = jnp.promote_types(jnp.result_type(q, k, v), jnp.float32)
     keys, values = key_blocks(cache_k, k.astype(dtype)), key_blocks(cache_v, v.astype(dtype))
-    keys, values, count = with_persistent(keys, values, persistent_k, persistent_v,
-                                          (batch, blocks))
+    keys, values, count = with_persistent(keys, values, persistent_k, persistent_v, (batch, blocks))
     # query i of block b is row W + bW + i; key s of the pair is row bW + s
     i = jnp.arange(window)[:, None]
     s = jnp.arange(2 * window)[None, :]

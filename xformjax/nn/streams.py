@@ -29,20 +29,34 @@ from xformjax.nn.states import ConvCaches
 STREAMS: tuple[str, ...] = ("q", "k", "v")
 
 
-def stream_layers(config: MixerConfig, copies: int, rngs: nnx.Rngs,
-                  conv_names: tuple[str, ...] = STREAMS) -> tuple[nnx.Dict, nnx.Dict]:
+def stream_layers(
+    config: MixerConfig, copies: int, rngs: nnx.Rngs, conv_names: tuple[str, ...] = STREAMS
+) -> tuple[nnx.Dict, nnx.Dict]:
     """The q (one per head) and k, v (``copies`` per head: DeltaProduct's steps, MoM's
     memories) projections, and the short causal convolutions of ``conv_names``
     (none without ``config.conv_size``)."""
     heads, d = config.num_heads, config.d_model
-    widths = {"q": heads * config.key_dim, "k": copies * heads * config.key_dim,
-              "v": copies * heads * config.value_dim}
-    projections = nnx.Dict({name: linear.dense(config, d, widths[name], axes=("embed", "heads"),
-                                               rngs=rngs)
-                            for name in STREAMS})
-    convs = nnx.Dict({name: ShortConv(widths[name], config.conv_size, rngs=rngs,
-                                      param_dtype=config.params_dtype)
-                      for name in conv_names} if config.conv_size else {})
+    widths = {
+        "q": heads * config.key_dim,
+        "k": copies * heads * config.key_dim,
+        "v": copies * heads * config.value_dim,
+    }
+    projections = nnx.Dict(
+        {
+            name: linear.dense(config, d, widths[name], axes=("embed", "heads"), rngs=rngs)
+            for name in STREAMS
+        }
+    )
+    convs = nnx.Dict(
+        {
+            name: ShortConv(
+                widths[name], config.conv_size, rngs=rngs, param_dtype=config.params_dtype
+            )
+            for name in conv_names
+        }
+        if config.conv_size
+        else {}
+    )
     return projections, convs
 
 
@@ -51,8 +65,9 @@ def init_conv_caches(convs: nnx.Dict, batch: int, dtype) -> ConvCaches:
     return ConvCaches(**{name: conv.init_cache(batch, dtype) for name, conv in convs.items()})
 
 
-def silu_stream(projection: nnx.Module, conv: ShortConv | None, x: jax.Array,
-                cache: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
+def silu_stream(
+    projection: nnx.Module, conv: ShortConv | None, x: jax.Array, cache: jax.Array | None
+) -> tuple[jax.Array, jax.Array | None]:
     """``SiLU(conv(x W))`` ``[B, T, width]`` and the convolution's new cache (``None``
     without a convolution)."""
     y = projection(x)
@@ -63,14 +78,16 @@ def silu_stream(projection: nnx.Module, conv: ShortConv | None, x: jax.Array,
     return jax.nn.silu(y), cache
 
 
-def silu_streams(projections: nnx.Dict, convs: nnx.Dict | Mapping[str, ShortConv],
-                 x: jax.Array, caches: ConvCaches | None
-                 ) -> tuple[dict[str, jax.Array], ConvCaches]:
+def silu_streams(
+    projections: nnx.Dict,
+    convs: nnx.Dict | Mapping[str, ShortConv],
+    x: jax.Array,
+    caches: ConvCaches | None,
+) -> tuple[dict[str, jax.Array], ConvCaches]:
     """``SiLU(conv(x W))`` for q, k, v (flat widths) and the convolutions' new caches
     (``caches`` ``None``: a fresh sequence)."""
     streams, new_caches = {}, {}
     for name in STREAMS:
         cache = None if caches is None else getattr(caches, name)
-        streams[name], new_caches[name] = silu_stream(projections[name], convs.get(name), x,
-                                                      cache)
+        streams[name], new_caches[name] = silu_stream(projections[name], convs.get(name), x, cache)
     return streams, ConvCaches(**new_caches)

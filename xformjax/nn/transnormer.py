@@ -47,16 +47,19 @@ class TransNormer(MatrixMemoryMixer):
 
     modes: ClassVar[tuple[str, ...]] = ("chunk", "parallel", "recurrent")
 
-    def __init__(self, config: MixerConfig, *, layer_index: int = 0, num_layers: int = 1,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, config: MixerConfig, *, layer_index: int = 0, num_layers: int = 1, rngs: nnx.Rngs
+    ):
         super().__init__(config, layer_index=layer_index, num_layers=num_layers, rngs=rngs)
         self.diag = _uses_diag(config, layer_index, num_layers)
         heads, dim = config.num_heads, config.key_dim
         self.qkv = QKV(config, key_dim=dim, value_dim=config.value_dim, rngs=rngs)
-        self.feature_map = FeatureMap(config.feature_map, dim, heads, rngs=rngs,
-                                      param_dtype=config.params_dtype)
-        self.head = OutputHead(config, heads, config.value_dim,
-                               norm=None if self.diag else "rms", gate=None, rngs=rngs)
+        self.feature_map = FeatureMap(
+            config.feature_map, dim, heads, rngs=rngs, param_dtype=config.params_dtype
+        )
+        self.head = OutputHead(
+            config, heads, config.value_dim, norm=None if self.diag else "rms", gate=None, rngs=rngs
+        )
 
     # NormAttention: the MatrixMemoryMixer path.
     def memory_shape(self):
@@ -73,8 +76,7 @@ class TransNormer(MatrixMemoryMixer):
         return 2.0 * self.config.num_heads * (self.config.key_dim + self.config.value_dim) * visible
 
     # DiagAttention.
-    def init_state(self, batch: int, max_len: int | None = None
-                   ) -> MemoryState | KVCacheState:
+    def init_state(self, batch: int, max_len: int | None = None) -> MemoryState | KVCacheState:
         if not self.diag:
             return super().init_state(batch, max_len)
         return self._empty_block(batch)
@@ -83,12 +85,19 @@ class TransNormer(MatrixMemoryMixer):
         """DiagAttention's empty block buffer."""
         shape = (batch, self.config.diag_block_size, self.config.num_heads)
         dtype = self.config.compute_dtype
-        return KVCacheState(k=jnp.zeros(shape + (self.config.key_dim,), dtype),
-                            v=jnp.zeros(shape + (self.config.value_dim,), dtype),
-                            position=jnp.zeros((), jnp.int32))
+        return KVCacheState(
+            k=jnp.zeros(shape + (self.config.key_dim,), dtype),
+            v=jnp.zeros(shape + (self.config.value_dim,), dtype),
+            position=jnp.zeros((), jnp.int32),
+        )
 
-    def __call__(self, x: jax.Array, *, state: MemoryState | KVCacheState | None = None,
-                 mode: Mode | None = None) -> tuple[jax.Array, MemoryState | KVCacheState]:
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        state: MemoryState | KVCacheState | None = None,
+        mode: Mode | None = None,
+    ) -> tuple[jax.Array, MemoryState | KVCacheState]:
         """``x`` ``[B, T, d_model]`` → ``(y, state)``."""
         if not self.diag:
             return super().__call__(x, state=cast(MemoryState | None, state), mode=mode)
@@ -112,14 +121,18 @@ class TransNormer(MatrixMemoryMixer):
             a = jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0)))
             return a.reshape(batch * num_blocks, block, *a.shape[2:])
 
-        o, _ = ops.softmax_attention(blocks(q), blocks(k), blocks(v), mode=mode,
-                                     chunk_size=self.config.chunk_size)
+        o, _ = ops.softmax_attention(
+            blocks(q), blocks(k), blocks(v), mode=mode, chunk_size=self.config.chunk_size
+        )
         o = o.reshape(batch, num_blocks * block, *o.shape[2:])[:, :length]
         last = lambda a: blocks(a).reshape(batch, num_blocks, block, *a.shape[2:])[:, -1]
         keep = (length - 1) % block + 1  # tokens of the last block that are real
         slots = (jnp.arange(block) < keep)[None, :, None, None]
-        state = KVCacheState(k=jnp.where(slots, last(k), 0), v=jnp.where(slots, last(v), 0),
-                             position=jnp.asarray(length, jnp.int32))
+        state = KVCacheState(
+            k=jnp.where(slots, last(k), 0),
+            v=jnp.where(slots, last(v), 0),
+            position=jnp.asarray(length, jnp.int32),
+        )
         return o, state
 
     def _diag_recurrent(self, q, k, v, state: KVCacheState | None):
@@ -133,11 +146,14 @@ class TransNormer(MatrixMemoryMixer):
             q_t, k_t, v_t = token
             slot = position % block
             cache_k = jax.lax.dynamic_update_slice_in_dim(
-                cache_k, k_t[:, None].astype(cache_k.dtype), slot, axis=1)
+                cache_k, k_t[:, None].astype(cache_k.dtype), slot, axis=1
+            )
             cache_v = jax.lax.dynamic_update_slice_in_dim(
-                cache_v, v_t[:, None].astype(cache_v.dtype), slot, axis=1)
-            o_t, _ = ops.softmax_attention(q_t[:, None], cache_k, cache_v, mode="recurrent",
-                                           kv_length=slot + 1)
+                cache_v, v_t[:, None].astype(cache_v.dtype), slot, axis=1
+            )
+            o_t, _ = ops.softmax_attention(
+                q_t[:, None], cache_k, cache_v, mode="recurrent", kv_length=slot + 1
+            )
             return (cache_k, cache_v, position + 1), o_t[:, 0]
 
         tokens = tuple(jnp.moveaxis(a, 1, 0) for a in (q, k, v))

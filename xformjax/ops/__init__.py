@@ -13,6 +13,15 @@ from xformjax.ops.mixture_of_memories import mixture_of_memories
 from xformjax.ops.neural_memory import init_neural_memory_state, neural_memory
 from xformjax.ops.softmax_attention import sigmoid_attention, softmax_attention
 
-__all__ = ["aaren", "delta_product", "delta_rule", "diagonal_recurrence",
-           "init_neural_memory_state", "linear_attention", "mixture_of_memories", "neural_memory",
-           "sigmoid_attention", "softmax_attention"]
+__all__ = [
+    "aaren",
+    "delta_product",
+    "delta_rule",
+    "diagonal_recurrence",
+    "init_neural_memory_state",
+    "linear_attention",
+    "mixture_of_memories",
+    "neural_memory",
+    "sigmoid_attention",
+    "softmax_attention",
+]

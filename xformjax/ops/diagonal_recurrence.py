@@ -69,24 +69,30 @@ def _chunk(a, b, h0, chunk_size: int):
         a = jnp.pad(a, widths, constant_values=1)
         b = jnp.pad(b, widths)
     shape = (batch, padded // chunk_size, chunk_size) + a.shape[2:]
-    a_cum, h_local = jax.lax.associative_scan(_combine, (a.reshape(shape), b.reshape(shape)),
-                                              axis=2)
+    a_cum, h_local = jax.lax.associative_scan(
+        _combine, (a.reshape(shape), b.reshape(shape)), axis=2
+    )
 
     def across(h, chunk):
         a_chunk, h_chunk = chunk
         hs = h_chunk + a_chunk * h[:, None]
         return hs[:, -1], hs
 
-    final, hs = jax.lax.scan(across, h0, (jnp.moveaxis(a_cum, 1, 0),
-                                          jnp.moveaxis(h_local, 1, 0)))
+    final, hs = jax.lax.scan(across, h0, (jnp.moveaxis(a_cum, 1, 0), jnp.moveaxis(h_local, 1, 0)))
     hs = jnp.moveaxis(hs, 0, 1).reshape((batch, padded) + a.shape[2:])
     return hs[:, :length], final
 
 
-def diagonal_recurrence(a: jax.Array, b: jax.Array, *, initial_state: jax.Array | None = None,
-                        output_final_state: bool = False, cu_seqlens: jax.Array | None = None,
-                        mode: Mode = "chunk", chunk_size: int = 64
-                        ) -> tuple[jax.Array, jax.Array | None]:
+def diagonal_recurrence(
+    a: jax.Array,
+    b: jax.Array,
+    *,
+    initial_state: jax.Array | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: jax.Array | None = None,
+    mode: Mode = "chunk",
+    chunk_size: int = 64,
+) -> tuple[jax.Array, jax.Array | None]:
     """``h_t = a_t ⊙ h_{t-1} + b_t`` (see the module docstring).
 
     Args:
@@ -108,8 +114,11 @@ def diagonal_recurrence(a: jax.Array, b: jax.Array, *, initial_state: jax.Array 
         common.check_rank(OP, name, x, ["B", "T", "H", "D"])
         common.check_floating(OP, name, x)
     if jnp.shape(a) != jnp.shape(b):
-        common.fail(OP, f"`a` and `b` must have the same shape; got {common.shape_str(a)} "
-                        f"and {common.shape_str(b)}")
+        common.fail(
+            OP,
+            f"`a` and `b` must have the same shape; got {common.shape_str(a)} "
+            f"and {common.shape_str(b)}",
+        )
     batch, length, heads, dim = jnp.shape(a)
     dtype = common.compute_dtype(a, b, initial_state)
     a, b = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
@@ -119,8 +128,11 @@ def diagonal_recurrence(a: jax.Array, b: jax.Array, *, initial_state: jax.Array 
         initial_state = jnp.zeros((states, heads, dim), dtype)
     common.check_rank(OP, "initial_state", initial_state, ["N" if segments else "B", "H", "D"])
     if tuple(jnp.shape(initial_state)) != (states, heads, dim):
-        common.fail(OP, f"`initial_state` must have shape {(states, heads, dim)}; got "
-                        f"{common.shape_str(initial_state)}")
+        common.fail(
+            OP,
+            f"`initial_state` must have shape {(states, heads, dim)}; got "
+            f"{common.shape_str(initial_state)}",
+        )
     initial_state = jnp.asarray(initial_state, dtype)
 
     if segments is not None:

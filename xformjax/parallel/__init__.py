@@ -18,6 +18,18 @@ from xformjax.parallel.mesh import (
     state_shardings,
 )
 
-__all__ = ["BATCH_AXES", "DEFAULT_RULES", "MESH_AXES", "axis_rules", "constrain",
-           "create_sharded", "current_rules", "initialize_distributed", "logical_to_spec",
-           "make_mesh", "resolve_mesh_shape", "sequence_parallel", "state_shardings"]
+__all__ = [
+    "BATCH_AXES",
+    "DEFAULT_RULES",
+    "MESH_AXES",
+    "axis_rules",
+    "constrain",
+    "create_sharded",
+    "current_rules",
+    "initialize_distributed",
+    "logical_to_spec",
+    "make_mesh",
+    "resolve_mesh_shape",
+    "sequence_parallel",
+    "state_shardings",
+]

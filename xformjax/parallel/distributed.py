@@ -25,8 +25,7 @@ import jax
 _ON, _OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
-def distributed_reason(environ: Mapping[str, str] | None = None, mode: str = "auto"
-                       ) -> str | None:
+def distributed_reason(environ: Mapping[str, str] | None = None, mode: str = "auto") -> str | None:
     """Why this process should join a multi-process run (``None``: it should not)."""
     if mode not in ("auto", "on", "off"):
         raise ValueError(f"distributed mode must be 'auto', 'on' or 'off'; got {mode!r}")

@@ -63,8 +63,7 @@ from xformjax import ops
 from xformjax.parallel import lasp2h
 from xformjax.parallel.mesh import sequence_layout, spec_axes
 
-_KINDS = {ops.linear_attention: "linear", ops.delta_rule: "delta",
-          ops.delta_product: "delta"}
+_KINDS = {ops.linear_attention: "linear", ops.delta_rule: "delta", ops.delta_product: "delta"}
 #: arguments laid out [B, T(·n), H, ...]: split along T.
 _SEQUENCE_ARGS = ("q", "k", "v", "beta", "g", "gk")
 
@@ -96,8 +95,9 @@ def _pack(transition, contribution):
     batch, heads = contribution.shape[:2]
     if transition is None:
         return contribution.reshape(batch, heads, -1)
-    return jnp.concatenate([transition.reshape(batch, heads, -1),
-                            contribution.reshape(batch, heads, -1)], axis=-1)
+    return jnp.concatenate(
+        [transition.reshape(batch, heads, -1), contribution.reshape(batch, heads, -1)], axis=-1
+    )
 
 
 def sequence_parallel(op: Callable, mesh: Mesh | AbstractMesh, axis: str = "seq") -> Callable:
@@ -115,9 +115,11 @@ def sequence_parallel(op: Callable, mesh: Mesh | AbstractMesh, axis: str = "seq"
     and tensor parallelism without gathering either.
     """
     if op not in _KINDS and op not in lasp2h.KINDS:
-        raise ValueError(f"sequence_parallel supports ops.linear_attention, ops.delta_rule, "
-                         f"ops.delta_product, ops.softmax_attention and ops.sigmoid_attention;"
-                         f" got {getattr(op, '__name__', op)!r}")
+        raise ValueError(
+            f"sequence_parallel supports ops.linear_attention, ops.delta_rule, "
+            f"ops.delta_product, ops.softmax_attention and ops.sigmoid_attention;"
+            f" got {getattr(op, '__name__', op)!r}"
+        )
     sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))  # a Mesh or an AbstractMesh
     if axis not in sizes:
         raise ValueError(f"mesh has axes {tuple(sizes)}; no axis {axis!r}")
@@ -136,16 +138,20 @@ def sequence_parallel(op: Callable, mesh: Mesh | AbstractMesh, axis: str = "seq"
             raise ValueError("sequence_parallel: cu_seqlens is not supported; pack along B")
         length = arguments["q"].shape[1]
         if length % shards:
-            raise ValueError(f"sequence_parallel: T={length} must be divisible by the "
-                             f"{axis!r} axis size {shards}")
+            raise ValueError(
+                f"sequence_parallel: T={length} must be divisible by the "
+                f"{axis!r} axis size {shards}"
+            )
         want_final = arguments.pop("output_final_state")
         initial = arguments.pop("initial_state")
-        arrays = {name: arguments.pop(name) for name in _SEQUENCE_ARGS
-                  if arguments.get(name) is not None}
+        arrays = {
+            name: arguments.pop(name) for name in _SEQUENCE_ARGS if arguments.get(name) is not None
+        }
         static = arguments  # scale, mode, chunk_size, normalize, num_householder, ...
 
-        batch_part, heads_part = sequence_layout(sizes, axis, arrays["q"].shape[0],
-                                                 (arrays["q"].shape[2],))
+        batch_part, heads_part = sequence_layout(
+            sizes, axis, arrays["q"].shape[0], (arrays["q"].shape[2],)
+        )
 
         def spec(name, array):
             if name == "g" and array.ndim == 1:
@@ -154,28 +160,35 @@ def sequence_parallel(op: Callable, mesh: Mesh | AbstractMesh, axis: str = "seq"
 
         names = tuple(arrays)
         state_spec = PartitionSpec(batch_part, heads_part)
-        in_specs = (tuple(spec(n, arrays[n]) for n in names),
-                    state_spec if initial is not None else None)
+        in_specs = (
+            tuple(spec(n, arrays[n]) for n in names),
+            state_spec if initial is not None else None,
+        )
 
         def local(local_arrays, init):
             values = dict(zip(names, local_arrays))
-            _, contribution = op(**values, **static, initial_state=None,
-                                 output_final_state=True)
+            _, contribution = op(**values, **static, initial_state=None, output_final_state=True)
             dtype = contribution.dtype
             batch, heads, key_dim, _ = contribution.shape
             if kind == "linear":
-                transition = _linear_transition(values.get("g"), values.get("gk"), batch,
-                                                heads, dtype, values["q"].shape[1])
+                transition = _linear_transition(
+                    values.get("g"), values.get("gk"), batch, heads, dtype, values["q"].shape[1]
+                )
             else:
-                eye = jnp.broadcast_to(jnp.eye(key_dim, dtype=dtype),
-                                       (batch, heads, key_dim, key_dim))
+                eye = jnp.broadcast_to(
+                    jnp.eye(key_dim, dtype=dtype), (batch, heads, key_dim, key_dim)
+                )
                 identity_run = {**values, "v": jnp.zeros(values["k"].shape, values["v"].dtype)}
-                _, transition = op(**identity_run, **static, initial_state=eye,
-                                   output_final_state=True)
+                _, transition = op(
+                    **identity_run, **static, initial_state=eye, output_final_state=True
+                )
             packed = jax.lax.all_gather(_pack(transition, contribution), axis)  # one collective
             split = 0 if transition is None else transition.size // (batch * heads)
-            transitions = (None if transition is None else
-                           packed[..., :split].reshape((shards,) + transition.shape))
+            transitions = (
+                None
+                if transition is None
+                else packed[..., :split].reshape((shards,) + transition.shape)
+            )
             contributions = packed[..., split:].reshape((shards,) + contribution.shape)
 
             def fold(state, pair):
@@ -189,11 +202,14 @@ def sequence_parallel(op: Callable, mesh: Mesh | AbstractMesh, axis: str = "seq"
             o, _ = op(**values, **static, initial_state=initial_state, output_final_state=False)
             return o, final
 
-        sharded = jax.shard_map(local, mesh=mesh, in_specs=in_specs,
-                                out_specs=(PartitionSpec(batch_part, axis, heads_part),
-                                           state_spec),
-                                axis_names=spec_axes(axis, batch_part, heads_part),
-                                check_vma=False)
+        sharded = jax.shard_map(
+            local,
+            mesh=mesh,
+            in_specs=in_specs,
+            out_specs=(PartitionSpec(batch_part, axis, heads_part), state_spec),
+            axis_names=spec_axes(axis, batch_part, heads_part),
+            check_vma=False,
+        )
         o, final = sharded(tuple(arrays[n] for n in names), initial)
         return o, (final if want_final else None)
 

@@ -40,16 +40,31 @@ def attention_sequence_parallel(op, mesh, axis: str, shards: int):
     name = op.__name__
 
     @functools.wraps(op)
-    def parallel_op(q, k, v, *, causal=True, scale=None, window=None, cu_seqlens=None,
-                    mode="chunk", chunk_size=128, backend=None, kv_length=None, bias=None):
+    def parallel_op(
+        q,
+        k,
+        v,
+        *,
+        causal=True,
+        scale=None,
+        window=None,
+        cu_seqlens=None,
+        mode="chunk",
+        chunk_size=128,
+        backend=None,
+        kv_length=None,
+        bias=None,
+    ):
         del mode, chunk_size  # the local attention is the parallel form
         common.resolve_backend(name, backend)
         if cu_seqlens is not None or kv_length is not None:
             raise ValueError("sequence_parallel: cu_seqlens and kv_length are not supported")
         length = q.shape[1]
         if k.shape[1] != length or length % shards:
-            raise ValueError(f"sequence_parallel: q and k need the same T, divisible by the "
-                             f"{axis!r} axis size {shards}; got {q.shape[1]} and {k.shape[1]}")
+            raise ValueError(
+                f"sequence_parallel: q and k need the same T, divisible by the "
+                f"{axis!r} axis size {shards}; got {q.shape[1]} and {k.shape[1]}"
+            )
         if window is not None and not causal:
             raise ValueError("sequence_parallel: a window needs causal=True")
         local_length = length // shards
@@ -59,8 +74,9 @@ def attention_sequence_parallel(op, mesh, axis: str, shards: int):
         if kind == "sigmoid" and bias is None:
             bias = -math.log(length)
         # sigmoid attention's bias, one per query ([T], split along T like the queries)
-        biases = (() if kind != "sigmoid" else
-                  (jnp.broadcast_to(jnp.asarray(bias, dtype), (length,)),))
+        biases = (
+            () if kind != "sigmoid" else (jnp.broadcast_to(jnp.asarray(bias, dtype), (length,)),)
+        )
         halo_shards = 0 if window is None else math.ceil((window - 1) / local_length)
         use_halo = window is not None and halo_shards < shards - 1
 
@@ -70,14 +86,14 @@ def attention_sequence_parallel(op, mesh, axis: str, shards: int):
             key_dim = k.shape[-1]
             packed = jnp.concatenate([k, v], -1).astype(dtype)
             if use_halo:
-                pieces = [jax.lax.ppermute(packed, axis, [(j, j + shift)
-                                                          for j in range(shards - shift)])
-                          for shift in range(halo_shards, 0, -1)]
+                pieces = [
+                    jax.lax.ppermute(packed, axis, [(j, j + shift) for j in range(shards - shift)])
+                    for shift in range(halo_shards, 0, -1)
+                ]
                 keys = jnp.concatenate(pieces + [packed], axis=1)
                 offset = halo_shards * local_length
                 hidden = jnp.maximum(halo_shards - index, 0) * local_length
-                mask = AttentionMask(causal=True, window=window, q_offset=offset,
-                                     kv_start=hidden)
+                mask = AttentionMask(causal=True, window=window, q_offset=offset, kv_start=hidden)
             else:
                 keys = jax.lax.all_gather(packed, axis, axis=1, tiled=True)  # one collective
                 offset = index * local_length if causal else 0
@@ -85,18 +101,23 @@ def attention_sequence_parallel(op, mesh, axis: str, shards: int):
             q_seq = jnp.zeros((local_length,), jnp.int32)
             k_seq = jnp.zeros((keys.shape[1],), jnp.int32)
             q_bias = biases[0] if biases else None
-            o = attention_parallel(q, keys[..., :key_dim], keys[..., key_dim:], kind, mask,
-                                   q_seq, k_seq, q_bias)
+            o = attention_parallel(
+                q, keys[..., :key_dim], keys[..., key_dim:], kind, mask, q_seq, k_seq, q_bias
+            )
             return o.astype(out_dtype)
 
         batch_part, heads_part = sequence_layout(
-            dict(zip(mesh.axis_names, mesh.axis_sizes)), axis, q.shape[0],
-            (q.shape[2], k.shape[2]))
+            dict(zip(mesh.axis_names, mesh.axis_sizes)), axis, q.shape[0], (q.shape[2], k.shape[2])
+        )
         spec = PartitionSpec(batch_part, axis, heads_part)
-        o = jax.shard_map(local, mesh=mesh,
-                          in_specs=(spec, spec, spec) + (PartitionSpec(axis),) * len(biases),
-                          out_specs=spec, axis_names=spec_axes(axis, batch_part, heads_part),
-                          check_vma=False)(q, k, v, *biases)
+        o = jax.shard_map(
+            local,
+            mesh=mesh,
+            in_specs=(spec, spec, spec) + (PartitionSpec(axis),) * len(biases),
+            out_specs=spec,
+            axis_names=spec_axes(axis, batch_part, heads_part),
+            check_vma=False,
+        )(q, k, v, *biases)
         return o, None
 
     return parallel_op

@@ -77,8 +77,10 @@ def resolve_mesh_shape(sizes: Mapping[str, int], device_count: int) -> dict[str,
     known = math.prod(size for size in shape.values() if size != -1)
     if fill:
         if device_count % known:
-            raise ValueError(f"mesh {shape}: {device_count} devices do not divide by the "
-                             f"fixed axes' product {known}")
+            raise ValueError(
+                f"mesh {shape}: {device_count} devices do not divide by the "
+                f"fixed axes' product {known}"
+            )
         shape[fill[0]] = device_count // known
     elif known > device_count:
         raise ValueError(f"mesh {shape} needs {known} devices; {device_count} available")
@@ -86,9 +88,10 @@ def resolve_mesh_shape(sizes: Mapping[str, int], device_count: int) -> dict[str,
 
 
 # (jax exports `Device = _xc.Device`, an assignment pyright does not take for a class)
-def make_mesh(sizes: Mapping[str, int],
-              devices: Sequence[jax.Device] | None = None,  # pyright: ignore[reportInvalidTypeForm]
-              ) -> Mesh:
+def make_mesh(
+    sizes: Mapping[str, int],
+    devices: Sequence[jax.Device] | None = None,  # pyright: ignore[reportInvalidTypeForm]
+) -> Mesh:
     """A mesh over the axes :data:`MESH_AXES` (sizes as in :func:`resolve_mesh_shape`)
     with every axis of type ``Auto`` (XLA propagates shardings between the
     constraints). Without ``devices`` it uses the first ``prod(sizes)`` of
@@ -118,16 +121,20 @@ def current_rules() -> Rules:
     return _active_rules[-1]
 
 
-def logical_to_spec(names: Sequence[str | None], shape: Sequence[int],
-                    mesh_sizes: Mapping[str, int], rules: Rules | None = None
-                    ) -> PartitionSpec:
+def logical_to_spec(
+    names: Sequence[str | None],
+    shape: Sequence[int],
+    mesh_sizes: Mapping[str, int],
+    rules: Rules | None = None,
+) -> PartitionSpec:
     """The ``PartitionSpec`` for an array of ``shape`` whose dimensions have the
     logical ``names``, under ``rules`` (default: the active rules). Mesh axes that
     are absent, of size 1, already used, or that do not divide the dimension are
     dropped (that part of the dimension is replicated)."""
     if len(names) != len(shape):
-        raise ValueError(f"{len(names)} logical names {tuple(names)} for an array of rank "
-                         f"{len(shape)}")
+        raise ValueError(
+            f"{len(names)} logical names {tuple(names)} for an array of rank {len(shape)}"
+        )
     table = dict(current_rules() if rules is None else rules)
     used: set[str] = set()
     spec = []
@@ -137,8 +144,11 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int],
         kept = []
         for axis in targets:
             axis_size = mesh_sizes.get(axis, 1)
-            if axis in used or axis_size == 1 or size % (math.prod(
-                    mesh_sizes[a] for a in kept) * axis_size):
+            if (
+                axis in used
+                or axis_size == 1
+                or size % (math.prod(mesh_sizes[a] for a in kept) * axis_size)
+            ):
                 continue
             kept.append(axis)
         used.update(kept)
@@ -166,8 +176,11 @@ def state_shardings(state: Any, mesh: Mesh, rules: Rules | None = None) -> Any:
     def place(variable):
         names = _variable_names(variable)
         shape = getattr(variable, "shape", ())
-        spec = (logical_to_spec(names, shape, sizes, rules) if names is not None
-                and len(names) == len(shape) else PartitionSpec())
+        spec = (
+            logical_to_spec(names, shape, sizes, rules)
+            if names is not None and len(names) == len(shape)
+            else PartitionSpec()
+        )
         return variable.replace(NamedSharding(mesh, spec))
 
     return jax.tree.map(place, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
@@ -184,6 +197,7 @@ def create_sharded(factory: Callable[[], T], mesh: Mesh, rules: Rules | None = N
     graphdef, abstract = nnx.split(nnx.eval_shape(factory))
     shardings = state_shardings(abstract, mesh, rules)
     with jax.set_mesh(mesh), axis_rules(rules):
+
         def build():
             return nnx.split(factory())[1]
 
@@ -202,21 +216,21 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, spec)
 
 
-def sequence_layout(mesh_sizes: Mapping[str, int], axis: str, batch: int,
-                    head_counts: Sequence[int]) -> tuple[Any, Any]:
+def sequence_layout(
+    mesh_sizes: Mapping[str, int], axis: str, batch: int, head_counts: Sequence[int]
+) -> tuple[Any, Any]:
     """How a sequence-parallel ``shard_map`` splits ``[B, T, H, ...]`` arrays besides
     T over ``axis``: ``(batch entry, heads entry)`` of the ``PartitionSpec`` — the
     batch over the :data:`BATCH_AXES` that divide ``batch``, the heads over
     ``tensor`` if it divides every count in ``head_counts`` (query and key/value
     heads, so grouped-query heads stay together) — ``None`` where replicated."""
-    rules = (("batch", tuple(a for a in BATCH_AXES if a != axis)),
-             ("heads", "tensor" if axis != "tensor" else ()))
-    batch_entry = (tuple(logical_to_spec(("batch",), (batch,), mesh_sizes, rules)) or
-                   (None,))[0]
-    head_specs = {tuple(logical_to_spec(("heads",), (h,), mesh_sizes, rules))
-                  for h in head_counts}
-    heads_entry = head_specs.pop()[0] if len(head_specs) == 1 and () not in head_specs \
-        else None
+    rules = (
+        ("batch", tuple(a for a in BATCH_AXES if a != axis)),
+        ("heads", "tensor" if axis != "tensor" else ()),
+    )
+    batch_entry = (tuple(logical_to_spec(("batch",), (batch,), mesh_sizes, rules)) or (None,))[0]
+    head_specs = {tuple(logical_to_spec(("heads",), (h,), mesh_sizes, rules)) for h in head_counts}
+    heads_entry = head_specs.pop()[0] if len(head_specs) == 1 and () not in head_specs else None
     return batch_entry, heads_entry
 
 

@@ -19,15 +19,27 @@ class Checkpointer:
     """Saves and restores ``(model, optimizer, rng, data state)`` under ``directory``."""
 
     def __init__(self, directory: str | pathlib.Path, *, keep: int, every: int):
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every,
-                                               enable_async_checkpointing=True, create=True)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            save_interval_steps=every,
+            enable_async_checkpointing=True,
+            create=True,
+        )
         self.manager = ocp.CheckpointManager(pathlib.Path(directory).resolve(), options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer, rng: jax.Array,
-             data_state: dict[str, Any], *, force: bool = False) -> bool:
+    def save(
+        self,
+        step: int,
+        model: nnx.Module,
+        optimizer: nnx.Optimizer,
+        rng: jax.Array,
+        data_state: dict[str, Any],
+        *,
+        force: bool = False,
+    ) -> bool:
         """Start an async save at ``step`` (if the interval says so, or ``force``).
 
         Nothing is gathered on the steps the interval skips (this runs every step)."""
@@ -37,22 +49,28 @@ class Checkpointer:
             model=ocp.args.StandardSave(nnx.state(model)),
             optimizer=ocp.args.StandardSave(nnx.state(optimizer)),
             rng=ocp.args.JaxRandomKeySave(rng),
-            data=ocp.args.JsonSave(data_state))
+            data=ocp.args.JsonSave(data_state),
+        )
         return self.manager.save(step, args=args, force=force)
 
-    def restore(self, model: nnx.Module, optimizer: nnx.Optimizer, step: int | None = None
-                ) -> tuple[int, jax.Array, dict[str, Any]]:
+    def restore(
+        self, model: nnx.Module, optimizer: nnx.Optimizer, step: int | None = None
+    ) -> tuple[int, jax.Array, dict[str, Any]]:
         """Load ``step`` (the latest if ``None``) into ``model`` and ``optimizer``;
         returns ``(step, rng, data_state)``."""
         step = self.manager.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.manager.directory}")
         abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            model=ocp.args.StandardRestore(abstract(nnx.state(model))),
-            optimizer=ocp.args.StandardRestore(abstract(nnx.state(optimizer))),
-            rng=ocp.args.JaxRandomKeyRestore(),
-            data=ocp.args.JsonRestore()))
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                model=ocp.args.StandardRestore(abstract(nnx.state(model))),
+                optimizer=ocp.args.StandardRestore(abstract(nnx.state(optimizer))),
+                rng=ocp.args.JaxRandomKeyRestore(),
+                data=ocp.args.JsonRestore(),
+            ),
+        )
         nnx.update(model, restored["model"])
         nnx.update(optimizer, restored["optimizer"])
         return step, restored["rng"], restored["data"]
@@ -63,8 +81,9 @@ class Checkpointer:
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.manager.directory}")
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.state(model))
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            model=ocp.args.StandardRestore(abstract)))
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(model=ocp.args.StandardRestore(abstract))
+        )
         nnx.update(model, restored["model"])
         return step
 

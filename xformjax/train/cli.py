@@ -30,36 +30,57 @@ import yaml
 def _quiet_libraries() -> None:
     """orbax logs a warning per async save through absl; keep errors only."""
     from absl import logging as absl_logging
+
     logging.getLogger("absl").setLevel(logging.ERROR)
     absl_logging.set_verbosity(absl_logging.ERROR)
 
 
 def _parser() -> argparse.ArgumentParser:
     from xformjax.train.config import available_presets
+
     parser = argparse.ArgumentParser(prog="xformjax", description=(__doc__ or "").split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser(
-        "train", help="train a model (resumes from WORKDIR's checkpoint)",
+        "train",
+        help="train a model (resumes from WORKDIR's checkpoint)",
         description="Train a model. Starting again in the same WORKDIR resumes from its "
-                    "latest checkpoint.")
-    train.add_argument("--config", default="default",
-                       help=f"preset name ({', '.join(available_presets())}) or a .yaml path")
+        "latest checkpoint.",
+    )
+    train.add_argument(
+        "--config",
+        default="default",
+        help=f"preset name ({', '.join(available_presets())}) or a .yaml path",
+    )
     train.add_argument("--workdir", help="run directory (default: runs/<config name>)")
-    train.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                       help="override config keys, e.g. train.steps=100 model.layer_pattern=attn")
+    train.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override config keys, e.g. train.steps=100 model.layer_pattern=attn",
+    )
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    train.add_argument("--distributed", choices=("auto", "on", "off"), default="auto",
-                       help="join a multi-host run with jax.distributed.initialize() "
-                            "(auto: when the environment names a cluster or "
-                            "XFORMJAX_DISTRIBUTED=1)")
-    evaluate = commands.add_parser("eval", help="evaluate a run's latest checkpoint",
-                                   description="Score the validation split with the latest "
-                                               "checkpoint of WORKDIR.")
+    train.add_argument(
+        "--distributed",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="join a multi-host run with jax.distributed.initialize() "
+        "(auto: when the environment names a cluster or "
+        "XFORMJAX_DISTRIBUTED=1)",
+    )
+    evaluate = commands.add_parser(
+        "eval",
+        help="evaluate a run's latest checkpoint",
+        description="Score the validation split with the latest checkpoint of WORKDIR.",
+    )
     evaluate.add_argument("--workdir", required=True)
     evaluate.add_argument("--batches", type=int, help="validation batches (default: the run's)")
-    generate = commands.add_parser("generate", help="generate text from a run's checkpoint",
-                                   description="Continue PROMPT with the latest checkpoint of "
-                                               "WORKDIR (a model trained on text).")
+    generate = commands.add_parser(
+        "generate",
+        help="generate text from a run's checkpoint",
+        description="Continue PROMPT with the latest checkpoint of "
+        "WORKDIR (a model trained on text).",
+    )
     generate.add_argument("--workdir", required=True)
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--max-new-tokens", type=int, default=200)
@@ -68,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run_config(workdir: pathlib.Path):
     from xformjax.train.config import config_from_tree
+
     path = workdir / "config.yaml"
     if not path.is_file():
         raise SystemExit(f"error: {path} not found: is {workdir} a training run directory?")
@@ -79,6 +101,7 @@ def _restored_trainer(workdir: pathlib.Path, overrides=None):
     import dataclasses
 
     from xformjax.train.trainer import Trainer
+
     config = _run_config(workdir)
     if overrides:
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, **overrides))
@@ -99,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "train":
         from xformjax.parallel import initialize_distributed
+
         initialize_distributed(args.distributed)  # before anything touches a device
         try:
             config = load_config(args.config, args.set)

@@ -67,8 +67,17 @@ class TrainConfig:
     sample_tokens: int = 160
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every",
-                     "eval_batches", "checkpoint_every", "keep_checkpoints"):
+        for name in (
+            "steps",
+            "batch_size",
+            "seq_len",
+            "grad_accum",
+            "log_every",
+            "eval_every",
+            "eval_batches",
+            "checkpoint_every",
+            "keep_checkpoints",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be ≥ 1; got {getattr(self, name)}")
         if self.learning_rate <= 0 or not 0 <= self.min_lr_ratio <= 1:
@@ -107,14 +116,24 @@ class DataConfig:
             fields = {f.name for f in dataclasses.fields(TASKS[self.name])}
             unknown = sorted(set(self.options) - fields)
             if unknown:
-                raise ValueError(f"data.options {unknown} are not options of task "
-                                 f"{self.name!r}; valid: {sorted(fields)}")
+                raise ValueError(
+                    f"data.options {unknown} are not options of task "
+                    f"{self.name!r}; valid: {sorted(fields)}"
+                )
         elif self.options:
             raise ValueError("data.options apply to synthetic tasks, not to data.name='text'")
 
     def __hash__(self):
-        return hash((self.name, self.path, self.pattern, self.validation_fraction,
-                     self.data_dir, tuple(sorted(self.options.items()))))
+        return hash(
+            (
+                self.name,
+                self.path,
+                self.pattern,
+                self.validation_fraction,
+                self.data_dir,
+                tuple(sorted(self.options.items())),
+            )
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,19 +200,25 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def available_presets() -> list[str]:
     """The preset names :func:`load_config` accepts (``tiny``, ``default``, ...)."""
-    return sorted(entry.name.removesuffix(".yaml") for entry in PRESETS_DIR.iterdir()
-                  if entry.name.endswith(".yaml"))
+    return sorted(
+        entry.name.removesuffix(".yaml")
+        for entry in PRESETS_DIR.iterdir()
+        if entry.name.endswith(".yaml")
+    )
 
 
-def load_config(name_or_path: str | None = None,
-                overrides: list[str] | dict[str, Any] | None = None) -> ExperimentConfig:
+def load_config(
+    name_or_path: str | None = None, overrides: list[str] | dict[str, Any] | None = None
+) -> ExperimentConfig:
     """A preset name (see :func:`available_presets`), a YAML path or ``None`` (the
     ``default`` preset), with ``overrides`` (``"key=value"`` strings or a dict)."""
     name_or_path = name_or_path or "default"
     if pathlib.Path(name_or_path).suffix not in (".yaml", ".yml"):
         if name_or_path not in available_presets():
-            raise ValueError(f"unknown config {name_or_path!r}; presets: {available_presets()} "
-                             "(or give a path to a .yaml file)")
+            raise ValueError(
+                f"unknown config {name_or_path!r}; presets: {available_presets()} "
+                "(or give a path to a .yaml file)"
+            )
         text = (PRESETS_DIR / f"{name_or_path}.yaml").read_text()
     else:
         path = pathlib.Path(name_or_path)
@@ -204,8 +229,9 @@ def load_config(name_or_path: str | None = None,
     return config_from_tree(tree, overrides)
 
 
-def config_from_tree(tree: dict[str, Any],
-                     overrides: list[str] | dict[str, Any] | None = None) -> ExperimentConfig:
+def config_from_tree(
+    tree: dict[str, Any], overrides: list[str] | dict[str, Any] | None = None
+) -> ExperimentConfig:
     """An :class:`ExperimentConfig` from a nested dict (a YAML document)."""
     tree = dict(tree)
     model = dict(tree.pop("model", None) or {})

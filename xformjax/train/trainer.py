@@ -56,8 +56,11 @@ class NonFiniteLossError(RuntimeError):
 
     def __init__(self, step: int, last_checkpoint: int | None):
         self.step, self.last_checkpoint = step, last_checkpoint
-        kept = ("no checkpoint was saved yet" if last_checkpoint is None
-                else f"the last good checkpoint (step {last_checkpoint}) is kept")
+        kept = (
+            "no checkpoint was saved yet"
+            if last_checkpoint is None
+            else f"the last good checkpoint (step {last_checkpoint}) is kept"
+        )
         super().__init__(f"non-finite loss at step {step}; stopping. {kept}")
 
 
@@ -76,30 +79,49 @@ def build_datasets(config: ExperimentConfig) -> Datasets:
     """Train and validation grain datasets for ``config.data``."""
     train, data_config = config.train, config.data
     if data_config.name == "text":
-        spec = (data_lib.stdlib_corpus() if data_config.path is None else
-                data_lib.CorpusSpec(root=data_config.path, pattern=data_config.pattern,
-                                    validation_fraction=data_config.validation_fraction,
-                                    exclude=()))
+        spec = (
+            data_lib.stdlib_corpus()
+            if data_config.path is None
+            else data_lib.CorpusSpec(
+                root=data_config.path,
+                pattern=data_config.pattern,
+                validation_fraction=data_config.validation_fraction,
+                exclude=(),
+            )
+        )
         if data_config.path is None:
             spec = dataclasses.replace(spec, validation_fraction=data_config.validation_fraction)
         sources = data_lib.prepare_corpus(spec, data_config.data_dir)
         if len(sources["validation"]) == 0:
-            raise ValueError(f"the corpus under {spec.root!r} has no validation file; raise "
-                             "data.validation_fraction or add files")
+            raise ValueError(
+                f"the corpus under {spec.root!r} has no validation file; raise "
+                "data.validation_fraction or add files"
+            )
         make = lambda source, shuffle: data_lib.lm_dataset(
-            source, seq_len=train.seq_len, batch_size=train.batch_size, seed=train.seed,
-            shuffle=shuffle)
+            source,
+            seq_len=train.seq_len,
+            batch_size=train.batch_size,
+            seed=train.seed,
+            shuffle=shuffle,
+        )
         # validation is shuffled too (a fixed order, the same at every evaluation) so
         # that a few batches sample many files rather than the first one or two
-        return Datasets(make(sources["train"], True), make(sources["validation"], True),
-                        256, True, train.seq_len)
+        return Datasets(
+            make(sources["train"], True),
+            make(sources["validation"], True),
+            256,
+            True,
+            train.seq_len,
+        )
     task_cls = data_lib.TASKS[data_config.name]
     task = task_cls(seed=train.seed, **data_config.options)
     validation_task = task_cls(**{**dataclasses.asdict(task), "seed": train.seed + 1})
-    make = lambda t, shuffle: data_lib.task_dataset(t, batch_size=train.batch_size,
-                                                    seed=train.seed, shuffle=shuffle)
-    return Datasets(make(task, True), make(validation_task, False), task.vocab_size, False,
-                    task.length)
+    make = lambda t, shuffle: data_lib.task_dataset(
+        t, batch_size=train.batch_size, seed=train.seed, shuffle=shuffle
+    )
+    return Datasets(
+        make(task, True), make(validation_task, False), task.vocab_size, False, task.length
+    )
 
 
 def build_model(config: ExperimentConfig, vocab_size: int) -> LanguageModel:
@@ -109,8 +131,9 @@ def build_model(config: ExperimentConfig, vocab_size: int) -> LanguageModel:
     return LanguageModel(model_config, rngs=nnx.Rngs(config.train.seed))
 
 
-def loss_and_metrics(model: LanguageModel, batch: dict[str, jax.Array], aux_weight: float
-                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def loss_and_metrics(
+    model: LanguageModel, batch: dict[str, jax.Array], aux_weight: float
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Masked mean cross-entropy (+ auxiliary losses) and accuracy of one batch."""
     logits, states = model(batch["inputs"])
     log_probs = jax.nn.log_softmax(logits, -1)
@@ -137,8 +160,11 @@ class MetricsLog:
     def truncate_after(self, step: int) -> None:
         if not self.enabled or not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
+        keep = [
+            line
+            for line in self.path.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= step
+        ]
         self.path.write_text("".join(line + "\n" for line in keep))
 
     def write(self, record: dict[str, Any]) -> None:
@@ -151,8 +177,9 @@ class MetricsLog:
 class Trainer:
     """One run in ``workdir`` (see the module docstring)."""
 
-    def __init__(self, config: ExperimentConfig, workdir: str | pathlib.Path, *,
-                 progress: bool = True):
+    def __init__(
+        self, config: ExperimentConfig, workdir: str | pathlib.Path, *, progress: bool = True
+    ):
         self.config = config
         self.workdir = pathlib.Path(workdir)
         self.is_chief = jax.process_index() == 0  # writes logs; every process trains
@@ -173,9 +200,11 @@ class Trainer:
         # nothing in training draws from it yet (no dropout); it is checkpointed so
         # that a stochastic addition stays resumable
         self.rng = jax.random.key(config.train.seed)
-        self.checkpointer = Checkpointer(self.workdir / "checkpoints",
-                                         keep=config.train.keep_checkpoints,
-                                         every=config.train.checkpoint_every)
+        self.checkpointer = Checkpointer(
+            self.workdir / "checkpoints",
+            keep=config.train.keep_checkpoints,
+            every=config.train.checkpoint_every,
+        )
         self.metrics = MetricsLog(self.workdir / "metrics.jsonl", enabled=self.is_chief)
         self._live = None
         self._compile_steps()
@@ -185,11 +214,15 @@ class Trainer:
         shape, train = self.config.mesh.shape, self.config.train
         batch_shards = shape["data"] * shape["fsdp"]
         if train.batch_size % batch_shards:
-            raise ValueError(f"train.batch_size={train.batch_size} must divide over "
-                             f"mesh.data × mesh.fsdp = {batch_shards}")
+            raise ValueError(
+                f"train.batch_size={train.batch_size} must divide over "
+                f"mesh.data × mesh.fsdp = {batch_shards}"
+            )
         if self.datasets.sequence_length % shape["seq"]:
-            raise ValueError(f"the sequence length {self.datasets.sequence_length} must "
-                             f"divide over mesh.seq = {shape['seq']}")
+            raise ValueError(
+                f"the sequence length {self.datasets.sequence_length} must "
+                f"divide over mesh.seq = {shape['seq']}"
+            )
 
     def _compile_steps(self) -> None:
         """The jitted steps, with explicit shardings: the state (model and optimiser)
@@ -203,20 +236,25 @@ class Trainer:
         replicated = NamedSharding(mesh, PartitionSpec())
         self.batch_sharding = NamedSharding(mesh, PartitionSpec(None, BATCH_AXES, "seq"))
         eval_batch = NamedSharding(mesh, PartitionSpec(BATCH_AXES, "seq"))
-        self._train_step = jax.jit(self._step_fn,
-                                   in_shardings=(self.state_sharding, self.batch_sharding),
-                                   out_shardings=(self.state_sharding, replicated),
-                                   donate_argnums=0)
-        self._eval_step = jax.jit(self._eval_fn, in_shardings=(model_sharding, eval_batch),
-                                  out_shardings=replicated)
+        self._train_step = jax.jit(
+            self._step_fn,
+            in_shardings=(self.state_sharding, self.batch_sharding),
+            out_shardings=(self.state_sharding, replicated),
+            donate_argnums=0,
+        )
+        self._eval_step = jax.jit(
+            self._eval_fn, in_shardings=(model_sharding, eval_batch), out_shardings=replicated
+        )
 
     def _place(self, batches: list[dict[str, np.ndarray]]) -> dict[str, jax.Array]:
         """Stack micro-batches into ``[accum, B, T]`` global arrays (each process
         supplies the blocks its devices hold; every process reads the same batch)."""
         stacked = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
         sharding = self.batch_sharding
-        return {k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index])
-                for k, v in stacked.items()}
+        return {
+            k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index])
+            for k, v in stacked.items()
+        }
 
     def train_step(self, batches: dict[str, jax.Array]) -> dict[str, jax.Array]:
         """One optimiser step on ``[grad_accum, B, T]`` batches (placed by the mesh).
@@ -257,8 +295,9 @@ class Trainer:
 
         def micro(carry, batch):
             grads, totals, rest = carry
-            (loss, (metrics, rest)), micro_grads = jax.value_and_grad(
-                loss_of, has_aux=True)(params, rest, batch)
+            (loss, (metrics, rest)), micro_grads = jax.value_and_grad(loss_of, has_aux=True)(
+                params, rest, batch
+            )
             grads = jax.tree.map(jnp.add, grads, micro_grads)
             totals = jax.tree.map(jnp.add, totals, {"loss": loss, **metrics})
             return (grads, totals, rest), None
@@ -303,8 +342,14 @@ class Trainer:
         prompt = self.config.train.sample_prompt if prompt is None else prompt
         count = self.config.train.sample_tokens if max_new_tokens is None else max_new_tokens
         tokens = np.frombuffer(prompt.encode(), np.uint8).astype(np.int32)[None]
-        new = generate(self.model, jnp.asarray(tokens), count, temperature=0.8, top_k=40,
-                       seed=self.config.train.seed)
+        new = generate(
+            self.model,
+            jnp.asarray(tokens),
+            count,
+            temperature=0.8,
+            top_k=40,
+            seed=self.config.train.seed,
+        )
         return prompt + bytes(np.asarray(new[0], np.uint8)).decode("utf-8", errors="replace")
 
     # -- the loop -------------------------------------------------------------------------
@@ -327,8 +372,14 @@ class Trainer:
         """Train to ``config.train.steps``; returns the final validation metrics."""
         train = self.config.train
         step, iterator = self.restore_or_start()
-        bar = tqdm(total=train.steps, initial=step, disable=not self.progress, unit="step",
-                   desc="train", dynamic_ncols=True)
+        bar = tqdm(
+            total=train.steps,
+            initial=step,
+            disable=not self.progress,
+            unit="step",
+            desc="train",
+            dynamic_ncols=True,
+        )
         tokens_per_step = train.batch_size * train.grad_accum * self.datasets.sequence_length
         last_time, last_step = time.perf_counter(), step
         try:
@@ -343,16 +394,22 @@ class Trainer:
                 bar.update(1)
                 if step % train.log_every == 0 or step == train.steps:
                     now = time.perf_counter()
-                    record = self._train_record(step, metrics, tokens_per_step *
-                                                (step - last_step) / (now - last_time))
+                    record = self._train_record(
+                        step, metrics, tokens_per_step * (step - last_step) / (now - last_time)
+                    )
                     self.metrics.write(record)
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['learning_rate']:.2e}")
                     last_time, last_step = now, step
                 if step % train.eval_every == 0 and step != train.steps:
-                    self.metrics.write({"step": step, "split": "validation",
-                                        **self.evaluate()})
-                self.checkpointer.save(step, self.model, self.optimizer, self.rng,
-                                       iterator.get_state(), force=step == train.steps)
+                    self.metrics.write({"step": step, "split": "validation", **self.evaluate()})
+                self.checkpointer.save(
+                    step,
+                    self.model,
+                    self.optimizer,
+                    self.rng,
+                    iterator.get_state(),
+                    force=step == train.steps,
+                )
         finally:
             bar.close()
             self.checkpointer.wait()
@@ -362,10 +419,14 @@ class Trainer:
         return final
 
     def _train_record(self, step: int, metrics, tokens_per_second: float) -> dict[str, Any]:
-        record = {"step": step, "split": "train", "loss": float(metrics["loss"]),
-                  "grad_norm": float(metrics["grad_norm"]),
-                  "learning_rate": float(np.asarray(self.schedule(step - 1))),
-                  "tokens_per_second": tokens_per_second}
+        record = {
+            "step": step,
+            "split": "train",
+            "loss": float(metrics["loss"]),
+            "grad_norm": float(metrics["grad_norm"]),
+            "learning_rate": float(np.asarray(self.schedule(step - 1))),
+            "tokens_per_second": tokens_per_second,
+        }
         if self.datasets.is_text:
             record["bits_per_byte"] = float(metrics["cross_entropy"]) / LN2
         else:

@@ -18,5 +18,13 @@ from xformjax.nn.titans.mac import TitansMAC
 from xformjax.nn.titans.mag import TitansMAG
 from xformjax.nn.titans.mal import TitansMAL
 
-__all__ = ["AttentionBranch", "AttentionTitans", "GatedReadout", "NeuralMemoryMixer",
-           "Titans", "TitansMAC", "TitansMAG", "TitansMAL"]
+__all__ = [
+    "AttentionBranch",
+    "AttentionTitans",
+    "GatedReadout",
+    "NeuralMemoryMixer",
+    "Titans",
+    "TitansMAC",
+    "TitansMAG",
+    "TitansMAL",
+]

@@ -36,11 +36,18 @@ class GatedReadout(nnx.Module):
     def __init__(self, config: MixerConfig, *, rngs: nnx.Rngs):
         heads, value_dim = config.num_heads, config.value_dim
         self.attention_norm, self.memory_norm = (
-            norms.make_norm("rms", value_dim, eps=config.norm_eps,
-                            param_dtype=config.params_dtype, axis_name=None)
-            for _ in range(2))
-        self.out = linear.dense(config, heads * value_dim, config.d_model,
-                                axes=("heads", "embed"), rngs=rngs)
+            norms.make_norm(
+                "rms",
+                value_dim,
+                eps=config.norm_eps,
+                param_dtype=config.params_dtype,
+                axis_name=None,
+            )
+            for _ in range(2)
+        )
+        self.out = linear.dense(
+            config, heads * value_dim, config.d_model, axes=("heads", "embed"), rngs=rngs
+        )
 
     def __call__(self, attention: jax.Array, memory: jax.Array, dtype) -> jax.Array:
         """``attention``, ``memory`` ``[B, T, H, V]`` → ``[B, T, d_model]`` in ``dtype``."""
@@ -54,20 +61,32 @@ class AttentionBranch(nnx.Module):
 
     def __init__(self, config: MixerConfig, *, rngs: nnx.Rngs):
         heads, d = config.num_heads, config.d_model
-        widths = {"q": heads * config.key_dim, "k": heads * config.key_dim,
-                  "v": heads * config.value_dim}
+        widths = {
+            "q": heads * config.key_dim,
+            "k": heads * config.key_dim,
+            "v": heads * config.value_dim,
+        }
         self.config = config
-        self.projections = nnx.Dict({name: linear.dense(config, d, width,
-                                                        axes=("embed", "heads"), rngs=rngs)
-                                     for name, width in widths.items()})
+        self.projections = nnx.Dict(
+            {
+                name: linear.dense(config, d, width, axes=("embed", "heads"), rngs=rngs)
+                for name, width in widths.items()
+            }
+        )
         count = config.persistent_tokens
-        self.persistent = (nnx.Param(jax.random.normal(rngs.params(), (count, d),
-                                                       config.params_dtype),
-                                     out_sharding=(None, "embed"), eager_sharding=False)
-                           if count else None)
+        self.persistent = (
+            nnx.Param(
+                jax.random.normal(rngs.params(), (count, d), config.params_dtype),
+                out_sharding=(None, "embed"),
+                eager_sharding=False,
+            )
+            if count
+            else None
+        )
 
-    def __call__(self, x: jax.Array, positions: jax.Array, rope: bool = True
-                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def __call__(
+        self, x: jax.Array, positions: jax.Array, rope: bool = True
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """``x`` ``[B, T, ·]`` → ``q, k, v`` ``[B, T, H, ·]`` (RoPE at ``positions``)."""
         heads, theta = self.config.num_heads, self.config.rope_theta
         q, k, v = (split_heads(self.projections[name](x), heads) for name in STREAMS)
@@ -82,8 +101,9 @@ class AttentionBranch(nnx.Module):
             return None, None
         tokens = self.persistent[...].astype(self.config.compute_dtype)
         heads = self.config.num_heads
-        k, v = (split_heads(self.projections[name](tokens), heads).astype(dtype)
-                for name in ("k", "v"))
+        k, v = (
+            split_heads(self.projections[name](tokens), heads).astype(dtype) for name in ("k", "v")
+        )
         return k, v
 
 
@@ -91,8 +111,9 @@ class AttentionTitans(Titans):
     """The base of MAG and MAC: the neural memory, an :class:`AttentionBranch` beside
     it (``self.attention``), and the :class:`GatedReadout` of the two as the head."""
 
-    def __init__(self, config: MixerConfig, *, layer_index: int = 0, num_layers: int = 1,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, config: MixerConfig, *, layer_index: int = 0, num_layers: int = 1, rngs: nnx.Rngs
+    ):
         super().__init__(config, layer_index=layer_index, num_layers=num_layers, rngs=rngs)
         self.attention = AttentionBranch(config, rngs=rngs)
 

@@ -51,15 +51,18 @@ class TitansMAC(AttentionTitans):
 
     variant = "mac"
 
-    def __init__(self, config: MixerConfig, *, layer_index: int = 0, num_layers: int = 1,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, config: MixerConfig, *, layer_index: int = 0, num_layers: int = 1, rngs: nnx.Rngs
+    ):
         super().__init__(config, layer_index=layer_index, num_layers=num_layers, rngs=rngs)
         width = config.num_heads * config.value_dim
         # h (memory read-out) → a token of width d_model; attention output → y
-        self.context_proj = linear.dense(config, width, config.d_model,
-                                         axes=("heads", "embed"), rngs=rngs)
-        self.summary_proj = linear.dense(config, width, config.d_model,
-                                         axes=("heads", "embed"), rngs=rngs)
+        self.context_proj = linear.dense(
+            config, width, config.d_model, axes=("heads", "embed"), rngs=rngs
+        )
+        self.summary_proj = linear.dense(
+            config, width, config.d_model, axes=("heads", "embed"), rngs=rngs
+        )
 
     def conv_streams(self, config: MixerConfig) -> tuple[str, ...]:
         # only the retrieval query comes from x; k, v are computed from y
@@ -70,11 +73,15 @@ class TitansMAC(AttentionTitans):
         config, dtype = self.config, self.state_dtype()
         shape = (batch, config.chunk_size, config.num_heads)
         keys = jnp.zeros(shape + (config.key_dim,), dtype)
-        segment = SegmentTokens(q=keys, qa=keys, ka=keys,
-                                va=jnp.zeros(shape + (config.value_dim,), dtype))
-        return TitansMACState(position=jnp.zeros((), jnp.int32),
-                              memory=self.init_memory(batch), segment=segment,
-                              conv=self.init_conv(batch))
+        segment = SegmentTokens(
+            q=keys, qa=keys, ka=keys, va=jnp.zeros(shape + (config.value_dim,), dtype)
+        )
+        return TitansMACState(
+            position=jnp.zeros((), jnp.int32),
+            memory=self.init_memory(batch),
+            segment=segment,
+            conv=self.init_conv(batch),
+        )
 
     def sequence_flops(self, seq_len: int) -> float:
         """The memory's, plus the read ``h`` and the segment's ``P + 2C`` keys
@@ -82,25 +89,30 @@ class TitansMAC(AttentionTitans):
         config = self.config
         dims = self.memory_dims()
         keys = config.persistent_tokens + 2 * config.chunk_size
-        return (super().sequence_flops(seq_len)
-                + 2.0 * config.num_heads * sum(a * b for a, b in itertools.pairwise(dims))
-                + 2.0 * config.num_heads * keys * (config.key_dim + config.value_dim))
+        return (
+            super().sequence_flops(seq_len)
+            + 2.0 * config.num_heads * sum(a * b for a, b in itertools.pairwise(dims))
+            + 2.0 * config.num_heads * keys * (config.key_dim + config.value_dim)
+        )
 
-    def segment_streams(self, x: jax.Array, caches: ConvCaches | None, position: jax.Array
-                        ) -> tuple[SegmentTokens, ConvCaches]:
+    def segment_streams(
+        self, x: jax.Array, caches: ConvCaches | None, position: jax.Array
+    ) -> tuple[SegmentTokens, ConvCaches]:
         """Per new token: the retrieval query (conv, SiLU, L2 norm) and the attention
         q, k, v with RoPE at the in-segment position ``(position + t) mod C``."""
         config, dtype = self.config, self.state_dtype()
-        query, conv_q = silu_stream(self.projections["q"], self.convs.get("q"), x,
-                                    None if caches is None else caches.q)
+        query, conv_q = silu_stream(
+            self.projections["q"], self.convs.get("q"), x, None if caches is None else caches.q
+        )
         query = l2_normalize(split_heads(query, config.num_heads))
         offsets = token_positions(position, x.shape[1]) % config.chunk_size
         qa, ka, va = self.attention(x, offsets)
         tokens = SegmentTokens(q=query, qa=qa, ka=ka, va=va)
         return jax.tree.map(lambda a: a.astype(dtype), tokens), ConvCaches(q=conv_q)
 
-    def one_segment(self, memory: MemoryOpState, tokens: SegmentTokens
-                    ) -> tuple[jax.Array, jax.Array, MemoryOpState]:
+    def one_segment(
+        self, memory: MemoryOpState, tokens: SegmentTokens
+    ) -> tuple[jax.Array, jax.Array, MemoryOpState]:
         """One segment ``[B, C, …]`` from the memory at its start: retrieval, attention
         over [persistent, h, tokens], memory update with y; → (attention out, memory
         out, memory at the segment end)."""
@@ -109,7 +121,7 @@ class TitansMAC(AttentionTitans):
         depth = len(self.memory)
         weights = [memory[f"weight_{i}"] for i in range(depth)]
         h = tokens.q
-        for index, w in enumerate(weights):                   # h = M_{W_s}(q)
+        for index, w in enumerate(weights):  # h = M_{W_s}(q)
             h = jnp.einsum("bchd,bhde->bche", h, w)
             if index < depth - 1:
                 h = jax.nn.silu(h)
@@ -119,19 +131,24 @@ class TitansMAC(AttentionTitans):
         persistent_k, persistent_v = self.attention.persistent_kv(dtype)
         keys = jnp.concatenate([kh.astype(dtype), tokens.ka], 1)
         values = jnp.concatenate([vh.astype(dtype), tokens.va], 1)
-        keys, values, count = with_persistent(keys, values, persistent_k, persistent_v,
-                                              (keys.shape[0],))
+        keys, values, count = with_persistent(
+            keys, values, persistent_k, persistent_v, (keys.shape[0],)
+        )
         causal = jnp.tril(jnp.ones((size, size), bool))
         mask = jnp.concatenate([jnp.ones((size, count), bool), causal, causal], 1)
-        attended = masked_attention(tokens.qa, keys, values, mask)   # [B, C, H, V]
+        attended = masked_attention(tokens.qa, keys, values, mask)  # [B, C, H, V]
         y = self.summary_proj(merge_heads(attended).astype(config.compute_dtype))
-        q, memory_tokens, _ = self.memory_streams(y, {}, None)       # no conv on y
+        q, memory_tokens, _ = self.memory_streams(y, {}, None)  # no conv on y
         read, new_memory = self.memory_op(q, memory_tokens, memory)
         return attended, read, new_memory
 
-    def run_segments(self, tokens: SegmentTokens, memory: MemoryOpState,
-                     segment: SegmentTokens, position: jax.Array
-                     ) -> tuple[jax.Array, jax.Array, MemoryOpState, SegmentTokens]:
+    def run_segments(
+        self,
+        tokens: SegmentTokens,
+        memory: MemoryOpState,
+        segment: SegmentTokens,
+        position: jax.Array,
+    ) -> tuple[jax.Array, jax.Array, MemoryOpState, SegmentTokens]:
         """The segments from the last boundary, the open segment's tokens in front;
         → (attention out, memory out, memory at the last boundary, open segment)."""
         chunk = self.config.chunk_size
@@ -139,22 +156,24 @@ class TitansMAC(AttentionTitans):
         count = position % chunk
         total = count + length
         segments = -(-(chunk + length) // chunk)
-        combined = jax.tree.map(lambda old, new: after_buffer(old, new, count, segments * chunk),
-                                segment, tokens)
+        combined = jax.tree.map(
+            lambda old, new: after_buffer(old, new, count, segments * chunk), segment, tokens
+        )
 
         def step(carry, xs):
             memory, end = carry
             attended, read, new_memory = self.one_segment(memory, xs)
             end = end + chunk
-            memory = jax.tree.map(lambda a, b: jnp.where(end <= total, a, b),
-                                  new_memory, memory)
+            memory = jax.tree.map(lambda a, b: jnp.where(end <= total, a, b), new_memory, memory)
             return (memory, end), (attended, read)
 
         per_segment = jax.tree.map(
             lambda a: jnp.moveaxis(a.reshape((a.shape[0], segments, chunk) + a.shape[2:]), 1, 0),
-            combined)
+            combined,
+        )
         (memory, _), (attended, read) = jax.lax.scan(
-            jax.checkpoint(step), (memory, jnp.zeros((), jnp.int32)), per_segment)
+            jax.checkpoint(step), (memory, jnp.zeros((), jnp.int32)), per_segment
+        )
 
         def unsegment(a):  # [S, B, C, H, V] -> the new tokens' rows [B, T, H, V]
             a = jnp.moveaxis(a, 0, 1).reshape((a.shape[1], segments * chunk) + a.shape[3:])
@@ -164,8 +183,9 @@ class TitansMAC(AttentionTitans):
         segment = jax.tree.map(lambda a: open_chunk(a, start, total - start, chunk), combined)
         return unsegment(attended), unsegment(read), memory, segment
 
-    def __call__(self, x: jax.Array, *, state: TitansMACState | None = None,
-                 mode: Mode | None = None) -> tuple[jax.Array, TitansMACState]:
+    def __call__(
+        self, x: jax.Array, *, state: TitansMACState | None = None, mode: Mode | None = None
+    ) -> tuple[jax.Array, TitansMACState]:
         """``x`` ``[B, T, d_model]`` → ``(y [B, T, d_model], state)``."""
         self.check_input(x)
         batch, length, _ = x.shape
@@ -175,16 +195,20 @@ class TitansMAC(AttentionTitans):
         if state is None:
             state = self.init_state(batch)
         if mode == "recurrent" and length > 1:
+
             def run(token, carry, pos):
                 memory, segment = carry
                 attended, read, memory, segment = self.run_segments(token, memory, segment, pos)
                 return (attended, read), (memory, segment)
 
             (attended, read), (memory, segment) = token_by_token(
-                run, tokens, (state.memory, state.segment), position)
+                run, tokens, (state.memory, state.segment), position
+            )
         else:
-            attended, read, memory, segment = self.run_segments(tokens, state.memory,
-                                                                state.segment, position)
+            attended, read, memory, segment = self.run_segments(
+                tokens, state.memory, state.segment, position
+            )
         y = self.head(attended, read, x.dtype)
-        return y, TitansMACState(position=position + length, memory=memory, segment=segment,
-                                 conv=conv)
+        return y, TitansMACState(
+            position=position + length, memory=memory, segment=segment, conv=conv
+        )

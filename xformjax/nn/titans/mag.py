@@ -40,22 +40,27 @@ class TitansMAG(AttentionTitans):
         del max_len  # neither the memory nor the window grows with the sequence
         config, dtype = self.config, self.state_dtype()
         span = (batch, config.memory_window - 1, config.num_heads)
-        return TitansMAGState(position=jnp.zeros((), jnp.int32),
-                              memory=self.init_memory(batch), buffer=self.init_buffer(batch),
-                              conv=self.init_conv(batch),
-                              attn_k=jnp.zeros(span + (config.key_dim,), dtype),
-                              attn_v=jnp.zeros(span + (config.value_dim,), dtype))
+        return TitansMAGState(
+            position=jnp.zeros((), jnp.int32),
+            memory=self.init_memory(batch),
+            buffer=self.init_buffer(batch),
+            conv=self.init_conv(batch),
+            attn_k=jnp.zeros(span + (config.key_dim,), dtype),
+            attn_v=jnp.zeros(span + (config.value_dim,), dtype),
+        )
 
     def sequence_flops(self, seq_len: int) -> float:
         """The memory's, plus the blockwise window: ``P + 2W`` scores and values per
         query."""
         config = self.config
         keys = config.persistent_tokens + 2 * config.memory_window
-        return (super().sequence_flops(seq_len)
-                + 2.0 * config.num_heads * keys * (config.key_dim + config.value_dim))
+        return super().sequence_flops(seq_len) + 2.0 * config.num_heads * keys * (
+            config.key_dim + config.value_dim
+        )
 
-    def __call__(self, x: jax.Array, *, state: TitansMAGState | None = None,
-                 mode: Mode | None = None) -> tuple[jax.Array, TitansMAGState]:
+    def __call__(
+        self, x: jax.Array, *, state: TitansMAGState | None = None, mode: Mode | None = None
+    ) -> tuple[jax.Array, TitansMAGState]:
         """``x`` ``[B, T, d_model]`` → ``(y [B, T, d_model], state)``."""
         self.check_input(x)
         batch, length, _ = x.shape
@@ -69,10 +74,22 @@ class TitansMAG(AttentionTitans):
         persistent_k, persistent_v = self.attention.persistent_kv(dtype)
         window = self.config.memory_window
         attended, cache_k, cache_v = sliding_window_attention(
-            q, k, v, window=window, cache_k=state.attn_k, cache_v=state.attn_v,
-            cached=jnp.minimum(position, window - 1), persistent_k=persistent_k,
-            persistent_v=persistent_v)
+            q,
+            k,
+            v,
+            window=window,
+            cache_k=state.attn_k,
+            cache_v=state.attn_v,
+            cached=jnp.minimum(position, window - 1),
+            persistent_k=persistent_k,
+            persistent_v=persistent_v,
+        )
         y = self.head(attended, memory_out, x.dtype)
-        return y, TitansMAGState(position=position + length, memory=memory, buffer=buffer,
-                                 conv=conv, attn_k=cache_k.astype(dtype),
-                                 attn_v=cache_v.astype(dtype))
+        return y, TitansMAGState(
+            position=position + length,
+            memory=memory,
+            buffer=buffer,
+            conv=conv,
+            attn_k=cache_k.astype(dtype),
+            attn_v=cache_v.astype(dtype),
+        )

@@ -37,37 +37,56 @@ def _validate_sequences(q, k, v) -> None:
     common.check_rank(OP, "v", v, ["B", "T", "H", "V"])
     batch, length, heads, key_dim = k.shape
     if length == 0:
-        common.fail(OP, f"`k` has T=0 tokens (shape {common.shape_str(k)}); "
-                        "at least one token is needed")
+        common.fail(
+            OP, f"`k` has T=0 tokens (shape {common.shape_str(k)}); at least one token is needed"
+        )
     for axis, what in ((0, "B"), (1, "T"), (2, "H")):
         common.check_dim(OP, "v", v, axis, k.shape[axis], f"{what} of `k` {common.shape_str(k)}")
-    layouts = {2: ("[H, K]", (heads, key_dim)), 3: ("[B, H, K]", (batch, heads, key_dim)),
-               4: ("[B, T, H, K]", (batch, length, heads, key_dim))}
+    layouts = {
+        2: ("[H, K]", (heads, key_dim)),
+        3: ("[B, H, K]", (batch, heads, key_dim)),
+        4: ("[B, T, H, K]", (batch, length, heads, key_dim)),
+    }
     if jnp.ndim(q) not in layouts:
-        common.fail(OP, "`q` must be [H, K] or [B, H, K] (one query per head, constant over "
-                        "time) or [B, T, H, K] (the query scoring each token); got shape "
-                        f"{common.shape_str(q)}")
+        common.fail(
+            OP,
+            "`q` must be [H, K] or [B, H, K] (one query per head, constant over "
+            "time) or [B, T, H, K] (the query scoring each token); got shape "
+            f"{common.shape_str(q)}",
+        )
     layout, expected = layouts[jnp.ndim(q)]
     if tuple(jnp.shape(q)) != expected:
-        common.fail(OP, f"`q` must have shape {layout} = {expected} to match `k` "
-                        f"{common.shape_str(k)}; got {common.shape_str(q)}")
+        common.fail(
+            OP,
+            f"`q` must have shape {layout} = {expected} to match `k` "
+            f"{common.shape_str(k)}; got {common.shape_str(q)}",
+        )
 
 
 def _validate_state(initial_state, batch: int, heads: int, value_dim: int) -> AarenState | None:
     if initial_state is None:
         return None
     if not isinstance(initial_state, Sequence) or len(initial_state) != 3:
-        common.fail(OP, "`initial_state` must be an AarenState (max [B, H], numerator "
-                        f"[B, H, V], denominator [B, H]); got {type(initial_state).__name__}")
+        common.fail(
+            OP,
+            "`initial_state` must be an AarenState (max [B, H], numerator "
+            f"[B, H, V], denominator [B, H]); got {type(initial_state).__name__}",
+        )
     state = AarenState(*initial_state)
-    expected = {"max": (batch, heads), "numerator": (batch, heads, value_dim),
-                "denominator": (batch, heads)}
+    expected = {
+        "max": (batch, heads),
+        "numerator": (batch, heads, value_dim),
+        "denominator": (batch, heads),
+    }
     for name, x in zip(AarenState._fields, state):
         common.check_floating(OP, f"initial_state.{name}", x)
         if tuple(jnp.shape(x)) != expected[name]:
-            common.fail(OP, f"`initial_state.{name}` must have shape {expected[name]} "
-                            f"(B, H{', V' if name == 'numerator' else ''} of `k`/`v`); "
-                            f"got {common.shape_str(x)}")
+            common.fail(
+                OP,
+                f"`initial_state.{name}` must have shape {expected[name]} "
+                f"(B, H{', V' if name == 'numerator' else ''} of `k`/`v`); "
+                f"got {common.shape_str(x)}",
+            )
     return state
 
 
@@ -80,10 +99,18 @@ def _scores(q: jax.Array, k: jax.Array) -> jax.Array:
     return jnp.einsum("bthk,bthk->bth", q, k)
 
 
-def aaren(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None = None,
-          initial_state: AarenState | Sequence[jax.Array] | None = None,
-          output_final_state: bool = False, mode: Mode = "chunk", chunk_size: int = 64,
-          backend: Backend | None = None) -> tuple[jax.Array, AarenState | None]:
+def aaren(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    scale: float | None = None,
+    initial_state: AarenState | Sequence[jax.Array] | None = None,
+    output_final_state: bool = False,
+    mode: Mode = "chunk",
+    chunk_size: int = 64,
+    backend: Backend | None = None,
+) -> tuple[jax.Array, AarenState | None]:
     """Aaren: causal softmax attention of a time-constant query, as an RNN.
 
     For every batch row and head, with scores ``s_i = scale · q·k_i``::
@@ -140,19 +167,23 @@ def aaren(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None = Non
 
     out_dtype = jnp.result_type(q, k, v)
     dtype = common.compute_dtype(q, k, v, *(() if initial is None else initial))
-    scale = key_dim ** -0.5 if scale is None else scale
+    scale = key_dim**-0.5 if scale is None else scale
     scores = _scores(q.astype(dtype) * jnp.asarray(scale, dtype), k.astype(dtype))
     v = v.astype(dtype)
-    initial = (empty_state(batch, heads, value_dim, dtype) if initial is None
-               else AarenState(*(x.astype(dtype) for x in initial)))
+    initial = (
+        empty_state(batch, heads, value_dim, dtype)
+        if initial is None
+        else AarenState(*(x.astype(dtype) for x in initial))
+    )
 
     o, final = _run_form(scores, v, initial, mode=mode, chunk_size=chunk_size)
     return o.astype(out_dtype), (final if output_final_state else None)
 
 
 @functools.partial(jax.jit, static_argnames=("mode", "chunk_size"))
-def _run_form(scores: jax.Array, v: jax.Array, initial: AarenState, *, mode: Mode,
-              chunk_size: int) -> tuple[jax.Array, AarenState]:
+def _run_form(
+    scores: jax.Array, v: jax.Array, initial: AarenState, *, mode: Mode, chunk_size: int
+) -> tuple[jax.Array, AarenState]:
     """The requested form, compiled as one unit: the scans are many small operations,
     slow to dispatch one by one when the op is called outside ``jit``."""
     if mode == "recurrent":

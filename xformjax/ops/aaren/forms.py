@@ -18,9 +18,11 @@ from xformjax.ops.aaren.state import AarenState, combine, read_out, token_summar
 
 def _with_initial(initial: AarenState, prefixes: AarenState, time_axis: int) -> AarenState:
     """``initial ⊕ prefix_t`` for every t (``initial`` broadcast along ``time_axis``)."""
-    expand = AarenState(jnp.expand_dims(initial.max, time_axis),
-                        jnp.expand_dims(initial.numerator, time_axis),
-                        jnp.expand_dims(initial.denominator, time_axis))
+    expand = AarenState(
+        jnp.expand_dims(initial.max, time_axis),
+        jnp.expand_dims(initial.numerator, time_axis),
+        jnp.expand_dims(initial.denominator, time_axis),
+    )
     return combine(expand, prefixes)
 
 
@@ -28,16 +30,18 @@ def _last(summary: AarenState, time_axis: int) -> AarenState:
     return AarenState(*(jnp.take(x, -1, axis=time_axis) for x in summary))
 
 
-def aaren_parallel(scores: jax.Array, v: jax.Array,
-                   initial: AarenState) -> tuple[jax.Array, AarenState]:
+def aaren_parallel(
+    scores: jax.Array, v: jax.Array, initial: AarenState
+) -> tuple[jax.Array, AarenState]:
     """One ``associative_scan`` over all T tokens: O(T) work in O(log T) parallel steps."""
     prefixes = jax.lax.associative_scan(combine, token_summaries(scores, v), axis=1)
     summaries = _with_initial(initial, prefixes, time_axis=1)
     return read_out(summaries), _last(summaries, time_axis=1)
 
 
-def aaren_chunk(scores: jax.Array, v: jax.Array, initial: AarenState,
-                chunk_size: int) -> tuple[jax.Array, AarenState]:
+def aaren_chunk(
+    scores: jax.Array, v: jax.Array, initial: AarenState, chunk_size: int
+) -> tuple[jax.Array, AarenState]:
     """Prefix scans inside chunks of ``chunk_size`` tokens (all chunks at once), then
     the carries — the summary of everything before each chunk — threaded across
     chunks with ``lax.scan`` over the chunk totals, and folded into each chunk's
@@ -55,7 +59,8 @@ def aaren_chunk(scores: jax.Array, v: jax.Array, initial: AarenState,
         tokens = AarenState(
             jnp.pad(tokens.max, ((0, 0), (0, pad), (0, 0)), constant_values=-jnp.inf),
             jnp.pad(tokens.numerator, ((0, 0), (0, pad), (0, 0), (0, 0))),
-            jnp.pad(tokens.denominator, ((0, 0), (0, pad), (0, 0))))
+            jnp.pad(tokens.denominator, ((0, 0), (0, pad), (0, 0))),
+        )
     # [B, num_chunks, C, H(, V)]
     chunks = AarenState(*(x.reshape(batch, num_chunks, size, *x.shape[2:]) for x in tokens))
     prefixes = jax.lax.associative_scan(combine, chunks, axis=2)
@@ -70,8 +75,9 @@ def aaren_chunk(scores: jax.Array, v: jax.Array, initial: AarenState,
     return o.reshape(batch, num_chunks * size, heads, value_dim)[:, :length], final
 
 
-def aaren_recurrent(scores: jax.Array, v: jax.Array,
-                    initial: AarenState) -> tuple[jax.Array, AarenState]:
+def aaren_recurrent(
+    scores: jax.Array, v: jax.Array, initial: AarenState
+) -> tuple[jax.Array, AarenState]:
     """Token by token with ``lax.scan``: ``state ← state ⊕ (s_t, v_t, 1)``,
     ``o_t = u/w`` (a decoding step when ``T == 1``)."""
     time_major = token_summaries(jnp.moveaxis(scores, 1, 0), jnp.moveaxis(v, 1, 0))

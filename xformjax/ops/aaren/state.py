@@ -44,9 +44,11 @@ class AarenState(NamedTuple):
 
 def empty_state(batch: int, heads: int, value_dim: int, dtype) -> AarenState:
     """The summary of no tokens: ``(−inf, 0, 0)``, the identity of :func:`combine`."""
-    return AarenState(jnp.full((batch, heads), -jnp.inf, dtype),
-                      jnp.zeros((batch, heads, value_dim), dtype),
-                      jnp.zeros((batch, heads), dtype))
+    return AarenState(
+        jnp.full((batch, heads), -jnp.inf, dtype),
+        jnp.zeros((batch, heads, value_dim), dtype),
+        jnp.zeros((batch, heads), dtype),
+    )
 
 
 def combine(a: AarenState, b: AarenState) -> AarenState:

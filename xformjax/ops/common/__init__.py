@@ -40,7 +40,28 @@ from xformjax.ops.common.validation import (
     warn_once,
 )
 
-__all__ = ["ACCELERATORS", "BACKENDS", "KERNEL_DTYPES", "MODES", "_WARNED", "Backend", "Mode",
-           "Segments", "check_chunk_size", "check_dim", "check_floating", "check_log_gate",
-           "check_mode", "check_rank", "compute_dtype", "fail", "is_concrete", "kernel_gap",
-           "make_segments", "resolve_backend", "round_up", "shape_str", "warn_once"]
+__all__ = [
+    "ACCELERATORS",
+    "BACKENDS",
+    "KERNEL_DTYPES",
+    "MODES",
+    "_WARNED",
+    "Backend",
+    "Mode",
+    "Segments",
+    "check_chunk_size",
+    "check_dim",
+    "check_floating",
+    "check_log_gate",
+    "check_mode",
+    "check_rank",
+    "compute_dtype",
+    "fail",
+    "is_concrete",
+    "kernel_gap",
+    "make_segments",
+    "resolve_backend",
+    "round_up",
+    "shape_str",
+    "warn_once",
+]

@@ -50,12 +50,12 @@ def _factors(b: jax.Array, sub: int) -> tuple[jax.Array, jax.Array]:
     """
     size = b.shape[-2]
     blocks = _split(b, sub)
-    ref = jnp.concatenate([jnp.zeros_like(blocks[..., :1, -1, :]), blocks[..., :-1, -1, :]],
-                          axis=-2)  # [.., n, K]
+    ref = jnp.concatenate(
+        [jnp.zeros_like(blocks[..., :1, -1, :]), blocks[..., :-1, -1, :]], axis=-2
+    )  # [.., n, K]
     row = jnp.exp(blocks - ref[..., None, :])
     earlier = jnp.arange(size)[None, :] < (jnp.arange(size // sub) * sub)[:, None]  # [n, C]
-    column_log = jnp.where(earlier[..., None], ref[..., :, None, :] - b[..., None, :, :],
-                           -jnp.inf)
+    column_log = jnp.where(earlier[..., None], ref[..., :, None, :] - b[..., None, :, :], -jnp.inf)
     return row, jnp.exp(column_log)
 
 
@@ -104,8 +104,10 @@ def _forward(x: jax.Array, y: jax.Array, b: jax.Array) -> jax.Array:
     across = jnp.einsum("...sik,...sjk->...sij", xs * row, y[..., None, :, :] * column)
     # One column j of every diagonal block per step: a loop rather than unrolled,
     # which compiled 4x slower.
-    columns = jax.lax.map(lambda j: jnp.einsum("...ik,...k->...i", xs * _column_slab(bs, j),
-                                               _take(ys, j, -2)), jnp.arange(sub))
+    columns = jax.lax.map(
+        lambda j: jnp.einsum("...ik,...k->...i", xs * _column_slab(bs, j), _take(ys, j, -2)),
+        jnp.arange(sub),
+    )
     diagonal = jnp.moveaxis(columns, 0, -1)  # [.., n, s(i), s(j)]
     return across.reshape(x.shape[:-1] + (size,)) + _block_diagonal(diagonal)
 
@@ -148,10 +150,12 @@ def _channel_gate_scores_bwd(residuals, d_scores):
     d_diagonal = jnp.tril(diagonal_blocks(d_scores, sub))  # [.., n, s, s]
 
     def row_and_column(index):
-        dx_row = jnp.einsum("...j,...jk->...k", _take(d_diagonal, index, -2),
-                            ys * _row_slab(bs, index))
-        dy_column = jnp.einsum("...i,...ik->...k", _take(d_diagonal, index, -1),
-                               xs * _column_slab(bs, index))
+        dx_row = jnp.einsum(
+            "...j,...jk->...k", _take(d_diagonal, index, -2), ys * _row_slab(bs, index)
+        )
+        dy_column = jnp.einsum(
+            "...i,...ik->...k", _take(d_diagonal, index, -1), xs * _column_slab(bs, index)
+        )
         return dx_row, dy_column
 
     dx_rows, dy_columns = jax.lax.map(row_and_column, jnp.arange(sub))

@@ -48,8 +48,9 @@ def row_dot(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.einsum("...d,...d->...", a, b)
 
 
-def chunk_log_decay(kind: GateKind, head_gate: jax.Array | None, log_a: jax.Array | None,
-                    chunk_size: int) -> jax.Array:
+def chunk_log_decay(
+    kind: GateKind, head_gate: jax.Array | None, log_a: jax.Array | None, chunk_size: int
+) -> jax.Array:
     """``b`` inside each chunk: head ``[H, C]`` from the ``[H]`` gate; token
     ``[B, H, G, C]`` and channel ``[B, H, G, C, K]`` from ``log_a``, the block's
     gate in head-major layout."""
@@ -78,8 +79,9 @@ def chunk_decays(b: jax.Array, kind: GateKind) -> jax.Array | None:
     same for every chunk: see :func:`head_chunk_decay`)."""
     if kind == "head":
         return None
-    return jnp.moveaxis(jnp.exp(last_row(b, kind)[..., 0, :] if kind == "channel"
-                                else b[..., -1]), 2, 0)
+    return jnp.moveaxis(
+        jnp.exp(last_row(b, kind)[..., 0, :] if kind == "channel" else b[..., -1]), 2, 0
+    )
 
 
 def head_chunk_decay(head_gate: jax.Array | None, chunk_size: int) -> jax.Array | None:

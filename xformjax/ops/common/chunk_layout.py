@@ -117,8 +117,9 @@ def token_major_rows(x: jax.Array) -> jax.Array:
     return jnp.moveaxis(x, 1, 3).reshape(x.shape[0], -1, x.shape[1])
 
 
-def make_layout(batch: int, num_tokens: int, chunk_size: int,
-                segments: Segments | None) -> ChunkLayout:
+def make_layout(
+    batch: int, num_tokens: int, chunk_size: int, segments: Segments | None
+) -> ChunkLayout:
     """The layout of ``batch`` rows of ``num_tokens`` tokens (or one packed row)."""
     if segments is None:
         num_chunks = -(-num_tokens // chunk_size)
@@ -129,23 +130,34 @@ def make_layout(batch: int, num_tokens: int, chunk_size: int,
     num_blocks = -(-num_chunks // per_block)
     if segments is None:
         last_len = num_tokens - (num_chunks - 1) * chunk_size
-        return ChunkLayout(chunk_size, per_block, num_blocks, None, None, None,
-                           final_rows=jnp.arange(batch),
-                           final_chunks=jnp.full((batch,), num_chunks - 1),
-                           final_lengths=jnp.full((batch,), last_len),
-                           chunk_rank=jnp.arange(num_blocks * per_block))
+        return ChunkLayout(
+            chunk_size,
+            per_block,
+            num_blocks,
+            None,
+            None,
+            None,
+            final_rows=jnp.arange(batch),
+            final_chunks=jnp.full((batch,), num_chunks - 1),
+            final_lengths=jnp.full((batch,), last_len),
+            chunk_rank=jnp.arange(num_blocks * per_block),
+        )
     padded_lengths = -(-segments.lengths // chunk_size) * chunk_size
     padded_ends = jnp.cumsum(padded_lengths)
     padded_starts = padded_ends - padded_lengths
-    dest = (padded_starts[segments.ids] + jnp.arange(num_tokens)
-            - segments.starts[segments.ids])
+    dest = padded_starts[segments.ids] + jnp.arange(num_tokens) - segments.starts[segments.ids]
     chunk_starts = jnp.arange(num_blocks * per_block) * chunk_size
-    chunk_seq = jnp.minimum(jnp.searchsorted(padded_ends, chunk_starts, side="right"),
-                            num_seq - 1)
+    chunk_seq = jnp.minimum(jnp.searchsorted(padded_ends, chunk_starts, side="right"), num_seq - 1)
     chunk_first = (chunk_starts == padded_starts[chunk_seq]) & (segments.lengths[chunk_seq] > 0)
-    return ChunkLayout(chunk_size, per_block, num_blocks, dest, chunk_first, chunk_seq,
-                       final_rows=jnp.zeros((num_seq,), jnp.int32),
-                       final_chunks=jnp.maximum(padded_ends // chunk_size - 1, 0),
-                       final_lengths=segments.lengths - padded_lengths
-                       + chunk_size * (segments.lengths > 0),
-                       chunk_rank=(chunk_starts - padded_starts[chunk_seq]) // chunk_size)
+    return ChunkLayout(
+        chunk_size,
+        per_block,
+        num_blocks,
+        dest,
+        chunk_first,
+        chunk_seq,
+        final_rows=jnp.zeros((num_seq,), jnp.int32),
+        final_chunks=jnp.maximum(padded_ends // chunk_size - 1, 0),
+        final_lengths=segments.lengths - padded_lengths + chunk_size * (segments.lengths > 0),
+        chunk_rank=(chunk_starts - padded_starts[chunk_seq]) // chunk_size,
+    )

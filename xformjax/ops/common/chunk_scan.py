@@ -125,9 +125,16 @@ class ChunkInputs(NamedTuple):
 
     def blocked(self, layout: ChunkLayout) -> BlockInputs:
         blocks = lambda x: None if x is None else layout.blocks(x)
-        return BlockInputs(layout.blocks(self.q), layout.blocks(self.k), layout.blocks(self.v),
-                           blocks(self.log_a), blocks(self.beta), layout.chunk_flags(self.first),
-                           layout.chunk_flags(self.seq), layout.chunk_flags(self.rank))
+        return BlockInputs(
+            layout.blocks(self.q),
+            layout.blocks(self.k),
+            layout.blocks(self.v),
+            blocks(self.log_a),
+            blocks(self.beta),
+            layout.chunk_flags(self.first),
+            layout.chunk_flags(self.seq),
+            layout.chunk_flags(self.rank),
+        )
 
 
 class ChunkOutputs(NamedTuple):
@@ -195,12 +202,18 @@ class ChunkRule:
     name: str
     prepare: Callable[[ChunkTiles], tuple[jax.Array, ...]]
     transition: Callable[[jax.Array, tuple[jax.Array, ...]], tuple[jax.Array, jax.Array | None]]
-    make_backward_step: Callable[[GateKind, ChunkLayout, jax.Array | None, int | None],
-                                 BackwardStep]
+    make_backward_step: Callable[
+        [GateKind, ChunkLayout, jax.Array | None, int | None], BackwardStep
+    ]
 
 
-def make_block_step(rule: ChunkRule, kind: GateKind, head_gate: jax.Array | None,
-                    layout: ChunkLayout, inits: jax.Array | None):
+def make_block_step(
+    rule: ChunkRule,
+    kind: GateKind,
+    head_gate: jax.Array | None,
+    layout: ChunkLayout,
+    inits: jax.Array | None,
+):
     """The outer-scan body ``(state, BlockInputs) → (state, (out, entering, values))``:
     ``G`` chunks given the state entering the first."""
     head_decay = head_chunk_decay(head_gate, layout.chunk_size)
@@ -227,20 +240,34 @@ def make_block_step(rule: ChunkRule, kind: GateKind, head_gate: jax.Array | None
             return decay_state(carry, kind, decay) + update, (carry, values)
 
         state, (entering, values) = jax.lax.scan(
-            inner, state, (tuple(jnp.moveaxis(x, 2, 0) for x in prepared),
-                           chunk_decays(b, kind), xs.first, xs.seq))
+            inner,
+            state,
+            (
+                tuple(jnp.moveaxis(x, 2, 0) for x in prepared),
+                chunk_decays(b, kind),
+                xs.first,
+                xs.seq,
+            ),
+        )
         entering = jnp.moveaxis(entering, 0, 2)  # [B, H, G, K, V]
         pseudo = values is not None
         values = jnp.moveaxis(values, 0, 2) if pseudo else vc
-        out = (jnp.einsum("bhnij,bhnjv->bhniv", scores, values)
-               + jnp.einsum("bhnck,bhnkv->bhncv", qc * decay_in, entering))
+        out = jnp.einsum("bhnij,bhnjv->bhniv", scores, values) + jnp.einsum(
+            "bhnck,bhnkv->bhncv", qc * decay_in, entering
+        )
         return state, (token_major(out), entering, token_major(values) if pseudo else None)
 
     return step
 
 
-def scan_blocks(rule: ChunkRule, layout: ChunkLayout, inputs: ChunkInputs, kind: GateKind,
-                *, remat: bool = False) -> ChunkOutputs:
+def scan_blocks(
+    rule: ChunkRule,
+    layout: ChunkLayout,
+    inputs: ChunkInputs,
+    kind: GateKind,
+    *,
+    remat: bool = False,
+) -> ChunkOutputs:
     """The forward: the outer scan over blocks, unblocked to padded token layout.
 
     ``remat`` rematerialises each block in JAX's backward (the per-channel gate):
@@ -251,12 +278,14 @@ def scan_blocks(rule: ChunkRule, layout: ChunkLayout, inputs: ChunkInputs, kind:
     if remat:
         step = jax.checkpoint(step)
     _, (out, entering, values) = jax.lax.scan(step, inputs.state0, inputs.blocked(layout))
-    return ChunkOutputs(layout.unblock(out), entering,
-                        None if values is None else layout.unblock(values))
+    return ChunkOutputs(
+        layout.unblock(out), entering, None if values is None else layout.unblock(values)
+    )
 
 
-def make_chunk_core(rule: ChunkRule, kind: GateKind, layout: ChunkLayout,
-                    num_sequences: int | None) -> Callable[[ChunkInputs], ChunkOutputs]:
+def make_chunk_core(
+    rule: ChunkRule, kind: GateKind, layout: ChunkLayout, num_sequences: int | None
+) -> Callable[[ChunkInputs], ChunkOutputs]:
     """:func:`scan_blocks` with the rule's hand-written backward (scalar gates).
 
     Residuals: the inputs, the entering states and the pseudo-values. The backward
@@ -277,28 +306,53 @@ def make_chunk_core(rule: ChunkRule, kind: GateKind, layout: ChunkLayout,
         inputs, entering, values = residuals
         step = rule.make_backward_step(kind, layout, inputs.head_gate, num_sequences)
         blocks = lambda x: None if x is None else layout.blocks(x)
-        xs = BackwardBlock(inputs.blocked(layout), blocks(values), entering,
-                           layout.blocks(cotangents.out), blocks(cotangents.values),
-                           cotangents.entering)
+        xs = BackwardBlock(
+            inputs.blocked(layout),
+            blocks(values),
+            entering,
+            layout.blocks(cotangents.out),
+            blocks(cotangents.values),
+            cotangents.entering,
+        )
         state0, zeros = inputs.state0, lambda x: None if x is None else jnp.zeros_like(x)
-        carry = BackwardCarry(jnp.zeros_like(state0),
-                              None if kind == "head" else jnp.zeros(state0.shape[:2],
-                                                                     state0.dtype),
-                              zeros(inputs.inits), zeros(inputs.head_gate))
+        carry = BackwardCarry(
+            jnp.zeros_like(state0),
+            None if kind == "head" else jnp.zeros(state0.shape[:2], state0.dtype),
+            zeros(inputs.inits),
+            zeros(inputs.head_gate),
+        )
         carry, grads = jax.lax.scan(step, carry, xs, reverse=True)
         unblock = lambda x: None if x is None else layout.unblock(x)
-        return (ChunkInputs(layout.unblock(grads.dq), layout.unblock(grads.dk),
-                            layout.unblock(grads.dv),
-                            unblock(grads.d_log_a), unblock(grads.d_beta), carry.d_head,
-                            carry.grad_state, carry.d_inits, None, None, None),)
+        return (
+            ChunkInputs(
+                layout.unblock(grads.dq),
+                layout.unblock(grads.dk),
+                layout.unblock(grads.dv),
+                unblock(grads.d_log_a),
+                unblock(grads.d_beta),
+                carry.d_head,
+                carry.grad_state,
+                carry.d_inits,
+                None,
+                None,
+                None,
+            ),
+        )
 
     core.defvjp(core_fwd, core_bwd)
     return core
 
 
-def final_states(entering: jax.Array, k: jax.Array, v: jax.Array, log_a: jax.Array | None,
-                 gate: LogGate, layout: ChunkLayout, initial_state: jax.Array | None,
-                 segments: Segments | None) -> jax.Array:
+def final_states(
+    entering: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    log_a: jax.Array | None,
+    gate: LogGate,
+    layout: ChunkLayout,
+    initial_state: jax.Array | None,
+    segments: Segments | None,
+) -> jax.Array:
     """Each sequence's state after its last valid token, ``[N, H, K, V]``.
 
     ``entering`` is ``[num_blocks, B, H, G, K, V]``; ``k``, ``v`` (the values the
@@ -312,8 +366,9 @@ def final_states(entering: jax.Array, k: jax.Array, v: jax.Array, log_a: jax.Arr
     gather = lambda x: jnp.moveaxis(x[rows[:, None], token_index], 1, 2)  # [N, H, C, ...]
     k_last, v_last = gather(k), gather(v)
     if gate.kind == "head":
-        b_chunk = jnp.broadcast_to(chunk_log_decay("head", gate.values, None, size),
-                                   (num, gate.values.shape[0], size))
+        b_chunk = jnp.broadcast_to(
+            chunk_log_decay("head", gate.values, None, size), (num, gate.values.shape[0], size)
+        )
     else:
         assert log_a is not None
         b_chunk = cumulative_sum(gather(log_a), axis=2)  # [N, H, C] or [N, H, C, K]
@@ -326,17 +381,26 @@ def final_states(entering: jax.Array, k: jax.Array, v: jax.Array, log_a: jax.Arr
     else:
         log_to_end = jnp.where(valid[:, None], b_end[..., None] - b_chunk, -jnp.inf)[..., None]
         state_decay = jnp.exp(b_end)[..., None, None]
-    finals = state_decay * state + jnp.einsum("nhck,nhcv->nhkv",
-                                              k_last * jnp.exp(log_to_end), v_last)
+    finals = state_decay * state + jnp.einsum(
+        "nhck,nhcv->nhkv", k_last * jnp.exp(log_to_end), v_last
+    )
     if segments is not None:
         before = initial_state if initial_state is not None else jnp.zeros_like(finals)
         finals = jnp.where((segments.lengths == 0)[:, None, None, None], before, finals)
     return finals
 
 
-def chunk_scan(rule: ChunkRule, q: jax.Array, k: jax.Array, v: jax.Array, gate: LogGate,
-               initial_state: jax.Array | None, segments: Segments | None, chunk_size: int,
-               beta: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def chunk_scan(
+    rule: ChunkRule,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    gate: LogGate,
+    initial_state: jax.Array | None,
+    segments: Segments | None,
+    chunk_size: int,
+    beta: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
     """Run ``rule`` over a sequence in chunks; arguments and results as the recurrent form.
 
     Args:
@@ -351,28 +415,39 @@ def chunk_scan(rule: ChunkRule, q: jax.Array, k: jax.Array, v: jax.Array, gate: 
     """
     batch, num_tokens, heads, key_dim = q.shape
     value_dim = v.shape[-1]
-    layout = make_layout(batch, num_tokens, effective_chunk_size(chunk_size, num_tokens),
-                         segments)
+    layout = make_layout(batch, num_tokens, effective_chunk_size(chunk_size, num_tokens), segments)
     q, k, v = (layout.pad(x) for x in (q, k, v))
     log_a = None if gate.kind == "head" else layout.pad(gate.values)
     zeros = jnp.zeros((batch, heads, key_dim, value_dim), q.dtype)
     if segments is not None:
-        inits = (initial_state if initial_state is not None else
-                 jnp.zeros((segments.num_sequences, heads, key_dim, value_dim), q.dtype))
+        inits = (
+            initial_state
+            if initial_state is not None
+            else jnp.zeros((segments.num_sequences, heads, key_dim, value_dim), q.dtype)
+        )
         state0 = zeros
     else:
         inits, state0 = None, initial_state if initial_state is not None else zeros
-    inputs = ChunkInputs(q, k, v, log_a, None if beta is None else layout.pad(beta),
-                         gate.values if gate.kind == "head" else None, state0, inits,
-                         layout.chunk_first, layout.chunk_seq,
-                         layout.chunk_rank if gate.kind == "head" else None)
+    inputs = ChunkInputs(
+        q,
+        k,
+        v,
+        log_a,
+        None if beta is None else layout.pad(beta),
+        gate.values if gate.kind == "head" else None,
+        state0,
+        inits,
+        layout.chunk_first,
+        layout.chunk_seq,
+        layout.chunk_rank if gate.kind == "head" else None,
+    )
     if gate.kind == "channel":
         outputs = scan_blocks(rule, layout, inputs, gate.kind, remat=True)
     else:
-        core = make_chunk_core(rule, gate.kind, layout,
-                               None if segments is None else segments.num_sequences)
+        core = make_chunk_core(
+            rule, gate.kind, layout, None if segments is None else segments.num_sequences
+        )
         outputs = core(inputs)
     values = v if outputs.values is None else outputs.values
-    finals = final_states(outputs.entering, k, values, log_a, gate, layout, initial_state,
-                          segments)
+    finals = final_states(outputs.entering, k, values, log_a, gate, layout, initial_state, segments)
     return layout.unpad(outputs.out, num_tokens), finals

@@ -35,8 +35,7 @@ class LogGate:
             raise ValueError(f"LogGate.kind must be one of {KINDS}; got {self.kind!r}")
 
 
-def combine(g: jax.Array | None, gk: jax.Array | None, num_heads: int,
-            dtype: jnp.dtype) -> LogGate:
+def combine(g: jax.Array | None, gk: jax.Array | None, num_heads: int, dtype: jnp.dtype) -> LogGate:
     """Fold the op's ``g`` ([H] or [B,T,H]) and ``gk`` ([B,T,H,K]) into one gate."""
     if gk is not None:
         total = gk.astype(dtype)
@@ -48,4 +47,3 @@ def combine(g: jax.Array | None, gk: jax.Array | None, num_heads: int,
         return LogGate("head", jnp.zeros((num_heads,), dtype))
     g = g.astype(dtype)
     return LogGate("head" if g.ndim == 1 else "token", g)
-

@@ -43,9 +43,16 @@ def _decay_state(state: jax.Array, gate: LogGate, log_decay_t: jax.Array | None)
     return state * jnp.exp(log_decay_t)[..., None]
 
 
-def token_scan(update: TokenUpdate, q: jax.Array, k: jax.Array, v: jax.Array, gate: LogGate,
-               initial_state: jax.Array | None, segments: Segments | None,
-               beta: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def token_scan(
+    update: TokenUpdate,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    gate: LogGate,
+    initial_state: jax.Array | None,
+    segments: Segments | None,
+    beta: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
     """Token-by-token recurrence with the family's ``update``.
 
     Args:
@@ -79,8 +86,11 @@ def token_scan(update: TokenUpdate, q: jax.Array, k: jax.Array, v: jax.Array, ga
         return jnp.moveaxis(o, 0, 1), final
 
     num_seq = segments.num_sequences
-    inits = (jnp.zeros((num_seq, heads, key_dim, value_dim), q.dtype)
-             if initial_state is None else initial_state)
+    inits = (
+        jnp.zeros((num_seq, heads, key_dim, value_dim), q.dtype)
+        if initial_state is None
+        else initial_state
+    )
 
     def packed_step(carry, xs):
         state, finals = carry
@@ -92,6 +102,8 @@ def token_scan(update: TokenUpdate, q: jax.Array, k: jax.Array, v: jax.Array, ga
         return (state, finals), jnp.einsum("bhk,bhkv->bhv", q_t, state)
 
     (_, finals), o = jax.lax.scan(
-        packed_step, (zeros, inits),
-        (*time_major, log_decay, beta_t, segments.is_start, segments.ids))
+        packed_step,
+        (zeros, inits),
+        (*time_major, log_decay, beta_t, segments.is_start, segments.ids),
+    )
     return jnp.moveaxis(o, 0, 1), finals

@@ -38,16 +38,22 @@ def fail(op: str, message: str) -> NoReturn:
 def check_rank(op: str, name: str, x, layout: Sequence[str]) -> None:
     """Raise unless ``x`` has ``len(layout)`` dimensions; ``layout`` names them."""
     if jnp.ndim(x) != len(layout):
-        fail(op, f"`{name}` must have rank {len(layout)} [{', '.join(layout)}]; "
-                 f"got shape {shape_str(x)}")
+        fail(
+            op,
+            f"`{name}` must have rank {len(layout)} [{', '.join(layout)}]; "
+            f"got shape {shape_str(x)}",
+        )
 
 
 def check_dim(op: str, name: str, x, axis: int, expected: int, what: str) -> None:
     """Raise unless ``x.shape[axis] == expected``; ``what`` says where ``expected`` came from."""
     got = int(jnp.shape(x)[axis])
     if got != expected:
-        fail(op, f"`{name}` has shape {shape_str(x)}: dimension {axis} is {got} but "
-                 f"{what} is {expected}")
+        fail(
+            op,
+            f"`{name}` has shape {shape_str(x)}: dimension {axis} is {got} but "
+            f"{what} is {expected}",
+        )
 
 
 def check_floating(op: str, name: str, x) -> None:
@@ -62,8 +68,11 @@ def check_mode(op: str, mode: str) -> Mode:
 
 
 def check_chunk_size(op: str, chunk_size) -> int:
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) \
-            or chunk_size < 1:
+    if (
+        isinstance(chunk_size, bool)
+        or not isinstance(chunk_size, (int, np.integer))
+        or chunk_size < 1
+    ):
         fail(op, f"`chunk_size` must be a positive int; got {chunk_size!r}")
     return int(chunk_size)
 
@@ -80,8 +89,14 @@ def warn_once(op: str, message: str) -> None:
     warnings.warn(f"{op}: {message}", RuntimeWarning, stacklevel=4)
 
 
-def resolve_backend(op: str, backend: Backend | None, unsupported: str | None = None, *,
-                    has_kernel: bool = False, mode: Mode = "chunk") -> Backend:
+def resolve_backend(
+    op: str,
+    backend: Backend | None,
+    unsupported: str | None = None,
+    *,
+    has_kernel: bool = False,
+    mode: Mode = "chunk",
+) -> Backend:
     """Return the backend that will run: ``"pallas"`` or ``"xla"``.
 
     ``backend=None`` picks the Pallas kernel when the op has one, ``mode`` is the
@@ -93,8 +108,10 @@ def resolve_backend(op: str, backend: Backend | None, unsupported: str | None = 
     """
     if backend not in BACKENDS:
         fail(op, f"unknown `backend`={backend!r}; expected one of {BACKENDS}")
-    if backend == "xla" or (backend is None and (
-            not has_kernel or mode != "chunk" or jax.default_backend() not in ACCELERATORS)):
+    if backend == "xla" or (
+        backend is None
+        and (not has_kernel or mode != "chunk" or jax.default_backend() not in ACCELERATORS)
+    ):
         return "xla"
     if not has_kernel:
         warn_once(op, "has no Pallas kernel; running the XLA form")
@@ -148,8 +165,11 @@ def check_log_gate(op: str, name: str, gate) -> None:
         return
     top = float(np.max(np.asarray(gate, dtype=np.float64))) if np.size(gate) else 0.0
     if not np.isfinite(top) or top > 0:
-        fail(op, f"`{name}` holds log decays and must be finite and <= 0; got max {top} "
-                 f"(shape {shape_str(gate)})")
+        fail(
+            op,
+            f"`{name}` holds log decays and must be finite and <= 0; got max {top} "
+            f"(shape {shape_str(gate)})",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,24 +208,28 @@ def make_segments(op: str, cu_seqlens, batch: int, num_tokens: int) -> Segments 
         return None
     check_rank(op, "cu_seqlens", cu_seqlens, ["N+1"])
     if not jnp.issubdtype(jnp.result_type(cu_seqlens), jnp.integer):
-        fail(op, f"`cu_seqlens` must be an integer array; got dtype "
-                 f"{jnp.result_type(cu_seqlens)}")
+        fail(op, f"`cu_seqlens` must be an integer array; got dtype {jnp.result_type(cu_seqlens)}")
     if jnp.shape(cu_seqlens)[0] < 2:
-        fail(op, f"`cu_seqlens` must hold at least two boundaries [0, T]; got shape "
-                 f"{shape_str(cu_seqlens)}")
+        fail(
+            op,
+            f"`cu_seqlens` must hold at least two boundaries [0, T]; got shape "
+            f"{shape_str(cu_seqlens)}",
+        )
     if batch != 1:
         fail(op, f"packed sequences (`cu_seqlens`) need batch size B == 1; got B={batch}")
     if is_concrete(cu_seqlens):
         cu = np.asarray(cu_seqlens)
         if cu[0] != 0 or cu[-1] != num_tokens or np.any(np.diff(cu) < 0):
-            fail(op, f"`cu_seqlens` must start at 0, never decrease and end at T={num_tokens}; "
-                     f"got {cu.tolist()}")
+            fail(
+                op,
+                f"`cu_seqlens` must start at 0, never decrease and end at T={num_tokens}; "
+                f"got {cu.tolist()}",
+            )
     cu = jnp.asarray(cu_seqlens, jnp.int32)
     positions = jnp.arange(num_tokens, dtype=jnp.int32)
     ids = jnp.searchsorted(cu[1:], positions, side="right").astype(jnp.int32)
     ids = jnp.minimum(ids, cu.shape[0] - 2)
-    return Segments(cu_seqlens=cu, ids=ids, is_start=positions == cu[ids],
-                    lengths=cu[1:] - cu[:-1])
+    return Segments(cu_seqlens=cu, ids=ids, is_start=positions == cu[ids], lengths=cu[1:] - cu[:-1])
 
 
 def round_up(value: int, multiple: int) -> int:

@@ -47,29 +47,71 @@ def _check_beta(op: str, beta, q, rows: int) -> None:
     common.check_floating(op, "beta", beta)
     expected = (q.shape[0], rows, q.shape[2])
     if tuple(jnp.shape(beta)) != expected:
-        common.fail(op, f"`beta` must have shape [B, T, H] = {expected} "
-                        f"(one step size per row of `k`); got {common.shape_str(beta)}")
+        common.fail(
+            op,
+            f"`beta` must have shape [B, T, H] = {expected} "
+            f"(one step size per row of `k`); got {common.shape_str(beta)}",
+        )
 
 
-def _run(op: str, q, k, v, beta, g, gk, scale, initial_state, output_final_state, cu_seqlens,
-         mode, chunk_size, backend, rows_per_token: int):
+def _run(
+    op: str,
+    q,
+    k,
+    v,
+    beta,
+    g,
+    gk,
+    scale,
+    initial_state,
+    output_final_state,
+    cu_seqlens,
+    mode,
+    chunk_size,
+    backend,
+    rows_per_token: int,
+):
     common.check_mode(op, mode)
     chunk_size = common.check_chunk_size(op, chunk_size)
     for name, x in (("q", q), ("k", k), ("v", v)):
         common.check_rank(op, name, x, ["B", "T", "H", "K" if name != "v" else "V"])
-    segments = validate(q, k, v, g, gk, initial_state, cu_seqlens, False, op=op,
-                        value_rows=q.shape[1] * rows_per_token)
+    segments = validate(
+        q,
+        k,
+        v,
+        g,
+        gk,
+        initial_state,
+        cu_seqlens,
+        False,
+        op=op,
+        value_rows=q.shape[1] * rows_per_token,
+    )
     _check_beta(op, beta, q, k.shape[1])
-    gap = common.kernel_gap((q, k, v, beta, g, gk, initial_state), scale,
-                            {"the per-channel gate `gk`": gk is not None,
-                             "packed sequences (cu_seqlens)": cu_seqlens is not None})
+    gap = common.kernel_gap(
+        (q, k, v, beta, g, gk, initial_state),
+        scale,
+        {
+            "the per-channel gate `gk`": gk is not None,
+            "packed sequences (cu_seqlens)": cu_seqlens is not None,
+        },
+    )
     if common.resolve_backend(op, backend, gap, has_kernel=True, mode=mode) == "pallas":
         # Chosen by default on an accelerator: a CPU lowering runs XLA, not the interpreter.
-        cpu = None if backend == "pallas" else functools.partial(
-            delta_rule, scale=scale, output_final_state=True, chunk_size=chunk_size,
-            backend="xla")
-        return _run_kernel(q, k, v, beta, g, scale, initial_state, output_final_state,
-                           rows_per_token, cpu)
+        cpu = (
+            None
+            if backend == "pallas"
+            else functools.partial(
+                delta_rule,
+                scale=scale,
+                output_final_state=True,
+                chunk_size=chunk_size,
+                backend="xla",
+            )
+        )
+        return _run_kernel(
+            q, k, v, beta, g, scale, initial_state, output_final_state, rows_per_token, cpu
+        )
 
     out_dtype = jnp.result_type(q, k, v)
     dtype = common.compute_dtype(q, k, v, beta, g, gk, initial_state)
@@ -88,22 +130,24 @@ def _run(op: str, q, k, v, beta, g, gk, scale, initial_state, output_final_state
         size = chunk_size if mode == "chunk" else common.round_up(k.shape[1], 16)
         o, final = delta_rule_chunk(q, k, v, beta, gate, init, segments, size)
     if rows_per_token > 1:
-        o = o[:, rows_per_token - 1::rows_per_token]
+        o = o[:, rows_per_token - 1 :: rows_per_token]
     return o.astype(out_dtype), (final if output_final_state else None)
 
 
-def _run_kernel(q, k, v, beta, g, scale, initial_state, output_final_state,
-                rows_per_token: int, cpu_fallback):
+def _run_kernel(
+    q, k, v, beta, g, scale, initial_state, output_final_state, rows_per_token: int, cpu_fallback
+):
     """The Pallas delta-rule kernel; DeltaProduct runs it over the ``T·n`` rows."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if rows_per_token > 1:
         gate = combine(g, None, q.shape[2], jnp.float32)
         q, gate, _ = _expand_tokens(q, gate, None, rows_per_token, None)
         g = gate.values
-    o, final = kernels.delta_rule(q, k, v, beta, g=g, scale=scale, initial_state=initial_state,
-                                  cpu_fallback=cpu_fallback)
+    o, final = kernels.delta_rule(
+        q, k, v, beta, g=g, scale=scale, initial_state=initial_state, cpu_fallback=cpu_fallback
+    )
     if rows_per_token > 1:
-        o = o[:, rows_per_token - 1::rows_per_token]
+        o = o[:, rows_per_token - 1 :: rows_per_token]
     return o, (final if output_final_state else None)
 
 
@@ -125,12 +169,22 @@ def _expand_tokens(q, gate, segments, n: int, cu_seqlens):
     return q_rows, gate, segments
 
 
-def delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *,
-               g: jax.Array | None = None, gk: jax.Array | None = None,
-               scale: float | None = None, initial_state: jax.Array | None = None,
-               output_final_state: bool = False, cu_seqlens: jax.Array | None = None,
-               mode: Mode = "chunk", chunk_size: int = 64,
-               backend: Backend | None = None) -> tuple[jax.Array, jax.Array | None]:
+def delta_rule(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    beta: jax.Array,
+    *,
+    g: jax.Array | None = None,
+    gk: jax.Array | None = None,
+    scale: float | None = None,
+    initial_state: jax.Array | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: jax.Array | None = None,
+    mode: Mode = "chunk",
+    chunk_size: int = 64,
+    backend: Backend | None = None,
+) -> tuple[jax.Array, jax.Array | None]:
     """The (gated) delta rule.
 
     For every batch row (or packed sequence) and head::
@@ -163,17 +217,42 @@ def delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *,
       >>> o.shape, s.shape
       ((1, 50, 2, 8), (1, 2, 8, 8))
     """
-    return _run("delta_rule", q, k, v, beta, g, gk, scale, initial_state, output_final_state,
-                cu_seqlens, mode, chunk_size, backend, rows_per_token=1)
+    return _run(
+        "delta_rule",
+        q,
+        k,
+        v,
+        beta,
+        g,
+        gk,
+        scale,
+        initial_state,
+        output_final_state,
+        cu_seqlens,
+        mode,
+        chunk_size,
+        backend,
+        rows_per_token=1,
+    )
 
 
-def delta_product(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *,
-                  num_householder: int, g: jax.Array | None = None,
-                  gk: jax.Array | None = None, scale: float | None = None,
-                  initial_state: jax.Array | None = None, output_final_state: bool = False,
-                  cu_seqlens: jax.Array | None = None, mode: Mode = "chunk",
-                  chunk_size: int = 64,
-                  backend: Backend | None = None) -> tuple[jax.Array, jax.Array | None]:
+def delta_product(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    beta: jax.Array,
+    *,
+    num_householder: int,
+    g: jax.Array | None = None,
+    gk: jax.Array | None = None,
+    scale: float | None = None,
+    initial_state: jax.Array | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: jax.Array | None = None,
+    mode: Mode = "chunk",
+    chunk_size: int = 64,
+    backend: Backend | None = None,
+) -> tuple[jax.Array, jax.Array | None]:
     """DeltaProduct: ``n = num_householder`` delta steps per token.
 
     ``k``, ``v`` and ``beta`` carry ``T·n`` rows, token-major (row ``t·n + j`` is
@@ -184,14 +263,35 @@ def delta_product(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *,
     Other arguments as :func:`delta_rule`; ``n = 1`` is :func:`delta_rule`.
     """
     op = "delta_product"
-    if isinstance(num_householder, bool) or not isinstance(num_householder, int) \
-            or num_householder < 1:
+    if (
+        isinstance(num_householder, bool)
+        or not isinstance(num_householder, int)
+        or num_householder < 1
+    ):
         common.fail(op, f"`num_householder` must be a positive int; got {num_householder!r}")
     for name, x in (("q", q), ("k", k)):
         common.check_rank(op, name, x, ["B", "T", "H", "K"])
     if k.shape[1] != q.shape[1] * num_householder:
-        common.fail(op, f"`k` must have T·n = {q.shape[1]}·{num_householder} = "
-                        f"{q.shape[1] * num_householder} rows (token-major sub-steps); got "
-                        f"`k` {common.shape_str(k)} for `q` {common.shape_str(q)}")
-    return _run(op, q, k, v, beta, g, gk, scale, initial_state, output_final_state, cu_seqlens,
-                mode, chunk_size, backend, rows_per_token=num_householder)
+        common.fail(
+            op,
+            f"`k` must have T·n = {q.shape[1]}·{num_householder} = "
+            f"{q.shape[1] * num_householder} rows (token-major sub-steps); got "
+            f"`k` {common.shape_str(k)} for `q` {common.shape_str(q)}",
+        )
+    return _run(
+        op,
+        q,
+        k,
+        v,
+        beta,
+        g,
+        gk,
+        scale,
+        initial_state,
+        output_final_state,
+        cu_seqlens,
+        mode,
+        chunk_size,
+        backend,
+        rows_per_token=num_householder,
+    )

@@ -34,16 +34,14 @@ def _prepare(tiles: ChunkTiles) -> tuple[jax.Array, ...]:
     assert tiles.beta is not None
     size = tiles.k.shape[-2]
     strictly = jnp.tril(jnp.ones((size, size), bool), -1)
-    a = jnp.where(strictly, gate_scores(tiles.k, tiles.k, tiles.b, tiles.kind),
-                  0.0) * tiles.beta
+    a = jnp.where(strictly, gate_scores(tiles.k, tiles.k, tiles.b, tiles.kind), 0.0) * tiles.beta
     transform = unit_lower_inverse(a)  # [B, H, G, C, C]
     w = jnp.einsum("bhnij,bhnjk->bhnik", transform, tiles.beta * tiles.k * tiles.decay_in)
     u0 = jnp.einsum("bhnij,bhnjv->bhniv", transform, tiles.beta * tiles.v)
     return w, u0, tiles.k_to_end
 
 
-def _transition(state: jax.Array, prepared: tuple[jax.Array, ...]) -> tuple[jax.Array,
-                                                                             jax.Array]:
+def _transition(state: jax.Array, prepared: tuple[jax.Array, ...]) -> tuple[jax.Array, jax.Array]:
     """``U = U₀ − W S`` and the update ``(K ⊙ e^{b_C − b})ᵀ U`` of one chunk."""
     w, u0, k_to_end = prepared
     values = u0 - jnp.einsum("bhck,bhkv->bhcv", w, state)
@@ -53,9 +51,16 @@ def _transition(state: jax.Array, prepared: tuple[jax.Array, ...]) -> tuple[jax.
 DELTA_RULE = ChunkRule("delta_rule", _prepare, _transition, make_backward_step)
 
 
-def delta_rule_chunk(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, gate: LogGate,
-                     initial_state: jax.Array | None, segments: Segments | None,
-                     chunk_size: int) -> tuple[jax.Array, jax.Array]:
+def delta_rule_chunk(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    beta: jax.Array,
+    gate: LogGate,
+    initial_state: jax.Array | None,
+    segments: Segments | None,
+    chunk_size: int,
+) -> tuple[jax.Array, jax.Array]:
     """The chunked delta rule.
 
     Args:

@@ -50,8 +50,9 @@ from xformjax.ops.common.gates import GateKind
 from xformjax.ops.delta_rule.inverse import unit_lower_inverse
 
 
-def make_backward_step(kind: GateKind, layout: ChunkLayout, head_gate: jax.Array | None,
-                       num_sequences: int | None) -> BackwardStep:
+def make_backward_step(
+    kind: GateKind, layout: ChunkLayout, head_gate: jax.Array | None, num_sequences: int | None
+) -> BackwardStep:
     """The reverse-scan body over blocks for the delta rule (scalar gates)."""
     packed = num_sequences is not None
     size = layout.chunk_size
@@ -64,8 +65,9 @@ def make_backward_step(kind: GateKind, layout: ChunkLayout, head_gate: jax.Array
         first, seq = inputs.first, inputs.seq
         assert inputs.beta is not None and xs.values is not None and xs.d_values is not None
         qc, kc, vc, uc, doc, d_values_c = (
-            layout.head_major(x) for x in (inputs.q, inputs.k, inputs.v, xs.values, xs.d_out,
-                                           xs.d_values))  # [B, H, G, C, D]
+            layout.head_major(x)
+            for x in (inputs.q, inputs.k, inputs.v, xs.values, xs.d_out, xs.d_values)
+        )  # [B, H, G, C, D]
         betac = layout.head_major(inputs.beta[..., None])  # [B, H, G, C, 1]
         log_a = None if inputs.log_a is None else layout.head_major(inputs.log_a)
         b = chunk_log_decay(kind, head_gate, log_a, size)
@@ -85,22 +87,35 @@ def make_backward_step(kind: GateKind, layout: ChunkLayout, head_gate: jax.Array
         base_d_values = mm("bhnij,bhniv->bhnjv", scores, doc) + d_values_c
         from_outputs = mm("bhnck,bhncv->bhnkv", qc * e_b, doc) + d_entering
         decay = jnp.exp(b_last[..., 0])
-        decay = (jnp.broadcast_to(decay[None, :, None], entering.shape[:3]) if kind == "head"
-                 else decay)  # [B, H, G]
+        decay = (
+            jnp.broadcast_to(decay[None, :, None], entering.shape[:3]) if kind == "head" else decay
+        )  # [B, H, G]
 
         def inner(grad_out, xs_n):
             base_n, outputs_n, k_end_n, w_n, decay_n, first_n = xs_n
             d_values_n = base_n + mm("bhck,bhkv->bhcv", k_end_n, grad_out)
-            grad_in = (outputs_n + decay_n[..., None, None] * grad_out
-                       - mm("bhck,bhcv->bhkv", w_n, d_values_n))
+            grad_in = (
+                outputs_n
+                + decay_n[..., None, None] * grad_out
+                - mm("bhck,bhcv->bhkv", w_n, d_values_n)
+            )
             grad_prev = grad_in if first_n is None else jnp.where(first_n, 0.0, grad_in)
             return grad_prev, (grad_out, grad_in, d_values_n)
 
         chunk_major = lambda a: jnp.moveaxis(a, 2, 0)
         grad_state, (grad_leaving, grad_entering, d_vals) = jax.lax.scan(
-            inner, grad_state, (chunk_major(base_d_values), chunk_major(from_outputs),
-                                chunk_major(k_to_end), chunk_major(w), chunk_major(decay),
-                                first), reverse=True)
+            inner,
+            grad_state,
+            (
+                chunk_major(base_d_values),
+                chunk_major(from_outputs),
+                chunk_major(k_to_end),
+                chunk_major(w),
+                chunk_major(decay),
+                first,
+            ),
+            reverse=True,
+        )
         grad_leaving, d_vals = (jnp.moveaxis(a, 0, 2) for a in (grad_leaving, d_vals))
         if packed:
             assert first is not None and d_inits is not None  # packed: the layout's flags, inits
@@ -108,8 +123,7 @@ def make_backward_step(kind: GateKind, layout: ChunkLayout, head_gate: jax.Array
             d_inits = d_inits.at[seq].add(starts)
 
         d_scores = mm("bhniv,bhnjv->bhnij", doc, uc) * gamma
-        dq = (mm("bhnij,bhnjk->bhnik", d_scores, kc)
-              + mm("bhncv,bhnkv->bhnck", doc, entering) * e_b)
+        dq = mm("bhnij,bhnjk->bhnik", d_scores, kc) + mm("bhncv,bhnkv->bhnck", doc, entering) * e_b
         dk_scores = mm("bhnij,bhnik->bhnjk", d_scores, qc)
         dk_to_end = mm("bhncv,bhnkv->bhnck", uc, grad_leaving) * e_to_end
         dy = mm("bhnji,bhnjv->bhniv", transform, d_vals)  # Tᵀ dU
@@ -130,10 +144,16 @@ def make_backward_step(kind: GateKind, layout: ChunkLayout, head_gate: jax.Array
         x_rows = row_dot(dx * e_b, kc)  # Σ_k dX_ik e^{b_i} k_ik
         dbeta = pair_rows + x_rows + row_dot(dy, vc)  # [B, H, G, C]
         k_to_end_rows = row_dot(kc, dk_to_end)
-        d_b = (row_dot(qc, dq) - row_dot(kc, dk_scores) - k_to_end_rows
-               + beta_rows * (pair_rows + x_rows) - pair_columns)  # [B, H, G, C]
-        end_terms = (jnp.sum(k_to_end_rows, axis=-1)
-                     + decay * jnp.einsum("bhnkv,bhnkv->bhn", grad_leaving, entering))  # [B, H, G]
+        d_b = (
+            row_dot(qc, dq)
+            - row_dot(kc, dk_scores)
+            - k_to_end_rows
+            + beta_rows * (pair_rows + x_rows)
+            - pair_columns
+        )  # [B, H, G, C]
+        end_terms = jnp.sum(k_to_end_rows, axis=-1) + decay * jnp.einsum(
+            "bhnkv,bhnkv->bhn", grad_leaving, entering
+        )  # [B, H, G]
         d_b = d_b.at[..., -1].add(end_terms)
         if kind == "head":
             assert d_head is not None  # zeros like the head gate
@@ -143,8 +163,11 @@ def make_backward_step(kind: GateKind, layout: ChunkLayout, head_gate: jax.Array
         else:
             d_log_a = token_major_rows(reverse_cumulative_sum(d_b, axis=-1))
 
-        return (BackwardCarry(grad_state, suffix, d_inits, d_head),
-                BlockGrads(token_major(dq), token_major(dk), token_major(dv),
-                           token_major_rows(dbeta), d_log_a))
+        return (
+            BackwardCarry(grad_state, suffix, d_inits, d_head),
+            BlockGrads(
+                token_major(dq), token_major(dk), token_major(dv), token_major_rows(dbeta), d_log_a
+            ),
+        )
 
     return step

@@ -43,7 +43,7 @@ def unit_lower_inverse(a: jax.Array) -> jax.Array:
         pairs = inverse.reshape(inverse.shape[:-3] + (-1, 2) + inverse.shape[-2:])
         first, second = pairs[..., 0, :, :], pairs[..., 1, :, :]
         width = 2 * inverse.shape[-1]
-        below = diagonal_blocks(a, width)[..., width // 2:, :width // 2]
+        below = diagonal_blocks(a, width)[..., width // 2 :, : width // 2]
         lower = -jnp.einsum("...ij,...jk,...kl->...il", second, below, first)
         top = jnp.concatenate([first, jnp.zeros_like(first)], axis=-1)
         bottom = jnp.concatenate([lower, second], axis=-1)

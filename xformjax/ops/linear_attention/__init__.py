@@ -43,8 +43,18 @@ OP = "linear_attention"
 NORMALIZER_EPS = 1e-6
 
 
-def validate(q, k, v, g, gk, initial_state, cu_seqlens, normalize: bool, op: str = OP,
-             value_rows: int | None = None):
+def validate(
+    q,
+    k,
+    v,
+    g,
+    gk,
+    initial_state,
+    cu_seqlens,
+    normalize: bool,
+    op: str = OP,
+    value_rows: int | None = None,
+):
     """Check the linear-attention family's common inputs; return the packing (or None).
 
     ``value_rows`` is the T of ``k`` and ``v`` when it differs from ``q``'s (DeltaProduct).
@@ -54,8 +64,9 @@ def validate(q, k, v, g, gk, initial_state, cu_seqlens, normalize: bool, op: str
         common.check_floating(op, name, x)
     batch, num_tokens, heads, key_dim = q.shape
     if num_tokens == 0:
-        common.fail(op, f"`q` has T=0 tokens (shape {common.shape_str(q)}); "
-                        "at least one token is needed")
+        common.fail(
+            op, f"`q` has T=0 tokens (shape {common.shape_str(q)}); at least one token is needed"
+        )
     rows = num_tokens if value_rows is None else value_rows
     expected_k = (batch, rows, heads, key_dim)
     for axis, what in ((0, "B"), (1, "T" if value_rows is None else "T·n"), (2, "H"), (3, "K")):
@@ -70,15 +81,19 @@ def validate(q, k, v, g, gk, initial_state, cu_seqlens, normalize: bool, op: str
             for axis, what in ((0, "B"), (1, "T"), (2, "H")):
                 common.check_dim(op, "g", g, axis, q.shape[axis], f"{what} of `q`")
         else:
-            common.fail(op, f"`g` must be [H] or [B, T, H] = [{heads}] or "
-                            f"{(batch, num_tokens, heads)}; got shape {common.shape_str(g)}")
+            common.fail(
+                op,
+                f"`g` must be [H] or [B, T, H] = [{heads}] or "
+                f"{(batch, num_tokens, heads)}; got shape {common.shape_str(g)}",
+            )
         common.check_log_gate(op, "g", g)
     if gk is not None:
         common.check_floating(op, "gk", gk)
         common.check_rank(op, "gk", gk, ["B", "T", "H", "K"])
         for axis in range(4):
-            common.check_dim(op, "gk", gk, axis, q.shape[axis],
-                             f"dimension {axis} of `q` {common.shape_str(q)}")
+            common.check_dim(
+                op, "gk", gk, axis, q.shape[axis], f"dimension {axis} of `q` {common.shape_str(q)}"
+            )
         common.check_log_gate(op, "gk", gk)
     segments = common.make_segments(op, cu_seqlens, batch, num_tokens)
     if initial_state is not None:
@@ -90,19 +105,30 @@ def validate(q, k, v, g, gk, initial_state, cu_seqlens, normalize: bool, op: str
         if tuple(initial_state.shape) != expected:
             where = "B" if segments is None else "the number of sequences in `cu_seqlens`"
             extra = " (V+1: the last column is the normaliser z)" if normalize else ""
-            common.fail(op, f"`initial_state` must have shape [N, H, K, V]{extra} = {expected} "
-                            f"with N = {where}; got {common.shape_str(initial_state)}")
+            common.fail(
+                op,
+                f"`initial_state` must have shape [N, H, K, V]{extra} = {expected} "
+                f"with N = {where}; got {common.shape_str(initial_state)}",
+            )
     return segments
 
 
-def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
-                     g: jax.Array | None = None, gk: jax.Array | None = None,
-                     scale: float | None = None, normalize: bool = False,
-                     initial_state: jax.Array | None = None,
-                     output_final_state: bool = False,
-                     cu_seqlens: jax.Array | None = None, mode: Mode = "chunk",
-                     chunk_size: int = 64,
-                     backend: Backend | None = None) -> tuple[jax.Array, jax.Array | None]:
+def linear_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    g: jax.Array | None = None,
+    gk: jax.Array | None = None,
+    scale: float | None = None,
+    normalize: bool = False,
+    initial_state: jax.Array | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: jax.Array | None = None,
+    mode: Mode = "chunk",
+    chunk_size: int = 64,
+    backend: Backend | None = None,
+) -> tuple[jax.Array, jax.Array | None]:
     """Gated linear attention.
 
     For every batch row (or packed sequence) and head::
@@ -154,17 +180,28 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     common.check_mode(OP, mode)
     chunk_size = common.check_chunk_size(OP, chunk_size)
     segments = validate(q, k, v, g, gk, initial_state, cu_seqlens, normalize)
-    gap = common.kernel_gap((q, k, v, g, gk, initial_state), scale,
-                            {"normalize=True": normalize,
-                             "packed sequences (cu_seqlens)": cu_seqlens is not None})
+    gap = common.kernel_gap(
+        (q, k, v, g, gk, initial_state),
+        scale,
+        {"normalize=True": normalize, "packed sequences (cu_seqlens)": cu_seqlens is not None},
+    )
     if common.resolve_backend(OP, backend, gap, has_kernel=True, mode=mode) == "pallas":
         # Chosen by default on an accelerator: a CPU lowering of the same program
         # runs XLA, not the interpreter.
-        cpu = None if backend == "pallas" else functools.partial(
-            linear_attention, scale=scale, output_final_state=True, chunk_size=chunk_size,
-            backend="xla")
-        o, final = kernels.linear_attention(q, k, v, g=g, gk=gk, scale=scale,
-                                            initial_state=initial_state, cpu_fallback=cpu)
+        cpu = (
+            None
+            if backend == "pallas"
+            else functools.partial(
+                linear_attention,
+                scale=scale,
+                output_final_state=True,
+                chunk_size=chunk_size,
+                backend="xla",
+            )
+        )
+        o, final = kernels.linear_attention(
+            q, k, v, g=g, gk=gk, scale=scale, initial_state=initial_state, cpu_fallback=cpu
+        )
         return o, (final if output_final_state else None)
 
     out_dtype = jnp.result_type(q, k, v)

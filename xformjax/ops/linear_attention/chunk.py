@@ -42,9 +42,15 @@ def _transition(state: jax.Array, prepared: tuple[jax.Array, ...]) -> tuple[jax.
 LINEAR_ATTENTION = ChunkRule("linear_attention", _prepare, _transition, make_backward_step)
 
 
-def linear_attention_chunk(q: jax.Array, k: jax.Array, v: jax.Array, gate: LogGate,
-                           initial_state: jax.Array | None, segments: Segments | None,
-                           chunk_size: int) -> tuple[jax.Array, jax.Array]:
+def linear_attention_chunk(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    gate: LogGate,
+    initial_state: jax.Array | None,
+    segments: Segments | None,
+    chunk_size: int,
+) -> tuple[jax.Array, jax.Array]:
     """Chunked linear attention; arguments and results as the recurrent form.
 
     Args:

@@ -46,8 +46,9 @@ from xformjax.ops.common.chunk_scan import BackwardBlock, BackwardCarry, Backwar
 from xformjax.ops.common.gates import GateKind
 
 
-def make_backward_step(kind: GateKind, layout: ChunkLayout, head_gate: jax.Array | None,
-                       num_sequences: int | None) -> BackwardStep:
+def make_backward_step(
+    kind: GateKind, layout: ChunkLayout, head_gate: jax.Array | None, num_sequences: int | None
+) -> BackwardStep:
     """The reverse-scan body over blocks for linear attention (scalar gates)."""
     packed = num_sequences is not None
     size = layout.chunk_size
@@ -56,8 +57,9 @@ def make_backward_step(kind: GateKind, layout: ChunkLayout, head_gate: jax.Array
         grad_state, suffix, d_inits, d_head = carry
         inputs, d_entering, entering = xs.inputs, xs.d_entering, xs.entering
         first, seq, rank = inputs.first, inputs.seq, inputs.rank
-        qc, kc, vc, doc = (layout.head_major(x)
-                           for x in (inputs.q, inputs.k, inputs.v, xs.d_out))  # [B, H, G, C, D]
+        qc, kc, vc, doc = (
+            layout.head_major(x) for x in (inputs.q, inputs.k, inputs.v, xs.d_out)
+        )  # [B, H, G, C, D]
         log_a = None if inputs.log_a is None else layout.head_major(inputs.log_a)
         b = chunk_log_decay(kind, head_gate, log_a, size)
         b_last = b[..., -1:]
@@ -81,8 +83,11 @@ def make_backward_step(kind: GateKind, layout: ChunkLayout, head_gate: jax.Array
             return grad_prev, (grad_out, grad_in)
 
         grad_state, (grad_leaving, grad_entering) = jax.lax.scan(
-            inner, grad_state, (jnp.moveaxis(from_outputs, 2, 0), per_chunk_decay, first),
-            reverse=True)
+            inner,
+            grad_state,
+            (jnp.moveaxis(from_outputs, 2, 0), per_chunk_decay, first),
+            reverse=True,
+        )
         grad_leaving = jnp.moveaxis(grad_leaving, 0, 2)  # [B, H, G, K, V]
         if packed:
             assert first is not None and d_inits is not None  # packed: the layout's flags, inits
@@ -91,12 +96,15 @@ def make_backward_step(kind: GateKind, layout: ChunkLayout, head_gate: jax.Array
 
         d_scores = jnp.einsum("bhnid,bhnjd->bhnij", doc, vc) * mask
         scores = jnp.einsum("bhnik,bhnjk->bhnij", qc, kc) * mask
-        dq = (jnp.einsum("bhnij,bhnjk->bhnik", d_scores, kc)
-              + jnp.exp(b_full) * jnp.einsum("bhncv,bhnkv->bhnck", doc, entering))
-        dk = (jnp.einsum("bhnij,bhnik->bhnjk", d_scores, qc)
-              + jnp.exp(b_last_full - b_full) * jnp.einsum("bhncv,bhnkv->bhnck", vc, grad_leaving))
-        dv = (jnp.einsum("bhnij,bhnic->bhnjc", scores, doc)
-              + jnp.einsum("bhnck,bhnkv->bhncv", k_to_end, grad_leaving))
+        dq = jnp.einsum("bhnij,bhnjk->bhnik", d_scores, kc) + jnp.exp(b_full) * jnp.einsum(
+            "bhncv,bhnkv->bhnck", doc, entering
+        )
+        dk = jnp.einsum("bhnij,bhnik->bhnjk", d_scores, qc) + jnp.exp(
+            b_last_full - b_full
+        ) * jnp.einsum("bhncv,bhnkv->bhnck", vc, grad_leaving)
+        dv = jnp.einsum("bhnij,bhnic->bhnjc", scores, doc) + jnp.einsum(
+            "bhnck,bhnkv->bhncv", k_to_end, grad_leaving
+        )
 
         # Gate: ∂L/∂B per token, plus ⟨dS, S⟩ for each emitted entering state,
         # which sits at the last token of the previous chunk (none at a restart).
@@ -106,9 +114,11 @@ def make_backward_step(kind: GateKind, layout: ChunkLayout, head_gate: jax.Array
         if kind == "head":
             assert rank is not None and d_head is not None  # a head gate's rank, cotangent
             positions = (rank[:, None] * size + jnp.arange(1, size + 1)).astype(qc.dtype)
-            d_head = d_head + (jnp.einsum("bhnck,bhnck,nc->h", qc, dq, positions)
-                               - jnp.einsum("bhnck,bhnck,nc->h", kc, dk, positions)
-                               + jnp.einsum("bhn,n->h", state_term, rank.astype(qc.dtype) * size))
+            d_head = d_head + (
+                jnp.einsum("bhnck,bhnck,nc->h", qc, dq, positions)
+                - jnp.einsum("bhnck,bhnck,nc->h", kc, dk, positions)
+                + jnp.einsum("bhn,n->h", state_term, rank.astype(qc.dtype) * size)
+            )
             d_log_a = None
         else:
             d_log_b = row_dot(qc, dq) - row_dot(kc, dk)  # [B, H, G, C]
@@ -121,12 +131,16 @@ def make_backward_step(kind: GateKind, layout: ChunkLayout, head_gate: jax.Array
                 return before, after
 
             suffix, after = jax.lax.scan(
-                suffix_step, suffix,
+                suffix_step,
+                suffix,
                 (jnp.moveaxis(within[..., 0], 2, 0), jnp.moveaxis(state_term, 2, 0), first),
-                reverse=True)
+                reverse=True,
+            )
             d_log_a = token_major_rows(within + jnp.moveaxis(after, 0, 2)[..., None])
 
-        return (BackwardCarry(grad_state, suffix, d_inits, d_head),
-                BlockGrads(token_major(dq), token_major(dk), token_major(dv), None, d_log_a))
+        return (
+            BackwardCarry(grad_state, suffix, d_inits, d_head),
+            BlockGrads(token_major(dq), token_major(dk), token_major(dv), None, d_log_a),
+        )
 
     return step

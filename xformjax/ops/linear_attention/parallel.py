@@ -45,8 +45,11 @@ def _log_decays(gate: LogGate, num_tokens: int, starts: jax.Array):
         g = gate.values[:, None]
         pairwise = g[..., None] * (positions[:, None] - positions[None, :])
         return pairwise, g * (positions - starts + 1)
-    time_last = (jnp.moveaxis(gate.values, 1, -1) if gate.kind == "token"
-                 else jnp.transpose(gate.values, (0, 2, 3, 1)))
+    time_last = (
+        jnp.moveaxis(gate.values, 1, -1)
+        if gate.kind == "token"
+        else jnp.transpose(gate.values, (0, 2, 3, 1))
+    )
     sums = _inclusive_range_sums(time_last)
     pairwise = jnp.concatenate([sums[..., 1:], jnp.zeros_like(sums[..., :1])], axis=-1)
     from_start = sums[..., positions, starts]
@@ -60,9 +63,14 @@ def _decay_factor(log_decay: jax.Array, gate: LogGate) -> jax.Array:
     return jnp.exp(log_decay)[..., None]
 
 
-def linear_attention_parallel(q: jax.Array, k: jax.Array, v: jax.Array, gate: LogGate,
-                              initial_state: jax.Array | None,
-                              segments: Segments | None) -> tuple[jax.Array, jax.Array]:
+def linear_attention_parallel(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    gate: LogGate,
+    initial_state: jax.Array | None,
+    segments: Segments | None,
+) -> tuple[jax.Array, jax.Array]:
     """Quadratic-form linear attention; arguments and results as the recurrent form."""
     batch, num_tokens = q.shape[:2]
     qh, kh, vh = (jnp.moveaxis(x, 1, 2) for x in (q, k, v))  # [B, H, T, D]
@@ -100,7 +108,7 @@ def linear_attention_parallel(q: jax.Array, k: jax.Array, v: jax.Array, gate: Lo
     safe_ends = jnp.maximum(ends, 0)
     end_allowed = allowed[safe_ends]  # [N, T]
     if seq_of_final is not None:
-        end_allowed &= (seg_ids[None, :] == seq_of_final[:, None])
+        end_allowed &= seg_ids[None, :] == seq_of_final[:, None]
     if gate.kind == "head":
         end_log = pairwise[:, safe_ends].swapaxes(0, 1)  # [N, H, T]
         end_log = jnp.where(end_allowed[:, None], end_log, -jnp.inf)

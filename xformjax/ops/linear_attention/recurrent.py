@@ -17,16 +17,22 @@ from xformjax.ops.common.token_scan import token_scan
 from xformjax.ops.common.validation import Segments
 
 
-def additive_update(decayed: jax.Array, k_t: jax.Array, v_t: jax.Array,
-                    beta_t: jax.Array | None) -> jax.Array:
+def additive_update(
+    decayed: jax.Array, k_t: jax.Array, v_t: jax.Array, beta_t: jax.Array | None
+) -> jax.Array:
     """``S' + k vᵀ`` (``beta_t`` is unused: linear attention has no step size)."""
     del beta_t
     return decayed + k_t[..., :, None] * v_t[..., None, :]
 
 
-def linear_attention_recurrent(q: jax.Array, k: jax.Array, v: jax.Array, gate: LogGate,
-                               initial_state: jax.Array | None,
-                               segments: Segments | None) -> tuple[jax.Array, jax.Array]:
+def linear_attention_recurrent(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    gate: LogGate,
+    initial_state: jax.Array | None,
+    segments: Segments | None,
+) -> tuple[jax.Array, jax.Array]:
     """Token-by-token linear attention; arguments and results as
     :func:`xformjax.ops.common.token_scan.token_scan`."""
     return token_scan(additive_update, q, k, v, gate, initial_state, segments)

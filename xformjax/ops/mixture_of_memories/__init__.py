@@ -42,36 +42,53 @@ def _validate(q, k, v, beta, routing, g, initial_state) -> None:
         common.check_floating(OP, name, x)
     batch, num_tokens, heads, key_dim = q.shape
     if num_tokens == 0:
-        common.fail(OP, f"`q` has T=0 tokens (shape {common.shape_str(q)}); "
-                        "at least one token is needed")
+        common.fail(
+            OP, f"`q` has T=0 tokens (shape {common.shape_str(q)}); at least one token is needed"
+        )
     memories = k.shape[2]
     where_q = f"of `q` {common.shape_str(q)}"
-    for axis, size, what in ((0, batch, f"B {where_q}"), (1, num_tokens, f"T {where_q}"),
-                             (3, heads, f"H {where_q}"), (4, key_dim, f"K {where_q}")):
+    for axis, size, what in (
+        (0, batch, f"B {where_q}"),
+        (1, num_tokens, f"T {where_q}"),
+        (3, heads, f"H {where_q}"),
+        (4, key_dim, f"K {where_q}"),
+    ):
         common.check_dim(OP, "k", k, axis, size, what)
     where_k = f"of `k` {common.shape_str(k)}"
-    for axis, size, what in ((0, batch, f"B {where_q}"), (1, num_tokens, f"T {where_q}"),
-                             (2, memories, f"M {where_k}"), (3, heads, f"H {where_q}")):
+    for axis, size, what in (
+        (0, batch, f"B {where_q}"),
+        (1, num_tokens, f"T {where_q}"),
+        (2, memories, f"M {where_k}"),
+        (3, heads, f"H {where_q}"),
+    ):
         common.check_dim(OP, "v", v, axis, size, what)
     expected = (batch, num_tokens, memories, heads)
     if tuple(beta.shape) != expected:
-        common.fail(OP, f"`beta` must have shape [B, T, M, H] = {expected}; "
-                        f"got {common.shape_str(beta)}")
+        common.fail(
+            OP, f"`beta` must have shape [B, T, M, H] = {expected}; got {common.shape_str(beta)}"
+        )
     if tuple(routing.shape) != expected[:3]:
-        common.fail(OP, f"`routing` must have shape [B, T, M] = {expected[:3]}; "
-                        f"got {common.shape_str(routing)}")
+        common.fail(
+            OP,
+            f"`routing` must have shape [B, T, M] = {expected[:3]}; "
+            f"got {common.shape_str(routing)}",
+        )
     if g is not None:
         common.check_floating(OP, "g", g)
         if tuple(jnp.shape(g)) != expected:
-            common.fail(OP, f"`g` must have shape [B, T, M, H] = {expected}; "
-                            f"got {common.shape_str(g)}")
+            common.fail(
+                OP, f"`g` must have shape [B, T, M, H] = {expected}; got {common.shape_str(g)}"
+            )
         common.check_log_gate(OP, "g", g)
     if initial_state is not None:
         common.check_floating(OP, "initial_state", initial_state)
         state_shape = (batch, memories, heads, key_dim, v.shape[4])
         if tuple(jnp.shape(initial_state)) != state_shape:
-            common.fail(OP, f"`initial_state` must have shape [B, M, H, K, V] = {state_shape}; "
-                            f"got {common.shape_str(initial_state)}")
+            common.fail(
+                OP,
+                f"`initial_state` must have shape [B, M, H, K, V] = {state_shape}; "
+                f"got {common.shape_str(initial_state)}",
+            )
 
 
 def _fold(x: jax.Array) -> jax.Array:
@@ -79,12 +96,21 @@ def _fold(x: jax.Array) -> jax.Array:
     return x.reshape(x.shape[:2] + (x.shape[2] * x.shape[3],) + x.shape[4:])
 
 
-def mixture_of_memories(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array,
-                        routing: jax.Array, *, g: jax.Array | None = None,
-                        scale: float | None = None, initial_state: jax.Array | None = None,
-                        output_final_state: bool = False, mode: Mode = "chunk",
-                        chunk_size: int = 64, backend: Backend | None = None
-                        ) -> tuple[jax.Array, jax.Array | None]:
+def mixture_of_memories(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    beta: jax.Array,
+    routing: jax.Array,
+    *,
+    g: jax.Array | None = None,
+    scale: float | None = None,
+    initial_state: jax.Array | None = None,
+    output_final_state: bool = False,
+    mode: Mode = "chunk",
+    chunk_size: int = 64,
+    backend: Backend | None = None,
+) -> tuple[jax.Array, jax.Array | None]:
     """M gated delta-rule memories, each updated only on the tokens routed to it.
 
     For every batch row, head and memory ``m`` (see the module docstring)::
@@ -135,20 +161,32 @@ def mixture_of_memories(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Arra
     out_dtype = jnp.result_type(q, k, v)
     dtype = common.compute_dtype(q, k, v, beta, routing, g, initial_state)
     routing = routing.astype(dtype)
-    routed = (routing != 0)[..., None]                                     # [B, T, M, 1]
+    routed = (routing != 0)[..., None]  # [B, T, M, 1]
     # identity transition where not routed: no delta step (β = 0), no decay (g = 0)
     beta = jnp.where(routed, beta.astype(dtype), 0)
     g = None if g is None else jnp.where(routed, g.astype(dtype), 0)
-    q_all = jnp.broadcast_to(q.astype(dtype)[:, :, None],
-                             (batch, num_tokens, memories, heads, key_dim))
-    init = None if initial_state is None else initial_state.astype(dtype).reshape(
-        batch, memories * heads, key_dim, value_dim)
+    q_all = jnp.broadcast_to(
+        q.astype(dtype)[:, :, None], (batch, num_tokens, memories, heads, key_dim)
+    )
+    init = (
+        None
+        if initial_state is None
+        else initial_state.astype(dtype).reshape(batch, memories * heads, key_dim, value_dim)
+    )
 
-    o, final = delta_rule(_fold(q_all), _fold(k.astype(dtype)), _fold(v.astype(dtype)),
-                          _fold(beta), g=None if g is None else _fold(g),
-                          scale=key_dim ** -0.5 if scale is None else scale,
-                          initial_state=init, output_final_state=output_final_state,
-                          mode=mode, chunk_size=chunk_size, backend=backend)
+    o, final = delta_rule(
+        _fold(q_all),
+        _fold(k.astype(dtype)),
+        _fold(v.astype(dtype)),
+        _fold(beta),
+        g=None if g is None else _fold(g),
+        scale=key_dim**-0.5 if scale is None else scale,
+        initial_state=init,
+        output_final_state=output_final_state,
+        mode=mode,
+        chunk_size=chunk_size,
+        backend=backend,
+    )
     o = o.reshape(batch, num_tokens, memories, heads, value_dim)
     o = jnp.einsum("btmhv,btm->bthv", o, routing)
     if final is not None:

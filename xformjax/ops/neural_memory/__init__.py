@@ -60,25 +60,38 @@ FORMS = ("chunk", "recurrent")
 
 def _check_memory(memory, key_dim: int, value_dim: int, heads: int) -> list:
     if isinstance(memory, jax.Array) or not isinstance(memory, Sequence) or not memory:
-        common.fail(OP, "`memory` must be a non-empty sequence of per-head weight matrices "
-                        "[H, d_(l-1), d_l]")
+        common.fail(
+            OP,
+            "`memory` must be a non-empty sequence of per-head weight matrices [H, d_(l-1), d_l]",
+        )
     previous = key_dim
     for index, w in enumerate(memory):
         name = f"memory[{index}]"
         common.check_rank(OP, name, w, ["H", "d_in", "d_out"])
         common.check_floating(OP, name, w)
         common.check_dim(OP, name, w, 0, heads, "H of `q`")
-        common.check_dim(OP, name, w, 1, previous,
-                         "K of `q`" if index == 0 else f"d_out of memory[{index - 1}]")
+        common.check_dim(
+            OP, name, w, 1, previous, "K of `q`" if index == 0 else f"d_out of memory[{index - 1}]"
+        )
         previous = w.shape[2]
     if previous != value_dim:
-        common.fail(OP, f"the last memory layer {common.shape_str(memory[-1])} must output "
-                        f"V={value_dim} (of `v`)")
+        common.fail(
+            OP,
+            f"the last memory layer {common.shape_str(memory[-1])} must output "
+            f"V={value_dim} (of `v`)",
+        )
     return list(memory)
 
 
-def init_neural_memory_state(memory: Sequence[jax.Array], batch: int, *, key_dim: int,
-                             value_dim: int, omega_window: int = 1, dtype=None) -> dict:
+def init_neural_memory_state(
+    memory: Sequence[jax.Array],
+    batch: int,
+    *,
+    key_dim: int,
+    value_dim: int,
+    omega_window: int = 1,
+    dtype=None,
+) -> dict:
     """The state of a fresh sequence: the weights ``memory`` broadcast over the batch,
     zero momentum and (``omega_window > 1``) an empty window.
 
@@ -105,13 +118,18 @@ def _check_state(initial_state, expected: dict) -> None:
         common.fail(OP, f"`initial_state` must be a dict with keys {sorted(expected)}; got {keys}")
     for key, value in expected.items():
         if tuple(jnp.shape(initial_state[key])) != value.shape:
-            common.fail(OP, f"`initial_state[{key!r}]` must have shape {value.shape}; got "
-                            f"{common.shape_str(initial_state[key])}")
+            common.fail(
+                OP,
+                f"`initial_state[{key!r}]` must have shape {value.shape}; got "
+                f"{common.shape_str(initial_state[key])}",
+            )
 
 
 def _to_carry(state: dict, depth: int, omega_window: int) -> dict:
-    carry = {"weights": tuple(state[f"weight_{i}"] for i in range(depth)),
-             "momentum": tuple(state[f"momentum_{i}"] for i in range(depth))}
+    carry = {
+        "weights": tuple(state[f"weight_{i}"] for i in range(depth)),
+        "momentum": tuple(state[f"momentum_{i}"] for i in range(depth)),
+    }
     if omega_window > 1:
         carry.update({key: state[key] for key in ("window_k", "window_v", "window_gamma")})
     return carry
@@ -121,20 +139,30 @@ def _from_carry(carry: dict) -> dict:
     state = {}
     for index, (w, m) in enumerate(zip(carry["weights"], carry["momentum"])):
         state[f"weight_{index}"], state[f"momentum_{index}"] = w, m
-    state.update({key: value for key, value in carry.items()
-                  if key not in ("weights", "momentum")})
+    state.update({key: value for key, value in carry.items() if key not in ("weights", "momentum")})
     return state
 
 
-def neural_memory(q: jax.Array, k: jax.Array, v: jax.Array, lr: jax.Array,
-                  momentum: jax.Array, decay: jax.Array, memory: Sequence[jax.Array], *,
-                  omega_weights: jax.Array | None = None, omega_window: int = 1,
-                  optimizer: str = "momentum", newton_schulz_steps: int = 5,
-                  max_surprise_norm: float | None = None,
-                  mode: Mode = "chunk", chunk_size: int = 16,
-                  initial_state: dict | None = None, output_final_state: bool = False,
-                  state_position: int | jax.Array | None = None
-                  ) -> tuple[jax.Array, dict | None]:
+def neural_memory(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    lr: jax.Array,
+    momentum: jax.Array,
+    decay: jax.Array,
+    memory: Sequence[jax.Array],
+    *,
+    omega_weights: jax.Array | None = None,
+    omega_window: int = 1,
+    optimizer: str = "momentum",
+    newton_schulz_steps: int = 5,
+    max_surprise_norm: float | None = None,
+    mode: Mode = "chunk",
+    chunk_size: int = 16,
+    initial_state: dict | None = None,
+    output_final_state: bool = False,
+    state_position: int | jax.Array | None = None,
+) -> tuple[jax.Array, dict | None]:
     """Titans / ATLAS neural memory (the recurrence is in the module docstring).
 
     Args:
@@ -188,37 +216,55 @@ def neural_memory(q: jax.Array, k: jax.Array, v: jax.Array, lr: jax.Array,
     for name, gate in gates.items():
         common.check_floating(OP, name, gate)
         if tuple(jnp.shape(gate)) != (batch, length, heads):
-            common.fail(OP, f"`{name}` must have shape [B, T, H] = {(batch, length, heads)}; "
-                            f"got {common.shape_str(gate)}")
+            common.fail(
+                OP,
+                f"`{name}` must have shape [B, T, H] = {(batch, length, heads)}; "
+                f"got {common.shape_str(gate)}",
+            )
     if isinstance(omega_window, bool) or not isinstance(omega_window, int) or omega_window < 1:
         common.fail(OP, f"`omega_window` must be a positive int; got {omega_window!r}")
     if optimizer not in OPTIMIZERS:
         common.fail(OP, f"unknown `optimizer`={optimizer!r}; expected one of {OPTIMIZERS}")
-    if (isinstance(newton_schulz_steps, bool) or not isinstance(newton_schulz_steps, int)
-            or newton_schulz_steps < 1):
-        common.fail(OP, f"`newton_schulz_steps` must be a positive int; "
-                        f"got {newton_schulz_steps!r}")
+    if (
+        isinstance(newton_schulz_steps, bool)
+        or not isinstance(newton_schulz_steps, int)
+        or newton_schulz_steps < 1
+    ):
+        common.fail(
+            OP, f"`newton_schulz_steps` must be a positive int; got {newton_schulz_steps!r}"
+        )
     if max_surprise_norm is not None and (
-            isinstance(max_surprise_norm, bool) or not isinstance(max_surprise_norm, (int, float))
-            or not max_surprise_norm > 0 or max_surprise_norm == float("inf")):
-        common.fail(OP, f"`max_surprise_norm` must be a positive finite number or None; "
-                        f"got {max_surprise_norm!r}")
+        isinstance(max_surprise_norm, bool)
+        or not isinstance(max_surprise_norm, (int, float))
+        or not max_surprise_norm > 0
+        or max_surprise_norm == float("inf")
+    ):
+        common.fail(
+            OP,
+            f"`max_surprise_norm` must be a positive finite number or None; "
+            f"got {max_surprise_norm!r}",
+        )
     memory = _check_memory(memory, key_dim, value_dim, heads)
     if state_position is None:
         state_position = length
     elif common.is_concrete(state_position):
         position = int(state_position)
-        if not 0 <= position <= length or (mode == "chunk" and position != length
-                                           and position % chunk_size):
-            common.fail(OP, f"`state_position`={position} must lie in [0, T={length}] and, in "
-                            f"chunk mode, be T or a multiple of chunk_size={chunk_size}")
+        if not 0 <= position <= length or (
+            mode == "chunk" and position != length and position % chunk_size
+        ):
+            common.fail(
+                OP,
+                f"`state_position`={position} must lie in [0, T={length}] and, in "
+                f"chunk mode, be T or a multiple of chunk_size={chunk_size}",
+            )
 
     dtype = common.compute_dtype(q, k, v, lr, momentum, decay, omega_weights, *memory)
     if initial_state is not None:
         dtype = jnp.promote_types(dtype, common.compute_dtype(*jax.tree.leaves(initial_state)))
     out_dtype = jnp.result_type(q, k, v)
-    expected = init_neural_memory_state(memory, batch, key_dim=key_dim, value_dim=value_dim,
-                                        omega_window=omega_window, dtype=dtype)
+    expected = init_neural_memory_state(
+        memory, batch, key_dim=key_dim, value_dim=value_dim, omega_window=omega_window, dtype=dtype
+    )
     if initial_state is None:
         state = expected
     else:
@@ -230,8 +276,12 @@ def neural_memory(q: jax.Array, k: jax.Array, v: jax.Array, lr: jax.Array,
         return jnp.moveaxis(x.astype(dtype), 2, 1)
 
     streams = tuple(heads_first(x) for x in (q, k, v, lr, momentum, decay, gamma))
-    rule = Rule(omega_window, optimizer, newton_schulz_steps,
-                None if max_surprise_norm is None else float(max_surprise_norm))
+    rule = Rule(
+        omega_window,
+        optimizer,
+        newton_schulz_steps,
+        None if max_surprise_norm is None else float(max_surprise_norm),
+    )
     position = jnp.asarray(state_position, jnp.int32)
     if mode == "chunk":
         run = partial(chunk_sequence, rule=rule, chunk_size=chunk_size)
@@ -243,8 +293,9 @@ def neural_memory(q: jax.Array, k: jax.Array, v: jax.Array, lr: jax.Array,
     merge = lambda x: x.reshape((batch * heads,) + x.shape[2:])
     split = lambda x: x.reshape((batch, heads) + x.shape[1:])
     per_sequence = jax.vmap(lambda *args: run(*args, state_position=position))
-    o, carry = per_sequence(*map(merge, streams),
-                            jax.tree.map(merge, _to_carry(state, len(memory), omega_window)))
+    o, carry = per_sequence(
+        *map(merge, streams), jax.tree.map(merge, _to_carry(state, len(memory), omega_window))
+    )
     o, carry = split(o), jax.tree.map(split, carry)
     o = jnp.moveaxis(o, 1, 2).astype(out_dtype)
     return o, (_from_carry(carry) if output_final_state else None)

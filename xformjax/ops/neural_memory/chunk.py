@@ -75,8 +75,13 @@ def materialised_chunk_step(carry: Carry, xs, rule: Rule) -> tuple[Carry, jax.Ar
     size, c = q.shape[0], rule.omega_window
     ext_k, ext_v, ext_g = extended(carry, k, v, gamma, rule)
     grads = memory.token_gradients(carry["weights"], ext_k, ext_v, ext_g)
-    surprise = clip_surprise(rule, [array_sum(g[j:j + size] for j in range(c))  # [C, d, d']
-                                    for g in grads])
+    surprise = clip_surprise(
+        rule,
+        [
+            array_sum(g[j : j + size] for j in range(c))  # [C, d, d']
+            for g in grads
+        ],
+    )
     per_token_w, new_w, new_m = [], [], []
     for w0, m0, u in zip(carry["weights"], carry["momentum"], surprise):
         lr_b = lr[:, None, None]
@@ -86,8 +91,11 @@ def materialised_chunk_step(carry: Carry, xs, rule: Rule) -> tuple[Carry, jax.Ar
         new_w.append(w_all[-1])
         new_m.append(m_all[-1])
     o = memory.forward_per_token(per_token_w, q)
-    new = {"weights": tuple(new_w), "momentum": tuple(new_m),
-           **shift_window(carry, k, v, gamma, rule)}
+    new = {
+        "weights": tuple(new_w),
+        "momentum": tuple(new_m),
+        **shift_window(carry, k, v, gamma, rule),
+    }
     return new, o
 
 
@@ -112,7 +120,7 @@ def dual_chunk_step(carry: Carry, xs, rule: Rule) -> tuple[Carry, jax.Array]:
     inputs, deltas = memory.gradient_factors(carry["weights"], ext_k, ext_v, ext_g)
     rows = jnp.arange(size)[:, None]
     cols = jnp.arange(size + c - 1)[None, :]
-    window = ((cols >= rows) & (cols < rows + c)).astype(q.dtype)       # Ω [C, E]
+    window = ((cols >= rows) & (cols < rows + c)).astype(q.dtype)  # Ω [C, E]
     if rule.max_surprise_norm is None:
         scale = jnp.ones_like(lr)
     else:
@@ -121,22 +129,30 @@ def dual_chunk_step(carry: Carry, xs, rule: Rule) -> tuple[Carry, jax.Array]:
         scale = clip_scale(rule, squared)
     momentum_lower, momentum_prod = transfer(mom)
     weight_lower, weight_prod = transfer(1 - decay)
-    momentum_coeffs = jnp.matmul(momentum_lower * (-lr * scale)[None, :], window,
-                                 precision=HIGHEST)                    # A [C, E]
+    momentum_coeffs = jnp.matmul(
+        momentum_lower * (-lr * scale)[None, :], window, precision=HIGHEST
+    )  # A [C, E]
     weight_coeffs = jnp.matmul(weight_lower, momentum_coeffs, precision=HIGHEST)  # D
-    from_momentum = jnp.matmul(weight_lower, momentum_prod, precision=HIGHEST)    # L^w P^m
+    from_momentum = jnp.matmul(weight_lower, momentum_prod, precision=HIGHEST)  # L^w P^m
     h = q
     new_w, new_m = [], []
     layers = zip(carry["weights"], carry["momentum"], inputs, deltas)
     for index, (w0, m0, a, d) in enumerate(layers):
-        z = (weight_prod[:, None] * (h @ w0) + from_momentum[:, None] * (h @ m0)
-             + ((h @ a.T) * weight_coeffs) @ d)
+        z = (
+            weight_prod[:, None] * (h @ w0)
+            + from_momentum[:, None] * (h @ m0)
+            + ((h @ a.T) * weight_coeffs) @ d
+        )
         h = jax.nn.silu(z) if index < len(inputs) - 1 else z
-        new_w.append(weight_prod[-1] * w0 + from_momentum[-1] * m0
-                     + a.T @ (weight_coeffs[-1][:, None] * d))
+        new_w.append(
+            weight_prod[-1] * w0 + from_momentum[-1] * m0 + a.T @ (weight_coeffs[-1][:, None] * d)
+        )
         new_m.append(momentum_prod[-1] * m0 + a.T @ (momentum_coeffs[-1][:, None] * d))
-    new = {"weights": tuple(new_w), "momentum": tuple(new_m),
-           **shift_window(carry, k, v, gamma, rule)}
+    new = {
+        "weights": tuple(new_w),
+        "momentum": tuple(new_m),
+        **shift_window(carry, k, v, gamma, rule),
+    }
     return new, h
 
 
@@ -147,8 +163,9 @@ def chunk_step(carry: Carry, xs, rule: Rule) -> tuple[Carry, jax.Array]:
     return materialised_chunk_step(carry, xs, rule)
 
 
-def chunk_sequence(q, k, v, lr, mom, decay, gamma, carry: Carry, rule: Rule,
-                   chunk_size: int, state_position) -> tuple[jax.Array, Carry]:
+def chunk_sequence(
+    q, k, v, lr, mom, decay, gamma, carry: Carry, rule: Rule, chunk_size: int, state_position
+) -> tuple[jax.Array, Carry]:
     """One head: ``q, k`` ``[T, K]``, ``v`` ``[T, V]``, gates ``[T]`` → ``(o, carry)``.
 
     The returned carry is the one after ``state_position`` tokens, which must be
@@ -160,8 +177,9 @@ def chunk_sequence(q, k, v, lr, mom, decay, gamma, carry: Carry, rule: Rule,
     outputs = []
     chosen = carry
     if full:
-        body = tuple(x[:full * chunk_size].reshape((full, chunk_size) + x.shape[1:])
-                     for x in streams)
+        body = tuple(
+            x[: full * chunk_size].reshape((full, chunk_size) + x.shape[1:]) for x in streams
+        )
 
         def scan_step(state, xs):
             current, chosen_, end = state
@@ -170,10 +188,11 @@ def chunk_sequence(q, k, v, lr, mom, decay, gamma, carry: Carry, rule: Rule,
             return (new, select(end == state_position, new, chosen_), end), o
 
         (carry, chosen, _), o = jax.lax.scan(
-            scan_step, (carry, chosen, jnp.zeros((), jnp.int32)), body)
+            scan_step, (carry, chosen, jnp.zeros((), jnp.int32)), body
+        )
         outputs.append(o.reshape((full * chunk_size,) + o.shape[2:]))
     if length > full * chunk_size:
-        tail = tuple(x[full * chunk_size:] for x in streams)
+        tail = tuple(x[full * chunk_size :] for x in streams)
         carry, o = step(carry, tail)
         chosen = select(length == state_position, carry, chosen)
         outputs.append(o)

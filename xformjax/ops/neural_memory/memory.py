@@ -44,8 +44,9 @@ def forward_per_token(weights: Sequence[jax.Array], x: jax.Array) -> jax.Array:
     return h
 
 
-def gradient_factors(weights: Sequence[jax.Array], k: jax.Array, v: jax.Array,
-                     gamma: jax.Array) -> tuple[Weights, Weights]:
+def gradient_factors(
+    weights: Sequence[jax.Array], k: jax.Array, v: jax.Array, gamma: jax.Array
+) -> tuple[Weights, Weights]:
     """The rank-1 factors of ``γ_i ∇_{W_l} ℓ(W; k_i, v_i) = a_{i,l} ⊗ δ_{i,l}``.
 
     Args:
@@ -63,8 +64,8 @@ def gradient_factors(weights: Sequence[jax.Array], k: jax.Array, v: jax.Array,
         z = h @ w
         pre_activations.append(z)
         h = jax.nn.silu(z) if index < len(weights) - 1 else z
-    delta = (h - v) * gamma[:, None]                      # dℓ/dz_L, weighted
-    deltas: list[jax.Array] = []                          # from the last layer down
+    delta = (h - v) * gamma[:, None]  # dℓ/dz_L, weighted
+    deltas: list[jax.Array] = []  # from the last layer down
     for index in reversed(range(len(weights))):
         deltas.append(delta)
         if index > 0:
@@ -72,8 +73,9 @@ def gradient_factors(weights: Sequence[jax.Array], k: jax.Array, v: jax.Array,
     return tuple(inputs), tuple(reversed(deltas))
 
 
-def token_gradients(weights: Sequence[jax.Array], k: jax.Array, v: jax.Array,
-                    gamma: jax.Array) -> Weights:
+def token_gradients(
+    weights: Sequence[jax.Array], k: jax.Array, v: jax.Array, gamma: jax.Array
+) -> Weights:
     """``γ_i ∇_W ℓ(W; k_i, v_i)`` for every token ``i``, at one set of weights: one
     ``[N, d_{l-1}, d_l]`` array per layer (arguments as :func:`gradient_factors`)."""
     inputs, deltas = gradient_factors(weights, k, v, gamma)

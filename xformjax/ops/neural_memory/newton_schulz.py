@@ -24,7 +24,7 @@ def newton_schulz(x: jax.Array, steps: int) -> jax.Array:
     if transposed:
         x = jnp.swapaxes(x, -1, -2)
     norm_sq = jnp.sum(x * x, axis=(-2, -1), keepdims=True)
-    x = x * jax.lax.rsqrt(norm_sq + EPSILON ** 2)
+    x = x * jax.lax.rsqrt(norm_sq + EPSILON**2)
     for _ in range(steps):
         gram = x @ jnp.swapaxes(x, -1, -2)
         x = a * x + (b * gram + c * (gram @ gram)) @ x

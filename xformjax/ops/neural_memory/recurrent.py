@@ -86,25 +86,27 @@ def shift_window(carry: Carry, k, v, gamma, rule: Rule) -> dict:
     ext_k = jnp.concatenate([carry["window_k"], k], 0)
     ext_v = jnp.concatenate([carry["window_v"], v], 0)
     ext_g = jnp.concatenate([carry["window_gamma"], gamma], 0)
-    return {"window_k": ext_k[-keep:], "window_v": ext_v[-keep:],
-            "window_gamma": ext_g[-keep:]}
+    return {"window_k": ext_k[-keep:], "window_v": ext_v[-keep:], "window_gamma": ext_g[-keep:]}
 
 
 def extended(carry: Carry, k, v, gamma, rule: Rule):
     """``window ++ new`` token streams (the window is empty when ``c == 1``)."""
     if rule.omega_window == 1:
         return k, v, gamma
-    return (jnp.concatenate([carry["window_k"], k], 0),
-            jnp.concatenate([carry["window_v"], v], 0),
-            jnp.concatenate([carry["window_gamma"], gamma], 0))
+    return (
+        jnp.concatenate([carry["window_k"], k], 0),
+        jnp.concatenate([carry["window_v"], v], 0),
+        jnp.concatenate([carry["window_gamma"], gamma], 0),
+    )
 
 
 def select(flag, new: Carry, old: Carry) -> Carry:
     return jax.tree.map(lambda a, b: jnp.where(flag, a, b), new, old)
 
 
-def recurrent_sequence(q, k, v, lr, mom, decay, gamma, carry: Carry, rule: Rule,
-                       state_position) -> tuple[jax.Array, Carry]:
+def recurrent_sequence(
+    q, k, v, lr, mom, decay, gamma, carry: Carry, rule: Rule, state_position
+) -> tuple[jax.Array, Carry]:
     """One head: ``q, k`` ``[T, K]``, ``v`` ``[T, V]``, gates ``[T]`` → ``(o [T, V], carry)``.
 
     The returned carry is the one after ``state_position`` tokens (may be traced)."""
@@ -114,16 +116,20 @@ def recurrent_sequence(q, k, v, lr, mom, decay, gamma, carry: Carry, rule: Rule,
         q_t, k_t, v_t, lr_t, mom_t, decay_t, gamma_t = xs
         ext_k, ext_v, ext_g = extended(current, k_t[None], v_t[None], gamma_t[None], rule)
         grads = memory.token_gradients(current["weights"], ext_k, ext_v, ext_g)
-        surprise = clip_surprise(rule, [array_sum(g[j] for j in range(rule.omega_window))
-                                        for g in grads])
+        surprise = clip_surprise(
+            rule, [array_sum(g[j] for j in range(rule.omega_window)) for g in grads]
+        )
         new_w, new_m = [], []
         for w, m, u in zip(current["weights"], current["momentum"], surprise):
             m = mom_t * m + momentum_input(rule, lr_t, u)
             new_m.append(m)
             new_w.append((1 - decay_t) * w + weight_increment(rule, lr_t, m))
         o_t = memory.forward(new_w, q_t)
-        new = {"weights": tuple(new_w), "momentum": tuple(new_m),
-               **shift_window(current, k_t[None], v_t[None], gamma_t[None], rule)}
+        new = {
+            "weights": tuple(new_w),
+            "momentum": tuple(new_m),
+            **shift_window(current, k_t[None], v_t[None], gamma_t[None], rule),
+        }
         chosen = select(t + 1 == state_position, new, chosen)
         return (new, chosen, t + 1), o_t
 

@@ -28,27 +28,40 @@ def _validate(op, q, k, v, causal, window, cu_seqlens):
     batch, num_queries, q_heads, dim = q.shape
     num_keys, kv_heads = k.shape[1], k.shape[2]
     if num_queries == 0 or num_keys == 0:
-        common.fail(op, f"T=0 is not allowed: `q` has shape {common.shape_str(q)} and `k` "
-                        f"{common.shape_str(k)}")
+        common.fail(
+            op,
+            f"T=0 is not allowed: `q` has shape {common.shape_str(q)} and `k` "
+            f"{common.shape_str(k)}",
+        )
     common.check_dim(op, "k", k, 0, batch, f"B of `q` {common.shape_str(q)}")
     common.check_dim(op, "k", k, 3, dim, f"D of `q` {common.shape_str(q)}")
     for axis, what in ((0, "B"), (1, "Tk"), (2, "Hkv")):
         common.check_dim(op, "v", v, axis, k.shape[axis], f"{what} of `k` {common.shape_str(k)}")
     if q_heads % kv_heads:
-        common.fail(op, f"query heads Hq={q_heads} (`q` {common.shape_str(q)}) must be a "
-                        f"multiple of key/value heads Hkv={kv_heads} (`k` {common.shape_str(k)})")
+        common.fail(
+            op,
+            f"query heads Hq={q_heads} (`q` {common.shape_str(q)}) must be a "
+            f"multiple of key/value heads Hkv={kv_heads} (`k` {common.shape_str(k)})",
+        )
     if num_queries > num_keys:
-        common.fail(op, f"`q` has more tokens (Tq={num_queries}) than `k` (Tk={num_keys}); "
-                        "queries occupy the last Tq key positions")
+        common.fail(
+            op,
+            f"`q` has more tokens (Tq={num_queries}) than `k` (Tk={num_keys}); "
+            "queries occupy the last Tq key positions",
+        )
     if not isinstance(causal, bool):
         common.fail(op, f"`causal` must be a bool; got {causal!r}")
-    if window is not None and (isinstance(window, bool) or not isinstance(window, int)
-                               or window < 1):
+    if window is not None and (
+        isinstance(window, bool) or not isinstance(window, int) or window < 1
+    ):
         common.fail(op, f"`window` must be None or a positive int; got {window!r}")
     segments = common.make_segments(op, cu_seqlens, batch, num_keys)
     if segments is not None and num_queries != num_keys:
-        common.fail(op, f"packed sequences need Tq == Tk; got `q` {common.shape_str(q)} and "
-                        f"`k` {common.shape_str(k)}")
+        common.fail(
+            op,
+            f"packed sequences need Tq == Tk; got `q` {common.shape_str(q)} and "
+            f"`k` {common.shape_str(k)}",
+        )
     return segments
 
 
@@ -56,15 +69,19 @@ def _check_kv_length(op, kv_length, mode, cu_seqlens, num_queries, num_keys):
     if kv_length is None:
         return num_keys - num_queries
     if mode == "chunk":
-        common.fail(op, "`kv_length` (a partly filled cache) needs mode='parallel' or "
-                        "'recurrent'; got mode='chunk'")
+        common.fail(
+            op,
+            "`kv_length` (a partly filled cache) needs mode='parallel' or "
+            "'recurrent'; got mode='chunk'",
+        )
     if cu_seqlens is not None:
         common.fail(op, "`kv_length` cannot be combined with `cu_seqlens`")
     if common.is_concrete(kv_length):
         length = int(kv_length)
         if not num_queries <= length <= num_keys:
-            common.fail(op, f"`kv_length`={length} must lie in [Tq, Tk] = "
-                            f"[{num_queries}, {num_keys}]")
+            common.fail(
+                op, f"`kv_length`={length} must lie in [Tq, Tk] = [{num_queries}, {num_keys}]"
+            )
     return jnp.asarray(kv_length, jnp.int32) - num_queries
 
 
@@ -78,13 +95,31 @@ def _check_bias(op, bias, num_queries: int):
     if isinstance(bias, (int, float)):
         return float(bias)
     if jnp.ndim(bias) not in (0, 1) or (jnp.ndim(bias) == 1 and bias.shape[0] != num_queries):
-        common.fail(op, f"`bias` must be a scalar or have shape [Tq] = [{num_queries}]; got "
-                        f"shape {list(jnp.shape(bias))}")
+        common.fail(
+            op,
+            f"`bias` must be a scalar or have shape [Tq] = [{num_queries}]; got "
+            f"shape {list(jnp.shape(bias))}",
+        )
     return jnp.asarray(bias)
 
 
-def _attention(op, kind, q, k, v, *, causal, scale, window, cu_seqlens, mode, chunk_size,
-               backend, bias=None, kv_length=None):
+def _attention(
+    op,
+    kind,
+    q,
+    k,
+    v,
+    *,
+    causal,
+    scale,
+    window,
+    cu_seqlens,
+    mode,
+    chunk_size,
+    backend,
+    bias=None,
+    kv_length=None,
+):
     common.check_mode(op, mode)
     chunk_size = common.check_chunk_size(op, chunk_size)
     common.resolve_backend(op, backend)
@@ -96,16 +131,18 @@ def _attention(op, kind, q, k, v, *, causal, scale, window, cu_seqlens, mode, ch
     q = q.astype(dtype) * jnp.asarray(scale, dtype)
     k, v = k.astype(dtype), v.astype(dtype)
     num_queries, num_keys = q.shape[1], k.shape[1]
-    mask = AttentionMask(causal=causal, window=window, q_offset=q_offset,
-                         kv_length=kv_length)
+    mask = AttentionMask(causal=causal, window=window, q_offset=q_offset, kv_length=kv_length)
     k_seq = sequence_ids(segments, num_keys)
-    q_seq = k_seq[num_keys - num_queries:]
+    q_seq = k_seq[num_keys - num_queries :]
     if kind == "sigmoid":
         bias = _check_bias(op, bias, num_queries)
     if kind == "sigmoid" and bias is None and kv_length is not None:
         bias = -jnp.log(jnp.asarray(kv_length, dtype))
-    q_bias = (sigmoid_bias(segments, num_keys, num_keys - num_queries, num_queries, bias,
-                           dtype) if kind == "sigmoid" else None)
+    q_bias = (
+        sigmoid_bias(segments, num_keys, num_keys - num_queries, num_queries, bias, dtype)
+        if kind == "sigmoid"
+        else None
+    )
     if mode == "chunk":
         o = attention_chunk(q, k, v, kind, mask, q_seq, k_seq, q_bias, chunk_size)
     else:
@@ -113,12 +150,20 @@ def _attention(op, kind, q, k, v, *, causal, scale, window, cu_seqlens, mode, ch
     return o.astype(out_dtype)
 
 
-def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
-                      scale: float | None = None, window: int | None = None,
-                      cu_seqlens: jax.Array | None = None, mode: Mode = "chunk",
-                      chunk_size: int = 128, backend: Backend | None = None,
-                      kv_length: int | jax.Array | None = None
-                      ) -> tuple[jax.Array, None]:
+def softmax_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+    window: int | None = None,
+    cu_seqlens: jax.Array | None = None,
+    mode: Mode = "chunk",
+    chunk_size: int = 128,
+    backend: Backend | None = None,
+    kv_length: int | jax.Array | None = None,
+) -> tuple[jax.Array, None]:
     """Softmax attention ``o_i = Σ_j softmax_j(scale·q_i·k_j) v_j`` over visible keys.
 
     Args:
@@ -152,19 +197,39 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool 
       >>> o.shape
       (1, 10, 4, 8)
     """
-    o = _attention("softmax_attention", "softmax", q, k, v, causal=causal, scale=scale,
-                   window=window, cu_seqlens=cu_seqlens, mode=mode, chunk_size=chunk_size,
-                   backend=backend, kv_length=kv_length)
+    o = _attention(
+        "softmax_attention",
+        "softmax",
+        q,
+        k,
+        v,
+        causal=causal,
+        scale=scale,
+        window=window,
+        cu_seqlens=cu_seqlens,
+        mode=mode,
+        chunk_size=chunk_size,
+        backend=backend,
+        kv_length=kv_length,
+    )
     return o, None
 
 
-def sigmoid_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
-                      bias: float | jax.Array | None = None,
-                      causal: bool = True, scale: float | None = None,
-                      window: int | None = None, cu_seqlens: jax.Array | None = None,
-                      mode: Mode = "chunk", chunk_size: int = 128,
-                      backend: Backend | None = None,
-                      kv_length: int | jax.Array | None = None) -> tuple[jax.Array, None]:
+def sigmoid_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    bias: float | jax.Array | None = None,
+    causal: bool = True,
+    scale: float | None = None,
+    window: int | None = None,
+    cu_seqlens: jax.Array | None = None,
+    mode: Mode = "chunk",
+    chunk_size: int = 128,
+    backend: Backend | None = None,
+    kv_length: int | jax.Array | None = None,
+) -> tuple[jax.Array, None]:
     """Sigmoid attention ``o_i = Σ_j σ(scale·q_i·k_j + b) v_j`` over visible keys.
 
     ``b`` defaults to ``−log n``, n the sequence length (``Tk``, or the query's
@@ -173,7 +238,20 @@ def sigmoid_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     with one bias per query (the ``sigmoid_attn`` layer's default depends on each
     query's position). Every other argument as :func:`softmax_attention`.
     """
-    o = _attention("sigmoid_attention", "sigmoid", q, k, v, causal=causal, scale=scale,
-                   window=window, cu_seqlens=cu_seqlens, mode=mode, chunk_size=chunk_size,
-                   backend=backend, bias=bias, kv_length=kv_length)
+    o = _attention(
+        "sigmoid_attention",
+        "sigmoid",
+        q,
+        k,
+        v,
+        causal=causal,
+        scale=scale,
+        window=window,
+        cu_seqlens=cu_seqlens,
+        mode=mode,
+        chunk_size=chunk_size,
+        backend=backend,
+        bias=bias,
+        kv_length=kv_length,
+    )
     return o, None

@@ -30,13 +30,13 @@ from xformjax.ops.softmax_attention.masking import AttentionMask
 from xformjax.ops.softmax_attention.parallel import group_heads, ungroup_heads
 
 
-def _visits(num_q_blocks: int, num_k_blocks: int, first_k_block: int, chunk: int,
-            mask: AttentionMask) -> tuple[np.ndarray, np.ndarray]:
+def _visits(
+    num_q_blocks: int, num_k_blocks: int, first_k_block: int, chunk: int, mask: AttentionMask
+) -> tuple[np.ndarray, np.ndarray]:
     """Static schedule: key block visited by query block ``i`` at step ``s``, and
     whether that visit is real (in range, not a duplicate)."""
     if mask.window is None:
-        blocks = np.broadcast_to(np.arange(num_k_blocks)[:, None],
-                                 (num_k_blocks, num_q_blocks))
+        blocks = np.broadcast_to(np.arange(num_k_blocks)[:, None], (num_k_blocks, num_q_blocks))
         return blocks.astype(np.int32), np.ones(blocks.shape, bool)
     reach = math.ceil((mask.window - 1) / chunk)
     deltas = np.arange(0 if mask.causal else -reach, reach + 1)
@@ -48,20 +48,27 @@ def _visits(num_q_blocks: int, num_k_blocks: int, first_k_block: int, chunk: int
 
 def _block_mask(mask, q_pos, q_seq, k_pos, k_seq, k_valid, real):
     """``[NQ, C, C]`` visibility of each visited key block from each query block."""
-    allowed = mask.allowed(q_pos[:, :, None], k_pos[:, None, :], q_seq[:, :, None],
-                           k_seq[:, None, :])
+    allowed = mask.allowed(
+        q_pos[:, :, None], k_pos[:, None, :], q_seq[:, :, None], k_seq[:, None, :]
+    )
     return allowed & k_valid[:, None, :] & real[:, None, None]
 
 
-def _make_blockwise(kind: str, mask: AttentionMask, blocks: np.ndarray, real: np.ndarray,
-                    chunk: int, num_keys: int):
+def _make_blockwise(
+    kind: str, mask: AttentionMask, blocks: np.ndarray, real: np.ndarray, chunk: int, num_keys: int
+):
     """Build the custom-VJP blockwise attention for one static configuration."""
     schedule = (jnp.asarray(blocks), jnp.asarray(real))
 
     def visit(k_blocks, v_blocks, k_seq_blocks, step_blocks):
         k_pos = step_blocks[:, None] * chunk + jnp.arange(chunk)
-        return (k_blocks[:, :, step_blocks], v_blocks[:, :, step_blocks],
-                k_pos, k_seq_blocks[step_blocks], k_pos < num_keys)
+        return (
+            k_blocks[:, :, step_blocks],
+            v_blocks[:, :, step_blocks],
+            k_pos,
+            k_seq_blocks[step_blocks],
+            k_pos < num_keys,
+        )
 
     def weights_for(q_blocks, q_pos, q_seq, bias, stats, k_blk, k_pos, k_seq, k_valid, real_s):
         """Recompute one visit's attention weights (softmax from ``lse = stats``)."""
@@ -76,12 +83,15 @@ def _make_blockwise(kind: str, mask: AttentionMask, blocks: np.ndarray, real: np
         acc0 = jnp.zeros(shape + (v_blocks.shape[-1],), q_blocks.dtype)
 
         if kind == "sigmoid":
+
             def sigmoid_step(acc, xs):
                 step_blocks, real_s = xs
-                k_blk, v_blk, k_pos, k_seq, k_valid = visit(k_blocks, v_blocks, k_seq_blocks,
-                                                            step_blocks)
-                weights = weights_for(q_blocks, q_pos, q_seq, bias, None, k_blk, k_pos,
-                                            k_seq, k_valid, real_s)
+                k_blk, v_blk, k_pos, k_seq, k_valid = visit(
+                    k_blocks, v_blocks, k_seq_blocks, step_blocks
+                )
+                weights = weights_for(
+                    q_blocks, q_pos, q_seq, bias, None, k_blk, k_pos, k_seq, k_valid, real_s
+                )
                 return acc + jnp.einsum("bhgncj,bhnjv->bhgncv", weights, v_blk), None
 
             acc, _ = jax.lax.scan(sigmoid_step, acc0, schedule)
@@ -90,8 +100,9 @@ def _make_blockwise(kind: str, mask: AttentionMask, blocks: np.ndarray, real: np
         def softmax_step(carry, xs):
             running_max, denominator, acc = carry
             step_blocks, real_s = xs
-            k_blk, v_blk, k_pos, k_seq, k_valid = visit(k_blocks, v_blocks, k_seq_blocks,
-                                                        step_blocks)
+            k_blk, v_blk, k_pos, k_seq, k_valid = visit(
+                k_blocks, v_blocks, k_seq_blocks, step_blocks
+            )
             logits = jnp.einsum("bhgncd,bhnjd->bhgncj", q_blocks, k_blk)
             allowed = _block_mask(mask, q_pos, q_seq, k_pos, k_seq, k_valid, real_s)
             logits = jnp.where(allowed, logits, -jnp.inf)
@@ -125,10 +136,12 @@ def _make_blockwise(kind: str, mask: AttentionMask, blocks: np.ndarray, real: np
         def step(carry, xs):
             d_q, d_k, d_v = carry
             step_blocks, real_s = xs
-            k_blk, v_blk, k_pos, k_seq, k_valid = visit(k_blocks, v_blocks, k_seq_blocks,
-                                                        step_blocks)
-            weights = weights_for(q_blocks, q_pos, q_seq, bias, lse, k_blk, k_pos, k_seq,
-                                        k_valid, real_s)
+            k_blk, v_blk, k_pos, k_seq, k_valid = visit(
+                k_blocks, v_blocks, k_seq_blocks, step_blocks
+            )
+            weights = weights_for(
+                q_blocks, q_pos, q_seq, bias, lse, k_blk, k_pos, k_seq, k_valid, real_s
+            )
             d_weights = jnp.einsum("bhgncv,bhnjv->bhgncj", d_out, v_blk)
             if kind == "softmax":
                 d_logits = weights * (d_weights - row_dot[..., None])
@@ -136,9 +149,9 @@ def _make_blockwise(kind: str, mask: AttentionMask, blocks: np.ndarray, real: np
                 d_logits = d_weights * weights * (1.0 - weights)
             d_q = d_q + jnp.einsum("bhgncj,bhnjd->bhgncd", d_logits, k_blk)
             d_k = d_k.at[:, :, step_blocks].add(
-                jnp.einsum("bhgncj,bhgncd->bhnjd", d_logits, q_blocks))
-            d_v = d_v.at[:, :, step_blocks].add(
-                jnp.einsum("bhgncj,bhgncv->bhnjv", weights, d_out))
+                jnp.einsum("bhgncj,bhgncd->bhnjd", d_logits, q_blocks)
+            )
+            d_v = d_v.at[:, :, step_blocks].add(jnp.einsum("bhgncj,bhgncv->bhnjv", weights, d_out))
             return (d_q, d_k, d_v), None
 
         zeros = (jnp.zeros_like(q_blocks), jnp.zeros_like(k_blocks), jnp.zeros_like(v_blocks))
@@ -149,9 +162,17 @@ def _make_blockwise(kind: str, mask: AttentionMask, blocks: np.ndarray, real: np
     return blockwise
 
 
-def attention_chunk(q: jax.Array, k: jax.Array, v: jax.Array, kind: str,
-                    mask: AttentionMask, q_seq: jax.Array, k_seq: jax.Array,
-                    bias: jax.Array | None, chunk_size: int) -> jax.Array:
+def attention_chunk(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    kind: str,
+    mask: AttentionMask,
+    q_seq: jax.Array,
+    k_seq: jax.Array,
+    bias: jax.Array | None,
+    chunk_size: int,
+) -> jax.Array:
     """Arguments and result as :func:`attention_parallel`, plus the block size."""
     batch, num_queries = q.shape[:2]
     num_keys, kv_heads = k.shape[1], k.shape[2]
@@ -170,18 +191,23 @@ def attention_chunk(q: jax.Array, k: jax.Array, v: jax.Array, kind: str,
     k_pad = ((0, 0), (0, num_k_blocks * chunk - num_keys), (0, 0), (0, 0))
     k_blocks, v_blocks = (
         jnp.moveaxis(jnp.pad(x, k_pad), 2, 1).reshape(batch, kv_heads, num_k_blocks, chunk, -1)
-        for x in (k, v))
+        for x in (k, v)
+    )
     q_pos = (jnp.arange(q_rows) + q_offset - front).reshape(num_q_blocks, chunk)
-    q_seq_blocks = jnp.pad(q_seq, (front, q_rows - front - num_queries),
-                           constant_values=-1).reshape(num_q_blocks, chunk)
-    k_seq_blocks = jnp.pad(k_seq, (0, num_k_blocks * chunk - num_keys),
-                           constant_values=-2).reshape(num_k_blocks, chunk)
-    bias_blocks = (jnp.zeros((q_rows,), q.dtype) if bias is None
-                   else jnp.pad(bias, (front, q_rows - front - num_queries)))
+    q_seq_blocks = jnp.pad(
+        q_seq, (front, q_rows - front - num_queries), constant_values=-1
+    ).reshape(num_q_blocks, chunk)
+    k_seq_blocks = jnp.pad(k_seq, (0, num_k_blocks * chunk - num_keys), constant_values=-2).reshape(
+        num_k_blocks, chunk
+    )
+    bias_blocks = (
+        jnp.zeros((q_rows,), q.dtype)
+        if bias is None
+        else jnp.pad(bias, (front, q_rows - front - num_queries))
+    )
     bias_blocks = bias_blocks.reshape(num_q_blocks, chunk)
 
     blockwise = _make_blockwise(kind, mask, blocks, real, chunk, num_keys)
-    out = blockwise(q_blocks, k_blocks, v_blocks, q_pos, q_seq_blocks, k_seq_blocks,
-                    bias_blocks)
-    out = out.reshape(out.shape[:3] + (q_rows, out.shape[-1]))[:, :, :, front:front + num_queries]
+    out = blockwise(q_blocks, k_blocks, v_blocks, q_pos, q_seq_blocks, k_seq_blocks, bias_blocks)
+    out = out.reshape(out.shape[:3] + (q_rows, out.shape[-1]))[:, :, :, front : front + num_queries]
     return ungroup_heads(out)

@@ -27,8 +27,9 @@ class AttentionMask:
     kv_length: int | jax.Array | None = None
     kv_start: int | jax.Array | None = None  # keys before it are hidden (halo padding)
 
-    def allowed(self, q_pos: jax.Array, k_pos: jax.Array, q_seq: jax.Array,
-                k_seq: jax.Array) -> jax.Array:
+    def allowed(
+        self, q_pos: jax.Array, k_pos: jax.Array, q_seq: jax.Array, k_seq: jax.Array
+    ) -> jax.Array:
         """Broadcasting visibility test; ``*_seq`` are the packed-sequence ids."""
         ok = q_seq == k_seq
         if self.causal:
@@ -48,8 +49,14 @@ def sequence_ids(segments: Segments | None, num_keys: int) -> jax.Array:
     return jnp.zeros((num_keys,), jnp.int32) if segments is None else segments.ids
 
 
-def sigmoid_bias(segments: Segments | None, num_keys: int, q_offset: int,
-                 num_queries: int, bias: float | jax.Array | None, dtype) -> jax.Array:
+def sigmoid_bias(
+    segments: Segments | None,
+    num_keys: int,
+    q_offset: int,
+    num_queries: int,
+    bias: float | jax.Array | None,
+    dtype,
+) -> jax.Array:
     """``[Tq]`` bias per query: ``bias`` if given, else ``−log n`` with n the query's
     sequence length (``Tk`` when unpacked)."""
     if bias is not None:

@@ -28,8 +28,9 @@ def ungroup_heads(o: jax.Array) -> jax.Array:
     return jnp.transpose(o, (0, 3, 1, 2, 4)).reshape(batch, length, kv_heads * group, dim)
 
 
-def attention_weights(logits: jax.Array, allowed: jax.Array, kind: str,
-                      bias: jax.Array | None) -> jax.Array:
+def attention_weights(
+    logits: jax.Array, allowed: jax.Array, kind: str, bias: jax.Array | None
+) -> jax.Array:
     """Normalised (softmax) or independent (sigmoid) weights over the last axis."""
     if kind == "softmax":
         return jax.nn.softmax(jnp.where(allowed, logits, -jnp.inf), axis=-1)
@@ -37,9 +38,16 @@ def attention_weights(logits: jax.Array, allowed: jax.Array, kind: str,
     return jnp.where(allowed, jax.nn.sigmoid(logits + bias[..., None]), 0.0)
 
 
-def attention_parallel(q: jax.Array, k: jax.Array, v: jax.Array, kind: str,
-                       mask: AttentionMask, q_seq: jax.Array, k_seq: jax.Array,
-                       bias: jax.Array | None) -> jax.Array:
+def attention_parallel(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    kind: str,
+    mask: AttentionMask,
+    q_seq: jax.Array,
+    k_seq: jax.Array,
+    bias: jax.Array | None,
+) -> jax.Array:
     """``q`` ``[B, Tq, Hq, D]``, ``k`` ``[B, Tk, Hkv, D]``, ``v`` ``[B, Tk, Hkv, V]`` → ``o``
     ``[B, Tq, Hq, V]``; ``q_seq`` ``[Tq]``, ``k_seq`` ``[Tk]``, ``bias`` ``[Tq]``."""
     kv_heads = k.shape[2]

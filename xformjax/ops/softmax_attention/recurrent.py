@@ -15,9 +15,16 @@ from xformjax.ops.softmax_attention.masking import AttentionMask
 from xformjax.ops.softmax_attention.parallel import attention_weights, group_heads, ungroup_heads
 
 
-def attention_recurrent(q: jax.Array, k: jax.Array, v: jax.Array, kind: str,
-                        mask: AttentionMask, q_seq: jax.Array, k_seq: jax.Array,
-                        bias: jax.Array | None) -> jax.Array:
+def attention_recurrent(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    kind: str,
+    mask: AttentionMask,
+    q_seq: jax.Array,
+    k_seq: jax.Array,
+    bias: jax.Array | None,
+) -> jax.Array:
     """Arguments and result as :func:`attention_parallel`."""
     kv_heads = k.shape[2]
     qg = jnp.moveaxis(group_heads(q, kv_heads), 3, 0)  # [Tq, B, Hkv, G, D]
