@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from . import chunk_math
+from .config import ScanOptions
 from .driver import chunk_scan
 
 F32 = jnp.float32
@@ -35,17 +36,17 @@ def _as_f32(arrays):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def scalar_scan(q, k, v, b, beta, h0, options) -> tuple[jax.Array, jax.Array]:
+def scalar_scan(q, k, v, b, beta, h0, options: ScanOptions) -> tuple[jax.Array, jax.Array]:
     """Linear attention (``beta is None``) or the delta rule, scalar gate.
 
-    ``options``: a hashable tuple ``(scale, chunk_size, inverse_block, target,
-    interpret)``.
+    ``options``: the call's static :class:`~xformjax.kernels.config.ScanOptions`.
     """
     return _scalar_forward(q, k, v, b, beta, h0, options, save_entering=False)[:2]
 
 
-def _scalar_forward(q, k, v, b, beta, h0, options, save_entering):
-    scale, chunk_size, inverse_block, target, interpret = options
+def _scalar_forward(q, k, v, b, beta, h0, options: ScanOptions, save_entering: bool):
+    scale, chunk_size, inverse_block = options.scale, options.chunk_size, options.inverse_block
+    target, interpret = options.target, options.interpret
     delta = beta is not None
 
     def step(tokens, _, state):
@@ -80,7 +81,8 @@ def _scalar_fwd_rule(q, k, v, b, beta, h0, options):
 
 
 def _scalar_bwd_rule(options, residuals, cotangents):
-    scale, chunk_size, inverse_block, target, interpret = options
+    scale, chunk_size, inverse_block = options.scale, options.chunk_size, options.inverse_block
+    target, interpret = options.target, options.interpret
     q, k, v, b, beta, entering = residuals
     d_out, d_final = cotangents
     delta = beta is not None
@@ -130,13 +132,14 @@ scalar_scan.defvjp(_scalar_fwd_rule, _scalar_bwd_rule)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def channel_scan(q, k, v, b, h0, options) -> tuple[jax.Array, jax.Array]:
+def channel_scan(q, k, v, b, h0, options: ScanOptions) -> tuple[jax.Array, jax.Array]:
     """Linear attention with a per-key-channel gate (GLA); ``options`` as ``scalar_scan``."""
     return _channel_forward(q, k, v, b, h0, options, save_entering=False)[:2]
 
 
-def _channel_forward(q, k, v, b, h0, options, save_entering):
-    scale, chunk_size, _, target, interpret = options
+def _channel_forward(q, k, v, b, h0, options: ScanOptions, save_entering: bool):
+    scale, chunk_size = options.scale, options.chunk_size
+    target, interpret = options.target, options.interpret
 
     def step(tokens, _, state):
         q_c, k_c, v_c, b_c = _as_f32(tokens)
@@ -166,7 +169,8 @@ def _channel_fwd_rule(q, k, v, b, h0, options):
 
 
 def _channel_bwd_rule(options, residuals, cotangents):
-    scale, chunk_size, _, target, interpret = options
+    scale, chunk_size = options.scale, options.chunk_size
+    target, interpret = options.target, options.interpret
     q, k, v, b, entering = residuals
     d_out, d_final = cotangents
 

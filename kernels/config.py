@@ -21,8 +21,11 @@ matmul operand is an unaligned tile). Zero columns change nothing.
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal, get_args
 
-TARGETS: tuple[str, ...] = ("tpu", "gpu")
+#: What a kernel is lowered for (see the module docstring).
+Target = Literal["tpu", "gpu"]
+TARGETS: tuple[Target, ...] = get_args(Target)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +49,27 @@ class BlockConfig:
     num_stages: int = 1
 
 
-BLOCK_CONFIGS: dict[str, BlockConfig] = {
+@dataclasses.dataclass(frozen=True)
+class ScanOptions:
+    """The static options of one chunk-scan kernel call (hashable: ``custom_vjp``'s
+    non-differentiable argument).
+
+    Attributes:
+      scale: the query scale.
+      chunk_size: tokens per chunk.
+      inverse_block: diagonal block of the in-kernel ``(I + A)⁻¹`` (delta rule).
+      target: what the kernel is lowered for.
+      interpret: run Pallas' interpreter instead of compiling.
+    """
+
+    scale: float
+    chunk_size: int
+    inverse_block: int
+    target: Target
+    interpret: bool
+
+
+BLOCK_CONFIGS: dict[Target, BlockConfig] = {
     "tpu": BlockConfig(chunk_size=64, channel_chunk_size=16, inverse_block=16, min_feature=128),
     "gpu": BlockConfig(
         chunk_size=64, channel_chunk_size=16, inverse_block=16, num_warps=4, num_stages=1
@@ -54,14 +77,14 @@ BLOCK_CONFIGS: dict[str, BlockConfig] = {
 }
 
 
-def block_config(target: str) -> BlockConfig:
+def block_config(target: Target) -> BlockConfig:
     """The tiling used for ``target`` (``"tpu"`` or ``"gpu"``)."""
     if target not in BLOCK_CONFIGS:
         raise ValueError(f"unknown kernel target {target!r}; expected one of {TARGETS}")
     return BLOCK_CONFIGS[target]
 
 
-def padded_feature(dim: int, target: str) -> int:
+def padded_feature(dim: int, target: Target) -> int:
     """The feature width a kernel runs at on ``target``: the next power of two, at least
     the target's ``min_feature``."""
     width = block_config(target).min_feature

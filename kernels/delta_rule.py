@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from . import layout
 from .chunked import scalar_scan
-from .config import block_config, padded_feature
+from .config import ScanOptions, Target, block_config, padded_feature
 from .platform import on_platforms
 
 
@@ -36,7 +36,7 @@ def delta_rule(
     g: jax.Array | None = None,
     scale: float | None = None,
     initial_state: jax.Array | None = None,
-    target: str | None = None,
+    target: Target | None = None,
     interpret: bool | None = None,
     cpu_fallback: Callable | None = None,
 ) -> tuple[jax.Array, jax.Array]:
@@ -100,7 +100,7 @@ def _run(q, k, v, beta, g, initial_state, *, scale, target, interpret):
     beta_rows = layout.to_rows(beta.astype(jnp.float32)[..., None], length, width=1)
     h0 = layout.state_to_rows(initial_state, batch, heads, key_width, value_width)
     b = layout.chunk_cumsum(layout.token_gate_rows(g, batch, num_tokens, heads, length), chunk_size)
-    options = (scale, chunk_size, config.inverse_block, target, interpret)
+    options = ScanOptions(scale, chunk_size, config.inverse_block, target, interpret)
     # jax.custom_vjp.__new__ may return a custom_vjp3, so pyright loses the return type
     out, final = scalar_scan(q_rows, k_rows, v_rows, b, beta_rows, h0, options)  # pyright: ignore[reportGeneralTypeIssues]
     return (

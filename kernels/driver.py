@@ -38,7 +38,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-from .config import block_config
+from .config import Target, block_config
 
 F32 = jnp.float32
 Step = Callable[[list, list, jax.Array], tuple[list, jax.Array]]
@@ -55,7 +55,7 @@ def chunk_scan(
     out_dtypes: Sequence[jnp.dtype],
     save_entering: bool,
     reverse: bool,
-    target: str,
+    target: Target,
     interpret: bool,
     name: str,
 ):

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from . import layout
 from .chunked import channel_scan, scalar_scan
-from .config import block_config, padded_feature
+from .config import ScanOptions, Target, block_config, padded_feature
 from .platform import on_platforms
 
 
@@ -36,7 +36,7 @@ def linear_attention(
     gk: jax.Array | None = None,
     scale: float | None = None,
     initial_state: jax.Array | None = None,
-    target: str | None = None,
+    target: Target | None = None,
     interpret: bool | None = None,
     cpu_fallback: Callable | None = None,
 ) -> tuple[jax.Array, jax.Array]:
@@ -102,7 +102,7 @@ def _run(q, k, v, g, gk, initial_state, *, scale, target, interpret):
     q_rows, k_rows = layout.to_rows(q, length, key_width), layout.to_rows(k, length, key_width)
     v_rows = layout.to_rows(v, length, value_width)
     h0 = layout.state_to_rows(initial_state, batch, heads, key_width, value_width)
-    options = (scale, chunk_size, config.inverse_block, target, interpret)
+    options = ScanOptions(scale, chunk_size, config.inverse_block, target, interpret)
     if channel:
         log_decay = layout.to_rows(gk.astype(jnp.float32), length, key_width)
         if g is not None:

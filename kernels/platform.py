@@ -18,11 +18,13 @@ from collections.abc import Callable
 
 import jax
 
+from .config import Target
+
 
 def on_platforms(
     fn: Callable,
     *arrays,
-    target: str | None = None,
+    target: Target | None = None,
     interpret: bool | None = None,
     cpu: Callable | None = None,
 ):

@@ -1,5 +1,21 @@
 """``softmax_attention`` and ``sigmoid_attention``: causal or bidirectional,
-sliding-window, grouped-query, packed; parallel, blockwise and decoding forms."""
+sliding-window, grouped-query, packed; parallel, blockwise and decoding forms.
+
+For every batch row and query head, over the keys ``j`` visible from query ``i``
+(``M_ij``: same packed sequence, ``j ≤ i`` if causal, inside the window)::
+
+    softmax:  o_i = Σ_j softmax_j(scale · q_i·k_j) v_j
+    sigmoid:  o_i = Σ_j σ(scale · q_i·k_j + b_i) v_j
+
+Where each form lives:
+
+* ``masking.py``: which keys a query sees (``AttentionMask``) and sigmoid
+  attention's default bias ``b_i``;
+* ``parallel.py``: the masked T×T scores (quadratic);
+* ``chunk.py``: the blockwise (flash-attention) form with its own backward,
+  O(T·C) memory;
+* ``recurrent.py``: one query at a time against a KV cache (decoding).
+"""
 
 from __future__ import annotations
 
