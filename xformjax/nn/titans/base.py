@@ -23,16 +23,23 @@ numbers as the variant's class itself.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
-from flax.nnx.module import ModuleMeta
+from flax import nnx
 
 from xformjax.nn.config import MixerConfig, TitansVariant
 from xformjax.nn.mixer import register
 from xformjax.nn.neural_memory import NeuralMemoryMixer
 
+# nnx.Module's own metaclass: at run time taken from the class rather than imported
+# from a module path that flax may move; type checkers read flax's declaration.
+if TYPE_CHECKING:
+    from flax.nnx.module import ModuleMeta as _ModuleMeta
+else:
+    _ModuleMeta = type(nnx.Module)
 
-class _BuildsItsVariant(ModuleMeta):
+
+class _BuildsItsVariant(_ModuleMeta):
     """Metaclass of :class:`Titans`: calling :class:`Titans` itself (not one of its
     variants) builds the class registered for ``config.titans_variant``."""
 
