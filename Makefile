@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?= -n auto --durations=25
 BENCH_ARGS ?=
 
-.PHONY: train test test-fast lint format lock bench
+.PHONY: train test test-fast test-gate lint format lock bench
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ format: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS) -m "not slow"
 
+# The GPU compile gate alone: every Pallas kernel compiled for an H100 (sm_90) with the pip
+# triton on this CPU — shared memory, registers, spills and compile time (make test runs it too).
+test-gate: $(STAMP)
+	$(PY) -m pytest -n 2 -m sm90 tests/kernels
+
 # The op and layer benchmarks (experiments/bench), results in experiments/results/;
 # e.g. make bench BENCH_ARGS="--quick" or BENCH_ARGS="--only layers".
 bench: $(STAMP)
@@ -51,5 +56,7 @@ lock:
 	.lockenv/bin/pip install --quiet -e ".[dev]"
 	{ echo "# Exact versions for a reproducible environment (core + train + dev extras)."; \
 	  echo "# Regenerate: make lock   (after changing pyproject.toml dependencies)"; \
-	  .lockenv/bin/pip freeze --exclude-editable | grep -v '^xformjax'; } > requirements.lock
+	  .lockenv/bin/pip freeze --exclude-editable | grep -v '^xformjax' \
+	    | sed 's/^triton==\(.*\)$$/triton==\1 ; sys_platform == "linux" and platform_machine == "x86_64"/'; \
+	} > requirements.lock
 	rm -rf .lockenv

@@ -10,15 +10,19 @@ distribution exists on the registry).
 * :func:`delta_rule`: the chunked (gated) delta rule, β in (0, 2), with the
   WY/UT transform and its triangular inverse inside the kernel.
 
-Both have backward kernels (``jax.custom_vjp``; only per-chunk boundary
-states are saved) and two targets: Mosaic TPU and the Triton lowering for
-GPUs, chosen when the program is lowered (``platform.py``); on a CPU they run
-in Pallas' interpret mode. Tiling lives in ``config.py``. Users normally reach
-them through :func:`xformjax.ops.linear_attention` / :func:`xformjax.ops.delta_rule`
-with ``backend=None`` (kernels on GPU/TPU) or ``backend="pallas"``.
+Both have backward kernels (``jax.custom_vjp``) and two targets, chosen when the
+program is lowered (``platform.py``): on GPUs the chunk-parallel decomposition
+of ``gpu/`` (Triton; chunk-local work parallel over chunks and heads, only the
+state recurrence sequential, over tiles of the state), on TPUs one Mosaic
+kernel per direction walking the chunks of each (batch, head) row
+(``driver.py``, ``chunked.py``, ``chunk_math.py``); on a CPU they run in Pallas'
+interpret mode. Users normally reach them through
+:func:`xformjax.ops.linear_attention` / :func:`xformjax.ops.delta_rule` with
+``backend=None`` (kernels on GPU/TPU where they cover the call) or
+``backend="pallas"``.
 """
 
-from .config import BLOCK_CONFIGS, BlockConfig, block_config
+from .config import BLOCK_CONFIGS, MAX_HEAD_DIM, BlockConfig, block_config
 from .delta_rule import delta_rule
 from .linear_attention import linear_attention
 
@@ -27,6 +31,7 @@ AVAILABLE_KERNELS: tuple[str, ...] = ("linear_attention", "delta_rule")
 __all__ = [
     "AVAILABLE_KERNELS",
     "BLOCK_CONFIGS",
+    "MAX_HEAD_DIM",
     "BlockConfig",
     "block_config",
     "delta_rule",

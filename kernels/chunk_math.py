@@ -142,7 +142,7 @@ def unit_lower_inverse(a, block: int):
     block = min(block, size)
     if block & (block - 1):
         raise ValueError(f"inverse block must be a power of two; got {block}")
-    shift = block.bit_length() - 1
+    shift = jnp.int32(block.bit_length() - 1)  # int32 under jax_enable_x64 too
     rows, cols = _iota((size, size), 0), _iota((size, size), 1)
     eye = jnp.where(rows == cols, 1.0, 0.0).astype(F32)
     # Integer division and remainder by shifts and masks: Mosaic has no vector divide.
@@ -151,7 +151,8 @@ def unit_lower_inverse(a, block: int):
     a_off = a - a_diag
     inverse = eye
     for step in range(1, block):
-        inverse = jnp.where((rows & (block - 1)) == step, eye - mm(a_diag, inverse), inverse)
+        on_step = (rows & jnp.int32(block - 1)) == jnp.int32(step)
+        inverse = jnp.where(on_step, eye - mm(a_diag, inverse), inverse)
     num_blocks = -(-size // block)
     if num_blocks > 1:
         nilpotent = mm(inverse, a_off)

@@ -1,17 +1,22 @@
-"""Block sizes and launch parameters of every kernel, per target, in one place.
+"""Block sizes and launch parameters, per target.
 
 A *target* is what a kernel is lowered for:
 
-* ``"tpu"``: Mosaic TPU. The grid is ``(B·H, chunks)``; the chunk axis is
-  sequential (``"arbitrary"``) and the K×V state lives in a VMEM scratch that
-  persists across it.
-* ``"gpu"``: the Triton lowering of Pallas (CUDA and ROCm). The grid is
-  ``(B·H,)`` and each program loops over its chunks with the state in
-  registers; ``num_warps``/``num_stages`` are Triton's launch parameters.
+* ``"tpu"``: Mosaic TPU, the sequential driver (``driver.py``). The grid is
+  ``(B·H, chunks)``; the chunk axis is sequential (``"arbitrary"``) and the
+  K×V state lives in a VMEM scratch that persists across it. Its tiling is
+  ``BLOCK_CONFIGS["tpu"]``.
+* ``"gpu"``: the Triton lowering of Pallas (CUDA and ROCm), the chunk-parallel
+  decomposition of ``kernels/gpu/``. Each of its kernels has its tiling in a
+  frozen dataclass beside it (``chunk_h.StateConfig``, ``chunk_o.OutputConfig``,
+  ``wy.WYConfig``, ``delta_h.DeltaStateConfig``, ``delta_rule.GradConfig``,
+  ``gla_common.GLATiles``), chosen so that every kernel fits an H100 at
+  K, V ≤ ``MAX_HEAD_DIM`` (the sm_90 compile gate checks it); here only its
+  feature padding.
 
 Chunk sizes are the token tiles: the scalar-gate and delta-rule kernels build
 ``C×C`` decay masks and (delta rule) a ``C×C`` triangular inverse per chunk;
-the per-channel-gate kernel walks its chunk one source row at a time with
+the TPU per-channel-gate kernel walks its chunk one source row at a time with
 ``C×K`` decays, so its chunk is smaller. Feature dimensions are padded to a
 power of two of at least ``min_feature``: 16 on GPUs (Triton's tiles must be
 powers of two, and ``dot`` needs 16), the 128 lanes on TPUs (so no transposed
@@ -38,15 +43,12 @@ class BlockConfig:
       inverse_block: diagonal block of the in-kernel ``(I + A)⁻¹`` substitution
         (a power of two).
       min_feature: feature widths are padded to a power of two at least this.
-      num_warps, num_stages: Triton launch parameters (GPU only).
     """
 
     chunk_size: int = 64
     channel_chunk_size: int = 16
     inverse_block: int = 16
     min_feature: int = 16
-    num_warps: int = 4
-    num_stages: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,11 +71,15 @@ class ScanOptions:
     interpret: bool
 
 
+#: The widest head dimension (K or V) the kernels are proven for: the sm_90 compile gate's
+#: largest case, (K, V) = (256, 256) (``tests/kernels/test_sm90_gate.py``). Wider heads run
+#: in XLA, with a warning (``xformjax.ops.common.kernel_gap``).
+MAX_HEAD_DIM = 256
+
 BLOCK_CONFIGS: dict[Target, BlockConfig] = {
     "tpu": BlockConfig(chunk_size=64, channel_chunk_size=16, inverse_block=16, min_feature=128),
-    "gpu": BlockConfig(
-        chunk_size=64, channel_chunk_size=16, inverse_block=16, num_warps=4, num_stages=1
-    ),
+    # The GPU kernels read only the feature padding (and the chunk) from here.
+    "gpu": BlockConfig(chunk_size=64, min_feature=16),
 }
 
 

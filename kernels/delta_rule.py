@@ -3,7 +3,10 @@
     S' = exp(g_t) · S_{t-1}
     S_t = S' + β_t k_t (v_t − S'ᵀ k_t)ᵀ          o_t = scale · S_tᵀ q_t
 
-Per chunk, inside the kernel: the WY/UT preparation
+On GPUs, the chunk-parallel kernels of ``gpu/delta_rule.py`` (fla's
+decomposition: chunk-local WY/UT transform, a sequential state kernel over
+value tiles, chunk-parallel outputs and gradients). On TPUs, one kernel per
+direction; per chunk, inside it: the WY/UT preparation
 ``A = tril(diag(β)(KKᵀ ⊙ Γ), −1)``, ``T = (I + A)⁻¹`` (substitution in 16×16
 diagonal blocks, then a short matmul series; ``chunk_math.unit_lower_inverse``),
 ``W = T diag(β)(K ⊙ e^b)``, pseudo-values ``U = T diag(β)V − W S``, then the
@@ -24,6 +27,7 @@ import jax.numpy as jnp
 from . import layout
 from .chunked import scalar_scan
 from .config import ScanOptions, Target, block_config, padded_feature
+from .gpu import delta_rule as gpu_delta_rule
 from .platform import on_platforms
 
 
@@ -88,6 +92,10 @@ def delta_rule(
 
 
 def _run(q, k, v, beta, g, initial_state, *, scale, target, interpret):
+    if target == "gpu":
+        return gpu_delta_rule.delta_rule(
+            q, k, v, beta, g, initial_state, scale=scale, interpret=interpret
+        )
     batch, num_tokens, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     config = block_config(target)

@@ -1,4 +1,4 @@
-"""One ``pallas_call`` driver for every chunked scan, in a TPU and a GPU flavour.
+"""The TPU kernels' ``pallas_call`` driver: one sequential chunked scan per (batch·head) row.
 
 A *chunked scan* walks the chunks of each (batch·head) row in order (or in
 reverse, for a backward pass) and carries one float32 ``[K, V]`` matrix::
@@ -15,17 +15,15 @@ It returns the token outputs ``[R, L, D_o]`` (in the given dtypes), the carry
 pass saves these boundary states for the backward), and the final carry
 ``[R, K, V]``.
 
-The two flavours differ only in how the chunk loop is expressed:
+Mosaic runs it as a grid ``(R, N)`` with the chunk axis ``"arbitrary"``
+(sequential); BlockSpecs stream ``[C, D]`` tiles and the carry lives in a VMEM
+scratch that persists across the chunk axis. (GPUs run the chunk-parallel
+decomposition of ``kernels/gpu/`` instead: a program per row walking every
+chunk with the whole state on chip does not fit an H100's shared memory at
+K = V = 128, and leaves most SMs idle.)
 
-* TPU (Mosaic): grid ``(R, N)`` with the chunk axis ``"arbitrary"``
-  (sequential); BlockSpecs stream ``[C, D]`` tiles and the carry lives in a
-  VMEM scratch that persists across the chunk axis.
-* GPU (Triton): grid ``(R,)``; each program keeps the carry in registers and
-  runs a ``fori_loop`` over its chunks, loading tiles with ``pl.ds``.
-
-``interpret=True`` runs either flavour with Pallas' interpreter on the CPU:
-the GPU flavour under the generic interpreter, the TPU flavour under
-``pltpu.InterpretParams()``, which also checks TPU semantics.
+``interpret=True`` runs it with Pallas' TPU interpreter on the CPU
+(``pltpu.InterpretParams()``, which also checks TPU semantics).
 """
 
 from __future__ import annotations
@@ -36,9 +34,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jax.experimental.pallas import triton as pltriton
 
-from .config import Target, block_config
+from .config import Target
 
 F32 = jnp.float32
 Step = Callable[[list, list, jax.Array], tuple[list, jax.Array]]
@@ -71,8 +68,9 @@ def chunk_scan(
     out_shapes.append(jax.ShapeDtypeStruct((rows,) + state_shape, F32))
     if save_entering:
         out_shapes.append(jax.ShapeDtypeStruct((rows, num_chunks) + state_shape, F32))
-    build = _tpu_call if target == "tpu" else _gpu_call
-    results = build(
+    if target != "tpu":
+        raise ValueError(f"{name}: the sequential driver is the TPU kernels'; got {target!r}")
+    results = _tpu_call(
         step,
         tokens,
         per_chunk,
@@ -173,65 +171,5 @@ def _tpu_call(
         scratch_shapes=[pltpu.VMEM(state_shape, F32)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
         interpret=pltpu.InterpretParams() if interpret else False,
-        name=name,
-    )(*tokens, *per_chunk, carry0)
-
-
-def _gpu_call(
-    step,
-    tokens,
-    per_chunk,
-    carry0,
-    out_shapes,
-    *,
-    chunk_size,
-    num_chunks,
-    save_entering,
-    reverse,
-    interpret,
-    name,
-):
-    num_outs = len(out_shapes) - 1 - int(save_entering)
-    config = block_config("gpu")
-
-    def kernel(*refs):
-        (token_refs, chunk_refs, carry0_ref, out_refs, final_ref, entering_ref, _) = _split_refs(
-            refs, len(tokens), len(per_chunk), num_outs, save_entering
-        )
-
-        def body(i, carry):
-            n = num_chunks - 1 - i if reverse else i
-            rows = pl.ds(pl.multiple_of(n * chunk_size, chunk_size), chunk_size)
-            if save_entering:
-                assert entering_ref is not None  # _split_refs gives it whenever save_entering
-                entering_ref[n] = carry
-            outs, new_carry = step(
-                [r[rows, :] for r in token_refs], [r[n] for r in chunk_refs], carry
-            )
-            for ref, value in zip(out_refs, outs):
-                ref[rows, :] = value.astype(ref.dtype)
-            return new_carry
-
-        final = jax.lax.fori_loop(0, num_chunks, body, carry0_ref[...].astype(F32))
-        final_ref[...] = final
-
-    length = tokens[0].shape[1]
-    state_shape = carry0.shape[1:]
-    token_spec = lambda dim: pl.BlockSpec((None, length, dim), lambda r: (r, 0, 0))
-    chunk_spec = pl.BlockSpec((None, num_chunks) + state_shape, lambda r: (r, 0, 0, 0))
-    row_spec = pl.BlockSpec((None,) + state_shape, lambda r: (r, 0, 0))
-    in_specs, out_specs = _specs(
-        token_spec, chunk_spec, row_spec, tokens, per_chunk, out_shapes[:num_outs], save_entering
-    )
-    return pl.pallas_call(
-        kernel,
-        out_shape=out_shapes,
-        grid=(carry0.shape[0],),
-        in_specs=in_specs,
-        out_specs=out_specs,
-        compiler_params=pltriton.CompilerParams(
-            num_warps=config.num_warps, num_stages=config.num_stages
-        ),
-        interpret=interpret,
         name=name,
     )(*tokens, *per_chunk, carry0)

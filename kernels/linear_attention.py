@@ -3,11 +3,13 @@
     S_t = exp(g_t) · diag(exp(gk_t)) · S_{t-1} + k_t v_tᵀ      o_t = scale · S_tᵀ q_t
 
 Gates: none, ``g [H]`` (per-head constant, lightning attention / RetNet),
-``g [B, T, H]`` (per token) — one kernel, scalar decay masks, chunk
-``config.chunk_size`` — and ``gk [B, T, H, K]`` (GLA, ``g`` folded in) — the
-per-channel kernel, chunk ``config.channel_chunk_size``. Each program owns one
-(batch, head) row and walks its chunks with the K×V state on chip; see
-``chunked.py`` for the backward and ``platform.py`` for where each flavour runs.
+``g [B, T, H]`` (per token) — scalar decay masks — and ``gk [B, T, H, K]``
+(GLA, ``g`` folded in) — exact per-channel decays. On GPUs the chunk-parallel
+kernels of ``gpu/linear_attention.py`` (scalar) and ``gpu/gla.py`` (per
+channel) run; on TPUs one program per (batch, head) row walks its chunks with
+the K×V state in VMEM (``chunked.py``, chunk ``config.chunk_size``, or
+``config.channel_chunk_size`` per channel). ``platform.py`` picks the flavour
+when the program is lowered.
 
 Prefer :func:`xformjax.ops.linear_attention` with ``backend="pallas"`` (or
 ``None`` on a GPU/TPU), which validates inputs and falls back to XLA for what
@@ -24,6 +26,8 @@ import jax.numpy as jnp
 from . import layout
 from .chunked import channel_scan, scalar_scan
 from .config import ScanOptions, Target, block_config, padded_feature
+from .gpu import gla as gpu_gla
+from .gpu import linear_attention as gpu_linear_attention
 from .platform import on_platforms
 
 
@@ -91,6 +95,14 @@ def linear_attention(
 
 
 def _run(q, k, v, g, gk, initial_state, *, scale, target, interpret):
+    if target == "gpu":
+        if gk is not None:
+            return gpu_gla.gated_linear_attention(
+                q, k, v, gk, g, initial_state, scale=scale, interpret=interpret
+            )
+        return gpu_linear_attention.linear_attention(
+            q, k, v, g, initial_state, scale=scale, interpret=interpret
+        )
     batch, num_tokens, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     config = block_config(target)

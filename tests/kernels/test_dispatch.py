@@ -159,3 +159,16 @@ def test_default_kernel_lowers_to_xla_on_cpu(monkeypatch):
         ops.linear_attention(q, k, v, mode="recurrent")  # another mode: XLA, no warning
     assert "pallas" not in fn.lower(q).as_text().lower()
     assert_close(out, expected, 1e-6, "CPU lowering of the default kernel choice")
+
+
+def test_head_dims_beyond_the_compile_gate_run_xla_on_a_gpu(monkeypatch):
+    """``backend=None`` on a GPU uses a kernel only where the sm_90 gate proved it fits:
+    K or V above 256 runs XLA, with one warning that names the reason."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.standard_normal((1, 8, 1, 16)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((1, 8, 1, 320)), jnp.float32)
+    with pytest.warns(RuntimeWarning, match=r"head dims K=16, V=320 .*K, V ≤ 256"):
+        o, _ = ops.linear_attention(q, q, v)
+    assert not has_pallas_call(lambda q, v: ops.linear_attention(q, q, v)[0], q, v)
+    assert_close(o, ops.linear_attention(q, q, v, backend="xla")[0], 1e-6, "wide heads")

@@ -154,6 +154,31 @@ def test_kernel_matches_xla_chunk_form(case):
         assert_close(grad.astype(jnp.float32), grad_ref.astype(jnp.float32), tol, f"d{name}")
 
 
+X64_CASES = [
+    Case(op, gate, length=70, key_dim=16, value_dim=8, target=target)
+    for op, gate in (
+        ("linear_attention", "token"),
+        ("linear_attention", "token+channel"),
+        ("delta_rule", "token"),
+    )
+    for target in ("gpu", "tpu")
+]
+
+
+@pytest.mark.parametrize("case", X64_CASES, ids=lambda c: c.name)
+def test_kernels_run_with_x64_enabled(x64, case):
+    """Many scientific users switch ``jax_enable_x64`` on: float32 inputs must still run the
+    kernels (integer index arithmetic stays int32) and give the float32 answer."""
+    names, ((_, (o, final)), grads), ((_, (o_ref, final_ref)), grads_ref) = run_both(
+        case, make_inputs(case)
+    )
+    assert o.dtype == jnp.float32
+    assert_close(o, o_ref, 1e-5, "output")
+    assert_close(final, final_ref, 1e-5, "final state")
+    for name, grad, grad_ref in zip(names, grads, grads_ref):
+        assert_close(grad, grad_ref, 1e-5, f"d{name}")
+
+
 def test_strong_decay_over_a_long_sequence_stays_finite():
     """Gates of −20 per token over 4K tokens: every exponent is masked or ≤ 0."""
     case = Case(

@@ -4,7 +4,9 @@ Realistic shapes (H = 16, K = V = 128, T = 8192, bfloat16), forward and
 backward, with the default block sizes: ``jax.jit(...).trace(...).lower(
 lowering_platforms=(platform,))`` runs the Pallas → Mosaic / Triton lowering,
 which rejects what the target cannot compile (block shapes, unsupported ops).
-The public ops with ``backend="pallas"`` are checked the same way, and their
+On a GPU the forward is several chunk-parallel kernels (the states, then the
+outputs), on a TPU one sequential kernel. The public ops with
+``backend="pallas"`` are checked the same way, and their
 lowering for each platform must hold exactly that platform's kernel: interpret
 mode is only the CPU lowering.
 """
@@ -60,15 +62,20 @@ def custom_calls(fn, args, platform: str) -> list[str]:
 @pytest.mark.parametrize("name", FUNCTIONS)
 def test_kernel_lowers_forward_and_backward(name, platform):
     fn, args = FUNCTIONS[name]
-    assert custom_calls(fn, args, platform) == [KERNEL_CALL[platform]]
+    forward = custom_calls(fn, args, platform)
+    assert forward and set(forward) == {KERNEL_CALL[platform]}
 
     def loss(*arrays):
         o, final = fn(*arrays)
         return jnp.sum(o.astype(jnp.float32)) + jnp.sum(final)
 
     grad = jax.grad(loss, argnums=tuple(range(len(args))))
-    # The forward saving boundary states, then the backward kernel.
-    assert custom_calls(grad, args, platform) == [KERNEL_CALL[platform]] * 2
+    # The forward saving what the backward needs, then the backward kernels: on a TPU
+    # one sequential kernel each way, on a GPU the chunk-parallel decomposition.
+    both = custom_calls(grad, args, platform)
+    assert set(both) == {KERNEL_CALL[platform]} and len(both) > len(forward)
+    if platform == "tpu":
+        assert len(forward) == 1 and len(both) == 2
 
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
@@ -80,6 +87,6 @@ def test_public_ops_lower_to_the_platform_kernel(platform):
 
     args = (SEQ, SEQ, spec(B, T, H, V), spec(B, T, H), GATE)
     calls = custom_calls(both, args, platform)
-    assert calls == [KERNEL_CALL[platform]] * 2
+    assert len(calls) >= 2 and set(calls) == {KERNEL_CALL[platform]}
     # The same program lowered for the CPU runs the interpreter: no kernel call.
     assert custom_calls(both, args, "cpu") == []

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.core import Tracer
 
+from xformjax import kernels  # pyright: ignore[reportAttributeAccessIssue]
+
 #: The form an op runs: the quadratic ``"parallel"``, the ``"chunk"``ed scan (linear in
 #: T; the kernels' form) or token by token (``"recurrent"``).
 Mode = Literal["parallel", "chunk", "recurrent"]
@@ -131,7 +133,9 @@ def kernel_gap(arrays, scale, conditions: dict[str, bool]) -> str | None:
     """Why the Pallas kernels cannot run a call, or ``None`` when they can.
 
     They take float32 and bfloat16 arrays (accumulating in float32), a Python
-    number (or ``None``) as ``scale``, and non-empty batches and heads;
+    number (or ``None``) as ``scale``, non-empty batches and heads, and head
+    dimensions up to ``kernels.config.MAX_HEAD_DIM`` (what the sm_90 compile gate
+    proves fits an H100); ``arrays`` starts ``(q, k, v, ...)``;
     ``conditions`` maps each further unsupported feature to whether the call
     uses it.
     """
@@ -142,6 +146,12 @@ def kernel_gap(arrays, scale, conditions: dict[str, bool]) -> str | None:
         return "a traced or array `scale`"
     if 0 in tuple(arrays[0].shape[:1]) + tuple(arrays[0].shape[2:3]):
         return "an empty batch or no heads"
+    key_dim, value_dim = arrays[0].shape[-1], arrays[2].shape[-1]
+    if max(key_dim, value_dim) > kernels.MAX_HEAD_DIM:
+        return (
+            f"head dims K={key_dim}, V={value_dim} (the kernels are compiled and checked "
+            f"for K, V ≤ {kernels.MAX_HEAD_DIM})"
+        )
     for what, used in conditions.items():
         if used:
             return what

@@ -1,0 +1,74 @@
+"""The GPU kernels' view of the ops' arrays: token-major ``[B, L, H, D]``, padded.
+
+``L`` is ``T`` rounded up to a multiple of the chunk and ``D`` a power of two of
+at least 16 (``config.padded_feature(dim, "gpu")``); nothing is padded when the
+shape already fits, so the common case (``T % 64 == 0``, ``D ∈ {64, 128, 256}``)
+costs no copy. Padding changes nothing: a padded token has ``k = v = 0``,
+``g = 0`` and ``β = 0``; padded feature columns stay zero everywhere.
+
+Gates enter the kernels as the chunk-local cumulative log decay ``b``: float32
+``[B, L, H]`` (scalar gate) or ``[B, L, H, K]`` (per channel), with
+``b_t = Σ_{s ≤ t, s in t's chunk} g_s`` (computed here, in XLA: it is tiny).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ..config import padded_feature
+
+F32 = jnp.float32
+
+
+def padded_length(num_tokens: int, chunk_size: int) -> int:
+    return -(-num_tokens // chunk_size) * chunk_size
+
+
+def pad(x: jax.Array, length: int, width: int | None = None) -> jax.Array:
+    """Zero-pad axis 1 (tokens) to ``length`` and, when given, the last axis to ``width``."""
+    pads = [(0, 0)] * x.ndim
+    pads[1] = (0, length - x.shape[1])
+    if width is not None:
+        pads[-1] = (0, width - x.shape[-1])
+    if all(p == (0, 0) for p in pads):
+        return x
+    return jnp.pad(x, pads)
+
+
+def feature_width(dim: int) -> int:
+    return padded_feature(dim, "gpu")
+
+
+def scalar_gate(g: jax.Array | None, shape: tuple[int, int, int]) -> jax.Array | None:
+    """The op's ``g`` (``None``, ``[H]`` or ``[B, T, H]``) as float32 ``[B, T, H]``
+    (``None`` stays ``None``: no gate)."""
+    if g is None:
+        return None
+    g = g.astype(F32)
+    return jnp.broadcast_to(g, shape) if g.ndim == 1 else g
+
+
+def chunk_cumsum(log_decay: jax.Array, chunk_size: int) -> jax.Array:
+    """``[B, L, H]`` or ``[B, L, H, K]`` log decays → their cumulative sums inside each
+    chunk (float32, same shape); ``L`` must be a multiple of ``chunk_size``."""
+    batch, length = log_decay.shape[:2]
+    rest = log_decay.shape[2:]
+    chunks = log_decay.astype(F32).reshape(batch, length // chunk_size, chunk_size, *rest)
+    return jnp.cumsum(chunks, axis=2).reshape(batch, length, *rest)
+
+
+def pad_state(state: jax.Array | None, shape: tuple[int, int, int, int]) -> jax.Array:
+    """``[B, H, K, V]`` (or ``None``: zeros) → float32 padded to ``shape``."""
+    if state is None:
+        return jnp.zeros(shape, F32)
+    pads = [(0, target - size) for size, target in zip(state.shape, shape)]
+    return jnp.pad(state.astype(F32), pads)
+
+
+def unpad_tokens(x: jax.Array, num_tokens: int, dim: int) -> jax.Array:
+    return x[:, :num_tokens, :, :dim]
+
+
+def unpad_state(state: jax.Array, key_dim: int, value_dim: int) -> jax.Array:
+    return state[:, :, :key_dim, :value_dim]

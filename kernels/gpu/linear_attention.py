@@ -1,0 +1,150 @@
+"""Scalar-gated linear attention by the chunk-parallel GPU kernels, forward and backward.
+
+    S_t = exp(g_t) S_{t−1} + k_t v_tᵀ        o_t = scale · S_tᵀ q_t        (S: [K, V])
+
+with no gate, ``g [H]`` or ``g [B, T, H]`` (natural-log decays ≤ 0). Inputs are
+padded (``layout.py``: ``L`` a multiple of the chunk, features powers of two ≥ 16)
+and the gate becomes the chunk-local cumulative log decay ``b`` in XLA. Then:
+
+* forward: ``chunk_h.state_forward`` (the states entering every chunk, the only
+  sequential kernel) and ``chunk_o.output``;
+* backward (``jax.custom_vjp``; the residuals are the inputs and the entering
+  states ``h [B, N, H, K, V]`` in the input dtype): ``chunk_h.state_backward``
+  (the cotangents of the states leaving every chunk, and the initial state's)
+  and ``chunk_o.output_backward`` (``dq, dk, dv, db``). XLA's autodiff of the
+  padding, the broadcast of ``g [H]`` and the chunk cumsum turns ``db`` into
+  ``dg`` (a reverse cumulative sum inside each chunk, summed over ``B, T`` for
+  ``g [H]``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from . import chunk_h, chunk_o, layout
+
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Static options of one call (``custom_vjp``'s non-differentiable argument).
+
+    Attributes:
+      scale: the query scale.
+      chunk_size: tokens per chunk.
+      interpret: run every ``pallas_call`` in Pallas' interpreter.
+    """
+
+    scale: float
+    chunk_size: int = 64
+    interpret: bool = False
+
+
+def linear_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    g: jax.Array | None,
+    initial_state: jax.Array | None,
+    *,
+    scale: float,
+    interpret: bool,
+    chunk_size: int = 64,
+) -> tuple[jax.Array, jax.Array]:
+    """Chunked linear attention with a scalar gate.
+
+    Args:
+      q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]`` (float32, bfloat16 or float16).
+      g: log decay ``[H]`` or ``[B, T, H]``, or ``None`` (no gate).
+      initial_state: ``[B, H, K, V]`` or ``None`` (zeros).
+      scale: the query scale.
+      interpret: run the kernels in Pallas' interpreter (CPU tests).
+      chunk_size: tokens per chunk (a power of two ≥ 16).
+
+    Returns:
+      ``(o [B, T, H, V]`` in ``result_type(q, k, v)``, ``final_state [B, H, K, V]``
+      float32). Differentiable in ``q, k, v, g`` and ``initial_state``.
+    """
+    batch, num_tokens, heads, key_dim = q.shape
+    value_dim = v.shape[-1]
+    dtype = jnp.result_type(q, k, v)
+    length = layout.padded_length(num_tokens, chunk_size)
+    key_width, value_width = layout.feature_width(key_dim), layout.feature_width(value_dim)
+    q_p = layout.pad(q.astype(dtype), length, key_width)
+    k_p = layout.pad(k.astype(dtype), length, key_width)
+    v_p = layout.pad(v.astype(dtype), length, value_width)
+    gate = layout.scalar_gate(g, (batch, num_tokens, heads))
+    b = None if gate is None else layout.chunk_cumsum(layout.pad(gate, length), chunk_size)
+    h0 = layout.pad_state(initial_state, (batch, heads, key_width, value_width))
+    options = Options(float(scale), chunk_size, bool(interpret))
+    # jax.custom_vjp.__new__ may return a custom_vjp3, so pyright loses the return type
+    out, final = _attend(q_p, k_p, v_p, b, h0, options)  # pyright: ignore[reportGeneralTypeIssues]
+    return (
+        layout.unpad_tokens(out, num_tokens, value_dim),
+        layout.unpad_state(final, key_dim, value_dim),
+    )
+
+
+def _forward(q, k, v, b, h0, options: Options):
+    h, final = chunk_h.state_forward(
+        k, v, b, h0, chunk_size=options.chunk_size, interpret=options.interpret
+    )
+    out = chunk_o.output(
+        q,
+        k,
+        v,
+        h,
+        b,
+        scale=options.scale,
+        chunk_size=options.chunk_size,
+        interpret=options.interpret,
+    )
+    return out, final, h
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attend(q, k, v, b, h0, options: Options):
+    """Padded ``(o, final)``: ``q, k [B, L, H, K]``, ``v [B, L, H, V]`` (one dtype),
+    ``b [B, L, H]`` float32 or ``None``, ``h0 [B, H, K, V]`` float32."""
+    out, final, _ = _forward(q, k, v, b, h0, options)
+    return out, final
+
+
+def _attend_fwd(q, k, v, b, h0, options: Options):
+    out, final, h = _forward(q, k, v, b, h0, options)
+    return (out, final), (q, k, v, b, h)
+
+
+def _attend_bwd(options: Options, residuals, cotangents):
+    q, k, v, b, h = residuals
+    d_out, d_final = cotangents
+    dh, d_h0 = chunk_h.state_backward(
+        q,
+        d_out.astype(q.dtype),
+        b,
+        d_final.astype(F32),
+        scale=options.scale,
+        chunk_size=options.chunk_size,
+        interpret=options.interpret,
+    )
+    dq, dk, dv, db = chunk_o.output_backward(
+        q,
+        k,
+        v,
+        h,
+        d_out.astype(q.dtype),
+        dh,
+        b,
+        scale=options.scale,
+        chunk_size=options.chunk_size,
+        interpret=options.interpret,
+    )
+    return dq, dk, dv, db, d_h0
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
