@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import pytest
 
-from experiments.bench.sm90_gate import HEAD_SIZES, forward_and_backward, op_program
+from experiments.bench.sm90_gate import CASES, OPS, forward_and_backward, op_program
 
 pytest.importorskip(
     "triton", reason="the sm_90 gate needs the pip triton (dev extra, Linux x86-64)"
@@ -57,15 +57,10 @@ KERNELS = {
         "delta_rule_wy_bwd",
     },
 }
-CASES = [
-    (op, k, v, "bfloat16")
-    for op in ("linear_attention", "gla", "delta_rule")
-    for k, v in HEAD_SIZES
-]
-CASES += [(op, 256, 256, "float32") for op in ("linear_attention", "gla", "delta_rule")]
+PROGRAMS = [(op, *case) for op in OPS for case in CASES]
 
 
-@pytest.mark.parametrize("op,key_dim,value_dim,dtype", CASES, ids=lambda x: str(x))
+@pytest.mark.parametrize("op,key_dim,value_dim,dtype", PROGRAMS, ids=lambda x: str(x))
 def test_every_kernel_fits_an_h100(op, key_dim, value_dim, dtype):
     fn, specs = op_program(op, key_dim, value_dim, jnp.dtype(dtype))
     forward = sm90.report(fn, *specs)
