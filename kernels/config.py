@@ -9,7 +9,7 @@ A *target* is what a kernel is lowered for:
 * ``"gpu"``: the Triton lowering of Pallas (CUDA and ROCm), the chunk-parallel
   decomposition of ``kernels/gpu/``. Each of its kernels has its tiling in a
   frozen dataclass beside it (``chunk_h.StateConfig``, ``chunk_o.OutputConfig``,
-  ``wy.WYConfig``, ``delta_h.DeltaStateConfig``, ``delta_rule.GradConfig``,
+  ``wy.WYConfig``, ``delta_h.DeltaStateConfig``,
   ``gla_common.GLATiles``), chosen so that every kernel fits an H100 at
   K, V ≤ ``MAX_HEAD_DIM`` (the sm_90 compile gate checks it); here only its
   feature padding.

@@ -23,8 +23,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltriton
 
+from . import specs
 from .tiles import F32, mm
 
 
@@ -64,10 +64,6 @@ class StateConfig:
 CONFIG = StateConfig()
 
 
-def _params(config: StateConfig) -> pltriton.CompilerParams:
-    return pltriton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
-
-
 def chunk_decay(b_ref, start, chunk_size: int) -> tuple[jax.Array, jax.Array]:
     """The chunk's ``b [C]`` (float32) and its last entry ``b_last`` (a scalar)."""
     b = b_ref[pl.ds(start, chunk_size)]
@@ -77,26 +73,12 @@ def chunk_decay(b_ref, start, chunk_size: int) -> tuple[jax.Array, jax.Array]:
 def _token_spec(length: int, width: int, heads: int, feature_axis: int) -> pl.BlockSpec:
     """A head's ``[L, width]`` column block of a ``[B, L, H, D]`` array; the feature block
     index is grid axis ``feature_axis``."""
-    return pl.BlockSpec(
-        (None, length, None, width),
-        lambda i, j, bh: (bh // heads, 0, bh % heads, (i, j)[feature_axis]),
-    )
-
-
-def _gate_spec(length: int, heads: int) -> pl.BlockSpec:
-    return pl.BlockSpec((None, length, None), lambda i, j, bh: (bh // heads, 0, bh % heads))
+    return specs.token_spec(length, width, heads, lambda i, j, bh: (bh, 0, (i, j)[feature_axis]))
 
 
 def _state_spec(bk: int, bv: int, heads: int) -> pl.BlockSpec:
     """The ``[BK, BV]`` tile of a ``[B, H, K, V]`` state."""
-    return pl.BlockSpec((None, None, bk, bv), lambda i, j, bh: (bh // heads, bh % heads, j, i))
-
-
-def _chunks_spec(num_chunks: int, bk: int, bv: int, heads: int) -> pl.BlockSpec:
-    """The ``[N, BK, BV]`` tiles of a ``[B, N, H, K, V]`` per-chunk state array."""
-    return pl.BlockSpec(
-        (None, num_chunks, None, bk, bv), lambda i, j, bh: (bh // heads, 0, bh % heads, j, i)
-    )
+    return specs.state_spec(bk, bv, heads, lambda i, j, bh: (bh, j, i))
 
 
 def _scan_kernel(
@@ -139,7 +121,7 @@ def _scan(x, y, b, init, *, reverse, scale, chunk_size, states_dtype, config, in
     in_specs = [_token_spec(length, bk, heads, 1), _token_spec(length, bv, heads, 0)]
     inputs = [x, y]
     if gated:
-        in_specs.append(_gate_spec(length, heads))
+        in_specs.append(specs.row_spec(length, heads, lambda i, j, bh: (bh, 0)))
         inputs.append(b.astype(F32))
     if has_init:
         in_specs.append(_state_spec(bk, bv, heads))
@@ -161,8 +143,11 @@ def _scan(x, y, b, init, *, reverse, scale, chunk_size, states_dtype, config, in
         ),
         grid=(value_width // bv, key_width // bk, batch * heads),
         in_specs=in_specs,
-        out_specs=(_chunks_spec(num_chunks, bk, bv, heads), _state_spec(bk, bv, heads)),
-        compiler_params=_params(config),
+        out_specs=(
+            specs.chunk_state_spec(num_chunks, bk, bv, heads, lambda i, j, bh: (bh, 0, j, i)),
+            _state_spec(bk, bv, heads),
+        ),
+        compiler_params=specs.compiler_params(config.num_warps, config.num_stages),
         interpret=interpret,
         name=name,
     )(*inputs)

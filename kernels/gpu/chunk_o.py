@@ -16,6 +16,12 @@ Backward, given ``do`` and ``dh`` (the cotangent of ``h'``, from
     db = rowsum(q ⊙ dq) − rowsum(k ⊙ dk)
          + [i = last] (Σ k ⊙ e^{b_last − b} ⊙ (v dhᵀ) + e^{b_last} Σ h ⊙ dh)
 
+The gated delta rule (``delta_rule.py``) runs the same two kernels with ``v`` its
+pseudo-values ``v_n``: ``value_backward`` without ``dh`` gives the outputs' share
+``dv_local = (q̃ kᵀ ⊙ Γ)ᵀ do`` (the state recurrence adds the rest), and
+``query_key_backward`` given ``dv_n`` (the pseudo-values' cotangent) also returns
+``dw = −dv_n hᵀ`` (fla's ``chunk_bwd_dqkwg``).
+
 (``b`` enters through ``e^{+b_i}`` on query rows, ``e^{−b_j}`` on key rows and
 ``e^{b_last}``; the caller turns ``db`` into the gate's cotangent by a reverse
 cumulative sum inside each chunk — XLA's autodiff of ``layout.chunk_cumsum``.)
@@ -25,9 +31,9 @@ Shapes: ``q, k [B, L, H, K]``, ``v, do [B, L, H, V]``, ``b [B, L, H]``,
 
 * ``output``: grid ``(V/BV, N, B·H)``, a ``fori_loop`` over ``BK`` column blocks
   accumulating ``q h`` and ``q kᵀ``;
-* ``output_backward`` = ``value_backward`` (grid ``(V/BV, N, B·H)``, loop over
-  ``K``) + ``query_key_backward`` (grid ``(K/BK, N, B·H)``, loop over ``V``; its
-  ``db`` is a partial sum per ``K`` block, added in XLA).
+* ``value_backward``: grid ``(V/BV, N, B·H)``, loop over ``K``;
+* ``query_key_backward``: grid ``(K/BK, N, B·H)``, loop over ``V``; its ``db`` is a
+  partial sum per ``K`` block, added in XLA.
 """
 
 from __future__ import annotations
@@ -37,9 +43,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltriton
 
-from .tiles import F32, causal_mask, mm
+from . import specs
+from .tiles import F32, block_slice, decay, last, loop, mm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,8 +56,9 @@ class OutputConfig:
       block_k: the ``K`` tile (columns of ``q``/``k``, rows of ``h``).
       block_v: the ``V`` tile (columns of ``v``/``o``/``do``).
       num_warps, num_stages: Triton launch parameters.
-      backward_num_warps: ``num_warps`` of ``query_key_backward`` (three ``[C, BK]``/``[C, C]``
-        float32 accumulators; 4 warps would sit at the 255-register cap).
+      backward_num_warps: ``num_warps`` of ``query_key_backward`` (three — with ``dw``
+        four — ``[C, BK]``/``[C, C]`` float32 accumulators; 4 warps would sit at the
+        255-register cap).
       backward_f32_num_stages: ``num_stages`` of ``query_key_backward`` for float32 inputs
         (two stages of float32 tiles spill at K = V = 256).
     """
@@ -63,30 +70,18 @@ class OutputConfig:
     backward_num_warps: int = 8
     backward_f32_num_stages: int = 1
 
+    def blocks(self, key_width: int, value_width: int) -> tuple[int, int]:
+        """``(BK, BV)`` for padded widths ``K, V``."""
+        return min(self.block_k, key_width), min(self.block_v, value_width)
+
 
 CONFIG = OutputConfig()
-
-
-def _params(
-    config: OutputConfig, num_warps: int | None = None, num_stages: int | None = None
-) -> pltriton.CompilerParams:
-    return pltriton.CompilerParams(
-        num_warps=config.num_warps if num_warps is None else num_warps,
-        num_stages=config.num_stages if num_stages is None else num_stages,
-    )
 
 
 def _token_spec(chunk_size: int, width: int, heads: int, *, blocked: bool) -> pl.BlockSpec:
     """Chunk ``n``'s ``[C, width]`` tile of a ``[B, L, H, D]`` array: the feature block is
     grid axis 0 when ``blocked``, else the whole (``width = D``) row."""
-    return pl.BlockSpec(
-        (None, chunk_size, None, width),
-        lambda i, n, bh: (bh // heads, n, bh % heads, i if blocked else 0),
-    )
-
-
-def _gate_spec(chunk_size: int, heads: int) -> pl.BlockSpec:
-    return pl.BlockSpec((None, chunk_size, None), lambda i, n, bh: (bh // heads, n, bh % heads))
+    return specs.token_spec(chunk_size, width, heads, lambda i, n, bh: (bh, n, i if blocked else 0))
 
 
 def _state_spec(rows: int, cols: int, heads: int, *, blocked_axis: int) -> pl.BlockSpec:
@@ -95,35 +90,16 @@ def _state_spec(rows: int, cols: int, heads: int, *, blocked_axis: int) -> pl.Bl
 
     def index(i, n, bh):
         kv = (i, 0) if blocked_axis == 0 else (0, i)
-        return (bh // heads, n, bh % heads, *kv)
+        return (bh, n, *kv)
 
-    return pl.BlockSpec((None, None, None, rows, cols), index)
-
-
-def _decay(b: jax.Array | None, chunk_size: int, *, transposed: bool = False) -> jax.Array:
-    """``Γ`` (``Γᵀ`` when ``transposed``) as float32 ``[C, C]``; a 0/1 causal mask without
-    a gate."""
-    mask = causal_mask(chunk_size)
-    if transposed:
-        mask = ~causal_mask(chunk_size, strict=True)  # j ≤ i with j the row
-    if b is None:
-        return jnp.where(mask, 1.0, 0.0).astype(F32)
-    diff = b[None, :] - b[:, None] if transposed else b[:, None] - b[None, :]
-    return jnp.exp(jnp.where(mask, diff, -jnp.inf))
+    return specs.chunk_state_spec(None, rows, cols, heads, index)
 
 
-def _last(b: jax.Array) -> jax.Array:
-    """The last entry of ``b [C]`` (a scalar), by a masked sum."""
-    rows = jax.lax.broadcasted_iota(jnp.int32, b.shape, 0)
-    return jnp.sum(jnp.where(rows == b.shape[0] - 1, b, 0.0))
-
-
-def _loop(num: int, body, init):
-    return jax.lax.fori_loop(jnp.int32(0), jnp.int32(num), body, init)
-
-
-def _cols(i, block: int):
-    return pl.ds(pl.multiple_of(i * block, block), block)
+def _with_gate(in_specs: list, inputs: list, b: jax.Array | None, chunk_size: int, heads: int):
+    """Append ``b`` (float32, chunk ``n``'s ``[C]``) to the inputs when there is a gate."""
+    if b is not None:
+        in_specs.append(specs.row_spec(chunk_size, heads, lambda i, n, bh: (bh, n)))
+        inputs.append(b.astype(F32))
 
 
 # -- forward ---------------------------------------------------------------------------------
@@ -137,19 +113,19 @@ def _output_kernel(q_ref, k_ref, v_ref, h_ref, *refs, scale: float, block_k: int
 
     def body(i, carry):
         inter, scores = carry
-        cols = _cols(i, block_k)
+        cols = block_slice(i, block_k)
         q = q_ref[:, cols]
         inter = inter + mm(q, h_ref[cols, :])
         scores = scores + mm(q, k_ref[:, cols], trans_b=True)
         return inter, scores
 
     init = (jnp.zeros((chunk_size, block_v), F32), jnp.zeros((chunk_size, chunk_size), F32))
-    inter, scores = _loop(key_width // block_k, body, init)
+    inter, scores = loop(key_width // block_k, body, init)
     b = b_ref[...] if b_ref is not None else None
     if b is not None:
         inter = inter * jnp.exp(b)[:, None]
     v = v_ref[...]
-    scores = (scores * _decay(b, chunk_size)).astype(v.dtype)
+    scores = (scores * decay(b, chunk_size)).astype(v.dtype)
     o_ref[...] = (scale * (inter + mm(scores, v))).astype(o_ref.dtype)
 
 
@@ -169,23 +145,20 @@ def output(
     (same dtype as ``q, k, v``); ``b [B, L, H]`` float32 or ``None``."""
     batch, length, heads, key_width = q.shape
     value_width = v.shape[-1]
-    num_chunks = length // chunk_size
-    bk, bv = min(config.block_k, key_width), min(config.block_v, value_width)
+    bk, bv = config.blocks(key_width, value_width)
     full = _token_spec(chunk_size, key_width, heads, blocked=False)
-    in_specs = [full, full, _token_spec(chunk_size, bv, heads, blocked=True)]
-    in_specs.append(_state_spec(key_width, bv, heads, blocked_axis=1))
+    tile = _token_spec(chunk_size, bv, heads, blocked=True)
+    in_specs = [full, full, tile, _state_spec(key_width, bv, heads, blocked_axis=1)]
     inputs = [q, k, v, h]
-    if b is not None:
-        in_specs.append(_gate_spec(chunk_size, heads))
-        inputs.append(b.astype(F32))
+    _with_gate(in_specs, inputs, b, chunk_size, heads)
     kernel = lambda *refs: _output_kernel(*refs, scale=float(scale), block_k=bk)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct(v.shape, v.dtype),
-        grid=(value_width // bv, num_chunks, batch * heads),
+        grid=(value_width // bv, length // chunk_size, batch * heads),
         in_specs=in_specs,
-        out_specs=_token_spec(chunk_size, bv, heads, blocked=True),
-        compiler_params=_params(config),
+        out_specs=tile,
+        compiler_params=specs.compiler_params(config.num_warps, config.num_stages),
         interpret=interpret,
         name="linear_attention_output_fwd",
     )(*inputs)
@@ -194,36 +167,42 @@ def output(
 # -- backward --------------------------------------------------------------------------------
 
 
-def _value_kernel(q_ref, k_ref, do_ref, dh_ref, *refs, scale: float, block_k: int):
-    """``dv = (q̃ kᵀ ⊙ Γ)ᵀ do + (k ⊙ e^{b_last − b}) dh`` for one ``[C, BV]`` tile."""
-    b_ref = refs[0] if len(refs) == 2 else None
-    dv_ref = refs[-1]
+def _value_kernel(q_ref, k_ref, do_ref, *refs, scale: float, block_k: int, has_dh: bool):
+    """``dv = (q̃ kᵀ ⊙ Γ)ᵀ do + (k ⊙ e^{b_last − b}) dh`` for one ``[C, BV]`` tile (without
+    ``dh``: the first term only)."""
+    refs = list(refs)
+    dv_ref = refs.pop()
+    dh_ref = refs.pop(0) if has_dh else None
+    b_ref = refs.pop(0) if refs else None
     chunk_size, key_width = q_ref.shape
     block_v = do_ref.shape[1]
 
     def body(i, carry):
         inter, scores_t = carry
-        cols = _cols(i, block_k)
+        cols = block_slice(i, block_k)
         k = k_ref[:, cols]
-        inter = inter + mm(k, dh_ref[cols, :])
+        if dh_ref is not None:
+            inter = inter + mm(k, dh_ref[cols, :])
         scores_t = scores_t + mm(k, q_ref[:, cols], trans_b=True)  # [j, i] = k_j · q_i
         return inter, scores_t
 
-    init = (jnp.zeros((chunk_size, block_v), F32), jnp.zeros((chunk_size, chunk_size), F32))
-    inter, scores_t = _loop(key_width // block_k, body, init)
+    inter = jnp.zeros((chunk_size, block_v), F32) if dh_ref is not None else None
+    init = (inter, jnp.zeros((chunk_size, chunk_size), F32))
+    inter, scores_t = loop(key_width // block_k, body, init)
     b = b_ref[...] if b_ref is not None else None
-    if b is not None:
-        inter = inter * jnp.exp(_last(b) - b)[:, None]
+    if b is not None and inter is not None:
+        inter = inter * jnp.exp(last(b) - b)[:, None]
     do = do_ref[...]
-    scores_t = (scale * scores_t * _decay(b, chunk_size, transposed=True)).astype(do.dtype)
-    dv_ref[...] = (inter + mm(scores_t, do)).astype(dv_ref.dtype)
+    scores_t = (scale * scores_t * decay(b, chunk_size, transposed=True)).astype(do.dtype)
+    dv = mm(scores_t, do)
+    dv_ref[...] = (dv if inter is None else inter + dv).astype(dv_ref.dtype)
 
 
 def value_backward(
     q: jax.Array,
     k: jax.Array,
     do: jax.Array,
-    dh: jax.Array,
+    dh: jax.Array | None,
     b: jax.Array | None,
     *,
     scale: float,
@@ -231,68 +210,92 @@ def value_backward(
     dtype: jnp.dtype | None = None,
     config: OutputConfig = CONFIG,
     interpret: bool = False,
+    name: str = "linear_attention_output_bwd_dv",
 ) -> jax.Array:
     """``dv [B, L, H, V]`` (``dtype``, default ``do``'s); ``dh [B, N, H, K, V]`` holds the
-    cotangents of the states leaving each chunk."""
+    cotangents of the states leaving each chunk (``None``: only ``(q̃ kᵀ ⊙ Γ)ᵀ do``, the
+    delta rule's ``dv_local``)."""
     batch, length, heads, key_width = q.shape
     value_width = do.shape[-1]
-    num_chunks = length // chunk_size
-    bk, bv = min(config.block_k, key_width), min(config.block_v, value_width)
+    bk, bv = config.blocks(key_width, value_width)
     full = _token_spec(chunk_size, key_width, heads, blocked=False)
     tile = _token_spec(chunk_size, bv, heads, blocked=True)
-    in_specs = [full, full, tile, _state_spec(key_width, bv, heads, blocked_axis=1)]
-    inputs = [q, k, do, dh]
-    if b is not None:
-        in_specs.append(_gate_spec(chunk_size, heads))
-        inputs.append(b.astype(F32))
-    kernel = lambda *refs: _value_kernel(*refs, scale=float(scale), block_k=bk)
+    in_specs, inputs = [full, full, tile], [q, k, do]
+    if dh is not None:
+        in_specs.append(_state_spec(key_width, bv, heads, blocked_axis=1))
+        inputs.append(dh)
+    _with_gate(in_specs, inputs, b, chunk_size, heads)
+    kernel = lambda *refs: _value_kernel(
+        *refs, scale=float(scale), block_k=bk, has_dh=dh is not None
+    )
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct(do.shape, do.dtype if dtype is None else dtype),
-        grid=(value_width // bv, num_chunks, batch * heads),
+        grid=(value_width // bv, length // chunk_size, batch * heads),
         in_specs=in_specs,
         out_specs=tile,
-        compiler_params=_params(config),
+        compiler_params=specs.compiler_params(config.num_warps, config.num_stages),
         interpret=interpret,
-        name="linear_attention_output_bwd_dv",
+        name=name,
     )(*inputs)
 
 
 def _query_key_kernel(
-    q_ref, k_ref, v_ref, h_ref, do_ref, dh_ref, *refs, scale: float, block_v: int
+    q_ref,
+    k_ref,
+    v_ref,
+    h_ref,
+    do_ref,
+    *refs,
+    scale: float,
+    block_v: int,
+    delta: bool,
+    gated: bool,
 ):
-    """``dq, dk`` for one ``[C, BK]`` column block, and its share of ``db``."""
-    gated = len(refs) == 4
-    b_ref = refs[0] if gated else None
-    dq_ref, dk_ref = refs[-3:-1] if gated else refs
-    db_ref = refs[-1] if gated else None
+    """``dq, dk`` for one ``[C, BK]`` column block, and its share of ``db`` (``gated``); with
+    ``delta`` (a ``dv`` input before ``dh``, a ``dw`` output after ``dk``) also
+    ``dw = −dv hᵀ``."""
+    refs = list(refs)
+    dv_ref = refs.pop(0) if delta else None
+    dh_ref = refs.pop(0)
+    b_ref = refs.pop(0) if gated else None
+    dq_ref, dk_ref = refs.pop(0), refs.pop(0)
+    dw_ref = refs.pop(0) if delta else None
+    db_ref = refs.pop(0) if gated else None
     chunk_size, block_k = q_ref.shape
     value_width = v_ref.shape[1]
 
     def body(i, carry):
-        dq, dk, dscores, hdh = carry
-        cols = _cols(i, block_v)
+        dq, dk, dw, dscores, hdh = carry
+        cols = block_slice(i, block_v)
         do, v = do_ref[:, cols], v_ref[:, cols]
+        dv = dv_ref[:, cols] if dv_ref is not None else None
         h, dh = h_ref[:, cols], dh_ref[:, cols]
         dq = dq + mm(do, h, trans_b=True)
         dk = dk + mm(v, dh, trans_b=True)
+        if dv is not None:
+            dw = dw - mm(dv, h, trans_b=True)
         dscores = dscores + mm(do, v, trans_b=True)
         if gated:
             hdh = hdh + jnp.sum(h.astype(F32) * dh.astype(F32), axis=1)
-        return dq, dk, dscores, hdh
+        return dq, dk, dw, dscores, hdh
 
+    tile = jnp.zeros((chunk_size, block_k), F32)
     init = (
-        jnp.zeros((chunk_size, block_k), F32),
-        jnp.zeros((chunk_size, block_k), F32),
+        tile,
+        tile,
+        tile if delta else None,
         jnp.zeros((chunk_size, chunk_size), F32),
         jnp.zeros((block_k,), F32),
     )
-    dq_inter, dk_inter, dscores, hdh = _loop(value_width // block_v, body, init)
+    dq_inter, dk_inter, dw, dscores, hdh = loop(value_width // block_v, body, init)
+    if dw_ref is not None:
+        dw_ref[...] = dw.astype(dw_ref.dtype)
     q, k = q_ref[...], k_ref[...]
     b = b_ref[...] if b_ref is not None else None
-    dscores = (scale * dscores * _decay(b, chunk_size)).astype(q.dtype)
+    dscores = (scale * dscores * decay(b, chunk_size)).astype(q.dtype)
     if b is not None:
-        b_last = _last(b)
+        b_last = last(b)
         dq_inter = dq_inter * jnp.exp(b)[:, None]
         dk_inter = dk_inter * jnp.exp(b_last - b)[:, None]
     dq = scale * dq_inter + mm(dscores, k)
@@ -303,7 +306,7 @@ def _query_key_kernel(
         assert db_ref is not None
         q32, k32 = q.astype(F32), k.astype(F32)
         db = jnp.sum(q32 * dq, axis=1) - jnp.sum(k32 * dk, axis=1)
-        end = jnp.sum(jnp.sum(k32 * dk_inter, axis=1)) + jnp.exp(_last(b)) * jnp.sum(hdh)
+        end = jnp.sum(jnp.sum(k32 * dk_inter, axis=1)) + jnp.exp(last(b)) * jnp.sum(hdh)
         rows = jax.lax.broadcasted_iota(jnp.int32, (chunk_size,), 0)
         db_ref[...] = db + jnp.where(rows == chunk_size - 1, end, 0.0)
 
@@ -317,28 +320,43 @@ def query_key_backward(
     dh: jax.Array,
     b: jax.Array | None,
     *,
+    dv: jax.Array | None = None,
     scale: float,
     chunk_size: int,
+    dk_dtype: jnp.dtype | None = None,
     config: OutputConfig = CONFIG,
     interpret: bool = False,
-) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-    """``(dq, dk, db)``: ``dq, dk [B, L, H, K]`` (dtypes of ``q, k``) and ``db [B, L, H]``
-    float32 (``None`` without a gate)."""
+    name: str = "linear_attention_output_bwd_dqk",
+) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array | None]:
+    """``(dq, dk, dw, db)``: ``dq, dk [B, L, H, K]`` (dtypes of ``q`` and ``dk_dtype``,
+    default ``k``'s), ``dw = −dv hᵀ`` in ``q``'s dtype (``None`` without ``dv``) and
+    ``db [B, L, H]`` float32 (``None`` without a gate). ``h`` holds the states entering
+    each chunk, ``dh`` the cotangents of those leaving it; the delta rule passes its
+    pseudo-values as ``v`` and their cotangent as ``dv``."""
     batch, length, heads, key_width = q.shape
     value_width = v.shape[-1]
     num_chunks = length // chunk_size
-    bk, bv = min(config.block_k, key_width), min(config.block_v, value_width)
+    bk, bv = config.blocks(key_width, value_width)
     num_k = key_width // bk
     tile = _token_spec(chunk_size, bk, heads, blocked=True)
     full = _token_spec(chunk_size, value_width, heads, blocked=False)
     state = _state_spec(bk, value_width, heads, blocked_axis=0)
-    in_specs = [tile, tile, full, state, full, state]
-    inputs = [q, k, v, h, do, dh]
-    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype)]
-    out_specs = [tile, tile]
+    in_specs = [tile, tile, full, state, full]
+    inputs = [q, k, v, h, do]
+    if dv is not None:
+        in_specs.append(full)
+        inputs.append(dv)
+    in_specs.append(state)
+    inputs.append(dh)
+    _with_gate(in_specs, inputs, b, chunk_size, heads)
+    out_shape = [
+        jax.ShapeDtypeStruct(q.shape, q.dtype),
+        jax.ShapeDtypeStruct(k.shape, k.dtype if dk_dtype is None else dk_dtype),
+    ]
+    if dv is not None:
+        out_shape.append(jax.ShapeDtypeStruct(k.shape, q.dtype))
+    out_specs = [tile] * len(out_shape)
     if b is not None:
-        in_specs.append(_gate_spec(chunk_size, heads))
-        inputs.append(b.astype(F32))
         out_shape.append(jax.ShapeDtypeStruct((num_k, batch, length, heads), F32))
         out_specs.append(
             pl.BlockSpec(
@@ -346,66 +364,21 @@ def query_key_backward(
                 lambda i, n, bh: (i, bh // heads, n, bh % heads),
             )
         )
-    kernel = lambda *refs: _query_key_kernel(*refs, scale=float(scale), block_v=bv)
+    kernel = lambda *refs: _query_key_kernel(
+        *refs, scale=float(scale), block_v=bv, delta=dv is not None, gated=b is not None
+    )
+    stages = config.backward_f32_num_stages if q.dtype.itemsize >= 4 else config.num_stages
     results = pl.pallas_call(
         kernel,
         out_shape=out_shape,
         grid=(num_k, num_chunks, batch * heads),
         in_specs=in_specs,
         out_specs=out_specs,
-        compiler_params=_params(
-            config,
-            config.backward_num_warps,
-            config.backward_f32_num_stages if q.dtype.itemsize >= 4 else None,
-        ),
+        compiler_params=specs.compiler_params(config.backward_num_warps, stages),
         interpret=interpret,
-        name="linear_attention_output_bwd_dqk",
+        name=name,
     )(*inputs)
     dq, dk = results[0], results[1]
-    db = jnp.sum(results[2], axis=0) if b is not None else None
-    return dq, dk, db
-
-
-def output_backward(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    h: jax.Array,
-    do: jax.Array,
-    dh: jax.Array,
-    b: jax.Array | None,
-    *,
-    scale: float,
-    chunk_size: int,
-    config: OutputConfig = CONFIG,
-    interpret: bool = False,
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
-    """``(dq, dk, dv, db)`` of the chunk-local part (module docstring); ``h`` the states
-    entering each chunk, ``dh`` the cotangents of those leaving it. ``db`` is float32
-    ``[B, L, H]`` (``None`` when ``b`` is)."""
-    dv = value_backward(
-        q,
-        k,
-        do,
-        dh,
-        b,
-        scale=scale,
-        chunk_size=chunk_size,
-        dtype=v.dtype,
-        config=config,
-        interpret=interpret,
-    )
-    dq, dk, db = query_key_backward(
-        q,
-        k,
-        v,
-        h,
-        do,
-        dh,
-        b,
-        scale=scale,
-        chunk_size=chunk_size,
-        config=config,
-        interpret=interpret,
-    )
-    return dq, dk, dv, db
+    dw = results[2] if dv is not None else None
+    db = jnp.sum(results[-1], axis=0) if b is not None else None
+    return dq, dk, dw, db

@@ -31,7 +31,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from .tiles import F32, mm
+from . import specs
+from .tiles import F32, last, loop, mm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,51 +91,71 @@ CONFIG = DeltaStateConfig()
 def _sequence_spec(length: int, width: int, heads: int, *, blocked: bool) -> pl.BlockSpec:
     """One head's whole ``[L, width]`` rows of a ``[B, L, H, D]`` array (grid axis 0 picks
     the ``width`` block when ``blocked``)."""
-    return pl.BlockSpec(
-        (None, length, None, width),
-        lambda iv, bh: (bh // heads, 0, bh % heads, iv if blocked else 0),
-    )
-
-
-def _gate_spec(length: int, heads: int) -> pl.BlockSpec:
-    return pl.BlockSpec((None, length, None), lambda iv, bh: (bh // heads, 0, bh % heads))
+    return specs.token_spec(length, width, heads, lambda iv, bh: (bh, 0, iv if blocked else 0))
 
 
 def _state_spec(key_width: int, block_v: int, heads: int) -> pl.BlockSpec:
-    return pl.BlockSpec(
-        (None, None, key_width, block_v), lambda iv, bh: (bh // heads, bh % heads, 0, iv)
-    )
-
-
-def _states_spec(num_chunks: int, key_width: int, block_v: int, heads: int) -> pl.BlockSpec:
-    return pl.BlockSpec(
-        (None, num_chunks, None, key_width, block_v),
-        lambda iv, bh: (bh // heads, 0, bh % heads, 0, iv),
-    )
-
-
-def _last(b: jax.Array) -> jax.Array:
-    """The last entry of ``b [C]`` as a scalar (a masked sum)."""
-    rows = jax.lax.broadcasted_iota(jnp.int32, b.shape, 0)
-    return jnp.sum(jnp.where(rows == b.shape[0] - 1, b, 0.0))
-
-
-def _loop(num: int, body, init):
-    return jax.lax.fori_loop(jnp.int32(0), jnp.int32(num), body, init)
+    return specs.state_spec(key_width, block_v, heads, lambda iv, bh: (bh, 0, iv))
 
 
 def _blocks(num: int, block: int) -> list:
     return [pl.ds(i * block, block) for i in range(num)]
 
 
+def _walk(
+    step,
+    b_ref,
+    init_ref,
+    states_ref,
+    last_ref,
+    *,
+    chunk_size: int,
+    block_k: int,
+    slices: int,
+    reverse: bool,
+) -> None:
+    """Walk one head's chunks (last to first when ``reverse``) carrying the ``[K, BV]``
+    float32 state as ``K/BK`` row blocks, from ``init_ref``: per chunk ``n`` store the
+    entering state (input dtype) in ``states_ref[n]``, decay it by ``e^{b_last}``, then
+    ``state = step(rows, casts, b_last, state)`` over the chunk's rows (in ``slices``
+    pieces; ``casts`` the entering state in the input dtype). The last state goes to
+    ``last_ref``."""
+    key_width = init_ref.shape[0]
+    num_chunks = states_ref.shape[0]
+    dtype = states_ref.dtype
+    key_blocks = _blocks(key_width // block_k, block_k)
+    size = chunk_size // slices
+
+    def body(i, states):
+        n = num_chunks - 1 - i if reverse else i
+        start = pl.multiple_of(n * chunk_size, chunk_size)
+        casts = tuple(state.astype(dtype) for state in states)
+        for blk, cast in zip(key_blocks, casts):
+            states_ref[n, blk, :] = cast.astype(states_ref.dtype)
+        b_last = last(b_ref[pl.ds(start, chunk_size)]) if b_ref is not None else None
+        if b_last is not None:
+            states = tuple(jnp.exp(b_last) * state for state in states)
+        if slices == 1:
+            return step(pl.ds(start, chunk_size), casts, b_last, states)
+
+        def piece(j, states):
+            rows = pl.ds(pl.multiple_of(start + j * size, size), size)
+            return step(rows, casts, b_last, states)
+
+        return loop(slices, piece, states)
+
+    init = tuple(init_ref[blk, :] for blk in key_blocks)
+    final = loop(num_chunks, body, init)
+    for blk, state in zip(key_blocks, final):
+        last_ref[blk, :] = state
+
+
 def _forward_kernel(k_ref, w_ref, u_ref, *refs, chunk_size: int, block_k: int, slices: int):
     gated = len(refs) == 5
     b_ref = refs[0] if gated else None
     h0_ref, h_ref, v_new_ref, final_ref = refs[-4:]
-    length, key_width = k_ref.shape
     dtype = k_ref.dtype
-    key_blocks = _blocks(key_width // block_k, block_k)
-    size = chunk_size // slices
+    key_blocks = _blocks(k_ref.shape[1] // block_k, block_k)
 
     def step(rows, casts, b_last, states):
         """``v = u − w h_n`` on ``rows`` (stored), then ``states += (k ⊙ e^{b_last − b})ᵀ v``."""
@@ -150,27 +171,71 @@ def _forward_kernel(k_ref, w_ref, u_ref, *refs, chunk_size: int, block_k: int, s
             for blk, state in zip(key_blocks, states)
         )
 
-    def body(n, states):
-        start = pl.multiple_of(n * chunk_size, chunk_size)
-        casts = tuple(state.astype(dtype) for state in states)
-        for blk, cast in zip(key_blocks, casts):
-            h_ref[n, blk, :] = cast.astype(h_ref.dtype)
-        b_last = _last(b_ref[pl.ds(start, chunk_size)]) if b_ref is not None else None
-        if b_last is not None:
-            states = tuple(jnp.exp(b_last) * state for state in states)
-        if slices == 1:
-            return step(pl.ds(start, chunk_size), casts, b_last, states)
+    _walk(
+        step,
+        b_ref,
+        h0_ref,
+        h_ref,
+        final_ref,
+        chunk_size=chunk_size,
+        block_k=block_k,
+        slices=slices,
+        reverse=False,
+    )
 
-        def piece(i, states):
-            rows = pl.ds(pl.multiple_of(start + i * size, size), size)
-            return step(rows, casts, b_last, states)
 
-        return _loop(slices, piece, states)
-
-    init = tuple(h0_ref[blk, :] for blk in key_blocks)
-    final = _loop(length // chunk_size, body, init)
-    for blk, state in zip(key_blocks, final):
-        final_ref[blk, :] = state
+def _call(
+    kernel,
+    k: jax.Array,
+    rows: list[jax.Array],
+    cols: list[jax.Array],
+    b: jax.Array | None,
+    state: jax.Array,
+    *,
+    chunk_size: int,
+    config: DeltaStateConfig,
+    interpret: bool,
+    name: str,
+    **static,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Launch a state kernel over the grid ``(V/BV, B·H)``: inputs ``rows`` (whole
+    ``[L, K]`` key rows of a head), ``cols`` (its ``[L, BV]`` value block), ``b`` and the
+    ``[K, BV]`` float32 ``state``; outputs the per-chunk states ``[B, N, H, K, V]`` (``k``'s
+    dtype), a value-shaped array like ``cols[-1]`` and the last state (float32)."""
+    batch, length, heads, key_width = k.shape
+    value_width = cols[-1].shape[-1]
+    num_chunks = length // chunk_size
+    bk, bv = config.blocks(key_width, value_width, batch * heads)
+    tile = _sequence_spec(length, bv, heads, blocked=True)
+    in_specs = [_sequence_spec(length, key_width, heads, blocked=False)] * len(rows)
+    in_specs += [tile] * len(cols)
+    inputs = [*rows, *cols]
+    if b is not None:
+        in_specs.append(specs.row_spec(length, heads, lambda iv, bh: (bh, 0)))
+        inputs.append(b.astype(F32))
+    in_specs.append(_state_spec(key_width, bv, heads))
+    inputs.append(state.astype(F32))
+    slices = config.slices(key_width, k.dtype)
+    body = lambda *refs: kernel(*refs, chunk_size=chunk_size, block_k=bk, slices=slices, **static)
+    states, values, final = pl.pallas_call(
+        body,
+        out_shape=[
+            jax.ShapeDtypeStruct((batch, num_chunks, heads, key_width, value_width), k.dtype),
+            jax.ShapeDtypeStruct(cols[-1].shape, cols[-1].dtype),
+            jax.ShapeDtypeStruct((batch, heads, key_width, value_width), F32),
+        ],
+        grid=(value_width // bv, batch * heads),
+        in_specs=in_specs,
+        out_specs=[
+            specs.chunk_state_spec(num_chunks, key_width, bv, heads, lambda iv, bh: (bh, 0, 0, iv)),
+            tile,
+            _state_spec(key_width, bv, heads),
+        ],
+        compiler_params=config.params(key_width, k.dtype),
+        interpret=interpret,
+        name=name,
+    )(*inputs)
+    return states, values, final
 
 
 def forward(
@@ -187,40 +252,18 @@ def forward(
     """``(h [B, N, H, K, V], v_new [B, L, H, V], final [B, H, K, V])``: the states entering
     every chunk and the pseudo-values (input dtype), the final state (float32); ``h0``
     float32 ``[B, H, K, V]``."""
-    batch, length, heads, key_width = k.shape
-    value_width = u.shape[-1]
-    num_chunks = length // chunk_size
-    bk, bv = config.blocks(key_width, value_width, batch * heads)
-    full = _sequence_spec(length, key_width, heads, blocked=False)
-    tile = _sequence_spec(length, bv, heads, blocked=True)
-    in_specs = [full, full, tile]
-    inputs = [k, w, u]
-    if b is not None:
-        in_specs.append(_gate_spec(length, heads))
-        inputs.append(b.astype(F32))
-    in_specs.append(_state_spec(key_width, bv, heads))
-    inputs.append(h0.astype(F32))
-    slices = config.slices(key_width, k.dtype)
-    kernel = lambda *refs: _forward_kernel(*refs, chunk_size=chunk_size, block_k=bk, slices=slices)
-    h, v_new, final = pl.pallas_call(
-        kernel,
-        out_shape=[
-            jax.ShapeDtypeStruct((batch, num_chunks, heads, key_width, value_width), k.dtype),
-            jax.ShapeDtypeStruct(u.shape, u.dtype),
-            jax.ShapeDtypeStruct((batch, heads, key_width, value_width), F32),
-        ],
-        grid=(value_width // bv, batch * heads),
-        in_specs=in_specs,
-        out_specs=[
-            _states_spec(num_chunks, key_width, bv, heads),
-            tile,
-            _state_spec(key_width, bv, heads),
-        ],
-        compiler_params=config.params(key_width, k.dtype),
+    return _call(
+        _forward_kernel,
+        k,
+        [k, w],
+        [u],
+        b,
+        h0,
+        chunk_size=chunk_size,
+        config=config,
         interpret=interpret,
         name="delta_rule_state_fwd",
-    )(*inputs)
-    return h, v_new, final
+    )
 
 
 def _backward_kernel(
@@ -238,11 +281,8 @@ def _backward_kernel(
     gated = len(refs) == 5
     b_ref = refs[0] if gated else None
     d_final_ref, dh_ref, dv_ref, dh0_ref = refs[-4:]
-    length, key_width = k_ref.shape
     dtype = k_ref.dtype
-    key_blocks = _blocks(key_width // block_k, block_k)
-    num_chunks = length // chunk_size
-    size = chunk_size // slices
+    key_blocks = _blocks(k_ref.shape[1] // block_k, block_k)
 
     def step(rows, casts, b_last, grads):
         """``dv = dv_local + (k ⊙ e^{b_last − b}) G_n`` on ``rows`` (stored), then
@@ -266,28 +306,17 @@ def _backward_kernel(
             updated.append(grad - mm(w_ref[rows, blk], d_values, trans_a=True))
         return tuple(updated)
 
-    def body(i, grads):
-        n = num_chunks - 1 - i
-        start = pl.multiple_of(n * chunk_size, chunk_size)
-        casts = tuple(grad.astype(dtype) for grad in grads)
-        for blk, cast in zip(key_blocks, casts):
-            dh_ref[n, blk, :] = cast.astype(dh_ref.dtype)
-        b_last = _last(b_ref[pl.ds(start, chunk_size)]) if b_ref is not None else None
-        if b_last is not None:
-            grads = tuple(jnp.exp(b_last) * grad for grad in grads)
-        if slices == 1:
-            return step(pl.ds(start, chunk_size), casts, b_last, grads)
-
-        def piece(j, grads):
-            rows = pl.ds(pl.multiple_of(start + j * size, size), size)
-            return step(rows, casts, b_last, grads)
-
-        return _loop(slices, piece, grads)
-
-    init = tuple(d_final_ref[blk, :] for blk in key_blocks)
-    grads = _loop(num_chunks, body, init)
-    for blk, grad in zip(key_blocks, grads):
-        dh0_ref[blk, :] = grad
+    _walk(
+        step,
+        b_ref,
+        d_final_ref,
+        dh_ref,
+        dh0_ref,
+        chunk_size=chunk_size,
+        block_k=block_k,
+        slices=slices,
+        reverse=True,
+    )
 
 
 def backward(
@@ -307,42 +336,16 @@ def backward(
     """``(dh [B, N, H, K, V], dv [B, L, H, V], dh0 [B, H, K, V])``: the cotangents of the
     states leaving every chunk and of the pseudo-values (input dtype), and the initial
     state's (float32); ``d_final`` is the final state's cotangent."""
-    batch, length, heads, key_width = k.shape
-    value_width = do.shape[-1]
-    num_chunks = length // chunk_size
-    bk, bv = config.blocks(key_width, value_width, batch * heads)
-    full = _sequence_spec(length, key_width, heads, blocked=False)
-    tile = _sequence_spec(length, bv, heads, blocked=True)
-    in_specs = [full, full, full, tile, tile]
-    inputs = [q, k, w, do, dv_local]
-    if b is not None:
-        in_specs.append(_gate_spec(length, heads))
-        inputs.append(b.astype(F32))
-    in_specs.append(_state_spec(key_width, bv, heads))
-    inputs.append(d_final.astype(F32))
-    kernel = lambda *refs: _backward_kernel(
-        *refs,
+    return _call(
+        _backward_kernel,
+        k,
+        [q, k, w],
+        [do, dv_local],
+        b,
+        d_final,
         chunk_size=chunk_size,
-        block_k=bk,
-        slices=config.slices(key_width, k.dtype),
-        scale=float(scale),
-    )
-    dh, dv, dh0 = pl.pallas_call(
-        kernel,
-        out_shape=[
-            jax.ShapeDtypeStruct((batch, num_chunks, heads, key_width, value_width), k.dtype),
-            jax.ShapeDtypeStruct(do.shape, dv_local.dtype),
-            jax.ShapeDtypeStruct((batch, heads, key_width, value_width), F32),
-        ],
-        grid=(value_width // bv, batch * heads),
-        in_specs=in_specs,
-        out_specs=[
-            _states_spec(num_chunks, key_width, bv, heads),
-            tile,
-            _state_spec(key_width, bv, heads),
-        ],
-        compiler_params=config.params(key_width, k.dtype),
+        config=config,
         interpret=interpret,
         name="delta_rule_state_bwd",
-    )(*inputs)
-    return dh, dv, dh0
+        scale=float(scale),
+    )

@@ -29,11 +29,9 @@ diagonal sub-blocks scales with the sub-chunk (16 rows, the smallest ``dot`` til
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
-import jax.numpy as jnp
 
 from . import layout
 from .gla_common import F32, TILES, GLATiles
@@ -41,13 +39,7 @@ from .gla_inter import inter_grads
 from .gla_intra import intra_grads, intra_scores
 from .gla_output import d_scores, output, value_grads
 from .gla_state import state_backward, state_forward
-
-
-@dataclasses.dataclass(frozen=True)
-class _Options:
-    scale: float
-    tiles: GLATiles
-    interpret: bool
+from .layout import Options
 
 
 def gated_linear_attention(
@@ -77,33 +69,20 @@ def gated_linear_attention(
     Differentiable in ``q, k, v, gk, g, initial_state``.
     """
     batch, num_tokens, heads, key_dim = q.shape
-    value_dim = v.shape[-1]
-    dtype = jnp.result_type(q, k, v)
-    length = layout.padded_length(num_tokens, tiles.chunk)
-    key_width = layout.feature_width(key_dim)
-    value_width = layout.feature_width(value_dim)
+    q_p, k_p, v_p, h0 = layout.pad_inputs(q, k, v, initial_state, tiles.chunk)
     log_decay = gk.astype(F32)
     gate = layout.scalar_gate(g, (batch, num_tokens, heads))
     if gate is not None:
         log_decay = log_decay + gate[..., None]
-    log_decay = layout.pad(log_decay, length, key_width)
-    h0 = layout.pad_state(initial_state, (batch, heads, key_width, value_width))
-    out, final = _gla(  # pyright: ignore[reportGeneralTypeIssues]
-        layout.pad(q.astype(dtype), length, key_width),
-        layout.pad(k.astype(dtype), length, key_width),
-        layout.pad(v.astype(dtype), length, value_width),
-        log_decay,
-        h0,
-        _Options(float(scale), tiles, bool(interpret)),
-    )
-    return (
-        layout.unpad_tokens(out, num_tokens, value_dim),
-        layout.unpad_state(final, key_dim, value_dim),
-    )
+    log_decay = layout.pad(log_decay, q_p.shape[1], q_p.shape[-1])
+    options = Options(float(scale), tiles.chunk, bool(interpret))
+    # jax.custom_vjp.__new__ may return a custom_vjp3, so pyright loses the return type
+    out, final = _gla(q_p, k_p, v_p, log_decay, h0, options, tiles)  # pyright: ignore[reportGeneralTypeIssues]
+    return layout.unpad_outputs(out, final, num_tokens, key_dim, v.shape[-1])
 
 
-def _forward(q, k, v, log_decay, h0, options: _Options):
-    tiles, interpret = options.tiles, options.interpret
+def _forward(q, k, v, log_decay, h0, options: Options, tiles: GLATiles):
+    interpret = options.interpret
     b = layout.chunk_cumsum(log_decay, tiles.chunk)
     h, final = state_forward(k, v, b, h0, tiles=tiles, interpret=interpret)
     scores = intra_scores(q, k, b, scale=options.scale, tiles=tiles, interpret=interpret)
@@ -111,25 +90,24 @@ def _forward(q, k, v, log_decay, h0, options: _Options):
     return out, final, b, h, scores
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _gla(q, k, v, log_decay, h0, options: _Options):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _gla(q, k, v, log_decay, h0, options: Options, tiles: GLATiles):
     """Padded inputs (``log_decay`` the per-token per-channel log decays, ``g`` folded in)
     → ``(o, final_state)``."""
-    out, final, _, _, _ = _forward(q, k, v, log_decay, h0, options)
+    out, final, _, _, _ = _forward(q, k, v, log_decay, h0, options, tiles)
     return out, final
 
 
-def _gla_fwd(q, k, v, log_decay, h0, options: _Options):
-    out, final, b, h, scores = _forward(q, k, v, log_decay, h0, options)
+def _gla_fwd(q, k, v, log_decay, h0, options: Options, tiles: GLATiles):
+    out, final, b, h, scores = _forward(q, k, v, log_decay, h0, options, tiles)
     return (out, final), (q, k, v, b, h, scores)
 
 
-def _gla_bwd(options: _Options, residuals, cotangents):
+def _gla_bwd(options: Options, tiles: GLATiles, residuals, cotangents):
     q, k, v, b, h, scores = residuals
     d_out, d_final = cotangents
     d_out = d_out.astype(v.dtype)
-    scale = options.scale
-    tiles, interpret = options.tiles, options.interpret
+    scale, interpret = options.scale, options.interpret
     dh, dh0 = state_backward(
         q, d_out, b, d_final.astype(F32), scale=scale, tiles=tiles, interpret=interpret
     )

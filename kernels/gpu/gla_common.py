@@ -1,8 +1,8 @@
-"""What the per-channel gated linear attention (GLA) kernels share: tiling, specs, helpers.
+"""What the per-channel gated linear attention (GLA) kernels share: tiling and helpers.
 
 Every kernel sees one head's token-major tiles of the padded arrays
 ``[B, L, H, D]`` (``L`` a multiple of the chunk ``C``, ``D`` a power of two ≥ 16)
-through BlockSpecs, with ``B·H`` folded into one grid axis. Per chunk ``b [C, K]``
+through BlockSpecs (``specs.py``), with ``B·H`` folded into one grid axis. Per chunk ``b [C, K]``
 is the chunk-local cumulative per-channel log decay (float32, ≤ 0 and
 non-increasing down the chunk); ``b_last`` its last row.
 
@@ -14,13 +14,12 @@ Exponents are kept ≤ 0: ``e^{b_i − b_j}`` only for ``j ≤ i``, ``e^{b_last 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from . import specs
 from .tiles import mm
 
 F32 = jnp.float32
@@ -76,47 +75,12 @@ TILES = GLATiles()
 
 def compiler_params(tiles: GLATiles, num_warps: int | None = None) -> pltriton.CompilerParams:
     warps = tiles.num_warps if num_warps is None else num_warps
-    return pltriton.CompilerParams(num_warps=warps, num_stages=tiles.num_stages)
+    return specs.compiler_params(warps, tiles.num_stages)
 
 
 def block(width: int, limit: int) -> int:
     """A feature tile: ``limit`` clipped to the (power-of-two) ``width``."""
     return min(width, limit)
-
-
-def token_spec(rows: int, cols: int, heads: int, index: Callable) -> pl.BlockSpec:
-    """``[rows, cols]`` tiles of one head of a ``[B, L, H, D]`` array; ``index(*grid_ids)``
-    returns ``(bh, row_block, col_block)``."""
-
-    def index_map(*ids):
-        bh, row_block, col_block = index(*ids)
-        return bh // heads, row_block, bh % heads, col_block
-
-    return pl.BlockSpec((None, rows, None, cols), index_map)
-
-
-def chunk_state_spec(
-    chunks: int | None, rows: int, cols: int, heads: int, index: Callable
-) -> pl.BlockSpec:
-    """Tiles of ``[B, N, H, K, V]`` chunk states: ``chunks=None`` takes one chunk
-    ``[rows, cols]``, an int all ``N`` chunks ``[N, rows, cols]``; ``index(*ids)``
-    returns ``(bh, chunk, row_block, col_block)``."""
-
-    def index_map(*ids):
-        bh, chunk, row_block, col_block = index(*ids)
-        return bh // heads, chunk, bh % heads, row_block, col_block
-
-    return pl.BlockSpec((None, chunks, None, rows, cols), index_map)
-
-
-def state_spec(rows: int, cols: int, heads: int, index: Callable) -> pl.BlockSpec:
-    """``[rows, cols]`` tiles of one head of a ``[B, H, K, V]`` state."""
-
-    def index_map(*ids):
-        bh, row_block, col_block = index(*ids)
-        return bh // heads, bh % heads, row_block, col_block
-
-    return pl.BlockSpec((None, None, rows, cols), index_map)
 
 
 def iota(shape: tuple[int, int], dim: int) -> jax.Array:

@@ -39,14 +39,13 @@ from .gla_common import (
     TILES,
     GLATiles,
     block,
-    chunk_state_spec,
     compiler_params,
     f32,
     i32,
     iota,
     masked_sum,
-    token_spec,
 )
+from .specs import chunk_state_spec, token_spec
 from .tiles import mm
 
 

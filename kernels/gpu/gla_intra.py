@@ -44,8 +44,8 @@ from .gla_common import (
     i32,
     iota,
     masked_exp,
-    token_spec,
 )
+from .specs import token_spec
 from .tiles import mm
 
 

@@ -23,11 +23,10 @@ from .gla_common import (
     TILES,
     GLATiles,
     block,
-    chunk_state_spec,
     compiler_params,
     f32,
-    token_spec,
 )
+from .specs import chunk_state_spec, token_spec
 from .tiles import causal_mask, mm
 
 

@@ -29,13 +29,11 @@ from .gla_common import (
     GLATiles,
     as_column,
     block,
-    chunk_state_spec,
     compiler_params,
     f32,
     i32,
-    state_spec,
-    token_spec,
 )
+from .specs import chunk_state_spec, state_spec, token_spec
 from .tiles import mm
 
 

@@ -13,12 +13,29 @@ Gates enter the kernels as the chunk-local cumulative log decay ``b``: float32
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
 from ..config import padded_feature
 
 F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Static options of one chunked call (its ``custom_vjp``'s non-differentiable argument).
+
+    Attributes:
+      scale: the query scale.
+      chunk_size: tokens per chunk.
+      interpret: run every ``pallas_call`` in Pallas' interpreter.
+    """
+
+    scale: float
+    chunk_size: int = 64
+    interpret: bool = False
 
 
 def padded_length(num_tokens: int, chunk_size: int) -> int:
@@ -49,6 +66,16 @@ def scalar_gate(g: jax.Array | None, shape: tuple[int, int, int]) -> jax.Array |
     return jnp.broadcast_to(g, shape) if g.ndim == 1 else g
 
 
+def chunk_gate(
+    g: jax.Array | None, shape: tuple[int, int, int], length: int, chunk_size: int
+) -> jax.Array | None:
+    """The op's scalar ``g`` (``None``, ``[H]`` or ``[B, T, H]``, ``shape = (B, T, H)``) as the
+    kernels' ``b``: padded to ``length`` tokens, its cumulative sum inside each chunk
+    (float32 ``[B, L, H]``; ``None`` stays ``None``)."""
+    gate = scalar_gate(g, shape)
+    return None if gate is None else chunk_cumsum(pad(gate, length), chunk_size)
+
+
 def chunk_cumsum(log_decay: jax.Array, chunk_size: int) -> jax.Array:
     """``[B, L, H]`` or ``[B, L, H, K]`` log decays → their cumulative sums inside each
     chunk (float32, same shape); ``L`` must be a multiple of ``chunk_size``."""
@@ -72,3 +99,32 @@ def unpad_tokens(x: jax.Array, num_tokens: int, dim: int) -> jax.Array:
 
 def unpad_state(state: jax.Array, key_dim: int, value_dim: int) -> jax.Array:
     return state[:, :, :key_dim, :value_dim]
+
+
+def pad_inputs(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    initial_state: jax.Array | None,
+    chunk_size: int,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """``(q, k, v, h0)`` as the kernels take them: ``q, k [B, L, H, K']``, ``v [B, L, H, V']``
+    in ``result_type(q, k, v)`` (``L`` a multiple of ``chunk_size``, ``K', V'`` the padded
+    widths) and ``h0 [B, H, K', V']`` float32 (zeros for ``None``)."""
+    batch, num_tokens, heads, key_dim = q.shape
+    dtype = jnp.result_type(q, k, v)
+    length = padded_length(num_tokens, chunk_size)
+    key_width, value_width = feature_width(key_dim), feature_width(v.shape[-1])
+    return (
+        pad(q.astype(dtype), length, key_width),
+        pad(k.astype(dtype), length, key_width),
+        pad(v.astype(dtype), length, value_width),
+        pad_state(initial_state, (batch, heads, key_width, value_width)),
+    )
+
+
+def unpad_outputs(
+    out: jax.Array, final: jax.Array, num_tokens: int, key_dim: int, value_dim: int
+) -> tuple[jax.Array, jax.Array]:
+    """The padded ``(o, final_state)`` cut back to ``[B, T, H, V]`` and ``[B, H, K, V]``."""
+    return unpad_tokens(out, num_tokens, value_dim), unpad_state(final, key_dim, value_dim)

@@ -10,8 +10,9 @@ and the gate becomes the chunk-local cumulative log decay ``b`` in XLA. Then:
   sequential kernel) and ``chunk_o.output``;
 * backward (``jax.custom_vjp``; the residuals are the inputs and the entering
   states ``h [B, N, H, K, V]`` in the input dtype): ``chunk_h.state_backward``
-  (the cotangents of the states leaving every chunk, and the initial state's)
-  and ``chunk_o.output_backward`` (``dq, dk, dv, db``). XLA's autodiff of the
+  (the cotangents of the states leaving every chunk, and the initial state's),
+  ``chunk_o.value_backward`` (``dv``) and ``chunk_o.query_key_backward``
+  (``dq, dk, db``). XLA's autodiff of the
   padding, the broadcast of ``g [H]`` and the chunk cumsum turns ``db`` into
   ``dg`` (a reverse cumulative sum inside each chunk, summed over ``B, T`` for
   ``g [H]``).
@@ -19,30 +20,12 @@ and the gate becomes the chunk-local cumulative log decay ``b`` in XLA. Then:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
-import jax.numpy as jnp
 
 from . import chunk_h, chunk_o, layout
-
-F32 = jnp.float32
-
-
-@dataclasses.dataclass(frozen=True)
-class Options:
-    """Static options of one call (``custom_vjp``'s non-differentiable argument).
-
-    Attributes:
-      scale: the query scale.
-      chunk_size: tokens per chunk.
-      interpret: run every ``pallas_call`` in Pallas' interpreter.
-    """
-
-    scale: float
-    chunk_size: int = 64
-    interpret: bool = False
+from .layout import F32, Options
 
 
 def linear_attention(
@@ -71,39 +54,18 @@ def linear_attention(
       float32). Differentiable in ``q, k, v, g`` and ``initial_state``.
     """
     batch, num_tokens, heads, key_dim = q.shape
-    value_dim = v.shape[-1]
-    dtype = jnp.result_type(q, k, v)
-    length = layout.padded_length(num_tokens, chunk_size)
-    key_width, value_width = layout.feature_width(key_dim), layout.feature_width(value_dim)
-    q_p = layout.pad(q.astype(dtype), length, key_width)
-    k_p = layout.pad(k.astype(dtype), length, key_width)
-    v_p = layout.pad(v.astype(dtype), length, value_width)
-    gate = layout.scalar_gate(g, (batch, num_tokens, heads))
-    b = None if gate is None else layout.chunk_cumsum(layout.pad(gate, length), chunk_size)
-    h0 = layout.pad_state(initial_state, (batch, heads, key_width, value_width))
+    q_p, k_p, v_p, h0 = layout.pad_inputs(q, k, v, initial_state, chunk_size)
+    b = layout.chunk_gate(g, (batch, num_tokens, heads), q_p.shape[1], chunk_size)
     options = Options(float(scale), chunk_size, bool(interpret))
     # jax.custom_vjp.__new__ may return a custom_vjp3, so pyright loses the return type
     out, final = _attend(q_p, k_p, v_p, b, h0, options)  # pyright: ignore[reportGeneralTypeIssues]
-    return (
-        layout.unpad_tokens(out, num_tokens, value_dim),
-        layout.unpad_state(final, key_dim, value_dim),
-    )
+    return layout.unpad_outputs(out, final, num_tokens, key_dim, v.shape[-1])
 
 
 def _forward(q, k, v, b, h0, options: Options):
-    h, final = chunk_h.state_forward(
-        k, v, b, h0, chunk_size=options.chunk_size, interpret=options.interpret
-    )
-    out = chunk_o.output(
-        q,
-        k,
-        v,
-        h,
-        b,
-        scale=options.scale,
-        chunk_size=options.chunk_size,
-        interpret=options.interpret,
-    )
+    size, interpret = options.chunk_size, options.interpret
+    h, final = chunk_h.state_forward(k, v, b, h0, chunk_size=size, interpret=interpret)
+    out = chunk_o.output(q, k, v, h, b, scale=options.scale, chunk_size=size, interpret=interpret)
     return out, final, h
 
 
@@ -123,26 +85,16 @@ def _attend_fwd(q, k, v, b, h0, options: Options):
 def _attend_bwd(options: Options, residuals, cotangents):
     q, k, v, b, h = residuals
     d_out, d_final = cotangents
+    d_out = d_out.astype(q.dtype)
+    size, interpret, scale = options.chunk_size, options.interpret, options.scale
     dh, d_h0 = chunk_h.state_backward(
-        q,
-        d_out.astype(q.dtype),
-        b,
-        d_final.astype(F32),
-        scale=options.scale,
-        chunk_size=options.chunk_size,
-        interpret=options.interpret,
+        q, d_out, b, d_final.astype(F32), scale=scale, chunk_size=size, interpret=interpret
     )
-    dq, dk, dv, db = chunk_o.output_backward(
-        q,
-        k,
-        v,
-        h,
-        d_out.astype(q.dtype),
-        dh,
-        b,
-        scale=options.scale,
-        chunk_size=options.chunk_size,
-        interpret=options.interpret,
+    dv = chunk_o.value_backward(
+        q, k, d_out, dh, b, scale=scale, chunk_size=size, dtype=v.dtype, interpret=interpret
+    )
+    dq, dk, _, db = chunk_o.query_key_backward(
+        q, k, v, h, d_out, dh, b, scale=scale, chunk_size=size, interpret=interpret
     )
     return dq, dk, dv, db, d_h0
 

@@ -1,4 +1,4 @@
-"""In-kernel helpers shared by the GPU kernels: matmuls with the right precision, masks.
+"""In-kernel helpers shared by the GPU kernels: matmuls with the right precision, masks, loops.
 
 Every ``mm`` keeps its operands in their dtype (bf16/f16 go to the tensor cores;
 float32 operands may use TF32, ``jax.lax.Precision.DEFAULT``) and accumulates
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 F32 = jnp.float32
 
@@ -46,3 +47,32 @@ def decay_matrix(b_rows: jax.Array, b_cols: jax.Array, mask: jax.Array) -> jax.A
     """``exp(b_i − b_j)`` where ``mask``, else 0: ``b_rows [C, 1]``, ``b_cols [1, C]``
     float32 chunk-local cumulative log decays (masked before the ``exp``)."""
     return jnp.exp(jnp.where(mask, b_rows - b_cols, -jnp.inf))
+
+
+def loop(num: int, body, init):
+    """``fori_loop`` over ``0 … num − 1`` with int32 bounds (also under ``jax_enable_x64``)."""
+    return jax.lax.fori_loop(jnp.int32(0), jnp.int32(num), body, init)
+
+
+def block_slice(i, block: int):
+    """The ``i``-th ``block``-wide slice (``i`` a traced loop index)."""
+    return pl.ds(pl.multiple_of(i * block, block), block)
+
+
+def last(b: jax.Array) -> jax.Array:
+    """The last entry of ``b [C]`` as a scalar (a masked sum: no dynamic index)."""
+    rows = jax.lax.broadcasted_iota(jnp.int32, b.shape, 0)
+    return jnp.sum(jnp.where(rows == b.shape[0] - 1, b, 0.0))
+
+
+def decay(b: jax.Array | None, size: int, *, transposed: bool = False) -> jax.Array:
+    """``Γ_ij = e^{b_i − b_j} [j ≤ i]`` (``Γᵀ`` when ``transposed``) float32 ``[C, C]`` for
+    the scalar chunk-local log decay ``b [C]``; the 0/1 causal mask without a gate
+    (``b is None``)."""
+    mask = causal_mask(size)
+    if transposed:
+        mask = ~causal_mask(size, strict=True)  # j ≤ i with j the row
+    if b is None:
+        return jnp.where(mask, 1.0, 0.0).astype(F32)
+    diff = b[None, :] - b[:, None] if transposed else b[:, None] - b[None, :]
+    return jnp.exp(jnp.where(mask, diff, -jnp.inf))

@@ -43,7 +43,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from .tiles import F32, causal_mask, col_ids, decay_matrix, mm, row_ids
+from . import specs
+from .tiles import F32, block_slice, causal_mask, col_ids, decay_matrix, loop, mm, row_ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,30 +75,18 @@ CONFIG = WYConfig()
 
 
 def _params(config: WYConfig, num_warps: int | None = None) -> pltriton.CompilerParams:
-    return pltriton.CompilerParams(
-        num_warps=config.num_warps if num_warps is None else num_warps,
-        num_stages=config.num_stages,
-    )
+    warps = config.num_warps if num_warps is None else num_warps
+    return specs.compiler_params(warps, config.num_stages)
 
 
 def _token_spec(chunk_size: int, width: int, heads: int) -> pl.BlockSpec:
     """Chunk ``n``'s ``[C, width]`` tile of a ``[B, L, H, width]`` array."""
-    return pl.BlockSpec(
-        (None, chunk_size, None, width), lambda n, bh: (bh // heads, n, bh % heads, 0)
-    )
+    return specs.token_spec(chunk_size, width, heads, lambda n, bh: (bh, n, 0))
 
 
 def _row_spec(chunk_size: int, heads: int) -> pl.BlockSpec:
     """Chunk ``n``'s ``[C]`` slice of a ``[B, L, H]`` array."""
-    return pl.BlockSpec((None, chunk_size, None), lambda n, bh: (bh // heads, n, bh % heads))
-
-
-def _loop(num: int, body, init):
-    return jax.lax.fori_loop(jnp.int32(0), jnp.int32(num), body, init)
-
-
-def _cols(i, block: int):
-    return pl.ds(pl.multiple_of(i * block, block), block)
+    return specs.row_spec(chunk_size, heads, lambda n, bh: (bh, n))
 
 
 def _mm_exact(a: jax.Array, b: jax.Array, *, trans_b: bool = False) -> jax.Array:
@@ -142,10 +131,10 @@ def _inverse_kernel(k_ref, beta_ref, *refs, sub: int, block_k: int):
 
     # A = diag(β)(K Kᵀ) ⊙ Γ (strictly lower) as one [C, C] array, then its S×S blocks.
     def body(c, kk):
-        tile = k_ref[:, _cols(c, block_k)]
+        tile = k_ref[:, block_slice(c, block_k)]
         return kk + mm(tile, tile, trans_b=True)
 
-    kk = _loop(key_width // block_k, body, jnp.zeros((chunk_size, chunk_size), F32))
+    kk = loop(key_width // block_k, body, jnp.zeros((chunk_size, chunk_size), F32))
     beta = beta_ref[...]
     strict = causal_mask(chunk_size, strict=True)
     if b_ref is not None:
@@ -242,12 +231,12 @@ def _recompute_kernel(k_ref, v_ref, beta_ref, t_ref, *refs, block_k: int, block_
 
     def apply(src_ref, dst_ref, factor, block):
         def body(i, carry):
-            cols = _cols(i, block)
+            cols = block_slice(i, block)
             x = (src_ref[:, cols].astype(F32) * factor[:, None]).astype(transform.dtype)
             dst_ref[:, cols] = mm(transform, x).astype(dst_ref.dtype)
             return carry
 
-        _loop(src_ref.shape[1] // block, body, 0)
+        loop(src_ref.shape[1] // block, body, 0)
 
     apply(k_ref, w_ref, scale_k, block_k)
     apply(v_ref, u_ref, scale, block_v)
@@ -318,7 +307,7 @@ def _backward_kernel(
 
     def key_pass(i, carry):
         d_t, dbeta, db = carry
-        cols = _cols(i, block_k)
+        cols = block_slice(i, block_k)
         k, dw = k_ref[:, cols], dw_ref[:, cols]
         x = k.astype(F32) * k_factor[:, None]
         d_t = d_t + mm(dw, x.astype(dtype), trans_b=True)
@@ -331,7 +320,7 @@ def _backward_kernel(
 
     def value_pass(i, carry):
         d_t, dbeta = carry
-        cols = _cols(i, block_v)
+        cols = block_slice(i, block_v)
         v, du = v_ref[:, cols], du_ref[:, cols]
         y = v.astype(F32) * beta[:, None]
         d_t = d_t + mm(du, y.astype(dtype), trans_b=True)
@@ -341,8 +330,8 @@ def _backward_kernel(
         return d_t, dbeta
 
     square = jnp.zeros((chunk_size, chunk_size), F32)
-    d_t, dbeta, db = _loop(key_width // block_k, key_pass, (square, zeros_c, zeros_c))
-    d_t, dbeta = _loop(value_width // block_v, value_pass, (d_t, dbeta))
+    d_t, dbeta, db = loop(key_width // block_k, key_pass, (square, zeros_c, zeros_c))
+    d_t, dbeta = loop(value_width // block_v, value_pass, (d_t, dbeta))
 
     d_t = jnp.where(causal_mask(chunk_size), d_t, 0.0).astype(dtype)
     d_a = mm(mm(transform, d_t, trans_a=True).astype(dtype), transform, trans_b=True)
@@ -354,10 +343,10 @@ def _backward_kernel(
         d_a = jnp.where(strict, -d_a, 0.0)
 
     def gram(i, kk):
-        k = k_ref[:, _cols(i, block_k)]
+        k = k_ref[:, block_slice(i, block_k)]
         return kk + mm(k, k, trans_b=True)
 
-    kk = _loop(key_width // block_k, gram, square)  # K Kᵀ, after T and dT are done with
+    kk = loop(key_width // block_k, gram, square)  # K Kᵀ, after T and dT are done with
     dbeta = dbeta + jnp.sum(d_a * kk, axis=1)
     m = d_a * beta[:, None]  # M = dA ⊙ Γ ⊙ β_i
     if b is not None:
@@ -366,7 +355,7 @@ def _backward_kernel(
     m = m.astype(dtype)
 
     def key_grad(i, carry):
-        cols = _cols(i, block_k)
+        cols = block_slice(i, block_k)
         k, dw = k_ref[:, cols], dw_ref[:, cols]
         dx = mm(transform, dw, trans_a=True)
         dk = dk_in_ref[:, cols].astype(F32) + dx * k_factor[:, None]
@@ -374,7 +363,7 @@ def _backward_kernel(
         dk_ref[:, cols] = dk.astype(dk_ref.dtype)
         return carry
 
-    _loop(key_width // block_k, key_grad, 0)
+    loop(key_width // block_k, key_grad, 0)
     dbeta_ref[...] = dbeta
     if db_ref is not None:
         db_ref[...] = db

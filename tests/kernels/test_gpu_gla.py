@@ -23,13 +23,19 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.kernels.gpu_cases import (
+    Shape,
+    add_gate_and_state,
+    assert_matches,
+    features,
+    value_and_grads,
+    xla_reference,
+)
 from tests.ops.helpers import assert_close, log_gates
-from xformjax import ops
 from xformjax.kernels.gpu.gla import (  # pyright: ignore[reportMissingImports]
     gated_linear_attention,
 )
@@ -40,25 +46,19 @@ from xformjax.kernels.gpu.gla_common import (  # pyright: ignore[reportMissingIm
 
 #: 16-wide feature tiles: several key and value tiles per head at small K and V.
 SMALL_TILES = GLATiles(block_k=16, block_v=16, state_block_k=16, state_block_v=16, inter_block_v=16)
+#: The scalar gate ``g`` folded into ``gk`` by each gate kind (``gpu_cases.scalar_gate``).
+SCALAR_GATE = {"channel": "none", "channel+token": "token", "channel+head": "head"}
 
 
 @dataclasses.dataclass(frozen=True)
-class Case:
+class Case(Shape):
     gate: str  # "channel" | "channel+token" | "channel+head"
-    batch: int = 1
-    length: int = 100
-    heads: int = 2
-    key_dim: int = 20
-    value_dim: int = 12
-    dtype: str = "float32"
-    initial_state: bool = True
     small_tiles: bool = False  # SMALL_TILES instead of the default tiling
 
     @property
     def name(self) -> str:
         return (
-            f"{self.gate}-B{self.batch}T{self.length}H{self.heads}K{self.key_dim}"
-            f"V{self.value_dim}-{self.dtype}"
+            f"{self.gate}-{self.dims}-{self.dtype}"
             + ("-h0" if self.initial_state else "")
             + ("-16tiles" if self.small_tiles else "")
         )
@@ -75,22 +75,14 @@ CASES = [
 
 def make_inputs(case: Case, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
-    shape = (case.batch, case.length, case.heads)
     dtype = jnp.dtype(case.dtype)
     inputs = {
-        "q": jnp.asarray(rng.standard_normal(shape + (case.key_dim,)), dtype),
-        "k": jnp.asarray(rng.standard_normal(shape + (case.key_dim,)), dtype),
-        "v": jnp.asarray(rng.standard_normal(shape + (case.value_dim,)), dtype),
+        "q": jnp.asarray(features(rng, case, case.key_dim), dtype),
+        "k": jnp.asarray(features(rng, case, case.key_dim), dtype),
+        "v": jnp.asarray(features(rng, case, case.value_dim), dtype),
     }
-    inputs["gk"] = jnp.asarray(log_gates(rng, shape + (case.key_dim,), "strong"), jnp.float32)
-    if case.gate == "channel+token":
-        inputs["g"] = jnp.asarray(log_gates(rng, shape, "strong"), jnp.float32)
-    if case.gate == "channel+head":
-        inputs["g"] = jnp.asarray(log_gates(rng, (case.heads,), "weak"), jnp.float32)
-    if case.initial_state:
-        state_shape = (case.batch, case.heads, case.key_dim, case.value_dim)
-        inputs["initial_state"] = jnp.asarray(rng.standard_normal(state_shape), jnp.float32)
-    return inputs
+    inputs["gk"] = jnp.asarray(log_gates(rng, case.tokens + (case.key_dim,), "strong"), jnp.float32)
+    return add_gate_and_state(inputs, rng, case, SCALAR_GATE[case.gate])
 
 
 def kernel_fn(q, k, v, gk, g=None, initial_state=None, tiles: GLATiles = TILES):
@@ -99,43 +91,19 @@ def kernel_fn(q, k, v, gk, g=None, initial_state=None, tiles: GLATiles = TILES):
     )
 
 
-def xla_fn(**inputs):
-    return ops.linear_attention(**inputs, output_final_state=True, backend="xla")
-
-
-def loss_and_grads(fn, case: Case, names: list[str]):
-    """``jit(value_and_grad)`` of a random-weighted loss of ``fn``'s ``(o, final)``, with
-    ``(o, final)`` as aux."""
-    rng = np.random.default_rng(1)
-    weights = rng.standard_normal((case.batch, case.length, case.heads, case.value_dim))
-    state_weights = rng.standard_normal((case.batch, case.heads, case.key_dim, case.value_dim))
-
-    def value(*arrays):
-        o, final = fn(**dict(zip(names, arrays)))
-        dtype = final.dtype
-        loss = jnp.sum(o.astype(dtype) * jnp.asarray(weights, dtype))
-        return loss + jnp.sum(final * jnp.asarray(state_weights, dtype)), (o, final)
-
-    return jax.jit(jax.value_and_grad(value, argnums=tuple(range(len(names))), has_aux=True))
+xla_fn = xla_reference("linear_attention")
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_gla_kernels_match_xla_chunk_form(case):
     inputs = make_inputs(case)
-    names = list(inputs)
-    arrays = [inputs[n] for n in names]
     tiles = SMALL_TILES if case.small_tiles else TILES
-    kernel = functools.partial(kernel_fn, tiles=tiles)
-    (_, (o, final)), grads = loss_and_grads(kernel, case, names)(*arrays)
-    (_, (o_ref, final_ref)), grads_ref = loss_and_grads(xla_fn, case, names)(*arrays)
-    tol = 1e-5 if case.dtype == "float32" else 2e-2
-    assert o.dtype == jnp.dtype(case.dtype) and o.shape == o_ref.shape
-    assert final.dtype == jnp.float32 and final.shape == final_ref.shape
-    assert_close(o, o_ref, tol, "output")
-    assert_close(final, final_ref, tol, "final state")
-    for name, grad, grad_ref in zip(names, grads, grads_ref):
-        assert grad.dtype == grad_ref.dtype and grad.shape == inputs[name].shape, name
-        assert_close(grad.astype(jnp.float32), grad_ref.astype(jnp.float32), tol, f"d{name}")
+    result = value_and_grads(functools.partial(kernel_fn, tiles=tiles), case, inputs)
+    reference = value_and_grads(xla_fn, case, inputs)
+    (o, _), grads = result
+    assert o.dtype == jnp.dtype(case.dtype)
+    assert all(grads[name].shape == inputs[name].shape for name in inputs)
+    assert_matches(case, result, reference)
 
 
 #: strength → (case, gk, g, tolerance of the gate gradients). Under log(1e-3) the gate
@@ -170,13 +138,13 @@ def test_strong_gates_stay_finite_and_accurate(strength, x64):
     inputs["gk"] = jnp.full(inputs["gk"].shape, gk, jnp.float32)
     if g is not None:
         inputs["g"] = jnp.full(inputs["g"].shape, g, jnp.float32)
-    names = list(inputs)
-    (_, (o, final)), grads = loss_and_grads(kernel_fn, case, names)(*[inputs[n] for n in names])
-    wide = [inputs[n].astype(jnp.float64) for n in names]
-    (_, (o_ref, final_ref)), grads_ref = loss_and_grads(xla_fn, case, names)(*wide)
+    wide = {name: x.astype(jnp.float64) for name, x in inputs.items()}
+    (o, final), grads = value_and_grads(kernel_fn, case, inputs)
+    (o_ref, final_ref), grads_ref = value_and_grads(xla_fn, case, wide)
     assert o.dtype == jnp.float32 and final.dtype == jnp.float32
     assert_close(o, o_ref, 1e-5, "output")
     assert_close(final, final_ref, 1e-5, "final state")
-    for name, grad, grad_ref in zip(names, grads, grads_ref):
+    for name, grad in grads.items():
         assert grad.dtype == jnp.float32 and np.all(np.isfinite(grad)), f"d{name}"
-        assert_close(grad, grad_ref, gate_tol if name in ("gk", "g") else 1e-5, f"d{name}")
+        tol = gate_tol if name in ("gk", "g") else 1e-5
+        assert_close(grad, grads_ref[name], tol, f"d{name}")

@@ -13,38 +13,20 @@ kernels' contracts. That every kernel fits an H100 is ``test_sm90_gate.py``'s.
 
 from __future__ import annotations
 
-import dataclasses
-
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.ops.helpers import assert_close, log_gates
-from xformjax import ops
+from tests.kernels.gpu_cases import ScalarGateCase as Case
+from tests.kernels.gpu_cases import (
+    add_gate_and_state,
+    assert_matches,
+    assert_strong_decay,
+    features,
+    kernel_and_reference,
+)
 from xformjax.kernels.gpu import chunk_h, chunk_o
 from xformjax.kernels.gpu.linear_attention import linear_attention
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    gate: str  # "none" | "head" | "token"
-    batch: int = 1
-    length: int = 100  # not a multiple of the chunk
-    heads: int = 2
-    key_dim: int = 20  # K ≠ V, neither a power of two
-    value_dim: int = 12
-    dtype: str = "float32"
-    initial_state: bool = True
-    chunk_size: int = 64
-
-    @property
-    def name(self) -> str:
-        return (
-            f"{self.gate}-B{self.batch}T{self.length}H{self.heads}K{self.key_dim}V{self.value_dim}"
-            f"-C{self.chunk_size}-{self.dtype}" + ("-h0" if self.initial_state else "")
-        )
-
 
 CASES = [
     # every gate kind, T = 100, K ≠ V
@@ -63,22 +45,13 @@ CASES = [
 
 def make_inputs(case: Case, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
-    shape = (case.batch, case.length, case.heads)
     dtype = jnp.dtype(case.dtype)
     inputs = {
-        "q": jnp.asarray(rng.standard_normal(shape + (case.key_dim,)), dtype),
-        "k": jnp.asarray(rng.standard_normal(shape + (case.key_dim,)), dtype),
-        "v": jnp.asarray(rng.standard_normal(shape + (case.value_dim,)), dtype),
+        "q": jnp.asarray(features(rng, case, case.key_dim), dtype),
+        "k": jnp.asarray(features(rng, case, case.key_dim), dtype),
+        "v": jnp.asarray(features(rng, case, case.value_dim), dtype),
     }
-    if case.gate == "head":
-        inputs["g"] = jnp.asarray(log_gates(rng, (case.heads,), "weak"), jnp.float32)
-    if case.gate == "token":
-        inputs["g"] = jnp.asarray(log_gates(rng, shape, "strong"), jnp.float32)
-    if case.initial_state:
-        inputs["initial_state"] = jnp.asarray(
-            rng.standard_normal((case.batch, case.heads, case.key_dim, case.value_dim)), jnp.float32
-        )
-    return inputs
+    return add_gate_and_state(inputs, rng, case, case.gate)
 
 
 def kernel_fn(case: Case):
@@ -92,58 +65,9 @@ def kernel_fn(case: Case):
     return run
 
 
-def xla_fn(case: Case):
-    def run(q, k, v, g=None, initial_state=None):
-        return ops.linear_attention(
-            q,
-            k,
-            v,
-            g=g,
-            initial_state=initial_state,
-            scale=case.key_dim**-0.5,
-            output_final_state=True,
-            backend="xla",
-        )
-
-    return run
-
-
-def value_and_grads(fn, case: Case, inputs: dict):
-    """``((o, final), grads)`` of a random-weighted loss of ``(o, final)``, under one jit."""
-    names = list(inputs)
-    rng = np.random.default_rng(1)
-    weights = jnp.asarray(
-        rng.standard_normal((case.batch, case.length, case.heads, case.value_dim)), jnp.float32
-    )
-    state_weights = jnp.asarray(
-        rng.standard_normal((case.batch, case.heads, case.key_dim, case.value_dim)), jnp.float32
-    )
-
-    def loss(*arrays):
-        o, final = fn(**dict(zip(names, arrays)))
-        value = jnp.sum(o.astype(jnp.float32) * weights) + jnp.sum(final * state_weights)
-        return value, (o, final)
-
-    grad = jax.jit(jax.grad(loss, argnums=tuple(range(len(names))), has_aux=True))
-    grads, outputs = grad(*[inputs[n] for n in names])
-    return outputs, dict(zip(names, grads))
-
-
 def check_case(case: Case, inputs: dict) -> None:
-    (o, final), grads = value_and_grads(kernel_fn(case), case, inputs)
-    (o_ref, final_ref), grads_ref = value_and_grads(xla_fn(case), case, inputs)
-    tol = 1e-5 if case.dtype == "float32" else 2e-2
-    assert o.dtype == o_ref.dtype and o.shape == o_ref.shape
-    assert final.dtype == jnp.float32 and final.shape == final_ref.shape
-    assert_close(o.astype(jnp.float32), o_ref.astype(jnp.float32), tol, "output")
-    assert_close(final, final_ref, tol, "final state")
-    for name, grad in grads.items():
-        grad_ref = grads_ref[name]
-        assert grad.dtype == grad_ref.dtype and grad.shape == grad_ref.shape, name
-        # dg of a per-head g [H] sums B·T per-token cotangents that largely cancel
-        # (float32 rounding of either side alone reaches ~3e-5 against float64)
-        grad_tol = 1e-4 if name == "g" and case.gate == "head" and tol < 1e-4 else tol
-        assert_close(grad.astype(jnp.float32), grad_ref.astype(jnp.float32), grad_tol, f"d{name}")
+    result, reference = kernel_and_reference(kernel_fn(case), "linear_attention", case, inputs)
+    assert_matches(case, result, reference, per_head_gate=case.gate == "head")
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
@@ -165,17 +89,8 @@ def test_strong_decay_over_a_long_sequence_stays_finite():
     case = Case("token", length=2048, heads=1, key_dim=16, value_dim=16)
     inputs = make_inputs(case)
     inputs["g"] = jnp.full(inputs["g"].shape, -20.0)
-    (o, final), grads = value_and_grads(kernel_fn(case), case, inputs)
-    (o_ref, final_ref), grads_ref = value_and_grads(xla_fn(case), case, inputs)
-    for x in (o, final, *grads.values()):
-        assert np.all(np.isfinite(np.asarray(x)))
-    assert_close(o, o_ref, 1e-5, "output")
-    assert_close(final, final_ref, 1e-5, "final state")
-    for name in ("q", "k", "v", "initial_state"):
-        assert_close(grads[name], grads_ref[name], 1e-5, f"d{name}")
-    # the exact dg is ~1e-9 here (every decay factor is ≤ e^{−20}), below the float32
-    # cancellation noise of O(1) terms that either implementation leaves: bound it instead
-    assert float(jnp.max(jnp.abs(grads["g"]))) < 1e-3
+    result, reference = kernel_and_reference(kernel_fn(case), "linear_attention", case, inputs)
+    assert_strong_decay(result, reference, exact=("q", "k", "v", "initial_state"))
 
 
 def test_state_kernels_contract():

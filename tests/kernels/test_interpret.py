@@ -15,33 +15,33 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.kernels.gpu_cases import (
+    Shape,
+    add_state,
+    features,
+    scalar_gate,
+    tolerance,
+    value_and_grads,
+    xla_reference,
+)
 from tests.ops.helpers import assert_close, log_gates
 from xformjax import kernels, ops
 
 
 @dataclasses.dataclass(frozen=True)
-class Case:
+class Case(Shape):
     op: str  # "linear_attention" | "delta_rule"
     gate: str  # "none" | "head" | "token" | "channel" | "token+channel"
-    batch: int = 1
-    length: int = 100  # not a multiple of any chunk
-    heads: int = 2
-    key_dim: int = 20  # K ≠ V, neither a power of two
-    value_dim: int = 12
-    dtype: str = "float32"
-    initial_state: bool = True
     target: str = "gpu"
 
     @property
     def name(self) -> str:
-        return (
-            f"{self.op}-{self.gate}-{self.target}-B{self.batch}T{self.length}H{self.heads}"
-            f"K{self.key_dim}V{self.value_dim}-{self.dtype}" + ("-h0" if self.initial_state else "")
+        return f"{self.op}-{self.gate}-{self.target}-{self.dims}-{self.dtype}" + (
+            "-h0" if self.initial_state else ""
         )
 
 
@@ -87,69 +87,46 @@ CASES = (
 
 def make_inputs(case: Case, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
-    shape = (case.batch, case.length, case.heads)
     dtype = jnp.dtype(case.dtype)
-    q = rng.standard_normal(shape + (case.key_dim,))
-    k = rng.standard_normal(shape + (case.key_dim,))
+    q = features(rng, case, case.key_dim)
+    k = features(rng, case, case.key_dim)
     if case.op == "delta_rule":
         k /= np.linalg.norm(k, axis=-1, keepdims=True)
     inputs = {
         "q": jnp.asarray(q, dtype),
         "k": jnp.asarray(k, dtype),
-        "v": jnp.asarray(rng.standard_normal(shape + (case.value_dim,)), dtype),
+        "v": jnp.asarray(features(rng, case, case.value_dim), dtype),
     }
     if case.op == "delta_rule":
-        inputs["beta"] = jnp.asarray(rng.uniform(0.05, 1.95, shape), dtype)
-    if case.gate == "head":
-        inputs["g"] = jnp.asarray(log_gates(rng, (case.heads,), "weak"), jnp.float32)
-    if case.gate in ("token", "token+channel"):
-        inputs["g"] = jnp.asarray(log_gates(rng, shape, "strong"), jnp.float32)
+        inputs["beta"] = jnp.asarray(rng.uniform(0.05, 1.95, case.tokens), dtype)
+    g = scalar_gate(rng, case, "token" if case.gate == "token+channel" else case.gate)
+    if g is not None:
+        inputs["g"] = g
     if case.gate in ("channel", "token+channel"):
-        inputs["gk"] = jnp.asarray(log_gates(rng, shape + (case.key_dim,), "strong"), jnp.float32)
-    if case.initial_state:
-        inputs["initial_state"] = jnp.asarray(
-            rng.standard_normal((case.batch, case.heads, case.key_dim, case.value_dim)), jnp.float32
-        )
-    return inputs
+        gk = log_gates(rng, case.tokens + (case.key_dim,), "strong")
+        inputs["gk"] = jnp.asarray(gk, jnp.float32)
+    return add_state(inputs, rng, case)
 
 
 def run_both(case: Case, inputs: dict):
-    """(outputs, gradients) of the kernel and of the XLA chunk form for one loss."""
-    names = list(inputs)
-    rng = np.random.default_rng(1)
-    weights = jnp.asarray(
-        rng.standard_normal((case.batch, case.length, case.heads, case.value_dim)), jnp.float32
-    )
-    state_weights = jnp.asarray(
-        rng.standard_normal((case.batch, case.heads, case.key_dim, case.value_dim)), jnp.float32
-    )
-
-    def loss(fn):
-        def value(*arrays):
-            o, final = fn(**dict(zip(names, arrays)))
-            o = o.astype(jnp.float32)
-            return jnp.sum(o * weights) + jnp.sum(final * state_weights), (o, final)
-
-        return jax.jit(jax.value_and_grad(value, argnums=tuple(range(len(names))), has_aux=True))
-
+    """``((o, final), grads)`` of the kernel and of the XLA chunk form for one loss."""
     kernel_fn = getattr(kernels, case.op)
-    xla_fn = getattr(ops, case.op)
-    kernel = loss(lambda **kw: kernel_fn(**kw, target=case.target, interpret=True))
-    xla = loss(lambda **kw: xla_fn(**kw, output_final_state=True, backend="xla"))
-    arrays = [inputs[n] for n in names]
-    return names, kernel(*arrays), xla(*arrays)
+    kernel = lambda **kw: kernel_fn(**kw, target=case.target, interpret=True)
+    return (
+        value_and_grads(kernel, case, inputs),
+        value_and_grads(xla_reference(case.op), case, inputs),
+    )
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_kernel_matches_xla_chunk_form(case):
-    names, ((_, (o, final)), grads), ((_, (o_ref, final_ref)), grads_ref) = run_both(
-        case, make_inputs(case)
-    )
-    tol = 1e-5 if case.dtype == "float32" else 2e-2
+    ((o, final), grads), ((o_ref, final_ref), grads_ref) = run_both(case, make_inputs(case))
+    tol = tolerance(case)
     assert o.shape == o_ref.shape and final.shape == final_ref.shape
-    assert_close(o, o_ref, tol, "output")
+    assert_close(o.astype(jnp.float32), o_ref.astype(jnp.float32), tol, "output")
     assert_close(final, final_ref, tol, "final state")
-    for name, grad, grad_ref in zip(names, grads, grads_ref):
+    for name, grad in grads.items():
+        grad_ref = grads_ref[name]
         assert grad.dtype == grad_ref.dtype, name
         assert_close(grad.astype(jnp.float32), grad_ref.astype(jnp.float32), tol, f"d{name}")
 
@@ -169,14 +146,12 @@ X64_CASES = [
 def test_kernels_run_with_x64_enabled(x64, case):
     """Many scientific users switch ``jax_enable_x64`` on: float32 inputs must still run the
     kernels (integer index arithmetic stays int32) and give the float32 answer."""
-    names, ((_, (o, final)), grads), ((_, (o_ref, final_ref)), grads_ref) = run_both(
-        case, make_inputs(case)
-    )
+    ((o, final), grads), ((o_ref, final_ref), grads_ref) = run_both(case, make_inputs(case))
     assert o.dtype == jnp.float32
     assert_close(o, o_ref, 1e-5, "output")
     assert_close(final, final_ref, 1e-5, "final state")
-    for name, grad, grad_ref in zip(names, grads, grads_ref):
-        assert_close(grad, grad_ref, 1e-5, f"d{name}")
+    for name, grad in grads.items():
+        assert_close(grad, grads_ref[name], 1e-5, f"d{name}")
 
 
 def test_strong_decay_over_a_long_sequence_stays_finite():
