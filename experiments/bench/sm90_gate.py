@@ -6,7 +6,7 @@
 For each op the library runs on a GPU with ``backend="pallas"`` (scalar-gated
 linear attention, per-channel GLA, the gated delta rule), forward and
 forward+backward, B=1, T=4096, H=16, at (K, V) ∈ {(64, 64), (128, 128),
-(128, 256), (256, 256)} in bfloat16 and (256, 256) in float32: the program
+(128, 256), (256, 256)} in bfloat16 and in float32: the program
 is lowered for CUDA on this host and each Triton kernel is compiled with the pip
 ``triton`` for sm_90
 (``xformjax.kernels.gpu.sm90``), giving the shared memory it asks for (the
@@ -31,9 +31,9 @@ RESULTS = pathlib.Path(__file__).resolve().parents[1] / "results"
 BATCH, LENGTH, HEADS = 1, 4096, 16
 HEAD_SIZES: tuple[tuple[int, int], ...] = ((64, 64), (128, 128), (128, 256), (256, 256))
 OPS: tuple[str, ...] = ("linear_attention", "gla", "delta_rule")
-#: (K, V, dtype) of every program the gate compiles: bf16 at each size, float32 at the largest.
-CASES: tuple[tuple[int, int, str], ...] = tuple((k, v, "bfloat16") for k, v in HEAD_SIZES) + (
-    (256, 256, "float32"),
+#: (K, V, dtype) of every program the gate compiles: each size in bfloat16 and float32.
+CASES: tuple[tuple[int, int, str], ...] = tuple(
+    (k, v, dtype) for dtype in ("bfloat16", "float32") for k, v in HEAD_SIZES
 )
 
 
@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> None:
         f"Every Triton kernel of the GPU path, compiled for an H100 (sm_90) on a CPU host "
         f"({platform.processor() or platform.machine()}, jax {jax.__version__}, "
         f"pip triton {triton.__version__}): `python -m experiments.bench.sm90_gate`. "
-        f"B={BATCH}, T={LENGTH}, H={HEADS}; bfloat16 at every size, float32 at the "
-        "largest. The H100 grants "
+        f"B={BATCH}, T={LENGTH}, H={HEADS}; bfloat16 and float32 at every size. "
+        "The H100 grants "
         f"{sm90.SHARED_LIMIT} bytes of shared memory per block.\n\n"
         f"Largest shared memory: **{worst_shared} B**; largest spill: **{worst_spill} B**; "
         f"slowest compile: **{slowest:.1f} s**. A kernel that the backward runs again (the "

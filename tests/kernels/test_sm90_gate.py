@@ -1,9 +1,9 @@
 """The GPU compile gate: every kernel the public ops run on an H100 compiles for sm_90 and fits.
 
-For each op with ``backend="pallas"`` — scalar-gated linear attention, per-channel
-GLA, the gated delta rule — forward and forward+backward, B=1, T=4096, H=16, at
-(K, V) ∈ {(64, 64), (128, 128), (128, 256), (256, 256)}, bfloat16 (and float32
-at the largest size): the program is lowered for CUDA on this CPU and each
+For each op with ``backend="pallas"`` — scalar-gated linear attention,
+per-channel GLA, the gated delta rule — forward and forward+backward, B=1,
+T=4096, H=16, at (K, V) ∈ {(64, 64), (128, 128), (128, 256), (256, 256)},
+bfloat16 and float32: the program is lowered for CUDA on this CPU and each
 Triton kernel in it is compiled with the pip ``triton`` (the H100 machine's
 3.6.0) for sm_90 (``kernels/gpu/sm90.py``). Every kernel must ask for at most
 the H100's 232448 bytes of shared memory, spill no registers, and compile in
