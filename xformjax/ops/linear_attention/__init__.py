@@ -161,7 +161,8 @@ def linear_attention(
         ``"pallas"`` (the kernel; interpret mode on CPU). The kernel runs the
         chunk form with its own tile (``chunk_size`` is then ignored); what it
         does not cover (``normalize``, ``cu_seqlens``, dtypes other than float32
-        and bfloat16, other modes) runs in XLA with a one-time warning.
+        and bfloat16, K or V above 256 — beyond the sm_90 compile gate — and
+        other modes) runs in XLA with a one-time warning.
 
     Returns:
       ``(o, final_state)``: ``o`` is ``[B, T, H, V]`` in the inputs' dtype;
