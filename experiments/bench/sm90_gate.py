@@ -42,11 +42,11 @@ def _spec(*shape, dtype=jnp.bfloat16) -> jax.ShapeDtypeStruct:
 
 
 def op_program(
-    op: str, key_dim: int, value_dim: int, dtype=jnp.bfloat16
+    op: str, key_dim: int, value_dim: int, dtype=jnp.bfloat16, length: int = LENGTH
 ) -> tuple[Callable, tuple[jax.ShapeDtypeStruct, ...]]:
-    """``(fn, specs)``: the public op with ``backend="pallas"`` as the GPU runs it, returning
-    ``(o, final_state)``, and its argument shapes."""
-    tokens = (BATCH, LENGTH, HEADS)
+    """``(fn, specs)``: the public op with ``backend="pallas"`` as an accelerator runs it,
+    returning ``(o, final_state)``, and its argument shapes ``[B, length, H, ...]``."""
+    tokens = (BATCH, length, HEADS)
     q, v = _spec(*tokens, key_dim, dtype=dtype), _spec(*tokens, value_dim, dtype=dtype)
     gate = _spec(*tokens, dtype=jnp.float32)
     if op == "linear_attention":

@@ -6,6 +6,7 @@ and each op's docstring for the recurrence it computes.
 """
 
 from xformjax.ops.aaren import aaren
+from xformjax.ops.common.validation import compiling_for
 from xformjax.ops.delta_rule import delta_product, delta_rule
 from xformjax.ops.diagonal_recurrence import diagonal_recurrence
 from xformjax.ops.linear_attention import linear_attention
@@ -15,6 +16,7 @@ from xformjax.ops.softmax_attention import sigmoid_attention, softmax_attention
 
 __all__ = [
     "aaren",
+    "compiling_for",
     "delta_product",
     "delta_rule",
     "diagonal_recurrence",

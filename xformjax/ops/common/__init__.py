@@ -29,6 +29,7 @@ from xformjax.ops.common.validation import (
     check_log_gate,
     check_mode,
     check_rank,
+    compiling_for,
     compute_dtype,
     fail,
     is_concrete,
@@ -37,6 +38,7 @@ from xformjax.ops.common.validation import (
     resolve_backend,
     round_up,
     shape_str,
+    target_platform,
     warn_once,
 )
 
@@ -55,6 +57,7 @@ __all__ = [
     "check_log_gate",
     "check_mode",
     "check_rank",
+    "compiling_for",
     "compute_dtype",
     "fail",
     "is_concrete",
@@ -63,5 +66,6 @@ __all__ = [
     "resolve_backend",
     "round_up",
     "shape_str",
+    "target_platform",
     "warn_once",
 ]

@@ -7,9 +7,10 @@ user input into validated, promoted arrays and, for packed batches
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Literal, NoReturn, get_args
 
 import jax
@@ -81,6 +82,40 @@ def check_chunk_size(op: str, chunk_size) -> int:
 
 ACCELERATORS: tuple[str, ...] = ("gpu", "tpu", "cuda", "rocm")
 _WARNED: set[tuple[str, str]] = set()
+_TARGET_PLATFORMS: list[str] = []
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str) -> Iterator[str]:
+    """Choose backends, inside the block, as JAX's default backend were ``platform``.
+
+    ``backend=None`` looks at the default backend when a call is traced; a program
+    traced on a CPU host to be compiled for a TPU slice (:mod:`xformjax.parallel.tpu`,
+    ``xformjax aot``) must pick the kernels the TPU will run::
+
+        with ops.compiling_for("tpu"):
+            compiled = jax.jit(step).trace(*specs).lower().compile()
+
+    The choice is made while tracing, and JAX's caches of traced functions do not know
+    about it, so entering and leaving the block clears them (``jax.clear_caches()``):
+    a function traced before the block is traced again inside it, and the other way
+    round.
+    """
+    if platform not in ("cpu", *ACCELERATORS):
+        raise ValueError(f"unknown platform {platform!r}; expected cpu or one of {ACCELERATORS}")
+    jax.clear_caches()
+    _TARGET_PLATFORMS.append(platform)
+    try:
+        yield platform
+    finally:
+        _TARGET_PLATFORMS.pop()
+        jax.clear_caches()
+
+
+def target_platform() -> str:
+    """The platform ``backend=None`` chooses for: :func:`compiling_for`'s, else JAX's
+    default backend."""
+    return _TARGET_PLATFORMS[-1] if _TARGET_PLATFORMS else jax.default_backend()
 
 
 def warn_once(op: str, message: str) -> None:
@@ -102,7 +137,8 @@ def resolve_backend(
     """Return the backend that will run: ``"pallas"`` or ``"xla"``.
 
     ``backend=None`` picks the Pallas kernel when the op has one, ``mode`` is the
-    chunk form (the kernels' form) and JAX's default backend is a GPU or TPU;
+    chunk form (the kernels' form) and JAX's default backend is a GPU or TPU (or the
+    block is :func:`compiling_for` one);
     XLA otherwise. ``"pallas"`` forces the kernel (interpret mode on CPU);
     ``"xla"`` forces XLA. ``unsupported`` says why the kernel cannot run these
     inputs: the op then runs in XLA and warns once (so does ``"pallas"`` on an op
@@ -112,7 +148,7 @@ def resolve_backend(
         fail(op, f"unknown `backend`={backend!r}; expected one of {BACKENDS}")
     if backend == "xla" or (
         backend is None
-        and (not has_kernel or mode != "chunk" or jax.default_backend() not in ACCELERATORS)
+        and (not has_kernel or mode != "chunk" or target_platform() not in ACCELERATORS)
     ):
         return "xla"
     if not has_kernel:
