@@ -11,12 +11,11 @@ distribution exists on the registry).
   WY/UT transform and its triangular inverse inside the kernel.
 
 Both have backward kernels (``jax.custom_vjp``) and two targets, chosen when the
-program is lowered (``platform.py``): on GPUs the chunk-parallel decomposition
-of ``gpu/`` (Triton; chunk-local work parallel over chunks and heads, only the
-state recurrence sequential, over tiles of the state), on TPUs one Mosaic
-kernel per direction walking the chunks of each (batch, head) row
-(``driver.py``, ``chunked.py``, ``chunk_math.py``); on a CPU they run in Pallas'
-interpret mode. Users normally reach them through
+program is lowered (``platform.py``), both flash-linear-attention's chunk-parallel
+decomposition (chunk-local work parallel over chunks and heads, only the state
+recurrence sequential, over value tiles of the state): ``gpu/`` (Triton) on GPUs,
+``tpu/`` (Mosaic; ``chunk_math.py`` holds the in-kernel helpers it shares) on TPUs;
+on a CPU they run in Pallas' interpret mode. Users normally reach them through
 :func:`xformjax.ops.linear_attention` / :func:`xformjax.ops.delta_rule` with
 ``backend=None`` (kernels on GPU/TPU where they cover the call) or
 ``backend="pallas"``.

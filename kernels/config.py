@@ -2,10 +2,11 @@
 
 A *target* is what a kernel is lowered for:
 
-* ``"tpu"``: Mosaic TPU, the sequential driver (``driver.py``). The grid is
-  ``(B·H, chunks)``; the chunk axis is sequential (``"arbitrary"``) and the
-  K×V state lives in a VMEM scratch that persists across it. Its tiling is
-  ``BLOCK_CONFIGS["tpu"]``.
+* ``"tpu"``: Mosaic TPU, the chunk-parallel decomposition of ``kernels/tpu/``:
+  chunk-local kernels on grids ``(B·H, chunks)`` (both axes parallel), the state
+  recurrences on ``(B·H, V/128, chunks)`` with the chunk axis sequential
+  (``"arbitrary"``) and a ``[K, 128]`` state tile in a VMEM scratch. Its tiling is
+  ``BLOCK_CONFIGS["tpu"]`` (and ``tpu.common.Tiles``).
 * ``"gpu"``: the Triton lowering of Pallas (CUDA and ROCm), the chunk-parallel
   decomposition of ``kernels/gpu/``. Each of its kernels has its tiling in a
   frozen dataclass beside it (``chunk_h.StateConfig``, ``chunk_o.OutputConfig``,
@@ -16,11 +17,11 @@ A *target* is what a kernel is lowered for:
 
 Chunk sizes are the token tiles: the scalar-gate and delta-rule kernels build
 ``C×C`` decay masks and (delta rule) a ``C×C`` triangular inverse per chunk;
-the TPU per-channel-gate kernel walks its chunk one source row at a time with
-``C×K`` decays, so its chunk is smaller. Feature dimensions are padded to a
-power of two of at least ``min_feature``: 16 on GPUs (Triton's tiles must be
-powers of two, and ``dot`` needs 16), the 128 lanes on TPUs (so no transposed
-matmul operand is an unaligned tile). Zero columns change nothing.
+the TPU per-channel-gate kernels (``tpu/gla.py``) walk the diagonal 16×16 blocks
+of their chunk one source row at a time with exact ``[16, K]`` decays. Feature
+dimensions are padded to a power of two of at least ``min_feature``: 16 on GPUs
+(Triton's tiles must be powers of two, and ``dot`` needs 16), the 128 lanes on TPUs
+(so no transposed matmul operand is an unaligned tile). Zero columns change nothing.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ class ScanOptions:
 MAX_HEAD_DIM = 256
 
 BLOCK_CONFIGS: dict[Target, BlockConfig] = {
-    "tpu": BlockConfig(chunk_size=64, channel_chunk_size=16, inverse_block=16, min_feature=128),
+    "tpu": BlockConfig(chunk_size=64, channel_chunk_size=64, inverse_block=16, min_feature=128),
     # The GPU kernels read only the feature padding (and the chunk) from here.
     "gpu": BlockConfig(chunk_size=64, min_feature=16),
 }

@@ -5,13 +5,13 @@
 
 On GPUs, the chunk-parallel kernels of ``gpu/delta_rule.py`` (fla's
 decomposition: chunk-local WY/UT transform, a sequential state kernel over
-value tiles, chunk-parallel outputs and gradients). On TPUs, one kernel per
-direction; per chunk, inside it: the WY/UT preparation
+value tiles, chunk-parallel outputs and gradients); on TPUs the same
+decomposition in Mosaic (``tpu/delta_rule.py``): the WY/UT transform
 ``A = tril(diag(β)(KKᵀ ⊙ Γ), −1)``, ``T = (I + A)⁻¹`` (substitution in 16×16
 diagonal blocks, then a short matmul series; ``chunk_math.unit_lower_inverse``),
-``W = T diag(β)(K ⊙ e^b)``, pseudo-values ``U = T diag(β)V − W S``, then the
-outputs and the state update as for linear attention with ``U`` for ``V``.
-The backward recomputes all of it per chunk from the saved entering state.
+``W = T diag(β)(K ⊙ e^b)``, ``U = T diag(β)V`` parallel over chunks, the state
+recurrence (pseudo-values ``U − W h``) sequential over chunks and parallel over
+value tiles, then outputs and gradients parallel over chunks.
 
 Gates: none, ``g [H]`` or ``g [B, T, H]``. The per-channel gate (``gk``, KDA)
 and packed sequences run in XLA (:func:`xformjax.ops.delta_rule` falls back).
@@ -25,10 +25,10 @@ import jax
 import jax.numpy as jnp
 
 from . import layout
-from .chunked import scalar_scan
 from .config import ScanOptions, Target, block_config, padded_feature
 from .gpu import delta_rule as gpu_delta_rule
 from .platform import on_platforms
+from .tpu import delta_rule as tpu_delta_rule
 
 
 def delta_rule(
@@ -103,14 +103,16 @@ def _run(q, k, v, beta, g, initial_state, *, scale, target, interpret):
     length = layout.padded_length(num_tokens, chunk_size)
     key_width = padded_feature(key_dim, target)
     value_width = padded_feature(value_dim, target)
-    q_rows, k_rows = layout.to_rows(q, length, key_width), layout.to_rows(k, length, key_width)
-    v_rows = layout.to_rows(v, length, value_width)
+    dtype = jnp.result_type(q, k, v)
+    q_rows = layout.to_rows(q.astype(dtype), length, key_width)
+    k_rows = layout.to_rows(k.astype(dtype), length, key_width)
+    v_rows = layout.to_rows(v.astype(dtype), length, value_width)
     beta_rows = layout.to_rows(beta.astype(jnp.float32)[..., None], length, width=1)
     h0 = layout.state_to_rows(initial_state, batch, heads, key_width, value_width)
     b = layout.chunk_cumsum(layout.token_gate_rows(g, batch, num_tokens, heads, length), chunk_size)
     options = ScanOptions(scale, chunk_size, config.inverse_block, target, interpret)
     # jax.custom_vjp.__new__ may return a custom_vjp3, so pyright loses the return type
-    out, final = scalar_scan(q_rows, k_rows, v_rows, b, beta_rows, h0, options)  # pyright: ignore[reportGeneralTypeIssues]
+    out, final = tpu_delta_rule.delta(q_rows, k_rows, v_rows, b, beta_rows, h0, options)  # pyright: ignore[reportGeneralTypeIssues]
     return (
         layout.from_rows(out, batch, num_tokens, value_dim),
         layout.state_from_rows(final, batch, key_dim, value_dim),

@@ -6,10 +6,9 @@ Gates: none, ``g [H]`` (per-head constant, lightning attention / RetNet),
 ``g [B, T, H]`` (per token) — scalar decay masks — and ``gk [B, T, H, K]``
 (GLA, ``g`` folded in) — exact per-channel decays. On GPUs the chunk-parallel
 kernels of ``gpu/linear_attention.py`` (scalar) and ``gpu/gla.py`` (per
-channel) run; on TPUs one program per (batch, head) row walks its chunks with
-the K×V state in VMEM (``chunked.py``, chunk ``config.chunk_size``, or
-``config.channel_chunk_size`` per channel). ``platform.py`` picks the flavour
-when the program is lowered.
+channel) run; on TPUs those of ``tpu/linear_attention.py`` and ``tpu/gla.py``
+(chunk ``config.chunk_size``, or ``config.channel_chunk_size`` per channel).
+``platform.py`` picks the flavour when the program is lowered.
 
 Prefer :func:`xformjax.ops.linear_attention` with ``backend="pallas"`` (or
 ``None`` on a GPU/TPU), which validates inputs and falls back to XLA for what
@@ -24,11 +23,12 @@ import jax
 import jax.numpy as jnp
 
 from . import layout
-from .chunked import channel_scan, scalar_scan
 from .config import ScanOptions, Target, block_config, padded_feature
 from .gpu import gla as gpu_gla
 from .gpu import linear_attention as gpu_linear_attention
 from .platform import on_platforms
+from .tpu import gla as tpu_gla
+from .tpu import linear_attention as tpu_linear_attention
 
 
 def linear_attention(
@@ -103,32 +103,33 @@ def _run(q, k, v, g, gk, initial_state, *, scale, target, interpret):
         return gpu_linear_attention.linear_attention(
             q, k, v, g, initial_state, scale=scale, interpret=interpret
         )
+    return _tpu(q, k, v, g, gk, initial_state, scale=scale, interpret=interpret)
+
+
+def _tpu(q, k, v, g, gk, initial_state, *, scale, interpret):
+    """On TPUs: the chunk-parallel kernels of ``tpu/linear_attention.py`` (scalar gates) and
+    ``tpu/gla.py`` (per-channel gates)."""
     batch, num_tokens, heads, key_dim = q.shape
     value_dim = v.shape[-1]
-    config = block_config(target)
-    channel = gk is not None
-    chunk_size = config.channel_chunk_size if channel else config.chunk_size
+    config = block_config("tpu")
+    chunk_size = config.chunk_size if gk is None else config.channel_chunk_size
+    dtype = jnp.result_type(q, k, v)
     length = layout.padded_length(num_tokens, chunk_size)
-    key_width = padded_feature(key_dim, target)
-    value_width = padded_feature(value_dim, target)
-    q_rows, k_rows = layout.to_rows(q, length, key_width), layout.to_rows(k, length, key_width)
-    v_rows = layout.to_rows(v, length, value_width)
+    key_width, value_width = padded_feature(key_dim, "tpu"), padded_feature(value_dim, "tpu")
+    q_rows = layout.to_rows(q.astype(dtype), length, key_width)
+    k_rows = layout.to_rows(k.astype(dtype), length, key_width)
+    v_rows = layout.to_rows(v.astype(dtype), length, value_width)
     h0 = layout.state_to_rows(initial_state, batch, heads, key_width, value_width)
-    options = ScanOptions(scale, chunk_size, config.inverse_block, target, interpret)
-    if channel:
-        log_decay = layout.to_rows(gk.astype(jnp.float32), length, key_width)
-        if g is not None:
-            log_decay = (
-                log_decay + layout.token_gate_rows(g, batch, num_tokens, heads, length)[..., None]
-            )
+    options = ScanOptions(scale, chunk_size, config.inverse_block, "tpu", interpret)
+    log_decay = layout.token_gate_rows(g, batch, num_tokens, heads, length)
+    if gk is None:
         b = layout.chunk_cumsum(log_decay, chunk_size)
         # jax.custom_vjp.__new__ may return a custom_vjp3, so pyright loses the return type
-        out, final = channel_scan(q_rows, k_rows, v_rows, b, h0, options)  # pyright: ignore[reportGeneralTypeIssues]
+        out, final = tpu_linear_attention.scalar_attention(q_rows, k_rows, v_rows, b, h0, options)  # pyright: ignore[reportGeneralTypeIssues]
     else:
-        log_decay = layout.token_gate_rows(g, batch, num_tokens, heads, length)
+        log_decay = layout.to_rows(gk.astype(jnp.float32), length, key_width) + log_decay[..., None]
         b = layout.chunk_cumsum(log_decay, chunk_size)
-        # jax.custom_vjp.__new__ may return a custom_vjp3, so pyright loses the return type
-        out, final = scalar_scan(q_rows, k_rows, v_rows, b, None, h0, options)  # pyright: ignore[reportGeneralTypeIssues]
+        out, final = tpu_gla.channel_attention(q_rows, k_rows, v_rows, b, h0, options)  # pyright: ignore[reportGeneralTypeIssues]
     return (
         layout.from_rows(out, batch, num_tokens, value_dim),
         layout.state_from_rows(final, batch, key_dim, value_dim),

@@ -72,6 +72,12 @@ CASES = (
     ]
     # several chunks (T = 2·64 + 3), B·H > 1
     + [Case("delta_rule", "token", batch=2, length=131, key_dim=8, value_dim=8)]
+    # the TPU state kernels' sequential chunk axis over several chunks, and two 128-lane
+    # value tiles (V = 136)
+    + [
+        Case(op, gate, batch=2, length=131, key_dim=8, value_dim=136, target="tpu")
+        for op, gate in (("linear_attention", "channel"), ("delta_rule", "none"))
+    ]
     # bfloat16 inputs
     + [
         Case(op, gate, dtype="bfloat16", target=target)

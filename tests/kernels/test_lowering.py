@@ -4,8 +4,9 @@ Realistic shapes (H = 16, K = V = 128, T = 8192, bfloat16), forward and
 backward, with the default block sizes: ``jax.jit(...).trace(...).lower(
 lowering_platforms=(platform,))`` runs the Pallas → Mosaic / Triton lowering,
 which rejects what the target cannot compile (block shapes, unsupported ops).
-On a GPU the forward is several chunk-parallel kernels (the states, then the
-outputs), on a TPU one sequential kernel. The public ops with
+On both targets the forward is several chunk-parallel kernels (for the delta
+rule W and U, then the states, then the outputs) and the backward its own set.
+The public ops with
 ``backend="pallas"`` are checked the same way, and their
 lowering for each platform must hold exactly that platform's kernel: interpret
 mode is only the CPU lowering.
@@ -47,6 +48,13 @@ FUNCTIONS = {
         (SEQ, SEQ, spec(B, T, H, V), spec(B, T, H), GATE),
     ),
 }
+#: (forward, forward + backward) Mosaic kernel calls of each function (see the test).
+TPU_KERNELS = {
+    "linear_attention-token": (2, 4),
+    "linear_attention-head": (2, 4),
+    "linear_attention-channel": (2, 4),
+    "delta_rule-gated": (3, 5),
+}
 
 
 def custom_calls(fn, args, platform: str) -> list[str]:
@@ -70,12 +78,14 @@ def test_kernel_lowers_forward_and_backward(name, platform):
         return jnp.sum(o.astype(jnp.float32)) + jnp.sum(final)
 
     grad = jax.grad(loss, argnums=tuple(range(len(args))))
-    # The forward saving what the backward needs, then the backward kernels: on a TPU
-    # one sequential kernel each way, on a GPU the chunk-parallel decomposition.
+    # The forward saving what the backward needs, then the backward kernels: the
+    # chunk-parallel decomposition on both targets.
     both = custom_calls(grad, args, platform)
     assert set(both) == {KERNEL_CALL[platform]} and len(both) > len(forward)
     if platform == "tpu":
-        assert len(forward) == 1 and len(both) == 2
+        # linear attention and GLA: states, outputs; backward: reverse states, gradients.
+        # delta rule: W/U, states, outputs; backward: dv_local, reverse states, gradients.
+        assert (len(forward), len(both)) == TPU_KERNELS[name]
 
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])

@@ -1,0 +1,255 @@
+"""Per-channel gated linear attention (GLA) by the chunk-parallel TPU kernels.
+
+    S_t = diag(e^{gk_t}) S_{t−1} + k_t v_tᵀ        o_t = scale · S_tᵀ q_t
+
+on padded head-major rows: ``q, k [R, L, K]``, ``v [R, L, V]`` in one dtype, ``b [R, L, K]``
+the chunk-local cumulative log decay per key channel (float32, ``g`` folded in),
+``h0 [R, K, V]`` float32. The state recurrence is ``state.py``'s with a per-channel
+``D = diag(e^{b_last})``; the chunk-local kernels here (grid ``(R, N)``,
+``("parallel", "parallel")``) need the intra-chunk scores
+
+    A_ij = Σ_c q̃_ic k_jc e^{b_ic − b_jc}   (j ≤ i),      o = (q̃ ⊙ e^{b}) h_n + A v
+
+with every exponent ≤ 0. The chunk (``C`` = 64) is cut into ``S``-row sub-blocks
+(``S`` = 16). For rows ``I`` and earlier columns, with ``r`` the first row of ``I``,
+``A_I,<r = (q̃_I ⊙ e^{b_I − b_r}) (k_{<r} ⊙ e^{b_r − b_{<r}})ᵀ`` — one matmul, both
+factors ≤ 1. Inside the diagonal ``S×S`` block the kernel walks the source rows ``j``
+(a ``fori_loop``) with the exact ``[S, K]`` decays ``e^{b_I − b_j}`` (masked before
+the ``exp``). The backward mirrors it: ``dA = (do vᵀ) ⊙ [j ≤ i]``,
+``dq̃ = dA ∘ k-terms + e^{b} ⊙ (do h_nᵀ)``, ``dk = dAᵀ ∘ q̃-terms + e^{b_last − b} ⊙ (v dh_nᵀ)``,
+``dv = Aᵀ do + (k ⊙ e^{b_last − b}) dh_n``,
+``db = q̃ ⊙ dq̃ − k ⊙ dk + [last row](Σ_i k ⊙ e^{b_last−b} ⊙ (v dh_nᵀ)
++ rowsum(h_n ⊙ dh_n) e^{b_last})``.
+
+VMEM (``vmem_bytes``; ``c`` the item size, blocks double-buffered)::
+
+    output:    2·[2·C·K·c + C·V·c + K·V·c + C·K·4 + C·V·c] + 4·(4·C·K + 2·C·C + 2·S·K + S·V)
+    backward:  2·[2·C·K·c + 2·C·V·c + 2·K·V·c + C·K·4 + 2·C·K·c + C·V·c + C·K·4]
+               + 4·(10·C·K + 3·C·C + 2·C·V + 2·K·V + K·K + 6·S·K)
+
+e.g. about 3 MiB for the backward at K = V = 256, float32.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from .. import chunk_math
+from ..config import ScanOptions
+from . import common, state
+from .common import F32, Tiles, mm
+
+NAME = "gated_linear_attention"
+#: Rows of the sub-blocks whose diagonal blocks are walked exactly.
+SUB_BLOCK = 16
+
+
+def _iota(shape, dim):
+    return jax.lax.broadcasted_iota(jnp.int32, shape, dim)
+
+
+def _loop(num: int, body, init):
+    return jax.lax.fori_loop(jnp.int32(0), jnp.int32(num), body, init)
+
+
+def _earlier(k, b, lo: int):
+    """``(k_{<r} ⊙ e^{b_r − b_{<r}}`` (zero rows from ``r`` = ``lo`` on), ``b_r)``."""
+    b_r = chunk_math.row(b, lo)
+    weights = jnp.exp(jnp.where(_iota(b.shape, 0) < lo, b_r - b, -jnp.inf))
+    return k * weights, b_r, weights
+
+
+def _diagonal(q_b, k_b, b_b, lo: int, size: int, d_scores=None):
+    """The exact diagonal block of rows ``I`` (``lo … lo+S−1``): ``scores [S, C]`` (zero
+    outside the block's columns) and, given ``d_scores [S, C]`` (``dA_I``), also
+    ``dq̃_I`` and ``dk_I`` from that block (``[S, K]``)."""
+    sub = q_b.shape[0]
+    rows = _iota(q_b.shape, 0)
+    cols = _iota((sub, size), 1)
+
+    def body(t, carry):
+        scores, dq, dk = carry
+        k_t, b_t = chunk_math.row(k_b, t), chunk_math.row(b_b, t)
+        decays = jnp.exp(jnp.where(rows >= t, b_b - b_t, -jnp.inf))  # [S, K]
+        scores = jnp.where(cols == lo + t, chunk_math.rowsum(q_b * k_t * decays), scores)
+        if d_scores is not None:
+            weighted = chunk_math.column(d_scores, lo + t) * decays
+            dq = dq + weighted * k_t
+            dk = jnp.where(rows == t, jnp.sum(weighted * q_b, axis=0, keepdims=True), dk)
+        return scores, dq, dk
+
+    zeros = jnp.zeros(q_b.shape, F32)
+    return _loop(sub, body, (jnp.zeros((sub, size), F32), zeros, zeros))
+
+
+def _output_kernel(q_ref, k_ref, v_ref, h_ref, b_ref, o_ref, *, scale, sub):
+    dtype = q_ref.dtype
+    size = q_ref.shape[0]
+    q = q_ref[...].astype(F32) * scale
+    k, b, v, h = k_ref[...].astype(F32), b_ref[...], v_ref[...], h_ref[...]
+    for lo in range(0, size, sub):
+        q_b, k_b, b_b = q[lo : lo + sub], k[lo : lo + sub], b[lo : lo + sub]
+        scores, _, _ = _diagonal(q_b, k_b, b_b, lo, size)
+        if lo:
+            k_earlier, b_r, _ = _earlier(k, b, lo)
+            scores = scores + mm(q_b * jnp.exp(b_b - b_r), k_earlier, dtype, trans_b=True)
+        out = mm(q_b * jnp.exp(b_b), h, dtype) + mm(scores, v, dtype)
+        o_ref[lo : lo + sub, :] = out.astype(o_ref.dtype)
+
+
+def _backward_kernel(
+    q_ref, k_ref, v_ref, h_ref, do_ref, dh_ref, b_ref, dq_ref, dk_ref, dv_ref, db_ref, *, scale, sub
+):
+    dtype = q_ref.dtype
+    size = q_ref.shape[0]
+    q = q_ref[...].astype(F32) * scale
+    k, b, v, h, do, dh = (
+        k_ref[...].astype(F32),
+        b_ref[...],
+        v_ref[...],
+        h_ref[...],
+        do_ref[...],
+        dh_ref[...],
+    )
+    b_last = common.last_row(b)
+    to_end = jnp.exp(b_last - b)
+    d_scores = jnp.where(chunk_math.lower_mask(size), mm(do, v, dtype, trans_b=True), 0.0)
+    dk_to_end = mm(v, dh, dtype, trans_b=True) * to_end
+    dk = dk_to_end
+    dv = mm(k * to_end, dh, dtype)
+    dq_blocks, dk_blocks = [], []
+    for lo in range(0, size, sub):
+        q_b, k_b, b_b = q[lo : lo + sub], k[lo : lo + sub], b[lo : lo + sub]
+        d_scores_b = d_scores[lo : lo + sub]
+        scores, dq_b, dk_b = _diagonal(q_b, k_b, b_b, lo, size, d_scores_b)
+        dq_b = dq_b + mm(do[lo : lo + sub], h, dtype, trans_b=True) * jnp.exp(b_b)
+        if lo:
+            k_earlier, b_r, weights = _earlier(k, b, lo)
+            q_later = q_b * jnp.exp(b_b - b_r)
+            scores = scores + mm(q_later, k_earlier, dtype, trans_b=True)
+            dq_b = dq_b + mm(d_scores_b, k_earlier, dtype) * jnp.exp(b_b - b_r)
+            dk = dk + mm(d_scores_b, q_later, dtype, trans_a=True) * weights
+        dv = dv + mm(scores, do[lo : lo + sub], dtype, trans_a=True)
+        dq_blocks.append(dq_b)
+        dk_blocks.append(dk_b)
+    decay_last = common.row_to_column(jnp.exp(b_last))  # [K, 1]
+    end_terms = jnp.sum(k * dk_to_end, axis=0, keepdims=True) + chunk_math.column_to_row(
+        chunk_math.rowsum(dh.astype(F32) * decay_last * h.astype(F32))
+    )
+    for index, lo in enumerate(range(0, size, sub)):
+        q_b, k_b = q[lo : lo + sub], k[lo : lo + sub]
+        dq_b = dq_blocks[index]
+        dk_b = dk_blocks[index] + dk[lo : lo + sub]
+        db_b = q_b * dq_b - k_b * dk_b
+        if lo + sub == size:
+            db_b = db_b + chunk_math.on_last_row(db_b.shape, end_terms)
+        dq_ref[lo : lo + sub, :] = (scale * dq_b).astype(dq_ref.dtype)
+        dk_ref[lo : lo + sub, :] = dk_b.astype(dk_ref.dtype)
+        db_ref[lo : lo + sub, :] = db_b
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _idx(r, n):
+    return (r, n, 0)
+
+
+def _blocks(tiles: Tiles, dtype):
+    c, kw, vw = tiles.chunk_size, tiles.key_width, tiles.value_width
+    keys = common.token(c, kw, dtype, _idx)
+    values = common.token(c, vw, dtype, _idx)
+    gates = common.token(c, kw, F32, _idx)
+    states = common.chunk_state(kw, vw, dtype, lambda r, n: (r, n, 0, 0))
+    return keys, values, gates, states
+
+
+def vmem_bytes(tiles: Tiles, dtype, *, kernel: str, sub: int = SUB_BLOCK) -> int:
+    """The VMEM of the chunk-local ``"output"`` or ``"backward"`` kernel (module docstring)."""
+    c, kw, vw = tiles.chunk_size, tiles.key_width, tiles.value_width
+    keys, values, gates, states = _blocks(tiles, dtype)
+    if kernel == "output":
+        blocks = [keys, keys, values, states, gates, values]
+        temps = 4 * c * kw + 2 * c * c + 2 * sub * kw + sub * vw
+    else:
+        blocks = [keys, keys, values, states, values, states, gates, keys, keys, values, gates]
+        temps = 10 * c * kw + 3 * c * c + 2 * c * vw + 2 * kw * vw + kw * kw + 6 * sub * kw
+    return common.vmem_bytes(blocks, temporaries=4 * temps)
+
+
+KERNELS = ("output", "backward")
+
+
+def _tiles(q, v, options: ScanOptions) -> Tiles:
+    return Tiles(options.chunk_size, q.shape[-1], v.shape[-1])
+
+
+def _grid(q, options: ScanOptions):
+    return q.shape[0], q.shape[1] // options.chunk_size
+
+
+def _output(q, k, v, h, b, options: ScanOptions):
+    keys, values, gates, states = _blocks(_tiles(q, v, options), q.dtype)
+    sub = min(SUB_BLOCK, options.chunk_size)
+    (out,) = common.call(
+        lambda *refs: _output_kernel(*refs, scale=options.scale, sub=sub),
+        [(q, keys), (k, keys), (v, values), (h, states), (b, gates)],
+        [(v.shape, values)],
+        grid=_grid(q, options),
+        semantics=common.PARALLEL,
+        interpret=options.interpret,
+        name=f"{NAME}_output_fwd",
+    )
+    return out
+
+
+def _forward(q, k, v, b, h0, options: ScanOptions):
+    tiles = _tiles(q, v, options)
+    h, _, final = state.forward(k, v, b, h0, tiles=tiles, interpret=options.interpret, name=NAME)
+    return _output(q, k, v, h, b, options), final, h
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def channel_attention(q, k, v, b, h0, options: ScanOptions) -> tuple[jax.Array, jax.Array]:
+    """``(o [R, L, V]`` in ``v.dtype``, ``final [R, K, V]`` float32)``."""
+    out, final, _ = _forward(q, k, v, b, h0, options)
+    return out, final
+
+
+def _fwd(q, k, v, b, h0, options: ScanOptions):
+    out, final, h = _forward(q, k, v, b, h0, options)
+    return (out, final), (q, k, v, b, h)
+
+
+def _bwd(options: ScanOptions, residuals, cotangents):
+    q, k, v, b, h = residuals
+    d_out, d_final = cotangents
+    d_out = d_out.astype(v.dtype)
+    tiles = _tiles(q, v, options)
+    dh, d_h0 = state.backward(
+        q,
+        d_out,
+        b,
+        d_final.astype(F32),
+        scale=options.scale,
+        tiles=tiles,
+        interpret=options.interpret,
+        name=NAME,
+    )
+    keys, values, gates, states = _blocks(tiles, q.dtype)
+    sub = min(SUB_BLOCK, options.chunk_size)
+    dq, dk, dv, db = common.call(
+        lambda *refs: _backward_kernel(*refs, scale=options.scale, sub=sub),
+        [(q, keys), (k, keys), (v, values), (h, states), (d_out, values), (dh, states)]
+        + [(b, gates)],
+        [(q.shape, keys), (k.shape, keys), (v.shape, values), (b.shape, gates)],
+        grid=_grid(q, options),
+        semantics=common.PARALLEL,
+        interpret=options.interpret,
+        name=f"{NAME}_chunk_bwd",
+    )
+    return dq, dk, dv, db, d_h0
+
+
+channel_attention.defvjp(_fwd, _bwd)
