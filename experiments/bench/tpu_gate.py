@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import functools
 import pathlib
+import re
 import time
 from collections.abc import Callable
 
@@ -44,6 +45,16 @@ HEAD_SIZES: tuple[tuple[int, int], ...] = ((128, 128), (128, 256), (256, 256))
 DTYPES: tuple[str, ...] = ("bfloat16", "float32")
 DIRECTIONS: tuple[str, ...] = ("forward", "forward+backward")
 MOSAIC_CALL = "tpu_custom_call"
+#: A Mosaic call's kernel name: the name scope just above ``pallas_call`` in its metadata.
+_KERNEL_NAME = re.compile(
+    rf'custom_call_target="{MOSAIC_CALL}".*?op_name="(?:[^"]*/)?([^"/]+)/pallas_call"'
+)
+
+
+def mosaic_kernels(hlo_text: str) -> tuple[str, ...]:
+    """The names of the Mosaic kernels in a compiled program's HLO text, sorted (a kernel
+    the program calls twice is listed twice)."""
+    return tuple(sorted(_KERNEL_NAME.findall(hlo_text)))
 
 
 def find_libtpu() -> pathlib.Path | None:
@@ -61,7 +72,7 @@ class GateResult:
     dtype: str
     direction: str
     topology: str
-    mosaic_kernels: int
+    mosaic_kernels: tuple[str, ...]
     argument_bytes: int
     output_bytes: int
     temp_bytes: int
@@ -121,7 +132,7 @@ def compile_case(
         dtype,
         direction,
         topology,
-        compiled.as_text().count(f'custom_call_target="{MOSAIC_CALL}"'),
+        mosaic_kernels(compiled.as_text()),
         int(memory.argument_size_in_bytes),
         int(memory.output_size_in_bytes),
         int(memory.temp_size_in_bytes),
@@ -155,7 +166,7 @@ def table(results: list[GateResult]) -> str:
     for r in results:
         lines.append(
             f"| {r.topology} | {r.op} | {r.key_dim} | {r.value_dim} | {r.dtype} | "
-            f"{r.direction} | {r.mosaic_kernels} | {_mib(r.argument_bytes)} | "
+            f"{r.direction} | {len(r.mosaic_kernels)} | {_mib(r.argument_bytes)} | "
             f"{_mib(r.output_bytes)} | {_mib(r.temp_bytes)} | {r.compile_seconds:.1f} |"
         )
     return "\n".join(lines) + "\n"
@@ -174,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
         r = results[-1]
         print(
             f"{r.topology} {r.op} K={r.key_dim} V={r.value_dim} {r.dtype} {r.direction}: "
-            f"{r.mosaic_kernels} kernels, {_mib(r.chip_bytes)} MiB/chip, "
+            f"{', '.join(r.mosaic_kernels)}; {_mib(r.chip_bytes)} MiB/chip, "
             f"{r.compile_seconds:.1f} s",
             flush=True,
         )
