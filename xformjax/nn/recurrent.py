@@ -21,7 +21,7 @@ from flax import nnx
 from xformjax import ops
 from xformjax.nn.mixer import QKV, Mixer, OutputHead, position_of
 from xformjax.nn.states import MemoryState
-from xformjax.ops.common.validation import Mode
+from xformjax.ops.common.validation import ACCELERATORS, Mode, target_platform
 
 
 @dataclasses.dataclass
@@ -57,6 +57,19 @@ def sequence_mesh(length: int):
     return mesh if size > 1 and length % size == 0 else None
 
 
+def kernel_mesh():
+    """The active mesh if it spans several devices, is not manual (a ``shard_map``
+    body) and the ops may pick a Pallas kernel (a GPU or TPU, or
+    ``ops.compiling_for`` one), else ``None``: XLA cannot partition a kernel's custom
+    call, so the op must run per device (:func:`xformjax.parallel.block_parallel`)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or target_platform() not in ACCELERATORS:
+        return None
+    if any(t == jax.sharding.AxisType.Manual for t in mesh.axis_types):
+        return None
+    return mesh
+
+
 def run_op(
     inputs: OpInputs, initial_state: jax.Array | None, mode: Mode, chunk_size: int
 ) -> tuple[jax.Array, jax.Array]:
@@ -64,7 +77,10 @@ def run_op(
 
     In chunk mode under an active mesh whose ``seq`` axis has size > 1 (dividing T),
     the op runs with LASP-2 sequence parallelism
-    (:func:`xformjax.parallel.sequence_parallel`); results are the same.
+    (:func:`xformjax.parallel.sequence_parallel`); under another multi-device mesh,
+    where the kernels may run, per device on its block of batch and heads
+    (:func:`xformjax.parallel.block_parallel`, see :func:`kernel_mesh`). Results are
+    the same.
     """
     common = dict(
         scale=inputs.scale,
@@ -86,6 +102,10 @@ def run_op(
         from xformjax.parallel import sequence_parallel  # parallel builds on ops only
 
         function = sequence_parallel(function, mesh, "seq")
+    elif mode == "chunk" and (blocks := kernel_mesh()) is not None:
+        from xformjax.parallel import block_parallel
+
+        function = block_parallel(function, blocks)
     if inputs.op == "linear":
         return function(
             inputs.q,

@@ -3,7 +3,7 @@ LASP-2 / LASP-2H sequence parallelism (:func:`sequence_parallel`) and multi-host
 start-up (:func:`initialize_distributed`)."""
 
 from xformjax.parallel.distributed import initialize_distributed
-from xformjax.parallel.lasp import sequence_parallel
+from xformjax.parallel.lasp import block_parallel, sequence_parallel
 from xformjax.parallel.mesh import (
     BATCH_AXES,
     DEFAULT_RULES,
@@ -23,6 +23,7 @@ __all__ = [
     "DEFAULT_RULES",
     "MESH_AXES",
     "axis_rules",
+    "block_parallel",
     "constrain",
     "create_sharded",
     "current_rules",

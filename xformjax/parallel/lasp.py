@@ -51,9 +51,11 @@ data, FSDP and tensor parallelism; its only collective stays the one over ``axis
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -63,6 +65,8 @@ from xformjax import ops
 from xformjax.parallel import lasp2h
 from xformjax.parallel.mesh import sequence_layout, spec_axes
 
+#: the ``jax.named_scope`` of LASP-2's shard_map (op names in compiled HLO carry it)
+SCOPE = "lasp2"
 _KINDS = {ops.linear_attention: "linear", ops.delta_rule: "delta", ops.delta_product: "delta"}
 #: arguments laid out [B, T(·n), H, ...]: split along T.
 _SEQUENCE_ARGS = ("q", "k", "v", "beta", "g", "gk")
@@ -91,6 +95,15 @@ def _apply(kind, transition, state):
     return jnp.einsum("bhij,bhjv->bhiv", transition, state)
 
 
+def _with_axes(entry, extra: tuple[str, ...]):
+    """A ``PartitionSpec`` entry (``None``, a name or a tuple) with ``extra`` axes
+    appended (size-1 axes: the split is unchanged)."""
+    if not extra:
+        return entry
+    names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    return names + extra
+
+
 def _pack(transition, contribution):
     batch, heads = contribution.shape[:2]
     if transition is None:
@@ -98,6 +111,97 @@ def _pack(transition, contribution):
     return jnp.concatenate(
         [transition.reshape(batch, heads, -1), contribution.reshape(batch, heads, -1)], axis=-1
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class _BlockLayout:
+    """How a ``shard_map`` over every mesh axis splits ``[B, T, H, ...]`` arrays: the
+    batch over the batch axes and the heads over ``tensor`` where they divide
+    (:func:`~xformjax.parallel.mesh.sequence_layout`).
+
+    Every mesh axis is manual in the ``shard_map`` s here: a Pallas TPU kernel cannot be
+    partitioned over an Auto axis, even one of size 1. The size-1 axes no entry uses go
+    into the batch entry (and a per-head ``g``'s), so that nothing is replicated over a
+    manual axis and the backward adds no psum over them.
+    """
+
+    batch: Any
+    heads: Any
+    filler: tuple[str, ...]
+
+    @classmethod
+    def of(cls, mesh: Mesh | AbstractMesh, axis: str | None, q: jax.Array) -> _BlockLayout:
+        sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+        batch, heads = sequence_layout(sizes, axis or "", q.shape[0], (q.shape[2],))
+        used = spec_axes(*((axis,) if axis else ()), batch, heads)
+        filler = tuple(a for a in mesh.axis_names if a not in used and sizes[a] == 1)
+        return cls(_with_axes(batch, filler), heads, filler)
+
+    def spec(self, name: str, array: jax.Array, axis: str | None) -> PartitionSpec:
+        """The spec of argument ``name``: T (axis 1) over ``axis`` (``None``: whole)."""
+        if name == "g" and array.ndim == 1:
+            return PartitionSpec(_with_axes(self.heads, self.filler))
+        return PartitionSpec(self.batch, axis, self.heads)
+
+    @property
+    def state_spec(self) -> PartitionSpec:
+        return PartitionSpec(self.batch, self.heads)
+
+
+def block_parallel(op: Callable, mesh: Mesh | AbstractMesh) -> Callable:
+    """``op`` run by every device on its block of the batch and heads, T whole.
+
+    A ``shard_map`` over every mesh axis, the batch split over ``data``/``fsdp`` and
+    the heads over ``tensor`` where they divide (replicated otherwise); the forward
+    needs no collective. The layers call their op this way under a mesh without
+    sequence parallelism when the kernels may run (a GPU or TPU, or
+    ``ops.compiling_for`` one): XLA cannot partition a Pallas kernel's custom call
+    itself (on a TPU: "Mosaic kernels cannot be automatically partitioned"). Takes
+    ``op``'s arguments (``cu_seqlens`` calls run ``op`` as it is) and returns what it
+    returns.
+    """
+    if op not in _KINDS:
+        raise ValueError(
+            "block_parallel supports ops.linear_attention, ops.delta_rule and "
+            f"ops.delta_product; got {getattr(op, '__name__', op)!r}"
+        )
+    signature = inspect.signature(op)
+
+    @functools.wraps(op)
+    def blocked_op(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        arguments = dict(bound.arguments)
+        if arguments.get("cu_seqlens") is not None:
+            return op(*args, **kwargs)
+        want_final = arguments.pop("output_final_state")
+        initial = arguments.pop("initial_state")
+        arrays = {
+            name: arguments.pop(name) for name in _SEQUENCE_ARGS if arguments.get(name) is not None
+        }
+        layout = _BlockLayout.of(mesh, None, arrays["q"])
+        names = tuple(arrays)
+        in_specs = (
+            tuple(layout.spec(n, arrays[n], None) for n in names),
+            layout.state_spec if initial is not None else None,
+        )
+
+        def local(local_arrays, init):
+            values = dict(zip(names, local_arrays))
+            return op(**values, **arguments, initial_state=init, output_final_state=True)
+
+        sharded = jax.shard_map(
+            local,
+            mesh=mesh,
+            in_specs=in_specs,
+            out_specs=(PartitionSpec(layout.batch, None, layout.heads), layout.state_spec),
+            axis_names=frozenset(mesh.axis_names),
+            check_vma=False,
+        )
+        o, final = sharded(tuple(arrays[n] for n in names), initial)
+        return o, (final if want_final else None)
+
+    return blocked_op
 
 
 def sequence_parallel(op: Callable, mesh: Mesh | AbstractMesh, axis: str = "seq") -> Callable:
@@ -149,21 +253,14 @@ def sequence_parallel(op: Callable, mesh: Mesh | AbstractMesh, axis: str = "seq"
         }
         static = arguments  # scale, mode, chunk_size, normalize, num_householder, ...
 
-        batch_part, heads_part = sequence_layout(
-            sizes, axis, arrays["q"].shape[0], (arrays["q"].shape[2],)
-        )
-
-        def spec(name, array):
-            if name == "g" and array.ndim == 1:
-                return PartitionSpec(heads_part)
-            return PartitionSpec(batch_part, axis, heads_part)
-
+        layout = _BlockLayout.of(mesh, axis, arrays["q"])
         names = tuple(arrays)
-        state_spec = PartitionSpec(batch_part, heads_part)
+        state_spec = layout.state_spec
         in_specs = (
-            tuple(spec(n, arrays[n]) for n in names),
+            tuple(layout.spec(n, arrays[n], axis) for n in names),
             state_spec if initial is not None else None,
         )
+        batch_part, heads_part = layout.batch, layout.heads
 
         def local(local_arrays, init):
             values = dict(zip(names, local_arrays))
@@ -207,10 +304,13 @@ def sequence_parallel(op: Callable, mesh: Mesh | AbstractMesh, axis: str = "seq"
             mesh=mesh,
             in_specs=in_specs,
             out_specs=(PartitionSpec(batch_part, axis, heads_part), state_spec),
-            axis_names=spec_axes(axis, batch_part, heads_part),
+            axis_names=frozenset(mesh.axis_names),  # every axis manual (see above)
             check_vma=False,
         )
-        o, final = sharded(tuple(arrays[n] for n in names), initial)
+        # the scope names this layer's collectives in the compiled program's metadata
+        # (``lasp2/…`` forward, ``transpose(…lasp2…)`` backward; see xformjax aot)
+        with jax.named_scope(SCOPE):
+            o, final = sharded(tuple(arrays[n] for n in names), initial)
         return o, (final if want_final else None)
 
     return parallel_op

@@ -31,6 +31,8 @@ from xformjax.ops.softmax_attention.masking import AttentionMask
 from xformjax.ops.softmax_attention.parallel import attention_parallel
 from xformjax.parallel.mesh import sequence_layout, spec_axes
 
+#: the ``jax.named_scope`` of LASP-2H's shard_map (op names in compiled HLO carry it)
+SCOPE = "lasp2h"
 KINDS = {ops.softmax_attention: "softmax", ops.sigmoid_attention: "sigmoid"}
 
 
@@ -110,14 +112,16 @@ def attention_sequence_parallel(op, mesh, axis: str, shards: int):
             dict(zip(mesh.axis_names, mesh.axis_sizes)), axis, q.shape[0], (q.shape[2], k.shape[2])
         )
         spec = PartitionSpec(batch_part, axis, heads_part)
-        o = jax.shard_map(
+        sharded = jax.shard_map(
             local,
             mesh=mesh,
             in_specs=(spec, spec, spec) + (PartitionSpec(axis),) * len(biases),
             out_specs=spec,
             axis_names=spec_axes(axis, batch_part, heads_part),
             check_vma=False,
-        )(q, k, v, *biases)
+        )
+        with jax.named_scope(SCOPE):  # names the collectives in compiled HLO metadata
+            o = sharded(q, k, v, *biases)
         return o, None
 
     return parallel_op

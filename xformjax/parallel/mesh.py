@@ -100,9 +100,12 @@ def make_mesh(
     shape = resolve_mesh_shape(sizes, len(devices))
     count = math.prod(shape.values())
     axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-    if count == len(jax.devices()) and devices == list(jax.devices()):
-        # lets jax order the devices for the physical topology (TPU ICI rings)
-        return jax.make_mesh(tuple(shape.values()), MESH_AXES, axis_types=axis_types)
+    if count == len(devices):
+        # lets jax order the devices for the physical topology (TPU ICI rings; also
+        # a TPU slice's compile-only devices, see xformjax.parallel.tpu)
+        return jax.make_mesh(
+            tuple(shape.values()), MESH_AXES, axis_types=axis_types, devices=devices
+        )
     grid = np.array(devices[:count], dtype=object).reshape(tuple(shape.values()))
     return Mesh(grid, MESH_AXES, axis_types=axis_types)
 

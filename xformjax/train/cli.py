@@ -1,9 +1,11 @@
-"""The ``xformjax`` command: ``train``, ``eval`` and ``generate``.
+"""The ``xformjax`` command: ``train``, ``eval``, ``generate`` and ``aot``.
 
     xformjax train [--config NAME|PATH.yaml] [--workdir DIR] [--set key=value ...]
                    [--distributed auto|on|off]
     xformjax eval --workdir DIR
     xformjax generate --workdir DIR --prompt TEXT [--max-new-tokens N]
+    xformjax aot --config NAME|PATH.yaml --topology v5e:4x4 [--set key=value ...]
+                 [--libtpu PATH]
 
 ``train`` resumes from ``DIR``'s latest checkpoint when there is one; its presets
 (``--config tiny``, ``default``) are package data, so an installed wheel trains
@@ -11,6 +13,11 @@ from any directory. ``eval`` and ``generate`` read the run's ``config.yaml`` and
 its latest checkpoint. The benchmarks are not part of the installed command: they
 live in a checkout's ``experiments/bench`` (``make bench`` or
 ``python -m experiments.bench``).
+
+``aot`` compiles the train step of a config for a TPU slice on this (CPU) machine
+with libtpu and prints what one chip needs (:mod:`xformjax.train.aot`): plan a pod
+run before paying for it. It exits with 2 when the slice, libtpu or the mesh is
+wrong, and with 1 when the step does not fit a chip's HBM.
 
 On a multi-host slice every host runs the same ``xformjax train`` command;
 ``--distributed`` (default ``auto``: from the environment, see
@@ -84,6 +91,32 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--workdir", required=True)
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--max-new-tokens", type=int, default=200)
+    aot = commands.add_parser(
+        "aot",
+        help="compile the train step for a TPU slice on this machine and report its memory",
+        description="Compile the train step of a config for a TPU slice with libtpu, on "
+        "this machine's CPU, and print the per-chip HBM (arguments, temporaries, outputs) "
+        "against the chip's capacity, the step's FLOPs, its collectives and the compile "
+        "time. Nothing runs on a TPU.",
+    )
+    aot.add_argument(
+        "--config",
+        default="default",
+        help=f"preset name ({', '.join(available_presets())}) or a .yaml path",
+    )
+    aot.add_argument("--topology", required=True, help="the slice, e.g. v5e:2x2, v5e:4x4, v6e:2x2")
+    aot.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override config keys, e.g. mesh.data=4 mesh.seq=4 train.seq_len=32768",
+    )
+    aot.add_argument(
+        "--libtpu",
+        help="libtpu.so, or a directory holding libtpu/libtpu.so (default: "
+        "$TPU_LIBRARY_PATH, else the installed libtpu package)",
+    )
     return parser
 
 
@@ -113,10 +146,43 @@ def _restored_trainer(workdir: pathlib.Path, overrides=None):
     return trainer, step
 
 
+def _aot(args: argparse.Namespace) -> int:
+    """``xformjax aot``: see the module docstring."""
+    import jax
+
+    # before any backend starts: where libtpu is importable JAX would look for a TPU on
+    # this machine; the slice's devices come from libtpu's compile-only client instead
+    jax.config.update("jax_platforms", "cpu")
+    from xformjax.parallel.tpu import TopologyError
+    from xformjax.train.aot import AotError, DoesNotFitError, compile_train_step
+    from xformjax.train.config import load_config
+
+    try:
+        config = load_config(args.config, args.set)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
+        report = compile_train_step(config, args.topology, args.libtpu)
+    except DoesNotFitError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except (TopologyError, AotError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(report.format())
+    if not report.fits:
+        print(f"error: {DoesNotFitError.of(report)}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     _quiet_libraries()
+    if args.command == "aot":
+        return _aot(args)
     from xformjax.train.config import load_config
     from xformjax.train.trainer import NonFiniteLossError, Trainer
 

@@ -22,15 +22,23 @@
   donated, batches are split over ``(data, fsdp)`` along B and ``seq`` along T
   (the layers then run LASP-2 / LASP-2H). In a multi-process run every process
   trains and only process 0 writes ``metrics.jsonl`` and ``config.yaml``.
+
+The step's pieces are module-level functions that need neither data nor devices —
+:func:`data_shape`, :func:`check_divisibility`, :func:`build_state`,
+:func:`batch_sharding`, :func:`train_step_fn` and :func:`jit_train_step` — so that
+``xformjax aot`` (:mod:`xformjax.train.aot`) compiles the very step ``Trainer`` runs
+from shapes alone, for a TPU slice this host does not have.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import pathlib
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -38,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from xformjax import data as data_lib
@@ -49,6 +57,10 @@ from xformjax.train.config import ExperimentConfig, config_to_yaml
 from xformjax.train.optimizer import learning_rate_schedule, make_optimizer
 
 LN2 = math.log(2.0)
+#: token ids of byte-level text (one per byte value)
+TEXT_VOCAB_SIZE = 256
+#: the dtypes of a batch's arrays (what the data pipelines produce)
+BATCH_DTYPES = {"inputs": jnp.int32, "targets": jnp.int32, "mask": jnp.float32}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -109,7 +121,7 @@ def build_datasets(config: ExperimentConfig) -> Datasets:
         return Datasets(
             make(sources["train"], True),
             make(sources["validation"], True),
-            256,
+            TEXT_VOCAB_SIZE,
             True,
             train.seq_len,
         )
@@ -122,6 +134,34 @@ def build_datasets(config: ExperimentConfig) -> Datasets:
     return Datasets(
         make(task, True), make(validation_task, False), task.vocab_size, False, task.length
     )
+
+
+def data_shape(config: ExperimentConfig) -> tuple[int, int]:
+    """``(vocab_size, sequence_length)`` of ``config.data`` without preparing the data:
+    bytes and ``train.seq_len`` for text, the task's own for a synthetic task."""
+    if config.data.name == "text":
+        return TEXT_VOCAB_SIZE, config.train.seq_len
+    task = data_lib.TASKS[config.data.name](seed=config.train.seed, **config.data.options)
+    return task.vocab_size, task.length
+
+
+def check_divisibility(mesh_shape: dict[str, int], batch_size: int, sequence_length: int) -> None:
+    """Raise ``ValueError`` unless the batch divides over ``data × fsdp`` and the
+    sequence over ``seq`` (the split :func:`batch_sharding` makes)."""
+    batch_shards = mesh_shape["data"] * mesh_shape["fsdp"]
+    if batch_size % batch_shards:
+        raise ValueError(
+            f"train.batch_size={batch_size} must divide over mesh.data × mesh.fsdp = {batch_shards}"
+        )
+    if sequence_length % mesh_shape["seq"]:
+        raise ValueError(
+            f"the sequence length {sequence_length} must divide over mesh.seq = {mesh_shape['seq']}"
+        )
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """``[grad_accum, B, T]`` batches: B split over ``(data, fsdp)``, T over ``seq``."""
+    return NamedSharding(mesh, PartitionSpec(None, BATCH_AXES, "seq"))
 
 
 def build_model(config: ExperimentConfig, vocab_size: int) -> LanguageModel:
@@ -148,6 +188,62 @@ def loss_and_metrics(
     aux = sum((loss for loss in losses if loss is not None), jnp.zeros(()))
     loss = cross_entropy + aux_weight * aux
     return loss, {"cross_entropy": cross_entropy, "accuracy": accuracy, "aux_loss": aux}
+
+
+def build_state(config: ExperimentConfig, vocab_size: int) -> tuple[LanguageModel, nnx.Optimizer]:
+    """The model and its optimiser (what the train step updates); run it inside
+    :func:`~xformjax.parallel.create_sharded`, or ``nnx.eval_shape`` for its shapes."""
+    model = build_model(config, vocab_size)
+    return model, nnx.Optimizer(model, make_optimizer(config.train), wrt=nnx.Param)
+
+
+def train_step_fn(graphdef: nnx.GraphDef, aux_weight: float, state: nnx.State, batches):
+    """One optimiser step: ``state`` (model and optimiser, split by ``graphdef``) and
+    ``[grad_accum, B, T]`` batches → ``(new state, metrics)``. The micro-batches are
+    scanned, their gradients averaged, then the optimiser applied once."""
+    model, optimizer = nnx.merge(graphdef, state)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss_of(params, rest, batch):
+        module = nnx.merge(graphdef, params, rest)
+        loss, metrics = loss_and_metrics(module, batch, aux_weight)
+        # non-parameter state the forward updated (σReparam's power iteration)
+        return loss, (metrics, nnx.state(module, nnx.Not(nnx.Param)))
+
+    def micro(carry, batch):
+        grads, totals, rest = carry
+        (loss, (metrics, rest)), micro_grads = jax.value_and_grad(loss_of, has_aux=True)(
+            params, rest, batch
+        )
+        grads = jax.tree.map(jnp.add, grads, micro_grads)
+        totals = jax.tree.map(jnp.add, totals, {"loss": loss, **metrics})
+        return (grads, totals, rest), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    totals = {k: jnp.zeros(()) for k in ("loss", "cross_entropy", "accuracy", "aux_loss")}
+    (grads, totals, rest), _ = jax.lax.scan(micro, (zeros, totals, rest), batches)
+    nnx.update(model, rest)
+    count = batches["inputs"].shape[0]
+    grads = jax.tree.map(lambda g: g / count, grads)
+    metrics = {k: v / count for k, v in totals.items()}
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    optimizer.update(model, grads)
+    return nnx.state((model, optimizer)), metrics
+
+
+def jit_train_step(
+    graphdef: nnx.GraphDef, state_sharding: Any, mesh: Mesh, aux_weight: float
+) -> Callable:
+    """:func:`train_step_fn` jitted with explicit shardings: the state in
+    ``state_sharding`` (its logical-axis placement), donated; batches as
+    :func:`batch_sharding`; metrics replicated. ``xformjax train`` runs it;
+    ``xformjax aot`` compiles it for a TPU slice."""
+    return jax.jit(
+        functools.partial(train_step_fn, graphdef, aux_weight),
+        in_shardings=(state_sharding, batch_sharding(mesh)),
+        out_shardings=(state_sharding, NamedSharding(mesh, PartitionSpec())),
+        donate_argnums=0,
+    )
 
 
 class MetricsLog:
@@ -187,15 +283,16 @@ class Trainer:
         self.progress = progress and self.is_chief
         self.datasets = build_datasets(config)
         self.mesh = make_mesh(config.mesh.shape)
-        self._check_divisibility()
+        check_divisibility(
+            dict(zip(self.mesh.axis_names, self.mesh.axis_sizes)),
+            config.train.batch_size,
+            self.datasets.sequence_length,
+        )
         vocab_size = self.datasets.vocab_size
-
-        def build():
-            model = build_model(config, vocab_size)
-            return model, nnx.Optimizer(model, make_optimizer(config.train), wrt=nnx.Param)
-
         # parameters and optimiser states are created in their shardings
-        self.model, self.optimizer = create_sharded(build, self.mesh)
+        self.model, self.optimizer = create_sharded(
+            lambda: build_state(config, vocab_size), self.mesh
+        )
         self.schedule = learning_rate_schedule(config.train)
         # nothing in training draws from it yet (no dropout); it is checkpointed so
         # that a stochastic addition stays resumable
@@ -210,20 +307,6 @@ class Trainer:
         self._compile_steps()
 
     # -- set-up ---------------------------------------------------------------------------
-    def _check_divisibility(self) -> None:
-        shape, train = self.config.mesh.shape, self.config.train
-        batch_shards = shape["data"] * shape["fsdp"]
-        if train.batch_size % batch_shards:
-            raise ValueError(
-                f"train.batch_size={train.batch_size} must divide over "
-                f"mesh.data × mesh.fsdp = {batch_shards}"
-            )
-        if self.datasets.sequence_length % shape["seq"]:
-            raise ValueError(
-                f"the sequence length {self.datasets.sequence_length} must "
-                f"divide over mesh.seq = {shape['seq']}"
-            )
-
     def _compile_steps(self) -> None:
         """The jitted steps, with explicit shardings: the state (model and optimiser)
         as its logical-axis rules place it, donated to the train step; batches split
@@ -234,14 +317,11 @@ class Trainer:
         model_sharding = state_shardings(nnx.state(self.model), mesh)
         self.model_graphdef = nnx.graphdef(self.model)
         replicated = NamedSharding(mesh, PartitionSpec())
-        self.batch_sharding = NamedSharding(mesh, PartitionSpec(None, BATCH_AXES, "seq"))
+        self.batch_sharding = batch_sharding(mesh)
         eval_batch = NamedSharding(mesh, PartitionSpec(BATCH_AXES, "seq"))
-        self._train_step = jax.jit(
-            self._step_fn,
-            in_shardings=(self.state_sharding, self.batch_sharding),
-            out_shardings=(self.state_sharding, replicated),
-            donate_argnums=0,
-        )
+        aux_weight = self.config.train.aux_loss_weight
+        self._step_fn = functools.partial(train_step_fn, self.graphdef, aux_weight)
+        self._train_step = jit_train_step(self.graphdef, self.state_sharding, mesh, aux_weight)
         self._eval_step = jax.jit(
             self._eval_fn, in_shardings=(model_sharding, eval_batch), out_shardings=replicated
         )
@@ -282,37 +362,6 @@ class Trainer:
         return self._live
 
     # -- jitted steps ----------------------------------------------------------------------
-    def _step_fn(self, state, batches):
-        model, optimizer = nnx.merge(self.graphdef, state)
-        aux_weight = self.config.train.aux_loss_weight
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-        def loss_of(params, rest, batch):
-            module = nnx.merge(graphdef, params, rest)
-            loss, metrics = loss_and_metrics(module, batch, aux_weight)
-            # non-parameter state the forward updated (σReparam's power iteration)
-            return loss, (metrics, nnx.state(module, nnx.Not(nnx.Param)))
-
-        def micro(carry, batch):
-            grads, totals, rest = carry
-            (loss, (metrics, rest)), micro_grads = jax.value_and_grad(loss_of, has_aux=True)(
-                params, rest, batch
-            )
-            grads = jax.tree.map(jnp.add, grads, micro_grads)
-            totals = jax.tree.map(jnp.add, totals, {"loss": loss, **metrics})
-            return (grads, totals, rest), None
-
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        totals = {k: jnp.zeros(()) for k in ("loss", "cross_entropy", "accuracy", "aux_loss")}
-        (grads, totals, rest), _ = jax.lax.scan(micro, (zeros, totals, rest), batches)
-        nnx.update(model, rest)
-        count = batches["inputs"].shape[0]
-        grads = jax.tree.map(lambda g: g / count, grads)
-        metrics = {k: v / count for k, v in totals.items()}
-        metrics["grad_norm"] = optax.tree.norm(grads)
-        optimizer.update(model, grads)
-        return nnx.state((model, optimizer)), metrics
-
     def _eval_fn(self, model_state, batch):
         model = nnx.merge(self.model_graphdef, model_state)
         _, metrics = loss_and_metrics(model, batch, 0.0)
