@@ -9,6 +9,7 @@ Like ``kernels/gpu/``: chunk-local work in kernels parallel over chunks (grid
 * ``state.py``: the state recurrences (scalar or per-channel gates, linear
   attention or the delta rule), forward and backward;
 * ``chunk.py``: the scalar-gate chunk-local kernels (delta rule WY/UT transform,
-  outputs, their backward);
-* ``linear_attention.py``, ``delta_rule.py``: the families, wired by ``custom_vjp``.
+  outputs, their backward); ``gla.py``: the per-channel ones;
+* ``attention.py``: the ``custom_vjp`` scalar linear attention and GLA share;
+* ``linear_attention.py``, ``gla.py``, ``delta_rule.py``: the families.
 """

@@ -44,17 +44,8 @@ from . import common
 from .common import F32, Tiles, mm
 
 
-def _idx(r, n):
-    return (r, n, 0)
-
-
 def _blocks(tiles: Tiles, dtype):
-    c, kw, vw = tiles.chunk_size, tiles.key_width, tiles.value_width
-    keys = common.token(c, kw, dtype, _idx)
-    values = common.token(c, vw, dtype, _idx)
-    column = common.token(c, 1, F32, _idx)
-    states = common.chunk_state(kw, vw, dtype, lambda r, n: (r, n, 0, 0))
-    return keys, values, column, states
+    return common.chunk_blocks(tiles, dtype, gate_width=1)
 
 
 def _grid(x: jax.Array, chunk_size: int) -> tuple[int, int]:
@@ -135,7 +126,7 @@ def _dv_local_kernel(q_ref, k_ref, do_ref, b_ref, dv_ref, *, scale):
 def dv_local(q, k, do, b, *, scale: float, tiles: Tiles, interpret: bool):
     """``scale (q kᵀ ⊙ Γ)ᵀ do`` ``[R, L, V]`` float32 (the delta rule's state backward)."""
     keys, values, column, _ = _blocks(tiles, q.dtype)
-    out_block = common.token(tiles.chunk_size, tiles.value_width, F32, _idx)
+    out_block = common.token(tiles.chunk_size, tiles.value_width, F32, common.chunk_index)
     (dv,) = common.call(
         lambda *refs: _dv_local_kernel(*refs, scale=float(scale)),
         [(q, keys), (k, keys), (do, values), (b, column)],
@@ -252,7 +243,7 @@ def vmem_bytes(tiles: Tiles, dtype, *, kernel: str) -> int:
     ``"backward"``; module docstring)."""
     c, kw, vw = tiles.chunk_size, tiles.key_width, tiles.value_width
     keys, values, column, states = _blocks(tiles, dtype)
-    f32_values = common.token(c, vw, F32, _idx)
+    f32_values = common.token(c, vw, F32, common.chunk_index)
     blocks, temps = {
         "wy": ([keys, values, column, column, keys, values], 6 * c * c + 2 * c * kw + 2 * c * vw),
         "output": ([keys, keys, values, states, column, values], 3 * c * c + 2 * c * vw),

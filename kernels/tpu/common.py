@@ -115,6 +115,24 @@ def chunk_state(rows: int, cols: int, dtype, index: Callable) -> Block:
     return Block((None, None, rows, cols), jnp.dtype(dtype), index)
 
 
+def chunk_index(r, n):
+    """The block index of a whole-width chunk tile on a ``(rows, chunks)`` grid."""
+    return (r, n, 0)
+
+
+def chunk_blocks(tiles: Tiles, dtype, gate_width: int) -> tuple[Block, Block, Block, Block]:
+    """The blocks of a chunk-local kernel on a ``(rows, chunks)`` grid: keys (and
+    queries) ``[C, K]``, values ``[C, V]`` in ``dtype``, float32 gates ``[C, gate_width]``
+    (1 for a scalar gate, K per channel) and the chunk's entering state ``[K, V]``."""
+    c, kw, vw = tiles.chunk_size, tiles.key_width, tiles.value_width
+    return (
+        token(c, kw, dtype, chunk_index),
+        token(c, vw, dtype, chunk_index),
+        token(c, gate_width, F32, chunk_index),
+        chunk_state(kw, vw, dtype, lambda r, n: (r, n, 0, 0)),
+    )
+
+
 def state(rows: int, cols: int, index: Callable) -> Block:
     """A float32 ``[rows, cols]`` tile of an ``[R, K, V]`` state; ``index → (r, i, j)``."""
     return Block((None, rows, cols), jnp.dtype(F32), index)

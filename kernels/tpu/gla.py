@@ -32,14 +32,13 @@ e.g. about 3 MiB for the backward at K = V = 256, float32.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
 from .. import chunk_math
 from ..config import ScanOptions
-from . import common, state
+from . import common
+from .attention import state_attention, tiles_of
 from .common import F32, Tiles, mm
 
 NAME = "gated_linear_attention"
@@ -152,17 +151,8 @@ def _backward_kernel(
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _idx(r, n):
-    return (r, n, 0)
-
-
 def _blocks(tiles: Tiles, dtype):
-    c, kw, vw = tiles.chunk_size, tiles.key_width, tiles.value_width
-    keys = common.token(c, kw, dtype, _idx)
-    values = common.token(c, vw, dtype, _idx)
-    gates = common.token(c, kw, F32, _idx)
-    states = common.chunk_state(kw, vw, dtype, lambda r, n: (r, n, 0, 0))
-    return keys, values, gates, states
+    return common.chunk_blocks(tiles, dtype, gate_width=tiles.key_width)
 
 
 def vmem_bytes(tiles: Tiles, dtype, *, kernel: str, sub: int = SUB_BLOCK) -> int:
@@ -181,16 +171,12 @@ def vmem_bytes(tiles: Tiles, dtype, *, kernel: str, sub: int = SUB_BLOCK) -> int
 KERNELS = ("output", "backward")
 
 
-def _tiles(q, v, options: ScanOptions) -> Tiles:
-    return Tiles(options.chunk_size, q.shape[-1], v.shape[-1])
-
-
 def _grid(q, options: ScanOptions):
     return q.shape[0], q.shape[1] // options.chunk_size
 
 
 def _output(q, k, v, h, b, options: ScanOptions):
-    keys, values, gates, states = _blocks(_tiles(q, v, options), q.dtype)
+    keys, values, gates, states = _blocks(tiles_of(q, v, options), q.dtype)
     sub = min(SUB_BLOCK, options.chunk_size)
     (out,) = common.call(
         lambda *refs: _output_kernel(*refs, scale=options.scale, sub=sub),
@@ -204,39 +190,8 @@ def _output(q, k, v, h, b, options: ScanOptions):
     return out
 
 
-def _forward(q, k, v, b, h0, options: ScanOptions):
-    tiles = _tiles(q, v, options)
-    h, _, final = state.forward(k, v, b, h0, tiles=tiles, interpret=options.interpret, name=NAME)
-    return _output(q, k, v, h, b, options), final, h
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def channel_attention(q, k, v, b, h0, options: ScanOptions) -> tuple[jax.Array, jax.Array]:
-    """``(o [R, L, V]`` in ``v.dtype``, ``final [R, K, V]`` float32)``."""
-    out, final, _ = _forward(q, k, v, b, h0, options)
-    return out, final
-
-
-def _fwd(q, k, v, b, h0, options: ScanOptions):
-    out, final, h = _forward(q, k, v, b, h0, options)
-    return (out, final), (q, k, v, b, h)
-
-
-def _bwd(options: ScanOptions, residuals, cotangents):
-    q, k, v, b, h = residuals
-    d_out, d_final = cotangents
-    d_out = d_out.astype(v.dtype)
-    tiles = _tiles(q, v, options)
-    dh, d_h0 = state.backward(
-        q,
-        d_out,
-        b,
-        d_final.astype(F32),
-        scale=options.scale,
-        tiles=tiles,
-        interpret=options.interpret,
-        name=NAME,
-    )
+def _gradients(q, k, v, h, d_out, dh, b, options: ScanOptions):
+    tiles = tiles_of(q, v, options)
     keys, values, gates, states = _blocks(tiles, q.dtype)
     sub = min(SUB_BLOCK, options.chunk_size)
     dq, dk, dv, db = common.call(
@@ -249,7 +204,8 @@ def _bwd(options: ScanOptions, residuals, cotangents):
         interpret=options.interpret,
         name=f"{NAME}_chunk_bwd",
     )
-    return dq, dk, dv, db, d_h0
+    return dq, dk, dv, db
 
 
-channel_attention.defvjp(_fwd, _bwd)
+#: ``(q, k, v, b, h0, options) -> (o [R, L, V]`` in ``v.dtype``, ``final [R, K, V]`` float32)``
+channel_attention = state_attention(NAME, _output, _gradients)

@@ -17,57 +17,21 @@ without a gate), ``h0 [R, K, V]`` float32. Kernels:
 
 from __future__ import annotations
 
-import functools
-
-import jax
-
 from ..config import ScanOptions
-from . import chunk, state
-from .common import F32, Tiles
+from . import chunk
+from .attention import state_attention, tiles_of
 
 NAME = "linear_attention"
 
 
-def tiles_of(q: jax.Array, v: jax.Array, options: ScanOptions) -> Tiles:
-    return Tiles(options.chunk_size, q.shape[-1], v.shape[-1])
-
-
-def _forward(q, k, v, b, h0, options: ScanOptions):
+def _output(q, k, v, h, b, options: ScanOptions):
     tiles = tiles_of(q, v, options)
-    h, _, final = state.forward(k, v, b, h0, tiles=tiles, interpret=options.interpret, name=NAME)
-    out = chunk.output(
+    return chunk.output(
         q, k, v, h, b, scale=options.scale, tiles=tiles, interpret=options.interpret, name=NAME
     )
-    return out, final, h
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def scalar_attention(q, k, v, b, h0, options: ScanOptions) -> tuple[jax.Array, jax.Array]:
-    """``(o [R, L, V]`` in ``v.dtype``, ``final [R, K, V]`` float32)``."""
-    out, final, _ = _forward(q, k, v, b, h0, options)
-    return out, final
-
-
-def _fwd(q, k, v, b, h0, options: ScanOptions):
-    out, final, h = _forward(q, k, v, b, h0, options)
-    return (out, final), (q, k, v, b, h)
-
-
-def _bwd(options: ScanOptions, residuals, cotangents):
-    q, k, v, b, h = residuals
-    d_out, d_final = cotangents
-    d_out = d_out.astype(v.dtype)
-    tiles = tiles_of(q, v, options)
-    dh, d_h0 = state.backward(
-        q,
-        d_out,
-        b,
-        d_final.astype(F32),
-        scale=options.scale,
-        tiles=tiles,
-        interpret=options.interpret,
-        name=NAME,
-    )
+def _gradients(q, k, v, h, d_out, dh, b, options: ScanOptions):
     dq, dk, dv, db, _ = chunk.backward(
         q,
         k,
@@ -77,12 +41,13 @@ def _bwd(options: ScanOptions, residuals, cotangents):
         dh,
         b,
         scale=options.scale,
-        tiles=tiles,
+        tiles=tiles_of(q, v, options),
         inverse_block=options.inverse_block,
         interpret=options.interpret,
         name=NAME,
     )
-    return dq, dk, dv, db, d_h0
+    return dq, dk, dv, db
 
 
-scalar_attention.defvjp(_fwd, _bwd)
+#: ``(q, k, v, b, h0, options) -> (o [R, L, V]`` in ``v.dtype``, ``final [R, K, V]`` float32)``
+scalar_attention = state_attention(NAME, _output, _gradients)
