@@ -138,13 +138,7 @@ def main(argv: list[str] | None = None) -> None:
                     rows.append(Row(preset, length, name, None, str(error).split(" (lower")[0]))
                 print(table(rows[-1:]).splitlines()[-1], flush=True)
     version = importlib.metadata.version
-    libtpu_version = next(
-        (
-            p.name.removesuffix(".dist-info").split("-")[1]
-            for p in pathlib.Path(libtpu).parents[1].glob("libtpu-*.dist-info")
-        ),
-        "?",
-    )
+    libtpu_version = tpu.libtpu_version(tpu.libtpu_path(libtpu) or libtpu)
     header = (
         "# The train step compiled for a TPU v5e slice\n\n"
         f"`python -m experiments.bench.tpu_aot`: compiled on a {os.cpu_count()}-core CPU host "

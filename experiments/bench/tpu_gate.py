@@ -189,10 +189,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{r.compile_seconds:.1f} s",
             flush=True,
         )
-    version = (libtpu.parent.parent / "libtpu").name
-    dist = sorted(libtpu.parent.parent.glob("libtpu-*.dist-info"))
-    if dist:
-        version = dist[-1].name.removesuffix(".dist-info").replace("-", " ")
+    version = f"libtpu {tpu.libtpu_version(libtpu)}"
     worst = max(results, key=lambda r: r.chip_bytes)
     header = (
         "# TPU compile gate\n\n"

@@ -47,6 +47,9 @@ def test_libtpu_path_takes_a_file_or_an_install_directory(tmp_path, monkeypatch)
     assert tpu.libtpu_path() == library
     monkeypatch.setenv("TPU_LIBRARY_PATH", str(tmp_path / "missing.so"))
     assert tpu.libtpu_path() is None
+    assert tpu.libtpu_version(library) == "unknown"
+    (tmp_path / "libtpu-0.0.42.1.dist-info").mkdir()
+    assert tpu.libtpu_version(library) == "0.0.42.1"
 
 
 def test_a_missing_libtpu_says_how_to_install_it(tmp_path):

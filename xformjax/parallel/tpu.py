@@ -115,6 +115,14 @@ def libtpu_path(explicit: str | os.PathLike | None = None) -> pathlib.Path | Non
     return None
 
 
+def libtpu_version(path: str | os.PathLike) -> str:
+    """The version of the libtpu wheel ``path`` (its ``libtpu.so``) came from, read from
+    the ``libtpu-<version>.dist-info`` beside its package; ``"unknown"`` if there is none."""
+    for info in sorted(pathlib.Path(path).resolve().parents[1].glob("libtpu-*.dist-info")):
+        return info.name.removesuffix(".dist-info").split("-", 1)[1]
+    return "unknown"
+
+
 def topology_devices(name: str, libtpu: str | os.PathLike | None = None) -> list:
     """The compile-only devices of the slice ``name`` (``"v5e:2x2"``), one per
     TensorCore the slice exposes (v4 and v5p chips may expose two).
