@@ -162,6 +162,12 @@ def _aot(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    print(
+        f"compiling the train step of {args.config} for {args.topology} with libtpu "
+        "(minutes for a large model; nothing runs on a TPU)…",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         report = compile_train_step(config, args.topology, args.libtpu)
     except DoesNotFitError as error:
