@@ -3,6 +3,13 @@
 Every op takes ``[B, T, H, D]`` sequences, returns ``(o, final_state)`` and
 offers ``mode="parallel" | "chunk" | "recurrent"``; see ``shared/DESIGN.md`` §3
 and each op's docstring for the recurrence it computes.
+
+Bad input raises ``ValueError`` (``TypeError`` for an argument of the wrong type)
+whose message names the op, the argument, what was expected and what was given.
+Shapes, dtypes and types are checked on every call; values (log-gates finite and
+≤ 0, β in [0, 2], routing weights ≥ 0, ``scale`` finite and > 0, ``cu_seqlens``
+boundaries …) at once when the arrays are concrete, and under ``jit`` or ``grad``
+only with ``xformjax.config.update("check_values", True)`` (see :mod:`xformjax.config`).
 """
 
 from xformjax.ops.aaren import aaren

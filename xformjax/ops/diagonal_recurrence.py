@@ -7,8 +7,8 @@
 State-Tracking in Linear RNNs Through Negative Eigenvalues" (Grazzi et al. 2025)
 asks for, and a negative transition cannot be written as ``exp`` of a log gate.
 So, unlike the other ops, the transition enters as a value, not a log decay.
-This is safe as long as ``|a_t| ≤ 1`` (the caller's contract, as for the
-layers that produce ``a`` with ``σ`` or ``2σ − 1``): every product
+This is safe as long as ``|a_t| ≤ 1`` (checked; the layers produce ``a`` with
+``σ`` or ``2σ − 1``): every product
 ``a_t ⋯ a_s`` the forms build then has magnitude ≤ 1, so nothing overflows on
 any length, and a long product underflows to 0, which is its value anyway.
 
@@ -96,7 +96,9 @@ def diagonal_recurrence(
     """``h_t = a_t ⊙ h_{t-1} + b_t`` (see the module docstring).
 
     Args:
-      a: ``[B, T, H, D]`` signed transitions, ``|a| ≤ 1``.
+      a: ``[B, T, H, D]`` signed transitions, ``|a| ≤ 1`` (checked: ``ValueError``
+        at once when concrete, under ``jit`` with ``xformjax.config`` option
+        ``check_values`` on).
       b: ``[B, T, H, D]`` inputs.
       initial_state: ``[B, H, D]`` (``[N, H, D]`` with ``cu_seqlens``) or ``None`` (zeros).
       output_final_state: also return ``h_T`` of every sequence.
@@ -120,6 +122,10 @@ def diagonal_recurrence(
             f"and {common.shape_str(b)}",
         )
     batch, length, heads, dim = jnp.shape(a)
+    common.check_bool(OP, "output_final_state", output_final_state)
+    common.check_values(
+        OP, "a", a, lambda x, xp: xp.abs(x) <= 1, "finite and in [-1, 1] (|a| <= 1)"
+    )
     dtype = common.compute_dtype(a, b, initial_state)
     a, b = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
     segments = common.make_segments(OP, cu_seqlens, batch, length)

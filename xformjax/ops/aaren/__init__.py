@@ -40,6 +40,7 @@ def _validate_sequences(q, k, v) -> None:
         common.fail(
             OP, f"`k` has T=0 tokens (shape {common.shape_str(k)}); at least one token is needed"
         )
+    common.check_key_dim(OP, "k", k)
     for axis, what in ((0, "B"), (1, "T"), (2, "H")):
         common.check_dim(OP, "v", v, axis, k.shape[axis], f"{what} of `k` {common.shape_str(k)}")
     layouts = {
@@ -133,7 +134,8 @@ def aaren(
         cache), but it is exact, and identical to the shared-query case when
         ``q`` is constant along T.
       k: ``[B, T, H, K]``; v: ``[B, T, H, V]``.
-      scale: multiplies the scores; defaults to ``K ** -0.5``.
+      scale: multiplies the scores: a finite number > 0 (or a 0-d array);
+        defaults to ``K ** -0.5``.
       initial_state: an :class:`AarenState` (or a 3-sequence) ``(max [B, H],
         numerator [B, H, V], denominator [B, H])`` from an earlier call: two
         halves with the state equal the whole sequence.
@@ -160,6 +162,8 @@ def aaren(
     common.check_mode(OP, mode)
     chunk_size = common.check_chunk_size(OP, chunk_size)
     common.resolve_backend(OP, backend)
+    common.check_bool(OP, "output_final_state", output_final_state)
+    common.check_scale(OP, scale)
     _validate_sequences(q, k, v)
     batch, _, heads, key_dim = k.shape
     value_dim = v.shape[-1]

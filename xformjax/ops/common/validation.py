@@ -19,6 +19,7 @@ import numpy as np
 from jax.core import Tracer
 
 from xformjax import kernels  # pyright: ignore[reportAttributeAccessIssue]
+from xformjax.ops.common.value_checks import check_values
 
 #: The form an op runs: the quadratic ``"parallel"``, the ``"chunk"``ed scan (linear in
 #: T; the kernels' form) or token by token (``"recurrent"``).
@@ -36,6 +37,11 @@ def shape_str(x) -> str:
 def fail(op: str, message: str) -> NoReturn:
     """Raise ``ValueError("{op}: {message}")``: every op's input errors name the op."""
     raise ValueError(f"{op}: {message}")
+
+
+def fail_type(op: str, message: str) -> NoReturn:
+    """Raise ``TypeError("{op}: {message}")``: an argument of the wrong type."""
+    raise TypeError(f"{op}: {message}")
 
 
 def check_rank(op: str, name: str, x, layout: Sequence[str]) -> None:
@@ -70,14 +76,87 @@ def check_mode(op: str, mode: str) -> Mode:
     return mode
 
 
+def check_positive_int(op: str, name: str, value, *, expected: str = "a positive int") -> int:
+    """``value`` must be an int (``TypeError`` otherwise; a bool is not one) and ≥ 1
+    (``ValueError``)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        fail_type(op, f"`{name}` must be {expected}; got {value!r}")
+    if value < 1:
+        fail(op, f"`{name}` must be {expected}; got {value!r}")
+    return int(value)
+
+
+def check_optional_positive_int(op: str, name: str, value) -> int | None:
+    """``None``, or an int ≥ 1 as :func:`check_positive_int`."""
+    if value is None:
+        return None
+    return check_positive_int(op, name, value, expected="None or a positive int")
+
+
 def check_chunk_size(op: str, chunk_size) -> int:
-    if (
-        isinstance(chunk_size, bool)
-        or not isinstance(chunk_size, (int, np.integer))
-        or chunk_size < 1
+    return check_positive_int(op, "chunk_size", chunk_size)
+
+
+def check_bool(op: str, name: str, value) -> bool:
+    """``value`` must be a bool (``TypeError`` otherwise: ``"no"`` is not ``False``)."""
+    if not isinstance(value, (bool, np.bool_)):
+        fail_type(op, f"`{name}` must be a bool (True or False); got {value!r}")
+    return bool(value)
+
+
+def check_scalar(op: str, name: str, value, what: str = "a number") -> None:
+    """``value`` must be a Python or numpy number (not a bool) or a 0-d numeric array:
+    ``TypeError`` for another type, ``ValueError`` for an array of another shape."""
+    if isinstance(value, (jax.Array, np.ndarray)):
+        if not jnp.issubdtype(value.dtype, jnp.number):
+            fail_type(op, f"`{name}` must be {what}; got an array of dtype {value.dtype}")
+        if value.ndim:
+            fail(op, f"`{name}` must be {what} (a 0-d array); got shape {shape_str(value)}")
+        return
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+        value, (int, float, np.integer, np.floating)
     ):
-        fail(op, f"`chunk_size` must be a positive int; got {chunk_size!r}")
-    return int(chunk_size)
+        fail_type(op, f"`{name}` must be {what}; got {value!r}")
+
+
+def check_scale(op: str, scale) -> None:
+    """``scale`` (the scores' multiplier): ``None`` (``K ** -0.5``), or a number or a
+    0-d array that is finite and > 0 (a temperature: negate ``q`` to flip the sign).
+    The value is checked eagerly, and under ``jit`` with ``check_values`` on."""
+    if scale is None:
+        return
+    check_scalar(op, "scale", scale, "None, a number or a 0-d array")
+    check_values(op, "scale", scale, lambda s, xp: xp.isfinite(s) & (s > 0), "finite and > 0")
+
+
+def check_key_dim(op: str, name: str, x, axis: int = -1, label: str = "K") -> None:
+    """The key (head) dimension must be ≥ 1: the default scale is ``K ** -0.5``."""
+    if int(jnp.shape(x)[axis]) < 1:
+        fail(
+            op,
+            f"`{name}` has shape {shape_str(x)}: the key dimension {label} must be >= 1; "
+            f"got {label}=0",
+        )
+
+
+#: β of the delta rule: 0 is the identity step, 1 the classic delta rule, 2 a reflection;
+#: (0, 2) are the values with a learning signal, [0, 2] keeps ``I − β k kᵀ`` a contraction.
+BETA_RANGE = "finite and in [0, 2]"
+
+
+def check_beta_values(op: str, beta, name: str = "beta") -> None:
+    """β values in [0, 2] (eagerly, and under ``jit`` with ``check_values`` on)."""
+    check_values(op, name, beta, lambda b, xp: (b >= 0) & (b <= 2), BETA_RANGE)
+
+
+def check_unit_interval(op: str, name: str, x) -> None:
+    """Values in [0, 1] (NaN fails), eagerly and under ``jit`` with ``check_values`` on."""
+    check_values(op, name, x, lambda a, xp: (a >= 0) & (a <= 1), "finite and in [0, 1]")
+
+
+def check_nonnegative(op: str, name: str, x) -> None:
+    """Finite values ≥ 0, eagerly and under ``jit`` with ``check_values`` on."""
+    check_values(op, name, x, lambda a, xp: xp.isfinite(a) & (a >= 0), "finite and >= 0")
 
 
 ACCELERATORS: tuple[str, ...] = ("gpu", "tpu", "cuda", "rocm")
@@ -205,17 +284,44 @@ def is_concrete(x) -> bool:
     return not isinstance(x, Tracer)
 
 
+LOG_GATE = "finite and <= 0"
+
+
 def check_log_gate(op: str, name: str, gate) -> None:
-    """Gates are natural-log decays: reject positive values when they can be seen."""
-    if gate is None or not is_concrete(gate):
+    """Gates are natural-log decays: every value finite and ≤ 0.
+
+    Checked through :func:`~xformjax.ops.common.value_checks.check_values`: at once for
+    concrete values, under ``jit`` only with ``check_values`` on (a ``checkify`` check).
+    The eager message reads "`g` holds log decays and must be finite and <= 0; got max
+    0.5 (shape (2, 10, 3))".
+    """
+    if gate is None:
         return
-    top = float(np.max(np.asarray(gate, dtype=np.float64))) if np.size(gate) else 0.0
-    if not np.isfinite(top) or top > 0:
-        fail(
-            op,
-            f"`{name}` holds log decays and must be finite and <= 0; got max {top} "
-            f"(shape {shape_str(gate)})",
-        )
+    if is_concrete(gate):
+        values = np.asarray(gate, dtype=np.float64)
+        if values.size == 0:
+            return
+        with np.errstate(invalid="ignore"):
+            ok = np.isfinite(values) & (values <= 0)
+        if not ok.all():
+            top = float(np.max(values))
+            if not np.isnan(top) and top <= 0:  # only -inf fails
+                got = f"{float(values[~ok].flat[0])} (max {top})"
+            else:
+                got = f"max {top}"
+            fail(
+                op,
+                f"`{name}` holds log decays and must be {LOG_GATE}; got {got} "
+                f"(shape {shape_str(gate)})",
+            )
+        return
+    check_values(
+        op,
+        name,
+        gate,
+        lambda a, xp: xp.isfinite(a) & (a <= 0),
+        f"{LOG_GATE} (it holds log decays)",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,14 +369,19 @@ def make_segments(op: str, cu_seqlens, batch: int, num_tokens: int) -> Segments 
         )
     if batch != 1:
         fail(op, f"packed sequences (`cu_seqlens`) need batch size B == 1; got B={batch}")
+    expected = f"boundaries that start at 0, never decrease and end at T={num_tokens}"
     if is_concrete(cu_seqlens):
         cu = np.asarray(cu_seqlens)
         if cu[0] != 0 or cu[-1] != num_tokens or np.any(np.diff(cu) < 0):
-            fail(
-                op,
-                f"`cu_seqlens` must start at 0, never decrease and end at T={num_tokens}; "
-                f"got {cu.tolist()}",
-            )
+            fail(op, f"`cu_seqlens` must be {expected}; got {cu.tolist()}")
+    else:  # a whole-array predicate: `check_values` needs only that it reduces to True
+        check_values(
+            op,
+            "cu_seqlens",
+            cu_seqlens,
+            lambda c, xp: (c[0] == 0) & (c[-1] == num_tokens) & xp.all(c[1:] >= c[:-1]),
+            expected,
+        )
     cu = jnp.asarray(cu_seqlens, jnp.int32)
     positions = jnp.arange(num_tokens, dtype=jnp.int32)
     ids = jnp.searchsorted(cu[1:], positions, side="right").astype(jnp.int32)

@@ -1,7 +1,7 @@
 """``delta_rule`` and ``delta_product``: the delta-rule family in one pair of ops.
 
 DeltaNet, gated DeltaNet (``g``), per-channel gated (``gk``, KDA), negative
-eigenvalues (β in (0, 2)) and DeltaProduct (``num_householder`` sub-steps),
+eigenvalues (β in (1, 2]; β ∈ [0, 2]) and DeltaProduct (``num_householder`` sub-steps),
 in parallel, chunked and recurrent forms::
 
     S'  = exp(g_t) · diag(exp(gk_t)) · S_{t-1}
@@ -44,6 +44,7 @@ __all__ = ["delta_product", "delta_rule"]
 
 
 def _check_beta(op: str, beta, q, rows: int) -> None:
+    """β: ``[B, T·n, H]`` floating, every value finite and in [0, 2] (see :func:`delta_rule`)."""
     common.check_floating(op, "beta", beta)
     expected = (q.shape[0], rows, q.shape[2])
     if tuple(jnp.shape(beta)) != expected:
@@ -52,6 +53,7 @@ def _check_beta(op: str, beta, q, rows: int) -> None:
             f"`beta` must have shape [B, T, H] = {expected} "
             f"(one step size per row of `k`); got {common.shape_str(beta)}",
         )
+    common.check_beta_values(op, beta)
 
 
 def _run(
@@ -86,6 +88,8 @@ def _run(
         False,
         op=op,
         value_rows=q.shape[1] * rows_per_token,
+        scale=scale,
+        output_final_state=output_final_state,
     )
     _check_beta(op, beta, q, k.shape[1])
     gap = common.kernel_gap(
@@ -194,12 +198,20 @@ def delta_rule(
         o_t = scale · S_tᵀ q_t
 
     Without gates it is DeltaNet; with ``g`` gated DeltaNet; with ``gk`` the
-    per-channel gated form (KDA). β in (0, 2) gives the transition
+    per-channel gated form (KDA). β in (1, 2] gives the transition
     ``I − β k kᵀ`` a negative eigenvalue (state tracking). ``q`` and ``k`` are
     used as given: L2-normalising them is the layer's job.
 
+    β must be finite and in **[0, 2]**: with a unit-norm ``k`` the transition
+    ``I − β k kᵀ`` then has eigenvalues ``1 − β ∈ [−1, 1]`` and never amplifies the
+    state. ``β = 0`` is allowed: it is the identity step (no write), which
+    :func:`xformjax.ops.mixture_of_memories` uses for the tokens not routed to a
+    memory; ``β = 2`` is a reflection. Anything else raises ``ValueError`` (eagerly;
+    under ``jit`` with ``xformjax.config`` option ``check_values`` on).
+
     Args:
-      q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; beta: ``[B, T, H]``.
+      q, k: ``[B, T, H, K]`` (``K ≥ 1``); v: ``[B, T, H, V]``; beta: ``[B, T, H]``
+        in [0, 2].
       g, gk, scale, initial_state, output_final_state, cu_seqlens, chunk_size,
         backend: as :func:`xformjax.ops.linear_attention`.
       mode: ``"chunk"`` (WY/UT representation per chunk, linear in T),
@@ -208,6 +220,11 @@ def delta_rule(
 
     Returns:
       ``(o [B, T, H, V], final_state [N, H, K, V] or None)``.
+
+    Raises:
+      ValueError: a malformed argument (shapes, β outside [0, 2], a positive or
+        non-finite gate, ``scale`` ≤ 0 …), named in the message; TypeError: an
+        argument of the wrong type.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -260,15 +277,12 @@ def delta_product(
     apply the n delta steps in order, then read out with ``q_t``. Computed as
     the delta rule over the ``T·n`` rows (exact, and linear in T for the chunk
     form); a ``[H]`` gate is then expanded per row. ``cu_seqlens`` counts tokens.
-    Other arguments as :func:`delta_rule`; ``n = 1`` is :func:`delta_rule`.
+    Other arguments (and the β rule: finite and in [0, 2]) as :func:`delta_rule`;
+    ``n = 1`` is :func:`delta_rule`. ``num_householder`` must be an int ≥ 1
+    (``TypeError`` for another type, ``ValueError`` below 1).
     """
     op = "delta_product"
-    if (
-        isinstance(num_householder, bool)
-        or not isinstance(num_householder, int)
-        or num_householder < 1
-    ):
-        common.fail(op, f"`num_householder` must be a positive int; got {num_householder!r}")
+    num_householder = common.check_positive_int(op, "num_householder", num_householder)
     for name, x in (("q", q), ("k", k)):
         common.check_rank(op, name, x, ["B", "T", "H", "K"])
     if k.shape[1] != q.shape[1] * num_householder:

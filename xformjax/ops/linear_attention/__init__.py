@@ -54,11 +54,19 @@ def validate(
     normalize: bool,
     op: str = OP,
     value_rows: int | None = None,
+    scale=None,
+    output_final_state: bool = False,
 ):
     """Check the linear-attention family's common inputs; return the packing (or None).
 
-    ``value_rows`` is the T of ``k`` and ``v`` when it differs from ``q``'s (DeltaProduct).
+    Shapes, dtypes and types always; values (gates finite and ≤ 0, ``scale`` finite
+    and > 0, ``cu_seqlens`` boundaries) at once when concrete, and under ``jit`` with
+    ``xformjax.config`` option ``check_values`` on. ``value_rows`` is the T of ``k``
+    and ``v`` when it differs from ``q``'s (DeltaProduct).
     """
+    common.check_bool(op, "normalize", normalize)
+    common.check_bool(op, "output_final_state", output_final_state)
+    common.check_scale(op, scale)
     for name, x in (("q", q), ("k", k), ("v", v)):
         common.check_rank(op, name, x, ["B", "T", "H", "K" if name != "v" else "V"])
         common.check_floating(op, name, x)
@@ -67,6 +75,7 @@ def validate(
         common.fail(
             op, f"`q` has T=0 tokens (shape {common.shape_str(q)}); at least one token is needed"
         )
+    common.check_key_dim(op, "q", q)
     rows = num_tokens if value_rows is None else value_rows
     expected_k = (batch, rows, heads, key_dim)
     for axis, what in ((0, "B"), (1, "T" if value_rows is None else "T·n"), (2, "H"), (3, "K")):
@@ -147,8 +156,8 @@ def linear_attention(
         per head (RetNet, lightning attention; never broadcast over B and T).
       gk: per-key-channel natural-log decay (≤ 0), ``[B, T, H, K]`` (GLA).
         ``g`` and ``gk`` together multiply.
-      scale: defaults to ``K ** -0.5``.
-      normalize: use the denominator form.
+      scale: a finite number > 0 (or a 0-d array); defaults to ``K ** -0.5``.
+      normalize: use the denominator form (a bool).
       initial_state: ``[N, H, K, V]`` (``V+1`` when normalising); N = B, or
         the number of packed sequences.
       output_final_state: also return the final state(s) ``[N, H, K, V]``.
@@ -163,6 +172,14 @@ def linear_attention(
         does not cover (``normalize``, ``cu_seqlens``, dtypes other than float32
         and bfloat16, K or V above 256 — beyond the sm_90 compile gate — and
         other modes) runs in XLA with a one-time warning.
+
+    Raises:
+      ValueError: a malformed argument (shapes, ``K = 0``, ``T = 0``, a gate that is
+        positive or not finite, ``scale`` ≤ 0 or not finite, bad ``cu_seqlens``);
+        the message names the argument, what was expected and what was given. Value
+        checks need concrete values: under ``jit`` they run only with
+        ``xformjax.config.update("check_values", True)`` (see :mod:`xformjax.config`).
+      TypeError: an argument of the wrong type (``normalize="no"``, ``scale="a"``).
 
     Returns:
       ``(o, final_state)``: ``o`` is ``[B, T, H, V]`` in the inputs' dtype;
@@ -180,7 +197,18 @@ def linear_attention(
     """
     common.check_mode(OP, mode)
     chunk_size = common.check_chunk_size(OP, chunk_size)
-    segments = validate(q, k, v, g, gk, initial_state, cu_seqlens, normalize)
+    segments = validate(
+        q,
+        k,
+        v,
+        g,
+        gk,
+        initial_state,
+        cu_seqlens,
+        normalize,
+        scale=scale,
+        output_final_state=output_final_state,
+    )
     gap = common.kernel_gap(
         (q, k, v, g, gk, initial_state),
         scale,

@@ -32,7 +32,9 @@ OP = "mixture_of_memories"
 
 
 def _validate(q, k, v, beta, routing, g, initial_state) -> None:
-    """Shapes and dtypes of every argument (clear ``ValueError`` otherwise)."""
+    """Shapes and dtypes of every argument, and the values of β (finite, in [0, 2]),
+    ``routing`` (finite, ≥ 0) and ``g`` (finite, ≤ 0): clear ``ValueError`` otherwise
+    (values: at once when concrete, under ``jit`` with ``check_values`` on)."""
     common.check_rank(OP, "q", q, ["B", "T", "H", "K"])
     common.check_rank(OP, "k", k, ["B", "T", "M", "H", "K"])
     common.check_rank(OP, "v", v, ["B", "T", "M", "H", "V"])
@@ -45,6 +47,7 @@ def _validate(q, k, v, beta, routing, g, initial_state) -> None:
         common.fail(
             OP, f"`q` has T=0 tokens (shape {common.shape_str(q)}); at least one token is needed"
         )
+    common.check_key_dim(OP, "q", q)
     memories = k.shape[2]
     where_q = f"of `q` {common.shape_str(q)}"
     for axis, size, what in (
@@ -73,6 +76,8 @@ def _validate(q, k, v, beta, routing, g, initial_state) -> None:
             f"`routing` must have shape [B, T, M] = {expected[:3]}; "
             f"got {common.shape_str(routing)}",
         )
+    common.check_beta_values(OP, beta)
+    common.check_nonnegative(OP, "routing", routing)
     if g is not None:
         common.check_floating(OP, "g", g)
         if tuple(jnp.shape(g)) != expected:
@@ -121,13 +126,15 @@ def mixture_of_memories(
         o_t = Σ_m r_{t,m} · scale · S^{(m)ᵀ}_t q_t
 
     Args:
-      q: ``[B, T, H, K]``, the query shared by every memory.
+      q: ``[B, T, H, K]``, the query shared by every memory (``K ≥ 1``).
       k: ``[B, T, M, H, K]``; v: ``[B, T, M, H, V]``; beta: ``[B, T, M, H]``
-        (values in (0, 2) allowed): each memory's own streams.
-      routing: ``[B, T, M]`` router weights, exactly zero for the memories a
-        token is not routed to (an always-on shared memory has weight 1 everywhere).
-      g: optional natural-log decays (≤ 0) ``[B, T, M, H]``.
-      scale: defaults to ``K ** -0.5``.
+        (finite and in [0, 2], as :func:`xformjax.ops.delta_rule`): each memory's
+        own streams.
+      routing: ``[B, T, M]`` router weights, finite and ≥ 0, exactly zero for the
+        memories a token is not routed to (an always-on shared memory has weight 1
+        everywhere).
+      g: optional natural-log decays (finite, ≤ 0) ``[B, T, M, H]``.
+      scale: a finite number > 0; defaults to ``K ** -0.5``.
       initial_state: ``[B, M, H, K, V]``.
       output_final_state: also return the final states ``[B, M, H, K, V]``.
       mode: ``"chunk"``, ``"parallel"`` or ``"recurrent"``, as :func:`xformjax.ops.delta_rule`.
@@ -136,6 +143,12 @@ def mixture_of_memories(
     Returns:
       ``(o [B, T, H, V]`` in the inputs' dtype, ``final_state [B, M, H, K, V]``
       in the accumulation dtype, or ``None`` unless ``output_final_state)``.
+
+    Raises:
+      ValueError: a malformed argument (shapes, β outside [0, 2], a negative or
+        non-finite routing weight, a positive gate …), named in the message; the
+        value checks run under ``jit`` only with ``xformjax.config`` option
+        ``check_values`` on. TypeError: an argument of the wrong type.
 
     Gradients reach every floating input; the routing pattern (which weights are
     zero) is treated as fixed, as in mixture-of-experts layers.
@@ -154,6 +167,8 @@ def mixture_of_memories(
     common.check_mode(OP, mode)
     common.check_chunk_size(OP, chunk_size)
     common.resolve_backend(OP, backend)
+    common.check_bool(OP, "output_final_state", output_final_state)
+    common.check_scale(OP, scale)
     _validate(q, k, v, beta, routing, g, initial_state)
     batch, num_tokens, memories, heads, key_dim = k.shape
     value_dim = v.shape[-1]

@@ -43,6 +43,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from xformjax.ops import common
 from xformjax.ops.common.validation import Mode
@@ -98,7 +99,23 @@ def init_neural_memory_state(
     Keys: ``weight_l``, ``momentum_l`` ``[B, H, d_{l-1}, d_l]`` for each layer ``l``;
     with ``c = omega_window > 1`` also ``window_k`` ``[B, H, c−1, K]``, ``window_v``
     ``[B, H, c−1, V]`` and ``window_gamma`` ``[B, H, c−1]`` (the last ``c − 1``
-    tokens, oldest first; ``γ = 0`` marks an empty slot)."""
+    tokens, oldest first; ``γ = 0`` marks an empty slot).
+
+    ``batch`` is an int ≥ 0, ``key_dim``, ``value_dim`` and ``omega_window`` ints ≥ 1
+    (``TypeError`` for another type, ``ValueError`` for another value)."""
+    op = "init_neural_memory_state"
+    if isinstance(batch, (bool, np.bool_)) or not isinstance(batch, (int, np.integer)):
+        common.fail_type(op, f"`batch` must be a non-negative int; got {batch!r}")
+    if batch < 0:
+        common.fail(op, f"`batch` must be a non-negative int; got {batch!r}")
+    key_dim = common.check_positive_int(op, "key_dim", key_dim)
+    value_dim = common.check_positive_int(op, "value_dim", value_dim)
+    omega_window = common.check_positive_int(op, "omega_window", omega_window)
+    if isinstance(memory, jax.Array) or not isinstance(memory, Sequence) or not memory:
+        common.fail(
+            op,
+            "`memory` must be a non-empty sequence of per-head weight matrices [H, d_(l-1), d_l]",
+        )
     dtype = common.compute_dtype(*memory) if dtype is None else dtype
     heads = memory[0].shape[0]
     state = {}
@@ -168,9 +185,12 @@ def neural_memory(
     Args:
       q, k: ``[B, T, H, K]`` (used as given: normalising them is the layer's job).
       v: ``[B, T, H, V]``.
-      lr: ``θ_t`` ``[B, T, H]``, ≥ 0 (the inner learning rate).
+      lr: ``θ_t`` ``[B, T, H]``, finite and ≥ 0 (the inner learning rate).
       momentum: ``η_t`` ``[B, T, H]`` in [0, 1].
       decay: ``α_t`` ``[B, T, H]`` in [0, 1] (forgetting: ``W ← (1 − α) W + …``).
+        The values of ``lr``, ``momentum``, ``decay`` and ``omega_weights`` are
+        checked (``ValueError``) at once when concrete, and under ``jit`` with
+        ``xformjax.config`` option ``check_values`` on.
       memory: the initial weights, a sequence of ``L`` arrays ``[H, d_{l-1}, d_l]``
         (``d_0 = K``, ``d_L = V``): learned parameters shared over the batch. Used
         when ``initial_state`` is ``None``; ignored otherwise (except for checks).
@@ -204,6 +224,8 @@ def neural_memory(
     value_dim = v.shape[-1]
     if length == 0:
         common.fail(OP, f"T=0 is not allowed: `q` has shape {common.shape_str(q)}")
+    common.check_key_dim(OP, "q", q)
+    common.check_bool(OP, "output_final_state", output_final_state)
     common.check_dim(OP, "k", k, 0, batch, "B of `q`")
     common.check_dim(OP, "k", k, 1, length, "T of `q`")
     common.check_dim(OP, "k", k, 2, heads, "H of `q`")
@@ -221,21 +243,24 @@ def neural_memory(
                 f"`{name}` must have shape [B, T, H] = {(batch, length, heads)}; "
                 f"got {common.shape_str(gate)}",
             )
-    if isinstance(omega_window, bool) or not isinstance(omega_window, int) or omega_window < 1:
-        common.fail(OP, f"`omega_window` must be a positive int; got {omega_window!r}")
-    if optimizer not in OPTIMIZERS:
+    # values (at once when concrete; under jit with `check_values` on)
+    common.check_nonnegative(OP, "lr", lr)
+    for name in ("momentum", "decay", "omega_weights"):
+        common.check_unit_interval(OP, name, gates.get(name))
+    omega_window = common.check_positive_int(OP, "omega_window", omega_window)
+    if not isinstance(optimizer, str) or optimizer not in OPTIMIZERS:
         common.fail(OP, f"unknown `optimizer`={optimizer!r}; expected one of {OPTIMIZERS}")
-    if (
-        isinstance(newton_schulz_steps, bool)
-        or not isinstance(newton_schulz_steps, int)
-        or newton_schulz_steps < 1
+    newton_schulz_steps = common.check_positive_int(OP, "newton_schulz_steps", newton_schulz_steps)
+    if max_surprise_norm is not None and not isinstance(
+        max_surprise_norm, (bool, int, float, np.integer, np.floating)
     ):
-        common.fail(
-            OP, f"`newton_schulz_steps` must be a positive int; got {newton_schulz_steps!r}"
+        common.fail_type(
+            OP,
+            f"`max_surprise_norm` must be a positive finite number or None; "
+            f"got {max_surprise_norm!r}",
         )
     if max_surprise_norm is not None and (
         isinstance(max_surprise_norm, bool)
-        or not isinstance(max_surprise_norm, (int, float))
         or not max_surprise_norm > 0
         or max_surprise_norm == float("inf")
     ):
@@ -247,6 +272,17 @@ def neural_memory(
     memory = _check_memory(memory, key_dim, value_dim, heads)
     if state_position is None:
         state_position = length
+    elif isinstance(state_position, (bool, np.bool_)) or not (
+        isinstance(state_position, (int, np.integer))
+        or (
+            isinstance(state_position, (jax.Array, np.ndarray))
+            and jnp.issubdtype(state_position.dtype, jnp.integer)
+            and state_position.ndim == 0
+        )
+    ):
+        common.fail_type(
+            OP, f"`state_position` must be an int or a 0-d integer array; got {state_position!r}"
+        )
     elif common.is_concrete(state_position):
         position = int(state_position)
         if not 0 <= position <= length or (
@@ -257,6 +293,18 @@ def neural_memory(
                 f"`state_position`={position} must lie in [0, T={length}] and, in "
                 f"chunk mode, be T or a multiple of chunk_size={chunk_size}",
             )
+    else:
+        in_chunks = mode == "chunk"
+        common.check_values(
+            OP,
+            "state_position",
+            state_position,
+            lambda p, xp: (
+                (p >= 0) & (p <= length) & ((p == length) | (p % chunk_size == 0) | (not in_chunks))
+            ),
+            f"in [0, T={length}]"
+            + (f" and T or a multiple of chunk_size={chunk_size}" if in_chunks else ""),
+        )
 
     dtype = common.compute_dtype(q, k, v, lr, momentum, decay, omega_weights, *memory)
     if initial_state is not None:

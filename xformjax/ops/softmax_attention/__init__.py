@@ -49,6 +49,7 @@ def _validate(op, q, k, v, causal, window, cu_seqlens):
             f"T=0 is not allowed: `q` has shape {common.shape_str(q)} and `k` "
             f"{common.shape_str(k)}",
         )
+    common.check_key_dim(op, "q", q, label="D")
     common.check_dim(op, "k", k, 0, batch, f"B of `q` {common.shape_str(q)}")
     common.check_dim(op, "k", k, 3, dim, f"D of `q` {common.shape_str(q)}")
     for axis, what in ((0, "B"), (1, "Tk"), (2, "Hkv")):
@@ -65,12 +66,8 @@ def _validate(op, q, k, v, causal, window, cu_seqlens):
             f"`q` has more tokens (Tq={num_queries}) than `k` (Tk={num_keys}); "
             "queries occupy the last Tq key positions",
         )
-    if not isinstance(causal, bool):
-        common.fail(op, f"`causal` must be a bool; got {causal!r}")
-    if window is not None and (
-        isinstance(window, bool) or not isinstance(window, int) or window < 1
-    ):
-        common.fail(op, f"`window` must be None or a positive int; got {window!r}")
+    common.check_bool(op, "causal", causal)
+    common.check_optional_positive_int(op, "window", window)
     segments = common.make_segments(op, cu_seqlens, batch, num_keys)
     if segments is not None and num_queries != num_keys:
         common.fail(
@@ -92,12 +89,31 @@ def _check_kv_length(op, kv_length, mode, cu_seqlens, num_queries, num_keys):
         )
     if cu_seqlens is not None:
         common.fail(op, "`kv_length` cannot be combined with `cu_seqlens`")
+    if isinstance(kv_length, (jax.Array, np.ndarray)):
+        if not jnp.issubdtype(kv_length.dtype, jnp.integer) or kv_length.ndim:
+            common.fail_type(
+                op,
+                f"`kv_length` must be an int or a 0-d integer array; got an array of "
+                f"dtype {kv_length.dtype} and shape {common.shape_str(kv_length)}",
+            )
+    elif isinstance(kv_length, (bool, np.bool_)) or not isinstance(kv_length, (int, np.integer)):
+        common.fail_type(
+            op, f"`kv_length` must be an int or a 0-d integer array; got {kv_length!r}"
+        )
     if common.is_concrete(kv_length):
         length = int(kv_length)
         if not num_queries <= length <= num_keys:
             common.fail(
                 op, f"`kv_length`={length} must lie in [Tq, Tk] = [{num_queries}, {num_keys}]"
             )
+    else:
+        common.check_values(
+            op,
+            "kv_length",
+            kv_length,
+            lambda n, xp: (n >= num_queries) & (n <= num_keys),
+            f"in [Tq, Tk] = [{num_queries}, {num_keys}]",
+        )
     return jnp.asarray(kv_length, jnp.int32) - num_queries
 
 
@@ -106,9 +122,16 @@ def _check_bias(op, bias, num_queries: int):
     query); returned as given (a Python number, or a jax array)."""
     if bias is None:
         return None
-    if isinstance(bias, bool) or not isinstance(bias, (int, float, jax.Array, np.ndarray)):
-        common.fail(op, f"`bias` must be None, a number or an array [Tq]; got {bias!r}")
-    if isinstance(bias, (int, float)):
+    what = "None, a number or an array [Tq]"
+    if isinstance(bias, (jax.Array, np.ndarray)):
+        if not jnp.issubdtype(bias.dtype, jnp.number):
+            common.fail_type(op, f"`bias` must be {what}; got an array of dtype {bias.dtype}")
+    elif isinstance(bias, (bool, np.bool_)) or not isinstance(
+        bias, (int, float, np.integer, np.floating)
+    ):
+        common.fail_type(op, f"`bias` must be {what}; got {bias!r}")
+    common.check_finite(op, "bias", bias)
+    if not isinstance(bias, (jax.Array, np.ndarray)):
         return float(bias)
     if jnp.ndim(bias) not in (0, 1) or (jnp.ndim(bias) == 1 and bias.shape[0] != num_queries):
         common.fail(
@@ -140,7 +163,10 @@ def _attention(
     chunk_size = common.check_chunk_size(op, chunk_size)
     common.resolve_backend(op, backend)
     segments = _validate(op, q, k, v, causal, window, cu_seqlens)
+    common.check_scale(op, scale)
     q_offset = _check_kv_length(op, kv_length, mode, cu_seqlens, q.shape[1], k.shape[1])
+    if kind == "sigmoid":
+        bias = _check_bias(op, bias, q.shape[1])
     out_dtype = jnp.result_type(q, k, v)
     dtype = common.compute_dtype(q, k, v)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -150,8 +176,6 @@ def _attention(
     mask = AttentionMask(causal=causal, window=window, q_offset=q_offset, kv_length=kv_length)
     k_seq = sequence_ids(segments, num_keys)
     q_seq = k_seq[num_keys - num_queries :]
-    if kind == "sigmoid":
-        bias = _check_bias(op, bias, num_queries)
     if kind == "sigmoid" and bias is None and kv_length is not None:
         bias = -jnp.log(jnp.asarray(kv_length, dtype))
     q_bias = (
@@ -186,9 +210,11 @@ def softmax_attention(
       q: ``[B, Tq, Hq, D]``; the queries sit at the last ``Tq`` key positions.
       k: ``[B, Tk, Hkv, D]``, ``v``: ``[B, Tk, Hkv, V]``; ``Hq`` a multiple of
         ``Hkv`` (grouped-query attention).
-      causal: attend only to keys at or before the query's position.
-      scale: defaults to ``D ** -0.5``.
-      window: if set, only keys with ``i − j < window`` (``|i − j|`` when not causal).
+      causal: attend only to keys at or before the query's position (a bool).
+      scale: a finite number > 0 (or a 0-d array; it is a temperature: negate ``q``
+        to flip its sign); defaults to ``D ** -0.5``.
+      window: if set, a positive int: only keys with ``i − j < window``
+        (``|i − j|`` when not causal).
       cu_seqlens: int ``[N+1]`` packed sequences (``B == 1``, ``Tq == Tk``).
       mode: ``"chunk"`` (blockwise online softmax, O(T·C) memory forward and
         backward), ``"parallel"`` (full Tq×Tk matrix) or ``"recurrent"`` (one
@@ -197,8 +223,16 @@ def softmax_attention(
       backend: ``None`` or ``"xla"``.
       kv_length: for a fixed-capacity KV cache: only the first ``kv_length`` keys
         are filled and the queries sit at positions ``kv_length − Tq … kv_length − 1``
-        (may be traced; modes ``"parallel"`` and ``"recurrent"``). Sigmoid
-        attention's default bias then uses ``n = kv_length``.
+        (an int or a 0-d integer array, may be traced; in ``[Tq, Tk]``; modes
+        ``"parallel"`` and ``"recurrent"``). Sigmoid attention's default bias then
+        uses ``n = kv_length``.
+
+    Raises:
+      ValueError: a malformed argument (shapes, ``D = 0``, ``scale`` ≤ 0 or not
+        finite, ``window`` < 1, bad ``cu_seqlens`` or ``kv_length``), named in the
+        message; value checks of traced arguments run under ``jit`` only with
+        ``xformjax.config`` option ``check_values`` on.
+      TypeError: an argument of the wrong type (``causal="yes"``, ``scale="a"``).
 
     Returns:
       ``(o, None)``: ``o`` is ``[B, Tq, Hq, V]`` in the inputs' dtype, computed in
@@ -252,7 +286,8 @@ def sigmoid_attention(
     own packed sequence length), as in "Theory, Analysis, and Best Practices for
     Sigmoid Self-Attention". ``bias`` may also be a number, or an array ``[Tq]``
     with one bias per query (the ``sigmoid_attn`` layer's default depends on each
-    query's position). Every other argument as :func:`softmax_attention`.
+    query's position); it must be finite (``ValueError``), and a number or a numeric
+    array (``TypeError`` otherwise). Every other argument as :func:`softmax_attention`.
     """
     o = _attention(
         "sigmoid_attention",
