@@ -2,10 +2,11 @@
 
 ``apply_overrides(config, {"train.steps": 10, "model.mixer.num_heads": 4})`` walks
 the sections, checks each value against the field's annotation (``int``,
-``float``, ``str``, ``bool``, ``dict``, unions with ``None``) and rebuilds the
-frozen dataclasses, so their ``__post_init__`` validation runs. An unknown key is
-rejected with the valid keys of its section, a bad value with the reason. A
-``dict`` field (``data.options``) takes sub-keys as entries.
+``float``, ``str``, ``bool``, ``dict``, unions with ``None``) and rebuilds each
+changed frozen dataclass once, innermost first, with all its new values, so its
+``__post_init__`` validation sees the final combination (never a half-applied one).
+An unknown key is rejected with the valid keys of its section, a bad value with the
+reason. A ``dict`` field (``data.options``) takes sub-keys as entries.
 """
 
 from __future__ import annotations
@@ -62,8 +63,18 @@ def _check_value(key: str, value: Any, tp) -> Any:
     raise ValueError(f"{key}: expected {_type_name(tp)}, got {value!r}")
 
 
-def _apply(config, path: list[str], value: Any, prefix: str):
-    hints = typing.get_type_hints(type(config))
+class _Pending(dict):
+    """Changes to one dataclass: field → new value, or a nested ``_Pending`` for a
+    dataclass field; ``base`` is the instance they apply to."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base = base
+
+
+def _record(pending: _Pending, path: list[str], value: Any, prefix: str) -> None:
+    """Check ``prefix + path = value`` against ``pending.base``'s fields and record it."""
+    config = pending.base
     fields = [f.name for f in dataclasses.fields(config)]
     name = path[0]
     key = f"{prefix}{name}"
@@ -72,32 +83,64 @@ def _apply(config, path: list[str], value: Any, prefix: str):
             f"unknown key {key!r}; valid keys under "
             f"{prefix[:-1] or 'the top level'!r}: {', '.join(fields)}"
         )
-    current = getattr(config, name)
+    current = pending.get(name, getattr(config, name))
+    if isinstance(current, _Pending):
+        current = current.base
     if len(path) > 1 and name == "options" and isinstance(current, dict):
-        new = {**current, ".".join(path[1:]): value}
+        pending[name] = {**current, ".".join(path[1:]): value}
     elif dataclasses.is_dataclass(current) and len(path) == 1 and isinstance(value, type(current)):
-        new = value  # a whole section replaced by a config of its type
+        pending[name] = _Pending(value)  # a whole section replaced by a config of its type
     elif dataclasses.is_dataclass(current):
         if len(path) == 1:
             raise ValueError(
                 f"{key!r} is a section; set one of its keys, e.g. "
                 f"{key}.{dataclasses.fields(current)[0].name}=..."
             )
-        new = _apply(current, path[1:], value, f"{key}.")
+        section = pending.get(name)
+        if not isinstance(section, _Pending):
+            section = pending[name] = _Pending(current)
+        _record(section, path[1:], value, f"{key}.")
     else:
         if len(path) > 1:
             raise ValueError(f"unknown key {prefix}{'.'.join(path)!r}: {key!r} has no sub-keys")
-        new = _check_value(key, value, hints[name])
+        pending[name] = _check_value(key, value, typing.get_type_hints(type(config))[name])
+
+
+def _named(error: Exception, names: list[str], prefix: str) -> str:
+    """``error``'s message, naming the key when it does not already."""
+    message = str(error)
+    keys = [f"{prefix}{name}" for name in names]
+    if any(key in message for key in keys):
+        return message
+    mentioned = [key for key, name in zip(keys, names) if f"`{name}`" in message]
+    if len(keys) == 1 or len(mentioned) == 1:
+        return f"bad value for {(mentioned or keys)[0]!r}: {message}"
+    return f"bad value in {prefix[:-1] or 'the config'!r}: {message}"
+
+
+def _build(pending: _Pending, prefix: str):
+    """``pending.base`` with the changes, nested sections first, so each dataclass is
+    rebuilt (and validated) once, with all its new values together."""
+    changes = {
+        name: _build(change, f"{prefix}{name}.") if isinstance(change, _Pending) else change
+        for name, change in pending.items()
+    }
+    if not changes:
+        return pending.base
     try:
-        return dataclasses.replace(config, **{name: new})
-    except ValueError as error:
-        raise ValueError(f"bad value for {key!r}: {error}") from None
+        return dataclasses.replace(pending.base, **changes)
+    except (ValueError, TypeError) as error:
+        raise ValueError(_named(error, list(changes), prefix)) from None
 
 
 def apply_overrides(config: T, overrides: dict[str, Any]) -> T:
     """``config`` (a frozen dataclass, possibly nested) with dotted-key ``overrides``
-    applied in order; values are checked against the fields' annotated types and the
-    dataclasses' own validation."""
+    applied; values are checked against the fields' annotated types, then each changed
+    dataclass is rebuilt once with all its new values, so its own validation sees the
+    final combination (``train.steps`` and ``train.warmup_steps`` set together)."""
+    pending = _Pending(config)
     for key, value in overrides.items():
-        config = _apply(config, key.split("."), value, "")
-    return config
+        if not isinstance(key, str):
+            raise ValueError(f"config keys must be strings; got {key!r}")
+        _record(pending, key.split("."), value, "")
+    return _build(pending, "")

@@ -113,9 +113,9 @@ def test_listops_labels_match_an_independent_evaluator():
 
 
 def test_task_errors():
-    with pytest.raises(ValueError, match="unknown group 'S4'"):
+    with pytest.raises(ValueError, match="`group` must be one of \\['S3', 'A5', 'S5'\\]; got 'S4'"):
         data.WordProblem(group="S4")
-    with pytest.raises(ValueError, match="num_pairs=9 > num_keys=8"):
+    with pytest.raises(ValueError, match="`num_pairs` must be ≤ `num_keys` \\(8: the keys"):
         data.MQAR(num_pairs=9, num_keys=8)
 
 

@@ -70,7 +70,7 @@ def test_generation_input_errors():
         models.generate(model, jnp.zeros((2, 3), jnp.int32), 0)
     with pytest.raises(ValueError, match="top_k"):
         models.generate(model, jnp.zeros((2, 3), jnp.int32), 2, top_k=1000)
-    with pytest.raises(ValueError, match="tokens` must be int"):
+    with pytest.raises(TypeError, match="tokens` must be int"):
         model(jnp.zeros((2, 3)))
 
 

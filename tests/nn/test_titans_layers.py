@@ -77,9 +77,11 @@ def test_the_surprise_clip_reaches_the_memory(variant):
 
 
 def test_the_config_rejects_a_bad_surprise_clip():
-    for bad in (0.0, -2.0, float("inf"), float("nan"), True):
-        with pytest.raises(ValueError, match="`max_surprise_norm` must be None or a positive"):
+    for bad in (0.0, -2.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="`max_surprise_norm` must be a finite number > 0"):
             dataclasses.replace(BASE, max_surprise_norm=bad)
+    with pytest.raises(TypeError, match="`max_surprise_norm` must be a finite number > 0"):
+        dataclasses.replace(BASE, max_surprise_norm=True)
 
 
 def test_atlas_reduces_to_titans_with_the_same_parameters():

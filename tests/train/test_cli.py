@@ -52,7 +52,7 @@ def test_help_for_every_command():
         result = subprocess.run([XFORMJAX, *command, "--help"], capture_output=True, text=True)
         assert result.returncode == 0 and "usage: xformjax" in result.stdout, command
     assert (
-        "--set [KEY=VALUE ...]"
+        "--set KEY=VALUE [KEY=VALUE ...]"
         in subprocess.run([XFORMJAX, "train", "--help"], capture_output=True, text=True).stdout
     )
 

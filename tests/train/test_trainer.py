@@ -167,3 +167,23 @@ def test_weight_decay_applies_to_the_matrices_but_not_norms_gates_or_the_embeddi
     after = nnx.as_pure(nnx.state(model, nnx.Param))
     moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), params, after)
     assert moved == weight_decay_mask(params)
+
+
+def test_check_values_switch_checks_the_train_and_eval_steps_in_their_programs(tmp_path):
+    """With ``check_values`` on, the trainer's jitted steps are functionalized by
+    checkify (a step that was not would fail to trace: the model checks its tokens
+    there) and train."""
+    import xformjax
+
+    config = train.load_config(
+        "tiny", TASK + ["train.steps=2", "train.warmup_steps=1", "train.eval_every=2"]
+    )
+    with xformjax.config.override("check_values", True):
+        train.Trainer(config, tmp_path, progress=False).run()
+    records = _records(tmp_path)
+    assert [(r["step"], r["split"]) for r in records] == [
+        (1, "train"),
+        (2, "train"),
+        (2, "validation"),
+    ]
+    assert all(np.isfinite(r["loss"]) for r in records)

@@ -10,7 +10,10 @@ example is a dict of fixed-length arrays:
 - ``mask``    float32 ``[L]``: 1 where the prediction is scored.
 
 ``vocab_size`` covers every id in ``inputs`` and ``targets``; ``PAD`` positions
-carry mask 0. Tasks:
+carry mask 0. A task checks its fields when it is built: a field of the wrong type
+raises ``TypeError``, a value that could not make an example (``num_pairs=0``,
+``min_length > max_length``, a ListOps length no expression can have) ``ValueError``
+naming the task and the field. Tasks:
 
 - :class:`MQAR` — multi-query associative recall (Zoology, Arora et al. 2023);
 - :class:`Parity` — the running parity of a bit string;
@@ -29,6 +32,8 @@ import itertools
 from typing import ClassVar
 
 import numpy as np
+
+from xformjax.field_checks import check_int, check_real
 
 
 def _example(inputs, targets, mask) -> dict[str, np.ndarray]:
@@ -55,6 +60,24 @@ class Task(abc.ABC):
     num_examples: int = 100_000
 
     name: ClassVar[str] = ""
+
+    def __post_init__(self):
+        self._int("seed", 0)
+        self._int("num_examples", 1)
+
+    def _int(self, field: str, low: int | None = None, high: int | None = None) -> int:
+        """Raise unless the field ``field`` is an integer in ``[low, high]``."""
+        return check_int(
+            f"{type(self).__name__}: `{field}`", getattr(self, field), low=low, high=high
+        )
+
+    def _lengths(self) -> None:
+        """``1 ≤ min_length ≤ max_length``."""
+        low, high = self._int("min_length", 1), self._int("max_length")
+        if high < low:
+            raise ValueError(
+                f"{type(self).__name__}: `max_length` must be ≥ `min_length` ({low}); got {high}"
+            )
 
     def __len__(self) -> int:
         return self.num_examples
@@ -94,8 +117,14 @@ class MQAR(Task):
     name: ClassVar[str] = "mqar"
 
     def __post_init__(self):
-        if self.num_pairs > self.num_keys:
-            raise ValueError(f"MQAR: num_pairs={self.num_pairs} > num_keys={self.num_keys}")
+        super().__post_init__()
+        for field in ("num_keys", "num_values", "num_queries"):
+            self._int(field, 1)
+        if self._int("num_pairs", 1) > self.num_keys:
+            raise ValueError(
+                f"MQAR: `num_pairs` must be ≤ `num_keys` ({self.num_keys}: the keys of an "
+                f"example are distinct); got {self.num_pairs}"
+            )
 
     @property
     def vocab_size(self) -> int:
@@ -125,6 +154,10 @@ class Parity(Task):
     max_length: int = 40
     name: ClassVar[str] = "parity"
     PAD: ClassVar[int] = 2
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._lengths()
 
     @property
     def vocab_size(self) -> int:
@@ -170,11 +203,13 @@ class ModularArithmetic(Task):
         return 2 * self.num_operands + (2 * self.num_operands if self.brackets else 0)
 
     def __post_init__(self):
-        if self.min_operands is not None and not 1 <= self.min_operands <= self.num_operands:
-            raise ValueError(
-                f"ModularArithmetic: min_operands={self.min_operands} must lie "
-                f"in [1, num_operands={self.num_operands}]"
-            )
+        super().__post_init__()
+        self._int("modulus", 2)
+        self._int("num_operands", 1)
+        if not isinstance(self.brackets, bool):
+            raise TypeError(f"ModularArithmetic: `brackets` must be a bool; got {self.brackets!r}")
+        if self.min_operands is not None:
+            self._int("min_operands", 1, self.num_operands)
 
     def symbol(self, text: str) -> int:
         return self.modulus + self.SYMBOLS.index(text)
@@ -246,13 +281,17 @@ def evaluate_arithmetic(tokens: list[str], modulus: int) -> int:
     return expression() % modulus
 
 
+#: The groups of :class:`WordProblem` and the size of the set they permute.
+GROUPS: dict[str, int] = {"S3": 3, "A5": 5, "S5": 5}
+
+
 @functools.cache
 def group_elements(group: str) -> tuple[tuple[int, ...], ...]:
     """The permutations of ``S3``, ``S5`` or ``A5`` (even permutations), sorted
     (computed once per group)."""
-    n = {"S3": 3, "S5": 5, "A5": 5}.get(group)
+    n = GROUPS.get(group) if isinstance(group, str) else None
     if n is None:
-        raise ValueError(f"unknown group {group!r}; choose S3, A5 or S5")
+        raise ValueError(f"unknown group {group!r}; choose one of {list(GROUPS)}")
     perms = list(itertools.permutations(range(n)))
     if group == "A5":
         perms = [p for p in perms if _is_even(p)]
@@ -283,7 +322,12 @@ class WordProblem(Task):
     name: ClassVar[str] = "word_problem"
 
     def __post_init__(self):
-        group_elements(self.group)  # validates the name
+        super().__post_init__()
+        if not isinstance(self.group, str) or self.group not in GROUPS:
+            raise ValueError(
+                f"WordProblem: `group` must be one of {list(GROUPS)}; got {self.group!r}"
+            )
+        self._lengths()
 
     @property
     def vocab_size(self) -> int:
@@ -339,6 +383,44 @@ class ListOps(Task):
     name: ClassVar[str] = "listops"
     OPERATORS: ClassVar[tuple[str, ...]] = ("[MAX", "[MIN", "[MED", "[SM")
 
+    def __post_init__(self):
+        super().__post_init__()
+        self._int("max_depth", 1, MAX_LISTOPS_DEPTH)
+        self._int("max_args", 2)
+        check_real("ListOps: `p_operator`", self.p_operator, low=0, high=1)
+        self._lengths()
+        # build() redraws until min_length ≤ tokens ≤ max_length: a range that no
+        # expression of these settings reaches would loop forever
+        shortest, longest = self._length_range()
+        settings = (
+            f"ListOps(max_depth={self.max_depth}, max_args={self.max_args}, "
+            f"p_operator={self.p_operator})"
+        )
+        if self.max_length < shortest:
+            raise ValueError(
+                f"ListOps: `max_length` must be ≥ {shortest}, the fewest tokens an "
+                f"expression of {settings} has; got {self.max_length}"
+            )
+        if self.min_length > longest:
+            raise ValueError(
+                f"ListOps: `min_length` must be ≤ {longest}, the most tokens an "
+                f"expression of {settings} has; got {self.min_length}"
+            )
+
+    def _length_range(self) -> tuple[int, int]:
+        """The fewest and most tokens an expression can have: a node at depth d is an
+        operator (``[OP``, 2…``max_args`` arguments, ``]``) always at d = 1, never at
+        ``max_depth`` or deeper, and in between with probability ``p_operator``."""
+        shortest = longest = 1  # a digit, the deepest node
+        for depth in range(self.max_depth - 1, 0, -1):
+            can = depth == 1 or self.p_operator > 0
+            must = depth == 1 or self.p_operator >= 1
+            longest = 2 + self.max_args * longest if can else 1
+            shortest = 2 + 2 * shortest if must else 1
+        if self.max_depth == 1:  # the root is an operator even then
+            shortest, longest = 4, 2 + self.max_args
+        return shortest, longest
+
     @property
     def vocab_size(self) -> int:
         return 10 + len(self.OPERATORS) + 2
@@ -367,6 +449,10 @@ class ListOps(Task):
         if isinstance(token, int):
             return token
         return 10 + (self.OPERATORS + ("]", "PAD")).index(token)
+
+
+#: ListOps builds an expression recursively, one Python call per level.
+MAX_LISTOPS_DEPTH = 256
 
 
 def _flatten(tree) -> list:

@@ -15,9 +15,9 @@ as a short name of ``gated_deltanet``.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
+from xformjax.fields import check_bool, check_choice, check_float, check_int
 from xformjax.nn.config import MixerConfig
 from xformjax.nn.mixer import get_mixer
 from xformjax.nn.mlp import MLP_KINDS
@@ -25,26 +25,33 @@ from xformjax.nn.norms import NORMS
 from xformjax.overrides import apply_overrides
 
 ALIASES = {"gdn": "gated_deltanet"}
+NORM_PLACEMENTS = ("pre", "peri")
 
 
 @dataclasses.dataclass(frozen=True)
 class LMConfig:
     """A decoder-only language model.
 
+    Every field is checked at construction (``TypeError`` for a value of the wrong
+    type, ``ValueError`` for one out of range, as ``"LMConfig: `field` must be …; got
+    …"``); the mixer config checks its own fields.
+
     Attributes:
-      vocab_size: number of token ids (256 for bytes).
-      num_layers: depth.
-      layer_pattern: mixer names, comma-separated, repeated to ``num_layers``.
-      mixer: every mixer's :class:`MixerConfig` (``d_model`` is the model width).
-      mlp: ``"swiglu"``, ``"glu"`` or ``"gelu"``; ``mlp_hidden`` its width
+      vocab_size: number of token ids (256 for bytes); int ≥ 1.
+      num_layers: depth; int ≥ 1.
+      layer_pattern: mixer names, comma-separated, repeated to ``num_layers``
+        (registered names of :data:`xformjax.nn.MIXERS`, or ``gdn``).
+      mixer: every mixer's :class:`MixerConfig` (``d_model`` is the model width; its
+        ``norm_eps`` and dtypes also apply to the blocks' norms and MLPs).
+      mlp: ``"swiglu"``, ``"glu"`` or ``"gelu"``; ``mlp_hidden`` its width, int ≥ 1
         (``8/3·d_model`` rounded up to a multiple of 8 if ``None``).
       norm: ``"rms"``, ``"layer"`` or ``"srms"``.
       norm_placement: ``"pre"`` (Pre-LN) or ``"peri"`` (Peri-LN: also normalise each
         sub-layer's output before the residual add).
       tie_embeddings: reuse the embedding matrix as the output projection.
-      embed_std: standard deviation of the embedding matrix's initialisation
-        (``None``: ``d_model ** -0.5``, so tied logits start at unit scale).
-      embed_scale: multiplier on the looked-up embeddings (``None``:
+      embed_std: standard deviation of the embedding matrix's initialisation, finite
+        > 0 (``None``: ``d_model ** -0.5``, so tied logits start at unit scale).
+      embed_scale: multiplier on the looked-up embeddings, finite > 0 (``None``:
         ``d_model ** 0.5``, so the residual stream starts at unit scale per
         coordinate, the scale of every block's output; Gemma's convention).
         ``embed_std=0.02, embed_scale=1.0`` is the GPT-2 convention, under which
@@ -66,35 +73,33 @@ class LMConfig:
     embed_scale: float | None = None
 
     def __post_init__(self):
-        def bad(message: str):
-            raise ValueError(f"LMConfig: {message}")
-
+        owner = "LMConfig"
         if not isinstance(self.mixer, MixerConfig):
-            bad(f"`mixer` must be a MixerConfig; got {type(self.mixer).__name__}")
+            raise TypeError(
+                f"{owner}: `mixer` must be a MixerConfig; got {type(self.mixer).__name__}"
+            )
         for name in ("vocab_size", "num_layers"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                bad(f"`{name}` must be a positive int; got {value!r}")
-        if self.mlp not in MLP_KINDS:
-            bad(f"`mlp` must be one of {MLP_KINDS}; got {self.mlp!r}")
-        if self.norm not in NORMS:
-            bad(f"`norm` must be one of {NORMS}; got {self.norm!r}")
-        if self.norm_placement not in ("pre", "peri"):
-            bad(f"`norm_placement` must be 'pre' or 'peri'; got {self.norm_placement!r}")
+            check_int(owner, name, getattr(self, name))
+        check_int(owner, "mlp_hidden", self.mlp_hidden, optional=True)
+        check_choice(owner, "mlp", self.mlp, MLP_KINDS)
+        check_choice(owner, "norm", self.norm, NORMS)
+        check_choice(owner, "norm_placement", self.norm_placement, NORM_PLACEMENTS)
+        check_bool(owner, "tie_embeddings", self.tie_embeddings)
         for name in ("embed_std", "embed_scale"):
-            value = getattr(self, name)
-            if value is not None and (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not math.isfinite(value)
-                or value <= 0
-            ):
-                bad(f"`{name}` must be a positive finite number or None; got {value!r}")
+            check_float(owner, name, getattr(self, name), above=0, optional=True)
+        if not isinstance(self.layer_pattern, str):
+            raise TypeError(
+                f"{owner}: `layer_pattern` must be a comma-separated string of mixer names; "
+                f"got {self.layer_pattern!r} ({type(self.layer_pattern).__name__})"
+            )
         try:
             for name in self._pattern():
                 get_mixer(name)
         except ValueError as error:
-            bad(f"`layer_pattern` {self.layer_pattern!r}: {error}")
+            raise ValueError(
+                f"{owner}: `layer_pattern` must list registered mixer names; "
+                f"got {self.layer_pattern!r}: {error}"
+            ) from None
 
     def _pattern(self) -> list[str]:
         names = [ALIASES.get(n.strip(), n.strip()) for n in self.layer_pattern.split(",")]

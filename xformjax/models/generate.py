@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from xformjax import config as library_config
 from xformjax.models.lm import LanguageModel
 
 
@@ -95,5 +96,6 @@ def generate(
         )
         return tokens, all_logits
 
-    tokens, logits = run(params, prompt_tokens, jax.random.key(seed))
+    decode = library_config.checked_if_on(run)
+    tokens, logits = decode(params, prompt_tokens, jax.random.key(seed))
     return (tokens, logits) if return_logits else tokens

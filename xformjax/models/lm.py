@@ -25,6 +25,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.core import Tracer
 
 from xformjax.models.config import LMConfig
 from xformjax.nn import linear, norms
@@ -32,11 +33,52 @@ from xformjax.nn.mixer import get_mixer
 from xformjax.nn.mlp import MLP
 from xformjax.nn.states import MixerState
 from xformjax.ops.common.validation import Mode
+from xformjax.ops.common.value_checks import check_values
 from xformjax.parallel.mesh import constrain
 
 #: logical names of the residual stream ``[B, T, d_model]`` (the model dimension is
 #: not split: parameters' ``embed`` dimension is FSDP-sharded, activations' is not)
 ACTIVATION_AXES = ("batch", "length", None)
+
+
+def check_tokens(tokens, vocab_size: int) -> None:
+    """``tokens`` must be an integer array ``[B, T]`` (``TypeError`` for another dtype,
+    ``ValueError`` for another rank) of ids in ``[0, vocab_size)``.
+
+    The ids are checked when they are concrete (an eager call: ``ValueError`` naming
+    the first bad id); under ``jit`` only with ``xformjax.config`` option
+    ``check_values`` on (a ``checkify`` check, see :mod:`xformjax.config`), and not at
+    all otherwise: the traced program is then unchanged (``jnp.take`` would fill an
+    out-of-range row with NaN).
+    """
+    if not hasattr(tokens, "dtype") or not hasattr(tokens, "shape"):
+        raise TypeError(
+            f"LanguageModel: `tokens` must be int [B, T] (an integer array); "
+            f"got {type(tokens).__name__}"
+        )
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise TypeError(
+            f"LanguageModel: `tokens` must be int [B, T] (an integer dtype); "
+            f"got {tokens.dtype}{list(tokens.shape)}"
+        )
+    if tokens.ndim != 2:
+        raise ValueError(
+            f"LanguageModel: `tokens` must be int [B, T] (rank 2); "
+            f"got {tokens.dtype}{list(tokens.shape)}"
+        )
+    if (
+        isinstance(tokens, jax.Array)
+        and not isinstance(tokens, Tracer)
+        and not tokens.is_fully_addressable
+    ):
+        return  # a multi-process global array: its values are not all on this host
+    check_values(
+        "LanguageModel",
+        "tokens",
+        tokens,
+        lambda t, xp: (t >= 0) & (t < vocab_size),
+        f"token ids in [0, vocab_size={vocab_size})",
+    )
 
 
 class Block(nnx.Module):
@@ -108,12 +150,10 @@ class LanguageModel(nnx.Module):
     def __call__(
         self, tokens: jax.Array, cache: list[MixerState] | None = None, *, mode: Mode | None = None
     ) -> tuple[jax.Array, list[MixerState]]:
-        """``tokens`` int ``[B, T]`` → ``(logits [B, T, vocab] float32, cache)``."""
-        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-            raise ValueError(
-                f"LanguageModel: `tokens` must be int [B, T]; got "
-                f"{tokens.dtype}{list(tokens.shape)}"
-            )
+        """``tokens`` int ``[B, T]`` → ``(logits [B, T, vocab] float32, cache)``.
+
+        The token ids must lie in ``[0, vocab_size)``: see :func:`check_tokens`."""
+        check_tokens(tokens, self.config.vocab_size)
         if cache is not None and len(cache) != len(self.blocks):
             raise ValueError(
                 f"LanguageModel: `cache` has {len(cache)} entries for {len(self.blocks)} layers"

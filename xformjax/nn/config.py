@@ -14,6 +14,7 @@ from typing import Any, Literal, get_args
 
 import jax.numpy as jnp
 
+from xformjax.fields import check_bool, check_choice, check_float, check_float_dtype, check_int
 from xformjax.ops.common.validation import Mode
 
 FEATURE_MAPS = ("identity", "elu+1", "relu", "hedgehog", "taylor")
@@ -25,80 +26,138 @@ TITANS_VARIANTS: tuple[TitansVariant, ...] = get_args(TitansVariant)
 #: the neural memory's update rule (ATLAS's ``memory_optimizer``).
 MemoryOptimizer = Literal["muon", "momentum"]
 MEMORY_OPTIMIZERS: tuple[MemoryOptimizer, ...] = get_args(MemoryOptimizer)
+TRANSNORMER_ATTENTIONS = ("auto", "norm", "diag")
+
+_POSITIVE_INTS = (
+    "d_model",
+    "num_heads",
+    "chunk_size",
+    "max_seq_len",
+    "diag_block_size",
+    "gate_low_rank",
+    "num_householder",
+    "num_memories",
+    "top_k",
+    "memory_depth",
+    "memory_expansion",
+    "memory_window",
+    "omega_window",
+    "poly_degree",
+    "newton_schulz_steps",
+)
+_BOOLS = ("sigma_reparam", "output_gate", "normalize", "mala", "allow_neg_eigval", "shared_memory")
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "mode": MODES,
+    "feature_map": FEATURE_MAPS,
+    "transnormer_attention": TRANSNORMER_ATTENTIONS,
+    "titans_variant": TITANS_VARIANTS,
+    "memory_optimizer": MEMORY_OPTIMIZERS,
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class MixerConfig:
     """Hyper-parameters of a sequence mixer.
 
-    Shared:
-      d_model: width of the residual stream (input and output of the mixer).
-      num_heads: number of (query) heads.
-      head_dim: query/key dimension per head; ``d_model // num_heads`` if ``None``.
-      expand_v: value dimension per head is ``round(head_dim · expand_v)``.
-      num_kv_heads: key/value heads of softmax attention (grouped-query);
-        ``num_heads`` if ``None``.
-      chunk_size: chunk length of the chunked forms.
+    Every field is checked at construction: a value of the wrong type raises
+    ``TypeError`` (a ``bool`` is not a number, a number not a bool or a string), a
+    value out of range ``ValueError``, both as ``"MixerConfig: `field` must be …; got
+    …"``. A config does not know which family it builds: each family reads the fields
+    listed for it below and ignores the others (a field set for another family has no
+    effect, it is not an error). "All" means every family in :data:`xformjax.nn.MIXERS`.
+
+    Shared (all families):
+      d_model: width of the residual stream (input and output of the mixer); int ≥ 1.
+      num_heads: number of (query) heads; int ≥ 1.
+      head_dim: query/key dimension per head; ``d_model // num_heads`` if ``None``
+        (then ``num_heads`` must divide ``d_model``); int ≥ 1. ``attn``,
+        ``sigmoid_attn`` and ``retnet`` need it even (RoPE / xPos).
+      expand_v: value dimension per head is ``max(1, round(head_dim · expand_v))``;
+        finite > 0. Read by all but ``attn`` and ``sigmoid_attn`` (their values have
+        ``head_dim`` features).
+      chunk_size: chunk length of the chunked forms (Titans MAC: also its segment
+        length, the span of its attention); int ≥ 1.
       mode: the default form when a call passes ``mode=None`` and more than one
         token: ``"chunk"``, ``"parallel"`` or ``"recurrent"``. A single token
-        always defaults to ``"recurrent"``.
-      dtype: computation dtype of projections (``"float32"``, ``"bfloat16"``, …);
-        the ops accumulate in ``promote(dtype, float32)`` regardless.
-      param_dtype: dtype of the parameters.
+        always defaults to ``"recurrent"``; a family without the form falls back to
+        ``"chunk"``.
+      dtype: computation dtype of projections (``"float32"``, ``"bfloat16"``, …; a
+        floating dtype); the ops accumulate in ``promote(dtype, float32)`` regardless.
+      param_dtype: dtype of the parameters (a floating dtype).
       sigma_reparam: reparameterise every projection as ``γ/σ(W)·W`` (σReparam).
-      output_gate: multiply the mixer's output by ``SiLU(x W_g)`` (gated families).
-      norm_eps: epsilon of the normalisations inside mixers.
-      max_seq_len: the longest sequence the model is meant for: the default KV-cache
-        capacity.
+      norm_eps: epsilon of the normalisations inside mixers (the per-head output
+        norms, Titans' branch norms) and of the language model's norms; finite > 0.
+
+    Output gate (all but ``attn``, ``sigmoid_attn``, ``transnormer`` and Titans
+    ``mac`` / ``mag``, whose read-outs have no gate):
+      output_gate: multiply the mixer's output by ``SiLU(x W_g)`` before ``W_o``.
 
     Softmax / sigmoid attention (``attn``, ``sigmoid_attn``):
-      rope_theta: RoPE base.  window: sliding-window size or ``None``.
-      sigmoid_bias: sigmoid attention's bias; if ``None``, per query
-        ``1 − log n_i`` with ``n_i`` the keys query ``i`` sees (it depends only on
-        the position, so decoding and training agree; see :mod:`xformjax.nn.attention`).
+      num_kv_heads: key/value heads (grouped-query); ``num_heads`` if ``None``;
+        int ≥ 1 dividing ``num_heads``.
+      max_seq_len: the default KV-cache capacity (the longest sequence the model is
+        meant for); int ≥ 1.
+      window: sliding-window size or ``None``; int ≥ 1.
+      sigmoid_bias (``sigmoid_attn``): the bias, any finite number; if ``None``, per
+        query ``1 − log n_i`` with ``n_i`` the keys query ``i`` sees (it depends only
+        on the position, so decoding and training agree; see
+        :mod:`xformjax.nn.attention`).
 
-    Linear attention (``linear_attn``):
+    RoPE (``attn``, ``sigmoid_attn``, ``retnet``, Titans ``mac`` and ``mag``):
+      rope_theta: the rotary base; finite > 0.
+
+    Linear attention (``linear_attn``; ``feature_map`` also ``transnormer``):
       feature_map: one of ``identity``, ``elu+1``, ``relu``, ``hedgehog``, ``taylor``.
       feature_dim: q/k projection width per head before the feature map
-        (Based uses 16 for ``taylor``); ``head_dim`` if ``None``.
+        (Based uses 16 for ``taylor``); ``head_dim`` if ``None``; int ≥ 1.
       normalize: divide by ``φ(q)ᵀ Σ φ(k)``.
       mala: the magnitude-aware variant (MALA).
 
     TransNormer (``transnormer``):
       transnormer_attention: ``"norm"``, ``"diag"`` or ``"auto"`` (DiagAttention in
         the first half of the layers, NormAttention after).
-      diag_block_size: block length of DiagAttention.
+      diag_block_size: block length of DiagAttention; int ≥ 1.
 
-    GLA (``gla``): gate_low_rank, gate_temperature (τ in ``α = σ(·)^{1/τ}``).
+    GLA (``gla``): gate_low_rank (int ≥ 1), gate_temperature (τ in
+    ``α = σ(·)^{1/τ}``; finite > 0).
 
-    Delta rule (``deltanet``, ``gated_deltanet``, ``deltaproduct``):
-      conv_size: short causal convolution length on q/k/v (0 disables it).
+    Short convolutions (``deltanet``, ``gated_deltanet``, ``deltaproduct``, ``mom``,
+    ``titans``, ``atlas``):
+      conv_size: short causal convolution length on q/k/v (0 disables it); int ≥ 0.
+
+    Delta rule (``deltanet``, ``gated_deltanet``, ``deltaproduct``; ``allow_neg_eigval``
+    also ``mom`` and ``diag_rnn``):
       allow_neg_eigval: ``β = 2σ(·)`` instead of ``σ(·)`` (``diag_rnn``: transitions
         ``a = 2σ(·) − 1`` in (−1, 1) instead of ``σ(·)``).
-      num_householder: DeltaProduct's steps per token.
+      num_householder (``deltaproduct``): delta steps per token; int ≥ 1.
 
     Mixture-of-Memories (``mom``):
-      num_memories: memories M, each with its own k/v/β/gate projections.
-      top_k: memories each token is routed to.
+      num_memories: memories M, each with its own k/v/β/gate projections; int ≥ 1.
+      top_k: memories each token is routed to; int in [1, num_memories].
       shared_memory: an always-on memory besides the routed ones.
 
     Titans / ATLAS neural memory (``titans``, ``atlas``):
-      memory_depth: layers of the MLP memory (1: a linear memory).
-      memory_expansion: hidden width of the MLP memory, × head_dim.
-      titans_variant: ``"mac"`` (memory as context), ``"mag"`` (memory as gate) or
-        ``"mal"`` (memory as layer).
-      persistent_tokens: learned persistent-memory tokens (MAC, MAG).
-      memory_window: sliding-window width of the attention branch (MAC, MAG).
-      omega_window: ATLAS's Omega rule: the memory fits the last ``omega_window``
-        tokens (1: only the current one, as Titans).
-      poly_degree: ATLAS's polynomial feature map degree of keys/queries (1: none).
-      memory_optimizer: ATLAS's update rule, ``"muon"`` (Newton–Schulz
-        orthogonalised momentum) or ``"momentum"`` (Titans' rule).
-      newton_schulz_steps: iterations of the Newton–Schulz orthogonalisation.
+      memory_depth: layers of the MLP memory (1: a linear memory); int ≥ 1.
+      memory_expansion: hidden width of the MLP memory, × head_dim; int ≥ 1.
       max_surprise_norm: clip each token's surprise (the memory's loss gradient,
         all layers together) to this norm; ``None`` turns the clip off (the papers'
-        rule). It keeps the inner optimisation from overflowing when a learned step
-        is too large for the memory (see :mod:`xformjax.ops.neural_memory`).
+        rule); finite > 0. It keeps the inner optimisation from overflowing when a
+        learned step is too large for the memory (see :mod:`xformjax.ops.neural_memory`).
+      titans_variant (``titans``): ``"mac"`` (memory as context), ``"mag"`` (memory
+        as gate) or ``"mal"`` (memory as layer).
+      persistent_tokens (Titans ``mac``, ``mag``): learned persistent-memory tokens;
+        int ≥ 0.
+      memory_window (Titans ``mag``): sliding-window width of the attention branch;
+        int ≥ 1. (MAC's attention spans its segment, ``chunk_size``.)
+      omega_window (``atlas``): the Omega rule: the memory fits the last
+        ``omega_window`` tokens (1: only the current one, as Titans); int ≥ 1.
+      poly_degree (``atlas``): polynomial feature map degree of keys/queries (1:
+        none); int ≥ 1.
+      memory_optimizer (``atlas``): the update rule, ``"muon"`` (Newton–Schulz
+        orthogonalised momentum) or ``"momentum"`` (Titans' rule, which ``titans``
+        always uses).
+      newton_schulz_steps (``atlas`` with ``"muon"``): iterations of the
+        Newton–Schulz orthogonalisation; int ≥ 1.
     """
 
     d_model: int = 256
@@ -150,74 +209,38 @@ class MixerConfig:
     max_surprise_norm: float | None = 4.0
 
     def __post_init__(self):
-        def bad(message: str):
-            raise ValueError(f"MixerConfig: {message}")
-
-        for name in (
-            "d_model",
-            "num_heads",
-            "chunk_size",
-            "max_seq_len",
-            "diag_block_size",
-            "gate_low_rank",
-            "num_householder",
-            "num_memories",
-            "top_k",
-            "memory_depth",
-            "memory_expansion",
-            "memory_window",
-            "omega_window",
-            "poly_degree",
-            "newton_schulz_steps",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                bad(f"`{name}` must be a positive int; got {value!r}")
+        owner = "MixerConfig"
+        for name in _POSITIVE_INTS:
+            check_int(owner, name, getattr(self, name))
+        for name in ("head_dim", "num_kv_heads", "window", "feature_dim"):
+            check_int(owner, name, getattr(self, name), optional=True)
+        for name in ("conv_size", "persistent_tokens"):
+            check_int(owner, name, getattr(self, name), minimum=0)
+        for name in ("expand_v", "norm_eps", "rope_theta", "gate_temperature"):
+            check_float(owner, name, getattr(self, name), above=0)
+        check_float(owner, "max_surprise_norm", self.max_surprise_norm, above=0, optional=True)
+        check_float(owner, "sigmoid_bias", self.sigmoid_bias, optional=True)
+        for name in _BOOLS:
+            check_bool(owner, name, getattr(self, name))
+        for name, choices in _CHOICES.items():
+            check_choice(owner, name, getattr(self, name), choices)
+        for name in ("dtype", "param_dtype"):
+            check_float_dtype(owner, name, getattr(self, name))
         if self.head_dim is None and self.d_model % self.num_heads:
-            bad(
-                f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}; "
-                "set head_dim explicitly"
+            raise ValueError(
+                f"{owner}: `d_model` must be divisible by num_heads={self.num_heads} when "
+                f"head_dim is None; got {self.d_model} (or set head_dim explicitly)"
             )
         if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
-            bad(
-                f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
-            )
-        if self.mode not in MODES:
-            bad(f"`mode` must be one of {MODES}; got {self.mode!r}")
-        if self.feature_map not in FEATURE_MAPS:
-            bad(f"`feature_map` must be one of {FEATURE_MAPS}; got {self.feature_map!r}")
-        if self.transnormer_attention not in ("auto", "norm", "diag"):
-            bad(
-                "`transnormer_attention` must be 'auto', 'norm' or 'diag'; "
-                f"got {self.transnormer_attention!r}"
+            raise ValueError(
+                f"{owner}: `num_kv_heads` must divide num_heads={self.num_heads}; got "
+                f"{self.num_kv_heads} (num_heads={self.num_heads} must be a multiple of "
+                f"num_kv_heads={self.num_kv_heads})"
             )
         if self.top_k > self.num_memories:
-            bad(f"top_k={self.top_k} exceeds num_memories={self.num_memories}")
-        if self.titans_variant not in TITANS_VARIANTS:
-            bad(f"`titans_variant` must be 'mac', 'mag' or 'mal'; got {self.titans_variant!r}")
-        if self.memory_optimizer not in MEMORY_OPTIMIZERS:
-            bad(f"`memory_optimizer` must be 'muon' or 'momentum'; got {self.memory_optimizer!r}")
-        if self.persistent_tokens < 0:
-            bad(f"`persistent_tokens` must be ≥ 0; got {self.persistent_tokens}")
-        if self.conv_size < 0:
-            bad(f"`conv_size` must be ≥ 0; got {self.conv_size}")
-        if self.expand_v <= 0:
-            bad(f"`expand_v` must be positive; got {self.expand_v}")
-        if self.max_surprise_norm is not None and (
-            isinstance(self.max_surprise_norm, bool)
-            or not 0 < self.max_surprise_norm < float("inf")
-        ):
-            bad(
-                f"`max_surprise_norm` must be None or a positive finite number; "
-                f"got {self.max_surprise_norm!r}"
+            raise ValueError(
+                f"{owner}: `top_k` must be ≤ num_memories={self.num_memories}; got {self.top_k}"
             )
-        if self.window is not None and self.window < 1:
-            bad(f"`window` must be None or ≥ 1; got {self.window}")
-        for name in ("dtype", "param_dtype"):
-            try:
-                jnp.dtype(getattr(self, name))
-            except TypeError:
-                bad(f"`{name}` is not a dtype: {getattr(self, name)!r}")
 
     @property
     def key_dim(self) -> int:

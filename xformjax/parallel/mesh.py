@@ -55,6 +55,10 @@ DEFAULT_RULES: Rules = (
     ("vocab", "tensor"),
 )
 
+#: The logical axis names the package's parameters and activations use; each is
+#: known to :func:`logical_to_spec` even under rules that leave it out (replicated).
+LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv", "mlp", "vocab")
+
 _active_rules: list[Rules] = [DEFAULT_RULES]
 
 T = TypeVar("T")
@@ -133,12 +137,22 @@ def logical_to_spec(
     """The ``PartitionSpec`` for an array of ``shape`` whose dimensions have the
     logical ``names``, under ``rules`` (default: the active rules). Mesh axes that
     are absent, of size 1, already used, or that do not divide the dimension are
-    dropped (that part of the dimension is replicated)."""
+    dropped (that part of the dimension is replicated). A name that is neither in
+    :data:`LOGICAL_AXES` nor in the rules (a typo would silently replicate the
+    dimension) raises ``ValueError`` listing the known names."""
     if len(names) != len(shape):
         raise ValueError(
             f"{len(names)} logical names {tuple(names)} for an array of rank {len(shape)}"
         )
     table = dict(current_rules() if rules is None else rules)
+    known = list(dict.fromkeys((*LOGICAL_AXES, *table)))
+    unknown = [n for n in names if n is not None and (not isinstance(n, str) or n not in known)]
+    if unknown:
+        raise ValueError(
+            f"logical_to_spec: unknown logical axis name{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(map(repr, unknown))} in {tuple(names)}; known names: "
+            f"{', '.join(known)} (or None: replicated)"
+        )
     used: set[str] = set()
     spec = []
     for name, size in zip(names, shape):

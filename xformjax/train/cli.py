@@ -1,10 +1,10 @@
 """The ``xformjax`` command: ``train``, ``eval``, ``generate`` and ``aot``.
 
-    xformjax train [--config NAME|PATH.yaml] [--workdir DIR] [--set key=value ...]
+    xformjax train [--config NAME|PATH.yaml] [--workdir DIR] [--set key=value ...]...
                    [--distributed auto|on|off]
     xformjax eval --workdir DIR
     xformjax generate --workdir DIR --prompt TEXT [--max-new-tokens N]
-    xformjax aot --config NAME|PATH.yaml --topology v5e:4x4 [--set key=value ...]
+    xformjax aot --config NAME|PATH.yaml --topology v5e:4x4 [--set key=value ...]...
                  [--libtpu PATH]
 
 ``train`` resumes from ``DIR``'s latest checkpoint when there is one; its presets
@@ -13,6 +13,12 @@ from any directory. ``eval`` and ``generate`` read the run's ``config.yaml`` and
 its latest checkpoint. The benchmarks are not part of the installed command: they
 live in a checkout's ``experiments/bench`` (``make bench`` or
 ``python -m experiments.bench``).
+
+``--set`` takes one or more ``key=value`` and may be repeated: all of them apply
+(``--set train.steps=300 --set train.checkpoint_every=50``); a key given twice is an
+error. A config error — an unknown preset, a missing file, broken YAML, an unknown
+key, a bad value, ``--set`` without ``=`` — prints one line,
+``xformjax: error: ...``, on stderr and exits with 2 (no traceback).
 
 ``aot`` compiles the train step of a config for a TPU slice on this (CPU) machine
 with libtpu and prints what one chip needs (:mod:`xformjax.train.aot`): plan a pod
@@ -31,8 +37,6 @@ import logging
 import pathlib
 import sys
 
-import yaml
-
 
 def _quiet_libraries() -> None:
     """orbax logs a warning per async save through absl; keep errors only."""
@@ -40,6 +44,38 @@ def _quiet_libraries() -> None:
 
     logging.getLogger("absl").setLevel(logging.ERROR)
     absl_logging.set_verbosity(absl_logging.ERROR)
+
+
+class CommandError(Exception):
+    """A problem with what the command was given (its config, its run directory):
+    :func:`main` prints it as one line and exits with 2."""
+
+
+def _fail(message: object, code: int = 2) -> int:
+    """Print ``xformjax: error: MESSAGE`` (one line) on stderr; return ``code``."""
+    print(f"xformjax: error: {' '.join(str(message).splitlines())}", file=sys.stderr)
+    return code
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 1; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 1; got {value}")
+    return value
+
+
+def _load(name_or_path: str, assignments: list[str]):
+    """:func:`~xformjax.train.config.load_config` with ``--set``'s ``key=value``
+    assignments (each key once); its errors as :class:`CommandError`."""
+    from xformjax.train.config import load_config, parse_assignments
+
+    try:
+        return load_config(name_or_path, parse_assignments(assignments, unique=True))
+    except ValueError as error:
+        raise CommandError(error) from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -61,10 +97,12 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--workdir", help="run directory (default: runs/<config name>)")
     train.add_argument(
         "--set",
-        nargs="*",
+        nargs="+",
+        action="extend",
         default=[],
         metavar="KEY=VALUE",
-        help="override config keys, e.g. train.steps=100 model.layer_pattern=attn",
+        help="override config keys, e.g. train.steps=100 model.layer_pattern=attn "
+        "(repeatable; each key once)",
     )
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     train.add_argument(
@@ -81,7 +119,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Score the validation split with the latest checkpoint of WORKDIR.",
     )
     evaluate.add_argument("--workdir", required=True)
-    evaluate.add_argument("--batches", type=int, help="validation batches (default: the run's)")
+    evaluate.add_argument(
+        "--batches", type=_positive_int, help="validation batches (default: the run's)"
+    )
     generate = commands.add_parser(
         "generate",
         help="generate text from a run's checkpoint",
@@ -90,7 +130,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("--workdir", required=True)
     generate.add_argument("--prompt", required=True)
-    generate.add_argument("--max-new-tokens", type=int, default=200)
+    generate.add_argument("--max-new-tokens", type=_positive_int, default=200)
     aot = commands.add_parser(
         "aot",
         help="compile the train step for a TPU slice on this machine and report its memory",
@@ -107,10 +147,12 @@ def _parser() -> argparse.ArgumentParser:
     aot.add_argument("--topology", required=True, help="the slice, e.g. v5e:2x2, v5e:4x4, v6e:2x2")
     aot.add_argument(
         "--set",
-        nargs="*",
+        nargs="+",
+        action="extend",
         default=[],
         metavar="KEY=VALUE",
-        help="override config keys, e.g. mesh.data=4 mesh.seq=4 train.seq_len=32768",
+        help="override config keys, e.g. mesh.data=4 mesh.seq=4 train.seq_len=32768 "
+        "(repeatable; each key once)",
     )
     aot.add_argument(
         "--libtpu",
@@ -120,29 +162,25 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run_config(workdir: pathlib.Path):
-    from xformjax.train.config import config_from_tree
-
+def _run_config(workdir: pathlib.Path, overrides=None):
     path = workdir / "config.yaml"
     if not path.is_file():
-        raise SystemExit(f"error: {path} not found: is {workdir} a training run directory?")
-    tree = yaml.safe_load(path.read_text())
-    return config_from_tree(tree)
+        raise CommandError(f"{path} not found: is {workdir} a training run directory?")
+    return _load(str(path), overrides or [])
 
 
 def _restored_trainer(workdir: pathlib.Path, overrides=None):
-    import dataclasses
-
     from xformjax.train.trainer import Trainer
 
-    config = _run_config(workdir)
-    if overrides:
-        config = dataclasses.replace(config, train=dataclasses.replace(config.train, **overrides))
-    trainer = Trainer(config, workdir, progress=False)
+    config = _run_config(workdir, overrides)
+    try:
+        trainer = Trainer(config, workdir, progress=False)
+    except ValueError as error:  # the run's data is gone or no longer fits the devices
+        raise CommandError(error) from None
     try:
         step = trainer.checkpointer.restore_model(trainer.model)
     except FileNotFoundError as error:
-        raise SystemExit(f"error: {error}") from None
+        raise CommandError(error) from None
     return trainer, step
 
 
@@ -155,13 +193,8 @@ def _aot(args: argparse.Namespace) -> int:
     jax.config.update("jax_platforms", "cpu")
     from xformjax.parallel.tpu import TopologyError
     from xformjax.train.aot import AotError, DoesNotFitError, compile_train_step
-    from xformjax.train.config import load_config
 
-    try:
-        config = load_config(args.config, args.set)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    config = _load(args.config, args.set)
     print(
         f"compiling the train step of {args.config} for {args.topology} with libtpu "
         "(minutes for a large model; nothing runs on a TPU)…",
@@ -171,65 +204,68 @@ def _aot(args: argparse.Namespace) -> int:
     try:
         report = compile_train_step(config, args.topology, args.libtpu)
     except DoesNotFitError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        return _fail(error, 1)
     except (TopologyError, AotError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return _fail(error)
     print(report.format())
     if not report.fits:
-        print(f"error: {DoesNotFitError.of(report)}", file=sys.stderr)
-        return 1
+        return _fail(DoesNotFitError.of(report), 1)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
+    """Run the command ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
+    args = _parser().parse_args(argv)
     _quiet_libraries()
-    if args.command == "aot":
-        return _aot(args)
-    from xformjax.train.config import load_config
+    try:
+        if args.command == "aot":
+            return _aot(args)
+        if args.command == "train":
+            return _train(args)
+        return _evaluate(args) if args.command == "eval" else _generate(args)
+    except CommandError as error:
+        return _fail(error)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from xformjax.parallel import initialize_distributed
     from xformjax.train.trainer import NonFiniteLossError, Trainer
 
-    if args.command == "train":
-        from xformjax.parallel import initialize_distributed
-
+    try:
         initialize_distributed(args.distributed)  # before anything touches a device
-        try:
-            config = load_config(args.config, args.set)
-        except ValueError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-        name = pathlib.Path(args.config).stem
-        workdir = pathlib.Path(args.workdir or pathlib.Path("runs") / name)
-        try:
-            trainer = Trainer(config, workdir, progress=not args.no_progress)
-        except ValueError as error:  # a mesh that does not fit the devices or the batch
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-        print(f"workdir: {workdir}")
-        try:
-            final = trainer.run()
-        except NonFiniteLossError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 1
-        _print_metrics(final)
-        if trainer.datasets.is_text:
-            print("sample:")
-            print(trainer.sample())
-        return 0
-    workdir = pathlib.Path(args.workdir)
-    if args.command == "eval":
-        overrides = {"eval_batches": args.batches} if args.batches else None
-        trainer, step = _restored_trainer(workdir, overrides)
-        print(f"checkpoint: step {step}")
-        _print_metrics(trainer.evaluate())
-        return 0
-    trainer, step = _restored_trainer(workdir)
+    except ValueError as error:  # XFORMJAX_DISTRIBUTED set to neither 1 nor 0
+        return _fail(error)
+    config = _load(args.config, args.set)
+    name = pathlib.Path(args.config).stem
+    workdir = pathlib.Path(args.workdir or pathlib.Path("runs") / name)
+    try:
+        trainer = Trainer(config, workdir, progress=not args.no_progress)
+    except ValueError as error:  # a mesh that does not fit the devices or the batch
+        return _fail(error)
+    print(f"workdir: {workdir}")
+    try:
+        final = trainer.run()
+    except NonFiniteLossError as error:
+        return _fail(error, 1)
+    _print_metrics(final)
+    if trainer.datasets.is_text:
+        print("sample:")
+        print(trainer.sample())
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    overrides = [f"train.eval_batches={args.batches}"] if args.batches is not None else []
+    trainer, step = _restored_trainer(pathlib.Path(args.workdir), overrides)
+    print(f"checkpoint: step {step}")
+    _print_metrics(trainer.evaluate())
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    trainer, _ = _restored_trainer(pathlib.Path(args.workdir))
     if not trainer.datasets.is_text:
-        print("error: generate needs a model trained on text (data.name=text)", file=sys.stderr)
-        return 2
+        return _fail("generate needs a model trained on text (data.name=text)")
     print(trainer.sample(args.prompt, args.max_new_tokens))
     return 0
 

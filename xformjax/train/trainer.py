@@ -49,6 +49,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
+from xformjax import config as library_config
 from xformjax import data as data_lib
 from xformjax.models import LanguageModel, generate
 from xformjax.parallel import BATCH_AXES, create_sharded, make_mesh, state_shardings
@@ -321,9 +322,15 @@ class Trainer:
         eval_batch = NamedSharding(mesh, PartitionSpec(BATCH_AXES, "seq"))
         aux_weight = self.config.train.aux_loss_weight
         self._step_fn = functools.partial(train_step_fn, self.graphdef, aux_weight)
-        self._train_step = jit_train_step(self.graphdef, self.state_sharding, mesh, aux_weight)
-        self._eval_step = jax.jit(
-            self._eval_fn, in_shardings=(model_sharding, eval_batch), out_shardings=replicated
+        # With xformjax.config's check_values on, the steps check their values (tokens,
+        # gates) in the compiled program and raise on a failure.
+        self._train_step = library_config.checked_if_on(
+            jit_train_step(self.graphdef, self.state_sharding, mesh, aux_weight)
+        )
+        self._eval_step = library_config.checked_if_on(
+            jax.jit(
+                self._eval_fn, in_shardings=(model_sharding, eval_batch), out_shardings=replicated
+            )
         )
 
     def _place(self, batches: list[dict[str, np.ndarray]]) -> dict[str, jax.Array]:
