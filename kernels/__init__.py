@@ -15,7 +15,10 @@ program is lowered (``platform.py``), both flash-linear-attention's chunk-parall
 decomposition (chunk-local work parallel over chunks and heads, only the state
 recurrence sequential, over value tiles of the state): ``gpu/`` (Triton) on GPUs,
 ``tpu/`` (Mosaic; ``chunk_math.py`` holds the in-kernel helpers it shares) on TPUs;
-on a CPU they run in Pallas' interpret mode. Users normally reach them through
+on a CPU they run in Pallas' interpret mode. Gates enter every kernel as the
+chunk-local cumulative log decay in a compensated pair ``(hi, lo)`` (``gates.py``),
+so a strong gate (a reset, ``g = −1e4``) costs no float32 precision. Users normally
+reach them through
 :func:`xformjax.ops.linear_attention` / :func:`xformjax.ops.delta_rule` with
 ``backend=None`` (kernels on GPU/TPU where they cover the call) or
 ``backend="pallas"``.

@@ -12,6 +12,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from .gates import compensated_cumsum
+
 
 def padded_length(num_tokens: int, chunk_size: int) -> int:
     return -(-num_tokens // chunk_size) * chunk_size
@@ -44,14 +46,16 @@ def token_gate_rows(
     return jnp.pad(g, ((0, 0), (0, length - num_tokens)))
 
 
-def chunk_cumsum(log_decay: jax.Array, chunk_size: int) -> jax.Array:
+def chunk_cumsum(log_decay: jax.Array, chunk_size: int) -> tuple[jax.Array, jax.Array]:
     """``[R, L]`` or ``[R, L, K]`` log decays → the cumulative sum inside each chunk,
-    ``[R, L, 1]`` or ``[R, L, K]``."""
+    ``[R, L, 1]`` or ``[R, L, K]``, as the compensated pair ``(hi, lo)`` of ``gates.py``
+    (float32, each of that shape)."""
     if log_decay.ndim == 2:
         log_decay = log_decay[..., None]
     rows, length, width = log_decay.shape
     chunks = log_decay.reshape(rows, length // chunk_size, chunk_size, width)
-    return jnp.cumsum(chunks, axis=2).reshape(rows, length, width)
+    hi, lo = compensated_cumsum(chunks, 2)
+    return hi.reshape(rows, length, width), lo.reshape(rows, length, width)
 
 
 def state_to_rows(

@@ -1,7 +1,8 @@
 """The state recurrence over chunks, the only sequential part (forward and backward).
 
 Scalar gate, chunk ``n`` (``C`` tokens), ``b`` the chunk-local cumulative log decay
-(``b_i = Σ_{s ≤ i} g_s`` inside the chunk, float32 ``[B, L, H]``; ``None``: no gate)::
+(``b_i = Σ_{s ≤ i} g_s`` inside the chunk, the compensated pair ``(hi, lo)`` of float32
+``[B, L, H]``, ``gates.py``; ``None``: no gate)::
 
     h_{n+1} = e^{b_last} h_n + (k ⊙ e^{b_last − b})ᵀ v                 (forward)
     dh_{n−1} = e^{b_last} dh_n + scale · (q ⊙ e^{b})ᵀ do                (backward)
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from . import specs
-from .tiles import F32, mm
+from .tiles import F32, gap, mm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +71,14 @@ def chunk_decay(b_ref, start, chunk_size: int) -> tuple[jax.Array, jax.Array]:
     return b, b_ref[start + chunk_size - 1]
 
 
+def to_end(b_ref, lo_ref, start, chunk_size: int) -> tuple[jax.Array, jax.Array]:
+    """``(b_last − b [C], b_last)`` of the chunk at ``start`` from the compensated pair's
+    refs (the difference exact after a strong gate, ``tiles.gap``)."""
+    b, b_last = chunk_decay(b_ref, start, chunk_size)
+    lo, lo_last = chunk_decay(lo_ref, start, chunk_size)
+    return gap(b_last, lo_last, b, lo), b_last
+
+
 def _token_spec(length: int, width: int, heads: int, feature_axis: int) -> pl.BlockSpec:
     """A head's ``[L, width]`` column block of a ``[B, L, H, D]`` array; the feature block
     index is grid axis ``feature_axis``."""
@@ -88,7 +97,7 @@ def _scan_kernel(
     chunk's incoming tile; forward: ``x = k``, ``w = b_last − b``, ``s = 1``;
     backward (``reverse``): ``x = q``, ``w = b``, ``s = scale``."""
     x_ref, y_ref, *refs = refs
-    b_ref = refs.pop(0) if gated else None
+    b_ref, lo_ref = (refs.pop(0), refs.pop(0)) if gated else (None, None)
     init_ref = refs.pop(0) if has_init else None
     states_ref, last_ref = refs
     state = init_ref[...].astype(F32) if init_ref is not None else jnp.zeros(last_ref.shape, F32)
@@ -100,8 +109,10 @@ def _scan_kernel(
         x = x_ref[pl.ds(start, chunk_size), :]
         y = y_ref[pl.ds(start, chunk_size), :]
         if b_ref is not None:
-            b, b_last = chunk_decay(b_ref, start, chunk_size)
-            weight = b if reverse else b_last - b
+            if reverse:
+                weight, b_last = chunk_decay(b_ref, start, chunk_size)
+            else:
+                weight, b_last = to_end(b_ref, lo_ref, start, chunk_size)
             x = (x * jnp.exp(weight)[:, None]).astype(x.dtype)
             state = state * jnp.exp(b_last)
         update = mm(x, y, trans_a=True)
@@ -121,8 +132,9 @@ def _scan(x, y, b, init, *, reverse, scale, chunk_size, states_dtype, config, in
     in_specs = [_token_spec(length, bk, heads, 1), _token_spec(length, bv, heads, 0)]
     inputs = [x, y]
     if gated:
-        in_specs.append(specs.row_spec(length, heads, lambda i, j, bh: (bh, 0)))
-        inputs.append(b.astype(F32))
+        for part in b:  # the compensated pair (hi, lo)
+            in_specs.append(specs.row_spec(length, heads, lambda i, j, bh: (bh, 0)))
+            inputs.append(part.astype(F32))
     if has_init:
         in_specs.append(_state_spec(bk, bv, heads))
         inputs.append(init.astype(F32))
@@ -156,7 +168,7 @@ def _scan(x, y, b, init, *, reverse, scale, chunk_size, states_dtype, config, in
 def state_forward(
     k: jax.Array,
     v: jax.Array,
-    b: jax.Array | None,
+    b: tuple[jax.Array, jax.Array] | None,
     h0: jax.Array | None,
     *,
     chunk_size: int,
@@ -167,7 +179,8 @@ def state_forward(
 
     Args:
       k: ``[B, L, H, K]``; v: ``[B, L, H, V]`` (same dtype).
-      b: chunk-local cumulative log decay ``[B, L, H]`` float32, or ``None`` (no gate).
+      b: chunk-local cumulative log decay, the pair ``(hi, lo)`` of float32 ``[B, L, H]``
+        (``layout.chunk_gate``), or ``None`` (no gate).
       h0: initial state ``[B, H, K, V]`` (``None``: zeros).
 
     Returns:
@@ -192,7 +205,7 @@ def state_forward(
 def state_backward(
     q: jax.Array,
     do: jax.Array,
-    b: jax.Array | None,
+    b: tuple[jax.Array, jax.Array] | None,
     d_final: jax.Array | None,
     *,
     scale: float,

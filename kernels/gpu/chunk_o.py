@@ -24,9 +24,12 @@ pseudo-values ``v_n``: ``value_backward`` without ``dh`` gives the outputs' shar
 
 (``b`` enters through ``e^{+b_i}`` on query rows, ``e^{−b_j}`` on key rows and
 ``e^{b_last}``; the caller turns ``db`` into the gate's cotangent by a reverse
-cumulative sum inside each chunk — XLA's autodiff of ``layout.chunk_cumsum``.)
+cumulative sum inside each chunk — XLA's autodiff of ``layout.chunk_cumsum``. ``b``
+comes as its compensated pair ``(hi, lo)`` (``gates.py``): differences
+``b_i − b_j`` are formed as ``(hi_i − hi_j) + (lo_i − lo_j)``, exact after a strong
+gate; ``db`` is the cotangent of ``hi``.)
 
-Shapes: ``q, k [B, L, H, K]``, ``v, do [B, L, H, V]``, ``b [B, L, H]``,
+Shapes: ``q, k [B, L, H, K]``, ``v, do [B, L, H, V]``, ``b [B, L, H]`` (twice),
 ``h, dh [B, N, H, K, V]``. Kernels:
 
 * ``output``: grid ``(V/BV, N, B·H)``, a ``fori_loop`` over ``BK`` column blocks
@@ -45,7 +48,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from . import specs
-from .tiles import F32, block_slice, decay, last, loop, mm
+from .tiles import F32, block_slice, decay, gap, last, loop, mm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,19 +98,37 @@ def _state_spec(rows: int, cols: int, heads: int, *, blocked_axis: int) -> pl.Bl
     return specs.chunk_state_spec(None, rows, cols, heads, index)
 
 
-def _with_gate(in_specs: list, inputs: list, b: jax.Array | None, chunk_size: int, heads: int):
-    """Append ``b`` (float32, chunk ``n``'s ``[C]``) to the inputs when there is a gate."""
+Gate = tuple[jax.Array, jax.Array]
+
+
+def _with_gate(in_specs: list, inputs: list, b: Gate | None, chunk_size: int, heads: int):
+    """Append ``b``'s compensated pair ``(hi, lo)`` (float32, chunk ``n``'s ``[C]`` each) to
+    the inputs when there is a gate."""
     if b is not None:
-        in_specs.append(specs.row_spec(chunk_size, heads, lambda i, n, bh: (bh, n)))
-        inputs.append(b.astype(F32))
+        for part in b:
+            in_specs.append(specs.row_spec(chunk_size, heads, lambda i, n, bh: (bh, n)))
+            inputs.append(part.astype(F32))
+
+
+def _read_gate(refs: list) -> Gate | None:
+    """Read the pair ``(hi, lo)`` from ``refs`` (empty: no gate, ``None``); read it where it
+    is used (after the loops: a value read before them stays live through them)."""
+    if not refs:
+        return None
+    return refs[0][...], refs[1][...]
+
+
+def _to_end(b: Gate) -> jax.Array:
+    """``b_last − b`` ``[C]``, exact after a strong gate (``tiles.gap``)."""
+    hi, lo = b
+    return gap(last(hi), last(lo), hi, lo)
 
 
 # -- forward ---------------------------------------------------------------------------------
 
 
 def _output_kernel(q_ref, k_ref, v_ref, h_ref, *refs, scale: float, block_k: int):
-    b_ref = refs[0] if len(refs) == 2 else None
-    o_ref = refs[-1]
+    *gate_refs, o_ref = refs
     chunk_size, key_width = q_ref.shape
     block_v = v_ref.shape[1]
 
@@ -121,9 +142,9 @@ def _output_kernel(q_ref, k_ref, v_ref, h_ref, *refs, scale: float, block_k: int
 
     init = (jnp.zeros((chunk_size, block_v), F32), jnp.zeros((chunk_size, chunk_size), F32))
     inter, scores = loop(key_width // block_k, body, init)
-    b = b_ref[...] if b_ref is not None else None
+    b = _read_gate(gate_refs)
     if b is not None:
-        inter = inter * jnp.exp(b)[:, None]
+        inter = inter * jnp.exp(b[0])[:, None]
     v = v_ref[...]
     scores = (scores * decay(b, chunk_size)).astype(v.dtype)
     o_ref[...] = (scale * (inter + mm(scores, v))).astype(o_ref.dtype)
@@ -134,7 +155,7 @@ def output(
     k: jax.Array,
     v: jax.Array,
     h: jax.Array,
-    b: jax.Array | None,
+    b: Gate | None,
     *,
     scale: float,
     chunk_size: int,
@@ -142,7 +163,8 @@ def output(
     interpret: bool = False,
 ) -> jax.Array:
     """``o [B, L, H, V]`` (dtype of ``v``) from the chunk-entering states ``h [B, N, H, K, V]``
-    (same dtype as ``q, k, v``); ``b [B, L, H]`` float32 or ``None``."""
+    (same dtype as ``q, k, v``); ``b`` the pair ``(hi, lo)`` of float32 ``[B, L, H]`` or
+    ``None``."""
     batch, length, heads, key_width = q.shape
     value_width = v.shape[-1]
     bk, bv = config.blocks(key_width, value_width)
@@ -173,7 +195,7 @@ def _value_kernel(q_ref, k_ref, do_ref, *refs, scale: float, block_k: int, has_d
     refs = list(refs)
     dv_ref = refs.pop()
     dh_ref = refs.pop(0) if has_dh else None
-    b_ref = refs.pop(0) if refs else None
+    gate_refs = refs[:2]
     chunk_size, key_width = q_ref.shape
     block_v = do_ref.shape[1]
 
@@ -189,9 +211,9 @@ def _value_kernel(q_ref, k_ref, do_ref, *refs, scale: float, block_k: int, has_d
     inter = jnp.zeros((chunk_size, block_v), F32) if dh_ref is not None else None
     init = (inter, jnp.zeros((chunk_size, chunk_size), F32))
     inter, scores_t = loop(key_width // block_k, body, init)
-    b = b_ref[...] if b_ref is not None else None
+    b = _read_gate(gate_refs)
     if b is not None and inter is not None:
-        inter = inter * jnp.exp(last(b) - b)[:, None]
+        inter = inter * jnp.exp(_to_end(b))[:, None]
     do = do_ref[...]
     scores_t = (scale * scores_t * decay(b, chunk_size, transposed=True)).astype(do.dtype)
     dv = mm(scores_t, do)
@@ -203,7 +225,7 @@ def value_backward(
     k: jax.Array,
     do: jax.Array,
     dh: jax.Array | None,
-    b: jax.Array | None,
+    b: Gate | None,
     *,
     scale: float,
     chunk_size: int,
@@ -258,7 +280,7 @@ def _query_key_kernel(
     refs = list(refs)
     dv_ref = refs.pop(0) if delta else None
     dh_ref = refs.pop(0)
-    b_ref = refs.pop(0) if gated else None
+    gate_refs = [refs.pop(0), refs.pop(0)] if gated else []
     dq_ref, dk_ref = refs.pop(0), refs.pop(0)
     dw_ref = refs.pop(0) if delta else None
     db_ref = refs.pop(0) if gated else None
@@ -292,12 +314,11 @@ def _query_key_kernel(
     if dw_ref is not None:
         dw_ref[...] = dw.astype(dw_ref.dtype)
     q, k = q_ref[...], k_ref[...]
-    b = b_ref[...] if b_ref is not None else None
+    b = _read_gate(gate_refs)
     dscores = (scale * dscores * decay(b, chunk_size)).astype(q.dtype)
     if b is not None:
-        b_last = last(b)
-        dq_inter = dq_inter * jnp.exp(b)[:, None]
-        dk_inter = dk_inter * jnp.exp(b_last - b)[:, None]
+        dq_inter = dq_inter * jnp.exp(b[0])[:, None]
+        dk_inter = dk_inter * jnp.exp(_to_end(b))[:, None]
     dq = scale * dq_inter + mm(dscores, k)
     dk = dk_inter + mm(dscores, q, trans_a=True)
     dq_ref[...] = dq.astype(dq_ref.dtype)
@@ -306,7 +327,7 @@ def _query_key_kernel(
         assert db_ref is not None
         q32, k32 = q.astype(F32), k.astype(F32)
         db = jnp.sum(q32 * dq, axis=1) - jnp.sum(k32 * dk, axis=1)
-        end = jnp.sum(jnp.sum(k32 * dk_inter, axis=1)) + jnp.exp(last(b)) * jnp.sum(hdh)
+        end = jnp.sum(jnp.sum(k32 * dk_inter, axis=1)) + jnp.exp(last(b[0])) * jnp.sum(hdh)
         rows = jax.lax.broadcasted_iota(jnp.int32, (chunk_size,), 0)
         db_ref[...] = db + jnp.where(rows == chunk_size - 1, end, 0.0)
 
@@ -318,7 +339,7 @@ def query_key_backward(
     h: jax.Array,
     do: jax.Array,
     dh: jax.Array,
-    b: jax.Array | None,
+    b: Gate | None,
     *,
     dv: jax.Array | None = None,
     scale: float,

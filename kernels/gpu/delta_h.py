@@ -32,7 +32,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from . import specs
-from .tiles import F32, last, loop, mm
+from .tiles import F32, gap, last, loop, mm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +104,7 @@ def _blocks(num: int, block: int) -> list:
 
 def _walk(
     step,
-    b_ref,
+    gate_refs,
     init_ref,
     states_ref,
     last_ref,
@@ -118,8 +118,9 @@ def _walk(
     float32 state as ``K/BK`` row blocks, from ``init_ref``: per chunk ``n`` store the
     entering state (input dtype) in ``states_ref[n]``, decay it by ``e^{b_last}``, then
     ``state = step(rows, casts, b_last, state)`` over the chunk's rows (in ``slices``
-    pieces; ``casts`` the entering state in the input dtype). The last state goes to
-    ``last_ref``."""
+    pieces; ``casts`` the entering state in the input dtype; ``b_last`` the compensated
+    pair's last entries ``(hi, lo)``, from ``gate_refs = (hi_ref, lo_ref)`` or ``None``).
+    The last state goes to ``last_ref``."""
     key_width = init_ref.shape[0]
     num_chunks = states_ref.shape[0]
     dtype = states_ref.dtype
@@ -132,9 +133,10 @@ def _walk(
         casts = tuple(state.astype(dtype) for state in states)
         for blk, cast in zip(key_blocks, casts):
             states_ref[n, blk, :] = cast.astype(states_ref.dtype)
-        b_last = last(b_ref[pl.ds(start, chunk_size)]) if b_ref is not None else None
-        if b_last is not None:
-            states = tuple(jnp.exp(b_last) * state for state in states)
+        b_last = None
+        if gate_refs is not None:
+            b_last = tuple(last(ref[pl.ds(start, chunk_size)]) for ref in gate_refs)
+            states = tuple(jnp.exp(b_last[0]) * state for state in states)
         if slices == 1:
             return step(pl.ds(start, chunk_size), casts, b_last, states)
 
@@ -151,8 +153,7 @@ def _walk(
 
 
 def _forward_kernel(k_ref, w_ref, u_ref, *refs, chunk_size: int, block_k: int, slices: int):
-    gated = len(refs) == 5
-    b_ref = refs[0] if gated else None
+    gate_refs = refs[:2] if len(refs) == 6 else None
     h0_ref, h_ref, v_new_ref, final_ref = refs[-4:]
     dtype = k_ref.dtype
     key_blocks = _blocks(k_ref.shape[1] // block_k, block_k)
@@ -163,8 +164,9 @@ def _forward_kernel(k_ref, w_ref, u_ref, *refs, chunk_size: int, block_k: int, s
         for blk, cast in zip(key_blocks, casts):
             values = values - mm(w_ref[rows, blk], cast)
         v_new_ref[rows, :] = values.astype(v_new_ref.dtype)
-        if b_ref is not None:
-            values = values * jnp.exp(b_last - b_ref[rows])[:, None]
+        if gate_refs is not None:
+            (b_ref, lo_ref), (hi_last, lo_last) = gate_refs, b_last
+            values = values * jnp.exp(gap(hi_last, lo_last, b_ref[rows], lo_ref[rows]))[:, None]
         values = values.astype(dtype)
         return tuple(
             state + mm(k_ref[rows, blk], values, trans_a=True)
@@ -173,7 +175,7 @@ def _forward_kernel(k_ref, w_ref, u_ref, *refs, chunk_size: int, block_k: int, s
 
     _walk(
         step,
-        b_ref,
+        gate_refs,
         h0_ref,
         h_ref,
         final_ref,
@@ -189,7 +191,7 @@ def _call(
     k: jax.Array,
     rows: list[jax.Array],
     cols: list[jax.Array],
-    b: jax.Array | None,
+    b: tuple[jax.Array, jax.Array] | None,
     state: jax.Array,
     *,
     chunk_size: int,
@@ -211,8 +213,9 @@ def _call(
     in_specs += [tile] * len(cols)
     inputs = [*rows, *cols]
     if b is not None:
-        in_specs.append(specs.row_spec(length, heads, lambda iv, bh: (bh, 0)))
-        inputs.append(b.astype(F32))
+        for part in b:  # the compensated pair (hi, lo)
+            in_specs.append(specs.row_spec(length, heads, lambda iv, bh: (bh, 0)))
+            inputs.append(part.astype(F32))
     in_specs.append(_state_spec(key_width, bv, heads))
     inputs.append(state.astype(F32))
     slices = config.slices(key_width, k.dtype)
@@ -242,7 +245,7 @@ def forward(
     k: jax.Array,
     w: jax.Array,
     u: jax.Array,
-    b: jax.Array | None,
+    b: tuple[jax.Array, jax.Array] | None,
     h0: jax.Array,
     *,
     chunk_size: int,
@@ -278,8 +281,7 @@ def _backward_kernel(
     slices: int,
     scale: float,
 ):
-    gated = len(refs) == 5
-    b_ref = refs[0] if gated else None
+    gate_refs = refs[:2] if len(refs) == 6 else None
     d_final_ref, dh_ref, dv_ref, dh0_ref = refs[-4:]
     dtype = k_ref.dtype
     key_blocks = _blocks(k_ref.shape[1] // block_k, block_k)
@@ -287,12 +289,13 @@ def _backward_kernel(
     def step(rows, casts, b_last, grads):
         """``dv = dv_local + (k ⊙ e^{b_last − b}) G_n`` on ``rows`` (stored), then
         ``grads += scale (q ⊙ e^b)ᵀ do − wᵀ dv``."""
-        b = b_ref[rows] if b_ref is not None else None
+        b = tuple(ref[rows] for ref in gate_refs) if gate_refs is not None else None
+        to_end = jnp.exp(gap(*b_last, *b))[:, None] if b is not None else None
         d_values = dv_local_ref[rows, :].astype(F32)
         for blk, cast in zip(key_blocks, casts):
             k = k_ref[rows, blk]
-            if b is not None:
-                k = (k.astype(F32) * jnp.exp(b_last - b)[:, None]).astype(dtype)
+            if to_end is not None:
+                k = (k.astype(F32) * to_end).astype(dtype)
             d_values = d_values + mm(k, cast)
         dv_ref[rows, :] = d_values.astype(dv_ref.dtype)
         d_values = d_values.astype(dtype)
@@ -301,14 +304,14 @@ def _backward_kernel(
         for blk, grad in zip(key_blocks, grads):
             q = q_ref[rows, blk].astype(F32) * scale
             if b is not None:
-                q = q * jnp.exp(b)[:, None]
+                q = q * jnp.exp(b[0])[:, None]
             grad = grad + mm(q.astype(dtype), do, trans_a=True)
             updated.append(grad - mm(w_ref[rows, blk], d_values, trans_a=True))
         return tuple(updated)
 
     _walk(
         step,
-        b_ref,
+        gate_refs,
         d_final_ref,
         dh_ref,
         dh0_ref,
@@ -325,7 +328,7 @@ def backward(
     w: jax.Array,
     do: jax.Array,
     dv_local: jax.Array,
-    b: jax.Array | None,
+    b: tuple[jax.Array, jax.Array] | None,
     d_final: jax.Array,
     *,
     scale: float,

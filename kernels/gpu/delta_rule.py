@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 
 from . import chunk_o, delta_h, layout, wy
 from .layout import F32, Options
@@ -86,8 +87,8 @@ def _forward(q, k, v, beta, b, h0, options: Options):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _delta(q, k, v, beta, b, h0, options: Options):
     """Padded ``(o, final)``: ``q, k [B, L, H, K]``, ``v [B, L, H, V]`` (one dtype),
-    ``beta [B, L, H]`` and ``b [B, L, H]`` (or ``None``) float32, ``h0 [B, H, K, V]``
-    float32."""
+    ``beta [B, L, H]`` float32, ``b`` the pair ``(hi, lo)`` of float32 ``[B, L, H]`` (or
+    ``None``), ``h0 [B, H, K, V]`` float32."""
     out, final, _ = _forward(q, k, v, beta, b, h0, options)
     return out, final
 
@@ -149,7 +150,7 @@ def _delta_bwd(options: Options, residuals, cotangents):
     db = None
     if b is not None:
         assert db_out is not None and db_wy is not None  # both given with a gate
-        db = db_out + db_wy
+        db = (db_out + db_wy, jnp.zeros_like(b[1]))  # the pair's lo moves with hi (gates.py)
     return dq, dk, dv, dbeta, db, d_h0
 
 

@@ -11,7 +11,9 @@ tokens with ``b`` the chunk-local cumulative log decay ``[C, K]``::
 
 Forward kernels: the state recurrence (``gla_state``, the only sequential one),
 the intra-chunk scores ``A`` by 16-row sub-chunks (``gla_intra``) and the output
-(``gla_output``). Saved for the backward: the inputs, ``b`` (float32), the
+(``gla_output``). Saved for the backward: the inputs, ``b`` (float32, the compensated
+pair ``(hi, lo)`` of ``kernels/gates.py``; ``dv`` reads ``b_last − b`` formed from it in
+XLA, ``layout.to_chunk_end``), the
 chunk-entering states ``h [B, N, H, K, V]`` (input dtype) and ``A [B, L, H, C]``
 (float32). Backward: the reverse state recurrence for the cotangents ``dh`` of the
 chunk-leaving states (``gla_state``, input dtype), ``dA`` and ``dv``
@@ -112,7 +114,8 @@ def _gla_bwd(options: Options, tiles: GLATiles, residuals, cotangents):
         q, d_out, b, d_final.astype(F32), scale=scale, tiles=tiles, interpret=interpret
     )
     da = d_scores(d_out, v, scale=scale, tiles=tiles, interpret=interpret)
-    dv = value_grads(scores, d_out, k, b, dh, tiles=tiles, interpret=interpret)
+    to_end = layout.to_chunk_end(b, tiles.chunk)
+    dv = value_grads(scores, d_out, k, to_end, dh, tiles=tiles, interpret=interpret)
     dq_intra, dk_intra, x_intra = intra_grads(q, k, b, da, tiles=tiles, interpret=interpret)
     dq, dk, d_log_decay = inter_grads(
         q,

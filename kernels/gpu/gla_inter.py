@@ -46,13 +46,14 @@ from .gla_common import (
     masked_sum,
 )
 from .specs import chunk_state_spec, token_spec
-from .tiles import mm
+from .tiles import gap, mm
 
 
 def _inter_kernel(
     q_ref,
     k_ref,
     b_ref,
+    lo_ref,
     v_ref,
     do_ref,
     h_ref,
@@ -99,7 +100,8 @@ def _inter_kernel(
         key_step,
         (jnp.zeros((chunk, bk), F32), jnp.zeros((bk,), F32)),
     )
-    dk_inter = dk_inter * jnp.exp(b_last - b_ref[...])
+    lo_last = lo_ref[pl.ds(chunk - 1, 1), :]
+    dk_inter = dk_inter * jnp.exp(gap(b_last, lo_last, b_ref[...], lo_ref[...]))
     dk_ref[...] = (dk_in_ref[...] + dk_inter).astype(dk_ref.dtype)
     y = f32(k_ref[...]) * dk_inter
     rows, cols = iota((chunk, chunk), 0), iota((chunk, chunk), 1)
@@ -110,7 +112,7 @@ def _inter_kernel(
 def inter_grads(
     q: jax.Array,
     k: jax.Array,
-    b: jax.Array,
+    b: tuple[jax.Array, jax.Array],
     v: jax.Array,
     d_out: jax.Array,
     h: jax.Array,
@@ -123,7 +125,8 @@ def inter_grads(
     tiles: GLATiles = TILES,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``q, k, b [B, L, H, K]``, ``v, d_out [B, L, H, V]``, ``h, dh [B, N, H, K, V]``, the
+    """``q, k [B, L, H, K]``, ``b`` the pair ``(hi, lo)`` of float32 ``[B, L, H, K]``,
+    ``v, d_out [B, L, H, V]``, ``h, dh [B, N, H, K, V]``, the
     intra-chunk ``dq_intra, dk_intra, x_intra`` float32 (``gla_intra.intra_grads``) →
     ``(dq, dk`` in ``q.dtype``, ``dg`` float32 ``[B, L, H, K])``, ``dg`` the cotangent
     of the per-token log decays whose chunk-local cumulative sum is ``b``."""
@@ -144,6 +147,7 @@ def inter_grads(
             key_tile,
             key_tile,
             key_tile,
+            key_tile,
             value_tile,
             value_tile,
             state_tile,
@@ -156,4 +160,4 @@ def inter_grads(
         compiler_params=compiler_params(tiles, tiles.inter_warps),
         interpret=interpret,
         name="gla_bwd_dqk",
-    )(q, k, b, v, d_out, h, dh, dq_intra, dk_intra, x_intra)
+    )(q, k, *b, v, d_out, h, dh, dq_intra, dk_intra, x_intra)

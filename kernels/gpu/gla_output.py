@@ -47,7 +47,7 @@ def _output_kernel(q_ref, b_ref, h_ref, a_ref, v_ref, o_ref, *, scale: float, bk
 def output(
     q: jax.Array,
     v: jax.Array,
-    b: jax.Array,
+    b: tuple[jax.Array, jax.Array],
     h: jax.Array,
     scores: jax.Array,
     *,
@@ -55,7 +55,8 @@ def output(
     tiles: GLATiles = TILES,
     interpret: bool = False,
 ) -> jax.Array:
-    """``q [B, L, H, K]``, ``v [B, L, H, V]`` (one dtype), ``b`` float32, ``h [B, N, H, K, V]``,
+    """``q [B, L, H, K]``, ``v [B, L, H, V]`` (one dtype), ``b`` the float32 pair ``(hi, lo)``
+    (only ``hi`` is read), ``h [B, N, H, K, V]``,
     ``scores`` (``A``) ``[B, L, H, C]`` float32 → ``o [B, L, H, V]`` in ``v.dtype``."""
     batch, length, heads, key_width = q.shape
     value_width = v.shape[-1]
@@ -79,7 +80,7 @@ def output(
         compiler_params=compiler_params(tiles),
         interpret=interpret,
         name="gla_fwd_o",
-    )(q, b, h, scores, v)
+    )(q, b[0], h, scores, v)  # e^{b} only: hi of the pair
 
 
 def _d_scores_kernel(do_ref, v_ref, da_ref, *, scale: float, bv: int):
@@ -116,15 +117,13 @@ def d_scores(
     )(d_out, v)
 
 
-def _value_grads_kernel(a_ref, do_ref, k_ref, b_ref, dh_ref, dv_ref, *, bk: int):
+def _value_grads_kernel(a_ref, do_ref, k_ref, end_ref, dh_ref, dv_ref, *, bk: int):
     dtype = do_ref.dtype
     chunk = a_ref.shape[0]
     scores = jnp.where(causal_mask(chunk), a_ref[...], 0.0)
     dv = mm(scores.astype(dtype), do_ref[...], trans_a=True)
     for cols in _key_blocks(k_ref.shape[-1], bk):
-        b = b_ref[:, cols]
-        b_last = b_ref[pl.ds(chunk - 1, 1), cols]
-        k_in = f32(k_ref[:, cols]) * jnp.exp(b_last - b)
+        k_in = f32(k_ref[:, cols]) * jnp.exp(end_ref[:, cols])
         dv += mm(k_in.astype(dtype), dh_ref[cols, :])
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -133,13 +132,14 @@ def value_grads(
     scores: jax.Array,
     d_out: jax.Array,
     k: jax.Array,
-    b: jax.Array,
+    to_end: jax.Array,
     dh: jax.Array,
     *,
     tiles: GLATiles = TILES,
     interpret: bool = False,
 ) -> jax.Array:
-    """``scores`` (``A``) ``[B, L, H, C]`` float32, ``d_out [B, L, H, V]``, ``k, b [B, L, H, K]``,
+    """``scores`` (``A``) ``[B, L, H, C]`` float32, ``d_out [B, L, H, V]``, ``k [B, L, H, K]``,
+    ``to_end`` the float32 ``b_last − b [B, L, H, K]`` (``layout.to_chunk_end``),
     ``dh [B, N, H, K, V]`` (chunk-leaving state cotangents) → ``dv [B, L, H, V]`` in
     ``d_out.dtype``."""
     batch, length, heads, key_width = k.shape
@@ -164,4 +164,4 @@ def value_grads(
         compiler_params=compiler_params(tiles),
         interpret=interpret,
         name="gla_bwd_dv",
-    )(scores, d_out, k, b, dh)
+    )(scores, d_out, k, to_end.astype(F32), dh)

@@ -34,24 +34,24 @@ from .gla_common import (
     i32,
 )
 from .specs import chunk_state_spec, state_spec, token_spec
-from .tiles import mm
+from .tiles import gap, mm
 
 
 def _state_kernel(
     x_ref,
     y_ref,
     b_ref,
-    s0_ref,
-    states_ref,
-    final_ref,
-    *,
+    *refs,
     chunk: int,
     num_chunks: int,
     scale: float,
     reverse: bool,
 ):
     """Forward: ``x = k``, ``y = v``, adds ``(x ⊙ e^{b_last − b})ᵀ y``; reverse:
-    ``x = q``, ``y = dO``, adds ``scale · (x ⊙ e^{b})ᵀ y``."""
+    ``x = q``, ``y = dO``, adds ``scale · (x ⊙ e^{b})ᵀ y``. ``b_ref`` holds ``hi`` of the
+    compensated pair; the forward also takes ``lo`` (the next ref) for ``b_last − b``."""
+    lo_ref = None if reverse else refs[0]
+    s0_ref, states_ref, final_ref = refs[-3:]
     dtype = x_ref.dtype
 
     def body(i, state):
@@ -60,10 +60,11 @@ def _state_kernel(
         states_ref[n] = state.astype(states_ref.dtype)
         b = b_ref[rows, :]
         b_last = b_ref[pl.ds(n * chunk + chunk - 1, 1), :]  # [1, BK]
-        if reverse:
+        if lo_ref is None:
             weighted = f32(x_ref[rows, :]) * (scale * jnp.exp(b))
         else:
-            weighted = f32(x_ref[rows, :]) * jnp.exp(b_last - b)
+            lo_last = lo_ref[pl.ds(n * chunk + chunk - 1, 1), :]
+            weighted = f32(x_ref[rows, :]) * jnp.exp(gap(b_last, lo_last, b, lo_ref[rows, :]))
         update = mm(weighted.astype(dtype), y_ref[rows, :], trans_a=True)  # [BK, BV]
         return as_column(jnp.exp(b_last)) * state + update
 
@@ -71,7 +72,8 @@ def _state_kernel(
     final_ref[...] = final
 
 
-def _state_call(x, y, b, s0, *, scale, reverse, tiles, interpret, name):
+def _state_call(x, y, gate, s0, *, scale, reverse, tiles, interpret, name):
+    """``gate``: ``(hi, lo)`` of ``b`` forward, ``(hi,)`` in reverse (only ``e^{b}``)."""
     batch, length, heads, key_width = x.shape
     value_width = y.shape[-1]
     chunk = tiles.chunk
@@ -91,7 +93,7 @@ def _state_call(x, y, b, s0, *, scale, reverse, tiles, interpret, name):
             jax.ShapeDtypeStruct((batch, heads, key_width, value_width), F32),
         ),
         grid=(value_width // bv, key_width // bk, batch * heads),
-        in_specs=[key_spec, value_spec, key_spec, tile_spec],
+        in_specs=[key_spec, value_spec] + [key_spec] * len(gate) + [tile_spec],
         out_specs=(
             chunk_state_spec(num_chunks, bk, bv, heads, lambda vb, kb, bh: (bh, 0, kb, vb)),
             tile_spec,
@@ -99,29 +101,38 @@ def _state_call(x, y, b, s0, *, scale, reverse, tiles, interpret, name):
         compiler_params=compiler_params(tiles),
         interpret=interpret,
         name=name,
-    )(x, y, b, s0)
+    )(x, y, *gate, s0)
 
 
 def state_forward(
     k: jax.Array,
     v: jax.Array,
-    b: jax.Array,
+    b: tuple[jax.Array, jax.Array],
     h0: jax.Array,
     *,
     tiles: GLATiles = TILES,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
-    """``k [B, L, H, K]``, ``v [B, L, H, V]``, ``b [B, L, H, K]`` float32, ``h0 [B, H, K, V]``
-    float32 → ``(h [B, N, H, K, V]`` entering states in ``k.dtype``, final state float32)."""
+    """``k [B, L, H, K]``, ``v [B, L, H, V]``, ``b`` the compensated pair ``(hi, lo)`` of float32
+    ``[B, L, H, K]``, ``h0 [B, H, K, V]`` float32 → ``(h [B, N, H, K, V]`` entering states
+    in ``k.dtype``, final state float32)."""
     return _state_call(
-        k, v, b, h0, scale=1.0, reverse=False, tiles=tiles, interpret=interpret, name="gla_fwd_h"
+        k,
+        v,
+        tuple(b),
+        h0,
+        scale=1.0,
+        reverse=False,
+        tiles=tiles,
+        interpret=interpret,
+        name="gla_fwd_h",
     )
 
 
 def state_backward(
     q: jax.Array,
     d_out: jax.Array,
-    b: jax.Array,
+    b: tuple[jax.Array, jax.Array],
     d_final: jax.Array,
     *,
     scale: float,
@@ -134,7 +145,7 @@ def state_backward(
     return _state_call(
         q,
         d_out,
-        b,
+        (b[0],),
         d_final,
         scale=scale,
         reverse=True,

@@ -8,7 +8,9 @@ costs no copy. Padding changes nothing: a padded token has ``k = v = 0``,
 
 Gates enter the kernels as the chunk-local cumulative log decay ``b``: float32
 ``[B, L, H]`` (scalar gate) or ``[B, L, H, K]`` (per channel), with
-``b_t = Σ_{s ≤ t, s in t's chunk} g_s`` (computed here, in XLA: it is tiny).
+``b_t = Σ_{s ≤ t, s in t's chunk} g_s`` (computed here, in XLA: it is tiny), as a
+compensated pair ``(hi, lo)`` of two such arrays (``gates.py``: differences
+``b_i − b_j`` stay exact after a strong gate).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from ..config import padded_feature
+from ..gates import compensated_cumsum
 
 F32 = jnp.float32
 
@@ -66,23 +69,43 @@ def scalar_gate(g: jax.Array | None, shape: tuple[int, int, int]) -> jax.Array |
     return jnp.broadcast_to(g, shape) if g.ndim == 1 else g
 
 
+#: A gate as the kernels take it: the compensated pair ``(hi, lo)`` of ``b`` (``gates.py``).
+Gate = tuple[jax.Array, jax.Array]
+
+
 def chunk_gate(
     g: jax.Array | None, shape: tuple[int, int, int], length: int, chunk_size: int
-) -> jax.Array | None:
+) -> Gate | None:
     """The op's scalar ``g`` (``None``, ``[H]`` or ``[B, T, H]``, ``shape = (B, T, H)``) as the
     kernels' ``b``: padded to ``length`` tokens, its cumulative sum inside each chunk
-    (float32 ``[B, L, H]``; ``None`` stays ``None``)."""
+    (a pair of float32 ``[B, L, H]``, :func:`chunk_cumsum`; ``None`` stays ``None``)."""
     gate = scalar_gate(g, shape)
     return None if gate is None else chunk_cumsum(pad(gate, length), chunk_size)
 
 
-def chunk_cumsum(log_decay: jax.Array, chunk_size: int) -> jax.Array:
+def chunk_cumsum(log_decay: jax.Array, chunk_size: int) -> Gate:
     """``[B, L, H]`` or ``[B, L, H, K]`` log decays → their cumulative sums inside each
-    chunk (float32, same shape); ``L`` must be a multiple of ``chunk_size``."""
+    chunk as the compensated pair ``(hi, lo)`` (float32, each of the same shape); ``L``
+    must be a multiple of ``chunk_size``."""
     batch, length = log_decay.shape[:2]
     rest = log_decay.shape[2:]
     chunks = log_decay.astype(F32).reshape(batch, length // chunk_size, chunk_size, *rest)
-    return jnp.cumsum(chunks, axis=2).reshape(batch, length, *rest)
+    hi, lo = compensated_cumsum(chunks, 2)
+    return hi.reshape(batch, length, *rest), lo.reshape(batch, length, *rest)
+
+
+def to_chunk_end(b: Gate, chunk_size: int) -> jax.Array:
+    """``b_last − b`` inside each chunk (float32, the shape of each part) from the
+    compensated pair ``b = (hi, lo)``: ``(hi_last − hi) + (lo_last − lo)``, exact after a
+    strong gate. For kernels that only need the decay to the chunk's end (one tile to
+    read instead of two)."""
+    hi, lo = b
+    batch, length = hi.shape[:2]
+    rest = hi.shape[2:]
+    hi = hi.reshape(batch, length // chunk_size, chunk_size, *rest)
+    lo = lo.reshape(batch, length // chunk_size, chunk_size, *rest)
+    end = (hi[:, :, -1:] - hi) + (lo[:, :, -1:] - lo)
+    return end.reshape(batch, length, *rest)
 
 
 def pad_state(state: jax.Array | None, shape: tuple[int, int, int, int]) -> jax.Array:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 
 from . import chunk_h, chunk_o, layout
 from .layout import F32, Options
@@ -72,7 +73,8 @@ def _forward(q, k, v, b, h0, options: Options):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _attend(q, k, v, b, h0, options: Options):
     """Padded ``(o, final)``: ``q, k [B, L, H, K]``, ``v [B, L, H, V]`` (one dtype),
-    ``b [B, L, H]`` float32 or ``None``, ``h0 [B, H, K, V]`` float32."""
+    ``b`` the pair ``(hi, lo)`` of float32 ``[B, L, H]`` (``layout.chunk_gate``) or ``None``,
+    ``h0 [B, H, K, V]`` float32."""
     out, final, _ = _forward(q, k, v, b, h0, options)
     return out, final
 
@@ -96,6 +98,8 @@ def _attend_bwd(options: Options, residuals, cotangents):
     dq, dk, _, db = chunk_o.query_key_backward(
         q, k, v, h, d_out, dh, b, scale=scale, chunk_size=size, interpret=interpret
     )
+    if b is not None:
+        db = (db, jnp.zeros_like(b[1]))  # the pair's lo moves with hi (gates.py)
     return dq, dk, dv, db, d_h0
 
 

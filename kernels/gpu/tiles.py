@@ -43,10 +43,10 @@ def causal_mask(size: int, *, strict: bool = False) -> jax.Array:
     return j < i if strict else j <= i
 
 
-def decay_matrix(b_rows: jax.Array, b_cols: jax.Array, mask: jax.Array) -> jax.Array:
-    """``exp(b_i − b_j)`` where ``mask``, else 0: ``b_rows [C, 1]``, ``b_cols [1, C]``
-    float32 chunk-local cumulative log decays (masked before the ``exp``)."""
-    return jnp.exp(jnp.where(mask, b_rows - b_cols, -jnp.inf))
+def gap(hi_i: jax.Array, lo_i: jax.Array, hi_j: jax.Array, lo_j: jax.Array) -> jax.Array:
+    """``b_i − b_j`` of compensated pairs ``b = hi + lo`` (``gates.py``): ``hi_i − hi_j``
+    is exact when ``hi_i ≈ hi_j``, so a strong gate before both costs no precision."""
+    return (hi_i - hi_j) + (lo_i - lo_j)
 
 
 def loop(num: int, body, init):
@@ -65,14 +65,21 @@ def last(b: jax.Array) -> jax.Array:
     return jnp.sum(jnp.where(rows == b.shape[0] - 1, b, 0.0))
 
 
-def decay(b: jax.Array | None, size: int, *, transposed: bool = False) -> jax.Array:
+def decay(
+    b: tuple[jax.Array, jax.Array] | None, size: int, *, transposed: bool = False
+) -> jax.Array:
     """``Γ_ij = e^{b_i − b_j} [j ≤ i]`` (``Γᵀ`` when ``transposed``) float32 ``[C, C]`` for
-    the scalar chunk-local log decay ``b [C]``; the 0/1 causal mask without a gate
-    (``b is None``)."""
+    the scalar chunk-local log decay ``b [C]`` given as its compensated pair ``(hi, lo)``
+    (:func:`gap`); the 0/1 causal mask without a gate (``b is None``)."""
     mask = causal_mask(size)
     if transposed:
         mask = ~causal_mask(size, strict=True)  # j ≤ i with j the row
     if b is None:
         return jnp.where(mask, 1.0, 0.0).astype(F32)
-    diff = b[None, :] - b[:, None] if transposed else b[:, None] - b[None, :]
+    hi, lo = b
+    # ((hi_i − hi_j) + lo_i) − lo_j: as exact as ``gap``, with one [C, C] value live
+    if transposed:
+        diff = (hi[None, :] - hi[:, None]) + lo[None, :] - lo[:, None]
+    else:
+        diff = (hi[:, None] - hi[None, :]) + lo[:, None] - lo[None, :]
     return jnp.exp(jnp.where(mask, diff, -jnp.inf))

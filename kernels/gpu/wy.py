@@ -1,7 +1,9 @@
 """The delta rule's chunk-local WY/UT transform on GPUs: forward, recomputation, backward.
 
 Per chunk of ``C`` tokens of one head, ``b`` the chunk-local cumulative log decay
-(float32, ``None``: no gate), ``β`` the step sizes and ``Γ_ij = e^{b_i − b_j} [j < i]``
+(the compensated pair ``(hi, lo)`` of float32 arrays, ``gates.py``: ``Γ``'s exponents
+are ``tiles.gap`` differences, ``e^{b}`` takes ``hi``; ``None``: no gate), ``β`` the
+step sizes and ``Γ_ij = e^{b_i − b_j} [j < i]``
 (masked before the ``exp``)::
 
     A = diag(β)(K Kᵀ) ⊙ Γ            (strictly lower)       T = (I + A)⁻¹
@@ -44,7 +46,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from . import specs
-from .tiles import F32, block_slice, causal_mask, col_ids, decay_matrix, loop, mm, row_ids
+from .tiles import F32, block_slice, causal_mask, col_ids, decay, loop, mm, row_ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +126,7 @@ def _diagonal_inverses_t(blocks: list[jax.Array]) -> list[jax.Array]:
 
 
 def _inverse_kernel(k_ref, beta_ref, *refs, sub: int, block_k: int):
-    b_ref = refs[0] if len(refs) == 2 else None
+    gate_refs = refs[:2] if len(refs) == 3 else None
     t_ref = refs[-1]
     chunk_size, key_width = k_ref.shape
     num = chunk_size // sub
@@ -137,9 +139,10 @@ def _inverse_kernel(k_ref, beta_ref, *refs, sub: int, block_k: int):
     kk = loop(key_width // block_k, body, jnp.zeros((chunk_size, chunk_size), F32))
     beta = beta_ref[...]
     strict = causal_mask(chunk_size, strict=True)
-    if b_ref is not None:
-        b = b_ref[...]
-        a_full = kk * beta[:, None] * decay_matrix(b[:, None], b[None, :], strict)
+    if gate_refs is not None:
+        b = tuple(ref[...] for ref in gate_refs)
+        gamma = jnp.where(strict, decay(b, chunk_size), 0.0)  # e^{b_i − b_j}, j < i
+        a_full = kk * beta[:, None] * gamma
     else:
         a_full = jnp.where(strict, kk * beta[:, None], 0.0)
     a = {}
@@ -168,7 +171,7 @@ def _inverse_kernel(k_ref, beta_ref, *refs, sub: int, block_k: int):
 def inverse(
     k: jax.Array,
     beta: jax.Array,
-    b: jax.Array | None,
+    b: tuple[jax.Array, jax.Array] | None,
     *,
     chunk_size: int,
     config: WYConfig = CONFIG,
@@ -182,8 +185,9 @@ def inverse(
     in_specs = [_token_spec(chunk_size, key_width, heads), _row_spec(chunk_size, heads)]
     inputs = [k, beta.astype(F32)]
     if b is not None:
-        in_specs.append(_row_spec(chunk_size, heads))
-        inputs.append(b.astype(F32))
+        for part in b:  # the compensated pair (hi, lo)
+            in_specs.append(_row_spec(chunk_size, heads))
+            inputs.append(part.astype(F32))
     bk = min(config.block_k, key_width)
     kernel = lambda *refs: _inverse_kernel(*refs, sub=config.sub_block, block_k=bk)
     return pl.pallas_call(
@@ -202,7 +206,7 @@ def forward(
     k: jax.Array,
     v: jax.Array,
     beta: jax.Array,
-    b: jax.Array | None,
+    b: tuple[jax.Array, jax.Array] | None,
     *,
     chunk_size: int,
     config: WYConfig = CONFIG,
@@ -246,7 +250,7 @@ def recompute(
     k: jax.Array,
     v: jax.Array,
     beta: jax.Array,
-    b: jax.Array | None,
+    b: tuple[jax.Array, jax.Array] | None,
     t: jax.Array,
     *,
     chunk_size: int,
@@ -268,9 +272,9 @@ def recompute(
         _token_spec(chunk_size, chunk_size, heads),
     ]
     inputs = [k, v, beta.astype(F32), t]
-    if b is not None:
+    if b is not None:  # e^{b} only: hi
         in_specs.append(_row_spec(chunk_size, heads))
-        inputs.append(b.astype(F32))
+        inputs.append(b[0].astype(F32))
     kernel = lambda *refs: _recompute_kernel(*refs, block_k=bk, block_v=bv)
     w, u = pl.pallas_call(
         kernel,
@@ -291,8 +295,8 @@ def recompute(
 def _backward_kernel(
     k_ref, v_ref, beta_ref, t_ref, dw_ref, du_ref, dk_in_ref, *refs, block_k: int, block_v: int
 ):
-    gated = len(refs) == 5
-    b_ref = refs[0] if gated else None
+    gated = len(refs) == 6
+    gate_refs = refs[:2] if gated else None
     dk_ref, dv_ref, dbeta_ref = refs[-4:-1] if gated else refs[-3:]
     db_ref = refs[-1] if gated else None
     chunk_size, key_width = k_ref.shape
@@ -300,7 +304,7 @@ def _backward_kernel(
     transform = t_ref[...]
     dtype = transform.dtype
     beta = beta_ref[...]
-    b = b_ref[...] if b_ref is not None else None
+    b = gate_refs[0][...] if gate_refs is not None else None  # hi; lo is read where used
     k_factor = beta * jnp.exp(b) if b is not None else beta  # X = K ⊙ k_factor
     e_b = jnp.exp(b)[:, None] if b is not None else None
     zeros_c = jnp.zeros((chunk_size,), F32)
@@ -336,9 +340,9 @@ def _backward_kernel(
     d_t = jnp.where(causal_mask(chunk_size), d_t, 0.0).astype(dtype)
     d_a = mm(mm(transform, d_t, trans_a=True).astype(dtype), transform, trans_b=True)
     strict = causal_mask(chunk_size, strict=True)
-    if b is not None:
-        gamma = jnp.exp(jnp.where(strict, b[:, None] - b[None, :], -jnp.inf))
-        d_a = -d_a * gamma  # dA ⊙ Γ (0 off the strict lower triangle)
+    if b is not None and gate_refs is not None:
+        d_a = -d_a * decay((b, gate_refs[1][...]), chunk_size)  # dA ⊙ Γ
+        d_a = jnp.where(strict, d_a, 0.0)  # (0 off the strict lower triangle)
     else:
         d_a = jnp.where(strict, -d_a, 0.0)
 
@@ -373,7 +377,7 @@ def backward(
     k: jax.Array,
     v: jax.Array,
     beta: jax.Array,
-    b: jax.Array | None,
+    b: tuple[jax.Array, jax.Array] | None,
     t: jax.Array,
     dw: jax.Array,
     du: jax.Array,
@@ -416,8 +420,8 @@ def backward(
     ]
     out_specs = [k_spec, v_spec, row]
     if b is not None:
-        in_specs.append(row)
-        inputs.append(b.astype(F32))
+        in_specs += [row, row]
+        inputs += [part.astype(F32) for part in b]  # the compensated pair (hi, lo)
         out_shape.append(rows_shape)
         out_specs.append(row)
     kernel = lambda *refs: _backward_kernel(*refs, block_k=bk, block_v=bv)

@@ -11,7 +11,8 @@ them::
                dq, dk, dv, db = gradients(q, k, v, h, do, dh, b)
 
 Residuals are the inputs and the entering states ``h [R, N, K, V]`` (input dtype).
-Shapes: ``q, k [R, L, K]``, ``v [R, L, V]``, ``b [R, L, 1]`` or ``[R, L, K]``,
+Shapes: ``q, k [R, L, K]``, ``v [R, L, V]``, ``b`` the compensated pair ``(hi, lo)``
+(``kernels/gates.py``) of float32 ``[R, L, 1]`` or ``[R, L, K]``,
 ``h0 [R, K, V]`` float32; it returns ``(o [R, L, V]`` in ``v.dtype``, ``final [R, K, V]``
 float32).
 """
@@ -22,6 +23,7 @@ import functools
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 
 from ..config import ScanOptions
 from . import state
@@ -73,7 +75,8 @@ def state_attention(name: str, output: Output, gradients: Gradients) -> Callable
             name=name,
         )
         dq, dk, dv, db = gradients(q, k, v, h, d_out, dh, b, options)
-        return dq, dk, dv, db, d_h0
+        # b is the compensated pair (hi, lo); lo moves with hi (kernels/gates.py)
+        return dq, dk, dv, (db, jnp.zeros_like(b[1])), d_h0
 
     attention.defvjp(fwd, bwd)
     return attention

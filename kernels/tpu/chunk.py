@@ -1,7 +1,9 @@
 """The chunk-local kernels of the scalar-gated families on TPUs, parallel over chunks.
 
 Per chunk ``n`` of one row (``C`` tokens), ``b`` the chunk-local cumulative log
-decay ``[C, 1]`` (zeros without a gate), ``Γ_ij = e^{b_i − b_j} [j ≤ i]``
+decay ``[C, 1]`` (zeros without a gate) as its compensated pair ``b, lo``
+(``kernels/gates.py``: every exponent of a difference is ``common.gap``, exact
+after a strong gate; ``e^{b}`` takes ``b`` alone), ``Γ_ij = e^{b_i − b_j} [j ≤ i]``
 (``Γ⁻`` the strict one), ``h_n`` the state entering the chunk (``state.py``),
 ``q̃ = scale · q``::
 
@@ -23,15 +25,15 @@ them in the inputs' dtype (bf16 on the MXU, float32 accumulation); the triangula
 inverse and ``W, U`` are float32 (``chunk_math.unit_lower_inverse``, exact to 1e-6).
 
 VMEM (``vmem_bytes``; blocks double-buffered, ``c`` the item size, ``[C, 1]`` gates
-and ``β`` padded to 128 lanes)::
+(both parts of the pair) and ``β`` padded to 128 lanes)::
 
-    wy:        2·[C·K·c + C·V·c + 2·C·128·4 + C·K·c + C·V·c] + 4·(6·C·C + 2·C·K + 2·C·V)
-    output:    2·[2·C·K·c + C·V·c + K·V·c + C·128·4 + C·V·c] + 4·(3·C·C + 2·C·V)
-    dv_local:  2·[2·C·K·c + C·V·c + C·128·4 + C·V·4] + 4·(3·C·C + C·V)
-    backward:  2·[2·C·K·c + 2·C·V·c + 2·K·V·c + 2·C·128·4 + (2·C·K + C·V)·c + 2·C·128·4]
+    wy:        2·[C·K·c + C·V·c + 3·C·128·4 + C·K·c + C·V·c] + 4·(6·C·C + 2·C·K + 2·C·V)
+    output:    2·[2·C·K·c + C·V·c + K·V·c + 2·C·128·4 + C·V·c] + 4·(3·C·C + 2·C·V)
+    dv_local:  2·[2·C·K·c + C·V·c + 2·C·128·4 + C·V·4] + 4·(3·C·C + C·V)
+    backward:  2·[2·C·K·c + 2·C·V·c + 2·K·V·c + 3·C·128·4 + (2·C·K + C·V)·c + 2·C·128·4]
                + 4·(10·C·C + 8·C·K + 6·C·V + 2·K·V)
 
-e.g. about 3.5 MiB for the backward at K = V = 256, C = 64, float32.
+e.g. about 3.7 MiB for the backward at K = V = 256, C = 64, float32.
 """
 
 from __future__ import annotations
@@ -55,9 +57,9 @@ def _grid(x: jax.Array, chunk_size: int) -> tuple[int, int]:
 # -- the delta rule's WY/UT transform ---------------------------------------------------------
 
 
-def _transform(k, v, b, beta, dtype, inverse_block):
+def _transform(k, v, b, lo, beta, dtype, inverse_block):
     """``(K Kᵀ, Γ⁻, T, w, u)`` of one chunk (float32 values)."""
-    gamma_strict = common.decay(b, strict=True)
+    gamma_strict = common.decay(b, lo, strict=True)
     kk = mm(k, k, dtype, trans_b=True)
     transform = chunk_math.unit_lower_inverse(kk * gamma_strict * beta, inverse_block)
     w = mm(transform, beta * jnp.exp(b) * k.astype(F32), F32)
@@ -65,20 +67,21 @@ def _transform(k, v, b, beta, dtype, inverse_block):
     return kk, gamma_strict, transform, w, u
 
 
-def _wy_kernel(k_ref, v_ref, b_ref, beta_ref, w_ref, u_ref, *, inverse_block):
+def _wy_kernel(k_ref, v_ref, b_ref, lo_ref, beta_ref, w_ref, u_ref, *, inverse_block):
     *_, w, u = _transform(
-        k_ref[...], v_ref[...], b_ref[...], beta_ref[...], k_ref.dtype, inverse_block
+        k_ref[...], v_ref[...], b_ref[...], lo_ref[...], beta_ref[...], k_ref.dtype, inverse_block
     )
     w_ref[...] = w.astype(w_ref.dtype)
     u_ref[...] = u.astype(u_ref.dtype)
 
 
 def wy(k, v, b, beta, *, tiles: Tiles, inverse_block: int, interpret: bool):
-    """``(w [R, L, K], u [R, L, V])`` in ``k.dtype``; ``b, beta [R, L, 1]`` float32."""
+    """``(w [R, L, K], u [R, L, V])`` in ``k.dtype``; ``b`` the pair ``(hi, lo)`` and
+    ``beta``, ``[R, L, 1]`` float32."""
     keys, values, column, _ = _blocks(tiles, k.dtype)
     w, u = common.call(
         lambda *refs: _wy_kernel(*refs, inverse_block=inverse_block),
-        [(k, keys), (v, values), (b, column), (beta, column)],
+        [(k, keys), (v, values), (b[0], column), (b[1], column), (beta, column)],
         [(k.shape, keys), (v.shape, values)],
         grid=_grid(k, tiles.chunk_size),
         semantics=common.PARALLEL,
@@ -91,12 +94,12 @@ def wy(k, v, b, beta, *, tiles: Tiles, inverse_block: int, interpret: bool):
 # -- outputs ----------------------------------------------------------------------------------
 
 
-def _output_kernel(q_ref, k_ref, v_ref, h_ref, b_ref, o_ref, *, scale):
+def _output_kernel(q_ref, k_ref, v_ref, h_ref, b_ref, lo_ref, o_ref, *, scale):
     dtype = q_ref.dtype
     b = b_ref[...]
     q = q_ref[...]
     inter = mm(q, h_ref[...], dtype) * jnp.exp(b)
-    scores = mm(q, k_ref[...], dtype, trans_b=True) * common.decay(b)
+    scores = mm(q, k_ref[...], dtype, trans_b=True) * common.decay(b, lo_ref[...])
     o_ref[...] = (scale * (inter + mm(scores, v_ref[...], dtype))).astype(o_ref.dtype)
 
 
@@ -105,7 +108,7 @@ def output(q, k, v, h, b, *, scale: float, tiles: Tiles, interpret: bool, name: 
     keys, values, column, states = _blocks(tiles, q.dtype)
     (out,) = common.call(
         lambda *refs: _output_kernel(*refs, scale=float(scale)),
-        [(q, keys), (k, keys), (v, values), (h, states), (b, column)],
+        [(q, keys), (k, keys), (v, values), (h, states), (b[0], column), (b[1], column)],
         [(v.shape, values)],
         grid=_grid(q, tiles.chunk_size),
         semantics=common.PARALLEL,
@@ -115,10 +118,10 @@ def output(q, k, v, h, b, *, scale: float, tiles: Tiles, interpret: bool, name: 
     return out
 
 
-def _dv_local_kernel(q_ref, k_ref, do_ref, b_ref, dv_ref, *, scale):
+def _dv_local_kernel(q_ref, k_ref, do_ref, b_ref, lo_ref, dv_ref, *, scale):
     dtype = q_ref.dtype
     scores_t = mm(k_ref[...], q_ref[...], dtype, trans_b=True) * common.decay(
-        b_ref[...], transposed=True
+        b_ref[...], lo_ref[...], transposed=True
     )
     dv_ref[...] = scale * mm(scores_t, do_ref[...], dtype)
 
@@ -129,7 +132,7 @@ def dv_local(q, k, do, b, *, scale: float, tiles: Tiles, interpret: bool):
     out_block = common.token(tiles.chunk_size, tiles.value_width, F32, common.chunk_index)
     (dv,) = common.call(
         lambda *refs: _dv_local_kernel(*refs, scale=float(scale)),
-        [(q, keys), (k, keys), (do, values), (b, column)],
+        [(q, keys), (k, keys), (do, values), (b[0], column), (b[1], column)],
         [(do.shape, out_block)],
         grid=_grid(q, tiles.chunk_size),
         semantics=common.PARALLEL,
@@ -144,25 +147,25 @@ def dv_local(q, k, do, b, *, scale: float, tiles: Tiles, interpret: bool):
 
 def _backward_kernel(*refs, scale, delta, inverse_block):
     refs = list(refs)
-    q_ref, k_ref, v_ref, h_ref, do_ref, dh_ref, b_ref = refs[:7]
-    refs = refs[7:]
+    q_ref, k_ref, v_ref, h_ref, do_ref, dh_ref, b_ref, lo_ref = refs[:8]
+    refs = refs[8:]
     beta_ref = refs.pop(0) if delta else None
     dq_ref, dk_ref, dv_ref, db_ref = refs[:4]
     dbeta_ref = refs[4] if delta else None
     dtype = q_ref.dtype
     size = q_ref.shape[0]
-    b = b_ref[...]
+    b, lo = b_ref[...], lo_ref[...]
     q = q_ref[...].astype(F32) * scale
     k = k_ref[...].astype(F32)
     h, dh, do = h_ref[...], dh_ref[...], do_ref[...]
     b_last = common.last_row(b)
     decay_last = jnp.exp(b_last)
-    e_b, to_end = jnp.exp(b), jnp.exp(b_last - b)
-    gamma = common.decay(b)
+    e_b, to_end = jnp.exp(b), jnp.exp(common.gap(b_last, common.last_row(lo), b, lo))
+    gamma = common.decay(b, lo)
     if beta_ref is not None:
         beta = beta_ref[...]
         kk, gamma_strict, transform, w, u = _transform(
-            k_ref[...], v_ref[...], b, beta, dtype, inverse_block
+            k_ref[...], v_ref[...], b, lo, beta, dtype, inverse_block
         )
         values = u - mm(w, h, dtype)
     else:
@@ -207,16 +210,17 @@ def _backward_kernel(*refs, scale, delta, inverse_block):
 def backward(
     q, k, v, h, do, dh, b, beta=None, *, scale, tiles: Tiles, inverse_block: int, interpret, name
 ):
-    """``(dq, dk, dv, db, dbeta)``: ``dq, dk, dv`` in the dtypes of ``q, k, v``, ``db`` and
+    """``(dq, dk, dv, db, dbeta)`` (``b`` the pair ``(hi, lo)``; ``db`` the cotangent of
+    ``hi``): ``dq, dk, dv`` in the dtypes of ``q, k, v``, ``db`` and
     ``dbeta`` ``[R, L, 1]`` float32 (``dbeta`` ``None`` without ``beta``). ``h`` holds the
     states entering each chunk, ``dh`` the cotangents of those leaving it."""
     keys, values, column, states = _blocks(tiles, q.dtype)
     delta = beta is not None
     inputs = [(q, keys), (k, keys), (v, values), (h, states), (do, values), (dh, states)]
-    inputs.append((b, column))
+    inputs += [(b[0], column), (b[1], column)]
     if delta:
         inputs.append((beta, column))
-    col_shape = b.shape
+    col_shape = b[0].shape
     outputs = [(q.shape, keys), (k.shape, keys), (v.shape, values), (col_shape, column)]
     if delta:
         outputs.append((col_shape, column))
@@ -245,11 +249,14 @@ def vmem_bytes(tiles: Tiles, dtype, *, kernel: str) -> int:
     keys, values, column, states = _blocks(tiles, dtype)
     f32_values = common.token(c, vw, F32, common.chunk_index)
     blocks, temps = {
-        "wy": ([keys, values, column, column, keys, values], 6 * c * c + 2 * c * kw + 2 * c * vw),
-        "output": ([keys, keys, values, states, column, values], 3 * c * c + 2 * c * vw),
-        "dv_local": ([keys, keys, values, column, f32_values], 3 * c * c + c * vw),
+        "wy": (
+            [keys, values, column, column, column, keys, values],
+            6 * c * c + 2 * c * kw + 2 * c * vw,
+        ),
+        "output": ([keys, keys, values, states, column, column, values], 3 * c * c + 2 * c * vw),
+        "dv_local": ([keys, keys, values, column, column, f32_values], 3 * c * c + c * vw),
         "backward": (
-            [keys, keys, values, states, values, states, column, column]
+            [keys, keys, values, states, values, states, column, column, column]
             + [keys, keys, values, column, column],
             10 * c * c + 8 * c * kw + 6 * c * vw + 2 * kw * vw,
         ),

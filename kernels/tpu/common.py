@@ -2,7 +2,8 @@
 
 Arrays are head-major and padded (``kernels/layout.py``): tokens ``[R, L, D]``
 (``R = B·H``, ``L`` a multiple of the chunk ``C``, ``D`` a power of two ≥ 128 lanes),
-scalar gates and ``β`` ``[R, L, 1]``, per-chunk states ``[R, N, K, V]`` (``N = L/C``)
+scalar gates (each part of the compensated pair ``(hi, lo)`` of ``kernels/gates.py``)
+and ``β`` ``[R, L, 1]``, per-chunk states ``[R, N, K, V]`` (``N = L/C``)
 and states ``[R, K, V]``. Every block's last two dims are multiples of ``(8, 128)``
 or the full dims, as Mosaic requires.
 
@@ -179,20 +180,30 @@ def mm(a: jax.Array, b: jax.Array, dtype, *, trans_a: bool = False, trans_b: boo
     )
 
 
-def decay(b: jax.Array, *, strict: bool = False, transposed: bool = False) -> jax.Array:
+def gap(hi_i: jax.Array, lo_i: jax.Array, hi_j: jax.Array, lo_j: jax.Array) -> jax.Array:
+    """``b_i − b_j`` of compensated pairs ``b = hi + lo`` (``kernels/gates.py``):
+    ``hi_i − hi_j`` is exact when ``hi_i ≈ hi_j``, so a strong gate before both costs no
+    precision."""
+    return (hi_i - hi_j) + (lo_i - lo_j)
+
+
+def decay(
+    b: jax.Array, lo: jax.Array, *, strict: bool = False, transposed: bool = False
+) -> jax.Array:
     """``Γ_ij = e^{b_i − b_j} [j ≤ i]`` (``j < i`` when ``strict``; ``Γᵀ`` when
-    ``transposed``) ``[C, C]`` float32 for a scalar gate ``b [C, 1]`` (masked before
-    the ``exp``)."""
+    ``transposed``) ``[C, C]`` float32 for a scalar gate given as its compensated pair
+    ``b, lo [C, 1]`` (:func:`gap`; masked before the ``exp``)."""
     size = b.shape[0]
     rows = jax.lax.broadcasted_iota(jnp.int32, (size, size), 0)
     cols = jax.lax.broadcasted_iota(jnp.int32, (size, size), 1)
     eye = rows == cols
     b_row = jnp.sum(jnp.where(eye, b, 0.0), axis=0, keepdims=True)  # [1, C]
+    lo_row = jnp.sum(jnp.where(eye, lo, 0.0), axis=0, keepdims=True)
     if transposed:  # [j, i] = e^{b_i − b_j}, i ≥ j
         mask = cols > rows if strict else cols >= rows
-        return jnp.exp(jnp.where(mask, b_row - b, -jnp.inf))
+        return jnp.exp(jnp.where(mask, gap(b_row, lo_row, b, lo), -jnp.inf))
     mask = rows > cols if strict else rows >= cols
-    return jnp.exp(jnp.where(mask, b - b_row, -jnp.inf))
+    return jnp.exp(jnp.where(mask, gap(b, lo, b_row, lo_row), -jnp.inf))
 
 
 def last_row(x: jax.Array) -> jax.Array:

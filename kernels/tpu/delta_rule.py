@@ -4,7 +4,8 @@
 
 on padded head-major rows (``kernels/layout.py``): ``q, k [R, L, K]``, ``v [R, L, V]``
 in one dtype, ``b, beta [R, L, 1]`` float32 (``b`` the chunk-local cumulative log
-decay, zeros without a gate), ``h0 [R, K, V]`` float32. Per chunk (WY/UT form)::
+decay, zeros without a gate, as its compensated pair ``(hi, lo)``, ``kernels/gates.py``),
+``h0 [R, K, V]`` float32. Per chunk (WY/UT form)::
 
     w, u = T diag(β)(K ⊙ e^{b}), T diag(β) V,  T = (I + A)⁻¹       chunk.wy (parallel)
     v_n = u − w h_n,  h_{n+1} = e^{b_last} h_n + (K ⊙ e^{b_last−b})ᵀ v_n
@@ -23,6 +24,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 
 from ..config import ScanOptions
 from . import chunk, state
@@ -104,7 +106,8 @@ def _bwd(options: ScanOptions, residuals, cotangents):
         interpret=interpret,
         name=NAME,
     )
-    return dq, dk, dv, db, dbeta, d_h0
+    # b is the compensated pair (hi, lo); lo moves with hi (kernels/gates.py)
+    return dq, dk, dv, (db, jnp.zeros_like(b[1])), dbeta, d_h0
 
 
 delta.defvjp(_fwd, _bwd)

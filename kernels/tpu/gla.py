@@ -3,7 +3,9 @@
     S_t = diag(e^{gk_t}) S_{t−1} + k_t v_tᵀ        o_t = scale · S_tᵀ q_t
 
 on padded head-major rows: ``q, k [R, L, K]``, ``v [R, L, V]`` in one dtype, ``b [R, L, K]``
-the chunk-local cumulative log decay per key channel (float32, ``g`` folded in),
+the chunk-local cumulative log decay per key channel (float32, ``g`` folded in) as its
+compensated pair ``(b, bl)`` (``kernels/gates.py``; every exponent of a difference is
+``common.gap``, exact after a strong gate),
 ``h0 [R, K, V]`` float32. The state recurrence is ``state.py``'s with a per-channel
 ``D = diag(e^{b_last})``; the chunk-local kernels here (grid ``(R, N)``,
 ``("parallel", "parallel")``) need the intra-chunk scores
@@ -21,13 +23,14 @@ the ``exp``). The backward mirrors it: ``dA = (do vᵀ) ⊙ [j ≤ i]``,
 ``db = q̃ ⊙ dq̃ − k ⊙ dk + [last row](Σ_i k ⊙ e^{b_last−b} ⊙ (v dh_nᵀ)
 + rowsum(h_n ⊙ dh_n) e^{b_last})``.
 
-VMEM (``vmem_bytes``; ``c`` the item size, blocks double-buffered)::
+VMEM (``vmem_bytes``; ``c`` the item size, blocks double-buffered; the gate's two
+parts ``2·C·K·4``)::
 
-    output:    2·[2·C·K·c + C·V·c + K·V·c + C·K·4 + C·V·c] + 4·(4·C·K + 2·C·C + 2·S·K + S·V)
-    backward:  2·[2·C·K·c + 2·C·V·c + 2·K·V·c + C·K·4 + 2·C·K·c + C·V·c + C·K·4]
-               + 4·(10·C·K + 3·C·C + 2·C·V + 2·K·V + K·K + 6·S·K)
+    output:    2·[2·C·K·c + C·V·c + K·V·c + 2·C·K·4 + C·V·c] + 4·(5·C·K + 2·C·C + 3·S·K + S·V)
+    backward:  2·[2·C·K·c + 2·C·V·c + 2·K·V·c + 2·C·K·4 + 2·C·K·c + C·V·c + C·K·4]
+               + 4·(11·C·K + 3·C·C + 2·C·V + 2·K·V + K·K + 7·S·K)
 
-e.g. about 3 MiB for the backward at K = V = 256, float32.
+e.g. about 4 MiB for the backward at K = V = 256, float32.
 """
 
 from __future__ import annotations
@@ -54,14 +57,15 @@ def _loop(num: int, body, init):
     return jax.lax.fori_loop(jnp.int32(0), jnp.int32(num), body, init)
 
 
-def _earlier(k, b, lo: int):
-    """``(k_{<r} ⊙ e^{b_r − b_{<r}}`` (zero rows from ``r`` = ``lo`` on), ``b_r)``."""
-    b_r = chunk_math.row(b, lo)
-    weights = jnp.exp(jnp.where(_iota(b.shape, 0) < lo, b_r - b, -jnp.inf))
-    return k * weights, b_r, weights
+def _earlier(k, b, bl, lo: int):
+    """``(k_{<r} ⊙ e^{b_r − b_{<r}}`` (zero rows from ``r`` = ``lo`` on), the pair's row
+    ``r``, the weights)``; ``b, bl`` the compensated pair."""
+    b_r, bl_r = chunk_math.row(b, lo), chunk_math.row(bl, lo)
+    weights = jnp.exp(jnp.where(_iota(b.shape, 0) < lo, common.gap(b_r, bl_r, b, bl), -jnp.inf))
+    return k * weights, (b_r, bl_r), weights
 
 
-def _diagonal(q_b, k_b, b_b, lo: int, size: int, d_scores=None):
+def _diagonal(q_b, k_b, b_b, bl_b, lo: int, size: int, d_scores=None):
     """The exact diagonal block of rows ``I`` (``lo … lo+S−1``): ``scores [S, C]`` (zero
     outside the block's columns) and, given ``d_scores [S, C]`` (``dA_I``), also
     ``dq̃_I`` and ``dk_I`` from that block (``[S, K]``)."""
@@ -71,8 +75,8 @@ def _diagonal(q_b, k_b, b_b, lo: int, size: int, d_scores=None):
 
     def body(t, carry):
         scores, dq, dk = carry
-        k_t, b_t = chunk_math.row(k_b, t), chunk_math.row(b_b, t)
-        decays = jnp.exp(jnp.where(rows >= t, b_b - b_t, -jnp.inf))  # [S, K]
+        k_t, b_t, bl_t = chunk_math.row(k_b, t), chunk_math.row(b_b, t), chunk_math.row(bl_b, t)
+        decays = jnp.exp(jnp.where(rows >= t, common.gap(b_b, bl_b, b_t, bl_t), -jnp.inf))
         scores = jnp.where(cols == lo + t, chunk_math.rowsum(q_b * k_t * decays), scores)
         if d_scores is not None:
             weighted = chunk_math.column(d_scores, lo + t) * decays
@@ -84,37 +88,58 @@ def _diagonal(q_b, k_b, b_b, lo: int, size: int, d_scores=None):
     return _loop(sub, body, (jnp.zeros((sub, size), F32), zeros, zeros))
 
 
-def _output_kernel(q_ref, k_ref, v_ref, h_ref, b_ref, o_ref, *, scale, sub):
+def _output_kernel(q_ref, k_ref, v_ref, h_ref, b_ref, bl_ref, o_ref, *, scale, sub):
     dtype = q_ref.dtype
     size = q_ref.shape[0]
     q = q_ref[...].astype(F32) * scale
-    k, b, v, h = k_ref[...].astype(F32), b_ref[...], v_ref[...], h_ref[...]
+    k, b, bl, v, h = k_ref[...].astype(F32), b_ref[...], bl_ref[...], v_ref[...], h_ref[...]
     for lo in range(0, size, sub):
-        q_b, k_b, b_b = q[lo : lo + sub], k[lo : lo + sub], b[lo : lo + sub]
-        scores, _, _ = _diagonal(q_b, k_b, b_b, lo, size)
+        q_b, k_b, b_b, bl_b = (
+            q[lo : lo + sub],
+            k[lo : lo + sub],
+            b[lo : lo + sub],
+            bl[lo : lo + sub],
+        )
+        scores, _, _ = _diagonal(q_b, k_b, b_b, bl_b, lo, size)
         if lo:
-            k_earlier, b_r, _ = _earlier(k, b, lo)
-            scores = scores + mm(q_b * jnp.exp(b_b - b_r), k_earlier, dtype, trans_b=True)
+            k_earlier, (b_r, bl_r), _ = _earlier(k, b, bl, lo)
+            q_later = q_b * jnp.exp(common.gap(b_b, bl_b, b_r, bl_r))
+            scores = scores + mm(q_later, k_earlier, dtype, trans_b=True)
         out = mm(q_b * jnp.exp(b_b), h, dtype) + mm(scores, v, dtype)
         o_ref[lo : lo + sub, :] = out.astype(o_ref.dtype)
 
 
 def _backward_kernel(
-    q_ref, k_ref, v_ref, h_ref, do_ref, dh_ref, b_ref, dq_ref, dk_ref, dv_ref, db_ref, *, scale, sub
+    q_ref,
+    k_ref,
+    v_ref,
+    h_ref,
+    do_ref,
+    dh_ref,
+    b_ref,
+    bl_ref,
+    dq_ref,
+    dk_ref,
+    dv_ref,
+    db_ref,
+    *,
+    scale,
+    sub,
 ):
     dtype = q_ref.dtype
     size = q_ref.shape[0]
     q = q_ref[...].astype(F32) * scale
-    k, b, v, h, do, dh = (
+    k, b, bl, v, h, do, dh = (
         k_ref[...].astype(F32),
         b_ref[...],
+        bl_ref[...],
         v_ref[...],
         h_ref[...],
         do_ref[...],
         dh_ref[...],
     )
     b_last = common.last_row(b)
-    to_end = jnp.exp(b_last - b)
+    to_end = jnp.exp(common.gap(b_last, common.last_row(bl), b, bl))
     d_scores = jnp.where(chunk_math.lower_mask(size), mm(do, v, dtype, trans_b=True), 0.0)
     dk_to_end = mm(v, dh, dtype, trans_b=True) * to_end
     dk = dk_to_end
@@ -122,14 +147,16 @@ def _backward_kernel(
     dq_blocks, dk_blocks = [], []
     for lo in range(0, size, sub):
         q_b, k_b, b_b = q[lo : lo + sub], k[lo : lo + sub], b[lo : lo + sub]
+        bl_b = bl[lo : lo + sub]
         d_scores_b = d_scores[lo : lo + sub]
-        scores, dq_b, dk_b = _diagonal(q_b, k_b, b_b, lo, size, d_scores_b)
+        scores, dq_b, dk_b = _diagonal(q_b, k_b, b_b, bl_b, lo, size, d_scores_b)
         dq_b = dq_b + mm(do[lo : lo + sub], h, dtype, trans_b=True) * jnp.exp(b_b)
         if lo:
-            k_earlier, b_r, weights = _earlier(k, b, lo)
-            q_later = q_b * jnp.exp(b_b - b_r)
+            k_earlier, (b_r, bl_r), weights = _earlier(k, b, bl, lo)
+            later = jnp.exp(common.gap(b_b, bl_b, b_r, bl_r))
+            q_later = q_b * later
             scores = scores + mm(q_later, k_earlier, dtype, trans_b=True)
-            dq_b = dq_b + mm(d_scores_b, k_earlier, dtype) * jnp.exp(b_b - b_r)
+            dq_b = dq_b + mm(d_scores_b, k_earlier, dtype) * later
             dk = dk + mm(d_scores_b, q_later, dtype, trans_a=True) * weights
         dv = dv + mm(scores, do[lo : lo + sub], dtype, trans_a=True)
         dq_blocks.append(dq_b)
@@ -160,11 +187,12 @@ def vmem_bytes(tiles: Tiles, dtype, *, kernel: str, sub: int = SUB_BLOCK) -> int
     c, kw, vw = tiles.chunk_size, tiles.key_width, tiles.value_width
     keys, values, gates, states = _blocks(tiles, dtype)
     if kernel == "output":
-        blocks = [keys, keys, values, states, gates, values]
-        temps = 4 * c * kw + 2 * c * c + 2 * sub * kw + sub * vw
+        blocks = [keys, keys, values, states, gates, gates, values]
+        temps = 5 * c * kw + 2 * c * c + 3 * sub * kw + sub * vw
     else:
-        blocks = [keys, keys, values, states, values, states, gates, keys, keys, values, gates]
-        temps = 10 * c * kw + 3 * c * c + 2 * c * vw + 2 * kw * vw + kw * kw + 6 * sub * kw
+        blocks = [keys, keys, values, states, values, states, gates, gates]
+        blocks += [keys, keys, values, gates]
+        temps = 11 * c * kw + 3 * c * c + 2 * c * vw + 2 * kw * vw + kw * kw + 7 * sub * kw
     return common.vmem_bytes(blocks, temporaries=4 * temps)
 
 
@@ -180,7 +208,7 @@ def _output(q, k, v, h, b, options: ScanOptions):
     sub = min(SUB_BLOCK, options.chunk_size)
     (out,) = common.call(
         lambda *refs: _output_kernel(*refs, scale=options.scale, sub=sub),
-        [(q, keys), (k, keys), (v, values), (h, states), (b, gates)],
+        [(q, keys), (k, keys), (v, values), (h, states), (b[0], gates), (b[1], gates)],
         [(v.shape, values)],
         grid=_grid(q, options),
         semantics=common.PARALLEL,
@@ -197,8 +225,8 @@ def _gradients(q, k, v, h, d_out, dh, b, options: ScanOptions):
     dq, dk, dv, db = common.call(
         lambda *refs: _backward_kernel(*refs, scale=options.scale, sub=sub),
         [(q, keys), (k, keys), (v, values), (h, states), (d_out, values), (dh, states)]
-        + [(b, gates)],
-        [(q.shape, keys), (k.shape, keys), (v.shape, values), (b.shape, gates)],
+        + [(b[0], gates), (b[1], gates)],
+        [(q.shape, keys), (k.shape, keys), (v.shape, values), (b[0].shape, gates)],
         grid=_grid(q, options),
         semantics=common.PARALLEL,
         interpret=options.interpret,

@@ -5,7 +5,8 @@
 
 on padded head-major rows (``kernels/layout.py``): ``q, k [R, L, K]``, ``v [R, L, V]``
 in one dtype, ``b [R, L, 1]`` the chunk-local cumulative log decay (float32, zeros
-without a gate), ``h0 [R, K, V]`` float32. Kernels:
+without a gate; the compensated pair ``(hi, lo)`` of ``kernels/gates.py``),
+``h0 [R, K, V]`` float32. Kernels:
 
 * forward: ``state.forward`` (the states entering every chunk, sequential over chunks,
   parallel over rows and value tiles) then ``chunk.output`` (parallel over chunks);

@@ -1,7 +1,8 @@
 """The state recurrence over chunks on TPUs, the only sequential kernels (forward, backward).
 
 Chunk ``n`` (``C`` tokens), ``b`` the chunk-local cumulative log decay (scalar
-``[C, 1]`` or per key channel ``[C, K]``; zeros without a gate), ``D = e^{b_last}``
+``[C, 1]`` or per key channel ``[C, K]``; zeros without a gate; as its compensated
+pair ``(b, lo)``, ``kernels/gates.py``: ``b_last − b`` is ``common.gap``), ``D = e^{b_last}``
 (a scalar, or ``diag`` over the ``K`` rows), ``h_n`` the state entering it::
 
     forward:   v_n = u − w h_n (delta rule; linear attention: v_n = v)
@@ -24,12 +25,12 @@ state / the initial state's cotangent ``[R, K, V]`` float32.
 VMEM (``vmem_bytes``; ``c`` = the inputs' item size, ``K, V`` padded, ``BV`` = 128,
 ``G`` = 1 for a scalar gate, ``K`` per channel; tiles rounded to ``(8·4/c, 128)``)::
 
-    2·[C·K·c (k or q) + C·BV·c (v/u or do) + C·max(G,128)·4 (b)
+    2·[C·K·c (k or q) + C·BV·c (v/u or do) + 2·C·max(G,128)·4 (b and lo)
        + delta: C·K·c (w) + C·BV·c (v_n out, or dv_local in) + C·K·c (k, backward)
        + K·BV·4 (h0 / d_final) + K·BV·c (h / dh out) + K·BV·4 (final)]
-    + K·BV·4 (scratch) + temporaries 3·C·K·4 + 3·K·BV·4 (+ K·K·4 per channel)
+    + K·BV·4 (scratch) + temporaries 4·C·K·4 + 3·K·BV·4 (+ K·K·4 per channel)
 
-e.g. 1.1 MiB at K = V = 256, float32, delta rule — far below the 16 MiB scoped limit.
+e.g. 2.1 MiB at K = V = 256, float32, delta rule — far below the 16 MiB scoped limit.
 """
 
 from __future__ import annotations
@@ -46,18 +47,20 @@ from .common import F32, Tiles, mm
 NAME = "state"
 
 
-def _gate(b: jax.Array):
-    """``(D, weights to the chunk end, e^{b})`` of a chunk's ``b``: ``D`` broadcasts over the
-    ``[K, BV]`` state (a ``[1, 1]`` scalar gate or a ``[K, 1]`` per-channel column)."""
+def _gate(b: jax.Array, lo: jax.Array):
+    """``(D, weights to the chunk end, e^{b})`` of a chunk's compensated pair ``(b, lo)``:
+    ``D`` broadcasts over the ``[K, BV]`` state (a ``[1, 1]`` scalar gate or a ``[K, 1]``
+    per-channel column)."""
     b_last = common.last_row(b)
     decay_last = jnp.exp(b_last)
     if b.shape[1] > 1:
         decay_last = common.row_to_column(decay_last)
-    return decay_last, jnp.exp(b_last - b), jnp.exp(b)
+    to_end = jnp.exp(common.gap(b_last, common.last_row(lo), b, lo))
+    return decay_last, to_end, jnp.exp(b)
 
 
 def _forward_kernel(*all_refs: Any, delta: bool, has_init: bool, num_chunks: int):
-    k_ref, values_ref, b_ref, *refs = all_refs
+    k_ref, values_ref, b_ref, lo_ref, *refs = all_refs
     w_ref = refs.pop(0) if delta else None
     init_ref = refs.pop(0) if has_init else None
     h_ref = refs.pop(0)
@@ -79,7 +82,7 @@ def _forward_kernel(*all_refs: Any, delta: bool, has_init: bool, num_chunks: int
     if w_ref is not None and v_new_ref is not None:
         values = values - mm(w_ref[...], state, dtype)
         v_new_ref[...] = values.astype(v_new_ref.dtype)
-    decay_last, to_end = _gate(b_ref[...])[:2]
+    decay_last, to_end = _gate(b_ref[...], lo_ref[...])[:2]
     k = k_ref[...].astype(F32) * to_end
     state = decay_last * state + mm(k, values, dtype, trans_a=True)
     state_ref[...] = state
@@ -90,7 +93,7 @@ def _forward_kernel(*all_refs: Any, delta: bool, has_init: bool, num_chunks: int
 
 
 def _backward_kernel(*all_refs: Any, delta: bool, has_final: bool, scale: float, num_chunks: int):
-    q_ref, do_ref, b_ref, *refs = all_refs
+    q_ref, do_ref, b_ref, lo_ref, *refs = all_refs
     k_ref, w_ref, dv_local_ref = (refs.pop(0), refs.pop(0), refs.pop(0)) if delta else (None,) * 3
     final_ref = refs.pop(0) if has_final else None
     dh_ref, d_init_ref, grad_ref = refs
@@ -106,7 +109,7 @@ def _backward_kernel(*all_refs: Any, delta: bool, has_final: bool, scale: float,
 
     grad = grad_ref[...]
     dh_ref[...] = grad.astype(dh_ref.dtype)
-    decay_last, to_end, e_b = _gate(b_ref[...])
+    decay_last, to_end, e_b = _gate(b_ref[...], lo_ref[...])
     q = q_ref[...].astype(F32) * e_b
     new = decay_last * grad + scale * mm(q, do_ref[...], dtype, trans_a=True)
     if k_ref is not None and w_ref is not None and dv_local_ref is not None:
@@ -134,11 +137,11 @@ def _blocks(tiles: Tiles, dtype, gate_width: int, num_chunks: int, *, reverse: b
     states = common.chunk_state(kw, bv, dtype, lambda r, j, n: (r, chunk(n), 0, j))
     edge = common.state(kw, bv, lambda r, j, n: (r, 0, j))
     if not reverse:
-        inputs = [keys, values, gate] + ([keys] if delta else []) + [edge]
+        inputs = [keys, values, gate, gate] + ([keys] if delta else []) + [edge]
         outputs = [states] + ([values] if delta else []) + [edge]
     else:
         values_in = [keys, keys, common.token(c, bv, F32, values.index)] if delta else []
-        inputs = [keys, values, gate] + values_in + [edge]
+        inputs = [keys, values, gate, gate] + values_in + [edge]
         outputs = [states, edge]
     return inputs, outputs
 
@@ -147,14 +150,14 @@ def vmem_bytes(tiles: Tiles, dtype, *, gate_width: int = 1, delta: bool, reverse
     """The VMEM of one state kernel (module docstring)."""
     inputs, outputs = _blocks(tiles, dtype, gate_width, 1, reverse=reverse, delta=delta)
     c, kw, bv = tiles.chunk_size, tiles.key_width, tiles.bv
-    temporaries = 4 * (3 * c * kw + 3 * kw * bv + (kw * kw if gate_width > 1 else 0))
+    temporaries = 4 * (4 * c * kw + 3 * kw * bv + (kw * kw if gate_width > 1 else 0))
     return common.vmem_bytes(inputs + outputs, [(kw, bv)], temporaries)
 
 
 def forward(
     k: jax.Array,
     values: jax.Array,
-    b: jax.Array,
+    b: tuple[jax.Array, jax.Array],
     h0: jax.Array | None,
     *,
     w: jax.Array | None = None,
@@ -166,13 +169,14 @@ def forward(
     the delta rule, else ``None``), ``final [R, K, V]`` float32)``.
 
     ``k [R, L, K]``, ``values`` (``v``, or the delta rule's ``u``) ``[R, L, V]`` and ``w``
-    ``[R, L, K]`` in one dtype; ``b [R, L, 1 or K]`` float32; ``h0 [R, K, V]`` float32."""
+    ``[R, L, K]`` in one dtype; ``b`` the pair ``(hi, lo)`` of float32 ``[R, L, 1 or K]``;
+    ``h0 [R, K, V]`` float32."""
     rows, length, key_width = k.shape
     value_width = values.shape[-1]
     num_chunks = length // tiles.chunk_size
     delta = w is not None
-    ins, outs = _blocks(tiles, k.dtype, b.shape[-1], num_chunks, reverse=False, delta=delta)
-    arrays = [k, values, b] + ([w] if delta else [])
+    ins, outs = _blocks(tiles, k.dtype, b[0].shape[-1], num_chunks, reverse=False, delta=delta)
+    arrays = [k, values, *b] + ([w] if delta else [])
     inputs = list(zip(arrays, ins[: len(arrays)]))
     if h0 is not None:
         inputs.append((h0, ins[-1]))
@@ -198,7 +202,7 @@ def forward(
 def backward(
     q: jax.Array,
     do: jax.Array,
-    b: jax.Array,
+    b: tuple[jax.Array, jax.Array],
     d_final: jax.Array | None,
     *,
     scale: float,
@@ -219,8 +223,8 @@ def backward(
     value_width = do.shape[-1]
     num_chunks = length // tiles.chunk_size
     delta = w is not None
-    ins, outs = _blocks(tiles, q.dtype, b.shape[-1], num_chunks, reverse=True, delta=delta)
-    arrays = [q, do, b]
+    ins, outs = _blocks(tiles, q.dtype, b[0].shape[-1], num_chunks, reverse=True, delta=delta)
+    arrays = [q, do, *b]
     if delta:
         assert k is not None and dv_local is not None
         arrays += [k, w, dv_local]

@@ -124,10 +124,11 @@ def test_inverse():
     beta = rng.uniform(1.5, 1.95, (batch, length, heads))
     g = log_gates(rng, (batch, length, heads), "strong")
     b = np.cumsum(g.reshape(batch, length // chunk, chunk, heads), axis=2).reshape(g.shape)
+    b32 = jnp.asarray(b, jnp.float32)
     t = wy.inverse(
         jnp.asarray(k, jnp.float32),
         jnp.asarray(beta, jnp.float32),
-        jnp.asarray(b, jnp.float32),
+        (b32, jnp.zeros_like(b32)),  # the gate's compensated pair (hi, lo)
         chunk_size=chunk,
         interpret=True,
     )
@@ -155,6 +156,7 @@ def test_state_row_slices():
     u, do, dv_local = (array(batch, length, heads, value_width) for _ in range(3))
     b = jnp.asarray(log_gates(rng, (batch, length, heads), "strong"), jnp.float32)
     b = jnp.cumsum(b.reshape(batch, -1, chunk, heads), axis=2).reshape(b.shape)
+    b = (b, jnp.zeros_like(b))  # the gate's compensated pair (hi, lo)
     h0, d_final = (array(batch, heads, key_width, value_width) for _ in range(2))
     results = []
     for config in (delta_h.CONFIG, sliced):

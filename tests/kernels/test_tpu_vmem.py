@@ -49,11 +49,12 @@ def test_tile_accounting_pads_to_whole_tiles():
     assert common.tile_bytes((256, 128), jnp.bfloat16) == 256 * 128 * 2
     block = common.token(64, 256, jnp.float32, lambda r, n: (r, n, 0))
     assert block.bytes == 64 * 256 * 4
-    # the state kernel of linear attention, K = V = 256, float32: blocks k, v, b, h0 in;
-    # h, final out (twice each), the scratch tile, 3·C·K + 3·K·BV float32 temporaries
+    # the state kernel of linear attention, K = V = 256, float32: blocks k, v, b (hi and lo
+    # of the compensated pair), h0 in; h, final out (twice each), the scratch tile,
+    # 4·C·K + 3·K·BV float32 temporaries
     tiles = common.Tiles(64, 256, 256)
-    blocks = 64 * 256 * 4 + 64 * 128 * 4 + 64 * 128 * 4 + 3 * 256 * 128 * 4
-    expected = 2 * blocks + 256 * 128 * 4 + 4 * (3 * 64 * 256 + 3 * 256 * 128)
+    blocks = 64 * 256 * 4 + 64 * 128 * 4 + 2 * 64 * 128 * 4 + 3 * 256 * 128 * 4
+    expected = 2 * blocks + 256 * 128 * 4 + 4 * (4 * 64 * 256 + 3 * 256 * 128)
     assert state.vmem_bytes(tiles, jnp.float32, delta=False, reverse=False) == expected
 
 

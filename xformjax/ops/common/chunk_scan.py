@@ -12,7 +12,9 @@ values (``V`` itself for linear attention, the delta rule's pseudo-values)::
     inter:  O_inter = (Q ⊙ exp(b)) S_n
     carry:  S_{n+1} = exp(b_C) ⊙ S_n + (K ⊙ exp(b_C − b))ᵀ U
 
-Every exponent is ≤ 0, so nothing overflows however strong the gates are.
+Every exponent is ≤ 0, so nothing overflows however strong the gates are, and
+``b`` is a compensated pair (:class:`.chunk_algebra.LogDecay`), so a strong gate
+costs the weak ones beside it no precision.
 
 Execution: an outer ``lax.scan`` walks over blocks of ``G`` chunks (about
 ``BLOCK_TOKENS`` tokens, :mod:`.chunk_layout`), carrying the K×V state. Each
@@ -43,14 +45,14 @@ import jax
 import jax.numpy as jnp
 
 from xformjax.ops.common.chunk_algebra import (
+    LogDecay,
     chunk_decays,
     chunk_log_decay,
-    cumulative_sum,
     decay_state,
     expand,
     gate_scores,
     head_chunk_decay,
-    last_row,
+    log_decays,
 )
 from xformjax.ops.common.chunk_layout import (
     ChunkLayout,
@@ -68,7 +70,8 @@ class ChunkTiles(NamedTuple):
     Attributes:
       q, k, v: ``[B, H, G, C, K|V]`` (``q`` already scaled).
       beta: ``[B, H, G, C, 1]`` delta-rule step sizes, or ``None``.
-      b: the log decay from each chunk's start (layout in :mod:`.chunk_algebra`).
+      b: the log decay from each chunk's start and to its end (layout in
+        :mod:`.chunk_algebra`).
       decay_in: ``exp(b)`` broadcast to ``[B|1, H, G|1, C, K|1]``.
       k_to_end: ``K ⊙ exp(b_C − b)``, ``[B, H, G, C, K]``.
       kind: the gate's layout.
@@ -78,7 +81,7 @@ class ChunkTiles(NamedTuple):
     k: jax.Array
     v: jax.Array
     beta: jax.Array | None
-    b: jax.Array
+    b: LogDecay
     decay_in: jax.Array
     k_to_end: jax.Array
     kind: GateKind
@@ -222,9 +225,8 @@ def make_block_step(
         qc, kc, vc = (layout.head_major(x) for x in (xs.q, xs.k, xs.v))  # [B, H, G, C, D]
         log_a = None if xs.log_a is None else layout.head_major(xs.log_a)
         b = chunk_log_decay(kind, head_gate, log_a, layout.chunk_size)
-        b_full = expand(b, kind)
-        decay_in = jnp.exp(b_full)
-        k_to_end = kc * jnp.exp(expand(last_row(b, kind), kind) - b_full)
+        decay_in = jnp.exp(expand(b.value(), kind))
+        k_to_end = kc * jnp.exp(expand(b.to_end, kind))
         beta = None if xs.beta is None else layout.head_major(xs.beta)[..., None]
         tiles = ChunkTiles(qc, kc, vc, beta, b, decay_in, k_to_end, kind)
         scores = gate_scores(qc, kc, b, kind)
@@ -359,27 +361,29 @@ def final_states(
     state accumulates), ``log_a`` are the padded ``[B, L, H, ...]`` inputs.
     """
     rows, chunks, lengths = layout.final_rows, layout.final_chunks, layout.final_lengths
-    size, num = layout.chunk_size, rows.shape[0]
+    size = layout.chunk_size
     per_block = layout.chunks_per_block
     state = entering[chunks // per_block, rows, :, chunks % per_block]  # [N, H, K, V]
     token_index = chunks[:, None] * size + jnp.arange(size)  # [N, C]
     gather = lambda x: jnp.moveaxis(x[rows[:, None], token_index], 1, 2)  # [N, H, C, ...]
     k_last, v_last = gather(k), gather(v)
+    valid = jnp.arange(size)[None, :] < lengths[:, None]  # [N, C]
     if gate.kind == "head":
-        b_chunk = jnp.broadcast_to(
-            chunk_log_decay("head", gate.values, None, size), (num, gate.values.shape[0], size)
-        )
+        steps = jnp.where(valid[:, None], gate.values[None, :, None], 0.0)  # [N, H, C]
     else:
         assert log_a is not None
-        b_chunk = cumulative_sum(gather(log_a), axis=2)  # [N, H, C] or [N, H, C, K]
-    last_index = jnp.maximum(lengths - 1, 0)
-    b_end = b_chunk[jnp.arange(num), :, last_index]  # [N, H] or [N, H, K]
-    valid = jnp.arange(size)[None, :] < lengths[:, None]  # [N, C]
+        # Gates past a sequence's end are 0 in the padded layout; masked all the same.
+        mask = valid[:, None] if gate.kind == "token" else valid[:, None, :, None]
+        steps = jnp.where(mask, gather(log_a), 0.0)  # [N, H, C] or [N, H, C, K]
+    # From each valid token to the sequence's end, and the whole valid stretch
+    # (padding adds 0): its VJP sums the terms each gate is in, no cancellation.
+    b = log_decays(steps, 2)
+    b_end = b.value()[:, :, -1]  # [N, H] or [N, H, K]
     if gate.kind == "channel":
-        log_to_end = jnp.where(valid[:, None, :, None], b_end[:, :, None] - b_chunk, -jnp.inf)
+        log_to_end = jnp.where(valid[:, None, :, None], b.to_end, -jnp.inf)
         state_decay = jnp.exp(b_end)[..., None]
     else:
-        log_to_end = jnp.where(valid[:, None], b_end[..., None] - b_chunk, -jnp.inf)[..., None]
+        log_to_end = jnp.where(valid[:, None], b.to_end, -jnp.inf)[..., None]
         state_decay = jnp.exp(b_end)[..., None, None]
     finals = state_decay * state + jnp.einsum(
         "nhck,nhcv->nhkv", k_last * jnp.exp(log_to_end), v_last

@@ -23,11 +23,17 @@ The last line is the chain rule through ``T``, ``W`` and ``U`` collapsed: with
 ``G`` runs backwards over a block's chunks in a small scan (restarting at
 packed sequence boundaries, where it becomes the initial state's cotangent);
 everything else is batched over the chunks, and from ``dX, dY, dA`` follow
-``dq, dk, dv, dβ``. The gates enter only through ``e^{±b}`` factors inside a
-chunk, so the cotangent of ``b`` is, per row, ``±(factor's input)·(its
-cotangent)`` summed over the places it appears, plus ``⟨G, e^{b_C}S⟩`` and the
-``K ⊙ e^{b_C−b}`` terms on the chunk's last row; a per-token gate's cotangent
-is its reverse cumulative sum inside the chunk. The same per-chunk algebra is
+``dq, dk, dv, dβ``. The gates enter only through decays inside a chunk, and
+the gate of token ``t`` collects the terms whose decay holds it, summed
+directly so that nothing cancels (under strong decay the cancelling form
+``Σ_{u ≥ t} ∂L/∂b_u`` leaves only rounding): with the pair terms
+``P_ij = (dO Uᵀ)_ij (Q Kᵀ ⊙ Γ)_ij + dA_ij β_i Γ_ij k_i·k_j``::
+
+    dg_t = Σ_{i ≥ t > j} P_ij + Σ_{i ≥ t} (q_i·dq_inter_i + β_i e^{b_i} dX_i·k_i)
+           + Σ_{j < t} k_j·dk_to_end_j + e^{b_C} ⟨G, S⟩
+
+(``e^b`` factors hold the gates up to their row, ``e^{b_C − b}`` those after
+it); a per-head constant gate gets the sum over tokens. The same per-chunk algebra is
 what the Pallas kernel runs (``xformjax.kernels.chunk_math.scalar_backward``,
 written for one chunk's 2-D tiles inside the kernel body).
 """
@@ -40,9 +46,9 @@ import jax.numpy as jnp
 from xformjax.ops.common.chunk_algebra import (
     chunk_log_decay,
     expand,
-    reverse_cumulative_sum,
     row_dot,
     scalar_decay_mask,
+    scalar_gate_gradient,
 )
 from xformjax.ops.common.chunk_layout import ChunkLayout, token_major, token_major_rows
 from xformjax.ops.common.chunk_scan import BackwardBlock, BackwardCarry, BackwardStep, BlockGrads
@@ -71,9 +77,8 @@ def make_backward_step(
         betac = layout.head_major(inputs.beta[..., None])  # [B, H, G, C, 1]
         log_a = None if inputs.log_a is None else layout.head_major(inputs.log_a)
         b = chunk_log_decay(kind, head_gate, log_a, size)
-        b_last = b[..., -1:]
-        b_full, b_last_full = expand(b, kind), expand(b_last, kind)
-        e_b, e_to_end = jnp.exp(b_full), jnp.exp(b_last_full - b_full)
+        b_last = b.last(kind)
+        e_b, e_to_end = jnp.exp(expand(b.value(), kind)), jnp.exp(expand(b.to_end, kind))
         gamma = scalar_decay_mask(b, kind)  # [B|1, H, G|1, C, C]
         gamma_strict = jnp.where(strictly, gamma, 0.0)
 
@@ -122,8 +127,10 @@ def make_backward_step(
             starts = jnp.where(first[:, None, None, None], grad_entering[:, 0], 0.0)
             d_inits = d_inits.at[seq].add(starts)
 
-        d_scores = mm("bhniv,bhnjv->bhnij", doc, uc) * gamma
-        dq = mm("bhnij,bhnjk->bhnik", d_scores, kc) + mm("bhncv,bhnkv->bhnck", doc, entering) * e_b
+        do_u = mm("bhniv,bhnjv->bhnij", doc, uc)
+        d_scores = do_u * gamma
+        dq_inter = mm("bhncv,bhnkv->bhnck", doc, entering) * e_b
+        dq = mm("bhnij,bhnjk->bhnik", d_scores, kc) + dq_inter
         dk_scores = mm("bhnij,bhnik->bhnjk", d_scores, qc)
         dk_to_end = mm("bhncv,bhnkv->bhnck", uc, grad_leaving) * e_to_end
         dy = mm("bhnji,bhnjv->bhniv", transform, d_vals)  # Tᵀ dU
@@ -137,31 +144,26 @@ def make_backward_step(
         dk = dk_scores + dk_to_end + dk_pairs + dk_x
 
         # Row sums as dot_generals (``row_dot``), not jnp.sum of products: see there.
-        beta_rows = betac[..., 0]  # [B, H, G, C]
-        # Σ_j dA_ij Γ_ij k_i·k_j per row i, and Σ_i β_i dA_ij Γ_ij k_i·k_j per column j
+        # Σ_j dA_ij Γ_ij k_i·k_j per row i
         pair_rows = jnp.einsum("...ij,...ij->...i", da * gamma_strict, kk)
-        pair_columns = jnp.einsum("...ij,...ij->...j", da_kk, kk)
         x_rows = row_dot(dx * e_b, kc)  # Σ_k dX_ik e^{b_i} k_ik
         dbeta = pair_rows + x_rows + row_dot(dy, vc)  # [B, H, G, C]
-        k_to_end_rows = row_dot(kc, dk_to_end)
-        d_b = (
-            row_dot(qc, dq)
-            - row_dot(kc, dk_scores)
-            - k_to_end_rows
-            + beta_rows * (pair_rows + x_rows)
-            - pair_columns
-        )  # [B, H, G, C]
-        end_terms = jnp.sum(k_to_end_rows, axis=-1) + decay * jnp.einsum(
-            "bhnkv,bhnkv->bhn", grad_leaving, entering
-        )  # [B, H, G]
-        d_b = d_b.at[..., -1].add(end_terms)
+
+        # Gate: the terms each g_t sits in (module docstring): per token [B, H, G, C],
+        # or [H] for a head gate.
+        leaving = decay * jnp.einsum("bhnkv,bhnkv->bhn", grad_leaving, entering)
+        dg = scalar_gate_gradient(
+            kind,
+            do_u * scores + da_kk * kk,
+            ((qc, dq_inter), (kc, dk_x)),
+            ((kc, dk_to_end),),
+            leaving,
+        )
         if kind == "head":
             assert d_head is not None  # zeros like the head gate
-            positions = jnp.arange(1, size + 1, dtype=qc.dtype)
-            d_head = d_head + jnp.einsum("bhnc,c->h", d_b, positions)
-            d_log_a = None
+            d_head, d_log_a = d_head + dg, None
         else:
-            d_log_a = token_major_rows(reverse_cumulative_sum(d_b, axis=-1))
+            d_log_a = token_major_rows(dg)
 
         return (
             BackwardCarry(grad_state, suffix, d_inits, d_head),

@@ -15,16 +15,21 @@ of the state leaving the chunk and ``dO`` the output cotangent::
 inner scan over a block's chunks), restarting at packed sequence boundaries,
 where it becomes the initial state's gradient.
 
-The gate gradient needs no extra matmul. With ``B_t`` the log decay accumulated
-from the sequence start, every term depends on the gates only through
-``q_t e^{B_t}``, ``k_t e^{−B_t}`` and ``e^{B_p}`` for each emitted state at the
-end ``p`` of a chunk, so
+The gate gradient is summed per chunk over the terms each gate sits in, so
+nothing cancels (a strong decay leaves it accurate to float32 rounding of its own
+size). With ``P_ij = (dO Vᵀ)_ij (Q Kᵀ ⊙ M)_ij`` the intra-chunk pair terms,
+``dq_inter = e^b ⊙ (dO Sᵀ)`` and ``dk_inter = e^{b_C − b} ⊙ (V Gᵀ)``, the gate
+of token ``t`` of the chunk gets::
 
-    ∂L/∂B_t = q_t·dq_t − k_t·dk_t + [t = p] ⟨dS_p, S_p⟩
-    dg_t    = Σ_{u ≥ t, same sequence} ∂L/∂B_u
+    dg_t = Σ_{i ≥ t > j} P_ij + Σ_{i ≥ t} q_i·dq_inter_i + Σ_{j < t} k_j·dk_inter_j
+           + e^{b_C} ⟨G, S⟩
 
-and a per-head constant gate gets ``Σ_t (t − start + 1)·∂L/∂B_t``. Exponents
-stay ≤ 0 throughout, as in the forward.
+(the outputs at and after ``t``, and the state leaving the chunk, through the
+decays that hold ``g_t``); a per-head constant gate gets the sum over tokens.
+The familiar ``Σ_{u ≥ t} (q_u·dq_u − k_u·dk_u)`` is the same sum with the
+pairs at or after ``t`` added and cancelled again, which under strong decay
+leaves nothing but their rounding. Exponents stay ≤ 0 throughout, as in the
+forward.
 """
 
 from __future__ import annotations
@@ -37,9 +42,8 @@ from xformjax.ops.common.chunk_algebra import (
     decay_state,
     expand,
     head_chunk_decay,
-    reverse_cumulative_sum,
-    row_dot,
     scalar_decay_mask,
+    scalar_gate_gradient,
 )
 from xformjax.ops.common.chunk_layout import ChunkLayout, token_major, token_major_rows
 from xformjax.ops.common.chunk_scan import BackwardBlock, BackwardCarry, BackwardStep, BlockGrads
@@ -56,17 +60,17 @@ def make_backward_step(
     def step(carry: BackwardCarry, xs: BackwardBlock) -> tuple[BackwardCarry, BlockGrads]:
         grad_state, suffix, d_inits, d_head = carry
         inputs, d_entering, entering = xs.inputs, xs.d_entering, xs.entering
-        first, seq, rank = inputs.first, inputs.seq, inputs.rank
+        first, seq = inputs.first, inputs.seq
         qc, kc, vc, doc = (
             layout.head_major(x) for x in (inputs.q, inputs.k, inputs.v, xs.d_out)
         )  # [B, H, G, C, D]
         log_a = None if inputs.log_a is None else layout.head_major(inputs.log_a)
         b = chunk_log_decay(kind, head_gate, log_a, size)
-        b_last = b[..., -1:]
-        b_full, b_last_full = expand(b, kind), expand(b_last, kind)
+        b_last = b.last(kind)
+        e_b, e_to_end = jnp.exp(expand(b.value(), kind)), jnp.exp(expand(b.to_end, kind))
         mask = scalar_decay_mask(b, kind)  # [B|1, H, G|1, C, C]
-        q_decayed = qc * jnp.exp(b_full)
-        k_to_end = kc * jnp.exp(b_last_full - b_full)
+        q_decayed = qc * e_b
+        k_to_end = kc * e_to_end
 
         # State cotangents, chunk by chunk from the last.
         from_outputs = jnp.einsum("bhnck,bhncv->bhnkv", q_decayed, doc) + d_entering
@@ -94,49 +98,30 @@ def make_backward_step(
             starts = jnp.where(first[:, None, None, None], grad_entering[:, 0], 0.0)
             d_inits = d_inits.at[seq].add(starts)
 
-        d_scores = jnp.einsum("bhnid,bhnjd->bhnij", doc, vc) * mask
+        do_v = jnp.einsum("bhnid,bhnjd->bhnij", doc, vc)
+        d_scores = do_v * mask
         scores = jnp.einsum("bhnik,bhnjk->bhnij", qc, kc) * mask
-        dq = jnp.einsum("bhnij,bhnjk->bhnik", d_scores, kc) + jnp.exp(b_full) * jnp.einsum(
-            "bhncv,bhnkv->bhnck", doc, entering
-        )
-        dk = jnp.einsum("bhnij,bhnik->bhnjk", d_scores, qc) + jnp.exp(
-            b_last_full - b_full
-        ) * jnp.einsum("bhncv,bhnkv->bhnck", vc, grad_leaving)
+        dq_inter = e_b * jnp.einsum("bhncv,bhnkv->bhnck", doc, entering)
+        dk_inter = e_to_end * jnp.einsum("bhncv,bhnkv->bhnck", vc, grad_leaving)
+        dq = jnp.einsum("bhnij,bhnjk->bhnik", d_scores, kc) + dq_inter
+        dk = jnp.einsum("bhnij,bhnik->bhnjk", d_scores, qc) + dk_inter
         dv = jnp.einsum("bhnij,bhnic->bhnjc", scores, doc) + jnp.einsum(
             "bhnck,bhnkv->bhncv", k_to_end, grad_leaving
         )
 
-        # Gate: ∂L/∂B per token, plus ⟨dS, S⟩ for each emitted entering state,
-        # which sits at the last token of the previous chunk (none at a restart).
-        state_term = jnp.sum(d_entering * entering, axis=(-2, -1))  # [B, H, G]
-        if first is not None:
-            state_term = jnp.where(first, 0.0, state_term)
+        # Gate: the terms each g_t sits in (module docstring): per token [B, H, G, C],
+        # or [H] for a head gate.
+        end_decay = jnp.exp(b_last)  # [B, H, G, 1], or [H, 1] for a head gate
+        end_decay = end_decay[None, :, None] if kind == "head" else end_decay
+        leaving = end_decay[..., 0] * jnp.einsum("bhnkv,bhnkv->bhn", grad_leaving, entering)
+        dg = scalar_gate_gradient(
+            kind, do_v * scores, ((qc, dq_inter),), ((kc, dk_inter),), leaving
+        )
         if kind == "head":
-            assert rank is not None and d_head is not None  # a head gate's rank, cotangent
-            positions = (rank[:, None] * size + jnp.arange(1, size + 1)).astype(qc.dtype)
-            d_head = d_head + (
-                jnp.einsum("bhnck,bhnck,nc->h", qc, dq, positions)
-                - jnp.einsum("bhnck,bhnck,nc->h", kc, dk, positions)
-                + jnp.einsum("bhn,n->h", state_term, rank.astype(qc.dtype) * size)
-            )
-            d_log_a = None
+            assert d_head is not None  # zeros like the head gate
+            d_head, d_log_a = d_head + dg, None
         else:
-            d_log_b = row_dot(qc, dq) - row_dot(kc, dk)  # [B, H, G, C]
-            within = reverse_cumulative_sum(d_log_b, axis=-1)
-
-            def suffix_step(after, xs_n):
-                total, extra, first_n = xs_n
-                before = total + after + extra
-                before = before if first_n is None else jnp.where(first_n, 0.0, before)
-                return before, after
-
-            suffix, after = jax.lax.scan(
-                suffix_step,
-                suffix,
-                (jnp.moveaxis(within[..., 0], 2, 0), jnp.moveaxis(state_term, 2, 0), first),
-                reverse=True,
-            )
-            d_log_a = token_major_rows(within + jnp.moveaxis(after, 0, 2)[..., None])
+            d_log_a = token_major_rows(dg)
 
         return (
             BackwardCarry(grad_state, suffix, d_inits, d_head),
