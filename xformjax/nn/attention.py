@@ -4,7 +4,7 @@ sliding window and a fixed-capacity KV cache as their state.
     q, k, v = RoPE(x W_q), RoPE(x W_k), x W_v         (Hq query heads, Hkv kv heads)
     o_i     = Σ_{j ≤ i, i − j < window} w_ij v_j
     w_ij    = softmax_j(q_i·k_j / √D)                  (``attn``: "Attention Is All You Need")
-            = σ(q_i·k_j / √D + b),  b = −log n         (``sigmoid_attn``: "Theory, Analysis,
+            = σ(q_i·k_j / √D + b_i), b_i = 1 − log n_i (``sigmoid_attn``: "Theory, Analysis,
                                                         and Best Practices for Sigmoid
                                                         Self-Attention", Ramapuram et al. 2024)
     y       = W_o · merge(o)
@@ -153,7 +153,8 @@ class Attention(Mixer):
 
 @register("sigmoid_attn")
 class SigmoidAttention(Attention):
-    """Causal sigmoid attention, ``σ(q·k/√D + b)`` with a constant bias ``b``."""
+    """Causal sigmoid attention, ``σ(q_i·k_j/√D + b_i)``: ``b_i = config.sigmoid_bias``,
+    or ``1 − log n_i`` by default (the module docstring)."""
 
     kind: ClassVar[str] = "sigmoid"
 
@@ -164,4 +165,6 @@ class SigmoidAttention(Attention):
         visible = positions + 1
         if self.config.window is not None:
             visible = jnp.minimum(visible, self.config.window)
-        return 1.0 - jnp.log(visible.astype(jnp.float32))
+        return 1.0 - jnp.log(
+            visible.astype(jnp.promote_types(self.config.compute_dtype, jnp.float32))
+        )

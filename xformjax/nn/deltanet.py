@@ -10,7 +10,9 @@ Length", Yang et al. 2024), ``gated_deltanet`` ("Gated Delta Networks", Yang et 
     gated_deltanet:  S_t = a_t (I − β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ,
                      log a_t = −exp(A_log)·softplus(x_t W_a + dt_bias)   (Mamba-2's gate)
     deltaproduct:    per token, n = num_householder delta steps with their own
-                     k_{t,j}, v_{t,j}, β_{t,j}, after the decay a_t
+                     k_{t,j}, v_{t,j}, β_{t,j}, after the decay a_t; one projection
+                     each for k, v and β, step-major: sub-step j's features are
+                     [j·H·K, (j+1)·H·K) of the projection (heads inside)
     o_t = S_tᵀ q_t / √K;   y_t = W_o · (SiLU(x_t W_g) ⊙ RMSNorm(o_t))
 
 With β ∈ (0, 2) the transition ``I − β k kᵀ`` has an eigenvalue in (−1, 0) — the

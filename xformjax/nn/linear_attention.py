@@ -4,13 +4,17 @@
 
     q_t, k_t = φ(x_t W_q), φ(x_t W_k);  v_t = x_t W_v      (φ from ``config.feature_map``)
     S_t = S_{t-1} + k_t v_tᵀ,  z_t = z_{t-1} + k_t
-    o_t = s·S_tᵀ q_t              or, with ``normalize``,   S_tᵀ q_t / (q_tᵀ z_t + ε)
+    o_t = s·S_tᵀ q_t              or, with ``normalize``,   s·S_tᵀ q_t / (s·q_tᵀ z_t + ε)
     y_t = W_o · gate ⊙ RMSNorm(o_t)     (the RMSNorm only without a normaliser)
+
+with ``s = F^{-1/2}`` (``F`` the width of φ's output) for ``identity``, ``elu+1`` and
+``relu``, and ``s = 1`` for ``hedgehog`` and ``taylor`` (their maps are scaled
+already), and ``ε = 1e-6``.
 
 ``mala`` ("Rectifying Magnitude Neglect in Linear Attention", Fan et al. 2025): the
 normalised form discards ‖q‖. MALA keeps it with weights that still sum to one,
 
-    w_tj = β_t q_tᵀk_j − γ_t,   β_t = 1 + 1/(q_tᵀz_t),   γ_t = q_tᵀz_t / n_t,
+    w_tj = β_t q_tᵀk_j − γ_t,   β_t = 1 + 1/(q_tᵀz_t + ε),   γ_t = q_tᵀz_t / n_t,
 
 (``n_t`` = number of keys seen; the paper's bidirectional ``N`` becomes the causal
 count), i.e. ``o_t = β_t S_tᵀq_t − γ_t Σ_{j≤t} v_j``: the larger ``q_tᵀz_t``, the

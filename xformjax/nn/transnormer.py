@@ -7,7 +7,11 @@ Two attentions, the first for early layers and the second for the rest:
   diluted over the whole sequence;
 - NormAttention: linear attention without the denominator (its unbounded gradients
   are the problem the paper fixes), normalised at the output instead:
-  ``S_t = S_{t-1} + φ(k_t) v_tᵀ``, ``o_t = RMSNorm(S_tᵀ φ(q_t))`` with φ = ``config.feature_map``.
+  ``S_t = S_{t-1} + φ(k_t) v_tᵀ``, ``o_t = RMSNorm(s·S_tᵀ φ(q_t))`` with φ =
+  ``config.feature_map`` and ``s = K^{-1/2}`` for every feature map (the scale only
+  matters through the RMSNorm's ε).
+
+The output is ``W_o · o`` without a gate: TransNormer ignores ``config.output_gate``.
 
 ``config.transnormer_attention="auto"`` uses DiagAttention in the first half of the
 layers (``layer_index < num_layers // 2``, as the paper's 50/50 split) and
