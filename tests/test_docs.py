@@ -15,8 +15,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 BLOCKS = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
 
 
-def test_readme_has_the_op_layer_model_sharding_and_kernel_examples():
-    assert len(BLOCKS) == 5
+def test_readme_has_the_op_checks_layer_model_sharding_and_kernel_examples():
+    assert len(BLOCKS) == 6
 
 
 def test_readme_op_example_runs():
@@ -25,16 +25,28 @@ def test_readme_op_example_runs():
     assert namespace["states"].shape == (3, 4, 64, 64)
 
 
+def test_readme_value_check_example_raises_eagerly_and_under_jit():
+    import xformjax
+
+    namespace: dict = {}
+    try:
+        exec(compile(BLOCKS[1], "README.md", "exec"), namespace)
+    finally:
+        xformjax.config.update("check_values", False)
+    for error in (namespace["eager_error"], namespace["jit_error"]):
+        assert error.startswith("linear_attention: `g` ") and "log decays" in error, error
+
+
 def test_readme_layer_example_runs():
     namespace: dict = {}
-    exec(compile(BLOCKS[1], "README.md", "exec"), namespace)
+    exec(compile(BLOCKS[2], "README.md", "exec"), namespace)
     assert namespace["y_next"].shape == (2, 1, 128)
     assert namespace["y"].shape == (2, 300, 128)
 
 
 def test_readme_model_example_runs():
     namespace: dict = {}
-    exec(compile(BLOCKS[2], "README.md", "exec"), namespace)
+    exec(compile(BLOCKS[3], "README.md", "exec"), namespace)
     assert namespace["logits"].shape == (2, 64, 256)
     assert namespace["tokens"].shape == (2, 16)
 
@@ -43,14 +55,14 @@ def test_readme_sharding_example_runs():
     from jax.sharding import PartitionSpec
 
     namespace: dict = {}
-    exec(compile(BLOCKS[3], "README.md", "exec"), namespace)
+    exec(compile(BLOCKS[4], "README.md", "exec"), namespace)
     assert namespace["logits"].shape == (2, 64, 256)
     assert namespace["model"].embedding[...].sharding.spec == PartitionSpec(None, "fsdp")
 
 
 def test_readme_kernel_example_lowers_for_tpu_and_gpu():
     namespace: dict = {}
-    exec(compile(BLOCKS[4], "README.md", "exec"), namespace)
+    exec(compile(BLOCKS[5], "README.md", "exec"), namespace)
     assert "tpu_custom_call" in namespace["tpu"].as_text()
     assert "xla.gpu.triton" in namespace["gpu"].as_text()
 
