@@ -193,6 +193,7 @@ except ImportError as error:
             "--no-progress",
             "--set",
             "train.steps=3",
+            "train.warmup_steps=1",
             f"data.data_dir={tmp_path / 'tfds'}",
         ],
         cwd=user_dir,
