@@ -40,12 +40,19 @@ def _add(a: tuple[jax.Array, jax.Array], b: tuple[jax.Array, jax.Array]):
     return hi, e - (hi - s)  # fast two-sum: |s| ≥ |e|
 
 
+def compensated_prefix_sum(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
+    """``(hi, lo)`` in ``x``'s dtype with ``hi + lo`` the inclusive prefix sum of ``x``
+    along ``axis`` to about eps² relative (``hi`` its rounding): an associative scan of
+    double-float additions. XLA keeps the two-sum: it does not re-associate
+    floating-point sums. No derivative rule of its own (the callers define theirs)."""
+    return jax.lax.associative_scan(_add, (x, jnp.zeros_like(x)), axis=axis)
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def compensated_cumsum(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
-    """``(hi, lo)`` float32 with ``hi + lo`` the cumulative sum of ``x`` along ``axis`` to
-    about 2⁻⁴⁴ relative (``hi`` the float32 rounding of it)."""
-    x = x.astype(F32)
-    return jax.lax.associative_scan(_add, (x, jnp.zeros_like(x)), axis=axis)
+    """:func:`compensated_prefix_sum` in float32, differentiating as the plain
+    cumulative sum (``hi``'s tangent ``cumsum(ẋ)``, ``lo``'s zero)."""
+    return compensated_prefix_sum(x.astype(F32), axis)
 
 
 @compensated_cumsum.defjvp

@@ -30,6 +30,8 @@ from typing import NamedTuple, cast
 import jax
 import jax.numpy as jnp
 
+# `kernels/` is installed as xformjax.kernels (package-dir mapping; pyright cannot see it).
+from xformjax.kernels.gates import compensated_prefix_sum  # pyright: ignore[reportMissingImports]
 from xformjax.ops.common.channel_scores import channel_gate_scores
 from xformjax.ops.common.gates import GateKind
 
@@ -70,21 +72,6 @@ def shift_forward(x: jax.Array, axis: int) -> jax.Array:
     return jax.lax.slice_in_dim(jnp.pad(x, pad), 0, x.shape[axis], axis=axis)
 
 
-def _two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(s, e)`` with ``s = fl(a + b)`` and ``s + e = a + b`` exactly (Knuth's TwoSum,
-    any magnitudes). XLA keeps it: it does not re-associate floating-point sums."""
-    total = a + b
-    b_part = total - a
-    a_part = total - b_part
-    return total, (a - a_part) + (b - b_part)
-
-
-def _add_pairs(x, y):
-    """``(hi, lo) + (hi, lo)``: the highs summed exactly, the residues plainly."""
-    hi, error = _two_sum(x[0], y[0])
-    return hi, error + (x[1] + y[1])
-
-
 class LogDecay(NamedTuple):
     """``b`` inside each chunk as the pair ``hi + lo``, and ``to_end = b_C − b``.
 
@@ -116,7 +103,7 @@ def difference(hi_i: jax.Array, lo_i: jax.Array, hi_j: jax.Array, lo_j: jax.Arra
 
 
 def _log_decay_values(log_a: jax.Array, axis: int) -> LogDecay:
-    hi, lo = jax.lax.associative_scan(_add_pairs, (log_a, jnp.zeros_like(log_a)), axis=axis)
+    hi, lo = compensated_prefix_sum(log_a, axis)
     size = log_a.shape[axis]
     last = lambda x: jax.lax.slice_in_dim(x, size - 1, size, axis=axis)
     # Materialised once, so XLA cannot fuse the scan into each consumer and redo it
