@@ -151,12 +151,10 @@ class ChunkOutputs(NamedTuple):
 
 
 class BackwardCarry(NamedTuple):
-    """The reverse scan's carry: the state cotangent, a token gate's running suffix
-    sum ``[B, H]`` (linear attention), the packed initial states' and the head gate's
-    cotangents."""
+    """The reverse scan's carry: the state cotangent, the packed initial states' and
+    the head gate's cotangents."""
 
     grad_state: jax.Array
-    suffix: jax.Array | None
     d_inits: jax.Array | None
     d_head: jax.Array | None
 
@@ -319,7 +317,6 @@ def make_chunk_core(
         state0, zeros = inputs.state0, lambda x: None if x is None else jnp.zeros_like(x)
         carry = BackwardCarry(
             jnp.zeros_like(state0),
-            None if kind == "head" else jnp.zeros(state0.shape[:2], state0.dtype),
             zeros(inputs.inits),
             zeros(inputs.head_gate),
         )

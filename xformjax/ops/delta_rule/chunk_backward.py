@@ -66,7 +66,7 @@ def make_backward_step(
     mm = jnp.einsum
 
     def step(carry: BackwardCarry, xs: BackwardBlock) -> tuple[BackwardCarry, BlockGrads]:
-        grad_state, suffix, d_inits, d_head = carry
+        grad_state, d_inits, d_head = carry
         inputs, d_entering, entering = xs.inputs, xs.d_entering, xs.entering
         first, seq = inputs.first, inputs.seq
         assert inputs.beta is not None and xs.values is not None and xs.d_values is not None
@@ -166,7 +166,7 @@ def make_backward_step(
             d_log_a = token_major_rows(dg)
 
         return (
-            BackwardCarry(grad_state, suffix, d_inits, d_head),
+            BackwardCarry(grad_state, d_inits, d_head),
             BlockGrads(
                 token_major(dq), token_major(dk), token_major(dv), token_major_rows(dbeta), d_log_a
             ),

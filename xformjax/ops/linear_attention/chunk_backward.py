@@ -58,7 +58,7 @@ def make_backward_step(
     size = layout.chunk_size
 
     def step(carry: BackwardCarry, xs: BackwardBlock) -> tuple[BackwardCarry, BlockGrads]:
-        grad_state, suffix, d_inits, d_head = carry
+        grad_state, d_inits, d_head = carry
         inputs, d_entering, entering = xs.inputs, xs.d_entering, xs.entering
         first, seq = inputs.first, inputs.seq
         qc, kc, vc, doc = (
@@ -124,7 +124,7 @@ def make_backward_step(
             d_log_a = token_major_rows(dg)
 
         return (
-            BackwardCarry(grad_state, suffix, d_inits, d_head),
+            BackwardCarry(grad_state, d_inits, d_head),
             BlockGrads(token_major(dq), token_major(dk), token_major(dv), None, d_log_a),
         )
 
