@@ -15,8 +15,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 BLOCKS = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
 
 
-def test_readme_has_the_op_checks_layer_model_sharding_and_kernel_examples():
-    assert len(BLOCKS) == 6
+def test_readme_has_the_op_checks_layer_model_packing_sharding_and_kernel_examples():
+    assert len(BLOCKS) == 7
 
 
 def test_readme_op_example_runs():
@@ -45,24 +45,30 @@ def test_readme_layer_example_runs():
 
 
 def test_readme_model_example_runs():
+    import jax.numpy as jnp
+
     namespace: dict = {}
     exec(compile(BLOCKS[3], "README.md", "exec"), namespace)
     assert namespace["logits"].shape == (2, 64, 256)
     assert namespace["tokens"].shape == (2, 16)
+    # the packed-documents example continues it
+    exec(compile(BLOCKS[4], "README.md", "exec"), namespace)
+    assert namespace["packed"].shape == (2, 8, 256)
+    assert float(jnp.abs(namespace["packed"][:1, 3:7] - namespace["alone"]).max()) < 1e-4
 
 
 def test_readme_sharding_example_runs():
     from jax.sharding import PartitionSpec
 
     namespace: dict = {}
-    exec(compile(BLOCKS[4], "README.md", "exec"), namespace)
+    exec(compile(BLOCKS[5], "README.md", "exec"), namespace)
     assert namespace["logits"].shape == (2, 64, 256)
     assert namespace["model"].embedding[...].sharding.spec == PartitionSpec(None, "fsdp")
 
 
 def test_readme_kernel_example_lowers_for_tpu_and_gpu():
     namespace: dict = {}
-    exec(compile(BLOCKS[5], "README.md", "exec"), namespace)
+    exec(compile(BLOCKS[6], "README.md", "exec"), namespace)
     assert "tpu_custom_call" in namespace["tpu"].as_text()
     assert "xla.gpu.triton" in namespace["gpu"].as_text()
 

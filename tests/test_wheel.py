@@ -110,6 +110,7 @@ def test_pyproject_declares_the_extras_without_capping_jax():
         "array-record",
         "tqdm",
         "pyyaml",
+        "tensorboardX",
     ):
         assert name in train, name
     assert project["dynamic"] == ["version"] and "version" not in project

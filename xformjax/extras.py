@@ -18,7 +18,15 @@ from collections.abc import Sequence
 
 #: The modules each extra provides (the import names, not the distributions).
 EXTRA_MODULES: dict[str, tuple[str, ...]] = {
-    "train": ("yaml", "tqdm", "orbax.checkpoint", "grain", "tensorflow_datasets", "array_record"),
+    "train": (
+        "yaml",
+        "tqdm",
+        "orbax.checkpoint",
+        "grain",
+        "tensorflow_datasets",
+        "array_record",
+        "tensorboardX",
+    ),
 }
 
 

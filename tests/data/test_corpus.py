@@ -64,6 +64,9 @@ def test_stdlib_corpus_lists_this_pythons_sources():
     assert 0.005 < len(splits["validation"]) / len(files) < 0.05
 
 
+KEYS = ("mask", "segment_ids", "positions")
+
+
 def test_packed_language_model_batches(tmp_path):
     documents = [
         {"text": np.frombuffer(f"document {i} ".encode() * (i + 1), np.uint8)} for i in range(12)
@@ -74,9 +77,24 @@ def test_packed_language_model_batches(tmp_path):
     rows = [row for b in batches for row in b["inputs"]]
     for i, row in enumerate(rows):
         assert bytes(row.astype(np.uint8)) == stream[17 * i : 17 * i + 16]
+    # the document of every byte of the stream, and each row's documents numbered from 1
+    document = np.cumsum([0] + [byte == data.DOCUMENT_END for byte in stream[:-1]])
+    packed = [row for b in batches for row in zip(*(b[k] for k in KEYS))]
+    for i, (mask, ids, positions) in enumerate(packed):
+        window = document[17 * i : 17 * i + 17]
+        expected_ids = window - window[0] + 1
+        np.testing.assert_array_equal(ids, expected_ids[:-1])
+        starts = np.flatnonzero(np.diff(expected_ids[:-1])) + 1
+        expected_positions = np.arange(16) - np.maximum.accumulate(
+            np.where(np.isin(np.arange(16), starts), np.arange(16), 0)
+        )
+        np.testing.assert_array_equal(positions, expected_positions)
+        # a target in the next document (after a DOCUMENT_END) is not trained on
+        np.testing.assert_array_equal(mask, expected_ids[1:] == expected_ids[:-1])
+    assert sum(float(m.sum()) for m, _, _ in packed) < 16 * len(packed)
     for b in batches:
         assert np.array_equal(b["targets"][:, :-1], b["inputs"][:, 1:])
-        assert b["mask"].shape == (2, 16) and np.all(b["mask"] == 1)
+        assert {k: b[k].shape for k in KEYS} == dict.fromkeys(KEYS, (2, 16))
     with pytest.raises(ValueError, match="seq_len"):
         data.lm_dataset(documents, seq_len=0, batch_size=2)
 

@@ -520,3 +520,75 @@ def test_bad_input_raises(kwargs, message):
     inputs.update(kwargs)
     with pytest.raises(ValueError, match=message):
         aaren(**inputs)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_segment_ids_restart_the_summary_at_each_document(x64, mode):
+    """Row 0 packs documents of 5, 20 and 15 tokens, row 1 of 30 and 10 (chunk 16:
+    beginnings inside chunks): the first continues ``initial_state``, the others start
+    empty. Outputs, the final state (the last document's) and every gradient equal the
+    float64 reference run on each document alone."""
+    rows = ((5, 20, 15), (30, 10))
+    rng = np.random.default_rng(0)
+    batch, length, heads, key_dim, value_dim = 2, 40, 3, 6, 4
+    x = {
+        "q": rng.standard_normal((heads, key_dim)),
+        "k": 3 * rng.standard_normal((batch, length, heads, key_dim)),
+        "v": rng.standard_normal((batch, length, heads, value_dim)),
+        "initial_state": (
+            rng.standard_normal((batch, heads)),
+            rng.standard_normal((batch, heads, value_dim)),
+            rng.uniform(0.5, 2.0, (batch, heads)),
+        ),
+    }
+    ids = jnp.asarray([np.repeat(np.arange(len(r)) + 7, r) for r in rows], jnp.int32)
+    d_o = rng.standard_normal((batch, length, heads, value_dim))
+    d_final = tuple(rng.standard_normal(a.shape) for a in x["initial_state"])
+
+    @functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+    def packed(x, cotangents):
+        def run(x):
+            o, final = aaren(
+                x["q"],
+                x["k"],
+                x["v"],
+                initial_state=AarenState(*x["initial_state"]),
+                output_final_state=True,
+                mode=mode,
+                chunk_size=16,
+                segment_ids=ids,
+            )
+            return o, tuple(final)
+
+        outputs, pullback = jax.vjp(run, x)
+        return outputs, pullback(cotangents)[0]
+
+    (o, final), grads = packed(as_jax(x), as_jax((d_o, d_final)))
+    dq, dk, dv = np.zeros((heads, key_dim)), np.zeros(x["k"].shape), np.zeros(x["v"].shape)
+    for b, lengths in enumerate(rows):
+        start = 0
+        for index, n in enumerate(lengths):
+            part = slice(start, start + n)
+            first, last = index == 0, index == len(lengths) - 1
+            initial = tuple(a[b : b + 1] for a in x["initial_state"]) if first else None
+            d_last = tuple((a if last else np.zeros_like(a))[b : b + 1] for a in d_final)
+            o_ref, final_ref, g = reference_aaren(
+                x["q"],
+                x["k"][b : b + 1, part],
+                x["v"][b : b + 1, part],
+                initial_state=initial,
+                d_o=d_o[b : b + 1, part],
+                d_final=d_last,
+            )
+            assert_close(o[b : b + 1, part], o_ref, 1e-12, f"{mode} o [{b}, {part}]")
+            dq += g["q"]
+            dk[b : b + 1, part], dv[b : b + 1, part] = g["k"], g["v"]
+            if first:
+                for name, got in zip(STATE_FIELDS, grads["initial_state"]):
+                    assert_close(got[b : b + 1], g[name], 1e-12, f"{mode} d initial {name}")
+            if last:
+                for name, got, want in zip(STATE_FIELDS, final, final_ref):
+                    assert_close(got[b : b + 1], want, 1e-12, f"{mode} final {name}")
+            start += n
+    for name, want in (("q", dq), ("k", dk), ("v", dv)):
+        assert_close(grads[name], want, 1e-12, f"{mode} d{name}")

@@ -508,3 +508,105 @@ def test_dual_chunk_step_equals_the_materialised_one(x64, max_surprise_norm):
     if max_surprise_norm is not None:  # the clip bites in this chunk
         _, unclipped = dual_chunk_step(carry, xs, Rule(3, "momentum", 5, None))
         assert np.linalg.norm(np.asarray(unclipped - o)) > 1e-3 * np.linalg.norm(np.asarray(o))
+
+
+# ------------------------------------------------------ packed sequences (resets, layout)
+
+PACKED_LENGTHS = ((3, 11, 1, 6, 16), (20, 5, 12))  # per row; C = 4 puts starts mid-chunk
+
+
+def packed_starts(rows=PACKED_LENGTHS):
+    length = max(sum(row) for row in rows)
+    starts = np.zeros((len(rows), length), bool)
+    valid = np.zeros((len(rows), length), bool)
+    for b, lengths in enumerate(rows):
+        edges = np.cumsum((0,) + lengths)
+        starts[b, edges[1:-1]] = True
+        valid[b, : edges[-1]] = True
+    return starts, valid
+
+
+def sequences(rows=PACKED_LENGTHS):
+    for b, lengths in enumerate(rows):
+        edges = np.cumsum((0,) + lengths)
+        for start, end in itertools.pairwise(edges):
+            yield b, int(start), int(end)
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        PACKED_LENGTHS,
+        ((1,) * 24, (5, 1, 5, 1, 5, 1, 5, 1)),  # every token a sequence; straddling ones
+        ((24,), (4, 4, 4, 4, 4, 4)),
+    ],
+)
+def test_layout_puts_every_sequence_on_its_own_chunk_grid(rows):
+    """Every token gets its own row of the static buffer; a sequence longer than ``C``
+    starts on a slot; one of at most ``C`` lies in one slot; a reset marks each
+    sequence's first row and the first row of every slot holding short sequences."""
+    from xformjax.ops.neural_memory.layout import document_layout, slots_for
+
+    chunk = 4
+    starts, valid = packed_starts(rows)
+    layout = jax.jit(document_layout, static_argnums=2, static_argnames="continuing")(
+        jnp.asarray(starts), jnp.asarray(valid), chunk, continuing=False
+    )
+    destination, resets = np.asarray(layout.destination), np.asarray(layout.resets)
+    capacity = slots_for(starts.shape[1], chunk) * chunk
+    assert resets.shape == (len(rows), capacity)
+    for b in range(len(rows)):
+        used = destination[b][valid[b]]
+        assert len(set(used.tolist())) == used.size and used.max() < capacity
+    for b, start, end in sequences(rows):
+        rows_of = destination[b, start:end]
+        np.testing.assert_array_equal(rows_of, rows_of[0] + np.arange(end - start))
+        assert resets[b, rows_of[0]] and not resets[b, rows_of[1:]].any()
+        if end - start > chunk:
+            assert rows_of[0] % chunk == 0
+        else:
+            assert rows_of[0] // chunk == rows_of[-1] // chunk
+            assert resets[b, rows_of[0] // chunk * chunk]
+
+
+@pytest.mark.parametrize("depth,omega,optimizer", [(2, 3, "muon"), (1, 3, "momentum")])
+def test_resets_on_the_layout_equal_each_sequence_alone(x64, depth, omega, optimizer):
+    """Packed sequences laid out (``layout``) and run with ``resets``: each sequence's
+    outputs equal those of the sequence alone (chunk form; and the recurrent form with
+    the resets in place), and the state at ``boundary`` is the last sequence's."""
+    from xformjax.ops.neural_memory.layout import document_layout, gather, scatter
+
+    chunk = 4
+    starts, valid = packed_starts()
+    inputs, memory = make_inputs(length=starts.shape[1], depth=depth, seed=21)
+    common = dict(omega_window=omega, optimizer=optimizer, output_final_state=True)
+
+    @jax.jit
+    def everything(x, memory):
+        layout = document_layout(jnp.asarray(starts), jnp.asarray(valid), chunk, continuing=False)
+        laid = {name: scatter(value, layout) for name, value in x.items()}
+        o, final = _run(
+            laid,
+            memory,
+            mode="chunk",
+            chunk_size=chunk,
+            resets=layout.resets,
+            state_position=layout.boundary,
+            **common,
+        )
+        o_recurrent, _ = _run(x, memory, mode="recurrent", resets=jnp.asarray(starts), **common)
+        alone = []
+        for b, start, end in sequences():
+            one = {name: value[b : b + 1, start:end] for name, value in x.items()}
+            o_chunk, final_alone = _run(one, memory, mode="chunk", chunk_size=chunk, **common)
+            alone.append((o_chunk, final_alone, _run(one, memory, mode="recurrent", **common)[0]))
+        return gather(o, layout), final, o_recurrent, alone
+
+    x = {name: jnp.asarray(value) for name, value in inputs.items()}
+    o, final, o_recurrent, alone = everything(x, [jnp.asarray(w) for w in memory])
+    for (b, start, end), (o_alone, final_alone, o_rec) in zip(sequences(), alone, strict=True):
+        assert_close(o[b : b + 1, start:end], o_alone, 1e-10, f"chunk [{b}, {start}:{end}]")
+        assert_close(o_recurrent[b : b + 1, start:end], o_rec, 1e-10, f"recurrent [{b}]")
+        if end == sum(PACKED_LENGTHS[b]):  # the row's last sequence: a whole number of
+            for key, value in final_alone.items():  # chunks, so its state at `boundary`
+                assert_close(final[key][b : b + 1], value, 1e-10, f"state {key} [{b}]")

@@ -207,3 +207,77 @@ def test_kv_length_errors():
         ops.softmax_attention(**inputs, kv_length=10, mode="chunk")
     with pytest.raises(ValueError, match=r"kv_length`=3 must lie in \[Tq, Tk\] = \[5, 70\]"):
         ops.softmax_attention(**inputs, kv_length=3, mode="parallel")
+
+
+# --- packed documents: segment_ids [B, Tk] ---
+
+# (length, id) of each document per row; ids need not be ordered, only distinct
+PACKED_ROWS = (((7, 4), (20, 1), (13, 2)), ((30, 0), (10, 5)))
+
+
+def _packed_ids() -> jax.Array:
+    return jnp.asarray(
+        [np.concatenate([np.full(n, i) for n, i in row]) for row in PACKED_ROWS], jnp.int32
+    )
+
+
+def _row_documents():
+    for b, row in enumerate(PACKED_ROWS):
+        start = 0
+        for n, _ in row:
+            yield b, start, start + n
+            start += n
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("kind", "window"), [("softmax", 9), ("sigmoid", None)])
+def test_segment_ids_equal_each_document_alone(x64, kind, window, mode):
+    """Each document of a packed row (grouped-query heads, a window, sigmoid's default
+    bias counting the document's keys) gets the outputs and gradients of the float64
+    reference run on it alone."""
+    inputs = make_inputs(Case(2, 40, 40, 4, 2, 6, 5))
+    d_o = np.random.default_rng(1).standard_normal(inputs["q"].shape[:3] + (5,))
+    ids = _packed_ids()
+
+    def fn(x):
+        return KINDS[kind](**x, window=window, mode=mode, chunk_size=16, segment_ids=ids)[0]
+
+    o, (grads,) = vjp_of(fn, (as_jax(inputs),), jnp.asarray(d_o))
+    for b, start, end in _row_documents():
+        part = {name: a[b : b + 1, start:end] for name, a in inputs.items()}
+        o_ref, grads_ref = reference.attention(
+            **part, kind=kind, window=window, d_o=d_o[b : b + 1, start:end]
+        )
+        assert_close(o[b : b + 1, start:end], o_ref, 1e-12, f"o [{b}, {start}:{end}]")
+        for name in inputs:
+            got = grads[name][b : b + 1, start:end]
+            assert_close(got, grads_ref[name], 1e-12, f"d{name} [{b}, {start}:{end}]")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("mode", ("parallel", "recurrent"))
+def test_segment_ids_in_a_partly_filled_cache(x64, kind, mode):
+    """Queries at the end of a partly filled cache attend only to cached keys of their
+    own document (the cache remembers each key's document)."""
+    inputs = as_jax(make_inputs(Case(1, 3, 48, 2, 1, 6, 5)))
+    q, k, v = inputs["q"], inputs["k"], inputs["v"]
+    ids = jnp.asarray([[1] * 12 + [2] * 18 + [0] * 18], jnp.int32)  # 30 keys filled
+    out = jax.jit(
+        lambda length: KINDS[kind](q, k, v, mode=mode, kv_length=length, segment_ids=ids)[0]
+    )(30)
+    alone, _ = KINDS[kind](q, k[:, 12:30], v[:, 12:30], mode=mode)
+    assert relative_error(out, alone) <= 1e-12
+
+
+def test_segment_ids_errors():
+    inputs = as_jax(make_inputs(CASES["causal-T63-gqa"]), jnp.float32)
+    with pytest.raises(TypeError, match="`segment_ids` must be an integer array"):
+        ops.softmax_attention(**inputs, segment_ids=jnp.zeros((2, 63)))
+    with pytest.raises(ValueError, match="segment_ids"):
+        ops.softmax_attention(**inputs, segment_ids=jnp.zeros((2, 62), jnp.int32))
+    with pytest.raises(ValueError, match="either `segment_ids` or `cu_seqlens`"):
+        ops.sigmoid_attention(
+            **as_jax(make_inputs(CASES["packed-uneven"]), jnp.float32),
+            cu_seqlens=jnp.asarray([0, 50, 100]),
+            segment_ids=jnp.zeros((1, 100), jnp.int32),
+        )

@@ -16,6 +16,9 @@ from xformjax.parallel import sequence_parallel
 
 B, T, HQ, HKV, D, V = 2, 64, 4, 2, 8, 6
 
+# row 0: documents of 10, 30 and 24 tokens; row 1: 40 and 24
+PACKED_IDS = jnp.asarray([[1] * 10 + [2] * 30 + [3] * 24, [1] * 40 + [2] * 24], jnp.int32)
+
 CASES = {
     "causal": (ops.softmax_attention, {}),
     "sigmoid-causal": (ops.sigmoid_attention, {}),
@@ -28,6 +31,10 @@ CASES = {
         {"bias": 1.0 - jnp.log(jnp.arange(1.0, T + 1.0))},
     ),
     "window-wide": (ops.softmax_attention, {"window": 50}),
+    # packed documents whose beginnings fall inside other devices' shards (16 tokens
+    # each): the keys' ids are gathered with the keys
+    "packed": (ops.softmax_attention, {"segment_ids": PACKED_IDS}),
+    "packed-sigmoid-window": (ops.sigmoid_attention, {"segment_ids": PACKED_IDS, "window": 20}),
 }
 
 

@@ -102,7 +102,7 @@ CONFIG_ERRORS = {
         "unknown key 'train.stepz'; valid keys under 'train': steps, batch_size, seq_len, "
         "learning_rate, warmup_steps, min_lr_ratio, weight_decay, grad_clip, grad_accum, "
         "log_every, eval_every, eval_batches, checkpoint_every, keep_checkpoints, seed, "
-        "aux_loss_weight, sample_prompt, sample_tokens",
+        "aux_loss_weight, sample_prompt, sample_tokens, tensorboard, profile",
     ),
     "wrong-type": (["--set", "train.steps=abc"], "train.steps: expected int, got 'abc'"),
     "task-option": (

@@ -44,8 +44,9 @@ def test_train_config_rejects_each_bad_value(fields, message):
 
 
 def test_train_config_rejects_wrong_types_and_accepts_the_limits():
-    numeric = [f.name for f in dataclasses.fields(train.TrainConfig) if f.name != "sample_prompt"]
-    assert len(numeric) == 17
+    strings = ("sample_prompt", "profile")  # profile: tests/train/test_observability.py
+    numeric = [f.name for f in dataclasses.fields(train.TrainConfig) if f.name not in strings]
+    assert len(numeric) == 18
     for name in numeric:
         with pytest.raises(TypeError, match=re.escape(f"train.{name} must be ")):
             train.TrainConfig(**{name: "1"})  # pyright: ignore[reportArgumentType]

@@ -123,7 +123,10 @@ def test_loss_is_masked_cross_entropy_plus_weighted_auxiliary_losses():
 
     logits = jnp.log(jnp.array([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [1 / 3, 1 / 3, 1 / 3]]]))
 
-    def model(tokens):
+    seen = []
+
+    def model(tokens, *, segment_ids=None, positions=None):
+        seen.append((segment_ids, positions))
         return logits, [
             SimpleNamespace(aux_loss=jnp.array(2.0)),
             SimpleNamespace(position=3),
@@ -140,6 +143,11 @@ def test_loss_is_masked_cross_entropy_plus_weighted_auxiliary_losses():
     assert float(metrics["cross_entropy"]) == pytest.approx(cross_entropy, rel=1e-6)
     assert float(metrics["accuracy"]) == pytest.approx(0.5)
     assert float(loss) == pytest.approx(cross_entropy + 0.1 * 3.0, rel=1e-6)
+    # a packed batch's documents reach the model; a task batch has none
+    packing = {"segment_ids": jnp.array([[1, 1, 2]]), "positions": jnp.array([[0, 1, 0]])}
+    train.loss_and_metrics(model, {**batch, **packing}, aux_weight=0.1)
+    assert seen[0] == (None, None) and seen[1][0] is packing["segment_ids"]
+    assert seen[1][1] is packing["positions"]
 
 
 def test_weight_decay_applies_to_the_matrices_but_not_norms_gates_or_the_embedding():

@@ -7,8 +7,14 @@ packing remainder included), so a resumed run sees the same batches.
 Language modelling: documents (``{"text": uint8 bytes}``) are shuffled with a
 seed, each followed by :data:`DOCUMENT_END` (byte 0, absent from text files),
 concatenated and cut into rows of ``seq_len + 1`` bytes
-(``grain.experimental.ConcatThenSplitIterDataset``); ``inputs`` are the first
-``seq_len``, ``targets`` the last ``seq_len`` and ``mask`` is 1 on real bytes.
+(``grain.experimental.ConcatThenSplitIterDataset``, which splits a document that does
+not fit into pieces, each starting at position 0 in its row). ``inputs`` are the first
+``seq_len``, ``targets`` the last ``seq_len``; ``segment_ids`` (1, 2, … per document in
+the row, 0 for padding) and ``positions`` (restarting at 0 with each document) describe
+the inputs, as MaxText's packed batches do, so the model keeps the documents apart
+(:mod:`xformjax.nn.packing`); ``mask`` is 1 where the target is a real byte of the
+input's own document: a padding target, or the first byte of the next document after a
+``DOCUMENT_END``, is not trained on.
 """
 
 from __future__ import annotations
@@ -37,9 +43,15 @@ def _document_tokens(example: dict[str, Any]) -> dict[str, np.ndarray]:
 
 
 def _shift(example: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    tokens = example["tokens"]
-    real = (example["tokens_segment_ids"] > 0).astype(np.float32)
-    return {"inputs": tokens[:-1], "targets": tokens[1:], "mask": real[1:] * real[:-1]}
+    tokens, segments = example["tokens"], example["tokens_segment_ids"]
+    same_document = (segments[1:] == segments[:-1]) & (segments[1:] > 0)
+    return {
+        "inputs": tokens[:-1],
+        "targets": tokens[1:],
+        "segment_ids": segments[:-1],
+        "positions": example["tokens_positions"][:-1],
+        "mask": same_document.astype(np.float32),
+    }
 
 
 def lm_dataset(

@@ -9,7 +9,11 @@ The default initialisation (Gemma's convention) starts the residual stream at
 unit scale per coordinate, the scale of every block's output (the projections are
 fan-in scaled), and the tied logits at unit scale; see :class:`LMConfig`.
 
-``model(tokens, cache=None) -> (logits, cache)``: ``cache`` is the list of the
+``model(tokens, cache=None, segment_ids=None, positions=None) -> (logits, cache)``:
+``segment_ids``/``positions`` ``[B, T]`` describe documents packed into each row
+(1, 2, … per document, 0 for padding; positions restarting at each document, derived
+from the segments when not given), and every layer keeps the documents apart: each gets
+the logits it gets alone (:mod:`xformjax.nn.packing`). ``cache`` is the list of the
 mixers' states (typed pytrees, :mod:`xformjax.nn.states`). Without a cache the model
 runs a fresh sequence in chunk mode and returns the cache that continues it;
 :meth:`LanguageModel.init_cache` allocates an empty one with fixed shapes for
@@ -31,6 +35,7 @@ from xformjax.models.config import LMConfig
 from xformjax.nn import linear, norms
 from xformjax.nn.mixer import get_mixer
 from xformjax.nn.mlp import MLP
+from xformjax.nn.packing import make_packing
 from xformjax.nn.states import MixerState
 from xformjax.ops.common.validation import Mode
 from xformjax.ops.common.value_checks import check_values
@@ -103,12 +108,24 @@ class Block(nnx.Module):
         self.mlp_out_norm = norm() if peri else None
 
     def __call__(
-        self, x: jax.Array, *, state: MixerState | None = None, mode: Mode | None = None
+        self,
+        x: jax.Array,
+        *,
+        state: MixerState | None = None,
+        mode: Mode | None = None,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
     ) -> tuple[jax.Array, MixerState]:
         """``x`` is the residual stream (float32 or wider); the sub-layers run in the
-        mixer config's compute dtype."""
+        mixer config's compute dtype. ``segment_ids``/``positions``: packed documents."""
         dtype = self.mixer.config.compute_dtype
-        h, state = self.mixer(self.mixer_norm(x).astype(dtype), state=state, mode=mode)
+        h, state = self.mixer(
+            self.mixer_norm(x).astype(dtype),
+            state=state,
+            mode=mode,
+            segment_ids=segment_ids,
+            positions=positions,
+        )
         if self.mixer_out_norm is not None:
             h = self.mixer_out_norm(h)
         x = x + h.astype(x.dtype)
@@ -148,16 +165,29 @@ class LanguageModel(nnx.Module):
         return [block.mixer.init_state(batch, max_len) for block in self.blocks]
 
     def __call__(
-        self, tokens: jax.Array, cache: list[MixerState] | None = None, *, mode: Mode | None = None
+        self,
+        tokens: jax.Array,
+        cache: list[MixerState] | None = None,
+        *,
+        mode: Mode | None = None,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
     ) -> tuple[jax.Array, list[MixerState]]:
         """``tokens`` int ``[B, T]`` → ``(logits [B, T, vocab] float32, cache)``.
 
-        The token ids must lie in ``[0, vocab_size)``: see :func:`check_tokens`."""
+        The token ids must lie in ``[0, vocab_size)``: see :func:`check_tokens`.
+        ``segment_ids``, ``positions``: int ``[B, T]``, documents packed in each row
+        (module docstring)."""
         check_tokens(tokens, self.config.vocab_size)
         if cache is not None and len(cache) != len(self.blocks):
             raise ValueError(
                 f"LanguageModel: `cache` has {len(cache)} entries for {len(self.blocks)} layers"
             )
+        offset = 0 if cache is None else cache[0].position
+        batch, length = tokens.shape
+        packing = make_packing("LanguageModel", segment_ids, positions, batch, length, offset)
+        if packing is not None:  # checked and derived once, for every layer
+            segment_ids, positions = packing.segment_ids, packing.positions
         dtype = self.config.mixer.compute_dtype
         residual_dtype = jnp.promote_types(dtype, jnp.float32)
         x = jnp.take(self.embedding[...], tokens, axis=0).astype(residual_dtype)
@@ -165,7 +195,13 @@ class LanguageModel(nnx.Module):
         x = constrain(x, ACTIVATION_AXES)
         new_cache = []
         for i, block in enumerate(self.blocks):
-            x, state = block(x, state=None if cache is None else cache[i], mode=mode)
+            x, state = block(
+                x,
+                state=None if cache is None else cache[i],
+                mode=mode,
+                segment_ids=segment_ids,
+                positions=positions,
+            )
             x = constrain(x, ACTIVATION_AXES)
             new_cache.append(state)
         x = self.final_norm(x).astype(dtype)

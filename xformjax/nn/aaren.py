@@ -19,6 +19,10 @@ summary ``(m, u, w)`` composes associatively: ``"parallel"`` is one prefix scan,
 :class:`~xformjax.nn.states.SoftmaxSummaryState`: ``max`` ``[B, H]``, ``numerator``
 ``[B, H, V]``, ``denominator`` ``[B, H]`` and ``position`` — a constant size, where
 softmax attention keeps a KV cache; the empty state has ``max = −inf``.
+
+Packed documents (``segment_ids`` ``[B, T]``; :mod:`xformjax.nn.packing`): the
+summary restarts from empty where each document begins, in every form (the op's
+``segment_ids``); Aaren has no positional encoding, so ``positions`` are not used.
 """
 
 from __future__ import annotations
@@ -94,11 +98,18 @@ class Aaren(Mixer):
         return float(self.config.num_heads * (2 * key_dim + 2 * (3 * value_dim + 6) + value_dim))
 
     def __call__(
-        self, x: jax.Array, *, state: SoftmaxSummaryState | None = None, mode: Mode | None = None
+        self,
+        x: jax.Array,
+        *,
+        state: SoftmaxSummaryState | None = None,
+        mode: Mode | None = None,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
     ) -> tuple[jax.Array, SoftmaxSummaryState]:
         """``x`` ``[B, T, d_model]`` → ``(y [B, T, d_model], state)``."""
         self.check_input(x)
         mode = self.resolve_mode(mode, x.shape[1])
+        packing = self.packing(x, state, segment_ids, positions)
         position = position_of(state)
         heads = self.config.num_heads
         k = split_heads(self.k_proj(x), heads)
@@ -115,6 +126,7 @@ class Aaren(Mixer):
             output_final_state=True,
             mode=mode,
             chunk_size=self.config.chunk_size,
+            segment_ids=None if packing is None else packing.segment_ids,
         )
         assert final is not None  # output_final_state=True
         y = self.head(o, x)

@@ -25,7 +25,9 @@ its start weights) is the paper's approximation, used in every mode, and decodin
 reproduces it exactly (chunk-boundary state plus a buffer, a
 :class:`~xformjax.nn.states.NeuralMemoryState`; see neural_memory.py). With
 ``omega_window = 1``, ``poly_degree = 1`` and ``memory_optimizer = "momentum"`` the
-layer is exactly Titans' MAL layer (same parameters).
+layer is exactly Titans' MAL layer (same parameters). Documents packed in a row
+(``segment_ids``) are kept apart as there: each on its own chunk grid from the initial
+memory, the Omega window cut at its first token (neural_memory.py).
 """
 
 from __future__ import annotations

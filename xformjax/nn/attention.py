@@ -10,7 +10,8 @@ sliding window and a fixed-capacity KV cache as their state.
     y       = W_o · merge(o)
 
 State: a :class:`~xformjax.nn.states.KVCacheState`, ``k``, ``v`` ``[B, L, Hkv, D]``
-with the first ``position`` slots filled. ``init_state(batch, max_len)`` allocates ``L = max_len``
+with the first ``position`` slots filled, and ``segment_ids`` ``[B, L]``, the document
+of every cached key. ``init_state(batch, max_len)`` allocates ``L = max_len``
 (``config.max_seq_len`` if ``None``); a stateless call returns a cache of capacity
 ``max(T, config.max_seq_len)`` holding its T tokens. Writing past the capacity raises
 a ``ValueError`` when the position is concrete, and gives NaN outputs inside ``jit``
@@ -26,6 +27,20 @@ attention mass at initialisation, ``n_i σ(b_i) ≈ e``, stays bounded at any le
 ``b_i = −log n_i`` (or any constant bias of −2 or below), two sigmoid layers stay
 at chance on 4-pair MQAR after 400–1000 steps; with ``1 − log n_i`` they reach
 99.4–100 % in 400 (``tests/models/test_attention_learning.py``).
+
+Packed documents (``segment_ids``, ``positions`` ``[B, T]``; :mod:`xformjax.nn.packing`):
+RoPE rotates by ``positions``, the sigmoid bias counts ``n_i = positions + 1`` (capped
+by the window), and a query attends only to keys of its own document — the op's
+``segment_ids``, the call's document index (:attr:`~xformjax.nn.packing.Packing.
+document_index`). The window is measured in key slots, which within a document are
+its positions. The cache remembers each key's document as an absolute count:
+``segment_ids[b, j]`` is the number of documents begun in row ``b`` (since the cache
+was empty) up to key ``j``. A call continues the document of the last cached key (its
+tokens before the first beginning get that id, later ones +1 per beginning), so a
+document split over several calls — left-padded prompts: padding id 0, the prompt
+id 1, decoding with ``segment_ids`` of 1 or none — never sees the keys of another.
+Decoding such a row token by token needs ``positions`` (the state's ``position``
+counts the padding too).
 """
 
 from __future__ import annotations
@@ -41,7 +56,8 @@ from xformjax import ops
 from xformjax.nn import linear
 from xformjax.nn.config import MixerConfig
 from xformjax.nn.mixer import Mixer, merge_heads, position_of, register, split_heads
-from xformjax.nn.positional import apply_rope, token_positions
+from xformjax.nn.packing import Packing, token_positions_of
+from xformjax.nn.positional import apply_rope
 from xformjax.nn.recurrent import sequence_mesh
 from xformjax.nn.states import KVCacheState
 from xformjax.ops.common.validation import Mode
@@ -75,7 +91,8 @@ class Attention(Mixer):
         )
 
     def _bias(self, positions: jax.Array) -> float | jax.Array | None:
-        """Sigmoid attention's bias for queries at ``positions`` ``[T]`` (softmax: none)."""
+        """Sigmoid attention's bias for queries at ``positions`` ``[T]`` or ``[B, T]``
+        (softmax: none)."""
         del positions
         return None
 
@@ -91,7 +108,12 @@ class Attention(Mixer):
         capacity = self.config.max_seq_len if max_len is None else max_len
         shape = (batch, capacity, self.config.kv_heads, self.config.key_dim)
         zeros = jnp.zeros(shape, self.config.compute_dtype)
-        return KVCacheState(k=zeros, v=zeros, position=jnp.zeros((), jnp.int32))
+        return KVCacheState(
+            k=zeros,
+            v=zeros,
+            position=jnp.zeros((), jnp.int32),
+            segment_ids=jnp.zeros((batch, capacity), jnp.int32),
+        )
 
     def _attend(self, q, k, v, positions, **kwargs):
         fn = ops.softmax_attention if self.kind == "softmax" else ops.sigmoid_attention
@@ -107,24 +129,40 @@ class Attention(Mixer):
         return o
 
     def __call__(
-        self, x: jax.Array, *, state: KVCacheState | None = None, mode: Mode | None = None
+        self,
+        x: jax.Array,
+        *,
+        state: KVCacheState | None = None,
+        mode: Mode | None = None,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCacheState]:
         """``x`` ``[B, T, d_model]`` → ``(y, state)``; see the module docstring."""
         self.check_input(x)
-        length = x.shape[1]
+        batch, length = x.shape[:2]
         mode = self.resolve_mode(mode, length)
+        packing = self.packing(x, state, segment_ids, positions)
         position = position_of(state)
-        positions = token_positions(position, length)
+        positions = token_positions_of(packing, position, length)
         theta = self.config.rope_theta
         q = apply_rope(split_heads(self.q_proj(x), self.config.num_heads), positions, base=theta)
         k = apply_rope(split_heads(self.k_proj(x), self.config.kv_heads), positions, base=theta)
         v = split_heads(self.v_proj(x), self.config.kv_heads)
         if state is None:
-            o = self._attend(q, k, v, positions, mode=mode)
+            documents = None if packing is None else packing.document_index
+            o = self._attend(q, k, v, positions, mode=mode, segment_ids=documents)
             capacity = max(length, self.config.max_seq_len)
             pad = ((0, 0), (0, capacity - length), (0, 0), (0, 0))
+            cached_documents = (
+                jnp.zeros((batch, capacity), jnp.int32)
+                if documents is None
+                else jnp.pad(documents, ((0, 0), (0, capacity - length)))
+            )
             new_state = KVCacheState(
-                k=jnp.pad(k, pad), v=jnp.pad(v, pad), position=position + length
+                k=jnp.pad(k, pad),
+                v=jnp.pad(v, pad),
+                position=position + length,
+                segment_ids=cached_documents,
             )
         else:
             capacity = state.k.shape[1]
@@ -140,15 +178,48 @@ class Attention(Mixer):
             cache_v = jax.lax.dynamic_update_slice_in_dim(
                 state.v, v.astype(state.v.dtype), position, axis=1
             )
+            cache_documents = jax.lax.dynamic_update_slice_in_dim(
+                _cached_documents(state),
+                _call_documents(state, packing, batch, length),
+                position,
+                axis=1,
+            )
             cache_mode = "recurrent" if mode == "recurrent" else "parallel"
             o = self._attend(
-                q, cache_k, cache_v, positions, mode=cache_mode, kv_length=position + length
+                q,
+                cache_k,
+                cache_v,
+                positions,
+                mode=cache_mode,
+                kv_length=position + length,
+                segment_ids=cache_documents,
             )
             # Under jit the overflow is not visible above; never return silently wrong
             # values from a full cache: poison them.
             o = jnp.where(position + length > capacity, jnp.nan, o)
-            new_state = KVCacheState(k=cache_k, v=cache_v, position=position + length)
+            new_state = KVCacheState(
+                k=cache_k, v=cache_v, position=position + length, segment_ids=cache_documents
+            )
         return self.o_proj(merge_heads(o).astype(x.dtype)), new_state
+
+
+def _cached_documents(state: KVCacheState) -> jax.Array:
+    """The cache's document ids ``[B, L]`` (zeros for a state built without them)."""
+    if state.segment_ids is None:
+        return jnp.zeros(state.k.shape[:2], jnp.int32)
+    return state.segment_ids
+
+
+def _call_documents(
+    state: KVCacheState, packing: Packing | None, batch: int, length: int
+) -> jax.Array:
+    """``[B, T]`` document ids of a call's tokens in the cache's numbering: the last
+    cached key's document (0 for an empty cache), plus the documents begun in the call."""
+    documents = _cached_documents(state)
+    last = jnp.maximum(state.position - 1, 0)
+    current = jax.lax.dynamic_slice_in_dim(documents, last, 1, axis=1)  # [B, 1]
+    begun = jnp.zeros((batch, length), jnp.int32) if packing is None else packing.document_index
+    return current + begun
 
 
 @register("sigmoid_attn")

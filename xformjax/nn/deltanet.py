@@ -19,6 +19,11 @@ With β ∈ (0, 2) the transition ``I − β k kᵀ`` has an eigenvalue in (−1
 negative-eigenvalue regime that lets these layers track state (parity).
 The state (:class:`~xformjax.nn.states.DeltaRuleState`) holds the memory and the
 convolutions' last ``conv_size − 1`` inputs.
+
+Packed documents (``segment_ids``): the short convolutions do not read across a
+document boundary, and the memory restarts at each document through the reset gate of
+:class:`~xformjax.nn.recurrent.MatrixMemoryMixer` (DeltaNet's ``g`` is then the reset
+alone; DeltaProduct's lands on the token's first Householder step).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from xformjax.nn.config import MixerConfig
 from xformjax.nn.gates import mamba_decay_parameters, mamba_log_decay
 from xformjax.nn.mixer import OutputHead, register, split_heads
 from xformjax.nn.norms import l2_normalize
+from xformjax.nn.packing import Packing
 from xformjax.nn.recurrent import MatrixMemoryMixer, OpInputs
 from xformjax.nn.states import DeltaRuleState
 from xformjax.nn.streams import init_conv_caches, silu_streams, stream_layers
@@ -79,11 +85,17 @@ class DeltaRuleMixer(MatrixMemoryMixer):
         """``log a_t`` ``[B, T, H]``, ≤ 0 (gated variants)."""
         return mamba_log_decay(self.gate_proj(x), self.a_log, self.dt_bias)
 
-    def prepare(self, x: jax.Array, state: DeltaRuleState | None, position: jax.Array) -> OpInputs:
+    def prepare(
+        self,
+        x: jax.Array,
+        state: DeltaRuleState | None,
+        position: jax.Array,
+        packing: Packing | None = None,
+    ) -> OpInputs:
         batch, length, _ = x.shape
         heads, n = self.config.num_heads, self.steps
         streams, caches = silu_streams(
-            self.projections, self.convs, x, None if state is None else state.conv
+            self.projections, self.convs, x, None if state is None else state.conv, packing
         )
         q = l2_normalize(split_heads(streams["q"], heads))
         # sub-step j of token t is row t·n + j (token-major), as ops.delta_product expects

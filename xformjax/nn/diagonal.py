@@ -12,6 +12,10 @@ Eigenvalues", Grazzi et al. 2025: a diagonal transition with eigenvalues in
 (``a = −1`` flips the sign of a channel on every ``1`` bit). The recurrence is
 :func:`xformjax.ops.diagonal_recurrence`; ``b_a`` starts at 2 so that the layer
 begins with long memory (``σ(2) ≈ 0.88``).
+
+Packed documents (``segment_ids``): ``a_t = 0`` at each document's first token, so
+``h`` restarts there from the empty state in every form (the products of transitions
+the forms build across a boundary are then exactly 0).
 """
 
 from __future__ import annotations
@@ -85,15 +89,26 @@ class DiagonalRNN(Mixer):
         return 2.0 * self.config.num_heads * self.config.value_dim
 
     def __call__(
-        self, x: jax.Array, *, state: MemoryState | None = None, mode: Mode | None = None
+        self,
+        x: jax.Array,
+        *,
+        state: MemoryState | None = None,
+        mode: Mode | None = None,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
     ) -> tuple[jax.Array, MemoryState]:
-        """``x`` ``[B, T, d_model]`` → ``(y [B, T, d_model], state)``."""
+        """``x`` ``[B, T, d_model]`` → ``(y [B, T, d_model], state)``; ``segment_ids``,
+        ``positions``: documents packed in the rows (module docstring)."""
         self.check_input(x)
         mode = self.resolve_mode(mode, x.shape[1])
         position = position_of(state)
+        packing = self.packing(x, state, segment_ids, positions)
         b = split_heads(self.inputs(x), self.config.num_heads)
+        a = self.transitions(x)
+        if packing is not None:
+            a = jnp.where(packing.starts[:, :, None, None], jnp.zeros((), a.dtype), a)
         h, final = ops.diagonal_recurrence(
-            self.transitions(x),
+            a,
             b,
             initial_state=None if state is None else state.memory,
             output_final_state=True,

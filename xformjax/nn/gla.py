@@ -8,6 +8,10 @@ Hardware-Efficient Training", Yang et al. 2024).
 
 The gate enters the op in log space, ``log α_t = logσ(·)/τ ≤ 0``; the chunk form
 uses secondary chunking so no exponent is ever positive.
+
+Packed documents (``segment_ids``): the state restarts at each document through a
+per-token reset gate ``g`` that the op adds to ``log α_t`` (see
+:class:`~xformjax.nn.recurrent.MatrixMemoryMixer`).
 """
 
 from __future__ import annotations
@@ -50,6 +54,6 @@ class GatedLinearAttention(MatrixMemoryMixer):
             jax.nn.log_sigmoid(logits) / self.config.gate_temperature, self.config.num_heads
         )
 
-    def prepare(self, x, state, position):
+    def prepare(self, x, state, position, packing=None):
         q, k, v = self.qkv(x)
         return OpInputs(q, k, v, gk=self.log_gate(x))

@@ -23,6 +23,10 @@ the output gate ``u`` as well as to ``q, k`` (the paper writes ``V = XW_V`` and 
 plain ``U = XW_U``; the activated forms train more stably at small scale here), and
 the LRPE frequencies are RoPE's fixed geometric ones shared by all heads rather than
 per-head ones.
+
+Packed documents (``segment_ids``): LRPE rotates by each token's position in its
+document, and the memory restarts at each document (the reset gate of
+:class:`~xformjax.nn.recurrent.MatrixMemoryMixer`; ``λ_h`` becomes a per-token gate).
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ from flax import nnx
 
 from xformjax.nn.config import MixerConfig
 from xformjax.nn.mixer import register
-from xformjax.nn.positional import apply_lrpe, token_positions
+from xformjax.nn.packing import Packing, token_positions_of
+from xformjax.nn.positional import apply_lrpe
 from xformjax.nn.recurrent import MatrixMemoryMixer, OpInputs
 
 
@@ -74,9 +79,9 @@ class LightningAttention(MatrixMemoryMixer):
     def memory_shape(self):
         return (self.config.num_heads, 2 * self.config.key_dim, self.config.value_dim)
 
-    def prepare(self, x, state, position):
+    def prepare(self, x, state, position, packing: Packing | None = None):
         q, k, v = (jax.nn.silu(a) for a in self.qkv(x))
-        positions = token_positions(position, x.shape[1])
+        positions = token_positions_of(packing, position, x.shape[1])
         q, k = apply_lrpe(q, positions), apply_lrpe(k, positions)
         dtype = jnp.promote_types(x.dtype, jnp.float32)
         return OpInputs(q, k, v, g=jnp.asarray(self.log_decay, dtype))

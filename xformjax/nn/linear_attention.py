@@ -21,6 +21,10 @@ count), i.e. ``o_t = β_t S_tᵀq_t − γ_t Σ_{j≤t} v_j``: the larger ``q_t�
 sharper the weights. The state (:class:`~xformjax.nn.states.LinearAttentionState`)
 carries ``Σ v`` (``value_sum``) besides ``S`` and ``z``.
 
+Packed documents (``segment_ids``): ``S`` and ``z`` restart through the reset gate of
+:class:`~xformjax.nn.recurrent.MatrixMemoryMixer`; MALA's ``Σ v`` restarts at each
+document too, and its count ``n_t`` is the token's position in its document plus one.
+
 Hedgehog's distillation loss for this layer is :func:`hedgehog_loss`.
 """
 
@@ -33,7 +37,8 @@ from flax import nnx
 from xformjax.nn.config import MixerConfig
 from xformjax.nn.feature_maps import FeatureMap, hedgehog_distillation_loss
 from xformjax.nn.mixer import QKV, OutputHead, position_of, register
-from xformjax.nn.recurrent import MatrixMemoryMixer, OpInputs
+from xformjax.nn.packing import Packing, token_positions_of
+from xformjax.nn.recurrent import MatrixMemoryMixer, OpInputs, document_scan
 from xformjax.nn.states import LinearAttentionState
 
 _EPS = 1e-6
@@ -76,7 +81,11 @@ class LinearAttention(MatrixMemoryMixer):
         return {"value_sum": jnp.zeros(shape, self.memory_dtype())}
 
     def prepare(
-        self, x: jax.Array, state: LinearAttentionState | None, position: jax.Array
+        self,
+        x: jax.Array,
+        state: LinearAttentionState | None,
+        position: jax.Array,
+        packing: Packing | None = None,
     ) -> OpInputs:
         q, k, v = self.qkv(x)
         q, k = self.feature_map(q), self.feature_map(k)
@@ -87,12 +96,7 @@ class LinearAttention(MatrixMemoryMixer):
         dtype = self.memory_dtype()
         q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
         ones = jnp.ones(v.shape[:-1] + (1,), dtype)
-        previous = (
-            jnp.zeros(v.shape[:1] + v.shape[2:], dtype)
-            if state is None or state.value_sum is None
-            else state.value_sum
-        )
-        value_sum = previous + jnp.sum(v, axis=1)
+        value_sum = _value_sums(v, state, packing)[:, -1]
         return OpInputs(
             q, k, jnp.concatenate([v, ones], -1), scale=1.0, extra_state={"value_sum": value_sum}
         )
@@ -101,22 +105,42 @@ class LinearAttention(MatrixMemoryMixer):
         self, o: jax.Array, x: jax.Array, inputs: OpInputs, state: LinearAttentionState | None
     ) -> jax.Array:
         if self.config.mala:
-            o = self._mala(o, inputs.v[..., :-1], state)
+            o = self._mala(o, inputs.v[..., :-1], state, inputs.packing)
         return self.head(o, x)
 
-    def _mala(self, o: jax.Array, v: jax.Array, state: LinearAttentionState | None) -> jax.Array:
+    def _mala(
+        self,
+        o: jax.Array,
+        v: jax.Array,
+        state: LinearAttentionState | None,
+        packing: Packing | None = None,
+    ) -> jax.Array:
+        """``β_t S_tᵀq_t − γ_t Σ_{j≤t} v_j`` from the op's output ``[S_tᵀq_t, q_tᵀz_t]``
+        and the values ``v`` ``[B, T, H, V]`` (sums and counts per document)."""
         numerator, score = o[..., :-1], o[..., -1:]
         dtype = o.dtype
-        previous = (
-            0.0
-            if state is None or state.value_sum is None
-            else state.value_sum[:, None].astype(dtype)
-        )
-        value_sums = previous + jnp.cumsum(v.astype(dtype), axis=1)
-        counts = (position_of(state) + jnp.arange(1, v.shape[1] + 1)).astype(dtype)
+        value_sums = _value_sums(v.astype(dtype), state, packing)
+        positions = token_positions_of(packing, position_of(state), v.shape[1])
+        counts = jnp.broadcast_to(positions + 1, v.shape[:2]).astype(dtype)
         beta = 1.0 + 1.0 / (score + _EPS)
-        gamma = score / counts[None, :, None, None]
+        gamma = score / counts[:, :, None, None]
         return beta * numerator - gamma * value_sums
+
+
+def _value_sums(
+    v: jax.Array, state: LinearAttentionState | None, packing: Packing | None
+) -> jax.Array:
+    """MALA's running ``Σ_{j≤t} v_j`` ``[B, T, H, V]`` over each token's document; the
+    state's sum is carried into the tokens that continue it."""
+    previous = None if state is None else state.value_sum
+    if packing is None:
+        sums = jnp.cumsum(v, axis=1)
+        return sums if previous is None else sums + previous[:, None].astype(v.dtype)
+    sums = document_scan(jnp.add, v, packing.starts)
+    if previous is None:
+        return sums
+    continuing = (packing.document_index == 0)[:, :, None, None]
+    return jnp.where(continuing, sums + previous[:, None].astype(v.dtype), sums)
 
 
 def hedgehog_loss(layer: LinearAttention, x: jax.Array) -> jax.Array:

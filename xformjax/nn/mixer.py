@@ -3,7 +3,8 @@
 A mixer is an ``nnx.Module`` built as ``Mixer(config, layer_index=0, num_layers=1,
 rngs=...)`` with
 
-    y, state = mixer(x, state=None, mode=None)      # x, y: [B, T, d_model]
+    y, state = mixer(x, state=None, mode=None, segment_ids=None, positions=None)
+                                                    # x, y: [B, T, d_model]
 
 - ``state=None``: a fresh sequence. The returned ``state`` continues it: feeding
   the next tokens with it equals running the concatenated sequence at once.
@@ -13,6 +14,11 @@ rngs=...)`` with
 - ``mode``: ``"chunk"`` (training), ``"parallel"`` (the quadratic form, where the
   family has one) or ``"recurrent"`` (token by token); ``None`` picks
   ``config.mode``, or ``"recurrent"`` for a single token.
+
+- ``segment_ids``, ``positions``: int ``[B, T]``, documents packed in each row
+  (:mod:`xformjax.nn.packing`): every mixer keeps them apart — each document gets
+  exactly the outputs and gradients it gets alone — and its positional encoding
+  rotates by ``positions`` (derived from the segments when not given).
 
 States are typed pytrees (frozen ``flax.struct`` dataclasses, one class per kind
 of layer, all in :mod:`xformjax.nn.states`): fields are read as attributes
@@ -38,6 +44,7 @@ from flax import nnx
 
 from xformjax.nn import linear, norms
 from xformjax.nn.config import MODES, MixerConfig
+from xformjax.nn.packing import Packing, make_packing
 from xformjax.nn.states import MixerState
 from xformjax.ops.common.validation import Mode
 
@@ -111,6 +118,20 @@ class Mixer(nnx.Module):
         if x.shape[1] == 0:
             raise ValueError(f"{type(self).__name__}: `x` has no tokens (T=0)")
 
+    def packing(
+        self,
+        x: jax.Array,
+        state: State | None,
+        segment_ids: jax.Array | None,
+        positions: jax.Array | None,
+    ) -> Packing | None:
+        """The checked :class:`~xformjax.nn.packing.Packing` of this call (``None``
+        when neither ``segment_ids`` nor ``positions`` is given)."""
+        batch, length = x.shape[:2]
+        return make_packing(
+            type(self).__name__, segment_ids, positions, batch, length, position_of(state)
+        )
+
     def init_state(self, batch: int, max_len: int | None = None) -> State:
         """The empty state of ``batch`` sequences (see the module docstring)."""
         raise NotImplementedError(f"{type(self).__name__} must define init_state")
@@ -122,7 +143,13 @@ class Mixer(nnx.Module):
         raise NotImplementedError(f"{type(self).__name__} must define sequence_flops")
 
     def __call__(
-        self, x: jax.Array, *, state: State | None = None, mode: Mode | None = None
+        self,
+        x: jax.Array,
+        *,
+        state: State | None = None,
+        mode: Mode | None = None,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
     ) -> tuple[jax.Array, State]:
         raise NotImplementedError(f"{type(self).__name__} must define __call__")
 

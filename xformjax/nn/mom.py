@@ -17,7 +17,13 @@ its own key, value, step-size and decay projections; the query is shared:
     o_t = Σ_m r_{t,m} · S_t^{(m)ᵀ} q_t / √K;     y_t = W_o · (SiLU(x_t W_g) ⊙ RMSNorm(o_t))
 
 The short causal convolutions run over the whole token stream (every memory's
-k and v channels see every token; only the state update is routed). Memories run
+k and v channels see every token; only the state update is routed).
+
+Documents packed in a row (``segment_ids``, :mod:`xformjax.nn.packing`) stay apart:
+every memory, the shared one included, restarts from zero at a document's first token
+(the op's ``resets``: a log-decay of :data:`~xformjax.nn.packing.RESET_LOG_GATE` there,
+on every memory, routed or not), and the convolutions do not read across a boundary.
+The load-balancing loss stays a statistic of the whole call. Memories run
 through :func:`xformjax.ops.mixture_of_memories` (linear in T in the chunk
 form); the router computes in float32 or wider, whatever the computation dtype.
 The layer's state (:class:`~xformjax.nn.states.MixtureOfMemoriesState`) holds the
@@ -180,10 +186,18 @@ class MixtureOfMemories(Mixer):
     # ----------------------------------------------------------------- forward
 
     def __call__(
-        self, x: jax.Array, *, state: MixtureOfMemoriesState | None = None, mode: Mode | None = None
+        self,
+        x: jax.Array,
+        *,
+        state: MixtureOfMemoriesState | None = None,
+        mode: Mode | None = None,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
     ) -> tuple[jax.Array, MixtureOfMemoriesState]:
-        """``x`` ``[B, T, d_model]`` → ``(y [B, T, d_model], state)``."""
+        """``x`` ``[B, T, d_model]`` → ``(y [B, T, d_model], state)``; ``segment_ids``,
+        ``positions`` ``[B, T]``: documents packed in the rows (module docstring)."""
         self.check_input(x)
+        packing = self.packing(x, state, segment_ids, positions)
         mode = self.resolve_mode(mode, x.shape[1])
         config = self.config
         batch, length, _ = x.shape
@@ -192,7 +206,7 @@ class MixtureOfMemories(Mixer):
 
         routing, aux_loss = self.route(x)
         streams, caches = silu_streams(
-            self.projections, self.convs, x, None if state is None else state.conv
+            self.projections, self.convs, x, None if state is None else state.conv, packing
         )
         q = l2_normalize(split_heads(streams["q"], heads))
         k = l2_normalize(streams["k"].reshape(batch, length, memories, heads, config.key_dim))
@@ -207,6 +221,7 @@ class MixtureOfMemories(Mixer):
             beta,
             routing,
             g=log_decay,
+            resets=None if packing is None else packing.starts,
             initial_state=memory,
             output_final_state=True,
             mode=mode,

@@ -34,7 +34,24 @@ State: a :class:`~xformjax.nn.states.NeuralMemoryState` — ``memory`` (the op's
 state at the chunk boundary: ``weight_l``, ``momentum_l`` ``[B, H, d_{l-1}, d_l]``),
 ``buffer`` (the :class:`~xformjax.nn.states.MemoryTokens` k, v, θ, η, α, γ of the
 buffered tokens, ``[B, C, H, ·]``, zero beyond the count), ``conv`` (the
-convolutions' caches) and ``position``.
+convolutions' caches), ``document_tokens`` ``[B]`` (the current document's tokens so
+far: the buffer holds ``document_tokens mod C``) and ``position``.
+
+Documents packed in a row (``segment_ids``, :mod:`xformjax.nn.packing`): a document
+alone has its chunks begin at its first token, so exact isolation needs the chunk grid
+to restart with every document, and the memory (the learned initial weights, zero
+momentum, an empty Omega window) with it. Two ways were possible: a token-by-token
+scan that flushes the buffer at each start (exact but ``C``× more steps, each a whole
+chunk step), or re-laying the row out so every document begins on a chunk boundary.
+The chunk form uses the second (:mod:`xformjax.ops.neural_memory.layout`): tokens
+are scattered into a static buffer of about ``2T`` rows (long documents on whole
+chunks of their own; short ones, which fit one chunk and so see only the initial
+weights, share chunks), the op runs with ``resets`` at the documents' first rows, and
+the outputs are gathered back — about twice the unpacked cost, with a static bound
+whatever the documents. The short convolutions do not read across a boundary.
+``mode="recurrent"`` feeds tokens one at a time and restarts the memory (and the
+buffer) at each document's first token. The returned state continues each row's
+last document (its boundary memory, its open chunk's tokens, ``document_tokens``).
 """
 
 from __future__ import annotations
@@ -53,10 +70,12 @@ from xformjax.nn.config import MemoryOptimizer, MixerConfig
 from xformjax.nn.conv import ShortConv
 from xformjax.nn.mixer import Mixer, OutputHead, position_of, split_heads
 from xformjax.nn.norms import l2_normalize
+from xformjax.nn.packing import Packing
 from xformjax.nn.states import ConvCaches, MemoryTokens, NeuralMemoryState
 from xformjax.nn.streams import STREAMS, init_conv_caches, silu_streams, stream_layers
 from xformjax.ops.common.validation import Mode
 from xformjax.ops.neural_memory import init_neural_memory_state, neural_memory
+from xformjax.ops.neural_memory.layout import document_layout, gather, scatter
 
 #: gate name → initial bias of its logit.
 _GATE_BIAS = {"lr": -3.0, "momentum": 0.0, "decay": -4.0}
@@ -85,6 +104,21 @@ def open_chunk(
     window = jax.lax.dynamic_slice_in_dim(padded, start, chunk, axis=1)
     valid = (jnp.arange(chunk) < kept).reshape((1, chunk) + (1,) * (window.ndim - 2))
     return jnp.where(valid, window, 0)
+
+
+def pad_rows(stream: jax.Array, rows: int) -> jax.Array:
+    """``[B, T, …]`` → ``[B, rows, …]`` with zero rows after ``T``."""
+    extra = rows - stream.shape[1]
+    return jnp.pad(stream, ((0, 0), (0, extra)) + ((0, 0),) * (stream.ndim - 2))
+
+
+def select_rows(flag: jax.Array, new: Any, old: Any) -> Any:
+    """``new`` where ``flag`` ``[B]`` is set, else ``old`` (pytrees of ``[B, …]``)."""
+
+    def pick(a: jax.Array, b: jax.Array) -> jax.Array:
+        return jnp.where(flag.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
+
+    return jax.tree.map(pick, new, old)
 
 
 def token_by_token(
@@ -235,17 +269,23 @@ class NeuralMemoryMixer(Mixer):
             memory=self.init_memory(batch),
             buffer=self.init_buffer(batch),
             conv=self.init_conv(batch),
+            document_tokens=jnp.zeros((batch,), jnp.int32),
         )
 
     # ---------------------------------------------------------------- streams
 
     def memory_streams(
-        self, x: jax.Array, convs: Mapping[str, ShortConv], caches: ConvCaches | None
+        self,
+        x: jax.Array,
+        convs: Mapping[str, ShortConv],
+        caches: ConvCaches | None,
+        packing: Packing | None = None,
     ) -> tuple[jax.Array, MemoryTokens, ConvCaches]:
         """From ``x`` ``[B, T, ·]``: the query ``[B, T, H, K]``, the memory tokens (k, v
-        and the gates σ(x W + b)) and the new caches of ``convs``."""
+        and the gates σ(x W + b)) and the new caches of ``convs`` (which do not read
+        across the documents of ``packing``)."""
         heads, dtype = self.config.num_heads, self.state_dtype()
-        streams, caches = silu_streams(self.projections, convs, x, caches)
+        streams, caches = silu_streams(self.projections, convs, x, caches, packing)
         q, k, v = (split_heads(streams[name], heads) for name in STREAMS)
         q, k = self.feature_map(l2_normalize(q)), self.feature_map(l2_normalize(k))
         gates = {name: jax.nn.sigmoid(gate(x).astype(dtype)) for name, gate in self.gates.items()}
@@ -269,10 +309,11 @@ class NeuralMemoryMixer(Mixer):
         memory: MemoryOpState | None,
         *,
         state_position: jax.Array | int | None = None,
+        resets: jax.Array | None = None,
     ) -> tuple[jax.Array, MemoryOpState]:
         """The op's chunk form over ``q``, ``tokens`` ``[B, T, H, ·]`` from ``memory``
         (``None``: the initial weights); returns ``(o [B, T, H, V], the op's state
-        after state_position tokens)``."""
+        after state_position tokens)``; ``resets`` ``[B, T]``: the op's."""
         config = self.config
         o, final = neural_memory(
             q,
@@ -292,6 +333,7 @@ class NeuralMemoryMixer(Mixer):
             initial_state=memory,
             output_final_state=True,
             state_position=state_position,
+            resets=resets,
         )
         assert final is not None  # output_final_state=True
         return o, final
@@ -302,59 +344,112 @@ class NeuralMemoryMixer(Mixer):
         tokens: MemoryTokens,
         memory: MemoryOpState | None,
         buffer: MemoryTokens | None,
-        position: jax.Array,
-    ) -> tuple[jax.Array, MemoryOpState, MemoryTokens]:
+        counted: jax.Array | None,
+        starts: jax.Array | None = None,
+    ) -> tuple[jax.Array, MemoryOpState, MemoryTokens, jax.Array]:
         """The chunk form from the last boundary, with the buffered tokens in front
-        (``memory`` ``None``: a fresh sequence); → ``(o, memory, buffer)``."""
+        (``memory`` ``None``: a fresh sequence; ``counted`` ``[B]``: the current
+        document's tokens so far; ``starts`` ``[B, T]``: documents packed in the rows,
+        laid out on their own chunk grids by :mod:`xformjax.ops.neural_memory.layout`);
+        → ``(o, memory, buffer, counted)`` of each row's last document."""
         chunk = self.config.chunk_size
-        length = q.shape[1]
-        if memory is None:
-            count = 0
+        batch, length = q.shape[:2]
+        if memory is None or buffer is None or counted is None:
+            memory, count, size = None, jnp.zeros((batch,), jnp.int32), length
+            combined_q, combined, combined_starts = q, tokens, starts
+            counted = jnp.zeros((batch,), jnp.int32)
         else:
-            count = position % chunk
-            q = after_buffer(
-                jnp.zeros((q.shape[0], chunk) + q.shape[2:], q.dtype), q, count, chunk + length
-            )
-            tokens = jax.tree.map(
-                lambda old, new: after_buffer(old, new, count, chunk + length), buffer, tokens
+            count, size = counted % chunk, chunk + length
+            place = jax.vmap(lambda old, new, n: after_buffer(old[None], new[None], n, size)[0])
+            combined_q = place(jnp.zeros((batch, chunk) + q.shape[2:], q.dtype), q, count)
+            combined = jax.tree.map(lambda old, new: place(old, new, count), buffer, tokens)
+            combined_starts = (
+                None if starts is None else place(jnp.zeros((batch, chunk), bool), starts, count)
             )
         total = count + length
-        boundary_index = (total // chunk) * chunk
-        o, new_memory = self.memory_op(q, tokens, memory, state_position=boundary_index)
+        if combined_starts is None and memory is None:
+            # a fresh call: the last chunk padded with unused rows (γ = θ = 0) to C rows,
+            # so its arithmetic is that of a packed document's chunk (same shapes)
+            boundary = total // chunk * chunk
+            rows = -(-length // chunk) * chunk
+            o, new_memory = self.memory_op(
+                pad_rows(combined_q, rows),
+                jax.tree.map(lambda a: pad_rows(a, rows), combined),
+                None,
+                state_position=(length // chunk) * chunk,
+            )
+            o = o[:, :length]
+            counted = counted + length
+        elif combined_starts is None:
+            boundary = total // chunk * chunk
+            o, new_memory = self.memory_op(combined_q, combined, memory, state_position=boundary)
+            counted = counted + length
+        else:
+            valid = jnp.arange(size)[None, :] < total[:, None]
+            layout = document_layout(combined_starts, valid, chunk, continuing=memory is not None)
+            o, new_memory = self.memory_op(
+                scatter(combined_q, layout),
+                jax.tree.map(lambda a: scatter(a, layout), combined),
+                memory,
+                state_position=layout.boundary,
+                resets=layout.resets,
+            )
+            o = gather(o, layout)
+            new_memory = select_rows(layout.fresh, self.init_memory(batch), new_memory)
+            boundary = total - layout.open_tokens
+            begun = jnp.any(combined_starts, axis=1)
+            counted = jnp.where(begun, layout.document_tokens, counted + length)
         if memory is not None:
-            o = jax.lax.dynamic_slice_in_dim(o, count, length, axis=1)
+            o = jax.vmap(lambda a, n: jax.lax.dynamic_slice_in_dim(a, n, length, axis=0))(o, count)
         dtype = self.state_dtype()
+        keep = jax.vmap(lambda a, b, n: open_chunk(a[None], b, n, chunk)[0])
         new_buffer = jax.tree.map(
-            lambda stream: open_chunk(stream, boundary_index, total - boundary_index, chunk).astype(
-                dtype
-            ),
-            tokens,
+            lambda stream: keep(stream, boundary, total - boundary).astype(dtype), combined
         )
-        return o, new_memory, new_buffer
+        return o, new_memory, new_buffer, counted
 
     def memory_branch(
-        self, x: jax.Array, state: NeuralMemoryState | None, mode: Mode, position: jax.Array
-    ) -> tuple[jax.Array, MemoryOpState, MemoryTokens, ConvCaches]:
-        """The memory read ``o`` ``[B, T, H, V]`` of ``x`` and the new memory, buffer and
-        convolution caches (token by token in ``"recurrent"`` mode)."""
-        q, tokens, conv = self.memory_streams(x, self.convs, None if state is None else state.conv)
+        self,
+        x: jax.Array,
+        state: NeuralMemoryState | None,
+        mode: Mode,
+        packing: Packing | None = None,
+    ) -> tuple[jax.Array, MemoryOpState, MemoryTokens, jax.Array, ConvCaches]:
+        """The memory read ``o`` ``[B, T, H, V]`` of ``x`` and the new memory, buffer,
+        document token count and convolution caches (token by token in ``"recurrent"``
+        mode; ``packing``: documents packed in the rows, each on its own chunk grid from
+        the initial memory)."""
+        q, tokens, conv = self.memory_streams(
+            x, self.convs, None if state is None else state.conv, packing
+        )
+        starts = None if packing is None else packing.starts
         if mode == "recurrent" and x.shape[1] > 1:
             if state is None:
                 state = self.init_state(x.shape[0])
+            initial = self.init_memory(x.shape[0])
 
             def run(token, carry, pos):
-                (q, tokens), (memory, buffer) = token, carry
-                o, memory, buffer = self.run_memory(q, tokens, memory, buffer, pos)
-                return o, (memory, buffer)
+                del pos
+                (q, tokens, start), (memory, buffer, counted) = token, carry
+                if start is not None:  # a document begins: the memory starts afresh
+                    memory = select_rows(start[:, 0], initial, memory)
+                    counted = jnp.where(start[:, 0], 0, counted)
+                o, memory, buffer, counted = self.run_memory(q, tokens, memory, buffer, counted)
+                return o, (memory, buffer, counted)
 
-            o, (memory, buffer) = token_by_token(
-                run, (q, tokens), (state.memory, state.buffer), position
+            o, (memory, buffer, counted) = token_by_token(
+                run,
+                (q, tokens, starts),
+                (state.memory, state.buffer, state.document_tokens),
+                state.position,
             )
         elif state is None:
-            o, memory, buffer = self.run_memory(q, tokens, None, None, position)
+            o, memory, buffer, counted = self.run_memory(q, tokens, None, None, None, starts)
         else:
-            o, memory, buffer = self.run_memory(q, tokens, state.memory, state.buffer, position)
-        return o, memory, buffer, conv
+            o, memory, buffer, counted = self.run_memory(
+                q, tokens, state.memory, state.buffer, state.document_tokens, starts
+            )
+        return o, memory, buffer, counted, conv
 
     # ---------------------------------------------------------------- call
 
@@ -378,14 +473,26 @@ class NeuralMemoryMixer(Mixer):
         return float(self.config.num_heads * per_head)
 
     def __call__(
-        self, x: jax.Array, *, state: NeuralMemoryState | None = None, mode: Mode | None = None
+        self,
+        x: jax.Array,
+        *,
+        state: NeuralMemoryState | None = None,
+        mode: Mode | None = None,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
     ) -> tuple[jax.Array, NeuralMemoryState]:
-        """``x`` ``[B, T, d_model]`` → ``(y [B, T, d_model], state)``."""
+        """``x`` ``[B, T, d_model]`` → ``(y [B, T, d_model], state)``; ``segment_ids``,
+        ``positions`` ``[B, T]``: documents packed in the rows (module docstring)."""
         self.check_input(x)
         mode = self.resolve_mode(mode, x.shape[1])
+        packing = self.packing(x, state, segment_ids, positions)
         position = position_of(state)
-        o, memory, buffer, conv = self.memory_branch(x, state, mode, position)
+        o, memory, buffer, counted, conv = self.memory_branch(x, state, mode, packing)
         y = self.head(o, x)
         return y, NeuralMemoryState(
-            position=position + x.shape[1], memory=memory, buffer=buffer, conv=conv
+            position=position + x.shape[1],
+            memory=memory,
+            buffer=buffer,
+            conv=conv,
+            document_tokens=counted,
         )

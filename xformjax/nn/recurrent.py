@@ -7,11 +7,22 @@ caches, running sums) and counts positions. The state is a
 :class:`~xformjax.nn.states.MemoryState`, or the subclass of it the layer names
 as ``state_type`` (its extra fields are what :meth:`init_extra_state` and
 ``OpInputs.extra_state`` give).
+
+Documents packed in a row (``segment_ids``, :mod:`xformjax.nn.packing`) are kept apart
+by the gate: after :meth:`~MatrixMemoryMixer.prepare`, ``g`` becomes a per-token gate
+``[B, T, H]`` holding :data:`~xformjax.nn.packing.RESET_LOG_GATE` at every document's
+first token (:func:`~xformjax.nn.packing.with_reset`), so every form of the op starts
+the document from the empty state — exactly: ``exp`` of it is 0. ``gk`` is left as it
+is (the op sums the two); DeltaProduct's op puts a token's gate on its first
+Householder row, so the reset wipes the state before the token's first step. What a
+subclass computes along the sequence itself (positions, running sums) restarts per
+document in :meth:`~MatrixMemoryMixer.prepare`, which gets the packing.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import jax
@@ -20,6 +31,7 @@ from flax import nnx
 
 from xformjax import ops
 from xformjax.nn.mixer import QKV, Mixer, OutputHead, position_of
+from xformjax.nn.packing import Packing, with_reset
 from xformjax.nn.states import MemoryState
 from xformjax.ops.common.validation import ACCELERATORS, Mode, target_platform
 
@@ -45,6 +57,29 @@ class OpInputs:
     #: the new values of the state's fields beyond ``memory`` and ``position``, by
     #: field name of the layer's ``state_type``.
     extra_state: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: the call's documents (set by :meth:`MatrixMemoryMixer.__call__`, for ``finish``).
+    packing: Packing | None = None
+
+
+def document_scan(
+    combine: Callable[[jax.Array, jax.Array], jax.Array],
+    x: jax.Array,
+    starts: jax.Array,
+) -> jax.Array:
+    """The inclusive scan ``out_t = combine(out_{t−1}, x_t)`` along axis 1 (tokens) of
+    ``x`` ``[B, T, ...]``, restarted (``out_t = x_t``) where ``starts`` ``[B, T]`` is
+    true: a running sum or log-sum-exp per packed document. ``combine`` must be
+    associative (an associative scan, ``O(log T)`` depth)."""
+    flags = starts.reshape(starts.shape + (1,) * (x.ndim - 2))
+    flags = jnp.broadcast_to(flags, x.shape[:2] + flags.shape[2:])
+
+    def step(earlier, later):
+        began_earlier, value_earlier = earlier
+        began_later, value_later = later
+        joined = jnp.where(began_later, value_later, combine(value_earlier, value_later))
+        return began_earlier | began_later, joined
+
+    return jax.lax.associative_scan(step, (flags, x), axis=1)[1]
 
 
 def sequence_mesh(length: int):
@@ -162,9 +197,17 @@ class MatrixMemoryMixer(Mixer):
         running sums), by field name; none by default."""
         return {}
 
-    def prepare(self, x: jax.Array, state: MemoryState | None, position: jax.Array) -> OpInputs:
+    def prepare(
+        self,
+        x: jax.Array,
+        state: MemoryState | None,
+        position: jax.Array,
+        packing: Packing | None = None,
+    ) -> OpInputs:
         """The op's arguments for input ``x`` at ``position`` (with ``extra_state``
-        holding the subclass's new extra state)."""
+        holding the subclass's new extra state). With ``packing``, whatever runs along
+        the sequence (positional encodings, running sums, convolutions) restarts at
+        each document; the state reset itself is added to ``g`` afterwards."""
         raise NotImplementedError(f"{type(self).__name__} must define prepare")
 
     def finish(
@@ -198,13 +241,24 @@ class MatrixMemoryMixer(Mixer):
         )
 
     def __call__(
-        self, x: jax.Array, *, state: MemoryState | None = None, mode: Mode | None = None
+        self,
+        x: jax.Array,
+        *,
+        state: MemoryState | None = None,
+        mode: Mode | None = None,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
     ) -> tuple[jax.Array, MemoryState]:
-        """``x`` ``[B, T, d_model]`` → ``(y [B, T, d_model], state)``."""
+        """``x`` ``[B, T, d_model]`` → ``(y [B, T, d_model], state)``; ``segment_ids``,
+        ``positions`` ``[B, T]``: documents packed in the rows (module docstring)."""
         self.check_input(x)
         mode = self.resolve_mode(mode, x.shape[1])
         position = position_of(state)
-        inputs = self.prepare(x, state, position)
+        packing = self.packing(x, state, segment_ids, positions)
+        inputs = self.prepare(x, state, position, packing)
+        batch, length, heads = inputs.q.shape[:3]
+        inputs.g = with_reset(inputs.g, packing, (batch, length, heads))
+        inputs.packing = packing
         memory = None if state is None else state.memory
         o, final = run_op(inputs, memory, mode, self.config.chunk_size)
         y = self.finish(o, x, inputs, state)

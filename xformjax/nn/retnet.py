@@ -11,6 +11,10 @@ scale and bias are shared by the heads, where RetNet's GroupNorm has one per
 channel). The parallel form is ``(QKᵀ ⊙ D)V`` with ``D_ij = γ^{i−j}``, the chunk
 form RetNet's chunkwise recurrence. The paper uses values twice as wide as keys:
 set ``expand_v=2``.
+
+Packed documents (``segment_ids``): RoPE rotates by each token's position in its
+document, and the retention restarts at each document (the reset gate of
+:class:`~xformjax.nn.recurrent.MatrixMemoryMixer`; ``γ_h`` becomes a per-token gate).
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from flax import nnx
 
 from xformjax.nn.config import MixerConfig
 from xformjax.nn.mixer import register
-from xformjax.nn.positional import apply_rope, token_positions
+from xformjax.nn.packing import Packing, token_positions_of
+from xformjax.nn.positional import apply_rope
 from xformjax.nn.recurrent import MatrixMemoryMixer, OpInputs
 
 
@@ -43,9 +48,9 @@ class RetNet(MatrixMemoryMixer):
         self.standard_layers(rngs, norm="layer")
         self.log_decay = tuple(retnet_log_decay(config.num_heads))
 
-    def prepare(self, x, state, position):
+    def prepare(self, x, state, position, packing: Packing | None = None):
         q, k, v = self.qkv(x)
-        positions = token_positions(position, x.shape[1])
+        positions = token_positions_of(packing, position, x.shape[1])
         theta = self.config.rope_theta
         q, k = apply_rope(q, positions, base=theta), apply_rope(k, positions, base=theta)
         dtype = jnp.promote_types(x.dtype, jnp.float32)

@@ -15,6 +15,12 @@ invalid ones in front) carries the window across calls, so decoding token by
 token equals the full forward. Scores are float32 and masked with ``−inf`` before
 the exponential; every query sees at least itself, so no row is fully masked.
 
+Packed documents: with ``segment_ids`` (the new tokens' document ids ``[B, T]``) and
+``cache_segment_ids`` (the cached tokens', ``[B, W − 1]``) a query sees only window
+keys of its own document (equal ids); the persistent keys stay visible to every
+query, as in a document run alone. The caller keeps the cache's ids beside the
+cache: after a call they are ``concatenate([cache_segment_ids, segment_ids])[:, T:]``.
+
 :func:`masked_attention` is the dense core (scores, mask, softmax, values) the
 blockwise form and MAC's per-segment attention share.
 """
@@ -76,6 +82,8 @@ def sliding_window_attention(
     cached: jax.Array | int,
     persistent_k: jax.Array | None = None,
     persistent_v: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    cache_segment_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Causal sliding-window attention of ``T`` new tokens after a cache.
 
@@ -86,6 +94,11 @@ def sliding_window_attention(
       cached: how many of the cache's slots (the last ones) hold real tokens
         (``min(position, W − 1)``; may be traced).
       persistent_k, persistent_v: ``[P, H, ·]`` keys every query sees, or ``None``.
+      segment_ids: int ``[B, T]``, the new tokens' documents (equal ids ⇔ same
+        document), or ``None`` (one document with the cache).
+      cache_segment_ids: int ``[B, W − 1]``, the cached tokens' documents (default:
+        all 0, i.e. the cache belongs to the document of id 0); only with
+        ``segment_ids``.
 
     Returns:
       ``(o [B, T, H, V] float32, new cache_k, new cache_v)``.
@@ -112,8 +125,19 @@ def sliding_window_attention(
     s = jnp.arange(2 * window)[None, :]
     b = jnp.arange(blocks)[:, None, None]
     local = (s >= i + 1) & (s <= i + window) & (b * window + s >= window - cached)
-    mask = jnp.concatenate([jnp.ones((blocks, window, count), bool), local], -1)
-    o = masked_attention(q_blocks, keys, values, mask[None, :, None])
+    mask = jnp.concatenate([jnp.ones((blocks, window, count), bool), local], -1)[None]
+    if segment_ids is not None:  # keys of another document are hidden: [B, nb, W, P + 2W]
+        if cache_segment_ids is None:
+            cache_segment_ids = jnp.zeros((batch, window - 1), jnp.int32)
+        ids = jnp.asarray(segment_ids, jnp.int32)[..., None, None]  # [B, T, 1, 1]
+        cached_ids = jnp.asarray(cache_segment_ids, jnp.int32)[..., None, None]
+        key_ids = key_blocks(cached_ids, ids)[..., 0, 0]  # [B, nb, 2W]
+        query_ids = jnp.pad(ids[..., 0, 0], ((0, 0), (0, padded - length)))
+        query_ids = query_ids.reshape(batch, blocks, window)
+        same = query_ids[..., :, None] == key_ids[..., None, :]
+        persistent = jnp.ones((batch, blocks, window, count), bool)
+        mask = mask & jnp.concatenate([persistent, same], -1)
+    o = masked_attention(q_blocks, keys, values, mask[:, :, None])
     o = o.reshape(batch, padded, heads, -1)[:, :length]
     new_k = jnp.concatenate([cache_k, k.astype(cache_k.dtype)], 1)[:, length:]
     new_v = jnp.concatenate([cache_v, v.astype(cache_v.dtype)], 1)[:, length:]

@@ -12,7 +12,7 @@ layer returns, so the structure never changes between calls.
 The classes, the layers that return them and their fields beyond ``position``:
 
 - :class:`KVCacheState` — ``attn``, ``sigmoid_attn``, ``transnormer``
-  (DiagAttention): ``k``, ``v``.
+  (DiagAttention): ``k``, ``v``, ``segment_ids`` (attention; ``None`` in DiagAttention).
 - :class:`MemoryState` — ``lightning``, ``retnet``, ``gla``, ``transnormer``
   (NormAttention), ``diag_rnn``: ``memory``.
 - :class:`LinearAttentionState` — ``linear_attn``: ``memory``, ``value_sum`` (MALA).
@@ -22,10 +22,10 @@ The classes, the layers that return them and their fields beyond ``position``:
 - :class:`MixtureOfMemoriesState` — ``mom``: ``memory``, ``conv``, ``aux_loss``.
 - :class:`SoftmaxSummaryState` — ``aaren``: ``max``, ``numerator``, ``denominator``.
 - :class:`NeuralMemoryState` — ``titans`` (MAL), ``atlas``: ``memory``, ``buffer``
-  (:class:`MemoryTokens`), ``conv``.
+  (:class:`MemoryTokens`), ``conv``, ``document_tokens``.
 - :class:`TitansMAGState` — ``titans`` (MAG): those of MAL, ``attn_k``, ``attn_v``.
 - :class:`TitansMACState` — ``titans`` (MAC): ``memory``, ``segment``
-  (:class:`SegmentTokens`), ``conv``.
+  (:class:`SegmentTokens`), ``conv``, ``document_tokens``.
 
 A layer with an auxiliary training loss carries it as ``aux_loss`` (a float32
 scalar, the last call's); the trainer adds every ``aux_loss`` it finds
@@ -49,12 +49,18 @@ class MixerState:
 class KVCacheState(MixerState):
     """Keys and values of the tokens a softmax layer attends to.
 
-    Attention: ``[B, L, Hkv, D]`` with the first ``position`` of ``L`` slots filled;
-    TransNormer's DiagAttention: the current block ``[B, block, H, ·]``.
+    Attention: ``[B, L, Hkv, D]`` with the first ``position`` of ``L`` slots filled,
+    and ``segment_ids`` int32 ``[B, L]``, the document of each cached key: the number
+    of documents begun in its row, since the cache was empty, up to that key (0 for
+    the first; a call continues the last cached key's document; see
+    :mod:`xformjax.nn.attention`). A query attends only to cached keys of its own
+    document. TransNormer's DiagAttention: the current block ``[B, block, H, ·]`` and
+    ``segment_ids = None``.
     """
 
     k: jax.Array
     v: jax.Array
+    segment_ids: jax.Array | None = None
 
 
 @struct.dataclass
@@ -138,19 +144,23 @@ class NeuralMemoryState(MixerState):
     multiple of ``C``), as :func:`xformjax.ops.neural_memory.init_neural_memory_state`
     builds it (``weight_l``, ``momentum_l`` ``[B, H, d_{l-1}, d_l]``; ``window_*``
     with ``omega_window > 1``). ``buffer``: the :class:`MemoryTokens` of the
-    ``position mod C`` tokens since, ``[B, C, H, ·]``, zero beyond the count.
-    ``conv``: the q, k, v convolution caches.
+    ``document_tokens mod C`` tokens since, ``[B, C, H, ·]``, zero beyond the count.
+    ``conv``: the q, k, v convolution caches. ``document_tokens`` int32 ``[B]``: the
+    tokens of each row's current document so far (``position`` unless documents were
+    packed: the chunk grid restarts with every document).
     """
 
     memory: dict[str, jax.Array]
     buffer: MemoryTokens
     conv: ConvCaches
+    document_tokens: jax.Array
 
 
 @struct.dataclass
 class TitansMAGState(NeuralMemoryState):
     """Titans MAG: MAL's state and the attention branch's last ``W − 1`` (RoPE'd)
-    keys ``attn_k`` ``[B, W−1, H, K]`` and values ``attn_v`` ``[B, W−1, H, V]``."""
+    keys ``attn_k`` ``[B, W−1, H, K]`` and values ``attn_v`` ``[B, W−1, H, V]`` (the
+    last ``min(document_tokens, W − 1)`` of them belong to the current document)."""
 
     attn_k: jax.Array
     attn_v: jax.Array
@@ -159,8 +169,8 @@ class TitansMAGState(NeuralMemoryState):
 @struct.dataclass
 class SegmentTokens:
     """The open segment's tokens ``[B, C, H, ·]`` in Titans MAC (zero beyond
-    ``position mod C``): the retrieval query ``q`` and the attention's ``qa``, ``ka``,
-    ``va``."""
+    ``document_tokens mod C``): the retrieval query ``q`` and the attention's ``qa``,
+    ``ka``, ``va``."""
 
     q: jax.Array
     qa: jax.Array
@@ -171,9 +181,10 @@ class SegmentTokens:
 @struct.dataclass
 class TitansMACState(MixerState):
     """Titans MAC: the op's ``memory`` at the last segment boundary (as in
-    :class:`NeuralMemoryState`), the open ``segment`` and the retrieval query's
-    convolution cache (``conv.q``)."""
+    :class:`NeuralMemoryState`), the open ``segment``, the retrieval query's
+    convolution cache (``conv.q``) and ``document_tokens`` (as there)."""
 
     memory: dict[str, jax.Array]
     segment: SegmentTokens
     conv: ConvCaches
+    document_tokens: jax.Array

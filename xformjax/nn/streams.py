@@ -24,6 +24,7 @@ from flax import nnx
 from xformjax.nn import linear
 from xformjax.nn.config import MixerConfig
 from xformjax.nn.conv import ShortConv
+from xformjax.nn.packing import Packing
 from xformjax.nn.states import ConvCaches
 
 STREAMS: tuple[str, ...] = ("q", "k", "v")
@@ -66,13 +67,17 @@ def init_conv_caches(convs: nnx.Dict, batch: int, dtype) -> ConvCaches:
 
 
 def silu_stream(
-    projection: nnx.Module, conv: ShortConv | None, x: jax.Array, cache: jax.Array | None
+    projection: nnx.Module,
+    conv: ShortConv | None,
+    x: jax.Array,
+    cache: jax.Array | None,
+    packing: Packing | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """``SiLU(conv(x W))`` ``[B, T, width]`` and the convolution's new cache (``None``
-    without a convolution)."""
+    without a convolution); ``packing``: documents packed in the rows."""
     y = projection(x)
     if conv is not None:
-        y, cache = conv(y, cache)
+        y, cache = conv(y, cache, packing)
     else:
         cache = None
     return jax.nn.silu(y), cache
@@ -83,11 +88,14 @@ def silu_streams(
     convs: nnx.Dict | Mapping[str, ShortConv],
     x: jax.Array,
     caches: ConvCaches | None,
+    packing: Packing | None = None,
 ) -> tuple[dict[str, jax.Array], ConvCaches]:
     """``SiLU(conv(x W))`` for q, k, v (flat widths) and the convolutions' new caches
-    (``caches`` ``None``: a fresh sequence)."""
+    (``caches`` ``None``: a fresh sequence; ``packing``: documents packed in the rows)."""
     streams, new_caches = {}, {}
     for name in STREAMS:
         cache = None if caches is None else getattr(caches, name)
-        streams[name], new_caches[name] = silu_stream(projections[name], convs.get(name), x, cache)
+        streams[name], new_caches[name] = silu_stream(
+            projections[name], convs.get(name), x, cache, packing
+        )
     return streams, ConvCaches(**new_caches)

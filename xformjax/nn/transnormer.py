@@ -20,6 +20,17 @@ NormAttention after; ``"diag"`` / ``"norm"`` force one.
 DiagAttention's state is the current block's keys and values ``[B, block, H, D]``
 (a :class:`~xformjax.nn.states.KVCacheState`); NormAttention's is its memory (a
 :class:`~xformjax.nn.states.MemoryState`).
+
+Packed documents (``segment_ids``): NormAttention's memory restarts at each document
+(the reset gate of :class:`~xformjax.nn.recurrent.MatrixMemoryMixer`). DiagAttention's
+blocks are counted from each document's first token, as alone: a token attends to the
+earlier tokens of its block ``(document, position // block)``. Such a block is
+contiguous and at most ``block`` long, so it lies within two consecutive aligned tiles
+of the row: each tile's queries attend to the keys of their own and the previous tile,
+masked. Token by token, slot ``position % block`` of each row's buffer is written and
+the slots up to it are read. A packed call's state holds the last document's current
+block at those slots, and ``position`` counts the tokens consumed: to continue that
+document later, pass its ``positions``.
 """
 
 from __future__ import annotations
@@ -34,6 +45,7 @@ from xformjax import ops
 from xformjax.nn.config import MixerConfig
 from xformjax.nn.feature_maps import FeatureMap
 from xformjax.nn.mixer import QKV, OutputHead, position_of, register
+from xformjax.nn.packing import Packing, token_positions_of
 from xformjax.nn.recurrent import MatrixMemoryMixer, OpInputs
 from xformjax.nn.states import KVCacheState, MemoryState
 from xformjax.ops.common.validation import Mode
@@ -69,7 +81,7 @@ class TransNormer(MatrixMemoryMixer):
     def memory_shape(self):
         return (self.config.num_heads, self.feature_map.output_dim, self.config.value_dim)
 
-    def prepare(self, x, state, position):
+    def prepare(self, x, state, position, packing=None):
         q, k, v = self.qkv(x)
         return OpInputs(self.feature_map(q), self.feature_map(k), v)
 
@@ -101,15 +113,28 @@ class TransNormer(MatrixMemoryMixer):
         *,
         state: MemoryState | KVCacheState | None = None,
         mode: Mode | None = None,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
     ) -> tuple[jax.Array, MemoryState | KVCacheState]:
-        """``x`` ``[B, T, d_model]`` → ``(y, state)``."""
+        """``x`` ``[B, T, d_model]`` → ``(y, state)``; ``segment_ids``, ``positions``:
+        documents packed in the rows (module docstring)."""
         if not self.diag:
-            return super().__call__(x, state=cast(MemoryState | None, state), mode=mode)
+            return super().__call__(
+                x,
+                state=cast(MemoryState | None, state),
+                mode=mode,
+                segment_ids=segment_ids,
+                positions=positions,
+            )
         self.check_input(x)
         mode = self.resolve_mode(mode, x.shape[1])
+        packing = self.packing(x, state, segment_ids, positions)
         q, k, v = self.qkv(x)
         if mode == "recurrent" or state is not None:
-            o, new_state = self._diag_recurrent(q, k, v, cast(KVCacheState | None, state))
+            block_state = cast(KVCacheState | None, state)
+            o, new_state = self._diag_recurrent(q, k, v, block_state, packing)
+        elif packing is not None:
+            o, new_state = self._diag_packed(q, k, v, packing)
         else:
             o, new_state = self._diag_blocks(q, k, v, mode)
         return self.head(o, x), new_state
@@ -139,28 +164,80 @@ class TransNormer(MatrixMemoryMixer):
         )
         return o, state
 
-    def _diag_recurrent(self, q, k, v, state: KVCacheState | None):
-        """Token by token: write into the block buffer, attend to its filled slots."""
+    def _diag_packed(self, q, k, v, packing: Packing):
+        """Fresh packed rows: each aligned tile of ``block`` queries attends to the keys
+        of its own and the previous tile that share its block ``(document, position //
+        block)`` and come no later (module docstring)."""
+        batch, length = q.shape[:2]
+        block = self.config.diag_block_size
+        num_tiles = -(-length // block)
+        pad = num_tiles * block - length
+        dtype = jnp.promote_types(q.dtype, jnp.float32)
+
+        def tiles(a, fill=0):  # [B, T, ...] → [B, n, block, ...]
+            widths = [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)
+            a = jnp.pad(a, widths, constant_values=fill)
+            return a.reshape(batch, num_tiles, block, *a.shape[2:])
+
+        def with_previous(a, fill=0):  # [B, n, block, ...] → [B, n, 2·block, ...]
+            before = jnp.concatenate([jnp.full_like(a[:, :1], fill), a[:, :-1]], axis=1)
+            return jnp.concatenate([before, a], axis=2)
+
+        # padding the row to whole tiles adds a block of its own (document −1) that no
+        # real token sees; the keys before the first tile are nobody's (document −2)
+        rows = jnp.arange(num_tiles * block).reshape(1, num_tiles, block)
+        document = tiles(packing.document_index, -1)
+        index = tiles(packing.positions // block, -1)
+        visible = (
+            (document[..., :, None] == with_previous(document, -2)[..., None, :])
+            & (index[..., :, None] == with_previous(index, -1)[..., None, :])
+            & (with_previous(rows, -1)[..., None, :] <= rows[..., :, None])
+        )  # [B, n, block (queries), 2·block (keys)]
+        qt = tiles(q.astype(dtype)) * q.shape[-1] ** -0.5
+        kt, vt = (with_previous(tiles(a.astype(dtype))) for a in (k, v))
+        logits = jnp.einsum("bnihd,bnjhd->bnhij", qt, kt)
+        weights = jax.nn.softmax(jnp.where(visible[:, :, None], logits, -jnp.inf), axis=-1)
+        o = jnp.einsum("bnhij,bnjhv->bnihv", weights, vt)
+        o = o.reshape(batch, num_tiles * block, *o.shape[3:])[:, :length].astype(q.dtype)
+        # the last document's current block: slot s ≤ r holds token T − 1 − r + s
+        last = packing.positions[:, -1] % block  # r, [B]
+        slots = jnp.arange(block)
+        filled = (slots[None] <= last[:, None])[..., None, None]
+        source = jnp.clip(length - 1 - last[:, None] + slots[None], 0, length - 1)
+        gather = lambda a: jnp.take_along_axis(a, source[:, :, None, None], axis=1)
+        state = KVCacheState(
+            k=jnp.where(filled, gather(k), 0),
+            v=jnp.where(filled, gather(v), 0),
+            position=jnp.asarray(length, jnp.int32),
+        )
+        return o, state
+
+    def _diag_recurrent(self, q, k, v, state: KVCacheState | None, packing: Packing | None):
+        """Token by token: write slot ``position % block`` of each row's block buffer and
+        attend to the slots up to it."""
         if state is None:
             state = self._empty_block(q.shape[0])
+        batch, length = q.shape[:2]
         block = self.config.diag_block_size
+        positions = token_positions_of(packing, position_of(state), length)
+        slots = jnp.broadcast_to(positions, (batch, length)) % block  # [B, T]
+        dtype = jnp.promote_types(q.dtype, jnp.float32)
+        scale = q.shape[-1] ** -0.5
 
         def step(carry, token):
-            cache_k, cache_v, position = carry
-            q_t, k_t, v_t = token
-            slot = position % block
-            cache_k = jax.lax.dynamic_update_slice_in_dim(
-                cache_k, k_t[:, None].astype(cache_k.dtype), slot, axis=1
-            )
-            cache_v = jax.lax.dynamic_update_slice_in_dim(
-                cache_v, v_t[:, None].astype(cache_v.dtype), slot, axis=1
-            )
-            o_t, _ = ops.softmax_attention(
-                q_t[:, None], cache_k, cache_v, mode="recurrent", kv_length=slot + 1
-            )
-            return (cache_k, cache_v, position + 1), o_t[:, 0]
+            cache_k, cache_v = carry
+            q_t, k_t, v_t, slot = token  # [B, H, D] and [B]
+            here = (jnp.arange(block)[None] == slot[:, None])[..., None, None]  # [B, L, 1, 1]
+            cache_k = jnp.where(here, k_t[:, None].astype(cache_k.dtype), cache_k)
+            cache_v = jnp.where(here, v_t[:, None].astype(cache_v.dtype), cache_v)
+            filled = jnp.arange(block)[None] <= slot[:, None]  # [B, L]
+            logits = jnp.einsum("bhd,blhd->bhl", q_t.astype(dtype) * scale, cache_k.astype(dtype))
+            logits = jnp.where(filled[:, None], logits, -jnp.inf)
+            weights = jax.nn.softmax(logits, axis=-1)
+            o_t = jnp.einsum("bhl,blhv->bhv", weights, cache_v.astype(dtype))
+            return (cache_k, cache_v), o_t.astype(q.dtype)
 
-        tokens = tuple(jnp.moveaxis(a, 1, 0) for a in (q, k, v))
-        carry = (state.k, state.v, position_of(state))
-        (cache_k, cache_v, position), o = jax.lax.scan(step, carry, tokens)
+        tokens = (*(jnp.moveaxis(a, 1, 0) for a in (q, k, v)), slots.T)
+        (cache_k, cache_v), o = jax.lax.scan(step, (state.k, state.v), tokens)
+        position = position_of(state) + length
         return jnp.moveaxis(o, 0, 1), KVCacheState(k=cache_k, v=cache_v, position=position)

@@ -37,7 +37,7 @@ from xformjax import ops
 from xformjax.parallel import hlo, lasp, lasp2h, make_mesh, resolve_mesh_shape, state_shardings, tpu
 from xformjax.train.config import ExperimentConfig
 from xformjax.train.trainer import (
-    BATCH_DTYPES,
+    batch_dtypes,
     batch_sharding,
     build_state,
     check_divisibility,
@@ -202,7 +202,7 @@ def abstract_train_state(config: ExperimentConfig, mesh) -> tuple[Any, Any, Any,
     shape = (config.train.grad_accum, config.train.batch_size, length)
     batch = {
         key: jax.ShapeDtypeStruct(shape, dtype, sharding=placed)
-        for key, dtype in BATCH_DTYPES.items()
+        for key, dtype in batch_dtypes(config.data.name == "text").items()
     }
     return graphdef, specs, shardings, batch
 

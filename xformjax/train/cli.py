@@ -1,13 +1,17 @@
 """The ``xformjax`` command: ``train``, ``eval``, ``generate`` and ``aot``.
 
     xformjax train [--config NAME|PATH.yaml] [--workdir DIR] [--set key=value ...]...
-                   [--distributed auto|on|off]
+                   [--profile START:END] [--distributed auto|on|off]
     xformjax eval --workdir DIR
     xformjax generate --workdir DIR --prompt TEXT [--max-new-tokens N]
     xformjax aot --config NAME|PATH.yaml --topology v5e:4x4 [--set key=value ...]...
                  [--libtpu PATH]
 
-``train`` resumes from ``DIR``'s latest checkpoint when there is one; its presets
+``train`` resumes from ``DIR``'s latest checkpoint when there is one; it logs to
+``DIR/metrics.jsonl`` and ``DIR/tensorboard/`` (TensorBoard events; off with
+``--set train.tensorboard=false``), and ``--profile START:END`` (``train.profile``)
+writes a ``jax.profiler`` trace of the steps ``START ≤ step < END`` to
+``DIR/profile/``. Its presets
 (``--config tiny``, ``default``) are package data, so an installed wheel trains
 from any directory. ``eval`` and ``generate`` read the run's ``config.yaml`` and
 its latest checkpoint. The benchmarks are not part of the installed command: they
@@ -33,6 +37,7 @@ On a multi-host slice every host runs the same ``xformjax train`` command;
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import pathlib
 import sys
@@ -103,6 +108,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override config keys, e.g. train.steps=100 model.layer_pattern=attn "
         "(repeatable; each key once)",
+    )
+    train.add_argument(
+        "--profile",
+        metavar="START:END",
+        help="trace the steps START ≤ step < END (from 1) with jax.profiler into "
+        "WORKDIR/profile/ (the same as --set train.profile='START:END')",
     )
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     train.add_argument(
@@ -235,7 +246,13 @@ def _train(args: argparse.Namespace) -> int:
         initialize_distributed(args.distributed)  # before anything touches a device
     except ValueError as error:  # XFORMJAX_DISTRIBUTED set to neither 1 nor 0
         return _fail(error)
-    config = _load(args.config, args.set)
+    assignments = list(args.set)
+    if args.profile is not None:
+        if any(item.partition("=")[0].strip() == "train.profile" for item in assignments):
+            return _fail("give the profile window once: --profile or --set train.profile")
+        # a YAML string: unquoted, YAML would read 2:3 as the base-60 number 123
+        assignments.append(f"train.profile={json.dumps(args.profile)}")
+    config = _load(args.config, assignments)
     name = pathlib.Path(args.config).stem
     workdir = pathlib.Path(args.workdir or pathlib.Path("runs") / name)
     try:

@@ -34,6 +34,7 @@ from xformjax.data.tasks import TASKS
 from xformjax.field_checks import check_int, check_real
 from xformjax.models.config import LMConfig
 from xformjax.overrides import apply_overrides
+from xformjax.train.profiling import parse_window
 
 #: The presets, package data of ``xformjax.train`` (a wheel carries them).
 PRESETS_DIR = importlib.resources.files("xformjax.train") / "configs"
@@ -51,11 +52,18 @@ class TrainConfig:
     ``eval_batches`` validation batches are scored; every ``checkpoint_every``
     steps a checkpoint is saved (``keep_checkpoints`` kept). ``aux_loss_weight``
     scales auxiliary losses that layers return (Mixture-of-Memories' balance loss).
+    ``tensorboard`` also writes every metrics record as TensorBoard scalars under
+    ``WORKDIR/tensorboard/`` (:mod:`xformjax.train.tensorboard_log`); ``profile``
+    (``"START:END"``) traces the steps ``START ≤ step < END`` with ``jax.profiler``
+    into ``WORKDIR/profile/`` (:mod:`xformjax.train.profiling`).
 
     Checked at construction: the counts and intervals are integers ≥ 1;
     ``0 ≤ warmup_steps ≤ steps``; ``learning_rate`` finite > 0; ``min_lr_ratio`` in
     [0, 1]; ``weight_decay``, ``grad_clip`` and ``aux_loss_weight`` finite ≥ 0;
-    ``seed`` in [0, 2**63 − 2] (validation uses ``seed + 1``); ``sample_tokens`` ≥ 0.
+    ``seed`` in [0, 2**63 − 2] (validation uses ``seed + 1``); ``sample_tokens`` ≥ 0;
+    ``tensorboard`` a bool; ``profile`` ``None`` or ``"START:END"`` with
+    ``1 ≤ START < END`` and ``START ≤ steps`` (quote it in YAML: unquoted, ``2:3`` is
+    read as a base-60 number).
     Intervals longer than ``steps`` are allowed (that event then never happens
     mid-run). A wrong type raises ``TypeError``, a bad value ``ValueError``.
     """
@@ -78,6 +86,8 @@ class TrainConfig:
     aux_loss_weight: float = 0.01
     sample_prompt: str = "def "
     sample_tokens: int = 160
+    tensorboard: bool = True
+    profile: str | None = None
 
     def __post_init__(self):
         for name in POSITIVE_INTS:
@@ -95,6 +105,15 @@ class TrainConfig:
         if not isinstance(self.sample_prompt, str):
             raise TypeError(f"train.sample_prompt must be a str; got {self.sample_prompt!r}")
         check_int("train.sample_tokens", self.sample_tokens, low=0)
+        if not isinstance(self.tensorboard, bool):
+            raise TypeError(f"train.tensorboard must be a bool; got {self.tensorboard!r}")
+        if self.profile is not None:
+            start, _ = parse_window(self.profile, "train.profile")
+            if start > self.steps:
+                raise ValueError(
+                    f"train.profile {self.profile!r} starts after the last step "
+                    f"(train.steps={self.steps}): nothing would be traced"
+                )
 
 
 #: The :class:`TrainConfig` fields that count something and must be ≥ 1.

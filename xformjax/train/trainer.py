@@ -8,9 +8,14 @@
 - the loss is the masked mean cross-entropy plus ``aux_loss_weight`` × any
   ``aux_loss`` a layer's state carries (``state.aux_loss``);
 - every ``log_every`` steps a JSON line goes to ``WORKDIR/metrics.jsonl`` (step,
-  loss, grad norm, learning rate, tokens/s, and bits per byte for text or
-  accuracy for tasks) and the progress bar updates; every ``eval_every`` steps the
-  validation split is scored;
+  loss, grad norm, learning rate, tokens/s, the model's training FLOPs per token,
+  MFU — ``None`` where the device's peak is unknown, as on a CPU — and bits per
+  byte for text or accuracy for tasks) and the progress bar updates; every
+  ``eval_every`` steps the validation split is scored. With ``train.tensorboard``
+  the same records go to ``WORKDIR/tensorboard/`` as TensorBoard scalars
+  (:mod:`xformjax.train.tensorboard_log`), and ``train.profile = "START:END"``
+  traces those steps with ``jax.profiler`` into ``WORKDIR/profile/``
+  (:mod:`xformjax.train.profiling`);
 - checkpoints (async, keep-N) hold the model, optimiser, RNG and the data
   iterator's position. A run started in a WORKDIR with a checkpoint resumes from
   it, and ends with the same losses as a run that was never interrupted;
@@ -21,7 +26,8 @@
   the train step is ``jax.jit`` with explicit in/out shardings and the state
   donated, batches are split over ``(data, fsdp)`` along B and ``seq`` along T
   (the layers then run LASP-2 / LASP-2H). In a multi-process run every process
-  trains and only process 0 writes ``metrics.jsonl`` and ``config.yaml``.
+  trains and only process 0 writes ``metrics.jsonl``, ``config.yaml``, the
+  TensorBoard events and the profile.
 
 The step's pieces are module-level functions that need neither data nor devices —
 :func:`data_shape`, :func:`check_divisibility`, :func:`build_state`,
@@ -51,17 +57,28 @@ from tqdm.auto import tqdm
 
 from xformjax import config as library_config
 from xformjax import data as data_lib
-from xformjax.models import LanguageModel, generate
+from xformjax.models import LanguageModel, generate, model_cost
 from xformjax.parallel import BATCH_AXES, create_sharded, make_mesh, state_shardings
 from xformjax.train.checkpoint import Checkpointer
 from xformjax.train.config import ExperimentConfig, config_to_yaml
+from xformjax.train.mfu import model_flops_utilization, peak_flops
 from xformjax.train.optimizer import learning_rate_schedule, make_optimizer
+from xformjax.train.profiling import ProfileWindow, parse_window
+from xformjax.train.tensorboard_log import TensorBoardLog
 
 LN2 = math.log(2.0)
 #: token ids of byte-level text (one per byte value)
 TEXT_VOCAB_SIZE = 256
 #: the dtypes of a batch's arrays (what the data pipelines produce)
 BATCH_DTYPES = {"inputs": jnp.int32, "targets": jnp.int32, "mask": jnp.float32}
+#: what packed text batches add: the documents in each row (:mod:`xformjax.nn.packing`)
+PACKING_DTYPES = {"segment_ids": jnp.int32, "positions": jnp.int32}
+
+
+def batch_dtypes(is_text: bool) -> dict[str, Any]:
+    """The arrays of a batch and their dtypes: text rows pack documents and carry
+    their ``segment_ids`` and ``positions``; a task's rows hold one example each."""
+    return {**BATCH_DTYPES, **PACKING_DTYPES} if is_text else dict(BATCH_DTYPES)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -175,8 +192,13 @@ def build_model(config: ExperimentConfig, vocab_size: int) -> LanguageModel:
 def loss_and_metrics(
     model: LanguageModel, batch: dict[str, jax.Array], aux_weight: float
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Masked mean cross-entropy (+ auxiliary losses) and accuracy of one batch."""
-    logits, states = model(batch["inputs"])
+    """Masked mean cross-entropy (+ auxiliary losses) and accuracy of one batch.
+
+    A packed batch (with ``segment_ids`` and ``positions``) keeps its documents apart;
+    its ``mask`` leaves out padding and targets in the next document."""
+    logits, states = model(
+        batch["inputs"], segment_ids=batch.get("segment_ids"), positions=batch.get("positions")
+    )
     log_probs = jax.nn.log_softmax(logits, -1)
     targets = batch["targets"].astype(jnp.int32)
     mask = batch["mask"].astype(jnp.float32)
@@ -304,6 +326,14 @@ class Trainer:
             every=config.train.checkpoint_every,
         )
         self.metrics = MetricsLog(self.workdir / "metrics.jsonl", enabled=self.is_chief)
+        self.board: TensorBoardLog | None = None  # opened by `run` at its first step
+        # MFU: the model's training FLOPs per token (3 forward passes: forward and a
+        # backward of twice its cost) against the mesh devices' dense bf16 peak
+        self.flops_per_token = model_cost(
+            self.model, self.datasets.sequence_length
+        ).train_flops_per_token
+        self.device_kind = str(self.mesh.devices.flat[0].device_kind)
+        self.peak_flops = peak_flops(self.device_kind)
         self._live = None
         self._compile_steps()
 
@@ -424,10 +454,26 @@ class Trainer:
         self.metrics.truncate_after(step)
         return step, iterator
 
+    def _log(self, record: dict[str, Any]) -> None:
+        """One record to ``metrics.jsonl`` and, if open, the TensorBoard events."""
+        self.metrics.write(record)
+        if self.board is not None:
+            self.board.write(record)
+
     def run(self) -> dict[str, Any]:
         """Train to ``config.train.steps``; returns the final validation metrics."""
         train = self.config.train
         step, iterator = self.restore_or_start()
+        self.board = board = TensorBoardLog(
+            self.workdir / "tensorboard",
+            start_step=step,
+            enabled=self.is_chief and train.tensorboard,
+        )
+        profile = ProfileWindow(
+            self.workdir / "profile",
+            None if train.profile is None else parse_window(train.profile),
+            enabled=self.is_chief,
+        )
         bar = tqdm(
             total=train.steps,
             initial=step,
@@ -440,9 +486,10 @@ class Trainer:
         last_time, last_step = time.perf_counter(), step
         try:
             while step < train.steps:
-                batch = self._place([next(iterator) for _ in range(train.grad_accum)])
-                metrics = self.train_step(batch)
-                loss = float(metrics["loss"])
+                with profile.step(step + 1):  # traced when in train.profile's window
+                    batch = self._place([next(iterator) for _ in range(train.grad_accum)])
+                    metrics = self.train_step(batch)
+                    loss = float(metrics["loss"])  # waits for the step
                 step += 1
                 if not math.isfinite(loss):
                     self.checkpointer.wait()
@@ -453,11 +500,17 @@ class Trainer:
                     record = self._train_record(
                         step, metrics, tokens_per_step * (step - last_step) / (now - last_time)
                     )
-                    self.metrics.write(record)
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['learning_rate']:.2e}")
+                    self._log(record)
+                    mfu = record["mfu"]
+                    bar.set_postfix(
+                        loss=f"{loss:.4f}",
+                        lr=f"{record['learning_rate']:.2e}",
+                        tok_s=f"{record['tokens_per_second']:,.0f}",
+                        mfu="n/a" if mfu is None else f"{100 * mfu:.1f}%",
+                    )
                     last_time, last_step = now, step
                 if step % train.eval_every == 0 and step != train.steps:
-                    self.metrics.write({"step": step, "split": "validation", **self.evaluate()})
+                    self._log({"step": step, "split": "validation", **self.evaluate()})
                 self.checkpointer.save(
                     step,
                     self.model,
@@ -466,11 +519,16 @@ class Trainer:
                     iterator.get_state(),
                     force=step == train.steps,
                 )
+        except BaseException:
+            board.close()  # what was logged stays readable
+            raise
         finally:
             bar.close()
+            profile.close()  # a trace cut short by an error is still written
             self.checkpointer.wait()
         final = self.evaluate()
-        self.metrics.write({"step": step, "split": "validation", **final})
+        self._log({"step": step, "split": "validation", **final})
+        board.close()
         self.checkpointer.close()
         return final
 
@@ -482,6 +540,10 @@ class Trainer:
             "grad_norm": float(metrics["grad_norm"]),
             "learning_rate": float(np.asarray(self.schedule(step - 1))),
             "tokens_per_second": tokens_per_second,
+            "model_flops_per_token": self.flops_per_token,
+            "mfu": model_flops_utilization(
+                self.flops_per_token, tokens_per_second, self.peak_flops, self.mesh.devices.size
+            ),
         }
         if self.datasets.is_text:
             record["bits_per_byte"] = float(metrics["cross_entropy"]) / LN2

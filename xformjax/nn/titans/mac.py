@@ -23,6 +23,15 @@ boundary and the segment's tokens so far (``segment.q``, ``segment.qa/ka/va``
 ``[B, C, H, ·]``); a call recomputes the open segment from the boundary, so decoding
 equals the full forward exactly. Only the retrieval query has a short convolution
 (``conv.q``).
+
+Documents packed in a row (``segment_ids``): each document gets its own segment grid
+from its first token, the memory restarts from its initial weights, and the attention
+stays within the document. The row is laid out into slots of ``C`` tokens as for the
+neural memory (:mod:`xformjax.ops.neural_memory.layout`: a long document on whole
+slots of its own, short ones sharing a slot), each slot runs as one segment — masked
+to its documents, RoPE at each token's in-document position mod ``C`` — and the
+outputs are gathered back. ``document_tokens`` in the state counts the last
+document's tokens, so decoding continues it.
 """
 
 from __future__ import annotations
@@ -36,14 +45,22 @@ from flax import nnx
 from xformjax.nn import linear
 from xformjax.nn.config import MixerConfig
 from xformjax.nn.mixer import merge_heads, position_of, split_heads
-from xformjax.nn.neural_memory import MemoryOpState, after_buffer, open_chunk, token_by_token
+from xformjax.nn.neural_memory import (
+    MemoryOpState,
+    after_buffer,
+    open_chunk,
+    select_rows,
+    token_by_token,
+)
 from xformjax.nn.norms import l2_normalize
-from xformjax.nn.positional import apply_rope, token_positions
+from xformjax.nn.packing import Packing, derived_positions
+from xformjax.nn.positional import apply_rope
 from xformjax.nn.sliding_attention import masked_attention, with_persistent
 from xformjax.nn.states import ConvCaches, SegmentTokens, TitansMACState
 from xformjax.nn.streams import silu_stream
 from xformjax.nn.titans.branches import AttentionTitans
 from xformjax.ops.common.validation import Mode
+from xformjax.ops.neural_memory.layout import document_layout, gather, scatter
 
 
 class TitansMAC(AttentionTitans):
@@ -81,6 +98,7 @@ class TitansMAC(AttentionTitans):
             memory=self.init_memory(batch),
             segment=segment,
             conv=self.init_conv(batch),
+            document_tokens=jnp.zeros((batch,), jnp.int32),
         )
 
     def sequence_flops(self, seq_len: int) -> float:
@@ -96,29 +114,47 @@ class TitansMAC(AttentionTitans):
         )
 
     def segment_streams(
-        self, x: jax.Array, caches: ConvCaches | None, position: jax.Array
+        self,
+        x: jax.Array,
+        caches: ConvCaches | None,
+        counted: jax.Array,
+        packing: Packing | None = None,
     ) -> tuple[SegmentTokens, ConvCaches]:
         """Per new token: the retrieval query (conv, SiLU, L2 norm) and the attention
-        q, k, v with RoPE at the in-segment position ``(position + t) mod C``."""
+        q, k, v with RoPE at the in-segment position (the token's index in its document
+        mod ``C``; ``counted`` ``[B]``: the continued document's tokens so far)."""
         config, dtype = self.config, self.state_dtype()
         query, conv_q = silu_stream(
-            self.projections["q"], self.convs.get("q"), x, None if caches is None else caches.q
+            self.projections["q"],
+            self.convs.get("q"),
+            x,
+            None if caches is None else caches.q,
+            packing,
         )
         query = l2_normalize(split_heads(query, config.num_heads))
-        offsets = token_positions(position, x.shape[1]) % config.chunk_size
+        offsets = in_segment_positions(counted, x.shape[1], config.chunk_size, packing)
         qa, ka, va = self.attention(x, offsets)
         tokens = SegmentTokens(q=query, qa=qa, ka=ka, va=va)
         return jax.tree.map(lambda a: a.astype(dtype), tokens), ConvCaches(q=conv_q)
 
     def one_segment(
-        self, memory: MemoryOpState, tokens: SegmentTokens
+        self,
+        memory: MemoryOpState,
+        tokens: SegmentTokens,
+        offsets: jax.Array | None = None,
+        resets: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array, MemoryOpState]:
         """One segment ``[B, C, …]`` from the memory at its start: retrieval, attention
         over [persistent, h, tokens], memory update with y; → (attention out, memory
-        out, memory at the segment end)."""
+        out, memory at the segment end). With documents laid out in the segment
+        (``resets`` ``[B, C]``, from the initial memory when its first row is reset;
+        ``offsets`` ``[B, C]``, each row's in-segment position): attention only within
+        a document, the memory restarting at each."""
         config, dtype = self.config, self.state_dtype()
         size = config.chunk_size
         depth = len(self.memory)
+        if resets is not None:
+            memory = select_rows(resets[:, 0], self.init_memory(resets.shape[0]), memory)
         weights = [memory[f"weight_{i}"] for i in range(depth)]
         h = tokens.q
         for index, w in enumerate(weights):  # h = M_{W_s}(q)
@@ -126,20 +162,25 @@ class TitansMAC(AttentionTitans):
             if index < depth - 1:
                 h = jax.nn.silu(h)
         context = self.context_proj(merge_heads(h).astype(config.compute_dtype))
-        _, kh, vh = self.attention(context, jnp.arange(size), rope=False)
-        kh = apply_rope(kh, jnp.arange(size), base=config.rope_theta)
+        positions = jnp.arange(size) if offsets is None else offsets
+        _, kh, vh = self.attention(context, positions, rope=False)
+        kh = apply_rope(kh, positions, base=config.rope_theta)
         persistent_k, persistent_v = self.attention.persistent_kv(dtype)
         keys = jnp.concatenate([kh.astype(dtype), tokens.ka], 1)
         values = jnp.concatenate([vh.astype(dtype), tokens.va], 1)
         keys, values, count = with_persistent(
             keys, values, persistent_k, persistent_v, (keys.shape[0],)
         )
-        causal = jnp.tril(jnp.ones((size, size), bool))
-        mask = jnp.concatenate([jnp.ones((size, count), bool), causal, causal], 1)
+        causal = jnp.tril(jnp.ones((size, size), bool))[None]
+        if resets is not None:  # and within one document
+            document = jnp.cumsum(resets.astype(jnp.int32), axis=1)
+            causal = causal & (document[:, :, None] == document[:, None, :])
+        visible = jnp.ones((causal.shape[0], size, count), bool)
+        mask = jnp.concatenate([visible, causal, causal], 2)[:, None]  # [B|1, 1, C, ·]
         attended = masked_attention(tokens.qa, keys, values, mask)  # [B, C, H, V]
         y = self.summary_proj(merge_heads(attended).astype(config.compute_dtype))
         q, memory_tokens, _ = self.memory_streams(y, {}, None)  # no conv on y
-        read, new_memory = self.memory_op(q, memory_tokens, memory)
+        read, new_memory = self.memory_op(q, memory_tokens, memory, resets=resets)
         return attended, read, new_memory
 
     def run_segments(
@@ -147,68 +188,152 @@ class TitansMAC(AttentionTitans):
         tokens: SegmentTokens,
         memory: MemoryOpState,
         segment: SegmentTokens,
-        position: jax.Array,
-    ) -> tuple[jax.Array, jax.Array, MemoryOpState, SegmentTokens]:
-        """The segments from the last boundary, the open segment's tokens in front;
-        → (attention out, memory out, memory at the last boundary, open segment)."""
+        counted: jax.Array,
+        starts: jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array, MemoryOpState, SegmentTokens, jax.Array]:
+        """The segments from the last boundary, the open segment's tokens in front
+        (``counted`` ``[B]``: the current document's tokens so far; ``starts``
+        ``[B, T]``: documents packed in the rows, laid out on their own segment grids
+        by :mod:`xformjax.ops.neural_memory.layout`); → (attention out, memory out,
+        memory at the last boundary, open segment, counted) of each row's last
+        document."""
         chunk = self.config.chunk_size
-        length = tokens.q.shape[1]
-        count = position % chunk
+        batch, length = tokens.q.shape[:2]
+        count = counted % chunk
         total = count + length
-        segments = -(-(chunk + length) // chunk)
-        combined = jax.tree.map(
-            lambda old, new: after_buffer(old, new, count, segments * chunk), segment, tokens
-        )
+        size = chunk + length
+        place = jax.vmap(lambda old, new, n: after_buffer(old[None], new[None], n, size)[0])
+        combined = jax.tree.map(lambda old, new: place(old, new, count), segment, tokens)
+        if starts is None:
+            segments = -(-size // chunk)
+            rows = segments * chunk
+            laid = jax.tree.map(
+                lambda a: jnp.pad(a, ((0, 0), (0, rows - size)) + ((0, 0),) * (a.ndim - 2)),
+                combined,
+            )
+            boundary = total // chunk * chunk
+            resets = offsets = None
+            fresh = jnp.zeros((batch,), bool)
+            layout = None
+        else:
+            combined_starts = place(jnp.zeros((batch, chunk), bool), starts, count)
+            valid = jnp.arange(size)[None, :] < total[:, None]
+            layout = document_layout(combined_starts, valid, chunk, continuing=True)
+            laid = jax.tree.map(lambda a: scatter(a, layout), combined)
+            rows = laid.q.shape[1]
+            segments = rows // chunk
+            resets = layout.resets
+            # a row's in-segment position: its offset from its document's first row
+            document = jnp.cumsum(combined_starts.astype(jnp.int32), axis=1)
+            first = jax.lax.cummax(jnp.where(combined_starts, jnp.arange(size)[None, :], 0), axis=1)
+            in_document = jnp.where(
+                document == 0, jnp.arange(size)[None, :], jnp.arange(size) - first
+            )
+            offsets = scatter(in_document % chunk, layout)
+            boundary = layout.boundary
+            fresh = layout.fresh
+
+        def split(a):  # [B, S·C, …] -> [S, B, C, …]
+            return jnp.moveaxis(a.reshape((a.shape[0], segments, chunk) + a.shape[2:]), 1, 0)
+
+        extras = () if resets is None else (split(offsets), split(resets))
 
         def step(carry, xs):
-            memory, end = carry
-            attended, read, new_memory = self.one_segment(memory, xs)
+            memory, chosen, end = carry
+            xs, extra = xs
+            attended, read, new_memory = self.one_segment(memory, xs, *extra)
             end = end + chunk
-            memory = jax.tree.map(lambda a, b: jnp.where(end <= total, a, b), new_memory, memory)
-            return (memory, end), (attended, read)
+            chosen = select_rows(end == boundary, new_memory, chosen)
+            return (new_memory, chosen, end), (attended, read)
 
-        per_segment = jax.tree.map(
-            lambda a: jnp.moveaxis(a.reshape((a.shape[0], segments, chunk) + a.shape[2:]), 1, 0),
-            combined,
+        (_, chosen, _), (attended, read) = jax.lax.scan(
+            jax.checkpoint(step),
+            (memory, memory, jnp.zeros((), jnp.int32)),
+            (jax.tree.map(split, laid), extras),
         )
-        (memory, _), (attended, read) = jax.lax.scan(
-            jax.checkpoint(step), (memory, jnp.zeros((), jnp.int32)), per_segment
-        )
+        chosen = select_rows(fresh, self.init_memory(batch), chosen)
 
         def unsegment(a):  # [S, B, C, H, V] -> the new tokens' rows [B, T, H, V]
             a = jnp.moveaxis(a, 0, 1).reshape((a.shape[1], segments * chunk) + a.shape[3:])
-            return jax.lax.dynamic_slice_in_dim(a, count, length, axis=1)
+            if layout is not None:
+                a = gather(a, layout)
+            return jax.vmap(lambda r, n: jax.lax.dynamic_slice_in_dim(r, n, length, 0))(a, count)
 
-        start = (total // chunk) * chunk
-        segment = jax.tree.map(lambda a: open_chunk(a, start, total - start, chunk), combined)
-        return unsegment(attended), unsegment(read), memory, segment
+        if layout is None:
+            start, counted = boundary, counted + length
+        else:
+            start = total - layout.open_tokens
+            assert starts is not None  # a layout comes from them
+            begun = jnp.any(starts, axis=1)
+            counted = jnp.where(begun, layout.document_tokens, counted + length)
+        keep = jax.vmap(lambda a, b, n: open_chunk(a[None], b, n, chunk)[0])
+        segment = jax.tree.map(lambda a: keep(a, start, total - start), combined)
+        return unsegment(attended), unsegment(read), chosen, segment, counted
 
     def __call__(
-        self, x: jax.Array, *, state: TitansMACState | None = None, mode: Mode | None = None
+        self,
+        x: jax.Array,
+        *,
+        state: TitansMACState | None = None,
+        mode: Mode | None = None,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
     ) -> tuple[jax.Array, TitansMACState]:
-        """``x`` ``[B, T, d_model]`` → ``(y [B, T, d_model], state)``."""
+        """``x`` ``[B, T, d_model]`` → ``(y [B, T, d_model], state)``; ``segment_ids``,
+        ``positions`` ``[B, T]``: documents packed in the rows (module docstring)."""
         self.check_input(x)
         batch, length, _ = x.shape
         mode = self.resolve_mode(mode, length)
+        packing = self.packing(x, state, segment_ids, positions)
         position = position_of(state)
-        tokens, conv = self.segment_streams(x, None if state is None else state.conv, position)
         if state is None:
+            conv_caches = None
             state = self.init_state(batch)
+        else:
+            conv_caches = state.conv
+        tokens, conv = self.segment_streams(x, conv_caches, state.document_tokens, packing)
+        starts = None if packing is None else packing.starts
         if mode == "recurrent" and length > 1:
+            initial = self.init_memory(batch)
 
             def run(token, carry, pos):
-                memory, segment = carry
-                attended, read, memory, segment = self.run_segments(token, memory, segment, pos)
-                return (attended, read), (memory, segment)
+                del pos
+                (token, start), (memory, segment, counted) = token, carry
+                if start is not None:  # a document begins: the memory starts afresh
+                    memory = select_rows(start[:, 0], initial, memory)
+                    counted = jnp.where(start[:, 0], 0, counted)
+                attended, read, memory, segment, counted = self.run_segments(
+                    token, memory, segment, counted
+                )
+                return (attended, read), (memory, segment, counted)
 
-            (attended, read), (memory, segment) = token_by_token(
-                run, tokens, (state.memory, state.segment), position
+            (attended, read), (memory, segment, counted) = token_by_token(
+                run,
+                (tokens, starts),
+                (state.memory, state.segment, state.document_tokens),
+                position,
             )
         else:
-            attended, read, memory, segment = self.run_segments(
-                tokens, state.memory, state.segment, position
+            attended, read, memory, segment, counted = self.run_segments(
+                tokens, state.memory, state.segment, state.document_tokens, starts
             )
         y = self.head(attended, read, x.dtype)
         return y, TitansMACState(
-            position=position + length, memory=memory, segment=segment, conv=conv
+            position=position + length,
+            memory=memory,
+            segment=segment,
+            conv=conv,
+            document_tokens=counted,
         )
+
+
+def in_segment_positions(
+    counted: jax.Array, length: int, chunk: int, packing: Packing | None
+) -> jax.Array:
+    """``[B, T]``: each new token's index in its document mod ``C`` (the document the
+    call continues has ``counted`` ``[B]`` tokens before it)."""
+    continued = counted[:, None] + jnp.arange(length, dtype=jnp.int32)[None, :]
+    if packing is None:
+        return continued % chunk
+    own = derived_positions(packing.segment_ids)
+    return jnp.where(packing.document_index == 0, continued, own) % chunk

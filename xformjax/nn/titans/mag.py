@@ -16,6 +16,11 @@ only (the persistent tokens do not write into it). The attention is computed
 blockwise (:mod:`xformjax.nn.sliding_attention`, ``O(T·(P + W))``). The state
 (:class:`~xformjax.nn.states.TitansMAGState`) is MAL's plus ``attn_k`` /
 ``attn_v`` ``[B, W−1, H, ·]``, the last ``W − 1`` (RoPE'd) keys/values.
+
+Documents packed in a row (``segment_ids``): the memory branch restarts each document
+on its own chunk grid from the initial memory (as MAL), the window keeps to the query's
+document (keys of other documents are masked; the persistent tokens stay visible to
+every query, as alone) and RoPE rotates by the in-document ``positions``.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from xformjax.nn.mixer import position_of
-from xformjax.nn.positional import token_positions
+from xformjax.nn.packing import token_positions_of
 from xformjax.nn.sliding_attention import sliding_window_attention
 from xformjax.nn.states import TitansMAGState
 from xformjax.nn.titans.branches import AttentionTitans
@@ -47,6 +52,7 @@ class TitansMAG(AttentionTitans):
             conv=self.init_conv(batch),
             attn_k=jnp.zeros(span + (config.key_dim,), dtype),
             attn_v=jnp.zeros(span + (config.value_dim,), dtype),
+            document_tokens=jnp.zeros((batch,), jnp.int32),
         )
 
     def sequence_flops(self, seq_len: int) -> float:
@@ -59,20 +65,40 @@ class TitansMAG(AttentionTitans):
         )
 
     def __call__(
-        self, x: jax.Array, *, state: TitansMAGState | None = None, mode: Mode | None = None
+        self,
+        x: jax.Array,
+        *,
+        state: TitansMAGState | None = None,
+        mode: Mode | None = None,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
     ) -> tuple[jax.Array, TitansMAGState]:
-        """``x`` ``[B, T, d_model]`` → ``(y [B, T, d_model], state)``."""
+        """``x`` ``[B, T, d_model]`` → ``(y [B, T, d_model], state)``; ``segment_ids``,
+        ``positions`` ``[B, T]``: documents packed in the rows (module docstring)."""
         self.check_input(x)
         batch, length, _ = x.shape
         mode = self.resolve_mode(mode, length)
+        packing = self.packing(x, state, segment_ids, positions)
         position = position_of(state)
-        memory_out, memory, buffer, conv = self.memory_branch(x, state, mode, position)
-        q, k, v = self.attention(x, token_positions(position, length))
+        memory_out, memory, buffer, counted, conv = self.memory_branch(x, state, mode, packing)
+        q, k, v = self.attention(x, token_positions_of(packing, position, length))
+        window = self.config.memory_window
+        documents = cache_documents = None
         if state is None:
             state = self.init_state(batch)
+        elif packing is None:
+            documents = jnp.zeros((batch, length), jnp.int32)
+        if packing is not None:
+            documents = packing.document_index
+        if documents is not None:
+            # the cache's last min(document_tokens, W − 1) rows belong to the document
+            # the call continues (index 0); the others to none (−1)
+            rows = jnp.arange(window - 1)[None, :]
+            kept = jnp.minimum(state.document_tokens, window - 1)[:, None]
+            cache_documents = jnp.where(rows >= window - 1 - kept, 0, -1)
+        cached = jnp.minimum(position, window - 1)
         dtype = self.state_dtype()
         persistent_k, persistent_v = self.attention.persistent_kv(dtype)
-        window = self.config.memory_window
         attended, cache_k, cache_v = sliding_window_attention(
             q,
             k,
@@ -80,9 +106,11 @@ class TitansMAG(AttentionTitans):
             window=window,
             cache_k=state.attn_k,
             cache_v=state.attn_v,
-            cached=jnp.minimum(position, window - 1),
+            cached=cached,
             persistent_k=persistent_k,
             persistent_v=persistent_v,
+            segment_ids=documents,
+            cache_segment_ids=cache_documents,
         )
         y = self.head(attended, memory_out, x.dtype)
         return y, TitansMAGState(
@@ -92,4 +120,5 @@ class TitansMAG(AttentionTitans):
             conv=conv,
             attn_k=cache_k.astype(dtype),
             attn_v=cache_v.astype(dtype),
+            document_tokens=counted,
         )

@@ -10,6 +10,8 @@ is the read-out ``u_t / w_t`` of the running summary ``(m_t, u_t, w_t)``, which
 is updated with the associative operator of :mod:`xformjax.ops.aaren.state`.
 So the many-to-many output can be computed as a parallel prefix scan, in chunks,
 or as an RNN that stores three small numbers per head instead of a KV cache.
+Packed documents (``segment_ids``) restart the summary where each one begins, in
+every form (a segmented scan, :func:`~xformjax.ops.aaren.state.combine_segmented`).
 """
 
 from __future__ import annotations
@@ -91,6 +93,20 @@ def _validate_state(initial_state, batch: int, heads: int, value_dim: int) -> Aa
     return state
 
 
+def _document_starts(segment_ids, batch: int, length: int) -> jax.Array | None:
+    """bool ``[B, T]``: the token's id differs from the previous token's (never token 0)."""
+    if segment_ids is None:
+        return None
+    if not hasattr(segment_ids, "dtype") or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+        got = getattr(segment_ids, "dtype", type(segment_ids).__name__)
+        common.fail_type(OP, f"`segment_ids` must be an integer array [B, T]; got {got}")
+    common.check_rank(OP, "segment_ids", segment_ids, ["B", "T"])
+    common.check_dim(OP, "segment_ids", segment_ids, 0, batch, "B of `k`")
+    common.check_dim(OP, "segment_ids", segment_ids, 1, length, "T of `k`")
+    ids = jnp.asarray(segment_ids)
+    return jnp.concatenate([jnp.zeros((batch, 1), bool), ids[:, 1:] != ids[:, :-1]], axis=1)
+
+
 def _scores(q: jax.Array, k: jax.Array) -> jax.Array:
     """``s [B, T, H]``: each token's key against its query (``q`` pre-scaled)."""
     if q.ndim == 2:
@@ -111,6 +127,7 @@ def aaren(
     mode: Mode = "chunk",
     chunk_size: int = 64,
     backend: Backend | None = None,
+    segment_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, AarenState | None]:
     """Aaren: causal softmax attention of a time-constant query, as an RNN.
 
@@ -146,6 +163,10 @@ def aaren(
         step when ``T == 1``).
       chunk_size: tokens per chunk of the chunk form (any positive int).
       backend: ``None`` or ``"xla"`` (no Pallas kernel for this op).
+      segment_ids: int ``[B, T]``, documents packed in each row: where the id changes
+        (``t > 0``) a document begins and the summary restarts from empty, so each
+        document gets exactly the outputs it gets alone. Token 0 continues
+        ``initial_state``; the final state is that of the last document.
 
     Returns:
       ``(o [B, T, H, V] in the inputs' dtype, final AarenState or None)``; the
@@ -168,6 +189,7 @@ def aaren(
     batch, _, heads, key_dim = k.shape
     value_dim = v.shape[-1]
     initial = _validate_state(initial_state, batch, heads, value_dim)
+    starts = _document_starts(segment_ids, batch, k.shape[1])
 
     out_dtype = jnp.result_type(q, k, v)
     dtype = common.compute_dtype(q, k, v, *(() if initial is None else initial))
@@ -180,18 +202,26 @@ def aaren(
         else AarenState(*(x.astype(dtype) for x in initial))
     )
 
-    o, final = _run_form(scores, v, initial, mode=mode, chunk_size=chunk_size)
+    if starts is not None:
+        starts = jnp.broadcast_to(starts[:, :, None], scores.shape)
+    o, final = _run_form(scores, v, initial, starts, mode=mode, chunk_size=chunk_size)
     return o.astype(out_dtype), (final if output_final_state else None)
 
 
 @functools.partial(jax.jit, static_argnames=("mode", "chunk_size"))
 def _run_form(
-    scores: jax.Array, v: jax.Array, initial: AarenState, *, mode: Mode, chunk_size: int
+    scores: jax.Array,
+    v: jax.Array,
+    initial: AarenState,
+    starts: jax.Array | None,
+    *,
+    mode: Mode,
+    chunk_size: int,
 ) -> tuple[jax.Array, AarenState]:
     """The requested form, compiled as one unit: the scans are many small operations,
     slow to dispatch one by one when the op is called outside ``jit``."""
     if mode == "recurrent":
-        return aaren_recurrent(scores, v, initial)
+        return aaren_recurrent(scores, v, initial, starts)
     if mode == "parallel":
-        return aaren_parallel(scores, v, initial)
-    return aaren_chunk(scores, v, initial, chunk_size)
+        return aaren_parallel(scores, v, initial, starts)
+    return aaren_chunk(scores, v, initial, chunk_size, starts)

@@ -14,7 +14,11 @@ prefixes combine as::
                                              w_a·e^{m_a−m} + w_b·e^{m_b−m}),   m = max(m_a, m_b)
 
 ``⊕`` is associative with the empty prefix ``(−inf, 0, 0)`` as identity, which
-is what makes the prefix scan (``jax.lax.associative_scan``) exact. When both
+is what makes the prefix scan (``jax.lax.associative_scan``) exact. Packed
+documents restart the summary: a token that begins a document carries a flag, and
+the flagged pairs ``(summary, flag)`` combine as
+``(a, f_a) ⊞ (b, f_b) = (b if f_b else a ⊕ b, f_a or f_b)`` — still associative (a
+segmented scan), so every form restarts exactly, with no ``−inf`` arithmetic. When both
 sides are empty the reference point ``m = −inf`` is masked before the
 exponentials, so the result is ``(−inf, 0, 0)`` — never ``exp(−inf + inf) = NaN`` —
 in the forward and the backward pass.
@@ -76,3 +80,21 @@ def read_out(summary: AarenState) -> jax.Array:
     """The softmax-weighted mean ``u / w`` (``w ≥ 1`` once a token has been seen:
     the token holding the max contributes ``exp(0)``)."""
     return summary.numerator / summary.denominator[..., None]
+
+
+def select(flag: jax.Array, a: AarenState, b: AarenState) -> AarenState:
+    """``a`` where ``flag`` (``[...]``, like ``max``), else ``b``."""
+    return AarenState(
+        jnp.where(flag, a.max, b.max),
+        jnp.where(flag[..., None], a.numerator, b.numerator),
+        jnp.where(flag, a.denominator, b.denominator),
+    )
+
+
+def combine_segmented(
+    a: tuple[AarenState, jax.Array], b: tuple[AarenState, jax.Array]
+) -> tuple[AarenState, jax.Array]:
+    """``(a, f_a) ⊞ (b, f_b)``: ``b`` alone if a document begins inside it, else
+    ``a ⊕ b`` (module docstring); the flag says whether one begins in either."""
+    (summary_a, flag_a), (summary_b, flag_b) = a, b
+    return select(flag_b, summary_b, combine(summary_a, summary_b)), flag_a | flag_b

@@ -18,6 +18,11 @@ from typing import Literal, get_args
 import jax
 import jax.numpy as jnp
 
+#: The log-decay that wipes a state (a document's first token in a packed row): ``exp``
+#: gives exactly 0 in float32 and bfloat16, yet it is finite, so differences of
+#: (compensated) log-decay sums never become ``inf − inf``; sums of 10⁸ stay finite.
+RESET_LOG_GATE = -1e30
+
 #: The layout of a gate: per head ``[H]``, per token ``[B, T, H]``, per channel ``[B, T, H, K]``.
 GateKind = Literal["head", "token", "channel"]
 KINDS: tuple[GateKind, ...] = get_args(GateKind)

@@ -382,6 +382,11 @@ def make_segments(op: str, cu_seqlens, batch: int, num_tokens: int) -> Segments 
             lambda c, xp: (c[0] == 0) & (c[-1] == num_tokens) & xp.all(c[1:] >= c[:-1]),
             expected,
         )
+    return derive_segments(cu_seqlens, num_tokens)
+
+
+def derive_segments(cu_seqlens, num_tokens: int) -> Segments:
+    """Per-token segment ids of checked ``cu_seqlens`` (:func:`make_segments` checks them)."""
     cu = jnp.asarray(cu_seqlens, jnp.int32)
     positions = jnp.arange(num_tokens, dtype=jnp.int32)
     ids = jnp.searchsorted(cu[1:], positions, side="right").astype(jnp.int32)

@@ -77,7 +77,7 @@ def _run(
     chunk_size = common.check_chunk_size(op, chunk_size)
     for name, x in (("q", q), ("k", k), ("v", v)):
         common.check_rank(op, name, x, ["B", "T", "H", "K" if name != "v" else "V"])
-    segments = validate(
+    validate(
         q,
         k,
         v,
@@ -117,6 +117,46 @@ def _run(
             q, k, v, beta, g, scale, initial_state, output_final_state, rows_per_token, cpu
         )
 
+    return _xla_forms(
+        q,
+        k,
+        v,
+        beta,
+        g,
+        gk,
+        initial_state,
+        cu_seqlens,
+        scale,
+        mode=mode,
+        chunk_size=chunk_size,
+        output_final_state=output_final_state,
+        rows_per_token=rows_per_token,
+    )
+
+
+@functools.partial(
+    jax.jit, static_argnames=("mode", "chunk_size", "output_final_state", "rows_per_token")
+)
+def _xla_forms(
+    q,
+    k,
+    v,
+    beta,
+    g,
+    gk,
+    initial_state,
+    cu_seqlens,
+    scale,
+    *,
+    mode,
+    chunk_size,
+    output_final_state,
+    rows_per_token,
+):
+    """The XLA forms of checked arguments as one jitted program (an eager call compiles
+    the op once instead of dispatching its many small operations one by one; inside a
+    user's ``jit`` it is inlined)."""
+    segments = None if cu_seqlens is None else common.derive_segments(cu_seqlens, q.shape[1])
     out_dtype = jnp.result_type(q, k, v)
     dtype = common.compute_dtype(q, k, v, beta, g, gk, initial_state)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -125,7 +165,7 @@ def _run(
     init = None if initial_state is None else initial_state.astype(dtype)
     gate = combine(g, gk, q.shape[2], dtype)
     if rows_per_token > 1:
-        q, gate, segments = _expand_tokens(q, gate, segments, rows_per_token, cu_seqlens)
+        q, gate, segments = _expand_tokens(q, gate, segments, rows_per_token)
 
     if mode == "recurrent":
         o, final = delta_rule_recurrent(q, k, v, beta, gate, init, segments)
@@ -145,7 +185,7 @@ def _run_kernel(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if rows_per_token > 1:
         gate = combine(g, None, q.shape[2], jnp.float32)
-        q, gate, _ = _expand_tokens(q, gate, None, rows_per_token, None)
+        q, gate, _ = _expand_tokens(q, gate, None, rows_per_token)
         g = gate.values
     o, final = kernels.delta_rule(
         q, k, v, beta, g=g, scale=scale, initial_state=initial_state, cpu_fallback=cpu_fallback
@@ -155,7 +195,7 @@ def _run_kernel(
     return o, (final if output_final_state else None)
 
 
-def _expand_tokens(q, gate, segments, n: int, cu_seqlens):
+def _expand_tokens(q, gate, segments, n: int):
     """DeltaProduct as a delta rule over T·n rows: the decay on each token's first
     sub-step, the query (read-out) on its last, packing boundaries scaled by n."""
     batch, num_tokens, heads, key_dim = q.shape
@@ -169,7 +209,7 @@ def _expand_tokens(q, gate, segments, n: int, cu_seqlens):
     values = first_only.at[:, :, 0].set(values).reshape((batch, rows) + values.shape[2:])
     gate = type(gate)("channel" if gate.kind == "channel" else "token", values)
     if segments is not None:
-        segments = common.make_segments("delta_product", segments.cu_seqlens * n, batch, rows)
+        segments = common.derive_segments(segments.cu_seqlens * n, rows)
     return q_rows, gate, segments
 
 

@@ -15,6 +15,11 @@ memories are then independent delta rules sharing the query, so the op folds
 M into the head axis (``[B, T, M·H, ·]``) and runs :func:`xformjax.ops.delta_rule`
 once: it stays linear in T in the chunk form and inherits the parallel and
 recurrent forms, the gradients and the state handling.
+
+``resets`` (bool ``[B, T]``) restarts every memory from zero at the marked tokens
+(documents packed in a row): a log-decay of :data:`RESET_LOG_GATE` (finite, so the
+chunk form's log-decay sums stay finite; ``exp`` of it is 0) is added there to every
+memory's gate, routed or not, before the token's own step.
 """
 
 from __future__ import annotations
@@ -23,12 +28,14 @@ import jax
 import jax.numpy as jnp
 
 from xformjax.ops import common
+from xformjax.ops.common.gates import RESET_LOG_GATE
 from xformjax.ops.common.validation import Backend, Mode
 from xformjax.ops.delta_rule import delta_rule
 
 __all__ = ["mixture_of_memories"]
 
 OP = "mixture_of_memories"
+
 
 
 def _validate(q, k, v, beta, routing, g, initial_state) -> None:
@@ -112,6 +119,7 @@ def mixture_of_memories(
     scale: float | None = None,
     initial_state: jax.Array | None = None,
     output_final_state: bool = False,
+    resets: jax.Array | None = None,
     mode: Mode = "chunk",
     chunk_size: int = 64,
     backend: Backend | None = None,
@@ -137,6 +145,8 @@ def mixture_of_memories(
       scale: a finite number > 0; defaults to ``K ** -0.5``.
       initial_state: ``[B, M, H, K, V]``.
       output_final_state: also return the final states ``[B, M, H, K, V]``.
+      resets: optional bool ``[B, T]``: every memory restarts from zero at these
+        tokens (before their own step): documents packed in a row.
       mode: ``"chunk"``, ``"parallel"`` or ``"recurrent"``, as :func:`xformjax.ops.delta_rule`.
       chunk_size, backend: as :func:`xformjax.ops.delta_rule`.
 
@@ -180,6 +190,16 @@ def mixture_of_memories(
     # identity transition where not routed: no delta step (β = 0), no decay (g = 0)
     beta = jnp.where(routed, beta.astype(dtype), 0)
     g = None if g is None else jnp.where(routed, g.astype(dtype), 0)
+    if resets is not None:
+        if tuple(jnp.shape(resets)) != (batch, num_tokens):
+            common.fail(
+                OP,
+                f"`resets` must have shape [B, T] = {(batch, num_tokens)}; "
+                f"got {common.shape_str(resets)}",
+            )
+        wipe = jnp.where(jnp.asarray(resets, bool), RESET_LOG_GATE, 0.0).astype(dtype)
+        wipe = jnp.broadcast_to(wipe[:, :, None, None], (batch, num_tokens, memories, heads))
+        g = wipe if g is None else g + wipe
     q_all = jnp.broadcast_to(
         q.astype(dtype)[:, :, None], (batch, num_tokens, memories, heads, key_dim)
     )

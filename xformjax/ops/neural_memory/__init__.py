@@ -34,6 +34,13 @@ factors of the gradients, so no per-token weights are formed). With ``C = 1``
 the two forms are the same computation; with ``C > 1`` the chunk form is the
 paper's approximation, not the token-by-token rule (so results depend on
 ``chunk_size``).
+
+``resets`` (bool ``[B, T]``) marks tokens where a new sequence begins: the state
+restarts there from the initial weights (zero momentum, empty Omega window). In the
+recurrent form anywhere. In the chunk form the chunk grid does not move, so a reset
+is a fresh start only on a chunk boundary, or inside a chunk whose first token is
+reset too (several short sequences in one chunk, all gradients at the initial
+weights); :mod:`.layout` arranges packed documents that way.
 """
 
 from __future__ import annotations
@@ -179,6 +186,7 @@ def neural_memory(
     initial_state: dict | None = None,
     output_final_state: bool = False,
     state_position: int | jax.Array | None = None,
+    resets: jax.Array | None = None,
 ) -> tuple[jax.Array, dict | None]:
     """Titans / ATLAS neural memory (the recurrence is in the module docstring).
 
@@ -272,6 +280,12 @@ def neural_memory(
     memory = _check_memory(memory, key_dim, value_dim, heads)
     if state_position is None:
         state_position = length
+    elif (
+        isinstance(state_position, (jax.Array, np.ndarray))
+        and jnp.issubdtype(state_position.dtype, jnp.integer)
+        and tuple(state_position.shape) == (batch,)
+    ):
+        pass  # one per sequence
     elif isinstance(state_position, (bool, np.bool_)) or not (
         isinstance(state_position, (int, np.integer))
         or (
@@ -330,19 +344,45 @@ def neural_memory(
         newton_schulz_steps,
         None if max_surprise_norm is None else float(max_surprise_norm),
     )
-    position = jnp.asarray(state_position, jnp.int32)
     if mode == "chunk":
         run = partial(chunk_sequence, rule=rule, chunk_size=chunk_size)
     else:
         run = partial(recurrent_sequence, rule=rule)
+    if resets is not None:
+        if tuple(jnp.shape(resets)) != (batch, length):
+            common.fail(
+                OP,
+                f"`resets` must have shape [B, T] = {(batch, length)}; "
+                f"got {common.shape_str(resets)}",
+            )
+        reset_streams = (
+            jnp.broadcast_to(jnp.asarray(resets, bool)[:, None], (batch, heads, length)),
+        )
+        init_carry = (_to_carry(expected, len(memory), omega_window),)
+    else:
+        reset_streams, init_carry = (), ()
     # One vmap over B·H rather than one per axis: with nested vmaps a batch of 1 stays a
     # leading axis of 1 in the backward's sums over a chunk's tokens, which XLA:CPU
     # (jaxlib 0.10) reduced ~100× slower than with the axes merged.
     merge = lambda x: x.reshape((batch * heads,) + x.shape[2:])
     split = lambda x: x.reshape((batch, heads) + x.shape[1:])
-    per_sequence = jax.vmap(lambda *args: run(*args, state_position=position))
-    o, carry = per_sequence(
-        *map(merge, streams), jax.tree.map(merge, _to_carry(state, len(memory), omega_window))
+    position = jnp.broadcast_to(
+        jnp.asarray(state_position, jnp.int32).reshape(-1, 1), (batch, heads)
+    )
+
+    def one(*args):
+        *args, position = args
+        if resets is None:
+            return run(*args, state_position=position)
+        *args, reset, init = args
+        return run(*args, state_position=position, resets=reset, init=init)
+
+    o, carry = jax.vmap(one)(
+        *map(merge, streams),
+        jax.tree.map(merge, _to_carry(state, len(memory), omega_window)),
+        *map(merge, reset_streams),
+        *jax.tree.map(merge, init_carry),
+        merge(position),
     )
     o, carry = split(o), jax.tree.map(split, carry)
     o = jnp.moveaxis(o, 1, 2).astype(out_dtype)

@@ -43,50 +43,82 @@ from xformjax.ops.neural_memory.recurrent import (
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def transfer(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+def transfer(a: jax.Array, restart: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """The transfer matrix of ``x_t = a_t x_{t-1} + b_t`` over ``a`` ``[C]``.
 
     Returns ``(L [C, C], P [C])`` with ``x_t = P_t x0 + Σ_{s ≤ t} L_ts b_s``:
     ``L_ts = Π_{r=s+1}^{t} a_r`` (zero above the diagonal), ``P_t = Π_{r ≤ t} a_r``.
     ``L`` is a cumulative product down the columns of a matrix holding ``a_r`` below
     the diagonal and 1 elsewhere: no division and no logarithm, so ``a = 0`` (a full
-    reset) is exact."""
+    reset) is exact.
+
+    ``restart`` (bool ``[C]``): at a marked token the recurrence starts again from
+    ``x0``, ``x_t = a_t x0 + b_t``: ``L_ts = 0`` across a restart and ``P_t`` is the
+    product from the token's last restart on (sequences packed in one chunk)."""
     size = a.shape[0]
     rows = jnp.arange(size)
-    factors = jnp.where(rows[:, None] > rows[None, :], a[:, None], 1)
+    kept = a if restart is None else jnp.where(restart, 0, a)
+    factors = jnp.where(rows[:, None] > rows[None, :], kept[:, None], 1)
     lower = jnp.where(rows[:, None] >= rows[None, :], jnp.cumprod(factors, axis=0), 0)
-    return lower, jnp.cumprod(a)
+    if restart is None:
+        return lower, jnp.cumprod(a)
+    # P_t = Π_{r=s}^{t} a_r from the token's last restart s (or 0), multiplied in the
+    # order cumprod(a) multiplies a sequence that starts at s (same rounding as alone)
+    from_row = jnp.cumprod(jnp.where(rows[:, None] >= rows[None, :], a[:, None], 1), axis=0)
+    last = jax.lax.cummax(jnp.where(restart, rows, 0), axis=0)
+    return lower, jnp.sum(jnp.where(rows[None, :] == last[:, None], from_row, 0), axis=1)
 
 
-def linear_scan(a: jax.Array, b: jax.Array, x0: jax.Array) -> jax.Array:
-    """All ``x_t = a_t x_{t-1} + b_t`` (``a`` ``[C]``, ``b`` ``[C, ...]``) from ``x0``,
-    as one matmul with the :func:`transfer` matrix — cheaper to run and to
-    differentiate than an associative scan over the ``C`` weight-sized ``b_t``."""
+def linear_scan(
+    a: jax.Array, b: jax.Array, x0: jax.Array, restart: jax.Array | None = None
+) -> jax.Array:
+    """All ``x_t = a_t x_{t-1} + b_t`` (``a`` ``[C]``, ``b`` ``[C, ...]``) from ``x0``
+    (restarting from ``x0`` where ``restart``: :func:`transfer`), as one matmul with the
+    :func:`transfer` matrix — cheaper to run and to differentiate than an associative
+    scan over the ``C`` weight-sized ``b_t``."""
     size = a.shape[0]
-    lower, prod = transfer(a)
+    lower, prod = transfer(a, restart)
     acc = jnp.matmul(lower, b.reshape(size, -1), precision=HIGHEST)
     return prod.reshape((size,) + (1,) * (b.ndim - 1)) * x0[None] + acc.reshape(b.shape)
 
 
-def materialised_chunk_step(carry: Carry, xs, rule: Rule) -> tuple[Carry, jax.Array]:
+def segments(reset: jax.Array | None, size: int, rule: Rule):
+    """``(restart [C] or None, same [C, C + c − 1] or None)``: where the recurrences
+    restart, and which window rows (the ``c − 1`` carried ones, then the chunk's) belong
+    to the same sequence as each token (a restart cuts the Omega window)."""
+    if reset is None:
+        return None, None
+    keep = rule.omega_window - 1
+    index = jnp.cumsum(reset.astype(jnp.int32))
+    ext_index = jnp.concatenate([jnp.zeros((keep,), jnp.int32), index])
+    return reset, ext_index[None, :] == index[:, None]
+
+
+def materialised_chunk_step(
+    carry: Carry, xs, rule: Rule, reset: jax.Array | None = None
+) -> tuple[Carry, jax.Array]:
     """One chunk with its ``C`` per-token weights formed (any optimiser; Muon needs
-    them for ``NS(m_t)``). ``xs`` = ``(q, k, v, lr, mom, decay, gamma)``, ``C`` rows."""
+    them for ``NS(m_t)``). ``xs`` = ``(q, k, v, lr, mom, decay, gamma)``, ``C`` rows;
+    ``reset`` (bool ``[C]``): tokens where the recurrences restart from the chunk-start
+    state (see :func:`chunk_sequence`)."""
     q, k, v, lr, mom, decay, gamma = xs
     size, c = q.shape[0], rule.omega_window
+    restart, same = segments(reset, size, rule)
     ext_k, ext_v, ext_g = extended(carry, k, v, gamma, rule)
     grads = memory.token_gradients(carry["weights"], ext_k, ext_v, ext_g)
-    surprise = clip_surprise(
-        rule,
-        [
-            array_sum(g[j : j + size] for j in range(c))  # [C, d, d']
-            for g in grads
-        ],
-    )
+
+    def in_window(j: int, g: jax.Array) -> jax.Array:
+        rows = g[j : j + size]  # [C, d, d']: row t is ext row t + j of token t's window
+        if same is None:
+            return rows
+        return rows * same[jnp.arange(size), jnp.arange(size) + j][:, None, None]
+
+    surprise = clip_surprise(rule, [array_sum(in_window(j, g) for j in range(c)) for g in grads])
     per_token_w, new_w, new_m = [], [], []
     for w0, m0, u in zip(carry["weights"], carry["momentum"], surprise):
         lr_b = lr[:, None, None]
-        m_all = linear_scan(mom, momentum_input(rule, lr_b, u), m0)
-        w_all = linear_scan(1 - decay, weight_increment(rule, lr_b, m_all), w0)
+        m_all = linear_scan(mom, momentum_input(rule, lr_b, u), m0, restart)
+        w_all = linear_scan(1 - decay, weight_increment(rule, lr_b, m_all), w0, restart)
         per_token_w.append(w_all)
         new_w.append(w_all[-1])
         new_m.append(m_all[-1])
@@ -94,12 +126,24 @@ def materialised_chunk_step(carry: Carry, xs, rule: Rule) -> tuple[Carry, jax.Ar
     new = {
         "weights": tuple(new_w),
         "momentum": tuple(new_m),
-        **shift_window(carry, k, v, gamma, rule),
+        **next_window(carry, k, v, gamma, rule, same),
     }
     return new, o
 
 
-def dual_chunk_step(carry: Carry, xs, rule: Rule) -> tuple[Carry, jax.Array]:
+def next_window(carry: Carry, k, v, gamma, rule: Rule, same: jax.Array | None) -> dict:
+    """:func:`shift_window`, with ``γ`` zeroed before the chunk's last restart (the
+    window carries on only the last sequence's tokens)."""
+    if same is None or rule.omega_window == 1:
+        return shift_window(carry, k, v, gamma, rule)
+    keep = rule.omega_window - 1
+    carry = dict(carry, window_gamma=jnp.where(same[-1, :keep], carry["window_gamma"], 0))
+    return shift_window(carry, k, v, jnp.where(same[-1, keep:], gamma, 0), rule)
+
+
+def dual_chunk_step(
+    carry: Carry, xs, rule: Rule, reset: jax.Array | None = None
+) -> tuple[Carry, jax.Array]:
     """One chunk of the momentum optimiser without forming per-token weights.
 
     Every gradient is rank 1, ``a_e ⊗ δ_e`` per layer (:func:`memory.gradient_factors`,
@@ -113,22 +157,25 @@ def dual_chunk_step(carry: Carry, xs, rule: Rule) -> tuple[Carry, jax.Array]:
 
     — ``[C, E]`` matmuls per layer; the weights are formed once, at the chunk end.
     ``‖u_t‖² = Σ_l (Ω (G^a_l ∘ G^δ_l) Ωᵀ)_tt`` from the Gram matrices of the factors.
-    Same arithmetic as :func:`materialised_chunk_step`, in another order."""
+    Same arithmetic as :func:`materialised_chunk_step`, in another order (``reset``
+    as there: restarts cut ``Ω`` and the transfer matrices)."""
     q, k, v, lr, mom, decay, gamma = xs
     size, c = q.shape[0], rule.omega_window
+    restart, same = segments(reset, size, rule)
     ext_k, ext_v, ext_g = extended(carry, k, v, gamma, rule)
     inputs, deltas = memory.gradient_factors(carry["weights"], ext_k, ext_v, ext_g)
     rows = jnp.arange(size)[:, None]
     cols = jnp.arange(size + c - 1)[None, :]
-    window = ((cols >= rows) & (cols < rows + c)).astype(q.dtype)  # Ω [C, E]
+    band = (cols >= rows) & (cols < rows + c)
+    window = (band if same is None else band & same).astype(q.dtype)  # Ω [C, E]
     if rule.max_surprise_norm is None:
         scale = jnp.ones_like(lr)
     else:
         gram = sum((a @ a.T) * (d @ d.T) for a, d in zip(inputs, deltas))
         squared = jnp.sum(jnp.matmul(window, gram, precision=HIGHEST) * window, axis=1)
         scale = clip_scale(rule, squared)
-    momentum_lower, momentum_prod = transfer(mom)
-    weight_lower, weight_prod = transfer(1 - decay)
+    momentum_lower, momentum_prod = transfer(mom, restart)
+    weight_lower, weight_prod = transfer(1 - decay, restart)
     momentum_coeffs = jnp.matmul(
         momentum_lower * (-lr * scale)[None, :], window, precision=HIGHEST
     )  # A [C, E]
@@ -151,29 +198,61 @@ def dual_chunk_step(carry: Carry, xs, rule: Rule) -> tuple[Carry, jax.Array]:
     new = {
         "weights": tuple(new_w),
         "momentum": tuple(new_m),
-        **shift_window(carry, k, v, gamma, rule),
+        **next_window(carry, k, v, gamma, rule, same),
     }
     return new, h
 
 
-def chunk_step(carry: Carry, xs, rule: Rule) -> tuple[Carry, jax.Array]:
+def chunk_step(
+    carry: Carry, xs, rule: Rule, reset: jax.Array | None = None
+) -> tuple[Carry, jax.Array]:
     """One chunk: ``xs`` = ``(q, k, v, lr, mom, decay, gamma)`` with ``C`` rows each."""
     if rule.optimizer == "momentum":
-        return dual_chunk_step(carry, xs, rule)
-    return materialised_chunk_step(carry, xs, rule)
+        return dual_chunk_step(carry, xs, rule, reset)
+    return materialised_chunk_step(carry, xs, rule, reset)
 
 
 def chunk_sequence(
-    q, k, v, lr, mom, decay, gamma, carry: Carry, rule: Rule, chunk_size: int, state_position
+    q,
+    k,
+    v,
+    lr,
+    mom,
+    decay,
+    gamma,
+    carry: Carry,
+    rule: Rule,
+    chunk_size: int,
+    state_position,
+    resets: jax.Array | None = None,
+    init: Carry | None = None,
 ) -> tuple[jax.Array, Carry]:
     """One head: ``q, k`` ``[T, K]``, ``v`` ``[T, V]``, gates ``[T]`` → ``(o, carry)``.
 
     The returned carry is the one after ``state_position`` tokens, which must be
-    ``T`` or a multiple of ``chunk_size`` (may be traced)."""
+    ``T`` or a multiple of ``chunk_size`` (may be traced).
+
+    ``resets`` (bool ``[T]``, with ``init``, the initial carry): a chunk whose first
+    token is marked starts from ``init``; a mark inside a chunk restarts the momentum
+    and weight recurrences from the chunk-start state and cuts the Omega window there,
+    with every gradient of the chunk still taken at the chunk-start weights. That is
+    the fresh start of a new sequence exactly when the chunk's first token is marked
+    too (the arrangement :mod:`.layout` makes)."""
     length = q.shape[0]
     full = length // chunk_size
     streams = (q, k, v, lr, mom, decay, gamma)
-    step = jax.checkpoint(lambda c_, x_: chunk_step(c_, x_, rule))
+    if resets is None:
+        step = jax.checkpoint(lambda c_, x_: chunk_step(c_, x_, rule))
+    else:
+        assert init is not None  # resets come with the initial carry
+
+        def restarting(c_, x_):
+            *x_, reset = x_
+            c_ = select(reset[0], init, c_)
+            return chunk_step(c_, tuple(x_), rule, reset)
+
+        step = jax.checkpoint(restarting)
+        streams = streams + (resets,)
     outputs = []
     chosen = carry
     if full:

@@ -105,14 +105,34 @@ def select(flag, new: Carry, old: Carry) -> Carry:
 
 
 def recurrent_sequence(
-    q, k, v, lr, mom, decay, gamma, carry: Carry, rule: Rule, state_position
+    q,
+    k,
+    v,
+    lr,
+    mom,
+    decay,
+    gamma,
+    carry: Carry,
+    rule: Rule,
+    state_position,
+    resets: jax.Array | None = None,
+    init: Carry | None = None,
 ) -> tuple[jax.Array, Carry]:
     """One head: ``q, k`` ``[T, K]``, ``v`` ``[T, V]``, gates ``[T]`` → ``(o [T, V], carry)``.
 
-    The returned carry is the one after ``state_position`` tokens (may be traced)."""
+    The returned carry is the one after ``state_position`` tokens (may be traced).
+    ``resets`` (bool ``[T]``, with ``init``): the carry restarts from ``init`` before
+    each marked token (a new sequence begins there)."""
+    streams = (q, k, v, lr, mom, decay, gamma)
+    if resets is not None:
+        streams = streams + (resets,)
 
     def step(state, xs):
         current, chosen, t = state
+        if resets is not None:
+            assert init is not None  # resets come with the initial carry
+            *xs, reset_t = xs
+            current = select(reset_t, init, current)
         q_t, k_t, v_t, lr_t, mom_t, decay_t, gamma_t = xs
         ext_k, ext_v, ext_g = extended(current, k_t[None], v_t[None], gamma_t[None], rule)
         grads = memory.token_gradients(current["weights"], ext_k, ext_v, ext_g)
@@ -134,6 +154,6 @@ def recurrent_sequence(
         return (new, chosen, t + 1), o_t
 
     chosen = carry
-    init = (carry, chosen, jnp.zeros((), jnp.int32))
-    (_, chosen, _), o = jax.lax.scan(step, init, (q, k, v, lr, mom, decay, gamma))
+    start = (carry, chosen, jnp.zeros((), jnp.int32))
+    (_, chosen, _), o = jax.lax.scan(step, start, streams)
     return o, chosen

@@ -2,7 +2,8 @@
 sliding-window, grouped-query, packed; parallel, blockwise and decoding forms.
 
 For every batch row and query head, over the keys ``j`` visible from query ``i``
-(``M_ij``: same packed sequence, ``j ≤ i`` if causal, inside the window)::
+(``M_ij``: same document — ``cu_seqlens`` sequence or ``segment_ids`` —, ``j ≤ i``
+if causal, inside the window)::
 
     softmax:  o_i = Σ_j softmax_j(scale · q_i·k_j) v_j
     sigmoid:  o_i = Σ_j σ(scale · q_i·k_j + b_i) v_j
@@ -26,13 +27,33 @@ import numpy as np
 from xformjax.ops import common
 from xformjax.ops.common.validation import Backend, Mode
 from xformjax.ops.softmax_attention.chunk import attention_chunk
-from xformjax.ops.softmax_attention.masking import AttentionMask, sequence_ids, sigmoid_bias
+from xformjax.ops.softmax_attention.masking import (
+    AttentionMask,
+    query_ids,
+    sequence_ids,
+    sigmoid_bias,
+)
 from xformjax.ops.softmax_attention.parallel import attention_parallel
 from xformjax.ops.softmax_attention.recurrent import attention_recurrent
 
 __all__ = ["AttentionMask", "sigmoid_attention", "softmax_attention"]
 
 _FORMS = {"parallel": attention_parallel, "recurrent": attention_recurrent}
+
+
+def _check_segment_ids(op, segment_ids, cu_seqlens, batch: int, num_keys: int):
+    """``segment_ids``: ``None`` or an integer array ``[B, Tk]`` (not with ``cu_seqlens``)."""
+    if segment_ids is None:
+        return None
+    if cu_seqlens is not None:
+        common.fail(op, "pass either `segment_ids` or `cu_seqlens`, not both")
+    if not hasattr(segment_ids, "dtype") or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+        got = getattr(segment_ids, "dtype", type(segment_ids).__name__)
+        common.fail_type(op, f"`segment_ids` must be an integer array [B, Tk]; got {got}")
+    common.check_rank(op, "segment_ids", segment_ids, ["B", "Tk"])
+    common.check_dim(op, "segment_ids", segment_ids, 0, batch, "B of `q`")
+    common.check_dim(op, "segment_ids", segment_ids, 1, num_keys, "Tk of `k`")
+    return jnp.asarray(segment_ids, jnp.int32)
 
 
 def _validate(op, q, k, v, causal, window, cu_seqlens):
@@ -117,12 +138,12 @@ def _check_kv_length(op, kv_length, mode, cu_seqlens, num_queries, num_keys):
     return jnp.asarray(kv_length, jnp.int32) - num_queries
 
 
-def _check_bias(op, bias, num_queries: int):
-    """Sigmoid attention's ``bias``: ``None``, a number, or an array ``[Tq]`` (one per
-    query); returned as given (a Python number, or a jax array)."""
+def _check_bias(op, bias, batch: int, num_queries: int):
+    """Sigmoid attention's ``bias``: ``None``, a number, or an array ``[Tq]`` or
+    ``[B, Tq]`` (one per query); returned as given (a Python number, or a jax array)."""
     if bias is None:
         return None
-    what = "None, a number or an array [Tq]"
+    what = "None, a number or an array [Tq]"  # or [B, Tq]: the shape check says so
     if isinstance(bias, (jax.Array, np.ndarray)):
         if not jnp.issubdtype(bias.dtype, jnp.number):
             common.fail_type(op, f"`bias` must be {what}; got an array of dtype {bias.dtype}")
@@ -133,11 +154,11 @@ def _check_bias(op, bias, num_queries: int):
     common.check_finite(op, "bias", bias)
     if not isinstance(bias, (jax.Array, np.ndarray)):
         return float(bias)
-    if jnp.ndim(bias) not in (0, 1) or (jnp.ndim(bias) == 1 and bias.shape[0] != num_queries):
+    if tuple(jnp.shape(bias)) not in ((), (num_queries,), (batch, num_queries)):
         common.fail(
             op,
-            f"`bias` must be a scalar or have shape [Tq] = [{num_queries}]; got "
-            f"shape {list(jnp.shape(bias))}",
+            f"`bias` must be a scalar or have shape [B, Tq] = [{batch}, {num_queries}] or "
+            f"shape [Tq] = [{num_queries}]; got shape {list(jnp.shape(bias))}",
         )
     return jnp.asarray(bias)
 
@@ -158,15 +179,17 @@ def _attention(
     backend,
     bias=None,
     kv_length=None,
+    segment_ids=None,
 ):
     common.check_mode(op, mode)
     chunk_size = common.check_chunk_size(op, chunk_size)
     common.resolve_backend(op, backend)
     segments = _validate(op, q, k, v, causal, window, cu_seqlens)
+    segment_ids = _check_segment_ids(op, segment_ids, cu_seqlens, q.shape[0], k.shape[1])
     common.check_scale(op, scale)
     q_offset = _check_kv_length(op, kv_length, mode, cu_seqlens, q.shape[1], k.shape[1])
     if kind == "sigmoid":
-        bias = _check_bias(op, bias, q.shape[1])
+        bias = _check_bias(op, bias, q.shape[0], q.shape[1])
     out_dtype = jnp.result_type(q, k, v)
     dtype = common.compute_dtype(q, k, v)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -174,12 +197,10 @@ def _attention(
     k, v = k.astype(dtype), v.astype(dtype)
     num_queries, num_keys = q.shape[1], k.shape[1]
     mask = AttentionMask(causal=causal, window=window, q_offset=q_offset, kv_length=kv_length)
-    k_seq = sequence_ids(segments, num_keys)
-    q_seq = k_seq[num_keys - num_queries :]
-    if kind == "sigmoid" and bias is None and kv_length is not None:
-        bias = -jnp.log(jnp.asarray(kv_length, dtype))
+    k_seq = sequence_ids(segments, segment_ids, num_keys)  # [Bs, Tk], Bs = B or 1
+    q_seq = query_ids(k_seq, q_offset, num_queries)
     q_bias = (
-        sigmoid_bias(segments, num_keys, num_keys - num_queries, num_queries, bias, dtype)
+        sigmoid_bias(segments, segment_ids, q_seq, k_seq, kv_length, bias, dtype)
         if kind == "sigmoid"
         else None
     )
@@ -203,6 +224,7 @@ def softmax_attention(
     chunk_size: int = 128,
     backend: Backend | None = None,
     kv_length: int | jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, None]:
     """Softmax attention ``o_i = Σ_j softmax_j(scale·q_i·k_j) v_j`` over visible keys.
 
@@ -216,6 +238,13 @@ def softmax_attention(
       window: if set, a positive int: only keys with ``i − j < window``
         (``|i − j|`` when not causal).
       cu_seqlens: int ``[N+1]`` packed sequences (``B == 1``, ``Tq == Tk``).
+      segment_ids: int ``[B, Tk]``, documents packed in each row: the document of
+        every key position (any integers; equal ids ⇔ same document). A query, which
+        sits at a key position, attends only to keys with its own id (masked before
+        the exponential; it always sees itself, so no row is empty). Works in every
+        mode, with ``window`` (measured in key positions, so within a document),
+        grouped-query heads and ``kv_length`` (a KV cache that remembers each cached
+        key's document); not with ``cu_seqlens`` (``B == 1`` only, the older form).
       mode: ``"chunk"`` (blockwise online softmax, O(T·C) memory forward and
         backward), ``"parallel"`` (full Tq×Tk matrix) or ``"recurrent"`` (one
         query at a time against the KV cache: decoding when ``Tq == 1``).
@@ -225,14 +254,17 @@ def softmax_attention(
         are filled and the queries sit at positions ``kv_length − Tq … kv_length − 1``
         (an int or a 0-d integer array, may be traced; in ``[Tq, Tk]``; modes
         ``"parallel"`` and ``"recurrent"``). Sigmoid attention's default bias then
-        uses ``n = kv_length``.
+        uses ``n = kv_length`` (with ``segment_ids``: the filled keys of the query's
+        document).
 
     Raises:
       ValueError: a malformed argument (shapes, ``D = 0``, ``scale`` ≤ 0 or not
-        finite, ``window`` < 1, bad ``cu_seqlens`` or ``kv_length``), named in the
+        finite, ``window`` < 1, bad ``cu_seqlens``, ``segment_ids`` or ``kv_length``;
+        ``segment_ids`` with ``cu_seqlens``), named in the
         message; value checks of traced arguments run under ``jit`` only with
         ``xformjax.config`` option ``check_values`` on.
-      TypeError: an argument of the wrong type (``causal="yes"``, ``scale="a"``).
+      TypeError: an argument of the wrong type (``causal="yes"``, ``scale="a"``,
+        float ``segment_ids``).
 
     Returns:
       ``(o, None)``: ``o`` is ``[B, Tq, Hq, V]`` in the inputs' dtype, computed in
@@ -261,6 +293,7 @@ def softmax_attention(
         chunk_size=chunk_size,
         backend=backend,
         kv_length=kv_length,
+        segment_ids=segment_ids,
     )
     return o, None
 
@@ -279,12 +312,14 @@ def sigmoid_attention(
     chunk_size: int = 128,
     backend: Backend | None = None,
     kv_length: int | jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, None]:
     """Sigmoid attention ``o_i = Σ_j σ(scale·q_i·k_j + b) v_j`` over visible keys.
 
-    ``b`` defaults to ``−log n``, n the sequence length (``Tk``, or the query's
-    own packed sequence length), as in "Theory, Analysis, and Best Practices for
-    Sigmoid Self-Attention". ``bias`` may also be a number, or an array ``[Tq]``
+    ``b`` defaults to ``−log n``, n the sequence length (``Tk``, or the number of
+    keys in the query's own document: its ``cu_seqlens`` sequence, or the keys sharing
+    its ``segment_ids``), as in "Theory, Analysis, and Best Practices for Sigmoid
+    Self-Attention". ``bias`` may also be a number, or an array ``[Tq]`` or ``[B, Tq]``
     with one bias per query (the ``sigmoid_attn`` layer's default depends on each
     query's position); it must be finite (``ValueError``), and a number or a numeric
     array (``TypeError`` otherwise). Every other argument as :func:`softmax_attention`.
@@ -304,5 +339,6 @@ def sigmoid_attention(
         backend=backend,
         bias=bias,
         kv_length=kv_length,
+        segment_ids=segment_ids,
     )
     return o, None

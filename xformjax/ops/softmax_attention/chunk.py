@@ -47,11 +47,14 @@ def _visits(
 
 
 def _block_mask(mask, q_pos, q_seq, k_pos, k_seq, k_valid, real):
-    """``[NQ, C, C]`` visibility of each visited key block from each query block."""
+    """``[Bs, 1, 1, NQ, C, C]`` visibility of each visited key block from each query
+    block (``q_seq``, ``k_seq``: ``[Bs, NQ, C]`` document ids; broadcasts against the
+    logits ``[B, Hkv, G, NQ, C, C]``)."""
     allowed = mask.allowed(
-        q_pos[:, :, None], k_pos[:, None, :], q_seq[:, :, None], k_seq[:, None, :]
+        q_pos[:, :, None], k_pos[:, None, :], q_seq[..., :, None], k_seq[..., None, :]
     )
-    return allowed & k_valid[:, None, :] & real[:, None, None]
+    allowed = allowed & k_valid[:, None, :] & real[:, None, None]
+    return allowed[:, None, None]
 
 
 def _make_blockwise(
@@ -66,7 +69,7 @@ def _make_blockwise(
             k_blocks[:, :, step_blocks],
             v_blocks[:, :, step_blocks],
             k_pos,
-            k_seq_blocks[step_blocks],
+            k_seq_blocks[:, step_blocks],
             k_pos < num_keys,
         )
 
@@ -76,7 +79,7 @@ def _make_blockwise(
         allowed = _block_mask(mask, q_pos, q_seq, k_pos, k_seq, k_valid, real_s)
         if kind == "softmax":
             return jnp.where(allowed, jnp.exp(logits - stats[..., None]), 0.0)
-        return jnp.where(allowed, jax.nn.sigmoid(logits + bias[:, :, None]), 0.0)
+        return jnp.where(allowed, jax.nn.sigmoid(logits + bias[:, None, None, :, :, None]), 0.0)
 
     def forward(q_blocks, k_blocks, v_blocks, q_pos, q_seq, k_seq_blocks, bias):
         shape = q_blocks.shape[:-1]
@@ -174,6 +177,7 @@ def attention_chunk(
     chunk_size: int,
 ) -> jax.Array:
     """Arguments and result as :func:`attention_parallel`, plus the block size."""
+    seq_rows = q_seq.shape[0]
     batch, num_queries = q.shape[:2]
     num_keys, kv_heads = k.shape[1], k.shape[2]
     q_offset = mask.q_offset
@@ -194,18 +198,20 @@ def attention_chunk(
         for x in (k, v)
     )
     q_pos = (jnp.arange(q_rows) + q_offset - front).reshape(num_q_blocks, chunk)
-    q_seq_blocks = jnp.pad(
-        q_seq, (front, q_rows - front - num_queries), constant_values=-1
-    ).reshape(num_q_blocks, chunk)
-    k_seq_blocks = jnp.pad(k_seq, (0, num_k_blocks * chunk - num_keys), constant_values=-2).reshape(
-        num_k_blocks, chunk
+    # padded query rows' outputs are dropped and padded keys are masked (k_valid):
+    # their ids do not matter
+    q_seq_blocks = jnp.pad(q_seq, ((0, 0), (front, q_rows - front - num_queries))).reshape(
+        seq_rows, num_q_blocks, chunk
+    )
+    k_seq_blocks = jnp.pad(k_seq, ((0, 0), (0, num_k_blocks * chunk - num_keys))).reshape(
+        k_seq.shape[0], num_k_blocks, chunk
     )
     bias_blocks = (
-        jnp.zeros((q_rows,), q.dtype)
+        jnp.zeros((1, q_rows), q.dtype)
         if bias is None
-        else jnp.pad(bias, (front, q_rows - front - num_queries))
+        else jnp.pad(bias, ((0, 0), (front, q_rows - front - num_queries)))
     )
-    bias_blocks = bias_blocks.reshape(num_q_blocks, chunk)
+    bias_blocks = bias_blocks.reshape(bias_blocks.shape[0], num_q_blocks, chunk)
 
     blockwise = _make_blockwise(kind, mask, blocks, real, chunk, num_keys)
     out = blockwise(q_blocks, k_blocks, v_blocks, q_pos, q_seq_blocks, k_seq_blocks, bias_blocks)

@@ -30,14 +30,14 @@ def attention_recurrent(
     qg = jnp.moveaxis(group_heads(q, kv_heads), 3, 0)  # [Tq, B, Hkv, G, D]
     k_pos = jnp.arange(k.shape[1])
     q_pos = jnp.arange(q.shape[1]) + mask.q_offset
-    biases = jnp.zeros(q.shape[1], q.dtype) if bias is None else bias
+    biases = jnp.zeros((1, q.shape[1]), q.dtype) if bias is None else bias
 
     def step(_, xs):
-        q_i, pos_i, seq_i, bias_i = xs
+        q_i, pos_i, seq_i, bias_i = xs  # seq_i, bias_i: [Bs]
         logits = jnp.einsum("bhgd,bjhd->bhgj", q_i, k)
-        allowed = mask.allowed(pos_i, k_pos, seq_i, k_seq)
-        weights = attention_weights(logits, allowed, kind, bias_i)
+        allowed = mask.allowed(pos_i, k_pos, seq_i[:, None], k_seq)  # [Bs, Tk]
+        weights = attention_weights(logits, allowed[:, None, None], kind, bias_i[:, None, None])
         return None, jnp.einsum("bhgj,bjhv->bhgv", weights, v)
 
-    _, o = jax.lax.scan(step, None, (qg, q_pos, q_seq, biases))
+    _, o = jax.lax.scan(step, None, (qg, q_pos, q_seq.T, biases.T))
     return ungroup_heads(jnp.moveaxis(o, 0, 3))
