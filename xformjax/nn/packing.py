@@ -25,7 +25,10 @@ when their indices are equal (ids need not increase). Every mixer takes
 - RoPE and LRPE rotate by ``positions``.
 
 Token 0 of a call never begins a document: it continues the state it is given (none
-for a fresh sequence), so decoding a document in several calls is unchanged.
+for a fresh sequence), so decoding a document in several calls is unchanged. A state's
+``position`` counts every token of the row, so when a call continues the last document
+of a packed call (or left-padded prompts), pass that document's ``positions``: derived
+ones would continue from the row's token count.
 """
 
 from __future__ import annotations

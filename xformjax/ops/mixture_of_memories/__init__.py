@@ -37,7 +37,6 @@ __all__ = ["mixture_of_memories"]
 OP = "mixture_of_memories"
 
 
-
 def _validate(q, k, v, beta, routing, g, initial_state) -> None:
     """Shapes and dtypes of every argument, and the values of β (finite, in [0, 2]),
     ``routing`` (finite, ≥ 0) and ``g`` (finite, ≤ 0): clear ``ValueError`` otherwise
