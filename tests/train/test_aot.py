@@ -54,6 +54,9 @@ CASES = (("data-seq", 8192), ("data-seq", 32768), ("fsdp-tensor-seq", 8192))
 #: 8K and 32K is in ``experiments/results/tpu_aot.md``.
 LARGER = {"base": ["model.num_layers=4"]}
 BATCH = 2  # one sequence per batch shard
+#: the packing's small collectives (where documents begin across shard edges, and their
+#: prefix count over the sharded sequence): 4 B to 512 B at 8K-32K tokens
+SMALL_BYTES = 1024
 
 
 def _overrides(mesh: str, length: int) -> list[str]:
@@ -127,8 +130,13 @@ def _check_program(
         else:
             assert item.kind == "all-reduce" and item.array_bytes[0] == pairs, item
             assert sum(item.array_bytes[1:]) <= 16, item
-    # softmax attention (LASP-2H): one all-gather of the keys and values forward
-    assert [c.kind for c in report.scoped(lasp2h.SCOPE, backward=False)] == ["all-gather"]
+    # softmax attention (LASP-2H): one all-gather of the keys and values forward, and one
+    # of the keys' document ids (int32 [B_local, T]: text batches are packed documents)
+    gathers = report.scoped(lasp2h.SCOPE, backward=False)
+    assert [c.kind for c in gathers] == ["all-gather", "all-gather"]
+    mesh = dict(report.mesh)
+    batch_local = config.train.batch_size // (mesh["data"] * mesh["fsdp"])
+    assert (4 * batch_local * case[1],) in [c.array_bytes for c in gathers], gathers
 
 
 def test_data_seq_mesh_through_the_command_at_8k_and_32k(monkeypatch):
@@ -169,10 +177,17 @@ def test_data_seq_mesh_through_the_command_at_8k_and_32k(monkeypatch):
 
     def signature(report, *, attention: bool):
         items = (c for c in report.collectives if c.in_scope(lasp2h.SCOPE) == attention)
-        return collections.Counter((c.kind, c.array_bytes, c.backward) for c in items)
+        return collections.Counter(
+            (c.kind, c.array_bytes, c.backward) for c in items if c.bytes > SMALL_BYTES
+        )
 
     # no collective outside LASP-2H changes from 8K to 32K, LASP-2's included...
     assert signature(short, attention=False) == signature(long, attention=False)
+    # ...but for the packing's small exchanges (where a document begins across a shard
+    # edge; its prefix count, whose all-reduce XLA sizes by T: 256 B at 8K, 512 B at 32K)
+    for report in (short, long):
+        small = [c for c in report.collectives if c.bytes <= SMALL_BYTES]
+        assert small and all(c.kind != "all-gather" for c in small), small
     # ...while LASP-2H's gathered keys and values grow 4× (the programs do differ in T)
     gathered = lambda r: [c.bytes for c in r.scoped(lasp2h.SCOPE, backward=False)]
     assert gathered(long) == [4 * b for b in gathered(short)]
