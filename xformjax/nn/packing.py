@@ -66,19 +66,9 @@ class Packing:
         call continues); equal indices ⇔ same document."""
         return jnp.cumsum(self.starts.astype(jnp.int32), axis=1)
 
-    @property
-    def is_padding(self) -> jax.Array:
-        """bool ``[B, T]``: segment id 0."""
-        return self.segment_ids == 0
-
     def reset_log_gate(self, dtype=jnp.float32) -> jax.Array:
         """``[B, T]``: :data:`RESET_LOG_GATE` where a document begins, else 0."""
         return jnp.where(self.starts, jnp.asarray(RESET_LOG_GATE, dtype), jnp.zeros((), dtype))
-
-    def same_document(self) -> jax.Array:
-        """bool ``[B, T, T]``: query ``i`` and key ``j`` belong to the same document."""
-        index = self.document_index
-        return index[:, :, None] == index[:, None, :]
 
 
 def _check_ids(owner: str, name: str, ids, batch: int, length: int) -> jax.Array:
