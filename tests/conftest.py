@@ -6,6 +6,13 @@
   ``jax_enable_x64`` on for their duration only.
 * the longest test files are collected first (see :data:`LONG_FIRST`) and marked
   ``slow``: ``make test-fast`` (``-m "not slow"``) leaves them out while iterating.
+* XLA compiles with its optimisations off (``jax_disable_most_optimizations``) for
+  every test but those that mostly *run* compiled programs (learning runs, long
+  sequences, benchmarks; marked ``optimized`` or ``slow``) and the compile gates
+  (``tpu_aot``, ``sm90``, whose memory figures must be the optimised program's).
+  Almost every test compiles small programs once and runs them once: without the
+  LLVM optimisation passes the float64 delta rule's forward-and-backward check
+  compiles in half the CPU time, and the results agree to rounding.
 """
 
 import os
@@ -23,6 +30,24 @@ def x64():
     """Run the test with float64 enabled (and restore the previous setting)."""
     with jax.enable_x64(True):
         yield
+
+
+#: markers whose tests compile with XLA's optimisations on
+OPTIMIZED_MARKERS = ("optimized", "slow", "tpu_aot", "sm90")
+
+
+@pytest.fixture(autouse=True)
+def _compile_fast(request):
+    """Compile without XLA's optimisations unless the test is marked as running long."""
+    if any(request.node.get_closest_marker(name) for name in OPTIMIZED_MARKERS):
+        yield
+        return
+    previous = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", previous)
 
 
 def pytest_report_header(config):

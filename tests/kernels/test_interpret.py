@@ -160,6 +160,7 @@ def test_kernels_run_with_x64_enabled(x64, case):
         assert_close(grad, grads_ref[name], 1e-5, f"d{name}")
 
 
+@pytest.mark.optimized
 def test_strong_decay_over_a_long_sequence_stays_finite():
     """Gates of −20 per token over 4K tokens: every exponent is masked or ≤ 0."""
     case = Case(

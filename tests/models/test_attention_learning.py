@@ -38,6 +38,9 @@ from xformjax.train.config import TrainConfig
 from xformjax.train.optimizer import make_optimizer
 from xformjax.train.trainer import loss_and_metrics
 
+# learning runs: the time goes to running the compiled steps
+pytestmark = pytest.mark.optimized
+
 VOCAB = 32
 
 

@@ -106,31 +106,45 @@ def inputs(length: int = LENGTH, seed: int = 0) -> jax.Array:
     return jax.random.normal(jax.random.key(seed), (BATCH, length, D_MODEL))
 
 
+def jitted(layer: nn.Mixer, run):
+    """``run(module, *args)`` as one jitted program over ``layer``'s variables (an eager
+    layer dispatches every primitive and compiles each op's program on its own)."""
+    graphdef, variables = nnx.split(layer)
+    compiled = jax.jit(lambda variables, *args: run(nnx.merge(graphdef, variables), *args))
+    return lambda *args: compiled(variables, *args)
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_forms_agree(variant):
     layer, x = build(variant), inputs()
-    reference, _ = layer(x, mode="chunk")
+    modes = layer.modes
+    outputs = jitted(layer, lambda m, x: [m(x, mode="chunk")[0]] + [m(x, mode=f)[0] for f in modes])
+    reference, *others = outputs(x)
     assert reference.shape == x.shape
-    for mode in layer.modes:
-        y, _ = layer(x, mode=mode)
+    for mode, y in zip(modes, others, strict=True):
         assert_close(y, reference, 1e-4, f"{variant} {mode} vs chunk")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_decoding_with_the_state_equals_the_full_forward(variant):
     layer, x = build(variant), inputs()
-    full, final = layer(x)
+
+    def full_and_continued(module, x):
+        full, final = module(x)
+        # a prefix in chunk mode, then the rest (several tokens at once) from its state
+        _, prefix_state = module(x[:, :20])
+        rest, _ = module(x[:, 20:], state=prefix_state)
+        return full, final, rest
+
+    full, final, rest = jitted(layer, full_and_continued)(x)
     state = layer.init_state(BATCH, LENGTH)
-    step = jax.jit(lambda x_t, s: layer(x_t, state=s))
+    step = jitted(layer, lambda m, x_t, s: m(x_t, state=s))
     pieces = []
     for t in range(LENGTH):
         y_t, state = step(x[:, t : t + 1], state)
         pieces.append(y_t)
     assert_close(jnp.concatenate(pieces, 1), full, 1e-4, f"{variant} token by token")
     assert int(state.position) == LENGTH
-    # a prefix in chunk mode, then the rest (several tokens at once) from its state
-    _, prefix_state = layer(x[:, :20])
-    rest, _ = layer(x[:, 20:], state=prefix_state)
     assert_close(rest, full[:, 20:], 1e-4, f"{variant} continued from a prefix state")
     final_leaves = dict(jax.tree_util.tree_leaves_with_path(final))
     for path, leaf in jax.tree_util.tree_leaves_with_path(state):
@@ -150,7 +164,7 @@ def test_every_parameter_gets_a_finite_nonzero_gradient(variant):
         y, _ = module(x)
         return jnp.sum(y * cotangent)
 
-    grads = nnx.grad(loss)(layer)
+    grads = nnx.jit(nnx.grad(loss))(layer)
     flat = nnx.to_flat_state(grads)
     assert flat, "no parameters"
     for path, value in flat:
@@ -167,8 +181,8 @@ def test_bfloat16_computation_stays_close(variant):
     low = nn.MIXERS[name](config, layer_index=layer_index, num_layers=num_layers, rngs=nnx.Rngs(0))
     high = build(variant)
     x = inputs()
-    y_low, _ = low(x.astype(jnp.bfloat16))
-    y_high, _ = high(x)
+    y_low = jitted(low, lambda m, x: m(x)[0])(x.astype(jnp.bfloat16))
+    y_high = jitted(high, lambda m, x: m(x)[0])(x)
     assert y_low.dtype == jnp.bfloat16
     assert_close(y_low.astype(jnp.float32), y_high, 2e-2, f"{variant} bfloat16")
 

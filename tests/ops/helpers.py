@@ -53,6 +53,22 @@ MODES = ("parallel", "chunk", "recurrent")
 GATES = ("none", "head", "token", "channel", "token+channel")
 
 
+def case_gate_grid(cases: dict, every_gate: tuple[str, ...]) -> list[tuple[str, str]]:
+    """``(case, gate)`` pairs for the float64 reference matrix: every gate kind on the
+    cases named in ``every_gate`` (odd sizes, packed sequences: where a gate's shape
+    handling can go wrong), the ungated and the richest gate (``token+channel``) on the
+    others. The full product costs a compile per pair for little more coverage: the
+    gate code paths do not depend on the other cases' sizes."""
+    missing = set(every_gate) - set(cases)
+    if missing:
+        raise ValueError(f"unknown cases {sorted(missing)}")
+    return [
+        (case, gate)
+        for case in cases
+        for gate in (GATES if case in every_gate else ("none", "token+channel"))
+    ]
+
+
 def gate_inputs(
     rng: np.random.Generator, gate: str, shape: tuple[int, int, int], key_dim: int, strength: str
 ) -> dict:

@@ -12,6 +12,9 @@ import pytest
 
 from xformjax import ops
 
+# compiled programs' memory (buffer assignment) as the optimised compile plans it
+pytestmark = pytest.mark.optimized
+
 HEADS, DIM = 2, 32
 
 
