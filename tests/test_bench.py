@@ -106,6 +106,40 @@ def test_layer_benchmark_writes_markdown_json_and_plot(layers, tmp_path):
     assert (tmp_path / "layers.png").stat().st_size > 0
 
 
+def test_decode_benchmark_writes_markdown_json_and_plot(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from experiments.bench import decode
+
+    argv = ["--quick", "--batches", "1", "--new-tokens", "3", "--repeats", "1"]
+    argv += ["--sample-seconds", "0"]
+    assert decode.main([*argv, "--no-hugepages", "--out", str(tmp_path)]) == 0
+    (row,) = json.loads((tmp_path / "decode.json").read_text())["rows"]
+    assert (row["batch"], row["prompt"], row["new_tokens"]) == (1, 8, 3)
+    assert row["decode_tokens_per_s"] > 0 and row["first_s"] >= row["run_s"] > 0
+    assert "| 1 | 8 | 3 |" in (tmp_path / "decode.md").read_text()
+    assert (tmp_path / "decode.png").stat().st_size > 0
+
+
+def test_depth_benchmark_writes_markdown_json_and_plot(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from experiments.bench import depth
+
+    shape = ["--pattern", "attn", "--d-model", "16", "--batch", "1", "--seq", "16"]
+    argv = ["--layers", "1", "--remat-layers", "1", "--policies", "none", "full", *shape]
+    assert depth.main([*argv, "--in-process", "--out", str(tmp_path)]) == 0
+    points = json.loads((tmp_path / "depth.json").read_text())["points"]
+    assert [(p["layers"], p["scan"], p["remat"]) for p in points] == [
+        (1, False, "none"),
+        (1, True, "none"),
+        (1, True, "full"),
+    ]
+    assert all(p["kind"] == "point" and p["compile_s"] > 0 and p["temp_mib"] > 0 for p in points)
+    assert points[0]["params"] == points[1]["params"]  # scanning does not change the model
+    report = (tmp_path / "depth.md").read_text()
+    assert "| 1 | True |" in report and "| full |" in report and "remat='full'" in report
+    assert (tmp_path / "depth.png").stat().st_size > 0
+
+
 def test_summary_is_filled_from_the_numbers(layers):
     rows = [
         layers.Row("attn", 1024, 100.0, 1.0, 0.1),

@@ -1,9 +1,9 @@
-"""The benchmark suite: the op benchmark, then the layer benchmark (and the GPU
-kernel benchmark on a GPU).
+"""The benchmark suite: the op benchmark, then the layer benchmark, the decoding
+benchmark, the depth benchmark (and the GPU kernel benchmark on a GPU).
 
     python -m experiments.bench                   # full run; results in experiments/results/
     python -m experiments.bench --quick           # smoke run of each
-    python -m experiments.bench --only layers     # one of them
+    python -m experiments.bench --only depth      # one of: ops, layers, decode, depth, kernels
     make bench BENCH_ARGS="--quick"               # the same, through make
 
 Each benchmark shows its own progress bar and writes its markdown, JSON and plot
@@ -19,10 +19,10 @@ import pathlib
 import sys
 import time
 
-from experiments.bench import layers, ops
+from experiments.bench import decode, depth, layers, ops
 from experiments.bench.ops import reexec_with_hugepages
 
-BENCHMARKS = ("ops", "layers", "kernels")
+BENCHMARKS = ("ops", "layers", "decode", "depth", "kernels")
 
 
 def parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -37,14 +37,14 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
         nargs="+",
         choices=BENCHMARKS,
         metavar="NAME",
-        help=f"run only these of {', '.join(BENCHMARKS)} (default: ops and "
-        "layers, plus kernels on a GPU)",
+        help=f"run only these of {', '.join(BENCHMARKS)} (default: ops, layers, "
+        "decode and depth, plus kernels on a GPU)",
     )
     parser.add_argument(
         "--out",
         type=pathlib.Path,
         default=ops.RESULTS,
-        help="results folder of ops and layers (default: experiments/results)",
+        help="results folder of ops, layers, decode and depth (default: experiments/results)",
     )
     parser.add_argument(
         "--no-hugepages",
@@ -77,6 +77,10 @@ def main(argv: list[str] | None = None, *, prog: str | None = None, reexec: bool
             status = ops.main(common)
         elif name == "layers":
             status = layers.main(common)
+        elif name == "decode":
+            status = decode.main(common)
+        elif name == "depth":
+            status = depth.main(common)
         else:
             from experiments.bench import kernels
 

@@ -1,5 +1,5 @@
-"""The hybrid language model: configs, generation with the recurrent-state cache
-against the full forward, training on a copy task, and costs."""
+"""The hybrid language model: configs, training on a copy task, and costs (generation:
+``test_generate.py``)."""
 
 from __future__ import annotations
 
@@ -22,58 +22,7 @@ def tiny(**overrides) -> models.LMConfig:
     )
 
 
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        {},  # the tiny preset: gated DeltaNet + attention
-        {
-            "num_layers": 5,
-            "layer_pattern": "deltaproduct,sigmoid_attn,gla,lightning,transnormer",
-            "norm_placement": "peri",
-            "tie_embeddings": False,
-            "mlp": "glu",
-        },
-        {"num_layers": 4, "layer_pattern": "mom,titans,atlas,aaren", "mixer.chunk_size": 8},
-    ],
-    ids=["gdn-attn", "five-families-peri-untied", "memory-families"],
-)
-def test_generation_logits_equal_the_full_forward(overrides):
-    model = models.LanguageModel(tiny(**overrides), rngs=nnx.Rngs(0))
-    prompt = jax.random.randint(jax.random.key(1), (2, 7), 0, 256)
-    new_tokens, logits = models.generate(model, prompt, 12, temperature=0, return_logits=True)
-    assert new_tokens.shape == (2, 12) and logits.shape == (2, 12, 256)
-    full, _ = model(jnp.concatenate([prompt, new_tokens], 1))
-    assert_close(logits, full[:, 6 : 6 + 12], 1e-4, "step-by-step logits")
-    assert np.array_equal(new_tokens, jnp.argmax(full[:, 6 : 6 + 12], -1))
-
-
-def test_sampling_is_seeded_and_respects_top_k():
-    model = models.LanguageModel(tiny(), rngs=nnx.Rngs(0))
-    prompt = jnp.zeros((3, 4), jnp.int32)
-    first = models.generate(model, prompt, 10, temperature=1.0, top_k=5, seed=3)
-    again = models.generate(model, prompt, 10, temperature=1.0, top_k=5, seed=3)
-    other = models.generate(model, prompt, 10, temperature=1.0, top_k=5, seed=4)
-    assert np.array_equal(first, again) and not np.array_equal(first, other)
-    logits = jnp.asarray(np.random.default_rng(0).standard_normal((64, 50)))
-    draws = jax.vmap(lambda k: models.sample_token(logits, k, 1.0, 3))(
-        jax.random.split(jax.random.key(0), 20)
-    )
-    top3 = np.argsort(-np.asarray(logits), -1)[:, :3]
-    assert all(np.isin(draws[:, i], top3[i]).all() for i in range(64))
-
-
-def test_generation_input_errors():
-    model = models.LanguageModel(tiny(), rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match="prompt_tokens"):
-        models.generate(model, jnp.zeros((2, 0), jnp.int32), 3)
-    with pytest.raises(ValueError, match="max_new_tokens"):
-        models.generate(model, jnp.zeros((2, 3), jnp.int32), 0)
-    with pytest.raises(ValueError, match="top_k"):
-        models.generate(model, jnp.zeros((2, 3), jnp.int32), 2, top_k=1000)
-    with pytest.raises(TypeError, match="tokens` must be int"):
-        model(jnp.zeros((2, 3)))
-
-
+@pytest.mark.optimized
 def test_a_few_hundred_steps_learn_a_copy_task():
     """Copy 12 random symbols after a separator: chance is log 16 ≈ 2.77 nats."""
     length, symbols = 12, 16

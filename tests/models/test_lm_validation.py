@@ -133,6 +133,8 @@ BAD_CONFIGS = [
     (dict(embed_std=True), TypeError, "`embed_std` must be a finite number > 0 or None; got True"),
     (dict(embed_scale=float("nan")), ValueError, "`embed_scale` must be a finite number > 0"),
     (dict(embed_scale=-1), ValueError, "`embed_scale` must be a finite number > 0 or None; got -1"),
+    (dict(remat="all"), ValueError, "`remat` must be one of 'none', 'full', 'dots'"),
+    (dict(scan_layers=1), TypeError, "`scan_layers` must be a bool; got 1 (int)"),
 ]
 
 

@@ -102,6 +102,23 @@ def test_train_eval_generate_on_tiny(tmp_path):
     assert generated.returncode == 0, generated.stderr[-3000:]
     assert generated.stdout.startswith("def f") and len(generated.stdout.strip()) >= 6
 
+    # a batch of two prompts, every sampling flag, and a stop text: each sample ends
+    # before the first newline it generates (so it is one line under its header)
+    prompts = ["def f", "    return x"]
+    sampled = subprocess.run(
+        [XFORMJAX, "generate", "--workdir", str(workdir), "--max-new-tokens", "24"]
+        + [item for prompt in prompts for item in ("--prompt", prompt)]
+        + ["--temperature", "0.7", "--top-k", "none", "--top-p", "0.95", "--min-p", "0.02"]
+        + ["--repetition-penalty", "1.2", "--seed", "5", "--stop", "\n"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert sampled.returncode == 0, sampled.stderr[-3000:]
+    lines = sampled.stdout.split("\n")
+    assert lines[0::2][:2] == ["--- sample 1 ---", "--- sample 2 ---"] and lines[4:] == [""]
+    assert lines[1].startswith(prompts[0]) and lines[3].startswith(prompts[1]), lines
+
 
 def test_bad_keys_and_values_are_rejected(tmp_path):
     cases = {

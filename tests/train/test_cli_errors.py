@@ -160,6 +160,37 @@ def test_repeated_set_flags_accumulate(command, stage, capsys, spies):
     assert config.mesh.data == 2 and train.seq_len == 64  # the rest from the preset
 
 
+GENERATE = ["generate", "--workdir", "/nonexistent/never", "--prompt", "x"]
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--temperature", "-1"], "--temperature must be a finite number ≥ 0; got '-1'"),
+        (["--temperature", "hot"], "--temperature must be a number; got 'hot'"),
+        (["--top-k", "0"], "--top-k must be an int ≥ 1 or None; got '0'"),
+        (["--top-k", "2.5"], "--top-k must be an int; got '2.5'"),
+        (["--top-p", "1.5"], "--top-p must be a finite number > 0 and ≤ 1; got '1.5'"),
+        (["--min-p", "nan"], "--min-p must be a finite number ≥ 0 and ≤ 1; got 'nan'"),
+        (
+            ["--repetition-penalty", "0"],
+            "--repetition-penalty must be a finite number > 0; got '0'",
+        ),
+        (["--seed", "x"], "--seed must be an int; got 'x'"),
+        (["--stop", ""], "--stop must not be empty"),
+    ],
+)
+def test_bad_generate_flags_are_one_line_before_loading_the_run(flags, message, capsys):
+    assert _error_line(capsys, [*GENERATE, *flags]) == message
+
+
+def test_generate_cuts_each_sample_at_its_stop_text():
+    sequences = [list(b"ab\ncd\n"), list(b"abc"), list("é!".encode())]
+    assert cli._continuations(sequences, b"\n") == ["ab", "abc", "é!"]
+    assert cli._continuations(sequences, b"c") == ["ab\n", "ab", "é!"]
+    assert cli._continuations(sequences, None) == ["ab\ncd\n", "abc", "é!"]
+
+
 def test_a_bad_run_directory_or_environment_is_one_line(tmp_path, capsys, monkeypatch):
     missing = tmp_path / "nowhere"
     for command in ("eval", "generate"):

@@ -15,15 +15,19 @@
 
 from xformjax.models.config import PRESETS, LMConfig
 from xformjax.models.flops import ModelCost, count_params, model_cost
-from xformjax.models.generate import generate, sample_token
+from xformjax.models.generate import Generation, complete, generate
 from xformjax.models.lm import Block, LanguageModel
+from xformjax.models.sampling import SamplingOptions, sample_token
 
 __all__ = [
     "PRESETS",
     "Block",
+    "Generation",
     "LMConfig",
     "LanguageModel",
     "ModelCost",
+    "SamplingOptions",
+    "complete",
     "count_params",
     "generate",
     "model_cost",

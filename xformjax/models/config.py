@@ -26,6 +26,8 @@ from xformjax.overrides import apply_overrides
 
 ALIASES = {"gdn": "gated_deltanet"}
 NORM_PLACEMENTS = ("pre", "peri")
+#: ``LMConfig.remat``'s named rematerialisation policies (see :class:`LMConfig`)
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +60,19 @@ class LMConfig:
         the token embeddings are 1/50 of the first block's output at d_model 64 and
         two softmax-attention layers do not learn associative recall (see
         ``tests/models/test_attention_learning.py``).
+      remat: what each block keeps for the backward pass (``jax.checkpoint`` around
+        every block): ``"none"`` (no rematerialisation: every intermediate is kept),
+        ``"full"`` (only the block's inputs: the whole block is recomputed),
+        ``"dots"`` (matrix-multiply outputs kept, the rest recomputed:
+        ``jax.checkpoint_policies.dots_saveable``) or ``"dots_no_batch"`` (only
+        those without batch dimensions, i.e. the projections' outputs:
+        ``dots_with_no_batch_dims_saveable``). Values and gradients do not change.
+      scan_layers: stack the layers of each round of ``layer_pattern`` and run the
+        rounds with ``jax.lax.scan``, so the compiled program holds one round of
+        blocks whatever the depth; the pattern's length must divide ``num_layers``.
+        Parameters then gain a leading (unsharded) axis of ``num_layers / period``
+        rounds and the cache holds one stacked state per pattern entry (see
+        :class:`~xformjax.models.LanguageModel`).
     """
 
     vocab_size: int = 256
@@ -71,6 +86,8 @@ class LMConfig:
     tie_embeddings: bool = True
     embed_std: float | None = None
     embed_scale: float | None = None
+    remat: str = "none"
+    scan_layers: bool = False
 
     def __post_init__(self):
         owner = "LMConfig"
@@ -85,6 +102,8 @@ class LMConfig:
         check_choice(owner, "norm", self.norm, NORMS)
         check_choice(owner, "norm_placement", self.norm_placement, NORM_PLACEMENTS)
         check_bool(owner, "tie_embeddings", self.tie_embeddings)
+        check_choice(owner, "remat", self.remat, REMAT_POLICIES)
+        check_bool(owner, "scan_layers", self.scan_layers)
         for name in ("embed_std", "embed_scale"):
             check_float(owner, name, getattr(self, name), above=0, optional=True)
         if not isinstance(self.layer_pattern, str):
@@ -100,12 +119,23 @@ class LMConfig:
                 f"{owner}: `layer_pattern` must list registered mixer names; "
                 f"got {self.layer_pattern!r}: {error}"
             ) from None
+        if self.scan_layers and self.num_layers % self.period:
+            raise ValueError(
+                f"{owner}: `scan_layers` needs the pattern's length to divide `num_layers`; "
+                f"got {self.period} mixers in `layer_pattern` {self.layer_pattern!r} and "
+                f"num_layers={self.num_layers}"
+            )
 
     def _pattern(self) -> list[str]:
         names = [ALIASES.get(n.strip(), n.strip()) for n in self.layer_pattern.split(",")]
         if not all(names):
             raise ValueError("empty mixer name")
         return names
+
+    @property
+    def period(self) -> int:
+        """The number of mixers in ``layer_pattern`` (one round of the stack)."""
+        return len(self._pattern())
 
     @property
     def d_model(self) -> int:

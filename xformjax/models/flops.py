@@ -45,7 +45,8 @@ def count_params(model: nnx.Module) -> int:
 def _matmul_weights(model: LanguageModel) -> int:
     total = 0
     for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        if value.ndim == 2 and path[-1] == "kernel":
+        stacked = path[0] == "stacks"  # scan_layers: a leading axis of rounds
+        if value.ndim == 2 + stacked and path[-1] == "kernel":
             total += int(value.size)
     if model.config.tie_embeddings:
         total += int(model.embedding.size)  # the output layer reuses the embedding
@@ -60,7 +61,7 @@ def model_cost(model_or_config: LanguageModel | LMConfig, seq_len: int) -> Model
     else:
         model = model_or_config
     flops = 2.0 * _matmul_weights(model)
-    flops += sum(block.mixer.sequence_flops(seq_len) for block in model.blocks)
+    flops += sum(mixer.sequence_flops(seq_len) for mixer in model.mixers())
     return ModelCost(
         params=count_params(model),
         embedding_params=int(model.embedding.size),

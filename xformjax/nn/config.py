@@ -81,9 +81,16 @@ class MixerConfig:
         token: ``"chunk"``, ``"parallel"`` or ``"recurrent"``. A single token
         always defaults to ``"recurrent"``; a family without the form falls back to
         ``"chunk"``.
-      dtype: computation dtype of projections (``"float32"``, ``"bfloat16"``, …; a
-        floating dtype); the ops accumulate in ``promote(dtype, float32)`` regardless.
-      param_dtype: dtype of the parameters (a floating dtype).
+      dtype: the compute dtype (Flax's name for it, as in ``nnx.Linear``; read back as
+        ``config.compute_dtype``): a floating dtype, ``"float32"``, ``"bfloat16"``, ….
+        The operands of the matmuls — projections, MLPs, the logits — and the
+        activations between them; the matmuls accumulate in float32. Norms, gates
+        (sigmoids, softplus, decays and their cumulative sums), softmaxes, the residual
+        stream, the recurrent states and the ops' arithmetic run in ``promote(dtype,
+        float32)`` regardless; the logits come out float32.
+      param_dtype: the dtype the parameters are stored in (a floating dtype; read back
+        as ``config.params_dtype``). ``dtype="bfloat16"`` with ``param_dtype="float32"``
+        is mixed precision; the language model reads both for its own layers too.
       sigma_reparam: reparameterise every projection as ``γ/σ(W)·W`` (σReparam).
       norm_eps: epsilon of the normalisations inside mixers (the per-head output
         norms, Titans' branch norms) and of the language model's norms; finite > 0.
@@ -259,8 +266,10 @@ class MixerConfig:
 
     @property
     def compute_dtype(self) -> Any:
+        """The compute dtype: the field ``dtype`` as a ``jnp.dtype``."""
         return jnp.dtype(self.dtype)
 
     @property
     def params_dtype(self) -> Any:
+        """The parameters' dtype: the field ``param_dtype`` as a ``jnp.dtype``."""
         return jnp.dtype(self.param_dtype)

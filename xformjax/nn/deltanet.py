@@ -65,9 +65,14 @@ class DeltaRuleMixer(MatrixMemoryMixer):
         heads, d = config.num_heads, config.d_model
         self.steps = steps
         self.projections, self.convs = stream_layers(config, steps, rngs)
-        self.beta_proj = linear.dense(config, d, steps * heads, axes=("embed", "heads"), rngs=rngs)
+        # β and the decay gate are computed in float32: their projections return float32
+        self.beta_proj = linear.dense(
+            config, d, steps * heads, axes=("embed", "heads"), rngs=rngs, float_output=True
+        )
         if self.gated:
-            self.gate_proj = linear.dense(config, d, heads, axes=("embed", "heads"), rngs=rngs)
+            self.gate_proj = linear.dense(
+                config, d, heads, axes=("embed", "heads"), rngs=rngs, float_output=True
+            )
             self.a_log, self.dt_bias = mamba_decay_parameters(config, heads, layer_index, rngs)
         self.head = OutputHead(
             config,

@@ -55,6 +55,7 @@ class DiagonalRNN(Mixer):
             use_bias=True,
             bias_init=TRANSITION_BIAS,
             rngs=rngs,
+            float_output=True,  # the transitions σ(·) are computed in float32
         )
         self.inputs = linear.dense(
             config, config.d_model, width, axes=("embed", "heads"), rngs=rngs

@@ -47,11 +47,12 @@ class FeatureMap(nnx.Module):
             return jax.nn.elu(x) + 1
         if self.kind == "relu":
             return jax.nn.relu(x)
-        if self.kind == "hedgehog":
+        if self.kind == "hedgehog":  # the softmaxes in float32 (or wider), then x's dtype
+            # (not preferred_element_type: XLA:CPU cannot run a batched bf16 × bf16 → f32 dot)
             projected = jnp.einsum("bthd,hde->bthe", x, self.weight[...].astype(x.dtype))
-            return jnp.concatenate(
-                [jax.nn.softmax(projected, -1), jax.nn.softmax(-projected, -1)], -1
-            )
+            projected = projected.astype(jnp.promote_types(x.dtype, jnp.float32))
+            features = [jax.nn.softmax(projected, -1), jax.nn.softmax(-projected, -1)]
+            return jnp.concatenate(features, -1).astype(x.dtype)
         dim = self.dim
         outer = (x[..., :, None] * x[..., None, :]).reshape(*x.shape[:-1], dim * dim)
         ones = jnp.ones(x.shape[:-1] + (1,), x.dtype)
@@ -71,6 +72,8 @@ def hedgehog_distillation_loss(
     """
     length = q.shape[1]
     causal = jnp.tril(jnp.ones((length, length), bool))
+    dtype = jnp.promote_types(jnp.result_type(q, k), jnp.float32)  # a loss: float32 or wider
+    q, k = q.astype(dtype), k.astype(dtype)
     logits = jnp.einsum("bihd,bjhd->bhij", q, k) * q.shape[-1] ** -0.5
     teacher = jax.lax.stop_gradient(jax.nn.softmax(jnp.where(causal, logits, -jnp.inf), axis=-1))
     scores = jnp.einsum("bihd,bjhd->bhij", feature_map(q), feature_map(k))

@@ -45,10 +45,11 @@ class GatedLinearAttention(MatrixMemoryMixer):
             axes=(None, "heads"),
             use_bias=True,
             rngs=rngs,
+            float_output=True,  # the log-sigmoid gate is computed in float32
         )
 
     def log_gate(self, x: jax.Array) -> jax.Array:
-        """``log α_t`` ``[B, T, H, K]``, ≤ 0."""
+        """``log α_t`` ``[B, T, H, K]``, ≤ 0, in ``promote(compute dtype, float32)``."""
         logits = self.gate_up(self.gate_down(x))
         return split_heads(
             jax.nn.log_sigmoid(logits) / self.config.gate_temperature, self.config.num_heads

@@ -53,9 +53,13 @@ class Dense(nnx.Module):
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         bias_init: float = 0.0,
+        out_dtype=None,
     ):
         self.in_features, self.out_features = in_features, out_features
         self.dtype = dtype
+        # the result dtype: ``dtype`` if None; float32 gives bfloat16 operands with a
+        # float32 result (``preferred_element_type``), for outputs that feed float32 math
+        self.out_dtype = dtype if out_dtype is None else out_dtype
         self.sigma_reparam = sigma_reparam
         self.deterministic = False
         base = jax.nn.initializers.variance_scaling(init_scale, "fan_in", "truncated_normal")
@@ -96,9 +100,11 @@ class Dense(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.effective_kernel().astype(self.dtype)
-        y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel)
+        y = jnp.einsum(
+            "...i,io->...o", x.astype(self.dtype), kernel, preferred_element_type=self.out_dtype
+        )
         if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
+            y = y + self.bias[...].astype(self.out_dtype)
         return y
 
 
@@ -109,9 +115,15 @@ def dense(
     *,
     axes: Sequence[str | None],
     rngs: nnx.Rngs,
+    float_output: bool = False,
     **kwargs,
 ) -> Dense:
-    """A :class:`Dense` with the config's dtypes and σReparam setting."""
+    """A :class:`Dense` with the config's dtypes and σReparam setting.
+
+    ``float_output``: return ``promote(compute dtype, float32)`` — the operands stay in
+    the compute dtype, the matmul accumulates and returns float32 (the projections
+    whose outputs feed float32 gate math: decays, step sizes, log-sigmoids)."""
+    out_dtype = jnp.promote_types(config.compute_dtype, jnp.float32) if float_output else None
     return Dense(
         in_features,
         out_features,
@@ -120,5 +132,6 @@ def dense(
         sigma_reparam=config.sigma_reparam,
         dtype=config.compute_dtype,
         param_dtype=config.params_dtype,
+        out_dtype=out_dtype,
         **kwargs,
     )

@@ -121,10 +121,10 @@ class MixtureOfMemories(Mixer):
         )
         self.projections, self.convs = stream_layers(config, memories, rngs)
         self.beta_proj = linear.dense(
-            config, d, memories * heads, axes=("embed", "heads"), rngs=rngs
+            config, d, memories * heads, axes=("embed", "heads"), rngs=rngs, float_output=True
         )
         self.gate_proj = linear.dense(
-            config, d, memories * heads, axes=("embed", "heads"), rngs=rngs
+            config, d, memories * heads, axes=("embed", "heads"), rngs=rngs, float_output=True
         )
         # Mamba-2 decay parameters, one per (memory, head), memory-major
         self.a_log, self.dt_bias = mamba_decay_parameters(

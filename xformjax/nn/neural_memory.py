@@ -168,6 +168,7 @@ class NeuralMemoryMixer(Mixer):
                     rngs=rngs,
                     use_bias=True,
                     bias_init=bias,
+                    float_output=True,  # the gates σ(x W + b) are computed in float32
                 )
                 for name, bias in gates.items()
             }

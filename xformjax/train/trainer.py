@@ -208,7 +208,8 @@ def loss_and_metrics(
     correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
     accuracy = jnp.sum(correct * mask) / count
     losses = (getattr(state, "aux_loss", None) for state in states)
-    aux = sum((loss for loss in losses if loss is not None), jnp.zeros(()))
+    # (summed: under scan_layers a state is stacked over the rounds)
+    aux = sum((jnp.sum(loss) for loss in losses if loss is not None), jnp.zeros(()))
     loss = cross_entropy + aux_weight * aux
     return loss, {"cross_entropy": cross_entropy, "accuracy": accuracy, "aux_loss": aux}
 

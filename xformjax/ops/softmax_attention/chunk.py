@@ -61,7 +61,9 @@ def _make_blockwise(
     kind: str, mask: AttentionMask, blocks: np.ndarray, real: np.ndarray, chunk: int, num_keys: int
 ):
     """Build the custom-VJP blockwise attention for one static configuration."""
-    schedule = (jnp.asarray(blocks), jnp.asarray(real))
+    # numpy, not jnp: a jnp array made here, under a trace (a lax.scan body), would be
+    # a tracer that blockwise_bwd closes over and leaks when traced later
+    schedule = (blocks, real)
 
     def visit(k_blocks, v_blocks, k_seq_blocks, step_blocks):
         k_pos = step_blocks[:, None] * chunk + jnp.arange(chunk)
