@@ -63,6 +63,7 @@ LONG_FIRST = (
     "tests/test_wheel.py",
     "tests/train/test_trainer.py",
     "tests/nn/test_linen.py",
+    "tests/models/test_precision_training.py",
 )
 
 

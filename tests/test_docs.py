@@ -15,8 +15,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 BLOCKS = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
 
 
-def test_readme_has_the_op_checks_layer_model_packing_sharding_and_kernel_examples():
-    assert len(BLOCKS) == 7
+def test_readme_has_every_example():
+    assert len(BLOCKS) == 9
 
 
 def test_readme_op_example_runs():
@@ -55,20 +55,37 @@ def test_readme_model_example_runs():
     exec(compile(BLOCKS[4], "README.md", "exec"), namespace)
     assert namespace["packed"].shape == (2, 8, 256)
     assert float(jnp.abs(namespace["packed"][:1, 3:7] - namespace["alone"]).max()) < 1e-4
+    # so does the generation example
+    exec(compile(BLOCKS[5], "README.md", "exec"), namespace)
+    result = namespace["result"]
+    assert result.tokens.shape == (2, 32)
+    assert all(1 <= int(n) <= 32 for n in result.lengths)
+    assert [len(row) for row in result.sequences()] == [int(n) for n in result.lengths]
+    assert len(namespace["texts"]) == 2
+
+
+def test_readme_training_at_scale_example_runs():
+    import jax.numpy as jnp
+
+    namespace: dict = {}
+    exec(compile(BLOCKS[6], "README.md", "exec"), namespace)
+    assert namespace["logits"].shape == (1, 16, 256)
+    assert namespace["logits"].dtype == jnp.float32
+    assert namespace["model"].stacks[0].mlp.up.kernel.shape == (2, 64, 176)
 
 
 def test_readme_sharding_example_runs():
     from jax.sharding import PartitionSpec
 
     namespace: dict = {}
-    exec(compile(BLOCKS[5], "README.md", "exec"), namespace)
+    exec(compile(BLOCKS[7], "README.md", "exec"), namespace)
     assert namespace["logits"].shape == (2, 64, 256)
     assert namespace["model"].embedding[...].sharding.spec == PartitionSpec(None, "fsdp")
 
 
 def test_readme_kernel_example_lowers_for_tpu_and_gpu():
     namespace: dict = {}
-    exec(compile(BLOCKS[6], "README.md", "exec"), namespace)
+    exec(compile(BLOCKS[8], "README.md", "exec"), namespace)
     assert "tpu_custom_call" in namespace["tpu"].as_text()
     assert "xla.gpu.triton" in namespace["gpu"].as_text()
 
