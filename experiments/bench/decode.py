@@ -120,9 +120,15 @@ def markdown(
         "# Decoding throughput",
         "",
         f"`python -m experiments.bench.decode` on {info['date']}: {cpu}; jax {info['jax']}.",
-        f"The machine was shared with other work while it ran (load average "
-        f"{load[0]:.2f} before, {load[1]:.2f} after, on {info['cores']} cores): the "
-        "timings are those of a loaded machine.",
+        (
+            f"The machine was shared with other work while it ran (load average "
+            f"{load[0]:.2f} before, {load[1]:.2f} after, on {info['cores']} cores): the "
+            "timings are those of a loaded machine."
+            if load[0] > 0.5 * info["cores"]
+            else f"Nothing else ran on the machine (load average {load[0]:.2f} before the "
+            f"benchmark, {load[1]:.2f} after, on {info['cores']} cores; the benchmark "
+            "itself is the load after)."
+        ),
         "",
         f"Model: the `{config_name}` config's, random initial parameters, float32: "
         f"{config.num_layers} layers `{config.layer_pattern}`, d_model {config.d_model}, "
@@ -164,7 +170,8 @@ def markdown(
             lines += [
                 "",
                 "On a loaded machine the best of many short calls catches a quiet moment "
-                "more often than the best of a few long ones: the rows were timed "
+                "more often than the best of a few long ones (the medians are the fairer "
+                "comparison there): the rows were timed "
                 + ", ".join(f"{r.samples} times (batch {r.batch})" for r in rows)
                 + ", so the best-time comparison favours the smaller batch.",
             ]

@@ -17,8 +17,8 @@ rngs=...)`` with
 
 - ``segment_ids``, ``positions``: int ``[B, T]``, documents packed in each row
   (:mod:`xformjax.nn.packing`): every mixer keeps them apart — each document gets
-  the outputs and gradients it gets alone (exactly, up to float rounding; ATLAS still
-  differs by about 3e-7 relative) — and its positional encoding
+  the outputs and gradients it gets alone (exactly, up to float rounding) — and its
+  positional encoding
   rotates by ``positions`` (derived from the segments when not given).
 
 States are typed pytrees (frozen ``flax.struct`` dataclasses, one class per kind
