@@ -12,6 +12,10 @@ length-256 parity strings gives the accuracy at every prefix length 1…256.
 
 :class:`ResultStore` keeps finished runs in a JSON-lines file keyed by the run's
 name, so an interrupted experiment starts again where it stopped.
+
+A run with :class:`Stopping` trains until its validation accuracy plateaus (Zoology's
+protocol: no gain of ``min_delta`` over ``patience`` validations, or the ``target``
+reached), with ``train.steps`` as the cap; the record keeps the validation curve.
 """
 
 from __future__ import annotations
@@ -68,14 +72,46 @@ def small_lm(
 
 
 @dataclasses.dataclass(frozen=True)
+class Stopping:
+    """Train until the accuracy on ``validation`` plateaus.
+
+    Every ``every`` steps the model is scored on ``examples`` examples of
+    ``validation``; training stops when that accuracy reaches ``target``, or — from
+    step ``min_steps`` on, so that a late phase transition (induction heads form after
+    a long flat stretch) is not cut short — when ``patience`` validations in a row did
+    not beat the best one by more than ``min_delta`` (the run's ``train.steps`` is the
+    cap either way)."""
+
+    validation: Task
+    every: int = 100
+    patience: int = 5
+    min_delta: float = 0.005
+    target: float = 0.995
+    examples: int = 256
+    min_steps: int = 0
+
+    def __post_init__(self):
+        for name in ("every", "patience", "examples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"Stopping: `{name}` must be ≥ 1; got {getattr(self, name)}")
+        if not 0 < self.target <= 1 or self.min_delta < 0:
+            raise ValueError(
+                f"Stopping: `target` must lie in (0, 1] and `min_delta` be ≥ 0; got "
+                f"{self.target}, {self.min_delta}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
 class Run:
-    """One training run and what it is tested on."""
+    """One training run and what it is tested on (``stopping``: train until the
+    validation accuracy plateaus, ``train.steps`` the cap)."""
 
     name: str
     model: LMConfig
     train: TrainConfig
     task: Task
     tests: dict[str, Task]
+    stopping: Stopping | None = None
 
 
 def batches(task: Task, batch_size: int):
@@ -84,22 +120,30 @@ def batches(task: Task, batch_size: int):
     return iter(task_dataset(task, batch_size=batch_size, shuffle=False))
 
 
+@nnx.jit
+def _correct(model, batch):
+    """Per position: correct predictions and scored examples in ``batch``."""
+    logits, _ = model(batch["inputs"])
+    hit = (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32)
+    return jnp.sum(hit * batch["mask"], 0), jnp.sum(batch["mask"], 0)
+
+
+def scored_accuracy(model: LanguageModel, task: Task, examples: int, batch_size: int) -> float:
+    """Accuracy over every scored token of ``examples`` examples of ``task``."""
+    accuracy, counts = position_accuracy(model, task, examples, batch_size)
+    return float(np.sum(np.nan_to_num(accuracy) * counts) / max(1.0, float(np.sum(counts))))
+
+
 def position_accuracy(
     model: LanguageModel, task: Task, examples: int, batch_size: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Accuracy at every position over ``examples`` examples of ``task`` (``nan``
     where no example is scored), and how many examples are scored there."""
 
-    @nnx.jit
-    def correct(model, batch):
-        logits, _ = model(batch["inputs"])
-        hit = (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32)
-        return jnp.sum(hit * batch["mask"], 0), jnp.sum(batch["mask"], 0)
-
     hits, counts = np.zeros(task.length), np.zeros(task.length)
     stream = batches(task, batch_size)
     for _ in range(max(1, examples // batch_size)):
-        h, c = correct(model, next(stream))
+        h, c = _correct(model, next(stream))
         hits, counts = hits + np.asarray(h), counts + np.asarray(c)
     return np.where(counts > 0, hits / np.maximum(counts, 1), np.nan), counts
 
@@ -131,15 +175,34 @@ def train_and_score(run: Run, *, progress: bool = True) -> dict[str, Any]:
         leave=False,
         dynamic_ncols=True,
     )
+    stopping = run.stopping
+    curve: list[tuple[int, float]] = []  # (step, validation accuracy)
+    best, since_best, stopped = -1.0, 0, "cap"
     for _ in bar:
         loss, accuracy = step(model, optimizer, next(stream))
         losses.append(loss)
         accuracies.append(accuracy)
         if len(losses) % 50 == 0:
             if not np.isfinite(float(loss)):
+                stopped = "diverged"
                 break  # diverged: the record says so (``finite`` False)
             bar.set_postfix(loss=f"{float(loss):.3f}", acc=f"{float(accuracy):.2f}")
-    tail = max(1, run.train.steps // 10)
+        if stopping is not None and len(losses) % stopping.every == 0:
+            score = scored_accuracy(
+                model, stopping.validation, stopping.examples, run.train.batch_size
+            )
+            curve.append((len(losses), round(score, 4)))
+            if score > best + stopping.min_delta:
+                best, since_best = score, 0
+            else:
+                since_best += 1
+            if score >= stopping.target:
+                stopped = "target"
+                break
+            if since_best >= stopping.patience and len(losses) >= stopping.min_steps:
+                stopped = "plateau"
+                break
+    tail = max(1, len(losses) // 10)
     train_loss = float(np.mean(jax.device_get(losses[-tail:])))
     train_accuracy = float(np.mean(jax.device_get(accuracies[-tail:])))
     train_seconds = time.perf_counter() - started
@@ -153,6 +216,9 @@ def train_and_score(run: Run, *, progress: bool = True) -> dict[str, Any]:
         "train_accuracy": train_accuracy,
         "finite": bool(np.isfinite(train_loss)),
         "train_seconds": round(train_seconds, 1),
+        "steps": len(losses),
+        "stopped": stopped,
+        "validation": curve,
         "parameters": int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))),
         "tests": {
             label: [None if np.isnan(a) else round(float(a), 4) for a in acc]

@@ -1,25 +1,48 @@
-"""Multi-query associative recall across the families (Zoology, Arora et al. 2023).
+"""Multi-query associative recall across the families, by Zoology's protocol (Arora et
+al. 2023) at a CPU-sized scale.
 
-    python -m experiments.mqar             # 8 families × 2 widths × 2 numbers of pairs
-    python -m experiments.mqar --quick     # 3 families, one setting, few steps
+    python -m experiments.mqar             # d_model 64, 8 pairs: every family, 4 rates, 3 seeds
+    python -m experiments.mqar --full      # d_model 32/64/128 × 4/8/16 pairs (an accelerator)
+    python -m experiments.mqar --quick     # 3 families, one setting, few steps: a smoke run
 
 Each model reads ``k₁ v₁ … k_n v_n`` and then ``n`` of the keys again, and must
-answer each with its value. The expected ordering: softmax attention ≥ the delta
-rule and Mixture-of-Memories > gated diagonal decays (RetNet, GLA) > plain linear
-attention, with the gap growing with the number of pairs and shrinking with the
-width (a bigger state holds more pairs). Writes ``mqar.md``, ``mqar.png`` and
-``mqar.jsonl`` (every run, resumable) to ``experiments/results/``.
+answer each with its value (32 keys, 32 values). The protocol:
+
+1. every model (two layers, 2 heads) is trained at each learning rate of the sweep
+   (AdamW, warm-up over the first 10 % of the cap, cosine decay, weight decay 0.1),
+   on seed 0, until its validation accuracy reaches 99.5 % or, after half the step
+   cap (recall can appear after a long flat stretch), plateaus (no gain of 0.5 points
+   over 5 validations 100 steps apart), or the cap;
+2. the rate with the best validation accuracy is the model's rate for the setting;
+   seeds 1 and 2 are trained at that rate;
+3. the table gives the held-out test accuracy at the chosen rate (mean ± spread over
+   the seeds) and the rate.
+
+The expected shape: softmax attention ≈ 100 % everywhere (it attends to the key
+itself); the delta rule and Mixture-of-Memories close to it at larger widths; linear
+attention, RetNet and GLA falling with more pairs and less width (a fixed-size state
+holds fewer pairs). Writes ``mqar.md``, ``mqar.png`` and ``mqar.jsonl`` (every run,
+resumable) to ``experiments/results/``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pathlib
 
 import numpy as np
 
 from experiments import report
-from experiments.harness import ModelSpec, ResultStore, Run, overall_accuracy, run_all, small_lm
+from experiments.harness import (
+    ModelSpec,
+    ResultStore,
+    Run,
+    Stopping,
+    overall_accuracy,
+    run_all,
+    small_lm,
+)
 from xformjax.data import MQAR
 from xformjax.train.config import TrainConfig
 
@@ -33,107 +56,191 @@ MODELS = (
     ModelSpec("MoM", "mom"),
     ModelSpec("Titans (MAL)", "titans"),
 )
-WIDTHS = (32, 64)
-PAIRS = (6, 12)
 VOCAB = 32  # keys and values each
+BATCH = 32
 
 
-def make_runs(models, widths, pairs, seeds, steps) -> list[Run]:
-    runs = []
-    for width in widths:
-        for num_pairs in pairs:
-            for spec in models:
-                for seed in seeds:
-                    task = MQAR(
-                        seed=seed,
-                        num_pairs=num_pairs,
-                        num_queries=num_pairs,
-                        num_keys=VOCAB,
-                        num_values=VOCAB,
-                    )
-                    test = MQAR(
-                        seed=10_000 + seed,
-                        num_pairs=num_pairs,
-                        num_queries=num_pairs,
-                        num_keys=VOCAB,
-                        num_values=VOCAB,
-                    )
-                    train = TrainConfig(
-                        steps=steps,
-                        batch_size=32,
-                        learning_rate=5e-3,
-                        warmup_steps=20,
-                        weight_decay=0.01,
-                        seed=seed,
-                    )
-                    model = spec.config(small_lm(d_model=width, chunk_size=8), task.vocab_size)
-                    runs.append(
-                        Run(
-                            f"{spec.label}|d={width}|pairs={num_pairs}|seed {seed}|{steps} steps",
-                            model,
-                            train,
-                            task,
-                            {"test": test},
-                        )
-                    )
-    return runs
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """The settings swept: widths × pairs, the learning rates tried on seed 0, the
+    seeds trained at the best rate, and the step cap."""
+
+    widths: tuple[int, ...]
+    pairs: tuple[int, ...]
+    learning_rates: tuple[float, ...]
+    seeds: tuple[int, ...]
+    cap: int
+    every: int = 100
 
 
-def query_accuracy(record) -> float:
-    return overall_accuracy(record, "test")
+GRIDS = {
+    # ≈ 30 minutes on 2 CPU cores
+    "default": Grid((64,), (8,), (3e-4, 1e-3, 3e-3, 1e-2), (0, 1, 2), cap=1500),
+    # the whole grid: an accelerator's job
+    "full": Grid((32, 64, 128), (4, 8, 16), (1e-4, 3e-4, 1e-3, 3e-3, 1e-2), (0, 1, 2), 5000),
+    "quick": Grid((32,), (4,), (1e-3, 3e-3), (0,), cap=40, every=20),
+}
 
 
-def summarise(records, steps) -> tuple[list[str], dict]:
-    lines = report.header("Multi-query associative recall")
-    lines += [
-        f"Two-layer models, 2 heads, {steps} AdamW steps of 32 sequences, lr 5e-3; "
-        f"{VOCAB} keys and {VOCAB} values, as many queries as pairs (chance "
-        f"{100 / VOCAB:.1f} %). Query accuracy on 256 held-out sequences, in %.",
-        "",
-    ]
-    table: dict = {}
-    for record in records:
-        label, width, pairs, *_ = record["name"].split("|")
-        table.setdefault(label, {}).setdefault((width, pairs), []).append(record)
-    settings = sorted(
-        {key for cells in table.values() for key in cells},
-        key=lambda k: (int(k[0][2:]), int(k[1][6:])),
+def tasks(num_pairs: int, seed: int) -> tuple[MQAR, MQAR, MQAR]:
+    """Training, validation and test tasks (distinct seeds) with ``num_pairs`` pairs."""
+
+    def task(offset: int) -> MQAR:
+        return MQAR(
+            seed=offset + seed,
+            num_pairs=num_pairs,
+            num_queries=num_pairs,
+            num_keys=VOCAB,
+            num_values=VOCAB,
+        )
+
+    return task(0), task(20_000), task(10_000)
+
+
+def run_name(spec: ModelSpec, width: int, pairs: int, rate: float, seed: int, cap: int) -> str:
+    return f"{spec.label}|d={width}|pairs={pairs}|lr={rate:g}|seed {seed}|cap {cap}"
+
+
+def make_run(spec: ModelSpec, width: int, pairs: int, rate: float, seed: int, grid: Grid) -> Run:
+    train_task, validation, test = tasks(pairs, seed)
+    train = TrainConfig(
+        steps=grid.cap,
+        batch_size=BATCH,
+        learning_rate=rate,
+        warmup_steps=grid.cap // 10,
+        weight_decay=0.1,
+        seed=seed,
+    )
+    model = spec.config(small_lm(d_model=width, chunk_size=8), train_task.vocab_size)
+    return Run(
+        run_name(spec, width, pairs, rate, seed, grid.cap),
+        model,
+        train,
+        train_task,
+        {"test": test},
+        Stopping(validation, every=grid.every, min_steps=grid.cap // 2),
     )
 
-    def cell(runs) -> str:
-        diverged = sum(not r["finite"] for r in runs)
-        if diverged == len(runs) and runs:
-            return "diverged (NaN loss)"
-        text = report.mean_and_spread([query_accuracy(r) for r in runs if r["finite"]])
-        return text + (f", {diverged} diverged" if diverged else "")
 
-    rows = [
-        [label] + [cell(cells.get(key, [])) for key in settings] for label, cells in table.items()
+def best_validation(record) -> float:
+    """The run's best validation accuracy (its last test score if it has no curve)."""
+    curve = record.get("validation") or []
+    return max(score for _, score in curve) if curve else overall_accuracy(record, "test")
+
+
+def choose_rate(records: dict[float, dict]) -> float:
+    """The learning rate whose seed-0 run reached the best validation accuracy (ties:
+    the one that got there in fewer steps)."""
+    return max(records, key=lambda rate: (best_validation(records[rate]), -records[rate]["steps"]))
+
+
+def run_grid(models, grid: Grid, store: ResultStore, progress: bool) -> dict:
+    """Phase 1 (the rate sweep on the first seed), then phase 2 (the other seeds at the
+    chosen rate); returns ``{(label, width, pairs): (rate, [records], {rate: record})}``."""
+    first, *others = grid.seeds
+    settings = [(spec, w, p) for w in grid.widths for p in grid.pairs for spec in models]
+    sweep = [
+        make_run(spec, w, p, rate, first, grid)
+        for spec, w, p in settings
+        for rate in grid.learning_rates
     ]
-    lines += report.table(["model"] + [f"{w}, {p}" for w, p in settings], rows) + [""]
-    return lines, table
+    records = iter(run_all(sweep, store, progress=progress))
+    swept = {
+        (spec.label, w, p): {rate: next(records) for rate in grid.learning_rates}
+        for spec, w, p in settings
+    }
+    chosen = {key: choose_rate(by_rate) for key, by_rate in swept.items()}
+    repeats = [
+        make_run(spec, w, p, chosen[spec.label, w, p], seed, grid)
+        for spec, w, p in settings
+        for seed in others
+    ]
+    repeated = iter(run_all(repeats, store, progress=progress))
+    table = {}
+    for spec, w, p in settings:
+        key = (spec.label, w, p)
+        runs = [swept[key][chosen[key]]] + [next(repeated) for _ in others]
+        table[key] = (chosen[key], runs, swept[key])
+    return table
 
 
-def plot(table, path: pathlib.Path) -> None:
+def summarise(table: dict, grid: Grid) -> list[str]:
+    lines = report.header("Multi-query associative recall (Zoology's protocol)")
+    lines += [
+        f"Two-layer models, 2 heads, batches of {BATCH} sequences; {VOCAB} keys and {VOCAB} "
+        f"values, as many queries as pairs (chance {100 / VOCAB:.1f} %). Learning rates "
+        f"{', '.join(f'{r:g}' for r in grid.learning_rates)} tried on seed {grid.seeds[0]}; "
+        f"training stops when the validation accuracy (256 sequences, every {grid.every} "
+        f"steps) reaches 99.5 % or, after {grid.cap // 2} steps, gains < 0.5 points over 5 "
+        "validations, at most "
+        f"{grid.cap} steps (warm-up {grid.cap // 10}, cosine decay, AdamW, weight decay "
+        f"0.1). The rate with the best validation accuracy is kept and seeds "
+        f"{', '.join(map(str, grid.seeds[1:])) or '—'} trained at it. Cells: query "
+        "accuracy on 256 held-out test sequences, in % (mean ± std (min–max) over the "
+        "seeds), then the rate.",
+        "",
+    ]
+    settings = sorted({(w, p) for _, w, p in table})
+    labels = list(dict.fromkeys(label for label, _, _ in table))
+
+    def cell(key) -> str:
+        if key not in table:
+            return "—"
+        rate, runs, _ = table[key]
+        finite = [r for r in runs if r["finite"]]
+        text = report.mean_and_spread([overall_accuracy(r, "test") for r in finite])
+        diverged = len(runs) - len(finite)
+        return f"{text} @ {rate:g}" + (f", {diverged} diverged" if diverged else "")
+
+    rows = [[label] + [cell((label, w, p)) for w, p in settings] for label in labels]
+    lines += report.table(["model"] + [f"d={w}, pairs={p}" for w, p in settings], rows)
+    lines += ["", "## Every learning rate (seed 0): best validation accuracy, steps run", ""]
+    sweep_rows = []
+    for label in labels:
+        for w, p in settings:
+            if (label, w, p) not in table:
+                continue
+            _, _, by_rate = table[label, w, p]
+            sweep_rows.append(
+                [f"{label}, d={w}, pairs={p}"]
+                + [
+                    f"{100 * best_validation(r):.1f} ({r['steps']}, {r['stopped']})"
+                    for r in by_rate.values()
+                ]
+            )
+    rates = next(iter(table.values()))[2].keys()
+    lines += report.table(["model, setting"] + [f"lr {r:g}" for r in rates], sweep_rows)
+    seconds = sum(
+        r["train_seconds"]
+        for _, runs, by_rate in table.values()
+        for r in [*by_rate.values(), *runs[1:]]
+    )
+    lines += ["", f"Training time, all runs: {seconds / 60:.1f} min.", ""]
+    return lines
+
+
+def plot(table: dict, path: pathlib.Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    settings = sorted(
-        {key for cells in table.values() for key in cells},
-        key=lambda k: (int(k[0][2:]), int(k[1][6:])),
-    )
+    settings = sorted({(w, p) for _, w, p in table})
+    labels = list(dict.fromkeys(label for label, _, _ in table))
     fig, ax = plt.subplots(figsize=(9, 4.2))
-    width = 0.8 / max(1, len(table))
-    for i, (label, cells) in enumerate(table.items()):
+    width = 0.8 / max(1, len(labels))
+    for i, label in enumerate(labels):
         values = [
-            np.mean([query_accuracy(r) for r in cells[k]]) if k in cells else np.nan
-            for k in settings
+            np.mean([overall_accuracy(r, "test") for r in table[label, w, p][1]])
+            if (label, w, p) in table
+            else np.nan
+            for w, p in settings
         ]
         ax.bar(np.arange(len(settings)) + i * width, values, width, label=label)
-    ax.set_xticks(np.arange(len(settings)) + 0.4 - width / 2, [f"{w}\n{p}" for w, p in settings])
-    ax.set(ylabel="query accuracy", ylim=(0, 1.02), title="MQAR")
+    ax.set_xticks(
+        np.arange(len(settings)) + 0.4 - width / 2, [f"d={w}\n{p} pairs" for w, p in settings]
+    )
+    ax.set(ylabel="query accuracy (best rate)", ylim=(0, 1.02), title="MQAR, Zoology's protocol")
     ax.legend(fontsize=7, ncol=4)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -143,26 +250,28 @@ def plot(table, path: pathlib.Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--widths", type=int, nargs="+", default=list(WIDTHS))
-    parser.add_argument("--pairs", type=int, nargs="+", default=list(PAIRS))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--steps", type=int, default=700)
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--full", action="store_true", help="the whole grid (an accelerator)")
+    size.add_argument("--quick", action="store_true", help="a smoke run")
+    parser.add_argument("--widths", type=int, nargs="+", help="override the grid's widths")
+    parser.add_argument("--pairs", type=int, nargs="+", help="override the grid's pairs")
     parser.add_argument("--families", nargs="+", help="layer names to keep (default: all)")
-    parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=pathlib.Path, default=report.RESULTS)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    grid = GRIDS["full" if args.full else "quick" if args.quick else "default"]
+    if args.widths:
+        grid = dataclasses.replace(grid, widths=tuple(args.widths))
+    if args.pairs:
+        grid = dataclasses.replace(grid, pairs=tuple(args.pairs))
     models = [m for m in MODELS if not args.families or m.layer_pattern in args.families]
-    if args.quick:
+    if args.quick and not args.families:
         models = [m for m in MODELS if m.layer_pattern in ("attn", "linear_attn", "deltanet")]
-        args.widths, args.pairs, args.seeds, args.steps = [32], [6], [0], 60
+    if not models:
+        parser.error(f"--families matches none of {[m.layer_pattern for m in MODELS]}")
     store = ResultStore(args.out / "mqar.jsonl")
-    records = run_all(
-        make_runs(models, args.widths, args.pairs, args.seeds, args.steps),
-        store,
-        progress=not args.no_progress,
-    )
-    lines, table = summarise(records, args.steps)
+    table = run_grid(models, grid, store, progress=not args.no_progress)
+    lines = summarise(table, grid)
     plot(table, args.out / "mqar.png")
     lines += ["![mqar](mqar.png)", ""]
     (args.out / "mqar.md").write_text("\n".join(lines))

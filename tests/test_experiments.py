@@ -3,6 +3,7 @@ resumable result store, and the summaries' arithmetic."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -35,6 +36,49 @@ def test_train_and_score_reports_accuracy_at_every_position(monkeypatch):
     assert all(0.0 <= a <= 1.0 for a in accuracy)
     assert record["finite"] and record["parameters"] > 0
     assert harness.overall_accuracy(record, "long") == pytest.approx(np.mean(accuracy))
+
+
+def test_training_stops_at_the_target_or_a_plateau(monkeypatch):
+    monkeypatch.setattr(harness, "TEST_EXAMPLES", 8)
+    validation = Parity(seed=2, min_length=3, max_length=8)
+    run = dataclasses.replace(tiny_run("a", steps=9), stopping=harness.Stopping(validation, 2))
+    at_target = dataclasses.replace(
+        run, stopping=dataclasses.replace(run.stopping, target=1e-9, examples=8)
+    )
+    record = harness.train_and_score(at_target, progress=False)
+    assert (record["steps"], record["stopped"], len(record["validation"])) == (2, "target", 1)
+    # the first validation is the best so far, the second cannot gain 1.0: a plateau
+    plateau = dataclasses.replace(
+        run, stopping=dataclasses.replace(run.stopping, patience=1, min_delta=1.0, examples=8)
+    )
+    record = harness.train_and_score(plateau, progress=False)
+    assert (record["steps"], record["stopped"]) == (4, "plateau")
+    assert [step for step, _ in record["validation"]] == [2, 4]
+    assert all(0.0 <= score <= 1.0 for _, score in record["validation"])
+    record = harness.train_and_score(tiny_run("b", steps=5), progress=False)
+    assert (record["steps"], record["stopped"], record["validation"]) == (5, "cap", [])
+    with pytest.raises(ValueError, match="patience"):
+        harness.Stopping(validation, patience=0)
+
+
+def test_mqar_keeps_each_models_best_rate_and_trains_the_other_seeds_there(tmp_path):
+    from experiments import mqar
+
+    grid = mqar.Grid((16,), (2,), (1e-3, 3e-3), (0, 1), cap=4, every=2)
+    spec = mqar.MODELS[0]
+    store = harness.ResultStore(tmp_path / "mqar.jsonl")
+    table = mqar.run_grid([spec], grid, store, progress=False)
+    rate, runs, by_rate = table[spec.label, 16, 2]
+    assert set(by_rate) == {1e-3, 3e-3} and rate == mqar.choose_rate(by_rate)
+    assert [r["name"] for r in runs] == [
+        mqar.run_name(spec, 16, 2, rate, seed, 4) for seed in (0, 1)
+    ]
+    assert len(store.results) == 3  # two rates on seed 0, the chosen one on seed 1
+    lines = mqar.summarise(table, grid)
+    assert any(line.startswith("| softmax attention |") and f"@ {rate:g}" in line for line in lines)
+    a = {"validation": [[2, 0.5], [4, 0.9]], "steps": 4}
+    b = {"validation": [[2, 0.9]], "steps": 2}
+    assert mqar.choose_rate({1e-3: a, 3e-3: b}) == 3e-3  # as good, in fewer steps
 
 
 def test_result_store_resumes_without_rerunning(tmp_path, monkeypatch):
