@@ -11,7 +11,9 @@ accuracy at every position (``nan`` where nothing is scored), so one test set of
 length-256 parity strings gives the accuracy at every prefix length 1…256.
 
 :class:`ResultStore` keeps finished runs in a JSON-lines file keyed by the run's
-name, so an interrupted experiment starts again where it stopped.
+name, so an interrupted experiment starts again where it stopped. Every record
+carries what reproduces it: the model, training, task and stopping settings
+(``config``), the seed, the steps run, the wall time and the machine.
 
 A run with :class:`Stopping` trains until its validation accuracy plateaus (Zoology's
 protocol: no gain of ``min_delta`` over ``patience`` validations, or the ``target``
@@ -33,6 +35,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from experiments.bench.ops import machine
 from xformjax.data import Task, task_dataset
 from xformjax.models import LanguageModel, LMConfig
 from xformjax.nn import MixerConfig
@@ -212,6 +215,9 @@ def train_and_score(run: Run, *, progress: bool = True) -> dict[str, Any]:
     }
     return {
         "name": run.name,
+        "seed": run.train.seed,
+        "config": run_config(run),
+        "machine": machine(),
         "train_loss": train_loss,
         "train_accuracy": train_accuracy,
         "finite": bool(np.isfinite(train_loss)),
@@ -225,6 +231,26 @@ def train_and_score(run: Run, *, progress: bool = True) -> dict[str, Any]:
             for label, (acc, _) in tests.items()
         },
         "counts": {label: [int(c) for c in counts] for label, (_, counts) in tests.items()},
+    }
+
+
+def plain(value: Any) -> Any:
+    """A dataclass (a config, a task) as plain JSON values (dtypes and the like as
+    their names)."""
+    return json.loads(json.dumps(dataclasses.asdict(value), default=str))
+
+
+def run_config(run: Run) -> dict[str, Any]:
+    """The settings that reproduce ``run``, as plain JSON values: the model, the
+    training settings, the training and test tasks, and the stopping rule."""
+    return {
+        "model": plain(run.model),
+        "train": plain(run.train),
+        "task": {"kind": type(run.task).__name__, **plain(run.task)},
+        "tests": {
+            label: {"kind": type(task).__name__, **plain(task)} for label, task in run.tests.items()
+        },
+        "stopping": None if run.stopping is None else plain(run.stopping),
     }
 
 

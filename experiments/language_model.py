@@ -20,12 +20,14 @@ import argparse
 import json
 import pathlib
 import tempfile
+import time
 
 import jax
 from flax import nnx
 
 from experiments import report
-from experiments.harness import ResultStore
+from experiments.bench.ops import machine
+from experiments.harness import ResultStore, plain
 from xformjax.models import LanguageModel
 from xformjax.train.config import config_from_tree
 from xformjax.train.trainer import NonFiniteLossError, Trainer
@@ -96,20 +98,31 @@ def matched_width(pattern: str, steps: int, seed: int) -> tuple[int, int]:
 
 
 def train_family(pattern: str, steps: int, seed: int, progress: bool) -> dict:
+    """Train one family at its matched width; the record keeps what reproduces it
+    (the whole config, the seed, the machine) and the steps and wall time it took."""
     width, parameters = matched_width(pattern, steps, seed)
     config = experiment_config(pattern, width, steps, seed)
+    provenance = {
+        "seed": seed,
+        "config": plain(config),
+        "machine": machine(),
+        "d_model": width,
+        "parameters": parameters,
+    }
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="xformjax-lm-") as workdir:
         trainer = Trainer(config, workdir, progress=progress)
         try:
             final = trainer.run()
         except NonFiniteLossError as error:
-            return {"d_model": width, "parameters": parameters, "diverged": str(error)}
+            return {**provenance, "diverged": str(error)}
         log = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
     speeds = [json.loads(line).get("tokens_per_second") for line in log]
     speeds = [s for s in speeds if s]
     return {
-        "d_model": width,
-        "parameters": parameters,
+        **provenance,
+        "steps": steps,
+        "train_seconds": round(time.perf_counter() - started, 1),
         "validation_bits_per_byte": round(final["bits_per_byte"], 4),
         # the first logged interval includes compilation
         "train_tokens_per_second": round(max(speeds[1:] or speeds), 1),

@@ -63,6 +63,17 @@ def prefix_row(label: str, records: Sequence[dict], test: str, spans: Sequence[r
     ] + [mean_and_spread([mean_over(curve, span) for curve in curves]) for span in spans]
 
 
+def steps_cell(records: Sequence[dict]) -> str:
+    """The steps the runs trained (the range over seeds) and why they stopped, e.g.
+    ``600–1500 (2 target, 1 cap)``."""
+    steps = [record["steps"] for record in records]
+    reasons: dict[str, int] = {}
+    for record in records:
+        reasons[record.get("stopped", "cap")] = reasons.get(record.get("stopped", "cap"), 0) + 1
+    span = f"{min(steps)}" if min(steps) == max(steps) else f"{min(steps)}–{max(steps)}"
+    return f"{span} ({', '.join(f'{n} {why}' for why, n in reasons.items())})"
+
+
 def table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + [
         "| " + " | ".join(row) + " |" for row in rows

@@ -36,6 +36,14 @@ def test_train_and_score_reports_accuracy_at_every_position(monkeypatch):
     assert all(0.0 <= a <= 1.0 for a in accuracy)
     assert record["finite"] and record["parameters"] > 0
     assert harness.overall_accuracy(record, "long") == pytest.approx(np.mean(accuracy))
+    # what reproduces the run: settings, seed, steps, wall time, machine; all JSON
+    config = json.loads(json.dumps(record))["config"]
+    assert config["model"]["layer_pattern"] == "diag_rnn"
+    assert config["model"]["mixer"]["allow_neg_eigval"] is True
+    assert config["train"]["steps"] == record["steps"] == 3 and record["seed"] == 0
+    assert config["task"] == {**config["task"], "kind": "Parity", "max_length": 8}
+    assert config["tests"]["long"]["min_length"] == 12 and config["stopping"] is None
+    assert record["machine"]["cores"] > 0 and record["train_seconds"] >= 0
 
 
 def test_training_stops_at_the_target_or_a_plateau(monkeypatch):
@@ -119,3 +127,67 @@ def test_modular_arithmetic_varies_the_operand_count():
     assert lengths == {2 * n - 1 for n in range(2, 7)}  # n operands, n − 1 operators
     with pytest.raises(ValueError, match="min_operands"):
         ModularArithmetic(num_operands=4, min_operands=5)
+
+
+def test_state_tracking_runs_validate_on_held_out_examples_with_a_cap():
+    from experiments import deltaproduct, parity
+
+    runs = parity.make_runs([0, 1], parity.BUDGETS["quick"], list(parity.TASKS))
+    runs += deltaproduct.make_runs(["S3"], [0], deltaproduct.BUDGETS["quick"], (1, 2))
+    assert len(runs) == 3 * 4 * 2 + 2 * 2
+    assert len({run.name for run in runs}) == len(runs)
+    for run in runs:
+        assert run.stopping is not None and run.train.steps == 40
+        assert run.stopping.min_steps == 20 and run.stopping.every == 20
+        seeds = {run.task.seed, run.stopping.validation.seed, *(t.seed for t in run.tests.values())}
+        assert len(seeds) >= 3  # training, validation and test data are disjoint
+        assert run.stopping.validation.length == run.task.length  # in distribution
+    brackets = [run for run in runs if run.name.startswith("brackets|")]
+    assert brackets and all(run.task.brackets for run in brackets)
+
+
+def test_steps_cell_gives_the_range_and_why_runs_stopped():
+    records = [{"steps": 600, "stopped": "target"}, {"steps": 1500, "stopped": "cap"}]
+    records.append({"steps": 900, "stopped": "target"})
+    assert report.steps_cell(records) == "600–1500 (2 target, 1 cap)"
+    assert report.steps_cell(records[:1]) == "600 (1 target)"
+
+
+def test_deltaproduct_table_pools_every_householder_count_at_the_same_cap(tmp_path):
+    from experiments import deltaproduct
+
+    store = harness.ResultStore(tmp_path / "deltaproduct.jsonl")
+    for name in (
+        "S3|n_h=3 [0, 1]|seed 0|cap 50",
+        "S3|n_h=1 [−1, 1]|seed 1|cap 50",
+        "S3|n_h=1 [−1, 1]|seed 0|cap 50",
+        "S3|n_h=1 [0, 1]|seed 0|cap 40",  # another cap: another table
+        "S5|n_h=2 [0, 1]|seed 0|cap 50",  # a group not asked for
+    ):
+        store.add({"name": name})
+    assert [r["name"] for r in deltaproduct.pooled(store, ["S3"], 50)] == [
+        "S3|n_h=1 [−1, 1]|seed 0|cap 50",
+        "S3|n_h=1 [−1, 1]|seed 1|cap 50",
+        "S3|n_h=3 [0, 1]|seed 0|cap 50",
+    ]
+
+
+def test_parity_table_pools_every_task_at_its_cap(tmp_path):
+    from experiments import parity
+
+    store = harness.ResultStore(tmp_path / "parity.jsonl")
+    budgets = parity.BUDGETS["quick"]
+    for name in (
+        "brackets|DeltaNet [0, 1]|seed 0|cap 40",
+        "parity|diagonal RNN [0, 1]|seed 0|cap 40",
+        "parity|DeltaNet [−1, 1]|seed 1|cap 40",
+        "parity|DeltaNet [−1, 1]|seed 0|cap 40",
+        "arithmetic|DeltaNet [0, 1]|seed 0|cap 9",  # another cap: another table
+    ):
+        store.add({"name": name})
+    assert [r["name"] for r in parity.pooled(store, budgets)] == [
+        "parity|DeltaNet [−1, 1]|seed 0|cap 40",
+        "parity|DeltaNet [−1, 1]|seed 1|cap 40",
+        "parity|diagonal RNN [0, 1]|seed 0|cap 40",
+        "brackets|DeltaNet [0, 1]|seed 0|cap 40",
+    ]
