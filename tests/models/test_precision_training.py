@@ -6,17 +6,21 @@ initialisation and on the same batches of the copy task of
 and bfloat16 (``param_dtype`` float32 both: see ``tests/nn/test_precision_policy.py``
 for what runs in which dtype). The steps are one ``lax.scan`` per run, compiled once.
 
-Measured on this CPU (jax 0.10.2, XLA:CPU), seeds 0, 1, 2 (initialisation and data),
-losses in nats (chance: log 16 ≈ 2.77):
+Measured on the two 2-core VMs this project runs on (jax 0.10.2, XLA:CPU), seeds 0, 1,
+2 (initialisation and data), losses in nats (chance: log 16 ≈ 2.77). The float32 losses
+agree to 1e-6 on both; the bfloat16 runs round differently:
 
-    seed  f32, mean of last 50  bf16, mean of last 50  |gap|    last step bf16/f32  mean |Δ|
-    0     0.008392              0.008438               4.7e-5   1.0054              0.0038
-    1     0.007475              0.007460               1.4e-5   0.9978              0.0012
-    2     0.008326              0.008252               7.4e-5   0.9754              0.0012
+    machine    seed  f32, last 50  bf16, last 50  |gap|    last step bf16/f32  mean |Δ|
+    AMD EPYC   0     0.008392      0.008438       4.7e-5   1.0054              0.0038
+    AMD EPYC   1     0.007475      0.007460       1.4e-5   0.9978              0.0012
+    AMD EPYC   2     0.008326      0.008252       7.4e-5   0.9754              0.0012
+    Intel Xeon 0     0.008392      0.008503       1.11e-4  1.0166              0.0037
+    Intel Xeon 1     0.007475      0.007451       2.3e-5   0.9947              0.0013
+    Intel Xeon 2     0.008327      0.008333       6.3e-6   0.9882              0.0016
 
 (mean |Δ|: over the 300 steps of |loss bf16 − loss f32|; the largest single-step
 difference was 0.038, while the loss falls fastest.) The tolerances sit just above
-the worst of these: |gap| ≤ 1e-4 (≈ 1.2 % of the loss), the last step's ratio within
+the worst of these: |gap| ≤ 1.5e-4 (≈ 1.8 % of the loss), the last step's ratio within
 1 ± 0.03, mean |Δ| ≤ 0.005. The test runs seed 0: about 27 s of CPU time (two
 compilations of ≈ 8 s each, ≈ 2 s per 300 steps) on the shared 2-core machine.
 """
@@ -35,8 +39,8 @@ from xformjax import models
 pytestmark = pytest.mark.slow
 
 LENGTH, SYMBOLS, BATCH, STEPS, SEED = 12, 16, 16, 300, 0
-#: |mean loss over the last 50 steps, bfloat16 − float32| (worst measured: 7.4e-5)
-LAST50_GAP = 1e-4
+#: |mean loss over the last 50 steps, bfloat16 − float32| (worst measured: 1.11e-4)
+LAST50_GAP = 1.5e-4
 #: |loss bfloat16 / loss float32 − 1| at the last step (worst measured: 0.0246)
 LAST_STEP_RATIO = 0.03
 #: mean over the 300 steps of |loss bfloat16 − loss float32| (worst measured: 0.0038)
