@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import pathlib
 import shlex
 import sys
@@ -67,9 +68,7 @@ def steps_cell(records: Sequence[dict]) -> str:
     """The steps the runs trained (the range over seeds) and why they stopped, e.g.
     ``600–1500 (2 target, 1 cap)``."""
     steps = [record["steps"] for record in records]
-    reasons: dict[str, int] = {}
-    for record in records:
-        reasons[record.get("stopped", "cap")] = reasons.get(record.get("stopped", "cap"), 0) + 1
+    reasons = collections.Counter(record.get("stopped", "cap") for record in records)
     span = f"{min(steps)}" if min(steps) == max(steps) else f"{min(steps)}–{max(steps)}"
     return f"{span} ({', '.join(f'{n} {why}' for why, n in reasons.items())})"
 
