@@ -1,7 +1,9 @@
 """Byte-level language modelling on the standard-library corpus, every family at
 (nearly) equal parameter count and equal steps.
 
-    python -m experiments.language_model            # every family, 300 steps each
+    python -m experiments.language_model            # every family, 300 steps, seed 0
+    python -m experiments.language_model --seeds 1 2 --families deltanet gated_deltanet
+                                                    # more seeds; they join the table
     python -m experiments.language_model --quick    # three families, 20 steps
 
 Each family's model has ``NUM_LAYERS`` layers of that mixer (and SwiGLU MLPs);
@@ -21,6 +23,7 @@ import json
 import pathlib
 import tempfile
 import time
+from collections.abc import Sequence
 
 import jax
 from flax import nnx
@@ -129,54 +132,85 @@ def train_family(pattern: str, steps: int, seed: int, progress: bool) -> dict:
     }
 
 
+def pooled(store: ResultStore, steps: int, families: Sequence[str] = FAMILIES) -> dict:
+    """Every stored run of ``steps`` steps, grouped by family (``families`` first, in
+    their order, then any other family the store holds), over whatever seeds ran."""
+    groups: dict[str, list[dict]] = {family: [] for family in families}
+    for name, record in store.results.items():
+        family, _seed, run_steps = name.split("|")
+        if run_steps == f"{steps} steps":
+            groups.setdefault(family, []).append(record)
+    return {family: runs for family, runs in groups.items() if runs}
+
+
+def row(family: str, records: Sequence[dict]) -> list[str]:
+    """A table row: the family, its width and size, the seeds, validation bits per
+    byte over the seeds that finished, their training throughput."""
+    finished = [r for r in records if "diverged" not in r]
+    diverged = len(records) - len(finished)
+    bits = report.mean_and_spread([r["validation_bits_per_byte"] for r in finished], percent=False)
+    if diverged:
+        reason = next(r["diverged"] for r in records if "diverged" in r).split(";")[0]
+        bits = f"{bits}; {diverged} diverged: {reason}" if finished else f"diverged: {reason}"
+    speeds = [r["train_tokens_per_second"] for r in finished]
+    return [
+        family,
+        str(records[0]["d_model"]),
+        f"{records[0]['parameters'] / 1e3:.0f}K",
+        str(len(records)),
+        bits,
+        f"{sum(speeds) / len(speeds):.0f}" if speeds else "—",
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--families", nargs="+", default=list(FAMILIES))
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=pathlib.Path, default=report.RESULTS)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:
-        args.families, args.steps = ["attn", "gated_deltanet", "diag_rnn"], 20
+        args.families, args.steps, args.seeds = ["attn", "gated_deltanet", "diag_rnn"], 20, [0]
     store = ResultStore(args.out / "language_model.jsonl")
-    for pattern in args.families:
-        name = f"{pattern}|seed {args.seed}|{args.steps} steps"
-        if name not in store:
-            print(f"training {pattern} …", flush=True)
-            store.add(
-                {"name": name, **train_family(pattern, args.steps, args.seed, not args.no_progress)}
-            )
-    records = [store.results[f"{p}|seed {args.seed}|{args.steps} steps"] for p in args.families]
+    for seed in args.seeds:
+        for pattern in args.families:
+            name = f"{pattern}|seed {seed}|{args.steps} steps"
+            if name not in store:
+                print(f"training {pattern}, seed {seed} …", flush=True)
+                record = train_family(pattern, args.steps, seed, not args.no_progress)
+                store.add({"name": name, **record})
+    groups = pooled(store, args.steps)
     lines = report.header("Language modelling: bits per byte at equal size and steps")
     lines += [
         f"{NUM_LAYERS} layers, {NUM_HEADS} heads, width chosen per family for about "
         f"{TARGET_PARAMETERS / 1e3:.0f}K parameters; {args.steps} steps of 8 × 256 "
-        "bytes, AdamW lr 2e-3 (warm-up, cosine), seed "
-        f"{args.seed}; validation on 16 batches of held-out files. Lower is better.",
+        "bytes, AdamW lr 2e-3 (warm-up, cosine); validation on 16 batches of held-out "
+        "files. Lower is better. Every seed stored for these steps is pooled (mean ± "
+        "standard deviation, with the lowest and highest); tokens/s is the mean over "
+        "the seeds, and the first logged interval, which includes compilation, is left out.",
         "",
     ]
 
-    def row(record) -> list[str]:
-        head = [
-            record["name"].split("|")[0],
-            str(record["d_model"]),
-            f"{record['parameters'] / 1e3:.0f}K",
-        ]
-        if "diverged" in record:
-            return head + [f"diverged: {record['diverged'].split(';')[0]}", "—"]
-        return head + [
-            f"{record['validation_bits_per_byte']:.3f}",
-            f"{record['train_tokens_per_second']:.0f}",
-        ]
+    def mean_bits(records: Sequence[dict]) -> float:
+        finished = [r["validation_bits_per_byte"] for r in records if "diverged" not in r]
+        return sum(finished) / len(finished) if finished else float("inf")
 
     rows = [
-        row(r)
-        for r in sorted(records, key=lambda r: r.get("validation_bits_per_byte", float("inf")))
+        row(family, runs) for family, runs in sorted(groups.items(), key=lambda g: mean_bits(g[1]))
     ]
     lines += report.table(
-        ["layers", "d_model", "parameters", "validation bits/byte", "train tokens/s (CPU)"], rows
+        [
+            "layers",
+            "d_model",
+            "parameters",
+            "seeds",
+            "validation bits/byte",
+            "train tokens/s (CPU)",
+        ],
+        rows,
     ) + [""]
     (args.out / "language_model.md").write_text("\n".join(lines))
     print("\n".join(lines))

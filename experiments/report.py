@@ -39,16 +39,18 @@ def header(title: str) -> list[str]:
     ]
 
 
-def mean_and_spread(values: Sequence[float]) -> str:
-    """``mean ± std`` in percent, with the per-seed minimum and maximum."""
+def mean_and_spread(values: Sequence[float], *, percent: bool = True) -> str:
+    """``mean ± std`` with the per-seed minimum and maximum: in percent to one
+    decimal, or (``percent=False``, e.g. bits per byte) as is, to three."""
     values = np.asarray([v for v in values if np.isfinite(v)])
+    scale, digits, range_digits = (100, 1, 0) if percent else (1, 3, 2)
     if values.size == 0:
         return "—"
     if values.size == 1:
-        return f"{100 * values[0]:.1f}"
+        return f"{scale * values[0]:.{digits}f}"
     return (
-        f"{100 * values.mean():.1f} ± {100 * values.std():.1f} "
-        f"({100 * values.min():.0f}–{100 * values.max():.0f})"
+        f"{scale * values.mean():.{digits}f} ± {scale * values.std():.{digits}f} "
+        f"({scale * values.min():.{range_digits}f}–{scale * values.max():.{range_digits}f})"
     )
 
 

@@ -89,6 +89,21 @@ def test_mqar_keeps_each_models_best_rate_and_trains_the_other_seeds_there(tmp_p
     assert mqar.choose_rate({1e-3: a, 3e-3: b}) == 3e-3  # as good, in fewer steps
 
 
+def test_mqar_cross_keeps_each_width_at_the_middle_pairs_and_each_pairs_at_the_middle_width():
+    from experiments import mqar
+
+    cross = mqar.GRIDS["cross"]
+    assert cross.settings == [(32, 8), (64, 4), (64, 8), (64, 16), (128, 8)]
+    assert len(mqar.GRIDS["full"].settings) == 9
+    assert (cross.learning_rates, cross.seeds) == ((3e-3,), (0,))
+    assert mqar.output_name("default") == "mqar"
+    assert mqar.output_name("cross") == "mqar_cross"
+    assert mqar.output_name("default", [64], [16], ["attn"]) == "mqar_d64_pairs16_attn"
+    assert mqar.output_name("full", [32, 64], None, ["attn", "a,b"]) == "mqar_full_d32-64_attn-a+b"
+    assert mqar.output_name("default", no_conv=True) == "mqar_no_conv"
+    assert [spec.mixer for spec in mqar.WITHOUT_CONV] == [{"conv_size": 0}] * 4
+
+
 def test_result_store_resumes_without_rerunning(tmp_path, monkeypatch):
     store = harness.ResultStore(tmp_path / "runs.jsonl")
     store.add({"name": "done", "tests": {}})
@@ -118,6 +133,7 @@ def test_mean_and_spread_formats_percentages():
     assert report.mean_and_spread([0.5]) == "50.0"
     assert report.mean_and_spread([0.5, 1.0]) == "75.0 ± 25.0 (50–100)"
     assert report.mean_and_spread([]) == "—"
+    assert report.mean_and_spread([3.0, 3.1], percent=False) == "3.050 ± 0.050 (3.00–3.10)"
 
 
 def test_modular_arithmetic_varies_the_operand_count():
@@ -191,3 +207,25 @@ def test_parity_table_pools_every_task_at_its_cap(tmp_path):
         "parity|diagonal RNN [0, 1]|seed 0|cap 40",
         "brackets|DeltaNet [0, 1]|seed 0|cap 40",
     ]
+
+
+def test_language_model_table_pools_the_seeds_of_each_family(tmp_path):
+    from experiments import language_model
+
+    store = harness.ResultStore(tmp_path / "language_model.jsonl")
+    sizes = {"d_model": 104, "parameters": 313_000, "train_tokens_per_second": 100.0}
+    store.add({"name": "deltanet|seed 1|300 steps", "validation_bits_per_byte": 3.1, **sizes})
+    store.add({"name": "attn|seed 0|300 steps", "validation_bits_per_byte": 3.4, **sizes})
+    store.add({"name": "deltanet|seed 0|300 steps", "validation_bits_per_byte": 3.0, **sizes})
+    store.add({"name": "titans|seed 0|300 steps", "diverged": "NaN at step 47; …", **sizes})
+    store.add({"name": "attn|seed 0|20 steps", "validation_bits_per_byte": 5.0, **sizes})
+    groups = language_model.pooled(store, 300)
+    assert list(groups) == ["attn", "deltanet", "titans"]  # FAMILIES' order
+    assert [r["name"] for r in groups["deltanet"]] == [
+        "deltanet|seed 1|300 steps",
+        "deltanet|seed 0|300 steps",
+    ]
+    assert language_model.row("deltanet", groups["deltanet"]) == [
+        "deltanet", "104", "313K", "2", "3.050 ± 0.050 (3.00–3.10)", "100",
+    ]  # fmt: skip
+    assert language_model.row("titans", groups["titans"])[4:] == ["diverged: NaN at step 47", "—"]
