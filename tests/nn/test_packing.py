@@ -98,19 +98,45 @@ FLOAT64 = {"atlas": 1e-12}
 
 @pytest.mark.parametrize("variant", PACKED_VARIANTS)
 def test_packed_documents_equal_each_document_alone(variant):
+    check_in_its_precision(variant, ROWS)
+
+
+# The neural-memory layers run their chunk form over a compact buffer when every row's
+# documents fit it (ROWS do); a row of many documents (row 0 here: 7 slots of 8 tokens,
+# the compact buffer has 6) takes the full one.
+MANY_DOCUMENTS = ((9, 9, 6, 6), (14, 9, 6))
+
+
+@pytest.mark.parametrize("variant", ["titans-mal", "atlas"])
+def test_packed_documents_beyond_the_compact_buffer_equal_each_document_alone(variant):
+    from xformjax.ops.neural_memory.layout import compact_slots, document_layout, used_rows
+
+    ids = segment_ids(MANY_DOCUMENTS)
+    starts = (ids[:, 1:] != ids[:, :-1]) & (ids[:, 1:] > 0)
+    starts = np.concatenate([np.zeros((len(ids), 1), bool), starts], axis=1)
+    layout = document_layout(jnp.asarray(starts), jnp.asarray(ids > 0), 8, continuing=False)
+    assert int(used_rows(layout, 8)) > compact_slots(LENGTH, 8) * 8
+    check_in_its_precision(variant, MANY_DOCUMENTS)
+
+
+def check_in_its_precision(variant: str, rows) -> None:
     if variant in FLOAT64:
         with jax.enable_x64(True):
-            check_packed_documents_equal_each_document_alone(variant, "float64", FLOAT64[variant])
+            check_packed_documents_equal_each_document_alone(
+                variant, "float64", FLOAT64[variant], rows
+            )
     else:
-        check_packed_documents_equal_each_document_alone(variant, "float32", TOL)
+        check_packed_documents_equal_each_document_alone(variant, "float32", TOL, rows)
 
 
-def check_packed_documents_equal_each_document_alone(variant: str, dtype: str, tol: float):
+def check_packed_documents_equal_each_document_alone(
+    variant: str, dtype: str, tol: float, rows=ROWS
+):
     layer = build(variant, dtype)
     graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
     keys = jax.random.split(jax.random.key(1), 2)
-    x = jax.random.normal(keys[0], (len(ROWS), LENGTH, BASE.d_model), dtype)
-    ids = jnp.asarray(segment_ids())
+    x = jax.random.normal(keys[0], (len(rows), LENGTH, BASE.d_model), dtype)
+    ids = jnp.asarray(segment_ids(rows))
     weight = jax.random.normal(keys[1], x.shape, dtype) * (ids > 0)[..., None]
 
     def packed(params, x):
@@ -121,7 +147,7 @@ def check_packed_documents_equal_each_document_alone(variant: str, dtype: str, t
         """Each document as a fresh sequence; documents of one length share a batch."""
         model = nnx.merge(graphdef, params, rest)
         by_length: dict[int, list[tuple[int, int, int]]] = {}
-        for doc in documents():
+        for doc in documents(rows):
             by_length.setdefault(doc[2] - doc[1], []).append(doc)
         total, outputs = 0.0, {}
         for docs in by_length.values():
@@ -129,7 +155,7 @@ def check_packed_documents_equal_each_document_alone(variant: str, dtype: str, t
             w = jnp.concatenate([weight[b : b + 1, start:end] for b, start, end in docs])
             total = total + jnp.sum(y * w)
             outputs.update({doc: y[i : i + 1] for i, doc in enumerate(docs)})
-        return total, [outputs[doc] for doc in documents()]
+        return total, [outputs[doc] for doc in documents(rows)]
 
     run = jax.jit(
         lambda p, x: (
@@ -138,7 +164,7 @@ def check_packed_documents_equal_each_document_alone(variant: str, dtype: str, t
         )
     )
     ((_, y_packed), grads_packed), ((_, ys_alone), grads_alone) = run(params, x)
-    for (b, start, end), y_alone in zip(documents(), ys_alone, strict=True):
+    for (b, start, end), y_alone in zip(documents(rows), ys_alone, strict=True):
         assert_close(
             y_packed[b : b + 1, start:end],
             y_alone,

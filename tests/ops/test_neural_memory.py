@@ -545,7 +545,7 @@ def test_layout_puts_every_sequence_on_its_own_chunk_grid(rows):
     """Every token gets its own row of the static buffer; a sequence longer than ``C``
     starts on a slot; one of at most ``C`` lies in one slot; a reset marks each
     sequence's first row and the first row of every slot holding short sequences."""
-    from xformjax.ops.neural_memory.layout import document_layout, slots_for
+    from xformjax.ops.neural_memory.layout import document_layout, slots_for, used_rows
 
     chunk = 4
     starts, valid = packed_starts(rows)
@@ -558,6 +558,8 @@ def test_layout_puts_every_sequence_on_its_own_chunk_grid(rows):
     for b in range(len(rows)):
         used = destination[b][valid[b]]
         assert len(set(used.tolist())) == used.size and used.max() < capacity
+    last = max(int(destination[b][valid[b]].max()) for b in range(len(rows)))
+    assert int(used_rows(layout, chunk)) == (last // chunk + 1) * chunk
     for b, start, end in sequences(rows):
         rows_of = destination[b, start:end]
         np.testing.assert_array_equal(rows_of, rows_of[0] + np.arange(end - start))
@@ -567,6 +569,36 @@ def test_layout_puts_every_sequence_on_its_own_chunk_grid(rows):
         else:
             assert rows_of[0] // chunk == rows_of[-1] // chunk
             assert resets[b, rows_of[0] // chunk * chunk]
+
+
+@pytest.mark.parametrize("continuing", [False, True])
+def test_rows_of_up_to_three_documents_fit_the_compact_buffer(continuing):
+    """The compact buffer (``⌈N/C⌉ + 2`` slots) holds any row of at most three
+    documents (each wastes less than a slot on its last chunk), and a row of many
+    short straddling documents does not fit it (the full buffer is then needed)."""
+    from xformjax.ops.neural_memory.layout import compact_slots, document_layout, used_rows
+
+    chunk, length = 4, 37
+    rng = np.random.default_rng(0)
+    rows = []
+    for _ in range(300):
+        cuts = np.sort(rng.choice(np.arange(1, length), size=rng.integers(0, 3), replace=False))
+        end = int(rng.integers(max(cuts, default=0) + 1, length + 1))
+        rows.append(tuple(np.diff(np.concatenate([[0], cuts, [end]])).tolist()))
+    starts, valid = packed_starts(tuple(rows))
+    layout_of = jax.jit(
+        jax.vmap(lambda s, v: document_layout(s[None], v[None], chunk, continuing=continuing))
+    )
+    used = jax.vmap(lambda layout: used_rows(layout, chunk))(
+        layout_of(jnp.asarray(starts), jnp.asarray(valid))
+    )
+    assert starts.shape[1] == length
+    compact = compact_slots(length, chunk) * chunk
+    assert int(used.max()) <= compact
+    assert int(used.max()) > compact - 2 * chunk  # the bound is nearly reached
+    many = packed_starts(((5, 3, 5, 3, 5, 3, 5, 3, 5),))
+    layout = layout_of(*(jnp.asarray(a) for a in many))
+    assert int(used_rows(jax.tree.map(lambda a: a[0], layout), chunk)) > compact
 
 
 @pytest.mark.parametrize("depth,omega,optimizer", [(2, 3, "muon"), (1, 3, "momentum")])

@@ -47,8 +47,13 @@ The chunk form uses the second (:mod:`xformjax.ops.neural_memory.layout`): token
 are scattered into a static buffer of about ``2T`` rows (long documents on whole
 chunks of their own; short ones, which fit one chunk and so see only the initial
 weights, share chunks), the op runs with ``resets`` at the documents' first rows, and
-the outputs are gathered back — about twice the unpacked cost, with a static bound
-whatever the documents. The short convolutions do not read across a boundary.
+the outputs are gathered back. The buffer's static bound, ``2⌈T/C⌉ + 2`` chunks
+whatever the documents, costs about twice the unpacked run (2.5× at ``T = 256``,
+``C = 64``); the op runs over its first ``⌈T/C⌉ + 2`` chunks instead when every row's
+documents fit there (any row of up to three documents does; a ``lax.cond`` picks,
+and only the branch taken runs), so a batch of a few long documents per row costs
+about ``1 + 2C/T`` times the unpacked run. The short convolutions do not read across
+a boundary.
 ``mode="recurrent"`` feeds tokens one at a time and restarts the memory (and the
 buffer) at each document's first token. The returned state continues each row's
 last document (its boundary memory, its open chunk's tokens, ``document_tokens``).
@@ -75,7 +80,14 @@ from xformjax.nn.states import ConvCaches, MemoryTokens, NeuralMemoryState
 from xformjax.nn.streams import STREAMS, init_conv_caches, silu_streams, stream_layers
 from xformjax.ops.common.validation import Mode
 from xformjax.ops.neural_memory import init_neural_memory_state, neural_memory
-from xformjax.ops.neural_memory.layout import document_layout, gather, scatter
+from xformjax.ops.neural_memory.layout import (
+    Layout,
+    compact_slots,
+    document_layout,
+    gather,
+    scatter,
+    used_rows,
+)
 
 #: gate name → initial bias of its logit.
 _GATE_BIAS = {"lr": -3.0, "momentum": 0.0, "decay": -4.0}
@@ -339,6 +351,40 @@ class NeuralMemoryMixer(Mixer):
         assert final is not None  # output_final_state=True
         return o, final
 
+    def packed_memory_op(
+        self,
+        q: jax.Array,
+        tokens: MemoryTokens,
+        memory: MemoryOpState | None,
+        layout: Layout,
+        compact_rows: int,
+    ) -> tuple[jax.Array, MemoryOpState]:
+        """:meth:`memory_op` over the packed buffer ``[B, S·C, H, ·]`` of ``layout``.
+
+        The buffer is sized for the worst packing (about twice the row); when every
+        row's documents fit in its first ``compact_rows`` rows (a row of a few long
+        documents does), the chunk form runs over those rows only (``lax.cond``: only
+        the branch taken runs) and its outputs are padded back with zero rows."""
+        rows = q.shape[1]
+
+        def over(length: int) -> tuple[jax.Array, MemoryOpState]:
+            o, final = self.memory_op(
+                q[:, :length],
+                jax.tree.map(lambda a: a[:, :length], tokens),
+                memory,
+                state_position=layout.boundary,
+                resets=layout.resets[:, :length],
+            )
+            return pad_rows(o, rows), final
+
+        if compact_rows >= rows:
+            return over(rows)
+        return jax.lax.cond(
+            used_rows(layout, self.config.chunk_size) <= compact_rows,
+            lambda: over(compact_rows),
+            lambda: over(rows),
+        )
+
     def run_memory(
         self,
         q: jax.Array,
@@ -388,12 +434,12 @@ class NeuralMemoryMixer(Mixer):
         else:
             valid = jnp.arange(size)[None, :] < total[:, None]
             layout = document_layout(combined_starts, valid, chunk, continuing=memory is not None)
-            o, new_memory = self.memory_op(
+            o, new_memory = self.packed_memory_op(
                 scatter(combined_q, layout),
                 jax.tree.map(lambda a: scatter(a, layout), combined),
                 memory,
-                state_position=layout.boundary,
-                resets=layout.resets,
+                layout,
+                compact_slots(size, chunk) * chunk,
             )
             o = gather(o, layout)
             new_memory = select_rows(layout.fresh, self.init_memory(batch), new_memory)

@@ -60,7 +60,7 @@ from xformjax.nn.states import ConvCaches, SegmentTokens, TitansMACState
 from xformjax.nn.streams import silu_stream
 from xformjax.nn.titans.branches import AttentionTitans
 from xformjax.ops.common.validation import Mode
-from xformjax.ops.neural_memory.layout import document_layout, gather, scatter
+from xformjax.ops.neural_memory.layout import document_layout, gather, scatter, used_rows
 
 
 class TitansMAC(AttentionTitans):
@@ -204,6 +204,7 @@ class TitansMAC(AttentionTitans):
         size = chunk + length
         place = jax.vmap(lambda old, new, n: after_buffer(old[None], new[None], n, size)[0])
         combined = jax.tree.map(lambda old, new: place(old, new, count), segment, tokens)
+        used = None  # packed: the buffer rows in use; later segments are skipped
         if starts is None:
             segments = -(-size // chunk)
             rows = segments * chunk
@@ -232,6 +233,7 @@ class TitansMAC(AttentionTitans):
             offsets = scatter(in_document % chunk, layout)
             boundary = layout.boundary
             fresh = layout.fresh
+            used = used_rows(layout, chunk)
 
         def split(a):  # [B, S·C, …] -> [S, B, C, …]
             return jnp.moveaxis(a.reshape((a.shape[0], segments, chunk) + a.shape[2:]), 1, 0)
@@ -241,7 +243,13 @@ class TitansMAC(AttentionTitans):
         def step(carry, xs):
             memory, chosen, end = carry
             xs, extra = xs
-            attended, read, new_memory = self.one_segment(memory, xs, *extra)
+            run = lambda: self.one_segment(memory, xs, *extra)
+            if used is None:
+                attended, read, new_memory = run()
+            else:  # a segment past every row's documents holds no token: skip it
+                shapes = jax.eval_shape(run)
+                skip = lambda: (*(jnp.zeros(a.shape, a.dtype) for a in shapes[:2]), memory)
+                attended, read, new_memory = jax.lax.cond(end < used, run, skip)
             end = end + chunk
             chosen = select_rows(end == boundary, new_memory, chosen)
             return (new_memory, chosen, end), (attended, read)

@@ -19,8 +19,12 @@ Long documents use ``⌈L/C⌉ < 2L/C`` slots, the shared slots ``⌈T_s/C⌉`` 
 straddling ones at most ``T_s/C``, the continued document at most one slot more than
 its share: ``S = 2⌈N/C⌉ + 2`` slots always suffice for ``N`` tokens, whatever the
 documents — the buffer is about twice the row, so the chunk form costs about twice
-the unpacked one. Unused rows of the buffer are zeros: with ``γ = θ = 0`` they change
-nothing before the next reset.
+the unpacked one. Rows of a few documents waste less: a long document leaves less
+than one slot unfilled (its last chunk), and any row of up to three documents fits in
+its first :func:`compact_slots` ``= ⌈N/C⌉ + 2`` slots (checked over random rows in the
+tests); :func:`used_rows` says whether a batch does (the layer then runs the op over
+those rows only). Unused rows of the
+buffer are zeros: with ``γ = θ = 0`` they change nothing before the next reset.
 """
 
 from __future__ import annotations
@@ -57,6 +61,24 @@ class Layout(NamedTuple):
 def slots_for(length: int, chunk: int) -> int:
     """``S``: the slots of ``C`` rows that any packing of ``length`` tokens needs."""
     return 2 * (-(-length // chunk)) + 2
+
+
+def compact_slots(length: int, chunk: int) -> int:
+    """The smaller buffer tried first: ``⌈N/C⌉ + 2`` slots, enough whenever the
+    documents waste at most two slots' worth of rows on their last chunks (a row of
+    one to three documents always fits). :func:`used_rows` says whether it does."""
+    return -(-length // chunk) + 2
+
+
+def used_rows(layout: Layout, chunk: int) -> jax.Array:
+    """The buffer rows that hold a token in some row of the batch, rounded up to whole
+    slots (an int32 scalar). Rows past it hold none, and the chunk form is causal, so
+    running it over the first ``used_rows`` rows gives the same outputs and boundary
+    state as over the whole buffer."""
+    rows = layout.source.shape[1]
+    destination = layout.destination
+    last = jnp.max(jnp.where(destination < rows, destination, 0))
+    return (last // chunk + 1) * chunk
 
 
 def _row_layout(starts: jax.Array, valid: jax.Array, chunk: int, continuing: bool) -> Layout:
