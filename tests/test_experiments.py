@@ -226,6 +226,10 @@ def test_language_model_table_pools_the_seeds_of_each_family(tmp_path):
         "deltanet|seed 0|300 steps",
     ]
     assert language_model.row("deltanet", groups["deltanet"]) == [
-        "deltanet", "104", "313K", "2", "3.050 ± 0.050 (3.00–3.10)", "100",
+        "deltanet", "104", "313K", "2", "3.000", "3.050 ± 0.050 (3.00–3.10)", "100",
     ]  # fmt: skip
-    assert language_model.row("titans", groups["titans"])[4:] == ["diverged: NaN at step 47", "—"]
+    assert language_model.row("titans", groups["titans"])[4:] == [
+        "—",
+        "diverged: NaN at step 47",
+        "—",
+    ]
