@@ -30,8 +30,10 @@ stays within the document. The row is laid out into slots of ``C`` tokens as for
 neural memory (:mod:`xformjax.ops.neural_memory.layout`: a long document on whole
 slots of its own, short ones sharing a slot), each slot runs as one segment — masked
 to its documents, RoPE at each token's in-document position mod ``C`` — and the
-outputs are gathered back. ``document_tokens`` in the state counts the last
-document's tokens, so decoding continues it.
+outputs are gathered back; a slot past every row's last token is skipped
+(``lax.cond`` in the scan's step), so a batch costs about the slots it uses.
+``document_tokens`` in the state counts the last document's tokens, so decoding
+continues it.
 """
 
 from __future__ import annotations

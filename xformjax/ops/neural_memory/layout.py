@@ -23,8 +23,8 @@ the unpacked one. Rows of a few documents waste less: a long document leaves les
 than one slot unfilled (its last chunk), and any row of up to three documents fits in
 its first :func:`compact_slots` ``= ⌈N/C⌉ + 2`` slots (checked over random rows in the
 tests); :func:`used_rows` says whether a batch does (the layer then runs the op over
-those rows only). Unused rows of the
-buffer are zeros: with ``γ = θ = 0`` they change nothing before the next reset.
+those rows only). Unused rows of the buffer are zeros: with ``γ = θ = 0`` they change
+nothing before the next reset.
 """
 
 from __future__ import annotations
