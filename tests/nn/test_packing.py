@@ -111,10 +111,9 @@ MANY_DOCUMENTS = ((9, 9, 6, 6), (14, 9, 6))
 def test_packed_documents_beyond_the_compact_buffer_equal_each_document_alone(variant):
     from xformjax.ops.neural_memory.layout import compact_slots, document_layout, used_rows
 
-    ids = segment_ids(MANY_DOCUMENTS)
-    starts = (ids[:, 1:] != ids[:, :-1]) & (ids[:, 1:] > 0)
-    starts = np.concatenate([np.zeros((len(ids), 1), bool), starts], axis=1)
-    layout = document_layout(jnp.asarray(starts), jnp.asarray(ids > 0), 8, continuing=False)
+    ids = jnp.asarray(segment_ids(MANY_DOCUMENTS))
+    starts = Packing(ids, derived_positions(ids)).starts
+    layout = document_layout(starts, ids > 0, 8, continuing=False)
     assert int(used_rows(layout, 8)) > compact_slots(LENGTH, 8) * 8
     check_in_its_precision(variant, MANY_DOCUMENTS)
 
