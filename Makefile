@@ -48,7 +48,8 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-# For iteration: everything but the longest files (learning, CLI, notebooks, the wheel).
+# For iteration: everything but the longest files (learning, CLI, notebooks, the wheel, the
+# TPU train-step compiles, the kernel device-check rehearsal).
 test-fast: $(STAMP) $(LIBTPU_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS) -m "not slow"
 

@@ -57,6 +57,8 @@ def pytest_report_header(config):
 # The longest tests (30 s – 2 min each on 2 cores) start first, so that pytest-xdist's
 # workers finish together instead of one of them running a long test alone at the end.
 LONG_FIRST = (
+    "tests/train/test_aot.py",
+    "tests/test_kernel_bench.py",
     "tests/models/test_memory_learning.py",
     "tests/train/test_cli.py",
     "tests/test_notebooks.py",

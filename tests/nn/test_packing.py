@@ -96,26 +96,27 @@ def test_every_registered_mixer_is_checked_packed():
 FLOAT64 = {"atlas": 1e-12}
 
 
+# The neural-memory layers run their chunk form over a compact buffer when every row's
+# documents fit it (ROWS do: Titans-MAG and -MAC check that branch); a row of many
+# documents (row 0 of MANY_DOCUMENTS: 7 slots of 8 tokens, the compact buffer has 6) takes
+# the full one, which Titans-MAL and ATLAS check (the memory op is MAG's).
+MANY_DOCUMENTS = ((9, 9, 6, 6), (14, 9, 6))
+FULL_BUFFER = ("titans-mal", "atlas")
+
+
 @pytest.mark.parametrize("variant", PACKED_VARIANTS)
 def test_packed_documents_equal_each_document_alone(variant):
-    check_in_its_precision(variant, ROWS)
+    check_in_its_precision(variant, MANY_DOCUMENTS if variant in FULL_BUFFER else ROWS)
 
 
-# The neural-memory layers run their chunk form over a compact buffer when every row's
-# documents fit it (ROWS do); a row of many documents (row 0 here: 7 slots of 8 tokens,
-# the compact buffer has 6) takes the full one.
-MANY_DOCUMENTS = ((9, 9, 6, 6), (14, 9, 6))
-
-
-@pytest.mark.parametrize("variant", ["titans-mal", "atlas"])
-def test_packed_documents_beyond_the_compact_buffer_equal_each_document_alone(variant):
+def test_many_documents_need_the_full_buffer_and_rows_fit_the_compact_one():
     from xformjax.ops.neural_memory.layout import compact_slots, document_layout, used_rows
 
-    ids = jnp.asarray(segment_ids(MANY_DOCUMENTS))
-    starts = Packing(ids, derived_positions(ids)).starts
-    layout = document_layout(starts, ids > 0, 8, continuing=False)
-    assert int(used_rows(layout, 8)) > compact_slots(LENGTH, 8) * 8
-    check_in_its_precision(variant, MANY_DOCUMENTS)
+    for rows, fits in ((ROWS, True), (MANY_DOCUMENTS, False)):
+        ids = jnp.asarray(segment_ids(rows))
+        starts = Packing(ids, derived_positions(ids)).starts
+        layout = document_layout(starts, ids > 0, 8, continuing=False)
+        assert (int(used_rows(layout, 8)) <= compact_slots(LENGTH, 8) * 8) == fits, rows
 
 
 def check_in_its_precision(variant: str, rows) -> None:
