@@ -5,6 +5,8 @@ al. 2023) at a CPU-sized scale.
     python -m experiments.mqar --cross     # each width at 8 pairs, each pairs at d_model 64
     python -m experiments.mqar --full      # d_model 32/64/128 × 4/8/16 pairs (an accelerator)
     python -m experiments.mqar --no-conv   # the layers with a short convolution, without it
+    python -m experiments.mqar --with-conv # the layers without one (linear attention, RetNet,
+                                           # GLA), with it (``short_conv``)
     python -m experiments.mqar --quick     # 3 families, one setting, few steps: a smoke run
 
 Each model reads ``k₁ v₁ … k_n v_n`` and then ``n`` of the keys again, and must
@@ -67,6 +69,13 @@ WITHOUT_CONV = tuple(
     ModelSpec(f"{spec.label}, no conv", spec.layer_pattern, {"conv_size": 0})
     for spec in MODELS
     if spec.layer_pattern in ("deltanet", "gated_deltanet", "mom", "titans")
+)
+#: The other way round (``--with-conv``): the layers without one, given the same short
+#: convolution (``short_conv``: SiLU(conv(·)) of length 4 on q, k, v).
+WITH_CONV = tuple(
+    ModelSpec(f"{spec.label}, short conv", spec.layer_pattern, {"short_conv": True})
+    for spec in MODELS
+    if spec.layer_pattern in ("linear_attn", "retnet", "gla")
 )
 VOCAB = 32  # keys and values each
 BATCH = 32
@@ -291,6 +300,7 @@ def output_name(
     pairs: Sequence[int] | None = None,
     families: Sequence[str] | None = None,
     no_conv: bool = False,
+    with_conv: bool = False,
 ) -> str:
     """The results' file name (without suffix): ``mqar`` for the default grid,
     ``mqar_<size>`` for the others, and what was narrowed after it, so that a run on
@@ -302,6 +312,7 @@ def output_name(
     parts += ["pairs" + "-".join(map(str, pairs))] if pairs else []
     parts += ["-".join(family.replace(",", "+") for family in families)] if families else []
     parts += ["no_conv"] if no_conv else []
+    parts += ["with_conv"] if with_conv else []
     return "_".join(parts)
 
 
@@ -316,10 +327,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--widths", type=int, nargs="+", help="override the grid's widths")
     parser.add_argument("--pairs", type=int, nargs="+", help="override the grid's pairs")
     parser.add_argument("--families", nargs="+", help="layer names to keep (default: all)")
-    parser.add_argument(
+    conv = parser.add_mutually_exclusive_group()
+    conv.add_argument(
         "--no-conv",
         action="store_true",
         help="the layers with a short convolution, without it (conv_size 0)",
+    )
+    conv.add_argument(
+        "--with-conv",
+        action="store_true",
+        help="linear attention, RetNet and GLA with a short convolution (short_conv)",
     )
     parser.add_argument("--out", type=pathlib.Path, default=report.RESULTS)
     parser.add_argument("--no-progress", action="store_true")
@@ -330,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         grid = dataclasses.replace(grid, widths=tuple(args.widths))
     if args.pairs:
         grid = dataclasses.replace(grid, pairs=tuple(args.pairs))
-    candidates = WITHOUT_CONV if args.no_conv else MODELS
+    candidates = WITHOUT_CONV if args.no_conv else WITH_CONV if args.with_conv else MODELS
     models = [m for m in candidates if not args.families or m.layer_pattern in args.families]
     if args.quick and not args.families:
         models = [m for m in candidates if m.layer_pattern in ("attn", "linear_attn", "deltanet")]
@@ -339,7 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     store = ResultStore(args.out / "mqar.jsonl")
     table = run_grid(models, grid, store, progress=not args.no_progress)
     lines = summarise(table, grid)
-    output = output_name(size_name, args.widths, args.pairs, args.families, args.no_conv)
+    output = output_name(
+        size_name, args.widths, args.pairs, args.families, args.no_conv, args.with_conv
+    )
     plot(table, args.out / f"{output}.png")
     lines += [f"![mqar]({output}.png)", ""]
     (args.out / f"{output}.md").write_text("\n".join(lines))

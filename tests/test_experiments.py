@@ -102,6 +102,9 @@ def test_mqar_cross_keeps_each_width_at_the_middle_pairs_and_each_pairs_at_the_m
     assert mqar.output_name("full", [32, 64], None, ["attn", "a,b"]) == "mqar_full_d32-64_attn-a+b"
     assert mqar.output_name("default", no_conv=True) == "mqar_no_conv"
     assert [spec.mixer for spec in mqar.WITHOUT_CONV] == [{"conv_size": 0}] * 4
+    assert mqar.output_name("default", with_conv=True) == "mqar_with_conv"
+    assert [spec.layer_pattern for spec in mqar.WITH_CONV] == ["linear_attn", "retnet", "gla"]
+    assert [spec.mixer for spec in mqar.WITH_CONV] == [{"short_conv": True}] * 3
 
 
 def test_result_store_resumes_without_rerunning(tmp_path, monkeypatch):

@@ -123,6 +123,12 @@ BAD_CONFIGS = [
         "`layer_pattern` must be a comma-separated string of mixer names; got ['attn'] (list)",
     ),
     (dict(mixer={"d_model": 8}), TypeError, "`mixer` must be a MixerConfig; got dict"),
+    (
+        dict(layer_pattern="gdn,attn", mixer=nn.MixerConfig(short_conv=True)),
+        ValueError,
+        "`mixer.short_conv` is an option of gla, linear_attn, retnet; no layer of "
+        "layer_pattern 'gdn,attn' has it",
+    ),
     (dict(mlp="relu"), ValueError, "`mlp` must be one of 'swiglu', 'glu', 'gelu'; got 'relu'"),
     (dict(mlp_hidden=0), ValueError, "`mlp_hidden` must be an int ≥ 1 or None; got 0"),
     (dict(norm="batch"), ValueError, "`norm` must be one of 'rms', 'layer', 'srms'; got 'batch'"),

@@ -82,6 +82,8 @@ BAD_VALUES = [
     (dict(gate_temperature=-2.0), ValueError, "`gate_temperature` must be a finite number > 0"),
     (dict(gate_temperature=None), TypeError, "`gate_temperature` must be a finite number > 0"),
     (dict(conv_size=-1), ValueError, "`conv_size` must be an int ≥ 0; got -1"),
+    (dict(short_conv=1), TypeError, "`short_conv` must be a bool; got 1"),
+    (dict(short_conv=True, conv_size=0), ValueError, "`short_conv` needs conv_size ≥ 1"),
     (dict(allow_neg_eigval=None), TypeError, "`allow_neg_eigval` must be a bool; got None"),
     (dict(num_householder=0), ValueError, "`num_householder` must be an int ≥ 1; got 0"),
     (dict(num_memories=0), ValueError, "`num_memories` must be an int ≥ 1; got 0"),

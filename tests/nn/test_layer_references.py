@@ -11,6 +11,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from tests.ops import reference
@@ -85,11 +86,19 @@ def test_gated_deltanet_layer(x64):
     assert_close(y, read_out(layer, o, x), 1e-9, "gated DeltaNet")
 
 
-def test_gla_layer(x64):
-    layer = nn.GatedLinearAttention(CONFIG, rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("short_conv", [False, True])
+def test_gla_layer(x64, short_conv):
+    layer = nn.GatedLinearAttention(
+        dataclasses.replace(CONFIG, short_conv=short_conv), rngs=nnx.Rngs(0)
+    )
     x = inputs()
     y, _ = layer(jnp.asarray(x))
-    q, k, v = (heads(x @ weights(p)) for p in (layer.qkv.q, layer.qkv.k, layer.qkv.v))
+    streams = [x @ weights(getattr(layer.qkv, name)) for name in ("q", "k", "v")]
+    if short_conv:  # SiLU(conv(x W_s)) for each stream
+        streams = [silu(causal_conv(a, layer.convs[n])) for a, n in zip(streams, "qkv")]
+    else:
+        assert not layer.convs
+    q, k, v = (heads(a) for a in streams)
     logits = x @ weights(layer.gate_down) @ weights(layer.gate_up) + np.asarray(
         layer.gate_up.bias[...], np.float64
     )

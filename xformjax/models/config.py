@@ -19,7 +19,7 @@ from typing import Any
 
 from xformjax.fields import check_bool, check_choice, check_float, check_int
 from xformjax.nn.config import MixerConfig
-from xformjax.nn.mixer import get_mixer
+from xformjax.nn.mixer import MIXERS, get_mixer
 from xformjax.nn.mlp import MLP_KINDS
 from xformjax.nn.norms import NORMS
 from xformjax.overrides import apply_overrides
@@ -119,6 +119,14 @@ class LMConfig:
                 f"{owner}: `layer_pattern` must list registered mixer names; "
                 f"got {self.layer_pattern!r}: {error}"
             ) from None
+        if self.mixer.short_conv and not any(
+            get_mixer(name).short_conv_option for name in self._pattern()
+        ):
+            raise ValueError(
+                f"{owner}: `mixer.short_conv` is an option of "
+                f"{', '.join(n for n, c in sorted(MIXERS.items()) if c.short_conv_option)}; "
+                f"no layer of layer_pattern {self.layer_pattern!r} has it"
+            )
         if self.scan_layers and self.num_layers % self.period:
             raise ValueError(
                 f"{owner}: `scan_layers` needs the pattern's length to divide `num_layers`; "

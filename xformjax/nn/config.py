@@ -45,7 +45,15 @@ _POSITIVE_INTS = (
     "poly_degree",
     "newton_schulz_steps",
 )
-_BOOLS = ("sigma_reparam", "output_gate", "normalize", "mala", "allow_neg_eigval", "shared_memory")
+_BOOLS = (
+    "sigma_reparam",
+    "output_gate",
+    "normalize",
+    "mala",
+    "short_conv",
+    "allow_neg_eigval",
+    "shared_memory",
+)
 _CHOICES: dict[str, tuple[str, ...]] = {
     "mode": MODES,
     "feature_map": FEATURE_MAPS,
@@ -131,6 +139,10 @@ class MixerConfig:
     Short convolutions (``deltanet``, ``gated_deltanet``, ``deltaproduct``, ``mom``,
     ``titans``, ``atlas``):
       conv_size: short causal convolution length on q/k/v (0 disables it); int ≥ 0.
+      short_conv (``linear_attn``, ``retnet``, ``gla``): give the layer the same
+        ``SiLU(conv(·))`` on q, k and v (length ``conv_size``), before the feature map
+        or RoPE (flash-linear-attention's ``use_short_conv``); off by default, as in
+        the papers. Other layers ignore it (a model with none of these raises).
 
     Delta rule (``deltanet``, ``gated_deltanet``, ``deltaproduct``; ``allow_neg_eigval``
     also ``mom`` and ``diag_rnn``):
@@ -195,8 +207,10 @@ class MixerConfig:
     # gla
     gate_low_rank: int = 16
     gate_temperature: float = 16.0
-    # delta rule
+    # short convolutions (the delta rule, MoM, Titans, ATLAS; ``short_conv`` the others)
     conv_size: int = 4
+    short_conv: bool = False
+    # delta rule
     allow_neg_eigval: bool = False
     num_householder: int = 2
     # mixture of memories
@@ -233,6 +247,8 @@ class MixerConfig:
             check_choice(owner, name, getattr(self, name), choices)
         for name in ("dtype", "param_dtype"):
             check_float_dtype(owner, name, getattr(self, name))
+        if self.short_conv and not self.conv_size:
+            raise ValueError(f"{owner}: `short_conv` needs conv_size ≥ 1; got conv_size=0")
         if self.head_dim is None and self.d_model % self.num_heads:
             raise ValueError(
                 f"{owner}: `d_model` must be divisible by num_heads={self.num_heads} when "

@@ -7,7 +7,9 @@ Hardware-Efficient Training", Yang et al. 2024).
     y_t = W_o · (SiLU(x_t W_g) ⊙ RMSNorm(o_t))
 
 The gate enters the op in log space, ``log α_t = logσ(·)/τ ≤ 0``; the chunk form
-uses secondary chunking so no exponent is ever positive.
+uses secondary chunking so no exponent is ever positive. With ``config.short_conv``,
+``x W_q``, ``x W_k`` and ``x W_v`` each pass through ``SiLU(conv(·))`` (a short causal
+convolution, as the delta-rule layers'; flash-linear-attention's ``use_short_conv``).
 
 Packed documents (``segment_ids``): the state restarts at each document through a
 per-token reset gate ``g`` that the op adds to ``log α_t`` (see
@@ -22,12 +24,17 @@ from flax import nnx
 from xformjax.nn import linear
 from xformjax.nn.config import MixerConfig
 from xformjax.nn.mixer import register, split_heads
+from xformjax.nn.packing import Packing
 from xformjax.nn.recurrent import MatrixMemoryMixer, OpInputs
+from xformjax.nn.states import ConvMemoryState
 
 
 @register("gla")
 class GatedLinearAttention(MatrixMemoryMixer):
     """GLA with data-dependent per-channel gates (see the module docstring)."""
+
+    state_type = ConvMemoryState
+    short_conv_option = True
 
     def __init__(
         self, config: MixerConfig, *, layer_index: int = 0, num_layers: int = 1, rngs: nnx.Rngs
@@ -35,6 +42,7 @@ class GatedLinearAttention(MatrixMemoryMixer):
         super().__init__(config, layer_index=layer_index, num_layers=num_layers, rngs=rngs)
         heads, dim = config.num_heads, config.key_dim
         self.standard_layers(rngs, norm="rms")
+        self.add_short_convs(rngs)
         self.gate_down = linear.dense(
             config, config.d_model, config.gate_low_rank, axes=("embed", None), rngs=rngs
         )
@@ -55,6 +63,15 @@ class GatedLinearAttention(MatrixMemoryMixer):
             jax.nn.log_sigmoid(logits) / self.config.gate_temperature, self.config.num_heads
         )
 
-    def prepare(self, x, state, position, packing=None):
-        q, k, v = self.qkv(x)
-        return OpInputs(q, k, v, gk=self.log_gate(x))
+    def init_extra_state(self, batch: int) -> dict[str, object]:
+        return {"conv": self.empty_conv_caches(batch)}
+
+    def prepare(
+        self,
+        x: jax.Array,
+        state: ConvMemoryState | None,
+        position: jax.Array,
+        packing: Packing | None = None,
+    ) -> OpInputs:
+        q, k, v, caches = self.conv_streams(x, state, packing)
+        return OpInputs(q, k, v, gk=self.log_gate(x), extra_state={"conv": caches})

@@ -9,7 +9,9 @@
 
 with ``s = F^{-1/2}`` (``F`` the width of φ's output) for ``identity``, ``elu+1`` and
 ``relu``, and ``s = 1`` for ``hedgehog`` and ``taylor`` (their maps are scaled
-already), and ``ε = 1e-6``.
+already), and ``ε = 1e-6``. With ``config.short_conv``, ``x W_q``, ``x W_k`` and
+``x W_v`` each pass through ``SiLU(conv(·))`` (a short causal convolution, as the
+delta-rule layers') before φ; its caches are the state's ``conv``.
 
 ``mala`` ("Rectifying Magnitude Neglect in Linear Attention", Fan et al. 2025): the
 normalised form discards ‖q‖. MALA keeps it with weights that still sum to one,
@@ -49,6 +51,7 @@ class LinearAttention(MatrixMemoryMixer):
     """Linear attention with feature map ``config.feature_map`` (see module docstring)."""
 
     state_type = LinearAttentionState
+    short_conv_option = True
 
     def __init__(
         self, config: MixerConfig, *, layer_index: int = 0, num_layers: int = 1, rngs: nnx.Rngs
@@ -57,6 +60,7 @@ class LinearAttention(MatrixMemoryMixer):
         heads = config.num_heads
         self.feature_dim = config.feature_dim or config.key_dim
         self.qkv = QKV(config, key_dim=self.feature_dim, value_dim=config.value_dim, rngs=rngs)
+        self.add_short_convs(rngs)
         self.feature_map = FeatureMap(
             config.feature_map, self.feature_dim, heads, rngs=rngs, param_dtype=config.params_dtype
         )
@@ -74,11 +78,12 @@ class LinearAttention(MatrixMemoryMixer):
         extra = 1 if (self.config.normalize or self.config.mala) else 0
         return (self.config.num_heads, self.feature_map.output_dim, self.config.value_dim + extra)
 
-    def init_extra_state(self, batch: int) -> dict[str, jax.Array]:
-        if not self.config.mala:
-            return {}
-        shape = (batch, self.config.num_heads, self.config.value_dim)
-        return {"value_sum": jnp.zeros(shape, self.memory_dtype())}
+    def init_extra_state(self, batch: int) -> dict[str, object]:
+        extra: dict[str, object] = {"conv": self.empty_conv_caches(batch)}
+        if self.config.mala:
+            shape = (batch, self.config.num_heads, self.config.value_dim)
+            extra["value_sum"] = jnp.zeros(shape, self.memory_dtype())
+        return extra
 
     def prepare(
         self,
@@ -87,18 +92,29 @@ class LinearAttention(MatrixMemoryMixer):
         position: jax.Array,
         packing: Packing | None = None,
     ) -> OpInputs:
-        q, k, v = self.qkv(x)
+        q, k, v, caches = self.conv_streams(x, state, packing)
         q, k = self.feature_map(q), self.feature_map(k)
         scale = 1.0 if self.config.feature_map in ("hedgehog", "taylor") else None
         if not self.config.mala:
-            return OpInputs(q, k, v, scale=scale, normalize=self.config.normalize)
+            return OpInputs(
+                q,
+                k,
+                v,
+                scale=scale,
+                normalize=self.config.normalize,
+                extra_state={"conv": caches},
+            )
         # MALA subtracts two large, nearly equal terms: keep it in float32 or wider
         dtype = self.memory_dtype()
         q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
         ones = jnp.ones(v.shape[:-1] + (1,), dtype)
         value_sum = _value_sums(v, state, packing)[:, -1]
         return OpInputs(
-            q, k, jnp.concatenate([v, ones], -1), scale=1.0, extra_state={"value_sum": value_sum}
+            q,
+            k,
+            jnp.concatenate([v, ones], -1),
+            scale=1.0,
+            extra_state={"conv": caches, "value_sum": value_sum},
         )
 
     def finish(
@@ -149,5 +165,5 @@ def hedgehog_loss(layer: LinearAttention, x: jax.Array) -> jax.Array:
     The layer's own q/k projections give both the teacher (softmax attention) and the
     student (its feature map); see :func:`hedgehog_distillation_loss`.
     """
-    q, k, _ = layer.qkv(x)
+    q, k, _, _ = layer.conv_streams(x, None, None)
     return hedgehog_distillation_loss(q, k, layer.feature_map)

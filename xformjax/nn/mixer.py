@@ -84,6 +84,9 @@ class Mixer(nnx.Module):
     name: ClassVar[str] = ""
     #: modes this family implements (``"parallel"`` is absent where it has none).
     modes: ClassVar[tuple[Mode, ...]] = MODES
+    #: whether ``config.short_conv`` gives this layer short convolutions on q, k, v
+    #: (layers without the option ignore it, as they ignore ``conv_size``).
+    short_conv_option: ClassVar[bool] = False
 
     def __init__(
         self, config: MixerConfig, *, layer_index: int = 0, num_layers: int = 1, rngs: nnx.Rngs

@@ -32,7 +32,8 @@ from flax import nnx
 from xformjax import ops
 from xformjax.nn.mixer import QKV, Mixer, OutputHead, position_of
 from xformjax.nn.packing import Packing, with_reset
-from xformjax.nn.states import MemoryState
+from xformjax.nn.states import ConvCaches, ConvMemoryState, MemoryState
+from xformjax.nn.streams import conv_qkv, init_conv_caches, qkv_convs
 from xformjax.ops.common.validation import ACCELERATORS, Mode, target_platform
 
 
@@ -187,6 +188,25 @@ class MatrixMemoryMixer(Mixer):
             gate="silu" if config.output_gate else None,
             rngs=rngs,
         )
+
+    def add_short_convs(self, rngs: nnx.Rngs) -> None:
+        """``self.convs``: the q, k, v short convolutions of ``config.short_conv`` over
+        ``self.qkv``'s widths (empty without the option; the state's ``conv`` caches
+        are then empty too). For layers whose ``state_type`` is a
+        :class:`~xformjax.nn.states.ConvMemoryState`."""
+        self.convs = qkv_convs(self.config, self.qkv, rngs)
+
+    def empty_conv_caches(self, batch: int) -> ConvCaches:
+        """The convolutions' caches at the start of a sequence."""
+        return init_conv_caches(self.convs, batch, self.config.compute_dtype)
+
+    def conv_streams(
+        self, x: jax.Array, state: ConvMemoryState | None, packing: Packing | None
+    ) -> tuple[jax.Array, jax.Array, jax.Array, ConvCaches]:
+        """``q, k, v`` ``[B, T, H, ·]``: ``self.qkv(x)``, each through ``SiLU(conv(·))``
+        with ``config.short_conv``; and the convolutions' new caches."""
+        caches = None if state is None else state.conv
+        return conv_qkv(self.qkv, self.convs, x, caches, packing)
 
     def memory_shape(self) -> tuple[int, int, int]:
         """``(H, K, V)`` of the op's state (``V + 1`` columns when normalising)."""

@@ -10,7 +10,9 @@ each head separately (here a LayerNorm over the head's value features; its affin
 scale and bias are shared by the heads, where RetNet's GroupNorm has one per
 channel). The parallel form is ``(QKᵀ ⊙ D)V`` with ``D_ij = γ^{i−j}``, the chunk
 form RetNet's chunkwise recurrence. The paper uses values twice as wide as keys:
-set ``expand_v=2``.
+set ``expand_v=2``. With ``config.short_conv``, ``x W_q``, ``x W_k`` and ``x W_v`` each
+pass through ``SiLU(conv(·))`` (a short causal convolution, as the delta-rule layers')
+before RoPE.
 
 Packed documents (``segment_ids``): RoPE rotates by each token's position in its
 document, and the retention restarts at each document (the reset gate of
@@ -19,6 +21,7 @@ document, and the retention restarts at each document (the reset gate of
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -28,6 +31,7 @@ from xformjax.nn.mixer import register
 from xformjax.nn.packing import Packing, token_positions_of
 from xformjax.nn.positional import apply_rope
 from xformjax.nn.recurrent import MatrixMemoryMixer, OpInputs
+from xformjax.nn.states import ConvMemoryState
 
 
 def retnet_log_decay(num_heads: int) -> np.ndarray:
@@ -39,6 +43,9 @@ def retnet_log_decay(num_heads: int) -> np.ndarray:
 class RetNet(MatrixMemoryMixer):
     """Multi-scale retention (see the module docstring)."""
 
+    state_type = ConvMemoryState
+    short_conv_option = True
+
     def __init__(
         self, config: MixerConfig, *, layer_index: int = 0, num_layers: int = 1, rngs: nnx.Rngs
     ):
@@ -46,12 +53,23 @@ class RetNet(MatrixMemoryMixer):
         if config.key_dim % 2:
             raise ValueError(f"retnet needs an even head_dim for RoPE; got {config.key_dim}")
         self.standard_layers(rngs, norm="layer")
+        self.add_short_convs(rngs)
         self.log_decay = tuple(retnet_log_decay(config.num_heads))
 
-    def prepare(self, x, state, position, packing: Packing | None = None):
-        q, k, v = self.qkv(x)
+    def init_extra_state(self, batch: int) -> dict[str, object]:
+        return {"conv": self.empty_conv_caches(batch)}
+
+    def prepare(
+        self,
+        x: jax.Array,
+        state: ConvMemoryState | None,
+        position: jax.Array,
+        packing: Packing | None = None,
+    ) -> OpInputs:
+        q, k, v, caches = self.conv_streams(x, state, packing)
         positions = token_positions_of(packing, position, x.shape[1])
         theta = self.config.rope_theta
         q, k = apply_rope(q, positions, base=theta), apply_rope(k, positions, base=theta)
         dtype = jnp.promote_types(x.dtype, jnp.float32)
-        return OpInputs(q, k, v, g=jnp.asarray(self.log_decay, dtype))
+        g = jnp.asarray(self.log_decay, dtype)
+        return OpInputs(q, k, v, g=g, extra_state={"conv": caches})

@@ -13,9 +13,12 @@ The classes, the layers that return them and their fields beyond ``position``:
 
 - :class:`KVCacheState` — ``attn``, ``sigmoid_attn``, ``transnormer``
   (DiagAttention): ``k``, ``v``, ``segment_ids`` (attention; ``None`` in DiagAttention).
-- :class:`MemoryState` — ``lightning``, ``retnet``, ``gla``, ``transnormer``
-  (NormAttention), ``diag_rnn``: ``memory``.
-- :class:`LinearAttentionState` — ``linear_attn``: ``memory``, ``value_sum`` (MALA).
+- :class:`MemoryState` — ``lightning``, ``transnormer`` (NormAttention),
+  ``diag_rnn``: ``memory``.
+- :class:`ConvMemoryState` — ``retnet``, ``gla``: ``memory``, ``conv``
+  (:class:`ConvCaches`; empty unless ``short_conv``).
+- :class:`LinearAttentionState` — ``linear_attn``: ``memory``, ``conv``, ``value_sum``
+  (MALA).
 - :class:`LightNetState` — ``lightnet``: ``memory``, ``log_z``.
 - :class:`DeltaRuleState` — ``deltanet``, ``gated_deltanet``, ``deltaproduct``:
   ``memory``, ``conv`` (:class:`ConvCaches`).
@@ -72,7 +75,25 @@ class MemoryState(MixerState):
 
 
 @struct.dataclass
-class LinearAttentionState(MemoryState):
+class ConvCaches:
+    """The last ``conv_size − 1`` inputs ``[B, L−1, C]`` of each stream's short causal
+    convolution; ``None`` for a stream without one (or ``conv_size = 0``)."""
+
+    q: jax.Array | None = None
+    k: jax.Array | None = None
+    v: jax.Array | None = None
+
+
+@struct.dataclass
+class ConvMemoryState(MemoryState):
+    """A recurrent memory and the caches of the q, k, v short convolutions (all
+    ``None`` in a layer without them)."""
+
+    conv: ConvCaches
+
+
+@struct.dataclass
+class LinearAttentionState(ConvMemoryState):
     """Linear attention's memory (``V + 1`` columns with a normaliser) and, for MALA,
     ``value_sum`` ``Σ_j v_j`` ``[B, H, V]`` (``None`` otherwise)."""
 
@@ -88,20 +109,8 @@ class LightNetState(MemoryState):
 
 
 @struct.dataclass
-class ConvCaches:
-    """The last ``conv_size − 1`` inputs ``[B, L−1, C]`` of each stream's short causal
-    convolution; ``None`` for a stream without one (or ``conv_size = 0``)."""
-
-    q: jax.Array | None = None
-    k: jax.Array | None = None
-    v: jax.Array | None = None
-
-
-@struct.dataclass
-class DeltaRuleState(MemoryState):
+class DeltaRuleState(ConvMemoryState):
     """The delta rule's memory ``[B, H, K, V]`` and the q, k, v convolution caches."""
-
-    conv: ConvCaches
 
 
 @struct.dataclass

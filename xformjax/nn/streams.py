@@ -11,7 +11,10 @@ For each stream ``s`` of ``q, k, v``:
 ``[B, T, width]``: splitting them into heads is the layer's job. The convolutions'
 decoding caches travel in the layer's state as a
 :class:`~xformjax.nn.states.ConvCaches`. Used by the delta-rule layers, Mixture-of-
-Memories and the neural-memory layers (Titans, ATLAS).
+Memories and the neural-memory layers (Titans, ATLAS), and by linear attention, RetNet
+and GLA with ``config.short_conv`` (:func:`conv_qkv`: their projections are a
+:class:`~xformjax.nn.mixer.QKV`, and without the option they have neither the
+convolutions nor the SiLU).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from flax import nnx
 from xformjax.nn import linear
 from xformjax.nn.config import MixerConfig
 from xformjax.nn.conv import ShortConv
+from xformjax.nn.mixer import QKV, split_heads
 from xformjax.nn.packing import Packing
 from xformjax.nn.states import ConvCaches
 
@@ -48,17 +52,27 @@ def stream_layers(
             for name in STREAMS
         }
     )
-    convs = nnx.Dict(
+    return projections, short_convs(config, widths, rngs, conv_names)
+
+
+def short_convs(
+    config: MixerConfig,
+    widths: Mapping[str, int],
+    rngs: nnx.Rngs,
+    names: tuple[str, ...] = STREAMS,
+) -> nnx.Dict:
+    """A :class:`~xformjax.nn.conv.ShortConv` of length ``config.conv_size`` for each
+    stream of ``names``, over ``widths[name]`` channels (none when ``conv_size`` is 0)."""
+    if not config.conv_size:
+        return nnx.Dict({})
+    return nnx.Dict(
         {
             name: ShortConv(
                 widths[name], config.conv_size, rngs=rngs, param_dtype=config.params_dtype
             )
-            for name in conv_names
+            for name in names
         }
-        if config.conv_size
-        else {}
     )
-    return projections, convs
 
 
 def init_conv_caches(convs: nnx.Dict, batch: int, dtype) -> ConvCaches:
@@ -84,7 +98,7 @@ def silu_stream(
 
 
 def silu_streams(
-    projections: nnx.Dict,
+    projections: nnx.Dict | Mapping[str, nnx.Module],
     convs: nnx.Dict | Mapping[str, ShortConv],
     x: jax.Array,
     caches: ConvCaches | None,
@@ -99,3 +113,31 @@ def silu_streams(
             projections[name], convs.get(name), x, cache, packing
         )
     return streams, ConvCaches(**new_caches)
+
+
+def qkv_convs(config: MixerConfig, qkv: QKV, rngs: nnx.Rngs) -> nnx.Dict:
+    """The short convolutions of ``config.short_conv`` over ``qkv``'s q, k and v widths
+    (none without the option)."""
+    if not config.short_conv:
+        return nnx.Dict({})
+    widths = {name: getattr(qkv, name).out_features for name in STREAMS}
+    return short_convs(config, widths, rngs)
+
+
+def conv_qkv(
+    qkv: QKV,
+    convs: nnx.Dict,
+    x: jax.Array,
+    caches: ConvCaches | None,
+    packing: Packing | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array, ConvCaches]:
+    """``q, k, v`` ``[B, T, H, ·]`` of ``qkv``, each through ``SiLU(conv(·))`` when
+    ``convs`` has the streams' convolutions (plain projections, and empty caches, when
+    it is empty), and the convolutions' new caches."""
+    if not convs:
+        q, k, v = qkv(x)
+        return q, k, v, ConvCaches()
+    projections = {"q": qkv.q, "k": qkv.k, "v": qkv.v}
+    streams, new_caches = silu_streams(projections, convs, x, caches, packing)
+    q, k, v = (split_heads(streams[name], qkv.num_heads) for name in STREAMS)
+    return q, k, v, new_caches
