@@ -25,16 +25,13 @@ from xformjax.nn import linear
 from xformjax.nn.config import MixerConfig
 from xformjax.nn.mixer import register, split_heads
 from xformjax.nn.packing import Packing
-from xformjax.nn.recurrent import MatrixMemoryMixer, OpInputs
+from xformjax.nn.recurrent import OpInputs, ShortConvMixer
 from xformjax.nn.states import ConvMemoryState
 
 
 @register("gla")
-class GatedLinearAttention(MatrixMemoryMixer):
+class GatedLinearAttention(ShortConvMixer):
     """GLA with data-dependent per-channel gates (see the module docstring)."""
-
-    state_type = ConvMemoryState
-    short_conv_option = True
 
     def __init__(
         self, config: MixerConfig, *, layer_index: int = 0, num_layers: int = 1, rngs: nnx.Rngs
@@ -62,9 +59,6 @@ class GatedLinearAttention(MatrixMemoryMixer):
         return split_heads(
             jax.nn.log_sigmoid(logits) / self.config.gate_temperature, self.config.num_heads
         )
-
-    def init_extra_state(self, batch: int) -> dict[str, object]:
-        return {"conv": self.empty_conv_caches(batch)}
 
     def prepare(
         self,

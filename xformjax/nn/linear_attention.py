@@ -40,18 +40,17 @@ from xformjax.nn.config import MixerConfig
 from xformjax.nn.feature_maps import FeatureMap, hedgehog_distillation_loss
 from xformjax.nn.mixer import QKV, OutputHead, position_of, register
 from xformjax.nn.packing import Packing, token_positions_of
-from xformjax.nn.recurrent import MatrixMemoryMixer, OpInputs, document_scan
+from xformjax.nn.recurrent import OpInputs, ShortConvMixer, document_scan
 from xformjax.nn.states import LinearAttentionState
 
 _EPS = 1e-6
 
 
 @register("linear_attn")
-class LinearAttention(MatrixMemoryMixer):
+class LinearAttention(ShortConvMixer):
     """Linear attention with feature map ``config.feature_map`` (see module docstring)."""
 
     state_type = LinearAttentionState
-    short_conv_option = True
 
     def __init__(
         self, config: MixerConfig, *, layer_index: int = 0, num_layers: int = 1, rngs: nnx.Rngs
@@ -79,7 +78,7 @@ class LinearAttention(MatrixMemoryMixer):
         return (self.config.num_heads, self.feature_map.output_dim, self.config.value_dim + extra)
 
     def init_extra_state(self, batch: int) -> dict[str, object]:
-        extra: dict[str, object] = {"conv": self.empty_conv_caches(batch)}
+        extra = super().init_extra_state(batch)
         if self.config.mala:
             shape = (batch, self.config.num_heads, self.config.value_dim)
             extra["value_sum"] = jnp.zeros(shape, self.memory_dtype())

@@ -189,25 +189,6 @@ class MatrixMemoryMixer(Mixer):
             rngs=rngs,
         )
 
-    def add_short_convs(self, rngs: nnx.Rngs) -> None:
-        """``self.convs``: the q, k, v short convolutions of ``config.short_conv`` over
-        ``self.qkv``'s widths (empty without the option; the state's ``conv`` caches
-        are then empty too). For layers whose ``state_type`` is a
-        :class:`~xformjax.nn.states.ConvMemoryState`."""
-        self.convs = qkv_convs(self.config, self.qkv, rngs)
-
-    def empty_conv_caches(self, batch: int) -> ConvCaches:
-        """The convolutions' caches at the start of a sequence."""
-        return init_conv_caches(self.convs, batch, self.config.compute_dtype)
-
-    def conv_streams(
-        self, x: jax.Array, state: ConvMemoryState | None, packing: Packing | None
-    ) -> tuple[jax.Array, jax.Array, jax.Array, ConvCaches]:
-        """``q, k, v`` ``[B, T, H, ·]``: ``self.qkv(x)``, each through ``SiLU(conv(·))``
-        with ``config.short_conv``; and the convolutions' new caches."""
-        caches = None if state is None else state.conv
-        return conv_qkv(self.qkv, self.convs, x, caches, packing)
-
     def memory_shape(self) -> tuple[int, int, int]:
         """``(H, K, V)`` of the op's state (``V + 1`` columns when normalising)."""
         return (self.config.num_heads, self.config.key_dim, self.config.value_dim)
@@ -288,3 +269,34 @@ class MatrixMemoryMixer(Mixer):
             **inputs.extra_state,
         )
         return y, new_state
+
+
+class ShortConvMixer(MatrixMemoryMixer):
+    """A matrix-memory layer whose ``self.qkv`` streams take ``config.short_conv``:
+    ``SiLU(conv(·))`` on q, k and v, the convolutions' caches in the state's ``conv``
+    (linear attention, RetNet, GLA). A subclass calls :meth:`add_short_convs` after
+    building ``self.qkv`` and takes its q, k, v from :meth:`conv_streams`."""
+
+    state_type: ClassVar[type[MemoryState]] = ConvMemoryState
+    short_conv_option = True
+
+    def add_short_convs(self, rngs: nnx.Rngs) -> None:
+        """``self.convs``: the q, k, v short convolutions of ``config.short_conv`` over
+        ``self.qkv``'s widths (empty without the option; the state's ``conv`` caches
+        are then empty too)."""
+        self.convs = qkv_convs(self.config, self.qkv, rngs)
+
+    def empty_conv_caches(self, batch: int) -> ConvCaches:
+        """The convolutions' caches at the start of a sequence."""
+        return init_conv_caches(self.convs, batch, self.config.compute_dtype)
+
+    def conv_streams(
+        self, x: jax.Array, state: ConvMemoryState | None, packing: Packing | None
+    ) -> tuple[jax.Array, jax.Array, jax.Array, ConvCaches]:
+        """``q, k, v`` ``[B, T, H, ·]``: ``self.qkv(x)``, each through ``SiLU(conv(·))``
+        with ``config.short_conv``; and the convolutions' new caches."""
+        caches = None if state is None else state.conv
+        return conv_qkv(self.qkv, self.convs, x, caches, packing)
+
+    def init_extra_state(self, batch: int) -> dict[str, Any]:
+        return {"conv": self.empty_conv_caches(batch)}

@@ -30,7 +30,7 @@ from xformjax.nn.config import MixerConfig
 from xformjax.nn.mixer import register
 from xformjax.nn.packing import Packing, token_positions_of
 from xformjax.nn.positional import apply_rope
-from xformjax.nn.recurrent import MatrixMemoryMixer, OpInputs
+from xformjax.nn.recurrent import OpInputs, ShortConvMixer
 from xformjax.nn.states import ConvMemoryState
 
 
@@ -40,11 +40,8 @@ def retnet_log_decay(num_heads: int) -> np.ndarray:
 
 
 @register("retnet")
-class RetNet(MatrixMemoryMixer):
+class RetNet(ShortConvMixer):
     """Multi-scale retention (see the module docstring)."""
-
-    state_type = ConvMemoryState
-    short_conv_option = True
 
     def __init__(
         self, config: MixerConfig, *, layer_index: int = 0, num_layers: int = 1, rngs: nnx.Rngs
@@ -55,9 +52,6 @@ class RetNet(MatrixMemoryMixer):
         self.standard_layers(rngs, norm="layer")
         self.add_short_convs(rngs)
         self.log_decay = tuple(retnet_log_decay(config.num_heads))
-
-    def init_extra_state(self, batch: int) -> dict[str, object]:
-        return {"conv": self.empty_conv_caches(batch)}
 
     def prepare(
         self,
