@@ -94,8 +94,9 @@ class ConvMemoryState(MemoryState):
 
 @struct.dataclass
 class LinearAttentionState(ConvMemoryState):
-    """Linear attention's memory (``V + 1`` columns with a normaliser) and, for MALA,
-    ``value_sum`` ``Σ_j v_j`` ``[B, H, V]`` (``None`` otherwise)."""
+    """Linear attention's memory (``V + 1`` columns with a normaliser), the q, k, v
+    convolution caches (``short_conv``) and, for MALA, ``value_sum`` ``Σ_j v_j``
+    ``[B, H, V]`` (``None`` otherwise)."""
 
     value_sum: jax.Array | None = None
 
