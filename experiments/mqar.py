@@ -8,6 +8,8 @@ al. 2023) at a CPU-sized scale.
     python -m experiments.mqar --with-conv # the layers without one (linear attention, RetNet,
                                            # GLA), with it (``short_conv``)
     python -m experiments.mqar --quick     # 3 families, one setting, few steps: a smoke run
+    python -m experiments.mqar --grid --widths 32 --pairs 4 8   # part of the CPU grid
+    python -m experiments.mqar --grid --stored  # the CPU grid's table from the runs so far
 
 Each model reads ``k₁ v₁ … k_n v_n`` and then ``n`` of the keys again, and must
 answer each with its value (32 keys, 32 values). The protocol:
@@ -111,6 +113,9 @@ GRIDS = {
     "default": Grid((64,), (8,), (3e-4, 1e-3, 3e-3, 1e-2), (0, 1, 2), cap=1500),
     # the whole grid: an accelerator's job
     "full": Grid((32, 64, 128), (4, 8, 16), (1e-4, 3e-4, 1e-3, 3e-3, 1e-2), (0, 1, 2), 5000),
+    # the protocol over the whole grid on 2 CPU cores: about 8 hours, so run it a few
+    # cells at a time (``--widths``, ``--pairs``) and gather them with ``--stored``
+    "grid": Grid((32, 64, 128), (4, 8, 16), (3e-4, 1e-3, 3e-3, 1e-2), (0, 1, 2), cap=1500),
     # the grid's cross on 2 CPU cores (29 minutes on the Intel VM): one seed at 3e-3, the rate
     # within 0.3 points of every model's best at d=64, 8 pairs
     "cross": Grid((32, 64, 128), (4, 8, 16), (3e-3,), (0,), cap=1500, cross=True),
@@ -200,6 +205,40 @@ def run_grid(models, grid: Grid, store: ResultStore, progress: bool) -> dict:
     return table
 
 
+def stored_table(
+    models, grid: Grid, store: ResultStore
+) -> tuple[dict, dict[tuple[int, int], list[str]]]:
+    """:func:`run_grid`'s table from the runs already in ``store``, training none: a
+    model's cell is kept once its rate sweep is complete, with the seeds stored at its
+    chosen rate (fewer than the grid's while its repeats are owed). Also returns, per
+    ``(width, pairs)``, the labels of the models whose sweep there is incomplete."""
+    first, *others = grid.seeds
+    table: dict = {}
+    missing: dict[tuple[int, int], list[str]] = {}
+    for spec in models:  # models outer: the table's rows keep the models' order
+        for w, p in grid.settings:
+            key = (spec.label, w, p)
+            names = {r: run_name(spec, w, p, r, first, grid.cap) for r in grid.learning_rates}
+            if not all(name in store for name in names.values()):
+                missing.setdefault((w, p), []).append(spec.label)
+                continue
+            by_rate = {rate: store.results[name] for rate, name in names.items()}
+            rate = choose_rate(by_rate)
+            repeats = (run_name(spec, w, p, rate, seed, grid.cap) for seed in others)
+            runs = [by_rate[rate]] + [store.results[n] for n in repeats if n in store]
+            table[key] = (rate, runs, by_rate)
+    return table, missing
+
+
+def owed_sweeps(missing: dict[tuple[int, int], list[str]]) -> str:
+    """The grid's own models (not the convolution variants) still without a complete
+    rate sweep, cell by cell, or ``"none"``."""
+    grid_models = {spec.label for spec in MODELS}
+    owed = {cell: [m for m in labels if m in grid_models] for cell, labels in missing.items()}
+    cells = [f"d={w}, pairs={p}: {', '.join(m)}" for (w, p), m in owed.items() if m]
+    return "; ".join(cells) or "none"
+
+
 def summarise(table: dict, grid: Grid) -> list[str]:
     lines = report.header("Multi-query associative recall (Zoology's protocol)")
     lines += [
@@ -236,7 +275,12 @@ def summarise(table: dict, grid: Grid) -> list[str]:
         finite = [r for r in runs if r["finite"]]
         text = report.mean_and_spread([overall_accuracy(r, "test") for r in finite])
         diverged = len(runs) - len(finite)
-        return f"{text} @ {rate:g}" + (f", {diverged} diverged" if diverged else "")
+        owed = len(runs) < len(grid.seeds)
+        return (
+            f"{text} @ {rate:g}"
+            + (f", {diverged} diverged" if diverged else "")
+            + (f", {len(runs)} of {len(grid.seeds)} seeds" if owed else "")
+        )
 
     rows = [[label] + [cell((label, w, p)) for w, p in settings] for label in labels]
     lines += report.table(["model"] + [f"d={w}, pairs={p}" for w, p in settings], rows)
@@ -273,7 +317,7 @@ def plot(table: dict, path: pathlib.Path) -> None:
 
     settings = sorted({(w, p) for _, w, p in table})
     labels = list(dict.fromkeys(label for label, _, _ in table))
-    fig, ax = plt.subplots(figsize=(9, 4.2))
+    fig, ax = plt.subplots(figsize=(max(9.0, 1.4 * len(settings)), 4.2))
     width = 0.8 / max(1, len(labels))
     for i, label in enumerate(labels):
         values = [
@@ -324,6 +368,14 @@ def main(argv: list[str] | None = None) -> int:
         "--cross", action="store_true", help="each width at 8 pairs, each pairs at d=64"
     )
     size.add_argument("--quick", action="store_true", help="a smoke run")
+    size.add_argument(
+        "--grid", action="store_true", help="the whole grid with the CPU protocol (hours)"
+    )
+    parser.add_argument(
+        "--stored",
+        action="store_true",
+        help="train nothing: the table of the runs already stored (every variant)",
+    )
     parser.add_argument("--widths", type=int, nargs="+", help="override the grid's widths")
     parser.add_argument("--pairs", type=int, nargs="+", help="override the grid's pairs")
     parser.add_argument("--families", nargs="+", help="layer names to keep (default: all)")
@@ -341,21 +393,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=pathlib.Path, default=report.RESULTS)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    size_name = next((n for n in ("full", "cross", "quick") if getattr(args, n)), "default")
+    size_name = next((n for n in ("full", "cross", "quick", "grid") if getattr(args, n)), "default")
     grid = GRIDS[size_name]
     if args.widths:
         grid = dataclasses.replace(grid, widths=tuple(args.widths))
     if args.pairs:
         grid = dataclasses.replace(grid, pairs=tuple(args.pairs))
     candidates = WITHOUT_CONV if args.no_conv else WITH_CONV if args.with_conv else MODELS
+    if args.stored and not (args.no_conv or args.with_conv):
+        candidates = MODELS + WITH_CONV + WITHOUT_CONV
     models = [m for m in candidates if not args.families or m.layer_pattern in args.families]
     if args.quick and not args.families:
         models = [m for m in candidates if m.layer_pattern in ("attn", "linear_attn", "deltanet")]
     if not models:
         parser.error(f"--families matches none of {[m.layer_pattern for m in candidates]}")
     store = ResultStore(args.out / "mqar.jsonl")
-    table = run_grid(models, grid, store, progress=not args.no_progress)
+    missing: dict[tuple[int, int], list[str]] = {}
+    if args.stored:
+        table, missing = stored_table(models, grid, store)
+        if not table:
+            parser.error(f"no cell of this grid has a complete rate sweep in {store.path}")
+    else:
+        table = run_grid(models, grid, store, progress=not args.no_progress)
     lines = summarise(table, grid)
+    if args.stored:
+        lines += [
+            f"Gathered from `{store.path.name}` with `--stored` (no training). Rate sweeps "
+            f"still owed: {owed_sweeps(missing)}.",
+            "",
+        ]
     output = output_name(
         size_name, args.widths, args.pairs, args.families, args.no_conv, args.with_conv
     )

@@ -89,6 +89,28 @@ def test_mqar_keeps_each_models_best_rate_and_trains_the_other_seeds_there(tmp_p
     assert mqar.choose_rate({1e-3: a, 3e-3: b}) == 3e-3  # as good, in fewer steps
 
 
+def test_mqar_stored_gathers_the_cells_whose_sweep_is_complete_and_names_the_rest(tmp_path):
+    from experiments import mqar
+
+    grid = mqar.Grid((16,), (2, 3), (1e-3, 3e-3), (0, 1), cap=4, every=2)
+    spec = mqar.MODELS[0]
+    store = harness.ResultStore(tmp_path / "mqar.jsonl")
+    ran = mqar.run_grid([spec], dataclasses.replace(grid, pairs=(3,)), store, progress=False)
+    table, missing = mqar.stored_table([spec], grid, harness.ResultStore(store.path))
+    assert set(table) == {(spec.label, 16, 3)} and missing == {(16, 2): [spec.label]}
+    assert [r["name"] for r in table[spec.label, 16, 3][1]] == [
+        r["name"] for r in ran[spec.label, 16, 3][1]
+    ]
+    rate = table[spec.label, 16, 3][0]
+    del store.results[mqar.run_name(spec, 16, 3, rate, 1, 4)]  # seed 1's repeat is owed
+    table, _ = mqar.stored_table([spec], grid, store)
+    assert len(table[spec.label, 16, 3][1]) == 1
+    row = next(line for line in mqar.summarise(table, grid) if line.startswith("| softmax"))
+    assert row.endswith(f"@ {rate:g}, 1 of 2 seeds |")
+    assert mqar.output_name("grid") == "mqar_grid"
+    assert mqar.GRIDS["grid"].settings == mqar.GRIDS["full"].settings
+
+
 def test_mqar_cross_keeps_each_width_at_the_middle_pairs_and_each_pairs_at_the_middle_width():
     from experiments import mqar
 
