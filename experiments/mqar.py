@@ -10,6 +10,7 @@ al. 2023) at a CPU-sized scale.
     python -m experiments.mqar --quick     # 3 families, one setting, few steps: a smoke run
     python -m experiments.mqar --grid --widths 32 --pairs 4 8   # part of the CPU grid
     python -m experiments.mqar --grid --stored  # the CPU grid's table from the runs so far
+    python -m experiments.mqar --vocab 128 ... # more keys than a head has dimensions
 
 Each model reads ``k₁ v₁ … k_n v_n`` and then ``n`` of the keys again, and must
 answer each with its value (32 keys, 32 values). The protocol:
@@ -79,7 +80,7 @@ WITH_CONV = tuple(
     for spec in MODELS
     if spec.layer_pattern in ("linear_attn", "retnet", "gla")
 )
-VOCAB = 32  # keys and values each
+VOCAB = 32  # keys and values each, unless ``--vocab``
 BATCH = 32
 
 
@@ -88,7 +89,7 @@ class Grid:
     """The settings swept: widths × pairs (or, with ``cross``, only the cross through
     the middle width and pairs: each width at the middle pairs, each pairs at the
     middle width), the learning rates tried on seed 0, the seeds trained at the best
-    rate, and the step cap."""
+    rate, the step cap, and the number of keys (and of values) the tasks draw from."""
 
     widths: tuple[int, ...]
     pairs: tuple[int, ...]
@@ -97,6 +98,7 @@ class Grid:
     cap: int
     every: int = 100
     cross: bool = False
+    vocab: int = VOCAB
 
     @property
     def settings(self) -> list[tuple[int, int]]:
@@ -123,27 +125,32 @@ GRIDS = {
 }
 
 
-def tasks(num_pairs: int, seed: int) -> tuple[MQAR, MQAR, MQAR]:
-    """Training, validation and test tasks (distinct seeds) with ``num_pairs`` pairs."""
+def tasks(num_pairs: int, seed: int, vocab: int = VOCAB) -> tuple[MQAR, MQAR, MQAR]:
+    """Training, validation and test tasks (distinct seeds) with ``num_pairs`` pairs of
+    ``vocab`` keys and ``vocab`` values."""
 
     def task(offset: int) -> MQAR:
         return MQAR(
             seed=offset + seed,
             num_pairs=num_pairs,
             num_queries=num_pairs,
-            num_keys=VOCAB,
-            num_values=VOCAB,
+            num_keys=vocab,
+            num_values=vocab,
         )
 
     return task(0), task(20_000), task(10_000)
 
 
-def run_name(spec: ModelSpec, width: int, pairs: int, rate: float, seed: int, cap: int) -> str:
-    return f"{spec.label}|d={width}|pairs={pairs}|lr={rate:g}|seed {seed}|cap {cap}"
+def run_name(
+    spec: ModelSpec, width: int, pairs: int, rate: float, seed: int, cap: int, vocab: int = VOCAB
+) -> str:
+    """The run's key in ``mqar.jsonl`` (the vocabulary named only when not the default)."""
+    name = f"{spec.label}|d={width}|pairs={pairs}|lr={rate:g}|seed {seed}|cap {cap}"
+    return name if vocab == VOCAB else f"{name}|vocab {vocab}"
 
 
 def make_run(spec: ModelSpec, width: int, pairs: int, rate: float, seed: int, grid: Grid) -> Run:
-    train_task, validation, test = tasks(pairs, seed)
+    train_task, validation, test = tasks(pairs, seed, grid.vocab)
     train = TrainConfig(
         steps=grid.cap,
         batch_size=BATCH,
@@ -154,7 +161,7 @@ def make_run(spec: ModelSpec, width: int, pairs: int, rate: float, seed: int, gr
     )
     model = spec.config(small_lm(d_model=width, chunk_size=8), train_task.vocab_size)
     return Run(
-        run_name(spec, width, pairs, rate, seed, grid.cap),
+        run_name(spec, width, pairs, rate, seed, grid.cap, grid.vocab),
         model,
         train,
         train_task,
@@ -218,13 +225,15 @@ def stored_table(
     for spec in models:  # models outer: the table's rows keep the models' order
         for w, p in grid.settings:
             key = (spec.label, w, p)
-            names = {r: run_name(spec, w, p, r, first, grid.cap) for r in grid.learning_rates}
+            names = {
+                r: run_name(spec, w, p, r, first, grid.cap, grid.vocab) for r in grid.learning_rates
+            }
             if not all(name in store for name in names.values()):
                 missing.setdefault((w, p), []).append(spec.label)
                 continue
             by_rate = {rate: store.results[name] for rate, name in names.items()}
             rate = choose_rate(by_rate)
-            repeats = (run_name(spec, w, p, rate, seed, grid.cap) for seed in others)
+            repeats = (run_name(spec, w, p, rate, seed, grid.cap, grid.vocab) for seed in others)
             runs = [by_rate[rate]] + [store.results[n] for n in repeats if n in store]
             table[key] = (rate, runs, by_rate)
     return table, missing
@@ -242,8 +251,9 @@ def owed_sweeps(missing: dict[tuple[int, int], list[str]]) -> str:
 def summarise(table: dict, grid: Grid) -> list[str]:
     lines = report.header("Multi-query associative recall (Zoology's protocol)")
     lines += [
-        f"Two-layer models, 2 heads, batches of {BATCH} sequences; {VOCAB} keys and {VOCAB} "
-        f"values, as many queries as pairs (chance {100 / VOCAB:.1f} %). Learning rates "
+        f"Two-layer models, 2 heads, batches of {BATCH} sequences; {grid.vocab} keys and "
+        f"{grid.vocab} values, as many queries as pairs (chance {100 / grid.vocab:.1f} %). "
+        "Learning rates "
         f"{', '.join(f'{r:g}' for r in grid.learning_rates)} tried on seed {grid.seeds[0]}; "
         f"training stops when the validation accuracy (256 sequences, every {grid.every} "
         f"steps) reaches 99.5 % or, after {grid.cap // 2} steps, gains < 0.5 points over 5 "
@@ -345,6 +355,7 @@ def output_name(
     families: Sequence[str] | None = None,
     no_conv: bool = False,
     with_conv: bool = False,
+    vocab: int = VOCAB,
 ) -> str:
     """The results' file name (without suffix): ``mqar`` for the default grid,
     ``mqar_<size>`` for the others, and what was narrowed after it, so that a run on
@@ -357,6 +368,7 @@ def output_name(
     parts += ["-".join(family.replace(",", "+") for family in families)] if families else []
     parts += ["no_conv"] if no_conv else []
     parts += ["with_conv"] if with_conv else []
+    parts += [f"vocab{vocab}"] if vocab != VOCAB else []
     return "_".join(parts)
 
 
@@ -390,6 +402,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="linear attention, RetNet and GLA with a short convolution (short_conv)",
     )
+    parser.add_argument(
+        "--vocab",
+        type=int,
+        default=VOCAB,
+        help=f"keys (and values) the pairs are drawn from (default {VOCAB}); more keys than "
+        "a head has dimensions keeps them from being orthogonal",
+    )
     parser.add_argument("--out", type=pathlib.Path, default=report.RESULTS)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -399,6 +418,9 @@ def main(argv: list[str] | None = None) -> int:
         grid = dataclasses.replace(grid, widths=tuple(args.widths))
     if args.pairs:
         grid = dataclasses.replace(grid, pairs=tuple(args.pairs))
+    if args.vocab < max(grid.pairs):
+        parser.error(f"--vocab {args.vocab} is fewer keys than {max(grid.pairs)} pairs need")
+    grid = dataclasses.replace(grid, vocab=args.vocab)
     candidates = WITHOUT_CONV if args.no_conv else WITH_CONV if args.with_conv else MODELS
     if args.stored and not (args.no_conv or args.with_conv):
         candidates = MODELS + WITH_CONV + WITHOUT_CONV
@@ -423,7 +445,13 @@ def main(argv: list[str] | None = None) -> int:
             "",
         ]
     output = output_name(
-        size_name, args.widths, args.pairs, args.families, args.no_conv, args.with_conv
+        size_name,
+        args.widths,
+        args.pairs,
+        args.families,
+        args.no_conv,
+        args.with_conv,
+        args.vocab,
     )
     plot(table, args.out / f"{output}.png")
     lines += [f"![mqar]({output}.png)", ""]

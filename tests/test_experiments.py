@@ -108,6 +108,12 @@ def test_mqar_stored_gathers_the_cells_whose_sweep_is_complete_and_names_the_res
     row = next(line for line in mqar.summarise(table, grid) if line.startswith("| softmax"))
     assert row.endswith(f"@ {rate:g}, 1 of 2 seeds |")
     assert mqar.output_name("grid") == "mqar_grid"
+    assert mqar.output_name("default", [64], vocab=128) == "mqar_d64_vocab128"
+    wide = dataclasses.replace(grid, vocab=40)
+    run = mqar.make_run(spec, 16, 3, 1e-3, 0, wide)
+    assert run.name == mqar.run_name(spec, 16, 3, 1e-3, 0, 4) + "|vocab 40"
+    assert (run.task.num_keys, run.task.num_values, run.model.vocab_size) == (40, 40, 80)
+    assert "40 keys and 40 values" in mqar.summarise(table, wide)[4]
     assert mqar.GRIDS["grid"].settings == mqar.GRIDS["full"].settings
 
 
