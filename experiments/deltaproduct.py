@@ -27,7 +27,15 @@ import dataclasses
 import pathlib
 
 from experiments import report
-from experiments.harness import ModelSpec, ResultStore, Run, Stopping, run_all, small_lm
+from experiments.harness import (
+    ModelSpec,
+    ResultStore,
+    Run,
+    Stopping,
+    add_workers_argument,
+    run_all,
+    small_lm,
+)
 from xformjax.data import WordProblem, group_elements
 from xformjax.train.config import TrainConfig
 
@@ -189,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cap", type=int, help="override the step cap")
     parser.add_argument("--out", type=pathlib.Path, default=report.RESULTS)
     parser.add_argument("--no-progress", action="store_true")
+    add_workers_argument(parser)
     args = parser.parse_args(argv)
     budget = BUDGETS["full" if args.full else "quick" if args.quick else "default"]
     if args.quick:
@@ -203,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         make_runs(groups, args.seeds, budget, tuple(args.householder)),
         store,
         progress=not args.no_progress,
+        workers=args.workers,
     )
     lines, by_group = summarise(pooled(store, groups, budget.cap), budget)
     for group, by_label in by_group.items():

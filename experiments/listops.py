@@ -18,7 +18,15 @@ import argparse
 import pathlib
 
 from experiments import report
-from experiments.harness import ModelSpec, ResultStore, Run, overall_accuracy, run_all, small_lm
+from experiments.harness import (
+    ModelSpec,
+    ResultStore,
+    Run,
+    add_workers_argument,
+    overall_accuracy,
+    run_all,
+    small_lm,
+)
 from xformjax.data import ListOps
 from xformjax.train.config import TrainConfig
 
@@ -64,13 +72,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=pathlib.Path, default=report.RESULTS)
     parser.add_argument("--no-progress", action="store_true")
+    add_workers_argument(parser)
     args = parser.parse_args(argv)
     models = MODELS
     if args.quick:
         models, args.seeds, args.steps = MODELS[:2], [0], 40
     store = ResultStore(args.out / "listops.jsonl")
     records = run_all(
-        make_runs(models, args.seeds, args.steps), store, progress=not args.no_progress
+        make_runs(models, args.seeds, args.steps),
+        store,
+        progress=not args.no_progress,
+        workers=args.workers,
     )
     lines = report.header("ListOps")
     lines += [

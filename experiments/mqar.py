@@ -48,6 +48,7 @@ from experiments.harness import (
     ResultStore,
     Run,
     Stopping,
+    add_workers_argument,
     overall_accuracy,
     run_all,
     small_lm,
@@ -182,7 +183,7 @@ def choose_rate(records: dict[float, dict]) -> float:
     return max(records, key=lambda rate: (best_validation(records[rate]), -records[rate]["steps"]))
 
 
-def run_grid(models, grid: Grid, store: ResultStore, progress: bool) -> dict:
+def run_grid(models, grid: Grid, store: ResultStore, progress: bool, workers: int = 1) -> dict:
     """Phase 1 (the rate sweep on the first seed), then phase 2 (the other seeds at the
     chosen rate); returns ``{(label, width, pairs): (rate, [records], {rate: record})}``."""
     first, *others = grid.seeds
@@ -192,7 +193,7 @@ def run_grid(models, grid: Grid, store: ResultStore, progress: bool) -> dict:
         for spec, w, p in settings
         for rate in grid.learning_rates
     ]
-    records = iter(run_all(sweep, store, progress=progress))
+    records = iter(run_all(sweep, store, progress=progress, workers=workers))
     swept = {
         (spec.label, w, p): {rate: next(records) for rate in grid.learning_rates}
         for spec, w, p in settings
@@ -203,7 +204,7 @@ def run_grid(models, grid: Grid, store: ResultStore, progress: bool) -> dict:
         for spec, w, p in settings
         for seed in others
     ]
-    repeated = iter(run_all(repeats, store, progress=progress))
+    repeated = iter(run_all(repeats, store, progress=progress, workers=workers))
     table = {}
     for spec, w, p in settings:
         key = (spec.label, w, p)
@@ -411,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=pathlib.Path, default=report.RESULTS)
     parser.add_argument("--no-progress", action="store_true")
+    add_workers_argument(parser)
     args = parser.parse_args(argv)
     size_name = next((n for n in ("full", "cross", "quick", "grid") if getattr(args, n)), "default")
     grid = GRIDS[size_name]
@@ -436,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         if not table:
             parser.error(f"no cell of this grid has a complete rate sweep in {store.path}")
     else:
-        table = run_grid(models, grid, store, progress=not args.no_progress)
+        table = run_grid(models, grid, store, not args.no_progress, args.workers)
     lines = summarise(table, grid)
     if args.stored:
         lines += [

@@ -38,6 +38,7 @@ from experiments.harness import (
     ResultStore,
     Run,
     Stopping,
+    add_workers_argument,
     mean_over,
     run_all,
     small_lm,
@@ -310,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cap", type=int, help="override every task's step cap")
     parser.add_argument("--out", type=pathlib.Path, default=report.RESULTS)
     parser.add_argument("--no-progress", action="store_true")
+    add_workers_argument(parser)
     args = parser.parse_args(argv)
     budgets = BUDGETS["full" if args.full else "quick" if args.quick else "default"]
     if args.quick:
@@ -320,7 +322,12 @@ def main(argv: list[str] | None = None) -> int:
             for name, b in budgets.items()
         }
     store = ResultStore(args.out / "parity.jsonl")
-    run_all(make_runs(args.seeds, budgets, args.tasks), store, progress=not args.no_progress)
+    run_all(
+        make_runs(args.seeds, budgets, args.tasks),
+        store,
+        progress=not args.no_progress,
+        workers=args.workers,
+    )
     lines, by = summarise(pooled(store, budgets), budgets)
     parity_curves = {
         label: [g["tests"]["length 256"] for g in group]

@@ -3,8 +3,11 @@ resumable result store, and the summaries' arithmetic."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
+import multiprocessing
+import os
 
 import numpy as np
 import pytest
@@ -151,6 +154,27 @@ def test_result_store_resumes_without_rerunning(tmp_path, monkeypatch):
     assert "done" in reopened and "new" in reopened
     assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 2
     json.loads((tmp_path / "runs.jsonl").read_text().splitlines()[1])
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores to pin two workers")
+def test_run_all_with_two_workers_stores_what_one_worker_would(tmp_path):
+    runs = [tiny_run("first", steps=4), tiny_run("second", steps=2)]
+    store = harness.ResultStore(tmp_path / "runs.jsonl")
+    records = harness.run_all(runs, store, progress=False, workers=2)
+    assert [r["name"] for r in records] == ["first", "second"]
+    assert [r["steps"] for r in records] == [4, 2] and all(r["workers"] == 2 for r in records)
+    alone = harness.train_and_score(runs[1], progress=False)
+    assert records[1]["train_loss"] == pytest.approx(alone["train_loss"], rel=1e-5)
+    assert records[1]["tests"] == alone["tests"]
+    assert len(harness.ResultStore(store.path).results) == 2  # stored as they finish
+    context = multiprocessing.get_context("spawn")
+    cores = context.Queue()
+    for core in sorted(os.sched_getaffinity(0))[:2]:
+        cores.put(core)
+    with concurrent.futures.ProcessPoolExecutor(
+        1, mp_context=context, initializer=harness._pin_to_a_core, initargs=(cores,)
+    ) as pool:
+        assert len(pool.submit(os.sched_getaffinity, 0).result()) == 1
 
 
 def test_overall_accuracy_weights_positions_by_their_counts():
