@@ -90,7 +90,9 @@ class Grid:
     """The settings swept: widths × pairs (or, with ``cross``, only the cross through
     the middle width and pairs: each width at the middle pairs, each pairs at the
     middle width), the learning rates tried on seed 0, the seeds trained at the best
-    rate, the step cap, and the number of keys (and of values) the tasks draw from."""
+    rate, the step cap, the number of keys (and of values) the tasks draw from, and
+    whether a run may stop on a plateau (after half the cap) or only at the target or
+    the cap (``plateau=False``: for a late phase transition after a long flat stretch)."""
 
     widths: tuple[int, ...]
     pairs: tuple[int, ...]
@@ -100,6 +102,7 @@ class Grid:
     every: int = 100
     cross: bool = False
     vocab: int = VOCAB
+    plateau: bool = True
 
     @property
     def settings(self) -> list[tuple[int, int]]:
@@ -143,11 +146,20 @@ def tasks(num_pairs: int, seed: int, vocab: int = VOCAB) -> tuple[MQAR, MQAR, MQ
 
 
 def run_name(
-    spec: ModelSpec, width: int, pairs: int, rate: float, seed: int, cap: int, vocab: int = VOCAB
+    spec: ModelSpec,
+    width: int,
+    pairs: int,
+    rate: float,
+    seed: int,
+    cap: int,
+    vocab: int = VOCAB,
+    plateau: bool = True,
 ) -> str:
-    """The run's key in ``mqar.jsonl`` (the vocabulary named only when not the default)."""
+    """The run's key in ``mqar.jsonl`` (the vocabulary and the plateau rule named only
+    when not the default)."""
     name = f"{spec.label}|d={width}|pairs={pairs}|lr={rate:g}|seed {seed}|cap {cap}"
-    return name if vocab == VOCAB else f"{name}|vocab {vocab}"
+    name += "" if vocab == VOCAB else f"|vocab {vocab}"
+    return name + ("" if plateau else "|to cap")
 
 
 def make_run(spec: ModelSpec, width: int, pairs: int, rate: float, seed: int, grid: Grid) -> Run:
@@ -162,12 +174,14 @@ def make_run(spec: ModelSpec, width: int, pairs: int, rate: float, seed: int, gr
     )
     model = spec.config(small_lm(d_model=width, chunk_size=8), train_task.vocab_size)
     return Run(
-        run_name(spec, width, pairs, rate, seed, grid.cap, grid.vocab),
+        run_name(spec, width, pairs, rate, seed, grid.cap, grid.vocab, grid.plateau),
         model,
         train,
         train_task,
         {"test": test},
-        Stopping(validation, every=grid.every, min_steps=grid.cap // 2),
+        Stopping(
+            validation, every=grid.every, min_steps=grid.cap // 2 if grid.plateau else grid.cap
+        ),
     )
 
 
@@ -227,14 +241,18 @@ def stored_table(
         for w, p in grid.settings:
             key = (spec.label, w, p)
             names = {
-                r: run_name(spec, w, p, r, first, grid.cap, grid.vocab) for r in grid.learning_rates
+                r: run_name(spec, w, p, r, first, grid.cap, grid.vocab, grid.plateau)
+                for r in grid.learning_rates
             }
             if not all(name in store for name in names.values()):
                 missing.setdefault((w, p), []).append(spec.label)
                 continue
             by_rate = {rate: store.results[name] for rate, name in names.items()}
             rate = choose_rate(by_rate)
-            repeats = (run_name(spec, w, p, rate, seed, grid.cap, grid.vocab) for seed in others)
+            repeats = (
+                run_name(spec, w, p, rate, seed, grid.cap, grid.vocab, grid.plateau)
+                for seed in others
+            )
             runs = [by_rate[rate]] + [store.results[n] for n in repeats if n in store]
             table[key] = (rate, runs, by_rate)
     return table, missing
@@ -245,7 +263,7 @@ def owed_sweeps(missing: dict[tuple[int, int], list[str]]) -> str:
     rate sweep, cell by cell, or ``"none"``."""
     grid_models = {spec.label for spec in MODELS}
     owed = {cell: [m for m in labels if m in grid_models] for cell, labels in missing.items()}
-    cells = [f"d={w}, pairs={p}: {', '.join(m)}" for (w, p), m in owed.items() if m]
+    cells = [f"d={w}, pairs={p}: {', '.join(m)}" for (w, p), m in sorted(owed.items()) if m]
     return "; ".join(cells) or "none"
 
 
@@ -257,10 +275,14 @@ def summarise(table: dict, grid: Grid) -> list[str]:
         "Learning rates "
         f"{', '.join(f'{r:g}' for r in grid.learning_rates)} tried on seed {grid.seeds[0]}; "
         f"training stops when the validation accuracy (256 sequences, every {grid.every} "
-        f"steps) reaches 99.5 % or, after {grid.cap // 2} steps, gains < 0.5 points over 5 "
-        "validations, at most "
-        f"{grid.cap} steps (warm-up {grid.cap // 10}, cosine decay, AdamW, weight decay "
-        f"0.1). The rate with the best validation accuracy is kept and seeds "
+        f"steps) reaches 99.5 %"
+        + (
+            f" or, after {grid.cap // 2} steps, gains < 0.5 points over 5 validations"
+            if grid.plateau
+            else " (no plateau stop)"
+        )
+        + f", at most {grid.cap} steps (warm-up {grid.cap // 10}, cosine decay, AdamW, "
+        "weight decay 0.1). The rate with the best validation accuracy is kept and seeds "
         f"{', '.join(map(str, grid.seeds[1:])) or '—'} trained at it. Cells: query "
         "accuracy on 256 held-out test sequences, in % (mean ± std (min–max) over the "
         "seeds), then the rate.",
@@ -330,6 +352,7 @@ def plot(table: dict, path: pathlib.Path) -> None:
     labels = list(dict.fromkeys(label for label, _, _ in table))
     fig, ax = plt.subplots(figsize=(max(9.0, 1.4 * len(settings)), 4.2))
     width = 0.8 / max(1, len(labels))
+    colours = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20").colors  # type: ignore[attr-defined]
     for i, label in enumerate(labels):
         values = [
             np.mean([overall_accuracy(r, "test") for r in table[label, w, p][1]])
@@ -337,15 +360,14 @@ def plot(table: dict, path: pathlib.Path) -> None:
             else np.nan
             for w, p in settings
         ]
-        ax.bar(np.arange(len(settings)) + i * width, values, width, label=label)
+        ax.bar(np.arange(len(settings)) + i * width, values, width, label=label, color=colours[i])
     ax.set_xticks(
         np.arange(len(settings)) + 0.4 - width / 2, [f"d={w}\n{p} pairs" for w, p in settings]
     )
     ax.set(ylabel="query accuracy (best rate)", ylim=(0, 1.02), title="MQAR, Zoology's protocol")
-    ax.legend(fontsize=7, ncol=4)
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.18))
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # the legend below the axes too
     plt.close(fig)
 
 
@@ -357,6 +379,7 @@ def output_name(
     no_conv: bool = False,
     with_conv: bool = False,
     vocab: int = VOCAB,
+    plateau: bool = True,
 ) -> str:
     """The results' file name (without suffix): ``mqar`` for the default grid,
     ``mqar_<size>`` for the others, and what was narrowed after it, so that a run on
@@ -370,6 +393,7 @@ def output_name(
     parts += ["no_conv"] if no_conv else []
     parts += ["with_conv"] if with_conv else []
     parts += [f"vocab{vocab}"] if vocab != VOCAB else []
+    parts += [] if plateau else ["to_cap"]
     return "_".join(parts)
 
 
@@ -410,6 +434,12 @@ def main(argv: list[str] | None = None) -> int:
         help=f"keys (and values) the pairs are drawn from (default {VOCAB}); more keys than "
         "a head has dimensions keeps them from being orthogonal",
     )
+    parser.add_argument(
+        "--to-cap",
+        action="store_true",
+        help="no plateau stop: train each run until the target or the cap (attention's "
+        "induction phase transition can follow a long flat stretch)",
+    )
     parser.add_argument("--out", type=pathlib.Path, default=report.RESULTS)
     parser.add_argument("--no-progress", action="store_true")
     add_workers_argument(parser)
@@ -422,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
         grid = dataclasses.replace(grid, pairs=tuple(args.pairs))
     if args.vocab < max(grid.pairs):
         parser.error(f"--vocab {args.vocab} is fewer keys than {max(grid.pairs)} pairs need")
-    grid = dataclasses.replace(grid, vocab=args.vocab)
+    grid = dataclasses.replace(grid, vocab=args.vocab, plateau=not args.to_cap)
     candidates = WITHOUT_CONV if args.no_conv else WITH_CONV if args.with_conv else MODELS
     if args.stored and not (args.no_conv or args.with_conv):
         candidates = MODELS + WITH_CONV + WITHOUT_CONV
@@ -454,6 +484,7 @@ def main(argv: list[str] | None = None) -> int:
         args.no_conv,
         args.with_conv,
         args.vocab,
+        not args.to_cap,
     )
     plot(table, args.out / f"{output}.png")
     lines += [f"![mqar]({output}.png)", ""]

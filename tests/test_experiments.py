@@ -117,6 +117,10 @@ def test_mqar_stored_gathers_the_cells_whose_sweep_is_complete_and_names_the_res
     assert run.name == mqar.run_name(spec, 16, 3, 1e-3, 0, 4) + "|vocab 40"
     assert (run.task.num_keys, run.task.num_values, run.model.vocab_size) == (40, 40, 80)
     assert "40 keys and 40 values" in mqar.summarise(table, wide)[4]
+    to_cap = mqar.make_run(spec, 16, 3, 1e-3, 0, dataclasses.replace(grid, plateau=False))
+    assert to_cap.name == mqar.run_name(spec, 16, 3, 1e-3, 0, 4) + "|to cap"
+    assert to_cap.stopping is not None and to_cap.stopping.min_steps == 4  # the cap
+    assert mqar.output_name("full", plateau=False) == "mqar_full_to_cap"
     assert mqar.GRIDS["grid"].settings == mqar.GRIDS["full"].settings
 
 
