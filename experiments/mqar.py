@@ -352,7 +352,8 @@ def plot(table: dict, path: pathlib.Path) -> None:
     labels = list(dict.fromkeys(label for label, _, _ in table))
     fig, ax = plt.subplots(figsize=(max(9.0, 1.4 * len(settings)), 4.2))
     width = 0.8 / max(1, len(labels))
-    colours = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20").colors  # type: ignore[attr-defined]
+    palette = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")  # 15 labels stay apart
+    colours = palette(np.arange(len(labels)))
     for i, label in enumerate(labels):
         values = [
             np.mean([overall_accuracy(r, "test") for r in table[label, w, p][1]])
